@@ -1,0 +1,57 @@
+# ControlNet data + training pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+TASK ?= canny
+INPUT ?= data/sample/shards
+OUTPUT ?= data/$(TASK)
+CAPTION ?= source
+WEIGHTS ?=
+ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export WANDB_MODE ?= offline
+
+.PHONY: help setup sample-data dataset demo test lint bench preview clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this takes the local CPU wheel; no torchvision (it breaks transformers here)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the project with its test tools
+
+data/sample/shards/00000.tar: | $(STAMP)
+	$(PY) -m pipeline.sample_data --output data/sample/shards
+
+sample-data: data/sample/shards/00000.tar ## build input shards from the photos scikit-image ships
+
+dataset: $(STAMP) sample-data ## build a dataset: make dataset TASK=canny INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
+	$(PY) -m pipeline.build --task $(TASK) --input $(INPUT) --output $(OUTPUT) --caption $(CAPTION) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+demo: $(STAMP) sample-data ## the main job on the embedded default: sample shards -> Canny dataset
+	$(PY) -m pipeline.build --task canny --input data/sample/shards --output data/demo/canny
+
+test: $(STAMP) ## run the test suite (real Ray, real tars, a moto S3 server on loopback)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check annotate pipeline train tests bench
+
+bench: $(STAMP) ## throughput benchmarks: prints a table, writes bench/results/*.json
+	$(PY) -m bench.canny_throughput
+
+clean: ## remove generated data (keeps .venv)
+	rm -rf data/demo data/canny bench/results

@@ -1,0 +1,1 @@
+"""pipeline: the dataset job (input shards -> annotate -> output shards), on Ray and fsspec"""

@@ -1,0 +1,179 @@
+"""build: the dataset job's entry point (python -m pipeline.build --task canny --input ... --output ...)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import ray
+from tqdm import tqdm
+
+from annotate import build_annotator, build_captioner
+from pipeline import format as fmt
+from pipeline.config import BuildConfig, parse_config
+from pipeline.reader import InputShard, list_input_shards
+from pipeline.writer import clear_staging
+
+FORMAT_VERSION = 1
+
+
+def build_models(cfg: BuildConfig):
+    """The annotator and (when captions come from a model) the captioner, as each actor holds them."""
+    task_params: dict[str, Any] = {}
+    if cfg.task == "canny":
+        task_params = {"low_range": cfg.canny_low, "high_gap": cfg.canny_high_gap}
+    elif cfg.task == "openpose":
+        task_params = {"min_keypoint_fraction": cfg.min_keypoint_fraction}
+    annotator = build_annotator(cfg.task, seed=cfg.seed, weights=cfg.weights, device=cfg.device, **task_params)
+    captioner = None
+    if cfg.caption in {"blip", "auto"}:
+        captioner = build_captioner("blip", weights=cfg.weights, device=cfg.device, num_beams=cfg.caption_beams)
+    return annotator, captioner
+
+
+def done_shards(out: str) -> dict[str, str]:
+    """Names of committed output shards (those with a stats.json) -> their stats URL."""
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.invalidate_cache()  # workers wrote these from other processes: a cached listing would be stale
+    found = fs.glob(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.STATS_SUFFIX}")
+    return {Path(p).name.removesuffix(fmt.STATS_SUFFIX): fs.unstrip_protocol(p) for p in found}
+
+
+def plan(shards: list[InputShard], done: dict[str, str], overwrite: bool) -> tuple[list[InputShard], list[str]]:
+    """(shards to process, names skipped because they are done)."""
+    if overwrite:
+        return shards, []
+    return [s for s in shards if s.name not in done], [s.name for s in shards if s.name in done]
+
+
+def code_version() -> dict[str, str | None]:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = None  # e.g. a Ray job's working dir has no .git
+    try:
+        from importlib.metadata import version
+
+        package = version("controlnet-data")
+    except Exception:
+        package = None
+    return {"package": package, "git": sha}
+
+
+def read_all_stats(out: str) -> list[dict[str, Any]]:
+    urls = list(done_shards(out).values())
+    if not urls:
+        return []
+    fs, _ = fsspec.core.url_to_fs(urls[0])
+    blobs = fs.cat([fsspec.core.url_to_fs(u)[1] for u in urls])  # one concurrent batch on object stores
+    return [json.loads(b) for b in blobs.values()]
+
+
+def totals(stats: list[dict[str, Any]]) -> dict[str, int]:
+    return {s: sum(st["counts"][s] for st in stats) for s in fmt.STATUSES}
+
+
+def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dict], failed: dict[str, str]) -> dict:
+    """Rewrite <out>/manifest.json from every committed shard's stats (temp name, then rename)."""
+    manifest_url = f"{cfg.output.rstrip('/')}/{fmt.MANIFEST}"
+    fs, path = fsspec.core.url_to_fs(manifest_url)
+    if not models and fs.exists(path):  # nothing ran this time: keep what the last run's actors loaded
+        previous = json.loads(fs.cat_file(path))
+        models = {k: previous.get(k) for k in ("annotator", "captioner")}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "task": cfg.task,
+        "config": asdict(cfg),
+        "code_version": code_version(),
+        **models,
+        "totals": totals(all_stats),
+        "samples": sum(st["samples"] for st in all_stats),
+        "shards": {"done": len(all_stats), "failed": failed},
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    tmp = path + ".tmp"
+    fs.pipe_file(tmp, json.dumps(manifest, indent=1).encode())
+    fs.mv(tmp, path)
+    return manifest
+
+
+def summary_table(run_stats: list[dict], manifest: dict, seconds: float, failed: dict[str, str]) -> str:
+    run_totals = totals(run_stats)
+    samples = sum(run_totals.values())
+    lines = [
+        f"{'':16}{'this run':>12}{'dataset':>12}",
+        *(f"{s:16}{run_totals[s]:>12}{manifest['totals'][s]:>12}" for s in fmt.STATUSES),
+        f"{'samples':16}{samples:>12}{manifest['samples']:>12}",
+        f"{'shards done':16}{len(run_stats):>12}{manifest['shards']['done']:>12}",
+        f"{'shards failed':16}{len(failed):>12}",
+        f"time {seconds:.1f} s, {samples / max(seconds, 1e-9):.1f} samples/s",
+    ]
+    lines += [f"FAILED shard {name}: {error}" for name, error in sorted(failed.items())]
+    return "\n".join(lines)
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS if set, else start a local one; a caller's session is reused."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+
+
+def run(cfg: BuildConfig) -> int:
+    """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
+    from pipeline.distributor import run_pool
+
+    shards = list_input_shards(cfg.input, cfg.files_per_shard)
+    todo, skipped = plan(shards, done_shards(cfg.output), cfg.overwrite)
+    print(f"{cfg.task}: {len(shards)} input shards, {len(skipped)} done, {len(todo)} to do -> {cfg.output}")
+    if cfg.dry_run:
+        for shard in todo:
+            print(f"  todo  {shard.name}  {shard.url}")
+        for name in skipped:
+            print(f"  done  {name}")
+        return 0
+    clear_staging(cfg.output)
+    start = time.perf_counter()
+    samples = 0
+    result = None
+    if todo:
+        init_ray()
+        with tqdm(total=len(todo), unit="shard", desc=f"{cfg.task} shards", dynamic_ncols=True) as bar:
+
+            def on_done(stats: dict[str, Any]) -> None:
+                nonlocal samples
+                samples += stats["samples"]
+                bar.set_postfix(samples=samples, rate=f"{samples / (time.perf_counter() - start):.1f}/s")
+                bar.update()
+
+            def on_fail(shard: InputShard, error: str, attempt: int) -> None:
+                bar.write(f"shard {shard.name} attempt {attempt} failed: {error}")
+
+            result = run_pool(todo, cfg, on_done, on_fail)
+    clear_staging(cfg.output)
+    failed = result.failed if result else {}
+    manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
+    print(summary_table(result.done if result else [], manifest, time.perf_counter() - start, failed))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(BuildConfig, argv, "Build a ControlNet dataset: input shards -> condition maps -> shards.")
+    try:
+        return run(cfg)
+    except (FileNotFoundError, ValueError) as e:  # bad input spec or config: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

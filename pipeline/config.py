@@ -1,0 +1,98 @@
+"""the dataset job's typed configuration; its field docs are the command line's --help"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+SAMPLE_INPUT = "data/sample/shards"
+
+
+@dataclass
+class BuildConfig:
+    task: str = field(default="canny", metadata={"help": "annotator: canny, hed, scribble, midas, openpose"})
+    input: list[str] = field(
+        default_factory=lambda: [SAMPLE_INPUT],
+        metadata={"help": "input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), "
+                  "a folder of .tar files, or a folder of images"},
+    )
+    output: str = field(default="", metadata={"help": "output dataset folder or URL (default: data/<task>)"})
+    resolution: int = field(default=512, metadata={"help": "output side in pixels (shorter side resized, centre crop)"})
+    caption: str = field(
+        default="source",
+        metadata={"help": "caption source: source (from the input shard), blip, auto (source, else blip), none"},
+    )
+    weights: str | None = field(
+        default=None, metadata={"help": "folder or URL holding model weights by their published file names"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for per-sample randomness (Canny thresholds, ...)"})
+    canny_low: tuple[int, int] = field(default=(50, 150), metadata={"help": "range of the low Canny threshold"})
+    canny_high_gap: tuple[int, int] = field(
+        default=(50, 150), metadata={"help": "high threshold = low + a value drawn from this range"}
+    )
+    min_keypoint_fraction: float = field(
+        default=0.3, metadata={"help": "openpose: keep a sample only if some person has this many keypoints"}
+    )
+    caption_beams: int = field(default=1, metadata={"help": "blip: beam width (1 = greedy)"})
+    min_size: int = field(default=0, metadata={"help": "filter images whose shorter side is below this (0: off)"})
+    max_aspect: float = field(default=0.0, metadata={"help": "filter images with a longer aspect ratio (0: off)"})
+    max_pixels: int = field(
+        default=89_478_485, metadata={"help": "refuse images with more pixels (decompression bombs)"}
+    )
+    jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the stored target image"})
+    batch_size: int = field(default=16, metadata={"help": "images per annotator call"})
+    decode_threads: int = field(
+        default=0, metadata={"help": "threads decoding/encoding beside inference in each worker (0: inline)"}
+    )
+    num_workers: int = field(
+        default=0, metadata={"help": "actors in the pool (0: one per cpus-per-worker CPUs of the cluster)"}
+    )
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved by each actor"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per actor (fractions share a GPU)"})
+    device: str | None = field(default=None, metadata={"help": "annotator device: cpu, cuda (default: auto)"})
+    max_retries: int = field(default=2, metadata={"help": "retries of a shard that fails as a whole"})
+    files_per_shard: int = field(default=1000, metadata={"help": "images per shard for a folder of images"})
+    overwrite: bool = field(default=False, metadata={"help": "redo shards that are already done"})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan (shards to do, done) and exit"})
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            self.output = f"data/{self.task}"
+        if self.caption not in {"source", "blip", "auto", "none"}:
+            raise ValueError(f"--caption must be source, blip, auto or none, not {self.caption!r}")
+        if self.resolution < 8:
+            raise ValueError(f"--resolution must be at least 8, not {self.resolution}")
+
+
+def _parser_type(tp: object):
+    """argparse `type` and `nargs` for a dataclass field type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        return {"type": args[0], "nargs": "+"}
+    if origin is tuple:
+        return {"type": args[0], "nargs": len(args), "metavar": ("LO", "HI")[: len(args)]}
+    if args and type(None) in args:  # X | None
+        return {"type": next(a for a in args if a is not type(None))}
+    return {"type": tp}
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """A parser with one --flag per dataclass field; help text and defaults come from the fields."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata.get("help", ""))
+            continue
+        parser.add_argument(flag, default=default, help=f.metadata.get("help", ""), **_parser_type(hints[f.name]))
+    return parser
+
+
+def parse_config(cls: type, argv: list[str] | None, description: str):
+    args = build_parser(cls, description).parse_args(argv)
+    values = {k: tuple(v) if isinstance(v, list) and typing.get_origin(typing.get_type_hints(cls)[k]) is tuple
+              else v for k, v in vars(args).items()}
+    return cls(**values)

@@ -1,0 +1,115 @@
+"""distributor maps the per-shard worker over shards with a pool of Ray actors, retrying failed shards"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from pipeline.config import BuildConfig
+from pipeline.reader import InputShard
+
+
+@ray.remote
+class ShardActor:
+    """Holds one annotator (weights loaded once per actor) and processes whole shards with it."""
+
+    def __init__(self, cfg: BuildConfig):
+        from pipeline.build import build_models
+
+        self.cfg = cfg
+        self.annotator, self.captioner = build_models(cfg)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "annotator": self.annotator.describe(),
+            "captioner": self.captioner.describe() if self.captioner is not None else None,
+        }
+
+    def process(self, shard: InputShard) -> dict[str, Any]:
+        from pipeline.worker import process_shard
+
+        return process_shard(shard, self.cfg, self.annotator, self.captioner)
+
+
+@dataclass
+class PoolResult:
+    models: dict[str, Any] = field(default_factory=dict)  # what the actors loaded, for the manifest
+    done: list[dict[str, Any]] = field(default_factory=list)  # stats of committed shards
+    failed: dict[str, str] = field(default_factory=dict)  # shard name -> last error
+
+
+def default_num_workers(cfg: BuildConfig, num_shards: int) -> int:
+    """One actor per `cpus_per_worker` CPUs (or per GPU share) of the cluster, never more than shards."""
+    resources = ray.cluster_resources()
+    by_cpu = int(resources.get("CPU", 1) // max(cfg.cpus_per_worker, 1e-3))
+    by_gpu = int(resources.get("GPU", 0) // cfg.gpus_per_worker) if cfg.gpus_per_worker else by_cpu
+    return max(1, min(num_shards, by_cpu, by_gpu))
+
+
+def run_pool(
+    shards: list[InputShard],
+    cfg: BuildConfig,
+    on_done: Callable[[dict[str, Any]], None] = lambda stats: None,
+    on_fail: Callable[[InputShard, str, int], None] = lambda shard, error, attempt: None,
+) -> PoolResult:
+    """Process every shard on a pool of actors. A shard whose task raises (or whose actor dies) is retried
+    up to cfg.max_retries times, on a fresh actor if its actor died; after that it is reported as failed."""
+    num_workers = cfg.num_workers or default_num_workers(cfg, len(shards))
+    options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
+
+    def new_actor():
+        return ShardActor.options(**options).remote(cfg)
+
+    idle = deque(new_actor() for _ in range(min(num_workers, len(shards))))
+    result = PoolResult()
+    # the first actor's constructor loads the models: a missing weight file surfaces here, once, clearly
+    result.models = ray.get(idle[0].describe.remote())
+    todo = deque(shards)
+    attempts = {s.name: 0 for s in shards}
+    running: dict[ray.ObjectRef, tuple[Any, InputShard]] = {}
+    while todo or running:
+        while todo and idle:
+            actor, shard = idle.popleft(), todo.popleft()
+            running[actor.process.remote(shard)] = (actor, shard)
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, shard = running.pop(ref)
+        try:
+            stats = ray.get(ref)
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            ray.kill(actor, no_restart=True)
+            idle.append(new_actor())  # the actor is gone (OOM, node lost, SIGKILL): replace it
+            _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
+            continue
+        except Exception as e:
+            idle.append(actor)
+            _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
+            continue
+        idle.append(actor)
+        result.done.append(stats)
+        on_done(stats)
+    for actor in idle:
+        ray.kill(actor)
+    return result
+
+
+def _retry_or_fail(shard, error, attempts, max_retries, todo, result, on_fail) -> None:
+    attempts[shard.name] += 1
+    message = _short_error(error)
+    on_fail(shard, message, attempts[shard.name])
+    if attempts[shard.name] <= max_retries:
+        time.sleep(min(2.0 ** attempts[shard.name] / 4, 5.0))  # back off a little for transient storage errors
+        todo.append(shard)
+    else:
+        result.failed[shard.name] = message
+
+
+def _short_error(error: BaseException) -> str:
+    """The root cause's one line, not Ray's wrapped traceback."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,50 @@
+"""the output shard format: the one contract between the dataset job and the trainer"""
+from __future__ import annotations
+
+from typing import Final
+
+# statuses of a parquet row: every input sample lands in exactly one row with one of these
+OK: Final = "ok"
+FILTERED: Final = "filtered"
+FAILED: Final = "failed"
+STATUSES: Final = (OK, FILTERED, FAILED)
+
+MANIFEST: Final = "manifest.json"
+SHARDS_DIR: Final = "shards"
+
+# per-shard files, named after the input shard; stats.json is written last and marks the shard done
+TAR_SUFFIX: Final = ".tar"
+INDEX_SUFFIX: Final = ".parquet"
+STATS_SUFFIX: Final = ".stats.json"
+
+# members of one sample inside an output tar
+IMAGE_EXT: Final = "jpg"
+CAPTION_EXT: Final = "txt"
+META_EXT: Final = "json"
+
+
+def condition_ext(task: str) -> str:
+    """The condition member's extension, e.g. `hed.png` for <key>.hed.png."""
+    return f"{task}.png"
+
+
+# parquet index columns, one row per input sample
+INDEX_COLUMNS: Final = (
+    "key",  # output key (no dots), or the best-effort key of a sample that failed early
+    "source_key",  # the key as it appeared in the input shard
+    "status",
+    "error",  # why it failed or was filtered; empty when ok
+    "original_width",
+    "original_height",
+    "width",
+    "height",
+    "caption",
+    "caption_source",  # source | blip | none
+    "params",  # annotator parameters as a JSON string
+)
+
+
+def shard_paths(out: str, name: str) -> dict[str, str]:
+    """URLs of the files one output shard consists of."""
+    base = f"{out.rstrip('/')}/{SHARDS_DIR}/{name}"
+    return {"tar": base + TAR_SUFFIX, "index": base + INDEX_SUFFIX, "stats": base + STATS_SUFFIX}

@@ -1,0 +1,260 @@
+"""worker turns one input shard into one output shard: the unit of work the distributor maps over shards"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from annotate import Annotation, Annotator, Captioner
+from pipeline import format as fmt
+from pipeline.config import BuildConfig
+from pipeline.preprocess import (
+    center_crop_resize,
+    decode_caption,
+    decode_image,
+    encode_jpeg,
+    encode_png,
+    reject_reason,
+)
+from pipeline.reader import IMAGE_EXTS, InputShard, RawSample, TarSamples, read_file_samples
+from pipeline.writer import ShardWriter
+
+
+class ShardUnreadable(RuntimeError):
+    """Not one sample could be read from the input shard (not a tar, empty file, ...)."""
+
+
+@dataclass
+class Prepared:
+    """A sample after decode + resize, waiting for the annotator. `row` is its parquet row so far."""
+
+    row: dict[str, Any]
+    image: np.ndarray | None = None  # (R, R, 3) uint8 RGB; None when it already failed or was filtered
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def output_key(source_key: str) -> str:
+    """A key safe for WebDataset: no dots (it splits member names at the first dot), no slashes."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", source_key) or "_"
+
+
+def _source_caption(members: dict[str, bytes], source_meta: dict[str, Any]) -> tuple[str, str]:
+    if "txt" in members:
+        return decode_caption(members["txt"])
+    caption = source_meta.get("caption")
+    return (caption.strip(), "") if isinstance(caption, str) else ("", "")
+
+
+def _source_meta(members: dict[str, bytes]) -> tuple[dict[str, Any], str]:
+    if "json" not in members:
+        return {}, ""
+    try:
+        meta = json.loads(members["json"])
+        return (meta, "") if isinstance(meta, dict) else ({}, "source json is not an object")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {}, f"source json unreadable: {e}"
+
+
+def prepare(raw: RawSample, key: str, shard: str, cfg: BuildConfig) -> Prepared:
+    """Decode, check and resize one sample. Pure: every outcome is a row, never an exception."""
+    row: dict[str, Any] = {"key": key, "source_key": raw.key, "status": fmt.FAILED, "error": ""}
+    if raw.error:
+        return Prepared({**row, "error": raw.error})
+    image_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+    if image_ext is None:
+        return Prepared({**row, "error": f"no image member (members: {', '.join(sorted(raw.members)) or 'none'})"})
+    source_meta, meta_warning = _source_meta(raw.members)
+    caption, caption_warning = _source_caption(raw.members, source_meta)
+    row.update(caption=caption, caption_source="source" if caption else "none")
+    try:
+        image, (width, height) = decode_image(raw.members[image_ext], cfg.resolution, cfg.max_pixels)
+    except Exception as e:  # PIL raises many types for corrupt data; each is a recorded failure
+        return Prepared({**row, "error": f"{type(e).__name__}: {e}"})
+    row.update(original_width=width, original_height=height)
+    reason = reject_reason(width, height, cfg.min_size, cfg.max_aspect)
+    if reason:
+        return Prepared({**row, "status": fmt.FILTERED, "error": reason})
+    image = center_crop_resize(image, cfg.resolution)
+    meta = {
+        "key": key,
+        "source_key": raw.key,
+        "source_shard": shard,
+        "original_width": width,
+        "original_height": height,
+        "url": source_meta.get("url"),
+        "warnings": [w for w in (meta_warning, caption_warning) if w],
+    }
+    return Prepared({**row, "width": cfg.resolution, "height": cfg.resolution}, image, meta)
+
+
+def annotate_batch(annotator: Annotator, images: list[np.ndarray], keys: list[str]) -> list[Annotation | Exception]:
+    """Annotate a batch; if the batch call fails, retry one by one so one bad image fails alone."""
+    try:
+        return list(annotator(images, keys))
+    except Exception:
+        out: list[Annotation | Exception] = []
+        for image, key in zip(images, keys, strict=True):
+            try:
+                out.append(annotator([image], [key])[0])
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+def caption_batch(captioner: Captioner | None, mode: str, batch: list[Prepared]) -> None:
+    """Fill captions by the --caption rule: blip always, auto only where the source has none."""
+    if captioner is None or mode in {"source", "none"}:
+        if mode == "none":
+            for p in batch:
+                p.row.update(caption="", caption_source="none")
+        return
+    todo = [p for p in batch if mode == "blip" or not p.row["caption"]]
+    if todo:
+        for p, text in zip(todo, captioner([p.image for p in todo]), strict=True):
+            p.row.update(caption=text, caption_source="blip")
+
+
+def finish(p: Prepared, annotation: Annotation | Exception, task: str, quality: int) -> dict[str, bytes] | None:
+    """Record the annotator's verdict in the row; the tar members when the sample is kept."""
+    if isinstance(annotation, Exception):
+        p.row["error"] = f"annotator failed: {type(annotation).__name__}: {annotation}"
+        return None
+    p.row["params"] = annotation.params
+    if not annotation.keep:
+        p.row.update(status=fmt.FILTERED, error=annotation.reason)
+        return None
+    meta = {**p.meta, "params": annotation.params, "caption_source": p.row["caption_source"]}
+    members = {
+        fmt.IMAGE_EXT: encode_jpeg(p.image, quality),
+        fmt.condition_ext(task): encode_png(annotation.condition),
+        fmt.CAPTION_EXT: p.row["caption"].encode("utf-8"),
+        fmt.META_EXT: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
+    p.row.update(status=fmt.OK, error="")
+    return members
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prefetch(batches: Iterator[list], fn: Callable, pool: ThreadPoolExecutor | None) -> Iterator[list]:
+    """Apply fn to each item of each batch; with a pool, batch i+1 is decoded while batch i is annotated."""
+    if pool is None:
+        yield from ([fn(x) for x in b] for b in batches)
+        return
+    pending = None
+    for b in batches:
+        submitted = [pool.submit(fn, x) for x in b]
+        if pending is not None:
+            yield [f.result() for f in pending]
+        pending = submitted
+    if pending is not None:
+        yield [f.result() for f in pending]
+
+
+def _dedupe(samples: Iterable[RawSample], shard: str) -> Iterator[tuple[RawSample, str]]:
+    """(sample, output key); a key seen before in this shard becomes a failed sample (nothing overwritten)."""
+    seen: set[str] = set()
+    for raw in samples:
+        key = output_key(raw.key)
+        if key in seen:
+            raw.error = raw.error or f"duplicate key {key!r} in shard {shard} (first occurrence kept)"
+        seen.add(key)
+        yield raw, key
+
+
+def input_identity(shard: InputShard) -> dict[str, Any]:
+    """What the input was, so a later reader can tell if it changed: URL, size, mtime or ETag."""
+    if shard.files:
+        return {"url": shard.url, "files": len(shard.files), "first": shard.files[0], "last": shard.files[-1]}
+    fs, path = fsspec.core.url_to_fs(shard.url)
+    info = fs.info(path)
+    return {"url": shard.url, "size": info.get("size"), "etag": info.get("ETag"), "mtime": info.get("mtime")}
+
+
+@contextmanager
+def open_samples(shard: InputShard) -> Iterator[tuple[Iterable[RawSample], TarSamples | None]]:
+    """The shard's samples, and the tar reader (to ask for its read error afterwards) when it is a tar."""
+    if shard.files:
+        yield read_file_samples(shard.files), None
+        return
+    with fsspec.open(shard.url, "rb") as stream:
+        reader = TarSamples(stream)
+        yield reader, reader
+
+
+def process_shard(
+    shard: InputShard, cfg: BuildConfig, annotator: Annotator, captioner: Captioner | None = None
+) -> dict[str, Any]:
+    """Input shard -> committed output shard; returns its stats. Raises ShardUnreadable if nothing was read."""
+    start = time.perf_counter()
+    identity = input_identity(shard)
+    rows: list[dict[str, Any]] = []
+    writer = ShardWriter(cfg.output, shard.name)
+    pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 0 else None
+
+    def prepare_one(item: tuple[RawSample, str]) -> Prepared:
+        return prepare(item[0], item[1], shard.name, cfg)
+
+    try:
+        with open_samples(shard) as (samples, reader):
+            for batch in _prefetch(_batches(_dedupe(samples, shard.name), cfg.batch_size), prepare_one, pool):
+                ready = [p for p in batch if p.image is not None]
+                if ready:
+                    caption_batch(captioner, cfg.caption, ready)
+                    keys = [p.row["key"] for p in ready]
+                    annotations = annotate_batch(annotator, [p.image for p in ready], keys)
+                    for p, annotation in zip(ready, annotations, strict=True):
+                        members = finish(p, annotation, cfg.task, cfg.jpeg_quality)
+                        if members is not None:
+                            writer.write(p.row["key"], members)
+                rows += [p.row for p in batch]
+        read_error = reader.error if reader is not None else ""
+        if read_error and not rows:
+            raise ShardUnreadable(f"{shard.url}: {read_error}")
+        stats = {
+            "shard": shard.name,
+            "input": identity,
+            "samples": len(rows),
+            "counts": {s: sum(r["status"] == s for r in rows) for s in fmt.STATUSES},
+            "read_error": read_error,
+            "seconds": round(time.perf_counter() - start, 3),
+            "host": socket.gethostname(),
+            "node_id": _ray_node_id(),
+            "finished_at": time.time(),
+        }
+        writer.commit(rows, stats)
+        return stats
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _ray_node_id() -> str | None:
+    """Which Ray node ran the shard (None outside Ray): lets a user see the work spread over a cluster."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None

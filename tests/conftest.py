@@ -1,0 +1,72 @@
+"""shared fixtures: one Ray session, a moto S3 server on loopback, the sample shards"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API (moto server) on 127.0.0.1; credentials and endpoint go in the environment, so the
+    Ray workers started after it, and subprocesses, reach the same server."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        FSSPEC_S3_ENDPOINT_URL=endpoint,
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory, s3_endpoint):
+    """One local Ray for the whole suite (a ray.init costs seconds and ~0.8 GB). Its session files go in
+    the test tmp dir. Returns the GCS address, for driver subprocesses joining the same cluster."""
+    import ray
+
+    os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    context = ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        _temp_dir=os.environ["RAY_TMPDIR"],
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory) -> Path:
+    from pipeline.sample_data import write_shards
+
+    out = tmp_path_factory.mktemp("sample") / "shards"
+    write_shards(out, num_shards=4)
+    return out
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

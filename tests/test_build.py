@@ -1,0 +1,208 @@
+"""the dataset job end to end: real Ray, real tars read back by webdataset, moto S3 on loopback"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import format as fmt
+from pipeline.build import main
+from tests.corpus import bad_corpus, write_bad_inputs
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def rows(out: Path) -> list[dict]:
+    return [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def tar_samples(tar: Path) -> list[dict]:
+    return list(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False).decode("rgb8"))
+
+
+def test_sample_shards_to_a_canny_dataset(sample_shards, tmp_path, capsys):
+    out = tmp_path / "canny"
+    assert main(["--input", str(sample_shards), "--output", str(out), "--resolution", "128"]) == 0
+    summary = capsys.readouterr().out
+    assert "ok" in summary and "samples/s" in summary
+
+    manifest = json.loads((out / fmt.MANIFEST).read_text())
+    assert manifest["totals"] == {"ok": 48, "filtered": 0, "failed": 0}
+    assert manifest["task"] == "canny" and manifest["config"]["resolution"] == 128
+    assert manifest["annotator"]["name"] == "canny" and manifest["code_version"]["package"]
+    index = {r["key"]: r for r in rows(out)}
+    assert len(index) == 48
+    for tar in sorted((out / "shards").glob("*.tar")):
+        stats = json.loads(tar.with_suffix(".stats.json").read_text())
+        samples = tar_samples(tar)
+        assert stats["counts"]["ok"] == len(samples) == 12
+        for s in samples:
+            assert "." not in s["__key__"]
+            assert s["jpg"].shape == (128, 128, 3)
+            assert s["canny.png"].shape[:2] == (128, 128)
+            assert set(s["canny.png"].reshape(-1).tolist()) <= {0, 255}
+            row = index[s["__key__"]]
+            assert s["txt"] == row["caption"] and s["txt"]
+            assert s["json"]["params"] == json.loads(row["params"])
+            low, high = s["json"]["params"]["low"], s["json"]["params"]["high"]
+            assert 50 <= low <= 150 and low + 50 <= high <= low + 150
+            assert s["json"]["source_shard"] == tar.stem
+
+    # a re-run finds everything done and rewrites nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert main(["--input", str(sample_shards), "--output", str(out), "--resolution", "128"]) == 0
+    assert "0 to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
+
+    # --overwrite redoes everything into identical maps: the thresholds come from (seed, key)
+    again = tmp_path / "again"
+    assert main(["--input", str(sample_shards), "--output", str(again), "--resolution", "128"]) == 0
+    for tar in (out / "shards").glob("*.tar"):
+        first = {s["__key__"]: s["canny.png"] for s in tar_samples(tar)}
+        second = {s["__key__"]: s["canny.png"] for s in tar_samples(again / "shards" / tar.name)}
+        assert first.keys() == second.keys()
+        assert all((first[k] == second[k]).all() for k in first)
+
+
+def test_bad_inputs_each_land_in_exactly_one_row(tmp_path, capsys):
+    shards = write_bad_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["--input", str(tmp_path / "in"), "--output", str(out), "--resolution", "64",
+                 "--max-retries", "1", "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert code == 1  # two shards could not be read at all
+    assert "FAILED shard notatar" in printed and "FAILED shard zerobytes" in printed
+    assert printed.count("shard notatar attempt") == 2  # tried once, retried once
+
+    done = {p.name.removesuffix(".stats.json") for p in (out / "shards").glob("*.stats.json")}
+    assert done == {"bad", "dup", "empty", "truncated"}
+    manifest = json.loads((out / fmt.MANIFEST).read_text())
+    assert set(manifest["shards"]["failed"]) == {"notatar", "zerobytes"}
+
+    bad = pq.read_table(out / "shards" / "bad.parquet").to_pylist()
+    by_source = {r["source_key"]: r for r in bad}
+    assert len(bad) == len(by_source) == len(bad_corpus())
+    for key, _, expected in bad_corpus():
+        status = by_source[key]["status"]
+        assert status in ({"ok", "failed"} if expected == "ok_or_failed" else {expected}), (key, by_source[key])
+        if status == "failed":
+            assert by_source[key]["error"]
+    assert "over the cap" in by_source["bomb"]["error"]
+    assert by_source["dotted.key.v2"]["key"] == "dotted_key_v2"
+    assert by_source["latin1"]["caption"].startswith("caf")
+    assert by_source["captionjson"]["caption"] == "from json ✓"
+    assert by_source["nocaption"]["caption_source"] == "none"
+    assert (by_source["exif"]["original_width"], by_source["exif"]["original_height"]) == (64, 96)
+    written = {s["__key__"] for s in tar_samples(out / "shards" / "bad.tar")}
+    assert written == {r["key"] for r in bad if r["status"] == "ok"}
+    latin1 = next(s for s in tar_samples(out / "shards" / "bad.tar") if s["__key__"] == "latin1")
+    assert "UTF-8" in latin1["json"]["warnings"][0]
+
+    dup = pq.read_table(out / "shards" / "dup.parquet").to_pylist()
+    assert [(r["key"], r["status"]) for r in dup] == [("a", "ok"), ("b", "ok"), ("a", "failed")]
+    assert "duplicate key" in dup[2]["error"]
+    assert len(tar_samples(out / "shards" / "dup.tar")) == 2
+
+    truncated_stats = json.loads((out / "shards" / "truncated.stats.json").read_text())
+    assert truncated_stats["read_error"]
+    truncated_rows = pq.read_table(out / "shards" / "truncated.parquet").to_pylist()
+    assert sum(r["status"] == "ok" for r in truncated_rows) >= 1
+    assert json.loads((out / "shards" / "empty.stats.json").read_text())["samples"] == 0
+    assert not (out / "shards" / "_staging").exists()
+    assert shards  # the corpus files are still there for the next run
+
+    # the unreadable shards are retried by the next run; the finished ones are not
+    code = main(["--input", str(tmp_path / "in"), "--output", str(out), "--max-retries", "0", "--dry-run"])
+    assert code == 0
+    plan = capsys.readouterr().out
+    assert "2 to do" in plan and "todo  notatar" in plan and "done  bad" in plan
+
+
+def test_filters_are_recorded_as_filtered(sample_shards, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--input", str(sample_shards / "00000.tar"), "--output", str(out), "--resolution", "64",
+                 "--max-aspect", "1.2"]) == 0
+    index = rows(out)
+    filtered = [r for r in index if r["status"] == "filtered"]
+    assert filtered and all("aspect" in r["error"] for r in filtered)
+    assert all(max(r["original_width"], r["original_height"]) / min(r["original_width"], r["original_height"])
+               > 1.2 for r in filtered)
+
+
+def test_folder_of_images(tmp_path):
+    from tests.corpus import good_jpeg
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(5):
+        (images / f"p{i}.jpg").write_bytes(good_jpeg(i))
+    (images / "p1.txt").write_text("caption one")
+    out = tmp_path / "out"
+    assert main(["--input", str(images), "--output", str(out), "--resolution", "64", "--files-per-shard", "2"]) == 0
+    index = {r["key"]: r for r in rows(out)}
+    assert sorted(index) == [f"p{i}" for i in range(5)]
+    assert index["p1"]["caption"] == "caption one" and index["p0"]["caption_source"] == "none"
+
+
+def test_s3_input_and_output(sample_shards, tmp_path, s3_endpoint):
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-test")
+    for tar in sorted(sample_shards.glob("*.tar")):
+        fs.put_file(str(tar), f"cnd-test/in/{tar.name}")
+    args = ["--input", "s3://cnd-test/in/{00000..00003}.tar", "--output", "s3://cnd-test/out", "--resolution", "64"]
+    assert main(args) == 0
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("cnd-test/out/shards"))
+    assert names == sorted(f"{i:05d}{suffix}" for i in range(4) for suffix in (".parquet", ".stats.json", ".tar"))
+    manifest = json.loads(fs.cat_file("cnd-test/out/manifest.json"))
+    assert manifest["totals"]["ok"] == 48
+    local = tmp_path / "00002.tar"
+    fs.get_file("cnd-test/out/shards/00002.tar", str(local))
+    assert len(tar_samples(local)) == 12
+    assert main(args + ["--dry-run"]) == 0  # done shards are found on S3 too
+
+
+def test_resume_after_the_driver_is_killed(sample_shards, tmp_path, ray_session, python):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for copy in range(3):  # 12 shards, so the kill lands part-way
+        for tar in sorted(sample_shards.glob("*.tar")):
+            shutil.copy(tar, inputs / f"c{copy}-{tar.name}")
+    out = tmp_path / "out"
+    command = [python, "-m", "pipeline.build", "--input", str(inputs), "--output", str(out),
+               "--resolution", "256", "--num-workers", "1", "--batch-size", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "shards").glob("*.stats.json")) and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)  # a real kill of the driver process, mid-job
+    driver.wait()
+    finished_before = len(list((out / "shards").glob("*.stats.json")))
+    assert 1 <= finished_before < 12
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{finished_before} done" in rerun.stdout or f"{finished_before + 1} done" in rerun.stdout
+    index = rows(out)
+    assert len(index) == 12 * 12
+    assert len({(r["source_key"], r["key"]) for r in index}) == 48  # each photo in 3 copies of its shard
+    keys_in_tars = [s["__key__"] for tar in sorted((out / "shards").glob("*.tar")) for s in tar_samples(tar)]
+    assert len(keys_in_tars) == 144 and all(r["status"] == "ok" for r in index)
+    assert not list((out / "shards").glob("*.tmp*")) and not (out / "shards" / "_staging").exists()
+
+
+def test_cli_help_and_clear_errors(python, tmp_path):
+    help_text = subprocess.run([python, "-m", "pipeline.build", "--help"], capture_output=True, text=True).stdout
+    assert "--task" in help_text and "--resolution" in help_text and "brace" in help_text
+    missing = subprocess.run([python, "-m", "pipeline.build", "--input", str(tmp_path / "none.tar"),
+                              "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: input not found") and "Traceback" not in missing.stderr

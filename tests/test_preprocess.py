@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.preprocess import (
+    ImageTooLarge,
+    center_crop_resize,
+    decode_caption,
+    decode_image,
+    encode_jpeg,
+    encode_png,
+    reject_reason,
+)
+from tests.corpus import bomb_png, encode, exif_rotated_jpeg, mode_images, photo
+
+
+@pytest.mark.parametrize("mode", sorted(mode_images()))
+def test_every_mode_becomes_rgb_uint8(mode):
+    image, size = decode_image(mode_images()[mode], resolution=32, max_pixels=10**8)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert size == (96, 64)
+    assert image.std() > 1  # not blanked or saturated by the conversion
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 100, 65535]], np.uint16)
+    image, _ = decode_image(encode(Image.fromarray(values), "PNG"), 1, 10**6)
+    np.testing.assert_array_equal(image[0, :, 0], [0, 100, 255])
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
+    image, _ = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), 4, 10**6)
+    assert (image == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    image, size = decode_image(exif_rotated_jpeg(), resolution=64, max_pixels=10**6)
+    assert size == (64, 96)  # displayed width x height
+    assert image.shape[:2] == (96, 64)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    with pytest.raises(ImageTooLarge, match="over the cap"):
+        decode_image(bomb_png(20000), resolution=512, max_pixels=89_478_485)
+
+
+def test_jpeg_draft_decode_matches_a_full_decode():
+    big = encode(Image.fromarray(photo(1600, 1200)), "JPEG", quality=95)
+    fast, size = decode_image(big, resolution=256, max_pixels=10**8)
+    assert size == (1600, 1200)
+    assert min(fast.shape[:2]) >= 256 and fast.shape[1] < 1600  # decoded reduced, still covers 256
+    full = np.asarray(Image.open(__import__("io").BytesIO(big)).convert("RGB"))
+    a, b = center_crop_resize(fast, 256), center_crop_resize(full, 256)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (4, 2000), (2000, 4), (64, 96), (512, 512), (1024, 700)])
+def test_center_crop_resize_gives_the_square(shape):
+    out = center_crop_resize(photo(shape[1], shape[0]), 128)
+    assert out.shape == (128, 128, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+def test_center_crop_takes_the_middle():
+    image = np.zeros((10, 30, 3), np.uint8)
+    image[:, 10:20] = 255  # the central square is white, the sides black
+    assert (center_crop_resize(image, 10) == 255).all()
+
+
+def test_reject_reasons():
+    assert reject_reason(100, 100, 0, 0) == ""
+    assert "min-size" in reject_reason(100, 50, 64, 0)
+    assert "aspect" in reject_reason(300, 100, 0, 2.0)
+    assert reject_reason(200, 100, 64, 2.0) == ""
+
+
+def test_captions_keep_invalid_utf8_and_say_so():
+    assert decode_caption(" a cat \n".encode()) == ("a cat", "")
+    text, warning = decode_caption("café".encode("latin-1"))
+    assert text.startswith("caf") and "\ufffd" in text and "UTF-8" in warning
+
+
+def test_encoders_round_trip():
+    import cv2
+
+    image = photo(32, 32)
+    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(encode_jpeg(image), np.uint8), 1), cv2.COLOR_BGR2RGB)
+    assert np.abs(decoded.astype(int) - image).mean() < 4
+    edge = (photo(32, 32)[:, :, 0] > 128).astype(np.uint8) * 255
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(encode_png(edge), np.uint8), 0), edge)
+    rgb = photo(16, 16)
+    back = cv2.cvtColor(cv2.imdecode(np.frombuffer(encode_png(rgb), np.uint8), 1), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(back, rgb)

@@ -19,8 +19,15 @@ class ShardActor:
     """Holds one annotator (weights loaded once per actor) and processes whole shards with it."""
 
     def __init__(self, cfg: BuildConfig):
+        import cv2
+        import torch
+
         from pipeline.build import build_models
 
+        # one thread pool per reserved CPU: OpenCV and torch would otherwise each start one per core
+        threads = max(1, int(cfg.cpus_per_worker))
+        cv2.setNumThreads(threads)
+        torch.set_num_threads(threads)
         self.cfg = cfg
         self.annotator, self.captioner = build_models(cfg)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import math
 
 import cv2
 import numpy as np
@@ -48,11 +47,29 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def _jpeg_reduction(size: tuple[int, int], resolution: int) -> int:
+    """The largest of libjpeg's 1/2, 1/4, 1/8 reductions whose shorter side still covers `resolution`."""
+    return next((r for r in (8, 4, 2) if min(size) // r >= resolution), 1)
+
+
+_CV2_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _decode_plain_jpeg(data: bytes, reduction: int) -> np.ndarray | None:
+    """OpenCV's JPEG decode: ~20% faster than PIL's for the common case (RGB, no EXIF rotation)."""
+    buf = np.frombuffer(data, np.uint8)
+    if reduction == 1:
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    bgr = cv2.imdecode(buf, _CV2_REDUCED[reduction] | cv2.IMREAD_IGNORE_ORIENTATION)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def decode_image(data: bytes, resolution: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> ((H, W, 3) uint8 RGB, displayed (width, height) of the original).
 
-    JPEGs are decoded at the smallest power-of-two reduction that still covers `resolution` on the
-    shorter side (libjpeg's DCT scaling): a 4000 px photo decodes 4-8x faster and the crop is unchanged.
+    The header is read first, so a decompression bomb is refused before any pixel is decoded. JPEGs are
+    decoded at the largest power-of-two reduction that still covers `resolution` on the shorter side
+    (libjpeg's DCT scaling): a 4000 px photo decodes 4-8x faster and the crop is unchanged.
     """
     try:
         im = Image.open(io.BytesIO(data))
@@ -63,9 +80,13 @@ def decode_image(data: bytes, resolution: int, max_pixels: int) -> tuple[np.ndar
         raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the cap of {max_pixels}")
     if width == 0 or height == 0:
         raise ValueError(f"image has an empty side ({width}x{height})")
-    scale = resolution / min(width, height)
-    im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
-    im = ImageOps.exif_transpose(im)
+    reduction = _jpeg_reduction(im.size, resolution)
+    if im.format == "JPEG" and im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
+        image = _decode_plain_jpeg(data, reduction)
+        if image is not None:
+            return image, (width, height)
+    im.draft(None, (im.size[0] // reduction, im.size[1] // reduction))
+    ImageOps.exif_transpose(im, in_place=True)
     return to_rgb(im), (width, height)
 
 

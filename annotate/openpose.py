@@ -1,0 +1,426 @@
+"""OpenPose body annotator: the CMU body model -> 18 COCO keypoints per person, drawn as ControlNet skeletons"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from annotate.base import Annotation
+from annotate.weights import resolve_weight, sha256_file
+
+WEIGHT_FILE = "body_pose_model.pth"
+HUB_REPO = "lllyasviel/Annotators"
+NUM_KEYPOINTS = 18
+STRIDE = 8  # the network's output is 1/8 of its input
+
+# The 18 COCO body parts, in the model's heatmap order (channel 18 is the background).
+KEYPOINT_NAMES = (
+    "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
+    "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
+    "right_eye", "left_eye", "right_ear", "left_ear",
+)  # fmt: skip
+
+# (part A, part B) of each limb, 0-based. The order is the reference's and matters: people are assembled
+# by walking limbs in this order, and only the first 17 are drawn (the last two join ears to shoulders).
+LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
+    (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17),
+)  # fmt: skip
+# The (x, y) channels of each limb's part affinity field in the 38-channel PAF output.
+PAF_CHANNELS = (
+    (12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 1), (2, 3), (4, 5), (6, 7), (8, 9),
+    (10, 11), (28, 29), (30, 31), (34, 35), (32, 33), (36, 37), (18, 19), (26, 27),
+)  # fmt: skip
+NUM_DRAWN_LIMBS = 17
+
+# The reference draw_bodypose colours, one per keypoint; limb i takes colour i. RGB in the condition map.
+COLORS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+    (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+    (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+# VGG-19 front (model0): (name, in, out, kernel) convs and 2x2 max pools, as published by CMU.
+_FRONT: list[tuple[str, int, int, int] | str] = [
+    ("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3), "pool1_stage1",
+    ("conv2_1", 64, 128, 3), ("conv2_2", 128, 128, 3), "pool2_stage1",
+    ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3), ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3),
+    "pool3_stage1",
+    ("conv4_1", 256, 512, 3), ("conv4_2", 512, 512, 3), ("conv4_3_CPM", 512, 256, 3), ("conv4_4_CPM", 256, 128, 3),
+]  # fmt: skip
+
+
+def _branch_layers(stage: int, branch: int) -> list[tuple[str, int, int, int]]:
+    """Convs of one stage's branch: L1 predicts the 38 PAF channels, L2 the 19 heatmaps."""
+    out = 38 if branch == 1 else 19
+    if stage == 1:
+        names = [f"conv5_{i}_CPM_L{branch}" for i in range(1, 6)]
+        shapes = [(128, 128, 3), (128, 128, 3), (128, 128, 3), (128, 512, 1), (512, out, 1)]
+    else:
+        names = [f"Mconv{i}_stage{stage}_L{branch}" for i in range(1, 8)]
+        shapes = [(185, 128, 7)] + [(128, 128, 7)] * 4 + [(128, 128, 1), (128, out, 1)]
+    return [(name, *shape) for name, shape in zip(names, shapes, strict=True)]
+
+
+def _sequential(layers: Sequence[tuple[str, int, int, int] | str], relu_last: bool) -> nn.Sequential:
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, layer in enumerate(layers):
+        if isinstance(layer, str):
+            modules[layer] = nn.MaxPool2d(kernel_size=2, stride=2)
+            continue
+        name, cin, cout, k = layer
+        modules[name] = nn.Conv2d(cin, cout, k, stride=1, padding=k // 2)
+        if i < len(layers) - 1 or relu_last:
+            modules["relu_" + name] = nn.ReLU(inplace=True)
+    return nn.Sequential(modules)
+
+
+class BodyPoseNet(nn.Module):
+    """The CMU body pose model: a VGG front and 6 refinement stages of two branches (PAFs, heatmaps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model0 = _sequential(_FRONT, relu_last=True)
+        for stage in range(1, 7):
+            for branch in (1, 2):
+                # The reference's no-ReLU list names Mconv7_stage6_L1 twice and misses Mconv7_stage6_L2, so
+                # its final heatmaps pass a ReLU; we keep that, since the published weights were used so.
+                relu_last = (stage, branch) == (6, 2)
+                self.add_module(f"model{stage}_{branch}", _sequential(_branch_layers(stage, branch), relu_last))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 3, H, W) BGR in [-0.5, 0.5) -> PAFs (B, 38, H/8, W/8), heatmaps (B, 19, H/8, W/8)."""
+        features = self.model0(x)  # (B, 128, H/8, W/8)
+        out = features
+        for stage in range(1, 7):
+            pafs = getattr(self, f"model{stage}_1")(out)
+            heatmaps = getattr(self, f"model{stage}_2")(out)
+            out = torch.cat([pafs, heatmaps, features], 1)  # (B, 38 + 19 + 128 = 185, H/8, W/8)
+        return pafs, heatmaps
+
+
+def published_key(module_key: str) -> str:
+    """'model0.conv1_1.weight' -> 'conv1_1.weight': the published file names layers without their stage."""
+    return module_key.split(".", 1)[1]
+
+
+def load_body_pose_net(path: str | Path) -> BodyPoseNet:
+    """The network with the published weights at `path` (strict: every key present, none extra)."""
+    with torch.device("meta"):  # no random init of 52M parameters that the file replaces anyway
+        net = BodyPoseNet()
+    published = torch.load(path, map_location="cpu", weights_only=True)
+    to_module = {published_key(key): key for key in net.state_dict()}
+    missing, unexpected = sorted(to_module.keys() - published.keys()), sorted(published.keys() - to_module.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not the CMU body pose model ({WEIGHT_FILE}): "
+            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    state = {module_key: published[key].float() for key, module_key in to_module.items()}
+    net.load_state_dict(state, strict=True, assign=True)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------- pre/post-process
+
+
+def network_input(image_bgr: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """(H, W, 3) uint8 BGR -> (3, h, w) float32 in [-0.5, 0.5), zero-padded right/down to a multiple of 8,
+    and the (h, w) before padding. Zero is the reference's pad value 128 after normalising."""
+    resized = cv2.resize(image_bgr, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    h, w = resized.shape[:2]
+    padded = np.zeros((3, -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE), np.float32)
+    padded[:, :h, :w] = resized.transpose(2, 0, 1).astype(np.float32) / 256 - 0.5
+    return padded, (h, w)
+
+
+def to_image_size(maps: np.ndarray, unpadded: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(C, h/8, w/8) network maps -> (H, W, C): upsample by the stride, drop the padding, resize to the image."""
+    up = cv2.resize(maps.transpose(1, 2, 0), (0, 0), fx=STRIDE, fy=STRIDE, interpolation=cv2.INTER_CUBIC)
+    up = up[: unpadded[0], : unpadded[1]]
+    return cv2.resize(up, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+
+
+def decode_peaks(heatmaps: np.ndarray, thre1: float = 0.1, sigma: float = 3.0) -> list[np.ndarray]:
+    """(H, W, >=18) heatmaps -> per part, an (n, 4) array of peaks: x, y, score, id (ids run over all parts).
+
+    A peak is a local maximum (>= its 4 neighbours) of the Gaussian-smoothed heatmap above thre1; its score
+    is the unsmoothed value there. The kernel (25 px for sigma 3, reflected borders) is scipy's
+    gaussian_filter default that the reference uses.
+    """
+    radius = int(4 * sigma + 0.5)
+    raw = np.ascontiguousarray(heatmaps[:, :, :NUM_KEYPOINTS], dtype=np.float64)
+    smooth = cv2.GaussianBlur(raw, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REFLECT)
+    padded = np.pad(smooth, ((1, 1), (1, 1), (0, 0)))  # zeros outside, as the reference's shifted maps
+    is_peak = (
+        (smooth >= padded[:-2, 1:-1]) & (smooth >= padded[2:, 1:-1])
+        & (smooth >= padded[1:-1, :-2]) & (smooth >= padded[1:-1, 2:]) & (smooth > thre1)
+    )  # fmt: skip
+    peaks, next_id = [], 0
+    for part in range(NUM_KEYPOINTS):
+        ys, xs = np.nonzero(is_peak[:, :, part])  # row-major, as the reference lists them
+        ids = np.arange(next_id, next_id + len(xs))
+        peaks.append(np.stack([xs, ys, raw[ys, xs, part], ids], axis=1).astype(np.float64).reshape(-1, 4))
+        next_id += len(xs)
+    return peaks
+
+
+def score_limbs(
+    peaks: list[np.ndarray], pafs: np.ndarray, thre2: float = 0.05, mid_num: int = 10
+) -> list[np.ndarray | None]:
+    """Per limb, the chosen connections as an (n, 5) array: id A, id B, score, index in A, index in B;
+    None where one end has no peaks.
+
+    A candidate pair (a, b) is scored by the PAF sampled at mid_num points on the segment, projected on its
+    direction, plus a penalty for segments longer than half the image height; it needs > 80% of the samples
+    above thre2 and a positive score. Pairs are then taken greedily by score, each peak used at most once.
+    """
+    height = pafs.shape[0]
+    out: list[np.ndarray | None] = []
+    for (part_a, part_b), channels in zip(LIMBS, PAF_CHANNELS, strict=True):
+        cand_a, cand_b = peaks[part_a], peaks[part_b]
+        if len(cand_a) == 0 or len(cand_b) == 0:
+            out.append(None)
+            continue
+        a, b = cand_a[:, None, :2], cand_b[None, :, :2]  # (nA, 1, 2), (1, nB, 2) as x, y
+        vec = b - a  # (nA, nB, 2)
+        norm = np.maximum(np.sqrt((vec**2).sum(-1)), 0.001)  # (nA, nB)
+        unit = vec / norm[..., None]
+        start, end = np.broadcast_arrays(a, b)
+        points = np.rint(np.linspace(start, end, mid_num)).astype(int)  # (mid_num, nA, nB, 2)
+        field_xy = pafs[points[..., 1], points[..., 0]][..., list(channels)]  # (mid_num, nA, nB, 2)
+        along = (field_xy * unit).sum(-1)  # (mid_num, nA, nB)
+        score = along.mean(0) + np.minimum(0.5 * height / norm - 1, 0)
+        ok = ((along > thre2).sum(0) > 0.8 * mid_num) & (score > 0)
+        ia, ib = np.nonzero(ok)
+        order = np.argsort(-score[ia, ib], kind="stable")  # ties keep the reference's (i, j) loop order
+        chosen: list[list[float]] = []
+        used_a: set[int] = set()
+        used_b: set[int] = set()
+        for i, j in zip(ia[order], ib[order], strict=True):
+            if i in used_a or j in used_b:
+                continue
+            chosen.append([cand_a[i, 3], cand_b[j, 3], score[i, j], i, j])
+            used_a.add(i)
+            used_b.add(j)
+            if len(chosen) >= min(len(cand_a), len(cand_b)):
+                break
+        out.append(np.array(chosen, np.float64).reshape(-1, 5))
+    return out
+
+
+def assemble_people(
+    candidates: np.ndarray, connections: list[np.ndarray | None], min_parts: int = 4, min_mean_score: float = 0.4
+) -> np.ndarray:
+    """Join limb connections into people: an (n, 20) array per person, columns 0-17 the candidate id of each
+    part (-1 where missing), 18 the total score, 19 the part count. candidates: (N, 4) x, y, score, id.
+
+    Walks limbs in order: a connection touching one person extends it, one touching two disjoint people
+    merges them, one touching none starts a person (not for the last two, ear-shoulder, limbs).
+    People with fewer than min_parts parts or a mean score below min_mean_score are dropped.
+    """
+    people: list[np.ndarray] = []
+    for k, conn in enumerate(connections):
+        if conn is None:
+            continue
+        index_a, index_b = LIMBS[k]
+        for id_a, id_b, limb_score, _, _ in conn:
+            found = [n for n, p in enumerate(people) if p[index_a] == id_a or p[index_b] == id_b][:2]
+            if len(found) == 1 or (len(found) == 2 and _overlap(people[found[0]], people[found[1]])):
+                person = people[found[0]]
+                if person[index_b] != id_b or len(found) == 2:
+                    person[index_b] = id_b
+                    person[-1] += 1
+                    person[-2] += candidates[int(id_b), 2] + limb_score
+            elif len(found) == 2:  # two disjoint people that this limb joins: merge the second into the first
+                first, second = people[found[0]], people.pop(found[1])
+                first[:-2] += second[:-2] + 1  # -1 + id + 1 = id where only `second` has the part
+                first[-2:] += second[-2:]
+                first[-2] += limb_score
+            elif k < NUM_DRAWN_LIMBS:
+                person = -np.ones(NUM_KEYPOINTS + 2)
+                person[index_a], person[index_b] = id_a, id_b
+                person[-1] = 2
+                person[-2] = candidates[int(id_a), 2] + candidates[int(id_b), 2] + limb_score
+                people.append(person)
+    kept = [p for p in people if p[-1] >= min_parts and p[-2] / p[-1] >= min_mean_score]
+    return np.array(kept, np.float64).reshape(-1, NUM_KEYPOINTS + 2)
+
+
+def _overlap(p: np.ndarray, q: np.ndarray) -> bool:
+    """Whether two people share a part slot (then they are not merged)."""
+    return bool(((p[:NUM_KEYPOINTS] >= 0) & (q[:NUM_KEYPOINTS] >= 0)).any())
+
+
+def people_keypoints(candidates: np.ndarray, people: np.ndarray) -> list[np.ndarray]:
+    """Per person, an (18, 2) array of pixel x, y with NaN for missing parts."""
+    out = []
+    for person in people:
+        ids = person[:NUM_KEYPOINTS].astype(int)
+        xy = np.full((NUM_KEYPOINTS, 2), np.nan)
+        xy[ids >= 0] = candidates[ids[ids >= 0], :2]
+        out.append(xy)
+    return out
+
+
+def decode_pose(heatmaps: np.ndarray, pafs: np.ndarray, thre1: float = 0.1, thre2: float = 0.05) -> list[np.ndarray]:
+    """(H, W, 19) heatmaps and (H, W, 38) PAFs at image size -> per person, (18, 2) pixel x, y (NaN: missing)."""
+    peaks = decode_peaks(heatmaps, thre1)
+    candidates = np.concatenate(peaks, axis=0)  # (N, 4): x, y, score, id; row i has id i
+    people = assemble_people(candidates, score_limbs(peaks, pafs, thre2))
+    return people_keypoints(candidates, people)
+
+
+# ------------------------------------------------------------------------------------- drawing and rule
+
+
+def draw_skeleton(people: list[np.ndarray], height: int, width: int, stickwidth: int = 4) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the reference draw_bodypose on black. Keypoints are filled circles of radius 4;
+    each limb is an ellipse blended 60% over what is drawn, so keypoints under a limb are a mix of both."""
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for part in range(NUM_KEYPOINTS):
+        for xy in people:
+            if not np.isnan(xy[part, 0]):
+                cv2.circle(canvas, (int(xy[part, 0]), int(xy[part, 1])), 4, COLORS[part], thickness=-1)
+    for limb in range(NUM_DRAWN_LIMBS):
+        for xy in people:
+            ends = xy[list(LIMBS[limb])]  # (2, 2) x, y
+            if np.isnan(ends).any():
+                continue
+            (x0, y0), (x1, y1) = ends
+            centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
+            length = math.hypot(x0 - x1, y0 - y1)
+            angle = math.degrees(math.atan2(y0 - y1, x0 - x1))
+            polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), int(angle), 0, 360, 1)
+            overlay = canvas.copy()
+            cv2.fillConvexPoly(overlay, polygon, COLORS[limb])
+            canvas = cv2.addWeighted(canvas, 0.4, overlay, 0.6, 0)
+    return canvas
+
+
+def num_keypoints(xy: np.ndarray) -> int:
+    """How many of the 18 keypoints one person (18, 2) has."""
+    return int(np.isfinite(xy[:, 0]).sum())
+
+
+def keypoint_fraction(xy: np.ndarray) -> float:
+    """Fraction of the 18 keypoints that one person (18, 2) has."""
+    return num_keypoints(xy) / NUM_KEYPOINTS
+
+
+def min_keypoints(fraction: float) -> int:
+    """Fewest keypoints meeting `fraction` of 18: 30% of 18 is 5.4, so 6 (the epsilon absorbs float error
+    in products that are whole numbers, e.g. 1/3 * 18)."""
+    return math.ceil(fraction * NUM_KEYPOINTS - 1e-9)
+
+
+def pose_annotation(people: list[np.ndarray], height: int, width: int, min_fraction: float = 0.3) -> Annotation:
+    """The skeleton drawing, the keep decision of the paper's rule (some person has >= min_fraction of the 18
+    keypoints) and the params: best fraction, people count, each person's keypoints as [x/W, y/H] or None."""
+    best = max((num_keypoints(xy) for xy in people), default=0)
+    keep = best >= min_keypoints(min_fraction)
+    reason = ""
+    if not keep:
+        reason = f"no person with >= {min_fraction:.0%} of {NUM_KEYPOINTS} keypoints (best {best}/{NUM_KEYPOINTS})"
+    keypoints = [
+        [None if math.isnan(x) else [round(x / width, 5), round(y / height, 5)] for x, y in xy.tolist()]
+        for xy in people
+    ]
+    params = {
+        "keypoint_fraction": best / NUM_KEYPOINTS,
+        "num_keypoints": best,
+        "num_people": len(people),
+        "keypoints": keypoints,
+    }
+    return Annotation(draw_skeleton(people, height, width), keep=keep, reason=reason, params=params)
+
+
+# ------------------------------------------------------------------------------------------- annotator
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(eq=False)
+class OpenPoseAnnotator:
+    """OpenPose body skeletons; samples where no person has min_keypoint_fraction of 18 keypoints are filtered.
+
+    An image is scaled so that its height is boxsize * scale for each scale (the reference: 368 * 0.5),
+    and the maps are averaged over scales at the image's size before decoding.
+    """
+
+    seed: int = 0  # unused: decoding is deterministic; accepted so every task builds alike
+    weights: str | None = None  # folder or URL holding body_pose_model.pth; None: the Hugging Face hub cache
+    device: str | None = None  # None or "auto": cuda when available
+    min_keypoint_fraction: float = 0.3
+    boxsize: int = 368
+    scales: tuple[float, ...] = (0.5,)
+    thre1: float = 0.1  # heatmap peak threshold
+    thre2: float = 0.05  # PAF threshold along a limb
+    name: str = "openpose"
+    channels: int = 3
+    _net: BodyPoseNet = field(init=False, repr=False)
+    _weight_path: Path = field(init=False, repr=False)
+    _device: torch.device = field(init=False, repr=False)
+    _sha256: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(self.scales)
+        self._device = resolve_device(self.device)
+        self._weight_path = resolve_weight(WEIGHT_FILE, source=self.weights, hub_repo=HUB_REPO)
+        self._net = load_body_pose_net(self._weight_path).to(self._device)
+
+    def __call__(self, images: list[np.ndarray], keys: list[str]) -> list[Annotation]:
+        if len(images) != len(keys):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            by_size[image.shape[:2]].append(i)
+        out: dict[int, Annotation] = {}
+        for size, indices in by_size.items():
+            outputs = [self._forward([images[i] for i in indices], scale) for scale in self.scales]
+            for n, i in enumerate(indices):
+                # maps at image size are big (H * W * 57 floats): build them one image at a time
+                heatmaps = sum(to_image_size(heat[n], unpadded, size) for _, heat, unpadded in outputs)
+                pafs = sum(to_image_size(paf[n], unpadded, size) for paf, _, unpadded in outputs)
+                people = decode_pose(heatmaps / len(outputs), pafs / len(outputs), self.thre1, self.thre2)
+                out[i] = pose_annotation(people, size[0], size[1], self.min_keypoint_fraction)
+        return [out[i] for i in range(len(images))]
+
+    def _forward(self, images: list[np.ndarray], scale: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Same-size RGB images -> PAFs (B, 38, h/8, w/8), heatmaps (B, 19, h/8, w/8), unpadded (h, w)."""
+        factor = scale * self.boxsize / images[0].shape[0]
+        # the network was trained on BGR (Caffe) input
+        inputs = [network_input(np.ascontiguousarray(image[:, :, ::-1]), factor) for image in images]
+        batch = torch.from_numpy(np.stack([x for x, _ in inputs])).to(self._device)
+        on_cuda = self._device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_cuda):
+            pafs, heatmaps = self._net(batch)
+        return pafs.float().cpu().numpy(), heatmaps.float().cpu().numpy(), inputs[0][1]
+
+    def describe(self) -> dict[str, Any]:
+        if self._sha256 is None:  # hashing 200 MB takes a moment: once, and only when asked
+            self._sha256 = sha256_file(self._weight_path)
+        return {
+            "name": self.name,
+            "min_keypoint_fraction": self.min_keypoint_fraction,
+            "boxsize": self.boxsize,
+            "scales": list(self.scales),
+            "thre1": self.thre1,
+            "thre2": self.thre2,
+            "weights": {WEIGHT_FILE: self._sha256},
+        }

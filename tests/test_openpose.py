@@ -1,0 +1,251 @@
+"""OpenPose: decoding synthetic maps, the 30% rule, the reference drawing, the real loader on tiny weights"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from annotate import build_annotator
+from annotate.openpose import (
+    COLORS,
+    LIMBS,
+    PAF_CHANNELS,
+    WEIGHT_FILE,
+    OpenPoseAnnotator,
+    decode_pose,
+    draw_skeleton,
+    keypoint_fraction,
+    load_body_pose_net,
+    min_keypoints,
+    pose_annotation,
+    published_key,
+)
+from annotate.weights import MissingWeightsError
+from tests.tiny_weights.openpose import write_tiny_openpose
+
+# A full 18-keypoint standing person, pixel (x, y), in KEYPOINT_NAMES order; 24 x 110 px, limbs <= 18 px.
+PERSON = np.array(
+    [
+        [30, 20], [30, 35], [18, 36], [14, 52], [12, 66], [42, 36], [46, 52], [48, 66], [24, 70],
+        [23, 88], [22, 106], [36, 70], [37, 88], [38, 106], [27, 16], [33, 16], [23, 18], [37, 18],
+    ],
+    np.float64,
+)  # fmt: skip
+
+
+def skeleton(parts: list[int], dx: float = 0.0) -> np.ndarray:
+    """(18, 2) keypoints of PERSON shifted by dx, with only `parts` present (NaN elsewhere)."""
+    xy = np.full((18, 2), np.nan)
+    xy[parts] = PERSON[parts] + [dx, 0]
+    return xy
+
+
+def synthetic_maps(people: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ideal network output at image size: Gaussian blobs at the keypoints (H, W, 19) and unit vectors
+    along each limb within 2 px of its segment (H, W, 38)."""
+    ys, xs = np.mgrid[:height, :width].astype(np.float64)
+    heat = np.zeros((height, width, 19), np.float32)
+    paf = np.zeros((height, width, 38), np.float32)
+    for xy in people:
+        for part, (x, y) in enumerate(xy):
+            if not np.isnan(x):
+                blob = np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 2.0**2))
+                heat[..., part] = np.maximum(heat[..., part], blob)
+        for (a, b), (cx, cy) in zip(LIMBS, PAF_CHANNELS, strict=True):
+            if np.isnan(xy[[a, b]]).any():
+                continue
+            vec = xy[b] - xy[a]
+            length = np.hypot(*vec)
+            unit = vec / length
+            along = (xs - xy[a, 0]) * unit[0] + (ys - xy[a, 1]) * unit[1]
+            across = np.abs((xs - xy[a, 0]) * unit[1] - (ys - xy[a, 1]) * unit[0])
+            on_limb = (along >= -1) & (along <= length + 1) & (across <= 2)
+            paf[on_limb, cx], paf[on_limb, cy] = unit
+    return heat, paf
+
+
+def by_nose_x(people: list[np.ndarray]) -> list[np.ndarray]:
+    return sorted(people, key=lambda xy: np.nanmin(xy[:, 0]))
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def test_decode_one_person_gives_its_keypoints_back():
+    person = skeleton(list(range(18)))
+    people = decode_pose(*synthetic_maps([person], 128, 96))
+    assert len(people) == 1
+    np.testing.assert_array_equal(people[0], person)
+
+
+def test_decode_two_people_gives_each_back():
+    full = skeleton(list(range(18)))
+    partial = skeleton([0, 1, 2, 3, 4, 5, 8, 9, 10, 14], dx=100)  # 10 keypoints: no left arm, leg, ears
+    people = by_nose_x(decode_pose(*synthetic_maps([full, partial], 128, 192)))
+    assert len(people) == 2
+    np.testing.assert_array_equal(people[0], full)
+    np.testing.assert_array_equal(people[1], partial)
+
+
+def test_decode_empty_maps_gives_nobody():
+    assert decode_pose(np.zeros((64, 64, 19), np.float32), np.zeros((64, 64, 38), np.float32)) == []
+
+
+# -------------------------------------------------------------------------------------------- 30% rule
+
+
+def test_min_keypoints_at_the_boundary():
+    assert min_keypoints(0.3) == 6  # 30% of 18 = 5.4
+    assert min_keypoints(1 / 3) == 6  # exactly 6.0, not 7
+    assert keypoint_fraction(skeleton([0, 1, 2, 3, 5])) == 5 / 18
+
+
+@pytest.mark.parametrize(("parts", "keep"), [([0, 1, 2, 3, 5], False), ([0, 1, 2, 3, 5, 6], True)])
+def test_thirty_percent_rule_at_its_boundary(parts, keep):
+    height, width = 128, 96
+    person = skeleton(parts)
+    people = decode_pose(*synthetic_maps([person], height, width))
+    ann = pose_annotation(people, height, width, min_fraction=0.3)
+    assert ann.keep is keep
+    n = len(parts)
+    assert ann.reason == ("" if keep else f"no person with >= 30% of 18 keypoints (best {n}/18)")
+    assert ann.params["keypoint_fraction"] == n / 18
+    assert ann.params["num_keypoints"] == n
+    assert ann.params["num_people"] == 1
+    expected = [None if np.isnan(x) else [round(x / width, 5), round(y / height, 5)] for x, y in person]
+    assert ann.params["keypoints"] == [expected]
+    json.dumps(ann.params)  # goes into the sample's json as is
+
+
+def test_nobody_is_filtered_with_best_zero():
+    ann = pose_annotation([], 64, 64)
+    assert (ann.keep, ann.reason) == (False, "no person with >= 30% of 18 keypoints (best 0/18)")
+    assert ann.params["num_people"] == 0 and ann.params["keypoint_fraction"] == 0.0
+    assert ann.condition.shape == (64, 64, 3) and not ann.condition.any()
+
+
+def test_best_person_decides():
+    small, big = skeleton([0, 1, 2, 5]), skeleton([0, 1, 2, 3, 5, 6, 14], dx=60)
+    ann = pose_annotation([small, big], 128, 128)
+    assert ann.keep and ann.params["keypoint_fraction"] == 7 / 18 and ann.params["num_people"] == 2
+
+
+# --------------------------------------------------------------------------------------------- drawing
+
+
+def far_from(points: list[tuple[float, float]], segments, shape, margin: float) -> np.ndarray:
+    """Mask of pixels farther than margin from every point and segment."""
+    ys, xs = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    near = np.zeros(shape, bool)
+    for x, y in points:
+        near |= np.hypot(xs - x, ys - y) <= margin
+    for (x0, y0), (x1, y1) in segments:
+        t = np.clip(((xs - x0) * (x1 - x0) + (ys - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
+        near |= np.hypot(xs - (x0 + t * (x1 - x0)), ys - (y0 + t * (y1 - y0))) <= margin
+    return ~near
+
+
+def test_isolated_keypoints_are_discs_of_their_reference_colour():
+    person = np.full((18, 2), np.nan)
+    person[0], person[4] = (20, 20), (60, 40)  # nose and right wrist: no limb joins them
+    canvas = draw_skeleton([person], 64, 80)
+    assert canvas.shape == (64, 80, 3) and canvas.dtype == np.uint8
+    for part, (x, y) in ((0, (20, 20)), (4, (60, 40))):
+        for dx, dy in ((0, 0), (3, 0), (0, -3), (2, 2)):  # inside the radius-4 disc
+            assert tuple(canvas[y + dy, x + dx]) == COLORS[part]
+    assert not canvas[far_from([(20, 20), (60, 40)], [], (64, 80), 5.0)].any()
+
+
+def blend(under: tuple[int, ...], over: tuple[int, ...]) -> tuple[int, ...]:
+    """cv2.addWeighted(canvas, 0.4, limb, 0.6, 0) at one pixel."""
+    return tuple(np.round(0.4 * np.array(under) + 0.6 * np.array(over)).astype(int).tolist())
+
+
+def test_limbs_blend_their_colour_over_the_keypoints():
+    person = np.full((18, 2), np.nan)
+    person[1], person[2] = (20, 30), (50, 30)  # neck -> right shoulder: limb 0, drawn in COLORS[0]
+    canvas = draw_skeleton([person], 64, 80)
+    assert tuple(canvas[30, 35]) == blend((0, 0, 0), COLORS[0])  # mid-limb, over black
+    assert tuple(canvas[30, 20]) == blend(COLORS[1], COLORS[0])  # the neck disc under the limb
+    assert tuple(canvas[30, 50]) == blend(COLORS[2], COLORS[0])
+    assert not canvas[far_from([(20, 30), (50, 30)], [((20, 30), (50, 30))], (64, 80), 6.0)].any()
+
+
+def test_drawing_a_decoded_skeleton_touches_every_keypoint():
+    person = skeleton(list(range(18)))
+    ann = pose_annotation(decode_pose(*synthetic_maps([person], 128, 96)), 128, 96)
+    for x, y in person.astype(int):
+        assert ann.condition[y, x].any()
+    segments = [(PERSON[a], PERSON[b]) for a, b in LIMBS[:17]]
+    assert not ann.condition[far_from(list(map(tuple, PERSON)), segments, (128, 96), 6.0)].any()
+
+
+# ------------------------------------------------------------------------------ real loader, tiny weights
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    return write_tiny_openpose(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def annotator(tiny_weights) -> OpenPoseAnnotator:
+    # boxsize 184: a 92 px high network input, a quarter of the default's work, same code path
+    return OpenPoseAnnotator(weights=str(tiny_weights.parent), device="cpu", boxsize=184)
+
+
+def test_loader_maps_every_published_key(tiny_weights):
+    published = torch.load(tiny_weights, map_location="cpu", weights_only=True)
+    net = load_body_pose_net(tiny_weights)
+    module_state = net.state_dict()
+    assert {published_key(k) for k in module_state} == set(published)
+    assert len(module_state) == len(published)
+    torch.testing.assert_close(module_state["model0.conv1_1.weight"], published["conv1_1.weight"])
+    torch.testing.assert_close(module_state["model6_2.Mconv7_stage6_L2.bias"], published["Mconv7_stage6_L2.bias"])
+
+
+def test_loader_rejects_a_file_with_a_missing_key(tiny_weights, tmp_path):
+    state = torch.load(tiny_weights, map_location="cpu", weights_only=True)
+    del state["conv5_5_CPM_L2.weight"]
+    torch.save(state, tmp_path / WEIGHT_FILE)
+    with pytest.raises(ValueError, match="conv5_5_CPM_L2.weight"):
+        load_body_pose_net(tmp_path / WEIGHT_FILE)
+
+
+def test_annotator_batch_is_deterministic_and_equals_one_at_a_time(annotator):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 64, 3), (80, 96, 3)] * 2]
+    keys = ["a", "b", "c", "d"]
+    batched = annotator(images, keys)
+    again = annotator(images, keys)
+    singles = [annotator([image], [key])[0] for image, key in zip(images, keys, strict=True)]
+    for image, b, a, s in zip(images, batched, again, singles, strict=True):
+        assert b.condition.shape == image.shape and b.condition.dtype == np.uint8
+        for other in (a, s):
+            np.testing.assert_array_equal(b.condition, other.condition)
+            assert (b.keep, b.reason, b.params) == (other.keep, other.reason, other.params)
+        json.dumps(b.params)
+    # random weights on noise still give peaks and limbs, so the comparison above is not of empty maps
+    assert any(b.params["num_people"] for b in batched)
+
+
+def test_registry_builds_it(tiny_weights):
+    built = build_annotator("openpose", weights=str(tiny_weights.parent), device="auto")
+    assert (built.name, built.channels) == ("openpose", 3)
+
+
+def test_describe_has_the_weight_sha256(annotator, tiny_weights):
+    info = annotator.describe()
+    assert info["name"] == "openpose" and info["min_keypoint_fraction"] == 0.3
+    assert info["weights"] == {WEIGHT_FILE: hashlib.sha256(tiny_weights.read_bytes()).hexdigest()}
+    json.dumps(info)
+
+
+def test_missing_weight_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download attempt from the hub fallback
+    with pytest.raises(MissingWeightsError, match=WEIGHT_FILE):
+        OpenPoseAnnotator(weights=str(tmp_path))

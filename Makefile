@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 TASK ?= canny
-INPUT ?= data/sample/shards
+SAMPLE_INPUT := data/sample/shards
+INPUT ?= $(SAMPLE_INPUT)
 OUTPUT ?= data/$(TASK)
 CAPTION ?= source
 WEIGHTS ?=
@@ -37,7 +38,7 @@ data/sample/shards/00000.tar: | $(STAMP)
 
 sample-data: data/sample/shards/00000.tar ## build input shards from the photos scikit-image ships
 
-dataset: $(STAMP) sample-data ## build a dataset: make dataset TASK=canny INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
+dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build a dataset: make dataset TASK=canny INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
 	$(PY) -m pipeline.build --task $(TASK) --input $(INPUT) --output $(OUTPUT) --caption $(CAPTION) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 

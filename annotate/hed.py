@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from annotate.base import Annotation
+from annotate.device import inference, pick_device
 from annotate.weights import resolve_weight, sha256_file
 
 WEIGHT_FILE = "ControlNetHED.pth"
@@ -69,13 +70,6 @@ def load_hed(path: str | os.PathLike) -> ControlNetHED_Apache2:
     except RuntimeError as err:
         raise RuntimeError(f"{path} does not hold the {WEIGHT_FILE} state dict: {err}") from err
     return model.eval().requires_grad_(False)
-
-
-def pick_device(device: str | None) -> torch.device:
-    """None or "auto": CUDA when there is one, else CPU; anything else as torch spells it ("cuda:1")."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def fuse_logits(projections: tuple[torch.Tensor, ...], size: tuple[int, int]) -> torch.Tensor:
@@ -140,9 +134,9 @@ class HEDAnnotator:
         """Same-size RGB uint8 images -> (B, H, W) fused edge logits on CPU, float32, in one forward."""
         batch = torch.from_numpy(np.stack(images)).to(self.device)  # (B, H, W, 3) uint8: 4x less to copy
         x = batch.permute(0, 3, 1, 2).float()  # (B, 3, H, W) RGB in 0..255, as the network was trained
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
+        with inference(self.device, self.fp16):
             projections = self.model(x)
-        return fuse_logits(projections, size=x.shape[-2:]).cpu()
+            return fuse_logits(projections, size=x.shape[-2:]).float().cpu()
 
     def edge_maps(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """RGB uint8 (H, W, 3) images of any sizes -> (H, W) uint8 HED maps, in order."""

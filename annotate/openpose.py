@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from annotate.base import Annotation
+from annotate.device import inference, pick_device
 from annotate.weights import resolve_weight, sha256_file
 
 WEIGHT_FILE = "body_pose_model.pth"
@@ -349,12 +350,6 @@ def pose_annotation(people: list[np.ndarray], height: int, width: int, min_fract
 # ------------------------------------------------------------------------------------------- annotator
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass(eq=False)
 class OpenPoseAnnotator:
     """OpenPose body skeletons; samples where no person has min_keypoint_fraction of 18 keypoints are filtered.
@@ -380,7 +375,7 @@ class OpenPoseAnnotator:
 
     def __post_init__(self) -> None:
         self.scales = tuple(self.scales)
-        self._device = resolve_device(self.device)
+        self._device = pick_device(self.device)
         self._weight_path = resolve_weight(WEIGHT_FILE, source=self.weights, hub_repo=HUB_REPO)
         self._net = load_body_pose_net(self._weight_path).to(self._device)
 
@@ -407,8 +402,7 @@ class OpenPoseAnnotator:
         # the network was trained on BGR (Caffe) input
         inputs = [network_input(np.ascontiguousarray(image[:, :, ::-1]), factor) for image in images]
         batch = torch.from_numpy(np.stack([x for x, _ in inputs])).to(self._device)
-        on_cuda = self._device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_cuda):
+        with inference(self._device):
             pafs, heatmaps = self._net(batch)
         return pafs.float().cpu().numpy(), heatmaps.float().cpu().numpy(), inputs[0][1]
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -33,9 +35,15 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
         raise FileNotFoundError(url)
     target = cache_dir / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(path).name
     if not target.exists():
-        partial = target.with_name(target.name + ".partial")
+        # one partial per process: workers starting together on a node never write into each other's copy
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         fs.get(path, str(partial), recursive=fs.isdir(path))
-        partial.rename(target)  # a crash mid-copy never leaves a file that looks complete
+        try:
+            partial.rename(target)  # a crash mid-copy never leaves a file that looks complete
+        except OSError:  # another worker renamed its complete copy of a folder there first
+            if not target.exists():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -89,4 +97,96 @@ def resolve_weight(
     raise MissingWeightsError(
         f"weight file {filename!r}{origin} not found; looked in: {', '.join(looked) or 'nowhere'}. "
         f"Put it in {where}."
+    )
+
+
+# the files transformers loads from a folder, most preferred first: a folder's hash covers the first kind present
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder that a loader reads: all *.safetensors if any, else the next kind."""
+    files = [
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    for suffix in WEIGHT_SUFFIXES:
+        chosen = sorted(p for p in files if p.name.endswith(suffix))
+        if chosen:
+            return chosen
+    return []
+
+
+def sha256_folder(path: str | os.PathLike) -> str:
+    """A stable sha256 of the weights in a model folder.
+
+    One weight file: its own sha256 (the LFS oid the hub shows, so users can check it). Several (sharded):
+    the sha256 of the sorted "relative/path sha256" lines. Configs and tokenizers are not weights.
+    """
+    folder = Path(path)
+    files = _weight_files(folder)
+    if not files:
+        raise MissingWeightsError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    lines = "".join(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub repo, without touching the network; None if it is not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or a broken cache: the caller raises one clear error
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _folder_in_source(name: str, source: str, cache_dir: Path) -> Path | None:
+    """`source/name` or `source` itself, whichever holds config.json; remote folders are copied to the cache."""
+    for url in (source.rstrip("/") + "/" + name, source.rstrip("/")):
+        if _is_local(url):
+            local = Path(url.removeprefix("file://"))
+            if (local / "config.json").is_file():
+                return local
+            continue
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.exists(path.rstrip("/") + "/config.json"):
+            return _fetch_remote(url, cache_dir / "folders")
+    return None
+
+
+def resolve_folder(
+    name: str,
+    source: str | None = None,
+    hub_repo: str | None = None,
+    cache_dir: Path = DEFAULT_CACHE,
+) -> Path:
+    """Local path of the Hugging Face-format model folder `name` (a folder holding config.json).
+
+    Looks in `source/name`, then `source` itself (a local folder or fsspec URL), then the HF hub cache
+    snapshot of `hub_repo` (cache only: nothing is downloaded here).
+    """
+    looked = []
+    if source:
+        looked.append(f"{source.rstrip('/')}/{name}/config.json")
+        looked.append(f"{source.rstrip('/')}/config.json")
+        found = _folder_in_source(name, source, cache_dir)
+        if found is not None:
+            return found
+    if hub_repo:
+        looked.append(f"the Hugging Face hub cache ({hub_repo})")
+        found = _hub_snapshot(hub_repo)
+        if found is not None:
+            return found
+    fetch = f" (e.g. `hf download {hub_repo} --local-dir <weights>/{name}`)" if hub_repo else ""
+    raise MissingWeightsError(
+        f"model folder {name!r} not found; looked in: {', '.join(looked) or 'nowhere'}. "
+        f"Put the Hugging Face-format folder (config.json + weights) at <weights>/{name}{fetch} "
+        f"and pass --weights <weights>."
     )

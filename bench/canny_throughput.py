@@ -107,7 +107,8 @@ def ray_data_pipeline(inputs: list[Path], out: Path) -> dict:
 
     start = time.perf_counter()
     ds = ray.data.read_webdataset([str(p) for p in inputs], suffixes=["jpg"])
-    ds.map_batches(annotate, batch_size=64, batch_format="numpy").write_webdataset(str(out), encoder=None)  # members are bytes already
+    annotated = ds.map_batches(annotate, batch_size=64, batch_format="numpy")
+    annotated.write_webdataset(str(out), encoder=None)  # members are bytes already
     seconds = time.perf_counter() - start
     n = len(inputs) * _per_shard(inputs[0])
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds}

@@ -168,9 +168,11 @@ def run(cfg: BuildConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BuildConfig, argv, "Build a ControlNet dataset: input shards -> condition maps -> shards.")
+    from pipeline.distributor import ModelLoadError
+
     try:
         return run(cfg)
-    except (FileNotFoundError, ValueError) as e:  # bad input spec or config: one line, not a traceback
+    except (FileNotFoundError, ValueError, ModelLoadError) as e:  # bad input, config or weights: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """distributor maps the per-shard worker over shards with a pool of Ray actors, retrying failed shards"""
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -12,6 +13,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.config import BuildConfig
 from pipeline.reader import InputShard
+
+
+class ModelLoadError(RuntimeError):
+    """An actor could not build its annotator or captioner (a missing weight file, a bad config)."""
 
 
 @ray.remote
@@ -29,9 +34,16 @@ class ShardActor:
         cv2.setNumThreads(threads)
         torch.set_num_threads(threads)
         self.cfg = cfg
-        self.annotator, self.captioner = build_models(cfg)
+        self.annotator = self.captioner = None
+        self.load_error = ""
+        try:
+            self.annotator, self.captioner = build_models(cfg)
+        except Exception as e:  # kept for describe(): the driver prints one line, not a remote traceback
+            self.load_error = f"{type(e).__name__}: {e}"
 
     def describe(self) -> dict[str, Any]:
+        if self.load_error:
+            return {"error": self.load_error}
         return {
             "annotator": self.annotator.describe(),
             "captioner": self.captioner.describe() if self.captioner is not None else None,
@@ -75,7 +87,14 @@ def run_pool(
     idle = deque(new_actor() for _ in range(min(num_workers, len(shards))))
     result = PoolResult()
     # the first actor's constructor loads the models: a missing weight file surfaces here, once, clearly
-    result.models = ray.get(idle[0].describe.remote())
+    try:
+        result.models = ray.get(idle[0].describe.remote())
+    except RayActorError as e:
+        result.models = {"error": _short_error(e)}
+    if "error" in result.models:
+        for actor in idle:
+            ray.kill(actor)
+        raise ModelLoadError(result.models["error"])
     todo = deque(shards)
     attempts = {s.name: 0 for s in shards}
     running: dict[ray.ObjectRef, tuple[Any, InputShard]] = {}
@@ -116,7 +135,11 @@ def _retry_or_fail(shard, error, attempts, max_retries, todo, result, on_fail) -
 
 
 def _short_error(error: BaseException) -> str:
-    """The root cause's one line, not Ray's wrapped traceback."""
+    """The root cause's one line ("MissingWeightsError: ..."), not Ray's wrapped traceback."""
     cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+    lines = str(cause).strip().splitlines()
+    last = lines[-1] if lines else ""
+    named = re.match(r"^([\w.]+(?:Error|Exception)): (.*)$", last)
+    if named:  # Ray's text ends with the remote exception as "module.Name: message"
+        return f"{named.group(1).rsplit('.', 1)[-1]}: {named.group(2)}"
+    return f"{type(cause).__name__}: {last}"

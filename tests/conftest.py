@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download weights; the loaders read local files only
+os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def _free_port() -> int:

@@ -37,7 +37,7 @@ def mode_images() -> dict[str, bytes]:
     rgb = Image.fromarray(photo())
     rgba = rgb.convert("RGBA")
     rgba.putalpha(Image.fromarray(np.tile(np.arange(96, dtype=np.uint8)[None] * 2, (64, 1))))
-    sixteen = Image.fromarray((photo()[:, :, 0].astype(np.uint16) * 257))
+    sixteen = Image.fromarray(photo()[:, :, 0].astype(np.uint16) * 257)
     return {
         "cmyk": encode(rgb.convert("CMYK"), "JPEG"),
         "grey": encode(rgb.convert("L"), "PNG"),

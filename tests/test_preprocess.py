@@ -75,7 +75,7 @@ def test_reject_reasons():
 
 
 def test_captions_keep_invalid_utf8_and_say_so():
-    assert decode_caption(" a cat \n".encode()) == ("a cat", "")
+    assert decode_caption(b" a cat \n") == ("a cat", "")
     text, warning = decode_caption("café".encode("latin-1"))
     assert text.startswith("caf") and "\ufffd" in text and "UTF-8" in warning
 

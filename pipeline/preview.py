@@ -1,0 +1,99 @@
+"""preview: a contact sheet of random samples (image | condition | caption) and the dataset's status counts"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline import format as fmt
+
+TILE = 256
+TEXT_WIDTH = 320
+
+
+def status_counts(dataset: str) -> dict[str, int]:
+    """Counts by status from the parquet indexes (reads one column; never the tars)."""
+    fs, path = fsspec.core.url_to_fs(dataset)
+    counts = dict.fromkeys(fmt.STATUSES, 0)
+    for index in fs.glob(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.INDEX_SUFFIX}"):
+        with fs.open(index, "rb") as f:
+            for status in pq.read_table(f, columns=["status"]).column("status").to_pylist():
+                counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def pick_samples(dataset: str, count: int, seed: int) -> list[dict]:
+    """`count` random samples, read from as few shards as possible: shards are picked first, then samples."""
+    import webdataset as wds
+
+    fs, path = fsspec.core.url_to_fs(dataset)
+    tars = sorted(fs.glob(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.TAR_SUFFIX}"))
+    rng = random.Random(seed)
+    rng.shuffle(tars)
+    picked: list[dict] = []
+    for tar in tars:
+        with fs.open(tar, "rb") as f:
+            samples = list(wds.tariterators.tar_file_expander([{"stream": io.BytesIO(f.read()), "url": tar}]))
+        grouped = list(wds.tariterators.group_by_keys(samples))
+        picked += rng.sample(grouped, min(len(grouped), count - len(picked)))
+        if len(picked) >= count:
+            break
+    return picked
+
+
+def _condition_member(sample: dict) -> str:
+    return next(k for k in sample if k.endswith(".png"))
+
+
+def render_row(sample: dict, font: ImageFont.ImageFont) -> Image.Image:
+    """One row: target image | condition map | caption and parameters."""
+    row = Image.new("RGB", (2 * TILE + TEXT_WIDTH, TILE), "white")
+    image = Image.open(io.BytesIO(sample[fmt.IMAGE_EXT])).convert("RGB").resize((TILE, TILE))
+    condition = Image.open(io.BytesIO(sample[_condition_member(sample)])).convert("RGB").resize((TILE, TILE))
+    row.paste(image, (0, 0))
+    row.paste(condition, (TILE, 0))
+    meta = json.loads(sample.get(fmt.META_EXT, b"{}"))
+    caption = sample.get(fmt.CAPTION_EXT, b"").decode("utf-8", "replace") or "(no caption)"
+    params = textwrap.wrap(json.dumps(meta.get("params", {})), 40)[:4]
+    text = "\n".join([sample["__key__"], *textwrap.wrap(caption, 40)[:8], "", *params])
+    ImageDraw.Draw(row).multiline_text((2 * TILE + 8, 8), text, fill="black", font=font, spacing=3)
+    return row
+
+
+def contact_sheet(samples: list[dict], counts: dict[str, int], title: str) -> Image.Image:
+    font = ImageFont.load_default()
+    header = 28
+    sheet = Image.new("RGB", (2 * TILE + TEXT_WIDTH, header + TILE * len(samples)), "white")
+    summary = f"{title}   " + "   ".join(f"{k}: {v}" for k, v in counts.items())
+    ImageDraw.Draw(sheet).text((8, 8), summary, fill="black", font=font)
+    for i, sample in enumerate(samples):
+        sheet.paste(render_row(sample, font), (0, header + i * TILE))
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset", help="dataset folder or URL (what pipeline.build wrote)")
+    parser.add_argument("--samples", type=int, default=8, help="rows in the sheet")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="PNG path (default: <dataset name>-preview.png here)")
+    args = parser.parse_args(argv)
+    counts = status_counts(args.dataset)
+    samples = pick_samples(args.dataset, args.samples, args.seed)
+    if not samples:
+        raise SystemExit(f"error: no written samples in {args.dataset} (counts: {counts})")
+    out = Path(args.out or f"{Path(args.dataset.rstrip('/')).name}-preview.png")
+    contact_sheet(samples, counts, args.dataset).save(out)
+    print("  ".join(f"{k}: {v}" for k, v in counts.items()))
+    print(f"wrote {out} ({len(samples)} samples)")
+
+
+if __name__ == "__main__":
+    main()

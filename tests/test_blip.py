@@ -1,0 +1,122 @@
+"""BLIP captioner: the real transformers loader on a tiny random BLIP with a locally built tokenizer"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+from PIL import Image
+
+from annotate import build_captioner
+from annotate.blip import HF_FOLDER, BlipCaptioner, ImageSpec, preprocess, read_image_spec
+from annotate.weights import MissingWeightsError
+from tests.tiny_weights.blip import IMAGE_SIZE, write_tiny_blip
+
+
+def images() -> list[np.ndarray]:
+    """Four 64 px RGB images unlike each other: black, grey, white, noise."""
+    rng = np.random.default_rng(0)
+    flat = [np.full((64, 64, 3), value, np.uint8) for value in (0, 128, 255)]
+    return [*flat, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+
+
+@pytest.fixture(autouse=True)
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty HF hub cache, so a user's real cache never decides a test (and nothing is downloaded)."""
+    (tmp_path / "hub").mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("blip_weights")
+    write_tiny_blip(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blip(weights_dir: Path) -> BlipCaptioner:
+    return BlipCaptioner(weights=str(weights_dir), device="cpu", max_new_tokens=8)
+
+
+def test_tiny_folder_has_the_published_layout(weights_dir: Path) -> None:
+    folder = weights_dir / HF_FOLDER
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "preprocessor_config.json"):
+        assert (folder / name).is_file(), name
+
+
+def test_one_stripped_caption_per_image(blip: BlipCaptioner) -> None:
+    captions = blip(images())
+    assert len(captions) == 4
+    assert all(isinstance(c, str) and c == c.strip() for c in captions)
+    assert not any("[" in c for c in captions)  # special tokens ([DEC], [SEP], [PAD]) are decoded away
+    assert len(set(captions)) > 1  # the captions depend on the image
+
+
+def test_deterministic(blip: BlipCaptioner) -> None:
+    assert blip(images()) == blip(images())
+
+
+def test_batched_equals_one_at_a_time(blip: BlipCaptioner) -> None:
+    batch = images()
+    assert blip(batch) == [blip([image])[0] for image in batch]
+
+
+def test_small_batches_split_the_work(weights_dir: Path, blip: BlipCaptioner) -> None:
+    chunked = BlipCaptioner(weights=str(weights_dir), device="cpu", max_new_tokens=8, batch_size=3)
+    assert chunked(images()) == blip(images())
+
+
+def test_beam_search_runs(weights_dir: Path) -> None:
+    beams = BlipCaptioner(weights=str(weights_dir), device="cpu", num_beams=3, max_new_tokens=8)
+    captions = beams(images())
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+    assert captions == beams(images())
+
+
+def test_prompt_is_continued(weights_dir: Path) -> None:
+    prompted = BlipCaptioner(weights=str(weights_dir), device="cpu", prompt="a photo of", max_new_tokens=4)
+    captions = prompted(images()[:2])
+    assert all(c.startswith("a photo of") for c in captions)
+
+
+def test_max_new_tokens_bounds_the_caption(weights_dir: Path) -> None:
+    short = BlipCaptioner(weights=str(weights_dir), device="cpu", max_new_tokens=2)
+    assert all(len(c.split()) <= 2 for c in short(images()))
+
+
+def test_registry_builds_it(weights_dir: Path) -> None:
+    captioner = build_captioner("blip", weights=str(weights_dir), device="cpu", max_new_tokens=4)
+    assert captioner.name == "blip" and len(captioner(images()[:1])) == 1
+
+
+def test_preprocessing_follows_the_processor_config(weights_dir: Path) -> None:
+    spec = read_image_spec(weights_dir / HF_FOLDER, image_size=999)
+    assert (spec.height, spec.width) == (IMAGE_SIZE, IMAGE_SIZE) and spec.resample == Image.Resampling.BICUBIC
+    x = preprocess(images()[:3], spec)
+    assert x.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # black and white land at (0 - mean) / std and (1 - mean) / std per channel
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), -np.array(spec.mean) / np.array(spec.std), rtol=1e-5)
+    np.testing.assert_allclose(x[2, :, 0, 0].numpy(), (1 - np.array(spec.mean)) / np.array(spec.std), rtol=1e-5)
+
+
+def test_image_spec_without_a_processor_file_uses_the_vision_size(tmp_path: Path) -> None:
+    assert read_image_spec(tmp_path, image_size=384) == ImageSpec(384, 384)
+
+
+def test_describe_carries_the_weights_sha256(blip: BlipCaptioner, weights_dir: Path) -> None:
+    described = blip.describe()
+    weights = (weights_dir / HF_FOLDER / "model.safetensors").read_bytes()
+    assert described["name"] == "blip"
+    assert described["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert described["num_beams"] == 1 and described["max_new_tokens"] == 8
+
+
+def test_missing_weights_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(MissingWeightsError) as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    message = str(error.value)
+    assert HF_FOLDER in message and str(tmp_path) in message and "Salesforce/" in message
+    assert "\n" not in message

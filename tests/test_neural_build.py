@@ -1,0 +1,78 @@
+"""`make dataset TASK=... CAPTION=blip` end to end for every task, on tiny weights in the published layouts"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import format as fmt
+from tests.conftest import REPO
+from tests.tiny_weights.blip import write_tiny_blip
+from tests.tiny_weights.hed import write_tiny_hed
+from tests.tiny_weights.midas import write_tiny_dpt
+from tests.tiny_weights.openpose import write_tiny_openpose
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """One --weights folder holding every model by its published name, as a user would lay it out."""
+    folder = tmp_path_factory.mktemp("weights")
+    write_tiny_hed(folder)
+    write_tiny_openpose(folder)
+    write_tiny_dpt(folder)
+    write_tiny_blip(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_input(sample_shards, tmp_path_factory) -> Path:
+    """Two sample shards: enough for two shards out, quick with real-size HED/OpenPose networks on CPU."""
+    folder = tmp_path_factory.mktemp("small")
+    for name in ("00002.tar", "00003.tar"):
+        (folder / name).write_bytes((sample_shards / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("task", ["hed", "scribble", "midas", "openpose"])
+def test_make_dataset_with_blip_captions(task, weights, small_input, tmp_path, ray_session):
+    out = tmp_path / task
+    command = ["make", "-s", "-o", ".venv/.installed", "dataset", f"TASK={task}", f"INPUT={small_input}",
+               f"OUTPUT={out}", "CAPTION=blip", f"WEIGHTS={weights}", "ARGS=--resolution 64 --batch-size 4",
+               f"PY={os.sys.executable}"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    manifest = json.loads((out / fmt.MANIFEST).read_text())
+    assert manifest["task"] == task and manifest["captioner"]["name"] == "blip"
+    assert json.dumps(manifest["annotator"]).count("sha256") or "weights" in manifest["annotator"]
+    assert sum(manifest["totals"].values()) == 24
+    rows = [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == 24
+    written = [s for tar in sorted((out / "shards").glob("*.tar"))
+               for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False).decode("rgb8")]
+    assert len(written) == manifest["totals"]["ok"]
+    for sample in written:
+        condition = sample[fmt.condition_ext(task)]
+        assert condition.shape == (64, 64, 3)  # decoded as RGB; the stored PNG is 1 or 3 channels
+        assert sample["json"]["caption_source"] == "blip" and isinstance(sample["txt"], str)
+    if task == "openpose":
+        assert all("keypoint_fraction" in json.loads(r["params"]) for r in rows if r["status"] != "failed")
+        assert all("30%" in r["error"] for r in rows if r["status"] == "filtered")
+    else:
+        assert manifest["totals"]["ok"] == 24
+
+
+def test_missing_weights_are_one_clear_line(small_input, tmp_path, python, ray_session):
+    env = {**os.environ, "RAY_ADDRESS": ray_session, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([python, "-m", "pipeline.build", "--task", "hed", "--input", str(small_input),
+                          "--output", str(tmp_path / "o"), "--weights", str(tmp_path / "empty")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "ControlNetHED.pth" in last and "--weights" in last

@@ -43,7 +43,9 @@ class BuildConfig:
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the stored target image"})
     batch_size: int = field(default=16, metadata={"help": "images per annotator call"})
     decode_threads: int = field(
-        default=0, metadata={"help": "threads decoding/encoding beside inference in each worker (0: inline)"}
+        default=-1,
+        metadata={"help": "threads decoding/encoding beside inference in each worker (0: inline; -1: auto, "
+                  "inline for canny, 2 for neural tasks so the GPU is not waiting on JPEG work)"},
     )
     num_workers: int = field(
         default=0, metadata={"help": "actors in the pool (0: one per cpus-per-worker CPUs of the cluster)"}

@@ -6,9 +6,10 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -133,12 +134,16 @@ def finish(p: Prepared, annotation: Annotation | Exception, task: str, quality: 
         p.row.update(status=fmt.FILTERED, error=annotation.reason)
         return None
     meta = {**p.meta, "params": annotation.params, "caption_source": p.row["caption_source"]}
-    members = {
-        fmt.IMAGE_EXT: encode_jpeg(p.image, quality),
-        fmt.condition_ext(task): encode_png(annotation.condition),
-        fmt.CAPTION_EXT: p.row["caption"].encode("utf-8"),
-        fmt.META_EXT: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-    }
+    try:
+        members = {
+            fmt.IMAGE_EXT: encode_jpeg(p.image, quality),
+            fmt.condition_ext(task): encode_png(annotation.condition),
+            fmt.CAPTION_EXT: p.row["caption"].encode("utf-8"),
+            fmt.META_EXT: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        }
+    except Exception as e:  # e.g. an annotator returned a map OpenCV cannot encode
+        p.row["error"] = f"encoding failed: {type(e).__name__}: {e}"
+        return None
     p.row.update(status=fmt.OK, error="")
     return members
 
@@ -208,24 +213,33 @@ def process_shard(
     identity = input_identity(shard)
     rows: list[dict[str, Any]] = []
     writer = ShardWriter(cfg.output, shard.name)
-    pool = ThreadPoolExecutor(cfg.decode_threads) if cfg.decode_threads > 0 else None
+    threads = cfg.decode_threads if cfg.decode_threads >= 0 else (0 if cfg.task == "canny" else 2)
+    pool = ThreadPoolExecutor(threads) if threads > 0 else None
 
     def prepare_one(item: tuple[RawSample, str]) -> Prepared:
         return prepare(item[0], item[1], shard.name, cfg)
 
+    def write_finished(pending: list[tuple[Prepared, Any]]) -> None:
+        for p, members in pending:
+            members = members.result() if isinstance(members, Future) else members
+            if members is not None:
+                writer.write(p.row["key"], members)
+
     try:
         with open_samples(shard) as (samples, reader):
+            pending: list[tuple[Prepared, Any]] = []
             for batch in _prefetch(_batches(_dedupe(samples, shard.name), cfg.batch_size), prepare_one, pool):
                 ready = [p for p in batch if p.image is not None]
                 if ready:
                     caption_batch(captioner, cfg.caption, ready)
                     keys = [p.row["key"] for p in ready]
                     annotations = annotate_batch(annotator, [p.image for p in ready], keys)
-                    for p, annotation in zip(ready, annotations, strict=True):
-                        members = finish(p, annotation, cfg.task, cfg.jpeg_quality)
-                        if members is not None:
-                            writer.write(p.row["key"], members)
+                    write_finished(pending)  # the previous batch's encodes ran while this one was annotated
+                    encode = partial(finish, task=cfg.task, quality=cfg.jpeg_quality)
+                    pending = [(p, pool.submit(encode, p, a) if pool else encode(p, a))
+                               for p, a in zip(ready, annotations, strict=True)]
                 rows += [p.row for p in batch]
+            write_finished(pending)
         read_error = reader.error if reader is not None else ""
         if read_error and not rows:
             raise ShardUnreadable(f"{shard.url}: {read_error}")

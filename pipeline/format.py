@@ -48,3 +48,14 @@ def shard_paths(out: str, name: str) -> dict[str, str]:
     """URLs of the files one output shard consists of."""
     base = f"{out.rstrip('/')}/{SHARDS_DIR}/{name}"
     return {"tar": base + TAR_SUFFIX, "index": base + INDEX_SUFFIX, "stats": base + STATS_SUFFIX}
+
+
+# a subset manifest (dataset-size ablations, held-out splits): a JSON object that names shards and the keys to keep
+SUBSET_SHARDS: Final = "shards"  # list of tar URLs; relative ones resolve against the subset file's folder
+SUBSET_KEYS: Final = "keys"  # list of sample keys to keep (keys are unique across one dataset's shards)
+SUBSET_TASK: Final = "task"  # the condition task, as in the dataset manifest
+
+
+def subset_manifest(shards: list[str], keys: list[str], task: str) -> dict[str, object]:
+    """The JSON object of a subset manifest."""
+    return {SUBSET_TASK: task, SUBSET_SHARDS: list(shards), SUBSET_KEYS: sorted(keys)}

@@ -1,0 +1,178 @@
+"""the trainer's input stream over shards the real dataset job wrote: local, subset, ranks, bad samples, moto S3"""
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import format as fmt
+from pipeline.build import main
+from train.data import DECODE, MISSING, READ, SIZE, DataSource, make_dataset, make_loader, resolve_shards, shard_split
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+SAMPLES = 48  # the sample shards: 4 tars of 12 photos' crops and flips
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "canny"
+    assert main(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
+    return out
+
+
+def stream(source, **kw) -> list[dict]:
+    args = {"resolution": 64, "batch_size": 4, "seed": 0, "epoch_samples": None, **kw}
+    return list(make_dataset(source, **args))
+
+
+def keys(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def test_a_batch_has_the_trainers_shapes_and_ranges(dataset):
+    batch = stream(str(dataset), epoch_samples=8)[0]
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["pixel_values"].dtype == torch.float32
+    assert -1.0 <= batch["pixel_values"].min() < 0 < batch["pixel_values"].max() <= 1.0
+    cond = batch["conditioning_pixel_values"]
+    assert cond.shape == (4, 3, 64, 64) and cond.dtype == torch.float32
+    assert set(cond.unique().tolist()) <= {0.0, 1.0} and cond.max() == 1.0  # Canny edges, 0/255 stored
+    assert torch.equal(cond[:, 0], cond[:, 1]) and torch.equal(cond[:, 0], cond[:, 2])  # 1 channel repeated
+    assert len(batch["caption"]) == 4 and all(isinstance(c, str) for c in batch["caption"])
+    assert len(batch["key"]) == 4 and batch["skipped"] == {}
+    for resolution in (32, 96):  # stored at 64: resized both ways
+        b = stream(str(dataset), epoch_samples=4, resolution=resolution)[0]
+        assert b["pixel_values"].shape == b["conditioning_pixel_values"].shape == (4, 3, resolution, resolution)
+        assert b["pixel_values"].abs().max() <= 1.0 and b["conditioning_pixel_values"].min() >= 0.0
+
+
+def test_resolve_folder_manifest_glob_list_and_braces(dataset):
+    folder = resolve_shards(str(dataset))
+    tars = sorted(str(p) for p in (dataset / "shards").glob("*.tar"))
+    assert folder.urls == tars and folder.task == "canny" and folder.keys is None
+    assert folder.counts == {"shards": 4, "samples": SAMPLES}
+    assert resolve_shards(str(dataset / fmt.MANIFEST)).urls == tars
+    for spec in (str(dataset / "shards" / "*.tar"), tars, str(dataset / "shards" / "{00000..00003}.tar")):
+        source = resolve_shards(spec)
+        assert source.urls == tars and source.task == "canny"  # task read from the <key>.canny.png members
+        assert source.counts == {"shards": 4}
+    assert sorted(keys(stream(folder))) == sorted(keys(stream(tars)))
+    assert len(keys(stream(folder))) == SAMPLES
+
+
+def test_a_subset_manifest_passes_only_its_keys(dataset):
+    all_keys = sorted(keys(stream(str(dataset))))
+    chosen = all_keys[::10]  # 5 keys, spread over the shards
+    shards = sorted({f"../{dataset.name}/shards/{k[:5]}.tar" for k in chosen})  # relative to the subset file
+    subset = dataset.parent / "subsets" / "5.json"
+    subset.parent.mkdir()
+    subset.write_text(json.dumps(fmt.subset_manifest(shards, chosen, "canny")))
+
+    source = resolve_shards(str(subset))
+    assert source.keys == frozenset(chosen) and source.task == "canny"
+    assert source.counts == {"shards": len(shards), "samples": 5}
+    assert sorted(keys(stream(source, batch_size=1))) == chosen  # one pass: each listed key exactly once
+    resampled = keys(stream(source, batch_size=5, epoch_samples=40))
+    assert len(resampled) == 40 and set(resampled) == set(chosen)
+
+
+def test_ranks_get_disjoint_shards_in_one_pass_and_different_samples_when_resampled(dataset):
+    source = resolve_shards(str(dataset))
+    parts = [shard_split(source.urls, 0, 0, rank, 2, 0, 1) for rank in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == source.urls
+    seen = [keys(stream(source, rank=rank, world_size=2)) for rank in range(2)]
+    assert len(seen[0]) == len(seen[1]) == SAMPLES // 2 and not set(seen[0]) & set(seen[1])
+    assert {k[:5] for k in seen[0]} == {Path(u).stem for u in parts[0]}  # the keys of its own shards
+
+    def sequence(rank: int, seed: int = 0) -> list[str]:
+        return keys(stream(source, rank=rank, world_size=2, epoch_samples=24, seed=seed))
+
+    first = sequence(0)
+    assert first == sequence(0)  # reproducible from (seed, rank, worker, epoch)
+    assert first != sequence(1) and first != sequence(0, seed=1)
+
+
+def test_epoch_length_is_exact_and_epochs_differ(dataset):
+    ds = make_dataset(str(dataset), resolution=64, batch_size=4, seed=0, epoch_samples=22)
+    assert ds.batches_per_epoch == 5
+    epochs = [list(ds) for _ in range(2)]
+    assert [len(e) for e in epochs] == [5, 5] and all(len(b["key"]) == 4 for e in epochs for b in e)
+    assert keys(epochs[0]) != keys(epochs[1])
+    ds.set_epoch(0)
+    assert keys(list(ds)) == keys(epochs[0])
+
+    loader = make_loader(str(dataset), resolution=64, batch_size=4, seed=0, epoch_samples=20, num_workers=2)
+    loader_epochs = [keys(list(loader)) for _ in range(2)]  # 5 batches dealt out 3 + 2 over the workers
+    assert [len(e) for e in loader_epochs] == [20, 20] and loader_epochs[0] != loader_epochs[1]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_prompt_dropout_rate(dataset, p):
+    n = 2000 if p == 0.5 else 200
+    batches = stream(str(dataset), batch_size=100, epoch_samples=n, prompt_dropout=p)
+    captions = [c for b in batches for c in b["caption"]]
+    assert len(captions) == n
+    dropped = sum(c == "" for c in captions) / n
+    assert abs(dropped - p) < 0.05  # 0.5 +- 4.5 sigma at n=2000; exact at 0 and 1 (all source captions are set)
+
+
+def _png(size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_and_shards_are_skipped_and_counted(dataset, tmp_path):
+    with tarfile.open(next((dataset / "shards").glob("*.tar"))) as tar:
+        first = tar.getmembers()[0].name.split(".")[0]
+        good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if m.name.startswith(first + ".")}
+    _write_tar(tmp_path / "bad.tar", {
+        "good0": good,
+        "brokenjpg": {**good, "jpg": good["jpg"][: len(good["jpg"]) // 3]},  # truncated JPEG
+        "good1": good,
+        "nopng": {k: v for k, v in good.items() if k != "canny.png"},
+        "mismatch": {**good, "canny.png": _png(32)},  # 64 px image, 32 px condition: no resize aligns them
+        "good2": good,
+    })
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 100)
+    urls = [str(tmp_path / name) for name in ("bad.tar", "garbage.tar", "missing.tar")]
+    ds = make_dataset(DataSource(urls, task="canny"), resolution=64, batch_size=2, seed=0, epoch_samples=None)
+    batches = list(ds)
+    assert sorted(keys(batches)) == ["good0", "good1", "good2"]
+    expected = {DECODE: 1, MISSING: 1, SIZE: 1, READ: 2}
+    assert ds.skips.counts == expected and ds.skips.total == 5
+    assert sum((Counter(b["skipped"]) for b in batches), Counter()) == expected  # what workers would report
+
+    never = make_dataset(DataSource(urls[1:], task="canny"), resolution=64, batch_size=2, seed=0, epoch_samples=4)
+    with pytest.raises(RuntimeError, match="gave no sample"):  # resampling unreadable shards stops, never spins
+        list(never)
+
+
+def test_streams_from_s3(dataset, s3_endpoint):
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-train")
+    fs.put(str(dataset), "cnd-train/canny", recursive=True)
+    source = resolve_shards("s3://cnd-train/canny")
+    assert source.urls == [f"s3://cnd-train/canny/shards/{i:05d}.tar" for i in range(4)]
+    assert source.task == "canny" and source.counts["samples"] == SAMPLES
+    assert resolve_shards("s3://cnd-train/canny/shards/{00000..00003}.tar").urls == source.urls
+    assert resolve_shards("s3://cnd-train/canny/shards/*.tar").urls == source.urls
+    assert len(keys(stream(source))) == SAMPLES
+    loader = make_loader(source, resolution=64, batch_size=4, seed=0, epoch_samples=16, num_workers=2)
+    batches = list(loader)  # workers open their own s3fs clients after the fork
+    assert len(batches) == 4 and batches[0]["pixel_values"].shape == (4, 3, 64, 64)

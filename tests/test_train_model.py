@@ -1,0 +1,128 @@
+"""the paper's model properties (Sec. 3, Eqs. 3-10) on the tiny SD: zero convolutions, locking, modes"""
+import pytest
+import torch
+
+from train.model import (
+    ControlledUNet,
+    build_controlnet,
+    decoder_parameters,
+    diffusion_loss,
+    encode_prompts,
+    freeze_for_training,
+    load_stable_diffusion,
+    unlock_decoder,
+    zero_convolutions,
+)
+from train.tiny_sd import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_path(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture
+def sd(tiny_sd_path):
+    return load_stable_diffusion(str(tiny_sd_path))
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    condition = (torch.rand(2, 3, 64, 64, generator=g) > 0.8).float()
+    return pixels, condition
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def train_steps(sd, model, params, steps=1, lr=1e-3, seed=0):
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    text = encode_prompts(sd, ["a photo of a cat", ""], torch.device("cpu"))
+    for i in range(steps):
+        pixels, condition = batch(seed + i)
+        loss = diffusion_loss(sd, model, pixels, condition, text, torch.Generator().manual_seed(i))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_a_fresh_controlnet_leaves_the_unet_output_exactly_unchanged(sd):
+    controlnet = build_controlnet(sd.unet)
+    assert all((p == 0).all() for zc in zero_convolutions(controlnet) for p in zc.parameters())
+    latents = torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 900])
+    text = encode_prompts(sd, ["a cat", ""], torch.device("cpu"))
+    _, condition = batch()
+    with torch.no_grad():
+        plain = sd.unet(latents, timesteps, encoder_hidden_states=text).sample
+        controlled = ControlledUNet(sd.unet, controlnet)(latents, timesteps, text, condition)
+    assert torch.equal(plain, controlled)
+
+
+def test_one_step_makes_zero_convolutions_nonzero_and_sd_stays_locked(sd):
+    controlnet = build_controlnet(sd.unet)
+    freeze_for_training(sd, controlnet, middle_only=False)
+    locked = {name: snapshot(m) for name, m in (("unet", sd.unet), ("vae", sd.vae), ("text", sd.text_encoder))}
+    hint_out = controlnet.controlnet_cond_embedding.conv_out  # zero-initialised too, but upstream
+    assert (hint_out.weight == 0).all()
+    trainable = [p for p in controlnet.parameters() if p.requires_grad]
+    optimizer = train_steps(sd, ControlledUNet(sd.unet, controlnet), trainable)
+    for zc in zero_convolutions(controlnet):
+        assert zc.weight.abs().sum() > 0  # Eq. 8: the gradient w.r.t. a zero conv's weight is not zero
+    # ... while everything behind the zero convs got a zero gradient at step 1, and learns from step 2 on
+    assert (hint_out.weight == 0).all()
+    assert optimizer is not None
+    train_steps(sd, ControlledUNet(sd.unet, controlnet), trainable, steps=2, seed=1)
+    assert hint_out.weight.abs().sum() > 0
+    for name, module in (("unet", sd.unet), ("vae", sd.vae), ("text", sd.text_encoder)):
+        assert changed(locked[name], module) == set(), name
+    assert all(p.grad is None for p in sd.unet.parameters())
+
+
+def test_after_unlocking_the_decoder_trains_and_the_encoder_does_not(sd):
+    controlnet = build_controlnet(sd.unet)
+    freeze_for_training(sd, controlnet, middle_only=False)
+    before = snapshot(sd.unet)
+    params = [p for p in controlnet.parameters() if p.requires_grad] + unlock_decoder(sd.unet)
+    train_steps(sd, ControlledUNet(sd.unet, controlnet), params, steps=2)
+    moved = changed(before, sd.unet)
+    decoder = {id(p) for p in decoder_parameters(sd.unet)}
+    names = {n for n, p in sd.unet.named_parameters() if id(p) in decoder}
+    assert moved and moved <= names
+    assert not any(n.startswith(("down_blocks", "mid_block", "conv_in", "time_embedding")) for n in moved)
+
+
+def test_middle_only_mode_feeds_no_skip_connection(sd):
+    controlnet = build_controlnet(sd.unet)
+    for zc in zero_convolutions(controlnet):  # as if trained: the residuals are now non-zero
+        torch.nn.init.normal_(zc.weight, std=0.1)
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen["down"] = kwargs["down_block_additional_residuals"]
+        seen["mid"] = kwargs["mid_block_additional_residual"]
+
+    hook = sd.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([5, 500])
+    text = encode_prompts(sd, ["a", "b"], torch.device("cpu"))
+    _, condition = batch()
+    with torch.no_grad():
+        middle = ControlledUNet(sd.unet, controlnet, middle_only=True)(latents, timesteps, text, condition)
+        assert all((r == 0).all() for r in seen["down"]) and seen["mid"].abs().sum() > 0
+        full = ControlledUNet(sd.unet, controlnet)(latents, timesteps, text, condition)
+        assert any((r != 0).any() for r in seen["down"])
+        hook.remove()
+        plain = sd.unet(latents, timesteps, encoder_hidden_states=text).sample
+    assert not torch.equal(middle, plain) and not torch.equal(middle, full)
+
+    freeze_for_training(sd, controlnet, middle_only=True)
+    trainable = {n for n, p in controlnet.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("controlnet_down_blocks") for n in trainable)
+    assert any(n.startswith("controlnet_mid_block") for n in trainable)

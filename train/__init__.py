@@ -1,0 +1,1 @@
+"""train: the ControlNet trainer, reading the dataset job's output shards"""

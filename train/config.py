@@ -1,0 +1,116 @@
+"""the trainer's typed configuration and its presets (debug, sd15, sd21); field docstrings are --help"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import tyro
+
+TINY_SD = "data/tiny-sd"
+
+
+@dataclass
+class TrainConfig:
+    """Train a ControlNet (arXiv 2302.05543) on shards written by the dataset job, with Ray Train DDP."""
+
+    data: list[str] = field(default_factory=lambda: ["data/demo/canny"])
+    """Training shards: a dataset folder/URL (reads its manifest), tar URLs, a glob or brace range, or a subset
+    manifest (JSON listing shard URLs and keys)."""
+    run_name: str = "controlnet-debug"
+    """Run name: re-submitting a run with the same name resumes it from its last checkpoint."""
+    storage_path: str = "data/runs"
+    """Where checkpoints and results go (local folder or s3://)."""
+    base_model: str = TINY_SD
+    """Stable Diffusion in diffusers layout: a hub id or a local/S3 folder."""
+    resolution: int = 512
+    """Training image side in pixels."""
+    batch_size: int = 4
+    """Samples per worker per step (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    lr: float = 1e-5
+    """AdamW learning rate of the ControlNet (the paper's 1e-5)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    max_steps: int = 10_000
+    """Optimizer steps to train for."""
+    prompt_dropout: float = 0.5
+    """Fraction of captions replaced by the empty prompt (the paper's 50%)."""
+    mode: Literal["locked", "middle"] = "locked"
+    """locked: SD locked, ControlNet feeds every skip connection and the middle block; middle: the paper's
+    small-scale mode, connecting only the middle block."""
+    unlock_decoder_at: int | None = None
+    """Large-scale mode: from this step on, the SD UNet decoder (up blocks) trains too."""
+    decoder_lr: float = 1e-6
+    """Learning rate of the unlocked SD decoder."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast dtype on CUDA (auto: bf16 where supported, else fp16 with a grad scaler); CPU runs fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save GPU memory."""
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool | None = None
+    """One GPU per worker (default: when the cluster has GPUs)."""
+    data_workers: int = 0
+    """DataLoader worker processes per rank."""
+    epoch_samples: int = 10_000
+    """Samples per rank per data epoch (the stream is resampled to this length)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (reported through ray.train.report)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on storage."""
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    seed: int = 0
+    """Seed for noise, timesteps, data order and prompt dropout."""
+    wandb: Literal["auto", "online", "offline", "off"] = "auto"
+    """W&B logging on rank 0: auto is online with an API key, offline otherwise."""
+    wandb_project: str = "controlnet"
+    """W&B project."""
+
+
+def debug() -> TrainConfig:
+    """The offline embedded default: a tiny random SD built locally, 64 px, a few steps on CPU."""
+    return TrainConfig(
+        base_model=TINY_SD, resolution=64, batch_size=2, lr=1e-4, max_steps=20, checkpoint_every=10,
+        epoch_samples=64, log_every=1, run_name="controlnet-debug",
+    )
+
+
+def sd15() -> TrainConfig:
+    """Stable Diffusion 1.5 with the paper's settings (lr 1e-5, 50% prompt dropout, SD locked)."""
+    return TrainConfig(
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512, batch_size=4, lr=1e-5,
+        checkpoint_every=1000, epoch_samples=100_000, run_name="controlnet-sd15",
+    )
+
+
+def sd21() -> TrainConfig:
+    """Stable Diffusion 2.1 (v-prediction, 768 px)."""
+    return dataclasses.replace(sd15(), base_model="stabilityai/stable-diffusion-2-1", resolution=768,
+                               run_name="controlnet-sd21")
+
+
+PRESETS = {"debug": debug, "sd15": sd15, "sd21": sd21}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """--preset picks the defaults; every other flag overrides a field (see --help)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="debug")
+    known, rest = pre.parse_known_args(argv)
+    return tyro.cli(
+        TrainConfig,
+        default=PRESETS[known.preset](),
+        args=rest,
+        description=f"Train a ControlNet with Ray Train DDP. --preset {{{','.join(PRESETS)}}} (now: {known.preset}) "
+        "sets the defaults below; flags override them.",
+    )

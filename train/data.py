@@ -1,0 +1,503 @@
+"""data streams the dataset job's output shards into ControlNet training batches with webdataset"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import cv2
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tar_file_iterator
+
+from pipeline import format as fmt
+
+log = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 1000  # raw samples held per worker for the sample shuffle (~60 KB each at 512 px)
+MAX_BAD_STREAK = 1000  # this many bad samples in a row means the data is broken, not a sample
+MIN_DRY_SHARDS = 100  # resampling: shards read in a row with no usable sample before giving up
+LOGGED_PER_REASON = 5  # skips logged with their error per reason and worker; the rest are only counted
+
+# why a sample (or a whole shard read) was skipped: the keys of SkipCounter.counts and batch["skipped"]
+MISSING = "missing"  # a member (jpg, <task>.png, txt) is absent
+DECODE = "decode"  # an image or the caption does not decode
+SIZE = "size"  # image and condition differ in size, or are not square, so no resize fits them
+READ = "read"  # a shard could not be opened or its tar stream broke (counts shards, not samples)
+
+
+# ---------------------------------------------------------------- resolving a spec to shards
+
+
+@dataclass
+class DataSource:
+    """Shards to stream, the condition task, and the keys to keep (None: all)."""
+
+    urls: list[str]
+    task: str | None = None
+    keys: frozenset[str] | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # "shards"; "samples" where it is known up front
+
+
+def resolve_shards(spec: str | list[str]) -> DataSource:
+    """A dataset folder/URL, its manifest.json, a subset manifest (.json), or tar URLs (list, glob, braces)."""
+    if isinstance(spec, list | tuple):
+        return _tars([url for s in spec for url in expand(s)])
+    if spec.endswith(".json"):
+        return _from_json(spec)
+    if spec.endswith(fmt.TAR_SUFFIX) or _is_pattern(spec):
+        return _tars(expand(spec))
+    return _from_folder(spec)
+
+
+def _is_pattern(spec: str) -> bool:
+    return any(c in spec for c in "*?[{")
+
+
+def _like(spec: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path fsspec returned, as a URL in the spec's style (plain local paths stay plain)."""
+    return fs.unstrip_protocol(path) if "://" in spec else path
+
+
+def expand(spec: str) -> list[str]:
+    """Brace ranges ({00000..00099}, webdataset's syntax), then globs, in sorted order; plain URLs as they are."""
+    urls: list[str] = []
+    for url in expand_urls(spec):
+        if not any(c in url for c in "*?["):
+            urls.append(url)
+            continue
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()
+        found = sorted(fs.glob(path))
+        if not found:
+            raise FileNotFoundError(f"no shards match {url}")
+        urls += [_like(url, fs, p) for p in found]
+    return urls
+
+
+def _tars(urls: list[str], task: str | None = None, keys: frozenset[str] | None = None) -> DataSource:
+    if not urls:
+        raise ValueError("no shard URLs given")
+    counts = {"shards": len(urls), **({"samples": len(keys)} if keys is not None else {})}
+    return DataSource(urls, task or infer_task(urls[0]), keys, counts)
+
+
+def _from_folder(out: str) -> DataSource:
+    """A dataset written by the dataset job: its committed shards (those with a stats.json) and its task."""
+    fs, path = fsspec.core.url_to_fs(out)
+    root = path.rstrip("/")
+    fs.invalidate_cache()  # the job may have committed shards since the last listing
+    stats = sorted(fs.glob(f"{root}/{fmt.SHARDS_DIR}/*{fmt.STATS_SUFFIX}"))
+    if not stats:
+        raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {out}/{fmt.SHARDS_DIR}")
+    urls = [_like(out, fs, p.removesuffix(fmt.STATS_SUFFIX) + fmt.TAR_SUFFIX) for p in stats]
+    blobs = fs.cat(stats)  # one concurrent batch on object stores
+    samples = sum(json.loads(b).get("counts", {}).get(fmt.OK, 0) for b in blobs.values())
+    manifest = f"{root}/{fmt.MANIFEST}"
+    task = json.loads(fs.cat_file(manifest)).get("task") if fs.exists(manifest) else None
+    return DataSource(urls, task or infer_task(urls[0]), None, {"shards": len(urls), "samples": samples})
+
+
+def _from_json(spec: str) -> DataSource:
+    """A subset manifest (fmt.SUBSET_*), or a dataset's own manifest.json (meaning its folder)."""
+    with fsspec.open(spec, "rb") as f:
+        obj = json.load(f)
+    base, _, name = spec.rpartition("/")
+    if isinstance(obj, dict) and fmt.SUBSET_KEYS in obj:
+        urls = [_relative(base or ".", u) for u in obj[fmt.SUBSET_SHARDS]]
+        return _tars(urls, obj.get(fmt.SUBSET_TASK), frozenset(obj[fmt.SUBSET_KEYS]))
+    if name == fmt.MANIFEST:
+        return _from_folder(base or ".")
+    raise ValueError(f"{spec}: neither a subset manifest (no {fmt.SUBSET_KEYS!r}) nor a dataset's {fmt.MANIFEST}")
+
+
+def _relative(base: str, url: str) -> str:
+    return url if "://" in url or url.startswith("/") else f"{base}/{url}"
+
+
+def task_of(member: str) -> str | None:
+    """'<key>.hed.png' -> 'hed'; None for the other members."""
+    _, ext = base_plus_ext(member)
+    parts = (ext or "").split(".")
+    return parts[0] if len(parts) == 2 and parts[1] == "png" else None
+
+
+def infer_task(url: str, members: int = 16) -> str | None:
+    """The task named by the first `<key>.<task>.png` among a shard's first members."""
+    with fsspec.open(url, "rb") as stream:
+        for i, member in enumerate(tar_file_iterator(stream)):
+            task = task_of(member["fname"])
+            if task or i + 1 >= members:
+                return task
+    return None
+
+
+# ---------------------------------------------------------------- decoding one sample (pure)
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; `reason` is what it is counted under (MISSING, DECODE, SIZE)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def members(sample: Mapping[str, Any], task: str) -> tuple[bytes, bytes, bytes]:
+    """(jpg, <task>.png, txt) bytes of a grouped tar sample."""
+    names = (fmt.IMAGE_EXT, fmt.condition_ext(task), fmt.CAPTION_EXT)
+    missing = [n for n in names if n not in sample]
+    if missing:
+        raise BadSample(MISSING, f"{sample.get('__key__')} has no {', '.join(missing)} (has {_exts(sample)})")
+    return sample[names[0]], sample[names[1]], sample[names[2]]
+
+
+def _exts(sample: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB; 1-channel maps are repeated to 3 channels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decode now: a truncated file fails here, not later
+            gray = im.mode in {"1", "L", "LA", "I", "I;16", "F"}
+            array = np.array(im.convert("L" if gray else "RGB"))  # a writable copy, as torch wants
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadSample(DECODE, f"{type(e).__name__}: {e}") from e
+    if array.size == 0:
+        raise BadSample(DECODE, "empty image")
+    return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+
+
+def decode_caption(data: bytes) -> str:
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise BadSample(DECODE, f"caption is not UTF-8: {e}") from e
+
+
+def fit(image: np.ndarray, condition: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both (R, R, 3) uint8; resized when stored at another resolution (they are square and aligned)."""
+    if image.shape != condition.shape or image.shape[0] != image.shape[1]:
+        raise BadSample(SIZE, f"image {image.shape[:2]} and condition {condition.shape[:2]} are not one square size")
+    return resize(image, resolution), resize(condition, resolution)
+
+
+def resize(array: np.ndarray, resolution: int) -> np.ndarray:
+    """Square (S, S, C) -> (R, R, C): area when shrinking, Lanczos when growing (ControlNet's resize_image)."""
+    if array.shape[0] == resolution:
+        return array
+    interpolation = cv2.INTER_AREA if array.shape[0] > resolution else cv2.INTER_LANCZOS4
+    return cv2.resize(array, (resolution, resolution), interpolation=interpolation)
+
+
+def to_tensors(image: np.ndarray, condition: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R, 3) uint8 pair -> target (3, R, R) in [-1, 1], condition (3, R, R) in [0, 1], as the paper trains."""
+    target = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    cond = torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1).float().div(255.0)
+    return target, cond
+
+
+def drop_prompt(caption: str, rng: random.Random, p: float) -> str:
+    """The paper's prompt dropout: "" with probability p, so the model learns the condition alone."""
+    return "" if rng.random() < p else caption
+
+
+def decode_sample(sample: Mapping[str, Any], task: str, resolution: int) -> dict[str, Any]:
+    """A grouped tar sample -> pixel_values, conditioning_pixel_values, caption, key. Raises BadSample."""
+    jpg, png, txt = members(sample, task)
+    image, condition = fit(decode_image(jpg), decode_image(png), resolution)
+    pixel_values, conditioning = to_tensors(image, condition)
+    return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning,
+            "caption": decode_caption(txt), "key": sample["__key__"]}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, R, R) in [-1, 1]
+        "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),  # in [0, 1]
+        "caption": [s["caption"] for s in samples],  # B str, "" where dropped
+        "key": [s["key"] for s in samples],
+    }
+
+
+# ---------------------------------------------------------------- skip accounting
+
+
+class SkipCounter:
+    """Counts what the stream skipped, by reason, in the process that iterates (main, or each loader worker).
+
+    Used as webdataset's `handler=`: a handler returns True to skip and go on. Bad samples must be BadSample
+    (anything else from the decode stage is a bug and is raised); shard-level read errors count as READ.
+    A loader worker's counter lives in that worker, so each batch carries its worker's counts since its previous
+    batch (batch["skipped"]); totals for any num_workers: a fresh SkipCounter() updated with every batch's.
+    """
+
+    def __init__(self, max_streak: int = MAX_BAD_STREAK, max_dry_shards: int = MIN_DRY_SHARDS):
+        self.counts: Counter[str] = Counter()
+        self.max_streak, self.max_dry_shards = max_streak, max_dry_shards
+        self.streak = 0  # bad samples since the last good one
+        self.dry_shards = 0  # shards opened since the last sample that passed the key filter
+        self._reported: Counter[str] = Counter()
+
+    def skip(self, reason: str, exn: BaseException) -> bool:
+        self.counts[reason] += 1
+        if self.counts[reason] <= LOGGED_PER_REASON:
+            log.warning("skipped (%s): %s", reason, exn)
+        return True
+
+    def bad_sample(self, exn: BaseException) -> bool:
+        if not isinstance(exn, BadSample):
+            raise exn
+        self.streak += 1
+        if self.streak >= self.max_streak:
+            raise RuntimeError(f"{self.streak} bad samples in a row ({dict(self.counts)}); last: {exn}") from exn
+        return self.skip(exn.reason, exn)
+
+    def read_error(self, exn: BaseException) -> bool:
+        return self.skip(READ, exn)
+
+    def good_sample(self) -> None:
+        self.streak = 0
+
+    def opened_shard(self) -> None:
+        self.dry_shards += 1
+        if self.dry_shards > self.max_dry_shards:
+            raise RuntimeError(
+                f"{self.dry_shards - 1} shards in a row gave no sample ({dict(self.counts)}): missing or broken "
+                "shards, or subset keys that are not in them"
+            )
+
+    def passed(self) -> None:
+        self.dry_shards = 0
+
+    def delta(self) -> dict[str, int]:
+        """Counts since the previous call: what rides on each batch as batch["skipped"]."""
+        new = self.counts - self._reported
+        self._reported = self.counts.copy()
+        return dict(new)
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        """Add counts from elsewhere, e.g. batch["skipped"] of batches made in loader workers."""
+        self.counts.update(counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+def open_shards(shards: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """{url} -> {url, stream}, opened with fsspec (s3://, gs://, local, ...): webdataset's gopen would need
+    the aws CLI for s3 through `pipe:`. A stream is closed once the tar reader asks for the next shard."""
+    for shard in shards:
+        counter.opened_shard()
+        try:
+            stream = fsspec.open(shard["url"], "rb").open()
+        except Exception as exn:
+            exn.args = (*exn.args, shard["url"])
+            counter.read_error(exn)
+            continue
+        try:
+            yield {**shard, "stream": stream}
+        finally:
+            stream.close()
+
+
+def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | None, counter: SkipCounter) -> Iterator[dict]:
+    """Only the subset's keys pass (all when keys is None); a passing sample proves the shards are readable."""
+    for sample in samples:
+        if keys is None or sample["__key__"] in keys:
+            counter.passed()
+            yield sample
+
+
+def decoded(
+    samples: Iterable[dict[str, Any]], task: str, resolution: int, dropout: float, rng: random.Random,
+    counter: SkipCounter,
+) -> Iterator[dict[str, Any]]:
+    """Decode each sample, skip and count the bad ones (webdataset's map with a handler), drop prompts."""
+    decode = wds.map(partial(decode_sample, task=task, resolution=resolution), handler=counter.bad_sample)
+    for sample in decode(samples):
+        counter.good_sample()
+        yield {**sample, "caption": drop_prompt(sample["caption"], rng, dropout)}
+
+
+def batches_with_skips(samples: Iterable[dict[str, Any]], batch_size: int, partial_last: bool,
+                       counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Batches of `batch_size`, each carrying the skip counts since this worker's previous batch."""
+    for batch in wds.batched(batch_size, collation_fn=collate, partial=partial_last)(samples):
+        yield {**batch, "skipped": counter.delta()}
+
+
+def shard_split(urls: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int,
+                num_workers: int) -> list[str]:
+    """This (rank, worker)'s shards of one pass: one seeded order shared by all, dealt out round-robin."""
+    order = list(urls)
+    random.Random(_seed(seed, epoch)).shuffle(order)  # identical on every rank and worker: a partition
+    return order[rank::world_size][worker::num_workers]
+
+
+def as_shards(urls: list[str]) -> Iterator[dict[str, str]]:
+    """The first pipeline stage of a pass: {url} per shard (a list itself would be read as stages)."""
+    return iter([{"url": url} for url in urls])
+
+
+def worker_share(total: int, worker: int, num_workers: int) -> int:
+    """How many of `total` batches this loader worker makes, so the workers together make exactly `total`."""
+    return total // num_workers + (worker < total % num_workers)
+
+
+def _seed(*parts: int) -> int:
+    """A 32-bit seed from ints, the same in every process (unlike hash() of a str)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    resolution: int
+    batch_size: int
+    seed: int
+    prompt_dropout: float
+    epoch_samples: int | None  # per rank; None: one pass over this rank's shards, no resampling
+    rank: int
+    world_size: int
+    shuffle_buffer: int
+
+
+class ControlNetStream(IterableDataset):
+    """Batches of (target, condition, caption) from shards; each iter() is one epoch.
+
+    epoch_samples set: shards resampled with replacement, seeded per (seed, rank, worker, epoch), so ranks see
+    different sequences, and every rank yields exactly epoch_samples // batch_size full batches.
+    epoch_samples None: one pass; the shards are dealt out to ranks, then to workers (disjoint sets), and the
+    last batch of each worker may be short. The epoch counter advances on each iter() in the iterating process;
+    set_epoch() sets it explicitly (needed with non-persistent workers, which iterate a fresh copy each epoch).
+    """
+
+    def __init__(self, source: DataSource, cfg: StreamConfig):
+        super().__init__()
+        if source.task is None:
+            raise ValueError(f"no task known for {source.urls[0]}: no manifest and no <key>.<task>.png member")
+        if cfg.epoch_samples is not None and cfg.epoch_samples < cfg.batch_size:
+            raise ValueError(f"epoch_samples={cfg.epoch_samples} is less than one batch of {cfg.batch_size}")
+        if cfg.epoch_samples is None and len(source.urls) < cfg.world_size:
+            raise ValueError(f"{len(source.urls)} shards cannot be split over {cfg.world_size} ranks; resample")
+        if not 0.0 <= cfg.prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout={cfg.prompt_dropout} is not a probability")
+        self.source, self.cfg = source, cfg
+        self.epoch = 0
+        self.skips = SkipCounter(max_dry_shards=max(MIN_DRY_SHARDS, 4 * len(source.urls)))
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Batches one rank yields per epoch (None for a one-pass stream)."""
+        return None if self.cfg.epoch_samples is None else self.cfg.epoch_samples // self.cfg.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(self.pipeline(worker, num_workers, epoch))
+
+    def pipeline(self, worker: int, num_workers: int, epoch: int) -> wds.DataPipeline:
+        cfg, counter = self.cfg, self.skips
+        shard_seed, shuffle_seed, dropout_seed = np.random.SeedSequence(
+            [cfg.seed, cfg.rank, worker, epoch]).generate_state(3).tolist()
+        resampled = cfg.epoch_samples is not None
+        if resampled:
+            shards: Any = wds.ResampledShards(self.source.urls, seed=shard_seed, worker_seed=_no_worker_seed,
+                                              deterministic=True)
+        else:
+            mine = shard_split(self.source.urls, cfg.seed, epoch, cfg.rank, cfg.world_size, worker, num_workers)
+            shards = partial(as_shards, mine)
+        stages: list[Any] = [
+            shards,
+            partial(open_shards, counter=counter),
+            partial(tar_file_expander, handler=counter.read_error),  # tar members, {} at each shard's end
+            partial(group_by_keys, handler=counter.read_error),  # {__key__, jpg, <task>.png, txt, json}
+            partial(keep_keys, keys=self.source.keys, counter=counter),
+            wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed),
+            partial(decoded, task=self.source.task, resolution=cfg.resolution, dropout=cfg.prompt_dropout,
+                    rng=random.Random(dropout_seed), counter=counter),
+            partial(batches_with_skips, batch_size=cfg.batch_size, partial_last=not resampled, counter=counter),
+        ]
+        if resampled:
+            stages.append(wds.slice(worker_share(self.batches_per_epoch or 0, worker, num_workers)))
+        return wds.DataPipeline(*stages)
+
+
+def _no_worker_seed() -> int:
+    return 0  # the worker is already in ResampledShards' seed; webdataset's default reads torch.distributed
+
+
+def make_dataset(
+    source: DataSource | str | list[str],
+    *,
+    resolution: int,
+    batch_size: int,
+    seed: int,
+    prompt_dropout: float = 0.5,
+    epoch_samples: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> ControlNetStream:
+    """The stream of batches for one rank. Workers split the work by torch's worker info at iter(); num_workers
+    (the loader's) is only checked here: in one pass, a worker without a shard of its own makes no batch."""
+    source = source if isinstance(source, DataSource) else resolve_shards(source)
+    if epoch_samples is None and len(source.urls) < world_size * max(num_workers, 1):
+        log.warning("%d shards for %d ranks x %d workers: some workers get none", len(source.urls), world_size,
+                    num_workers)
+    cfg = StreamConfig(resolution, batch_size, seed, prompt_dropout, epoch_samples, rank, world_size, shuffle_buffer)
+    return ControlNetStream(source, cfg)
+
+
+def make_loader(
+    source: DataSource | str | list[str],
+    *,
+    resolution: int,
+    batch_size: int,
+    seed: int,
+    prompt_dropout: float = 0.5,
+    epoch_samples: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over make_dataset's batches (batched already: batch_size=None here).
+
+    Workers persist across epochs so each one's epoch counter advances (fresh copies would repeat epoch 0).
+    """
+    dataset = make_dataset(source, resolution=resolution, batch_size=batch_size, seed=seed,
+                           prompt_dropout=prompt_dropout, epoch_samples=epoch_samples, rank=rank,
+                           world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=pin_memory)

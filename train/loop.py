@@ -1,0 +1,259 @@
+"""the per-worker training loop that Ray Train runs on every DDP rank"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.config import TrainConfig
+from train.model import (
+    ControlledUNet,
+    build_controlnet,
+    diffusion_loss,
+    encode_prompts,
+    freeze_for_training,
+    load_stable_diffusion,
+    unlock_decoder,
+)
+
+CONTROLNET_DIR = "controlnet"
+STATE_FILE = "state.pt"
+DECODER_FILE = "decoder.safetensors"
+CONFIG_FILE = "train_config.json"
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the weights."""
+
+    step: int = 0
+    decoder_unlocked: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)  # (step, loss, ...) of every logged step
+    resumed_from: int | None = None
+
+
+def segment_seed(seed: int, rank: int, step: int) -> int:
+    """Noise and data are reseeded at every checkpoint step from (seed, rank, step), so a run resumed from a
+    checkpoint draws exactly what the uninterrupted run drew after that step."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**31 - 1)
+
+
+def mixed_precision_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None on CPU or with 'no'."""
+    if device.type != "cuda" or choice == "no":
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP when there are several ranks. Re-wrapped when the decoder unlocks: DDP fixes its parameters at birth."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return module
+    if torch.distributed.get_world_size() == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+class Trainer:
+    """Holds the models, optimizer and data stream of one rank; `train()` is the whole loop."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
+        self.sd = load_stable_diffusion(cfg.base_model)
+        self.controlnet = build_controlnet(self.sd.unet)
+        freeze_for_training(self.sd, self.controlnet, middle_only=cfg.mode == "middle")
+        frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
+        for module in (self.sd.text_encoder, self.sd.vae, self.sd.unet):
+            module.to(device, dtype=frozen_dtype)
+        self.controlnet.to(device, dtype=torch.float32)  # master weights stay fp32 under autocast
+        if cfg.gradient_checkpointing:
+            self.controlnet.enable_gradient_checkpointing()
+            self.sd.unet.enable_gradient_checkpointing()
+        self.module = ControlledUNet(self.sd.unet, self.controlnet, middle_only=cfg.mode == "middle")
+        self.model = wrap_ddp(self.module, device)
+        trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.state = TrainState()
+
+    # ---- the paper's large-scale mode
+
+    def unlock_decoder(self) -> None:
+        params = unlock_decoder(self.sd.unet)
+        self.optimizer.add_param_group({"params": params, "lr": self.cfg.decoder_lr})
+        self.lr_schedule.base_lrs.append(self.cfg.decoder_lr)
+        self.model = wrap_ddp(self.module, self.device)
+        self.state.decoder_unlocked = True
+
+    # ---- checkpoints
+
+    def save(self, folder: Path) -> None:
+        self.controlnet.save_pretrained(folder / CONTROLNET_DIR, safe_serialization=True)
+        state = {
+            "step": self.state.step,
+            "decoder_unlocked": self.state.decoder_unlocked,
+            "history": json.dumps(self.state.history),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())},
+        }
+        torch.save(state, folder / STATE_FILE)
+        if self.state.decoder_unlocked:
+            from safetensors.torch import save_file
+
+            save_file({f"unet.{n}": p.detach().contiguous() for n, p in self.sd.unet.named_parameters()
+                       if p.requires_grad}, folder / DECODER_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        (folder / PROGRESS_FILE).write_text(json.dumps({"step": self.state.step}))  # last: marks it complete
+
+    def load(self, folder: Path) -> None:
+        from diffusers import ControlNetModel
+
+        weights = ControlNetModel.from_pretrained(folder / CONTROLNET_DIR).state_dict()
+        self.controlnet.load_state_dict(weights)
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["decoder_unlocked"]:
+            from safetensors.torch import load_file
+
+            self.unlock_decoder()
+            decoder = {k.removeprefix("unet."): v for k, v in load_file(folder / DECODER_FILE).items()}
+            self.sd.unet.load_state_dict(decoder, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuples(json.loads(state["rng"]["python"])))
+        self.state = TrainState(step=state["step"], decoder_unlocked=state["decoder_unlocked"],
+                                history=json.loads(state["history"]), resumed_from=state["step"])
+
+    # ---- data
+
+    def batches(self, source) -> Iterator[dict[str, Any]]:
+        """The stream from the current step on; restarted (reseeded) at every checkpoint boundary."""
+        from train.data import make_loader
+
+        epoch = 0
+        while True:
+            seed = segment_seed(self.cfg.seed, self.rank, self.state.step) + epoch
+            loader = make_loader(
+                source, resolution=self.cfg.resolution, batch_size=self.cfg.batch_size, seed=seed,
+                prompt_dropout=self.cfg.prompt_dropout, epoch_samples=self.cfg.epoch_samples, rank=self.rank,
+                world_size=self.world_size, num_workers=self.cfg.data_workers,
+            )
+            yield from loader
+            epoch += 1
+
+    # ---- one optimizer step: Eq. 10 on grad_accum micro-batches
+
+    def train_step(self, micro_batches: list[dict[str, Any]], generator: torch.Generator) -> float:
+        self.model.train()
+        total = 0.0
+        for i, batch in enumerate(micro_batches):
+            pixel_values = batch["pixel_values"].to(self.device)  # (B, 3, R, R) in [-1, 1]
+            condition = batch["conditioning_pixel_values"].to(self.device)  # (B, 3, R, R) in [0, 1]
+            text = encode_prompts(self.sd, list(batch["caption"]), self.device)
+            last = i == len(micro_batches) - 1
+            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else _nullcontext()
+            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                      enabled=self.amp_dtype is not None):
+                loss = diffusion_loss(self.sd, self.model, pixel_values, condition, text, generator)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.item() / len(micro_batches)
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        return total
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _as_tuples(value):
+    """json turned random.getstate()'s tuples into lists; setstate wants them back."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on each rank: resume, train, checkpoint through ray.train.report, log on rank 0."""
+    import ray.train
+    import ray.train.torch
+
+    from train.data import resolve_shards
+    from train.logging import RunLogger
+
+    cfg = TrainConfig(**config["train"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, rank, world_size, device)
+    checkpoint = ray.train.get_checkpoint()  # the last reported one, or resume_from_checkpoint at first start
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load(Path(folder))
+    if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \
+            and trainer.state.step >= cfg.unlock_decoder_at:
+        trainer.unlock_decoder()
+
+    source = resolve_shards(cfg.data)
+    logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
+    if logger and trainer.state.resumed_from is not None:
+        logger.note(f"resumed from step {trainer.state.resumed_from}")
+    stream = trainer.batches(source)
+    generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
+    samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    while trainer.state.step < cfg.max_steps:
+        started = time.perf_counter()
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        loss = trainer.train_step(micro, generator)
+        trainer.state.step += 1
+        step = trainer.state.step
+        if cfg.unlock_decoder_at is not None and step == cfg.unlock_decoder_at:
+            trainer.unlock_decoder()
+        seconds = time.perf_counter() - started
+        metrics = {"step": step, "loss": loss, "lr": trainer.lr_schedule.get_last_lr()[0],
+                   "samples_per_s": samples_per_step / seconds, "step_time_s": seconds}
+        if device.type == "cuda":
+            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        trainer.state.history.append({"step": step, "loss": loss})
+        if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            logger.log(metrics)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    trainer.save(Path(folder))
+                ckpt = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=ckpt)
+            # a new data/noise segment starts at every checkpoint, so resuming here replays nothing
+            stream = trainer.batches(source)
+            generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, step))
+    if logger:
+        logger.finish(trainer.state)

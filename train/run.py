@@ -1,0 +1,75 @@
+"""train a ControlNet with Ray Train DDP: python train/run.py --preset debug --data data/demo/canny --run-name x"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/run.py` (and `ray job submit -- python train/run.py`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from train.checkpoints import latest_checkpoint
+from train.config import TINY_SD, TrainConfig, parse_args
+from train.logging import wandb_mode
+from train.loop import train_loop_per_worker
+
+
+def prepare_base_model(cfg: TrainConfig) -> TrainConfig:
+    """The debug preset's tiny SD is built once, locally, then loaded like any real base model."""
+    if cfg.base_model == TINY_SD:
+        from train.tiny_sd import build_tiny_sd
+
+        build_tiny_sd(Path(TINY_SD))
+        return dataclasses.replace(cfg, base_model=str(Path(TINY_SD).resolve()))
+    return cfg
+
+
+def absolute_local(path: str) -> str:
+    """Workers may run elsewhere (another cwd, another node): local paths are made absolute."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def build_trainer(cfg: TrainConfig) -> TorchTrainer:
+    cfg = prepare_base_model(cfg)
+    cfg = dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
+                              data=[absolute_local(d) for d in cfg.data])
+    mode, message = wandb_mode(cfg.wandb)
+    print(message, flush=True)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
+    if resume:
+        print(f"resuming {cfg.run_name} from {resume}", flush=True)
+    secrets = {k: os.environ[k] for k in ("WANDB_API_KEY",) if k in os.environ}  # passed on, never printed
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode,
+                           "wandb_dir": absolute_local(os.environ.get("WANDB_DIR", "data/wandb"))},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": secrets} if secrets else None,
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint(resume) if resume else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    result = build_trainer(cfg).fit()
+    print(f"finished {cfg.run_name}: step {result.metrics.get('step')}, loss {result.metrics.get('loss'):.4f}, "
+          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

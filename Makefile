@@ -14,11 +14,15 @@ OUTPUT ?= data/$(TASK)
 CAPTION ?= source
 WEIGHTS ?=
 ARGS ?=
+PRESET ?= debug
+DATA ?= data/demo/canny
+RUN ?= controlnet-$(PRESET)
+DATASET ?= data/$(TASK)
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 
-.PHONY: help setup sample-data dataset demo test lint bench preview clean
+.PHONY: help setup sample-data dataset demo train test lint bench preview clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -42,8 +46,18 @@ dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build 
 	$(PY) -m pipeline.build --task $(TASK) --input $(INPUT) --output $(OUTPUT) --caption $(CAPTION) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
-demo: $(STAMP) sample-data ## the main job on the embedded default: sample shards -> Canny dataset
+demo: $(STAMP) sample-data ## the main job on the embedded default: sample shards -> Canny dataset -> short training run
 	$(PY) -m pipeline.build --task canny --input data/sample/shards --output data/demo/canny
+	$(PY) -m pipeline.preview data/demo/canny --out data/demo/canny-preview.png
+	$(PY) train/run.py --preset debug --data data/demo/canny --run-name demo --storage-path data/demo/runs $(ARGS)
+	$(PY) -m train.export data/demo/runs/demo/$$(ls data/demo/runs/demo | grep checkpoint_ | sort | tail -1) \
+		--format diffusers --out data/demo/controlnet
+
+train: $(STAMP) ## train a ControlNet: make train PRESET=debug DATA=data/demo/canny RUN=name ARGS='--max-steps 100'
+	$(PY) train/run.py --preset $(PRESET) --data $(DATA) --run-name $(RUN) $(ARGS)
+
+preview: $(STAMP) ## contact sheet of a dataset: make preview DATASET=data/canny
+	$(PY) -m pipeline.preview $(DATASET)
 
 test: $(STAMP) ## run the test suite (real Ray, real tars, a moto S3 server on loopback)
 	$(PY) -m pytest -q tests
@@ -51,8 +65,9 @@ test: $(STAMP) ## run the test suite (real Ray, real tars, a moto S3 server on l
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check annotate pipeline train tests bench
 
-bench: $(STAMP) ## throughput benchmarks: prints a table, writes bench/results/*.json
+bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.json
 	$(PY) -m bench.canny_throughput
+	$(PY) -m bench.annotators
 
 clean: ## remove generated data (keeps .venv)
 	rm -rf data/demo data/canny bench/results

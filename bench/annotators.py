@@ -155,19 +155,22 @@ def photo_crops(count: int, size: int) -> list[np.ndarray]:
 
 
 def build_call(task: str, weights: str | None, device: str, batch: int) -> tuple[Call, dict[str, Any]]:
-    """The registry's annotator or captioner as a images -> outputs function, and its describe() minus hashes."""
+    """The registry's annotator or captioner as an images -> outputs function, and what the row records of it."""
     from annotate import build_annotator, build_captioner
 
     kwargs: dict[str, Any] = {"weights": weights, "device": device}
     if task in BATCH_KWARG:
         kwargs[BATCH_KWARG[task]] = batch
+    info: dict[str, Any] = {"precision": _precision(task, device)}
     if task in CAPTIONERS:
         captioner = build_captioner(task, **kwargs)
-        return captioner, {"precision": _precision(task, device), "max_new_tokens": captioner.max_new_tokens}
+        return captioner, {**info, "max_new_tokens": captioner.max_new_tokens}
     annotator = build_annotator(task, **kwargs)
-    return lambda images: annotator(images, [f"bench{i:04d}" for i in range(len(images))]), {
-        "precision": _precision(task, device)
-    }
+
+    def call(images: list[np.ndarray]) -> list[Any]:
+        return annotator(images, [f"bench{i:04d}" for i in range(len(images))])
+
+    return call, info
 
 
 def _precision(task: str, device: str) -> str:
@@ -224,11 +227,12 @@ def measure_task(
         "task": task,
         "device": "cpu" if task == "canny" else device,  # OpenCV runs on the CPU whatever --device says
         **info,
-        "batch": batch,
+        "batch": min(batch, len(images)),  # the batch that ran: fewer images than --batch make one smaller call
         "images": len(images),
         "size": list(images[0].shape[:2]),
         "repeats": repeats,
         "load_s": time.perf_counter() - start,
+        "load_avg_1min": os.getloadavg()[0],  # other work on the machine: above its core count, the CPU is shared
     }
     for mode, chunk in (("batched", batch), ("single", 1)):
         outputs = call(images[:chunk])  # warm-up at this mode's shapes (kernels, allocator, caches)
@@ -277,8 +281,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def environment(device: str) -> dict[str, Any]:
     import torch
 
-    env = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "python": platform.python_version()}  # fmt: skip
+    env = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -288,9 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, from " + ",".join(TASKS))
     parser.add_argument("--batch", type=int, default=8, help="images per call (and per forward) when batched")
-    parser.add_argument("--images", type=int, default=None,
-                        help=f"images per measurement (default {GPU_IMAGES} on GPU; on CPU {CPU_DEFAULT_IMAGES}, "
-                             f"blip {CPU_IMAGES['blip']})")  # fmt: skip
+    images_help = f"images per measurement (default {GPU_IMAGES} on GPU; {CPU_DEFAULT_IMAGES} on CPU, blip 4)"
+    parser.add_argument("--images", type=int, default=None, help=images_help)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the median is reported")
     parser.add_argument("--size", type=int, default=512, help="input side in px")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1 ...")
@@ -306,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are written locally; never reach for the hub
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its save/load bars would break up the progress lines
     from annotate.device import pick_device
 
     device = str(pick_device(args.device))
@@ -313,10 +323,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task in args.tasks:
         print(f"{task}: writing random full-size weights and measuring ...", flush=True)
         rows.append(run_task(task, args, device))
-    report = {"size": args.size, "batch": args.batch, "repeats": args.repeats, "environment": environment(device),
-              "notes": [BLIP_NOTE] if "blip" in args.tasks else [], "results": rows}  # fmt: skip
-    print(f"\nAnnotators at {args.size} px, random weights at the published sizes, median of {args.repeats}; "
-          f"{report['environment']['torch_threads']} torch threads")  # fmt: skip
+    report = {
+        "size": args.size,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "environment": environment(device),
+        "notes": [BLIP_NOTE] if "blip" in args.tasks else [],
+        "results": rows,
+    }
+    threads = report["environment"]["torch_threads"]
+    print(f"\nAnnotators at {args.size} px, random weights at the published sizes, median of {args.repeats}, "
+          f"{threads} torch threads")
     print(format_table(rows))
     for note in report["notes"]:
         print(f"note: {note}")

@@ -53,12 +53,23 @@ class DataSource:
 def resolve_shards(spec: str | list[str]) -> DataSource:
     """A dataset folder/URL, its manifest.json, a subset manifest (.json), or tar URLs (list, glob, braces)."""
     if isinstance(spec, list | tuple):
-        return _tars([url for s in spec for url in expand(s)])
+        return resolve_shards(spec[0]) if len(spec) == 1 else _merge([resolve_shards(s) for s in spec])
     if spec.endswith(".json"):
         return _from_json(spec)
     if spec.endswith(fmt.TAR_SUFFIX) or _is_pattern(spec):
         return _tars(expand(spec))
     return _from_folder(spec)
+
+
+def _merge(parts: list[DataSource]) -> DataSource:
+    """Several specs streamed as one: their shards together; a key filter only if every part has one."""
+    if not parts:
+        raise ValueError("no shard URLs given")
+    filters = [p.keys for p in parts]
+    if any(k is None for k in filters) and not all(k is None for k in filters):
+        raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")
+    keys = None if filters[0] is None else frozenset().union(*filters)
+    return _tars([u for p in parts for u in p.urls], parts[0].task, keys)
 
 
 def _is_pattern(spec: str) -> bool:

@@ -201,13 +201,23 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+def ranks_in_sync(module: nn.Module) -> bool:
+    """DDP sanity check: every rank holds bit-identical weights (compared through a float64 checksum)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each rank: resume, train, checkpoint through ray.train.report, log on rank 0."""
     import ray.train
     import ray.train.torch
 
     from train.data import resolve_shards
-    from train.logging import RunLogger
+    from train.tracking import RunLogger
 
     cfg = TrainConfig(**config["train"])
     context = ray.train.get_context()
@@ -247,6 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
             logger.log(metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
                     trainer.save(Path(folder))

@@ -6,8 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/run.py` (and `ray job submit -- python train/run.py`)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python train/run.py`: import from the repo root, not from inside train/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import ray
 import ray.train
@@ -15,8 +15,8 @@ from ray.train.torch import TorchTrainer
 
 from train.checkpoints import latest_checkpoint
 from train.config import TINY_SD, TrainConfig, parse_args
-from train.logging import wandb_mode
 from train.loop import train_loop_per_worker
+from train.tracking import wandb_mode
 
 
 def prepare_base_model(cfg: TrainConfig) -> TrainConfig:
@@ -41,6 +41,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     mode, message = wandb_mode(cfg.wandb)
     print(message, flush=True)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    # Ray Train V2 restores a run's checkpoint state when a run of the same name is submitted again
     resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
@@ -57,7 +58,6 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": secrets} if secrets else None,
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(resume) if resume else None,
     )
 
 

@@ -1,0 +1,111 @@
+"""the trainer on Ray Train end to end: DDP on gloo, checkpoints, exact resume, worker failure, W&B offline"""
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.build import main as build_dataset
+from train.config import debug
+from train.run import build_trainer
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("canny") / "canny"
+    assert build_dataset(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def config(dataset, storage, name, **overrides):
+    overrides = {"wandb": "off", **overrides}
+    return dataclasses.replace(debug(), data=[str(dataset)], storage_path=str(storage), run_name=name, **overrides)
+
+
+def results(storage, name) -> dict:
+    return json.loads((storage / name / "results.json").read_text())
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return load_file(Path(result.checkpoint.path) / "controlnet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    cfg = config(dataset, storage, "ddp", num_workers=2, max_steps=4, checkpoint_every=2, wandb="offline")
+    result = build_trainer(cfg).fit()
+    assert result.metrics["step"] == 4 and result.metrics["ranks_in_sync"] == 1.0
+    weights = final_weights(result)
+    zero_convs = [k for k in weights if k.startswith("controlnet_down_blocks") and k.endswith("weight")]
+    assert zero_convs and all(weights[k].abs().sum() > 0 for k in zero_convs)  # it really trained
+    # W&B ran offline on rank 0 only: one offline run folder with the run's history
+    runs = list((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, storage):
+    whole = build_trainer(config(dataset, storage, "whole", max_steps=6, checkpoint_every=3)).fit()
+    first = build_trainer(config(dataset, storage, "halves", max_steps=3, checkpoint_every=3)).fit()
+    assert first.metrics["step"] == 3
+    second = build_trainer(config(dataset, storage, "halves", max_steps=6, checkpoint_every=3)).fit()
+    resumed, uninterrupted = results(storage, "halves"), results(storage, "whole")
+    assert resumed["resumed_from"] == 3 and resumed["final_step"] == 6
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
+    a, b = final_weights(whole), final_weights(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(Path(second.checkpoint.path) / "state.pt", weights_only=True)
+    assert state["step"] == 6 and state["optimizer"]["state"]  # AdamW moments were restored and kept
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def _registered_checkpoints(run: Path) -> int:
+    """Checkpoints Ray Train has registered (a checkpoint folder alone may still be mid-upload)."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(dataset, storage):
+    name = "fault"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if _registered_checkpoints(storage / name):
+                workers = _train_workers()
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)  # a real signal to a real training process
+                    killed.append(workers[0].pid)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    cfg = config(dataset, storage, name, max_steps=200, checkpoint_every=10, max_failures=2)
+    result = build_trainer(cfg).fit()
+    watcher.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert result.metrics["step"] == 200
+    run = results(storage, name)
+    assert run["final_step"] == 200 and run["resumed_from"] is not None and run["resumed_from"] % 10 == 0

@@ -50,8 +50,7 @@ demo: $(STAMP) sample-data ## the main job on the embedded default: sample shard
 	$(PY) -m pipeline.build --task canny --input data/sample/shards --output data/demo/canny
 	$(PY) -m pipeline.preview data/demo/canny --out data/demo/canny-preview.png
 	$(PY) train/run.py --preset debug --data data/demo/canny --run-name demo --storage-path data/demo/runs $(ARGS)
-	$(PY) -m train.export data/demo/runs/demo/$$(ls data/demo/runs/demo | grep checkpoint_ | sort | tail -1) \
-		--format diffusers --out data/demo/controlnet
+	$(PY) -m train.export data/demo/runs/demo --format diffusers --out data/demo/controlnet
 
 train: $(STAMP) ## train a ControlNet: make train PRESET=debug DATA=data/demo/canny RUN=name ARGS='--max-steps 100'
 	$(PY) train/run.py --preset $(PRESET) --data $(DATA) --run-name $(RUN) $(ARGS)

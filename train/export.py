@@ -103,7 +103,12 @@ def to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict
 
 
 def controlnet_folder(checkpoint: Path) -> Path:
-    """A training checkpoint holds the model in controlnet/; a bare diffusers ControlNet folder is one itself."""
+    """A training checkpoint holds the model in controlnet/; a bare diffusers ControlNet folder is one itself;
+    a run folder (holding checkpoint_*/) means its latest checkpoint."""
+    if not (checkpoint / "config.json").is_file() and any(checkpoint.glob("checkpoint_*")):
+        from train.checkpoints import latest_in_run
+
+        checkpoint = Path(latest_in_run(str(checkpoint)).removeprefix("file://"))
     for folder in (checkpoint, checkpoint / "controlnet"):
         if (folder / "config.json").is_file():
             return folder
@@ -155,7 +160,10 @@ def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
-    parser.add_argument("checkpoint", type=Path, help="training checkpoint (with controlnet/) or a diffusers folder")
+    parser.add_argument(
+        "checkpoint", type=Path,
+        help="a training checkpoint (with controlnet/), a run folder (its latest checkpoint) or a diffusers folder",
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,

@@ -46,15 +46,18 @@ def final_weights(result) -> dict[str, torch.Tensor]:
 
 def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    cfg = config(dataset, storage, "ddp", num_workers=2, max_steps=4, checkpoint_every=2, wandb="offline")
+    cfg = config(dataset, storage, "ddp", num_workers=2, max_steps=4, checkpoint_every=2, wandb="offline",
+                 validate_every=2)
     result = build_trainer(cfg).fit()
     assert result.metrics["step"] == 4 and result.metrics["ranks_in_sync"] == 1.0
     weights = final_weights(result)
     zero_convs = [k for k in weights if k.startswith("controlnet_down_blocks") and k.endswith("weight")]
     assert zero_convs and all(weights[k].abs().sum() > 0 for k in zero_convs)  # it really trained
-    # W&B ran offline on rank 0 only: one offline run folder with the run's history
+    # W&B ran offline on rank 0 only: one offline run folder with the run's history and validation grids
     runs = list((tmp_path / "wandb").rglob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    grids = sorted(runs[0].rglob("media/images/validation/grid_*.png"))
+    assert [g.name.split("_")[1] for g in grids] == ["2", "4"]
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, storage):
@@ -109,3 +112,18 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(dataset, storage)
     assert result.metrics["step"] == 200
     run = results(storage, name)
     assert run["final_step"] == 200 and run["resumed_from"] is not None and run["resumed_from"] % 10 == 0
+
+
+def test_checkpoints_go_to_s3(dataset, s3_endpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-runs")
+    cfg = config(dataset, "unused", "on-s3", max_steps=2, checkpoint_every=2)
+    cfg = dataclasses.replace(cfg, storage_path="s3://cnd-runs/runs")
+    result = build_trainer(cfg).fit()
+    assert result.checkpoint.path.startswith("cnd-runs/runs/on-s3/checkpoint_")
+    fs.invalidate_cache()
+    files = fs.ls(result.checkpoint.path)
+    assert any(f.endswith("state.pt") for f in files) and any(f.endswith("progress.json") for f in files)
+    assert json.loads(fs.cat_file("cnd-runs/runs/on-s3/results.json"))["final_step"] == 2

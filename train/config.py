@@ -69,6 +69,14 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     log_every: int = 10
     """Steps between logged metrics."""
+    validate_every: int = 500
+    """Steps between validation grids (condition | generated | target) logged to W&B (0: off)."""
+    validation_samples: int = 4
+    """Fixed validation conditions sampled at every validation."""
+    validation_steps: int = 20
+    """DDIM steps when sampling validation images."""
+    guidance_scale: float = 9.0
+    """Classifier-free guidance scale when sampling (the paper's 9.0)."""
     seed: int = 0
     """Seed for noise, timesteps, data order and prompt dropout."""
     wandb: Literal["auto", "online", "offline", "off"] = "auto"
@@ -81,7 +89,8 @@ def debug() -> TrainConfig:
     """The offline embedded default: a tiny random SD built locally, 64 px, a few steps on CPU."""
     return TrainConfig(
         base_model=TINY_SD, resolution=64, batch_size=2, lr=1e-4, max_steps=20, checkpoint_every=10,
-        epoch_samples=64, log_every=1, run_name="controlnet-debug",
+        epoch_samples=64, log_every=1, validate_every=10, validation_samples=2, validation_steps=4,
+        run_name="controlnet-debug",
     )
 
 

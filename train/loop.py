@@ -211,6 +211,29 @@ def ranks_in_sync(module: nn.Module) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def start_validation(trainer: Trainer, source):
+    """Rank 0 draws the fixed validation conditions (captions kept) and logs the untrained baseline."""
+    from train.data import make_loader
+    from train.validate import take_validation_set
+
+    cfg = trainer.cfg
+    loader = make_loader(source, resolution=cfg.resolution, batch_size=cfg.validation_samples, seed=cfg.seed + 7919,
+                         prompt_dropout=0.0, epoch_samples=cfg.validation_samples, rank=0, world_size=1)
+    return take_validation_set(loader, cfg.validation_samples)
+
+
+def validate(trainer: Trainer, validation, logger, step: int) -> None:
+    """Sample the validation conditions (DDIM, CFG) with fixed seeds and log condition | generated | target."""
+    from train.validate import generate, validation_grid
+
+    cfg = trainer.cfg
+    images = generate(trainer.sd, trainer.controlnet, validation.conditions, validation.prompts,
+                      steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
+                      device=trainer.device, amp_dtype=trainer.amp_dtype)
+    logger.log_images("validation/grid", [validation_grid(validation, images)],
+                      ["condition | generated | target"], step=step)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each rank: resume, train, checkpoint through ray.train.report, log on rank 0."""
     import ray.train
@@ -237,6 +260,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger and trainer.state.resumed_from is not None:
         logger.note(f"resumed from step {trainer.state.resumed_from}")
+    validation = start_validation(trainer, source) if logger and cfg.validate_every else None
     stream = trainer.batches(source)
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
@@ -256,6 +280,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.state.history.append({"step": step, "loss": loss})
         if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
             logger.log(metrics)
+        if validation is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+            validate(trainer, validation, logger, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
             with tempfile.TemporaryDirectory() as folder:

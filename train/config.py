@@ -75,14 +75,27 @@ class TrainConfig:
     """Fixed validation conditions sampled at every validation."""
     validation_steps: int = 20
     """DDIM steps when sampling validation images."""
-    guidance_scale: float = 9.0
-    """Classifier-free guidance scale when sampling (the paper's 9.0)."""
+    guidance_scales: list[float] = field(default_factory=lambda: [9.0, 1.0])
+    """Classifier-free guidance scales sampled at each validation: the paper's 9.0 first (shown in the grid), and
+    1.0, where small-scale ControlNets follow their condition more faithfully."""
+    prompt_modes: list[str] = field(default_factory=lambda: ["caption", "empty", "default"])
+    """Validation prompt modes: the samples' captions, the empty prompt, the paper's default prompt."""
+    fidelity: bool = True
+    """Score condition fidelity at each validation: re-annotate the generated images with the task's annotator."""
+    annotator_seed: int = 0
+    """The dataset job's --seed, so Canny re-draws the thresholds each validation map was made with."""
+    annotator_weights: str | None = None
+    """Weights folder/URL for the fidelity annotator (HED, MiDaS, OpenPose), as the dataset job's --weights."""
     seed: int = 0
     """Seed for noise, timesteps, data order and prompt dropout."""
     wandb: Literal["auto", "online", "offline", "off"] = "auto"
     """W&B logging on rank 0: auto is online with an API key, offline otherwise."""
     wandb_project: str = "controlnet"
     """W&B project."""
+    wandb_group: str | None = None
+    """W&B group: the runs of one dataset-size sweep share it (train/sweep.py sets it to the sweep's prefix)."""
+    dataset_size: int | None = None
+    """Samples in the training subset, recorded for the sweep report (train/sweep.py sets it)."""
 
 
 def debug() -> TrainConfig:

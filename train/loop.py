@@ -40,6 +40,7 @@ class TrainState:
     decoder_unlocked: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # (step, loss, ...) of every logged step
     resumed_from: int | None = None
+    fidelity: dict[str, Any] = field(default_factory=dict)  # curves with their detected convergence and mAUCC
 
 
 def segment_seed(seed: int, rank: int, step: int) -> int:
@@ -110,6 +111,7 @@ class Trainer:
             "step": self.state.step,
             "decoder_unlocked": self.state.decoder_unlocked,
             "history": json.dumps(self.state.history),
+            "fidelity": json.dumps(self.state.fidelity),
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -142,7 +144,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuples(json.loads(state["rng"]["python"])))
         self.state = TrainState(step=state["step"], decoder_unlocked=state["decoder_unlocked"],
-                                history=json.loads(state["history"]), resumed_from=state["step"])
+                                history=json.loads(state["history"]), resumed_from=state["step"],
+                                fidelity=json.loads(state.get("fidelity", "{}")))
 
     # ---- data
 
@@ -212,26 +215,40 @@ def ranks_in_sync(module: nn.Module) -> bool:
 
 
 def start_validation(trainer: Trainer, source):
-    """Rank 0 draws the fixed validation conditions (captions kept) and logs the untrained baseline."""
+    """Rank 0 draws the fixed validation conditions (captions kept) and builds the fidelity annotator."""
     from train.data import make_loader
-    from train.validate import take_validation_set
+    from train.validate import FidelityTracker, take_validation_set
 
     cfg = trainer.cfg
     loader = make_loader(source, resolution=cfg.resolution, batch_size=cfg.validation_samples, seed=cfg.seed + 7919,
                          prompt_dropout=0.0, epoch_samples=cfg.validation_samples, rank=0, world_size=1)
-    return take_validation_set(loader, cfg.validation_samples)
+    vset = take_validation_set(loader, cfg.validation_samples)
+    tracker = None
+    if cfg.fidelity and source.task:
+        from annotate import build_annotator
+
+        annotator = build_annotator(source.task, seed=cfg.annotator_seed, weights=cfg.annotator_weights,
+                                    device=str(trainer.device))
+        tracker = FidelityTracker(source.task, annotator, tuple(cfg.prompt_modes), tuple(cfg.guidance_scales))
+    return vset, tracker
 
 
 def validate(trainer: Trainer, validation, logger, step: int) -> None:
-    """Sample the validation conditions (DDIM, CFG) with fixed seeds and log condition | generated | target."""
+    """Sample the validation conditions (DDIM, fixed seeds), log the grid and the fidelity scores."""
     from train.validate import generate, validation_grid
 
     cfg = trainer.cfg
-    images = generate(trainer.sd, trainer.controlnet, validation.conditions, validation.prompts,
-                      steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
-                      device=trainer.device, amp_dtype=trainer.amp_dtype)
-    logger.log_images("validation/grid", [validation_grid(validation, images)],
-                      ["condition | generated | target"], step=step)
+    vset, tracker = validation
+    if tracker is not None:
+        metrics, image = tracker.evaluate(trainer, vset, step)
+        logger.log({"step": step, **metrics}, prefix="")
+        trainer.state.fidelity = tracker.summary()
+    else:
+        images = generate(trainer.sd, trainer.controlnet, vset.conditions, vset.prompts,
+                          steps=cfg.validation_steps, guidance_scale=cfg.guidance_scales[0], seed=cfg.seed,
+                          device=trainer.device, amp_dtype=trainer.amp_dtype)
+        image = validation_grid(vset, images)
+    logger.log_images("validation/grid", [image], ["condition | generated | target"], step=step)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

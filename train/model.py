@@ -37,9 +37,18 @@ def load_stable_diffusion(base_model: str) -> StableDiffusion:
 
 
 def local_model_folder(base_model: str) -> str:
-    """Hub ids and local folders pass through; other URLs (s3://...) are copied to a local cache once."""
+    """Hub ids and local folders pass through; other URLs (s3://...) are copied to a local cache once.
+
+    The debug preset's tiny SD is rebuilt where it is missing (on another node of a cluster): it is
+    deterministic, so every node gets the same weights.
+    """
     if "://" not in base_model or base_model.startswith("file://"):
-        return base_model.removeprefix("file://")
+        local = base_model.removeprefix("file://")
+        if Path(local).name == "tiny-sd" and not (Path(local) / "model_index.json").exists():
+            from train.tiny_sd import build_tiny_sd
+
+            build_tiny_sd(Path(local))
+        return local
     import hashlib
     import tempfile
 

@@ -48,13 +48,13 @@ class RunLogger:
             os.makedirs(directory or "wandb", exist_ok=True)
             self.run = wandb.init(
                 project=cfg.wandb_project, name=cfg.run_name, id=run_id(cfg.run_name), resume="allow",
-                mode=mode, dir=directory, config=dataclasses.asdict(cfg),
+                mode=mode, dir=directory, config=dataclasses.asdict(cfg), group=cfg.wandb_group,
             )
 
-    def log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any], prefix: str = "train/") -> None:
         if self.run is not None:
             step = metrics["step"]
-            self.run.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+            self.run.log({f"{prefix}{k}": v for k, v in metrics.items() if k != "step"}, step=step)
 
     def log_images(self, name: str, images: list, captions: list[str], step: int) -> None:
         if self.run is not None:
@@ -76,6 +76,9 @@ class RunLogger:
         write_results(self.cfg, state)
         if self.run is not None:
             self.run.summary.update({"final_step": state.step, "resumed_from": state.resumed_from})
+            for name, curve in state.fidelity.items():  # the sudden-convergence step and mAUCC of each curve
+                self.run.summary[f"{name}/convergence_step"] = curve.get("step")
+                self.run.summary[f"{name}/mauc"] = curve.get("mauc")
             self.run.finish()
 
 
@@ -88,6 +91,6 @@ def write_results(cfg: TrainConfig, state) -> None:
     import fsspec
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
-               "history": state.history}
+               "history": state.history, "fidelity": state.fidelity}
     with fsspec.open(results_url(cfg), "w") as f:
         json.dump(results, f, indent=1)

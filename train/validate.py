@@ -83,3 +83,71 @@ def validation_grid(vset: ValidationSet, generated: np.ndarray) -> np.ndarray:
 
 def describe(vset: ValidationSet) -> dict[str, Any]:
     return {"keys": vset.keys, "prompts": vset.prompts}
+
+
+DEFAULT_PROMPT = "a professional, detailed, high-quality image"  # the paper's default prompt
+PROMPT_MODES = ("caption", "empty", "default")
+
+
+def prompts_for(mode: str, captions: list[str]) -> list[str]:
+    """The paper's prompt modes: the samples' own captions, no prompt, or the default prompt."""
+    if mode == "caption":
+        return captions
+    return ["" if mode == "empty" else DEFAULT_PROMPT] * len(captions)
+
+
+def condition_maps(conditions: torch.Tensor, task: str) -> list[np.ndarray]:
+    """(N, 3, R, R) in [0, 1] -> uint8 maps as the dataset stores them (1 channel, RGB for openpose)."""
+    images = to_uint8(conditions)
+    return list(images) if task == "openpose" else [image[:, :, 0] for image in images]
+
+
+@dataclass
+class FidelityTracker:
+    """Every validation: sample the fixed conditions per (prompt mode, CFG scale), re-annotate the generated
+    images with the task's annotator, score agreement with the input maps, and keep the curves."""
+
+    task: str
+    annotator: Any
+    modes: tuple[str, ...] = PROMPT_MODES
+    scales: tuple[float, ...] = (9.0, 1.0)
+    curves: dict[str, list[tuple[int, float]]] | None = None
+
+    def evaluate(self, trainer, vset: ValidationSet, step: int) -> tuple[dict[str, float], np.ndarray]:
+        from train.fidelity import PRIMARY, score_images
+
+        cfg = trainer.cfg
+        inputs = condition_maps(vset.conditions, self.task)
+        params_input = None
+        if self.task == "openpose":  # keypoints of the input skeletons: re-detected on the target images
+            params_input = [a.params for a in self.annotator(list(to_uint8(vset.targets, (-1.0, 1.0))), vset.keys)]
+        metrics, shown = {}, None
+        for scale in self.scales:
+            for mode in self.modes:
+                images = generate(trainer.sd, trainer.controlnet, vset.conditions, prompts_for(mode, vset.prompts),
+                                  steps=cfg.validation_steps, guidance_scale=scale, seed=cfg.seed,
+                                  device=trainer.device, amp_dtype=trainer.amp_dtype)
+                scores, _ = score_images(self.task, self.annotator, list(to_uint8(images)), inputs, vset.keys,
+                                         params_input)
+                for name, value in scores.items():
+                    metrics[f"fidelity/{mode}/cfg{scale:g}/{name}"] = value
+                if shown is None:  # the grid shows the first mode at the first (the paper's) scale
+                    shown = images
+        self.curves = self.curves or {}
+        for name, value in metrics.items():
+            if name.endswith("/" + PRIMARY[self.task]):
+                self.curves.setdefault(name, []).append((step, value))
+        return metrics, validation_grid(vset, shown)
+
+    def summary(self) -> dict[str, Any]:
+        """Per curve: the detected sudden-convergence step (or not converged) and mAUCC."""
+        from train.convergence import detect_sudden_convergence, mauc
+
+        out = {}
+        for name, points in (self.curves or {}).items():
+            steps, scores = [s for s, _ in points], [v for _, v in points]
+            detection = detect_sudden_convergence(steps, scores) if len(points) >= 4 else {
+                "converged": False, "step": None, "reason": "fewer than 4 evaluations"}
+            out[name] = {**detection, "mauc": mauc(steps, scores) if len(points) >= 2 else None,
+                         "steps": steps, "scores": scores}
+        return out

@@ -1,0 +1,205 @@
+"""subsets: nested dataset-size subsets ranked by original resolution, written as subset manifests"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import fsspec
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline import format as fmt
+
+SUBSETS_DIR = "subsets"
+READ_THREADS = 16  # parquet indexes fetched concurrently (object stores answer slowly one at a time)
+COLUMNS = ["key", "status", "original_width", "original_height"]
+RANKING_RULE = (
+    "ok samples by original resolution (original_width * original_height, descending), ties by the blake2b-64 "
+    "hash of the key (ascending); a subset of size n is the first n, so every smaller subset is inside every larger"
+)
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$")
+_UNITS = {"": 1, "k": 1_000, "m": 1_000_000}
+
+
+class Sample(NamedTuple):
+    """One `ok` row of a parquet index, with the tar it lives in."""
+
+    key: str
+    pixels: int
+    shard: str  # tar URL
+
+
+class SubsetError(ValueError):
+    """A request the dataset cannot satisfy (a size larger than its ok samples, duplicate keys)."""
+
+
+# ---------------------------------------------------------------- pure: sizes, ranking, selection
+
+
+def parse_size(text: str) -> int:
+    """'1k' -> 1000, '3m' -> 3_000_000, '1.5k' -> 1500, '500' -> 500 (case-insensitive)."""
+    match = _SIZE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"bad size {text!r}: expected a count such as 500, 1k, 10k, 3m")
+    number, unit = match.groups()
+    value = float(number) * _UNITS[unit]
+    if value != int(value) or value < 1:
+        raise ValueError(f"bad size {text!r}: not a positive whole number of samples")
+    return int(value)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1k,10k,3m' -> [1000, 10000, 3000000]: ascending, duplicates ('1k,1000') merged."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("no sizes given")
+    return sorted({parse_size(p) for p in parts})
+
+
+def size_label(size: int) -> str:
+    """The canonical short name of a size, used for file and run names: 1000 -> '1k', 3000000 -> '3m'."""
+    for unit, factor in (("m", 1_000_000), ("k", 1_000)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def key_hash(key: str) -> int:
+    """A stable tie-breaker (unlike hash(), the same in every process and Python version)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def rank(samples: Iterable[Sample]) -> list[Sample]:
+    """Largest originals first; equal resolutions in key-hash order, so the order never depends on listing order."""
+    ranked = sorted(samples, key=lambda s: (-s.pixels, key_hash(s.key), s.key))
+    keys = [s.key for s in ranked]
+    if len(set(keys)) != len(keys):
+        raise SubsetError("duplicate keys across shards: a key must name one sample in a dataset")
+    return ranked
+
+
+def select(ranked: list[Sample], sizes: list[int]) -> dict[int, list[Sample]]:
+    """The top-n of one ranking per size: nested by construction. A size past the ok samples is an error."""
+    too_large = [s for s in sizes if s > len(ranked)]
+    if too_large:
+        largest = max(too_large)
+        named = str(largest) if size_label(largest) == str(largest) else f"{size_label(largest)} ({largest})"
+        raise SubsetError(f"size {named} is larger than the dataset's {len(ranked)} ok samples")
+    return {size: ranked[:size] for size in sizes}
+
+
+def subset_document(chosen: list[Sample], task: str, dataset: str, available: int) -> dict[str, object]:
+    """The subset manifest: the format's fields (task, shards, keys) plus counts, the rule and the source."""
+    per_shard = dict(sorted(Counter(s.shard for s in chosen).items()))
+    shards = list(per_shard)
+    return {
+        **fmt.subset_manifest(shards, [s.key for s in chosen], task),
+        "size": len(chosen),
+        "counts": {"samples": len(chosen), "shards": len(shards), "ok_in_dataset": available,
+                   "per_shard": per_shard},
+        "ranking": RANKING_RULE,
+        "dataset": dataset,
+    }
+
+
+# ---------------------------------------------------------------- I/O: parquet in, JSON out
+
+
+def absolute(url: str) -> str:
+    """Local paths become absolute, so the manifest works from any cwd; URLs stay as they are."""
+    return url.rstrip("/") if "://" in url else str(Path(url).resolve())
+
+
+def read_samples(dataset: str) -> list[Sample]:
+    """The `ok` rows of every committed shard's parquet index (a shard with stats.json), reading 4 columns only."""
+    fs, root = fsspec.core.url_to_fs(dataset)
+    fs.invalidate_cache()
+    stats = sorted(fs.glob(f"{root.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.STATS_SUFFIX}"))
+    if not stats:
+        raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {dataset}/{fmt.SHARDS_DIR}")
+
+    def one(stat: str) -> list[Sample]:
+        base = stat.removesuffix(fmt.STATS_SUFFIX)
+        tar = fs.unstrip_protocol(base + fmt.TAR_SUFFIX) if "://" in dataset else base + fmt.TAR_SUFFIX
+        with fs.open(base + fmt.INDEX_SUFFIX, "rb") as f:
+            table = pq.read_table(f, columns=COLUMNS).to_pydict()
+        rows = zip(table["key"], table["status"], table["original_width"], table["original_height"], strict=True)
+        return [Sample(k, (w or 0) * (h or 0), tar) for k, status, w, h in rows if status == fmt.OK]
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(stats))) as pool:
+        return [s for part in pool.map(one, stats) for s in part]
+
+
+def read_task(dataset: str) -> str | None:
+    fs, root = fsspec.core.url_to_fs(dataset)
+    path = f"{root.rstrip('/')}/{fmt.MANIFEST}"
+    return json.loads(fs.cat_file(path)).get("task") if fs.exists(path) else None
+
+
+def write_json(url: str, document: dict[str, object]) -> None:
+    """Local: temp name then rename (atomic on one disk); object stores: one PUT, which is atomic there."""
+    fs, path = fsspec.core.url_to_fs(url)
+    data = json.dumps(document, indent=1).encode()
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def make_subsets(dataset: str, sizes: list[int], out: str | None = None) -> list[dict[str, object]]:
+    """Rank, select and write one manifest per size to `<out or dataset/subsets>/<label>.json`.
+
+    Returns one {label, size, shards, url} per size; nothing is written when any size is too large."""
+    dataset = absolute(dataset)
+    out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}"
+    ranked = rank(read_samples(dataset))
+    chosen = select(ranked, sizes)
+    task = read_task(dataset)
+    written = []
+    for size, samples in chosen.items():
+        document = subset_document(samples, task, dataset, len(ranked))
+        url = f"{out}/{size_label(size)}.json"
+        write_json(url, document)
+        written.append({"label": size_label(size), "size": size, "shards": document["counts"]["shards"], "url": url})
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.subsets",
+        description="Nested dataset-size subsets for ablations (the paper's Sec. 3.5): rank a dataset's ok samples "
+        "by original resolution, take the top n per size, and write one subset manifest per size that "
+        "`train/run.py --data <file>` reads. Reads the parquet indexes only, never the tars.",
+    )
+    parser.add_argument("--dataset", required=True, help="dataset folder or URL written by pipeline.build")
+    parser.add_argument("--sizes", required=True, help="comma-separated counts: 500, 1k, 10k, 1.5k, 3m")
+    parser.add_argument("--out", help="folder/URL for the manifests (default: <dataset>/subsets)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list of the written subsets instead")
+    args = parser.parse_args(argv)
+    try:
+        written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out)
+    except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(written))
+    else:
+        for w in written:
+            print(f"{w['label']:>6}  {w['size']:>9} samples  {w['shards']:>6} shards  {w['url']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""nested dataset-size subsets: size parsing, ranking, selection, parquet-only reads, s3, and the trainer's stream"""
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.build import main as build_dataset
+from pipeline.subsets import (
+    Sample,
+    SubsetError,
+    key_hash,
+    main,
+    make_subsets,
+    parse_size,
+    parse_sizes,
+    rank,
+    select,
+    size_label,
+)
+from train.data import make_dataset, resolve_shards
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("subsets") / "canny"
+    assert build_dataset(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
+    return out
+
+
+def copy_of(dataset: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "canny"
+    shutil.copytree(dataset, target, ignore=shutil.ignore_patterns("subsets"))
+    return target
+
+
+def index_rows(dataset: Path) -> dict[str, int]:
+    """key -> original pixels of every ok row, straight from the parquet files."""
+    rows = {}
+    for path in sorted((dataset / "shards").glob("*.parquet")):
+        table = pq.read_table(path).to_pylist()
+        rows.update({r["key"]: r["original_width"] * r["original_height"] for r in table if r["status"] == "ok"})
+    return rows
+
+
+def load(url: str) -> dict:
+    return json.loads(Path(url).read_text())
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_sizes_parse_in_the_papers_forms():
+    assert [parse_size(s) for s in ("500", "1k", "10K", "50k", "500k", "3m", "1.5k")] == \
+        [500, 1000, 10_000, 50_000, 500_000, 3_000_000, 1500]
+    assert parse_sizes("3m,1k, 10k,1000") == [1000, 10_000, 3_000_000]
+    assert [size_label(n) for n in (500, 1000, 1500, 3_000_000, 2_500_000)] == ["500", "1k", "1500", "3m", "2500k"]
+    for bad in ("", "k", "0", "-5", "1.2345k", "1g", "ten"):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+
+
+def test_ranking_is_by_resolution_then_key_hash_whatever_the_input_order():
+    samples = [Sample(f"k{i:03d}", pixels, "a.tar") for i, pixels in enumerate([100, 400, 400, 400, 50, 400, 100])]
+    ranked = rank(samples)
+    assert [s.pixels for s in ranked] == [400, 400, 400, 400, 100, 100, 50]
+    ties = [s.key for s in ranked if s.pixels == 400]
+    assert ties == sorted(ties, key=key_hash) == ["k003", "k005", "k002", "k001"]  # hash order, not key order
+    for seed in range(5):
+        shuffled = samples[:]
+        random.Random(seed).shuffle(shuffled)
+        assert rank(shuffled) == ranked
+    assert key_hash("000010005") == key_hash("000010005") != key_hash("000010006")
+    with pytest.raises(SubsetError, match="duplicate keys"):
+        rank([Sample("a", 1, "x.tar"), Sample("a", 2, "y.tar")])
+
+
+def test_selection_is_exact_nested_and_refuses_too_large():
+    ranked = rank(Sample(f"k{i}", i % 7, f"{i % 3}.tar") for i in range(30))
+    chosen = select(ranked, [5, 12, 30])
+    assert {n: len(c) for n, c in chosen.items()} == {5: 5, 12: 12, 30: 30}
+    assert set(chosen[5]) <= set(chosen[12]) <= set(chosen[30])
+    with pytest.raises(SubsetError, match="larger than the dataset's 30 ok samples"):
+        select(ranked, [5, 31])
+
+
+# ---------------------------------------------------------------- on a built dataset
+
+
+def test_subsets_of_a_built_dataset_are_exact_nested_and_the_largest_originals(dataset, tmp_path):
+    data = copy_of(dataset, tmp_path)
+    written = make_subsets(str(data), [8, 16, 48])
+    assert [(w["label"], w["size"]) for w in written] == [("8", 8), ("16", 16), ("48", 48)]
+    docs = {w["size"]: load(w["url"]) for w in written}
+    assert [w["url"] for w in written] == [str(data / "subsets" / f"{n}.json") for n in (8, 16, 48)]
+    keys = {n: set(d["keys"]) for n, d in docs.items()}
+    assert {n: len(k) for n, k in keys.items()} == {8: 8, 16: 16, 48: 48}
+    assert keys[8] < keys[16] < keys[48]
+    pixels = index_rows(data)
+    assert keys[48] == set(pixels)
+    for n in (8, 16):  # nothing left out is larger than anything taken
+        assert min(pixels[k] for k in keys[n]) >= max(pixels[k] for k in set(pixels) - keys[n])
+    doc = docs[8]
+    assert doc["task"] == "canny" and doc["dataset"] == str(data) and "resolution" in doc["ranking"]
+    assert doc["counts"]["samples"] == 8 and doc["counts"]["ok_in_dataset"] == 48
+    assert sum(doc["counts"]["per_shard"].values()) == 8 and sorted(doc["counts"]["per_shard"]) == doc["shards"]
+    assert all(Path(s).is_absolute() and s.endswith(".tar") for s in doc["shards"])
+    again = make_subsets(str(data), [16])  # deterministic: a re-run writes the same manifest
+    assert load(again[0]["url"]) == docs[16]
+
+
+def test_only_the_parquet_indexes_are_read(dataset, tmp_path):
+    data = copy_of(dataset, tmp_path)
+    for tar in (data / "shards").glob("*.tar"):
+        tar.unlink()
+    written = make_subsets(str(data), [10], out=str(tmp_path / "elsewhere"))
+    assert written[0]["url"] == str(tmp_path / "elsewhere" / "10.json")
+    expected = make_subsets(str(dataset), [10], out=str(tmp_path / "reference"))
+    assert load(written[0]["url"])["keys"] == load(expected[0]["url"])["keys"]
+
+
+def test_cli_size_too_large_is_one_line_and_exit_2(dataset, tmp_path, capsys):
+    data = copy_of(dataset, tmp_path)
+    assert main(["--dataset", str(data), "--sizes", "8,1k"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: size 1k (1000) is larger than the dataset's 48 ok samples"
+    assert not (data / "subsets").exists()  # nothing written for the sizes that would fit either
+    assert main(["--dataset", str(data), "--sizes", "8,16", "--json"]) == 0
+    assert [w["size"] for w in json.loads(capsys.readouterr().out)] == [8, 16]
+
+
+def test_s3_dataset(dataset, s3_endpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-subsets")
+    fs.put(str(dataset) + "/", "cnd-subsets/canny", recursive=True)
+    written = make_subsets("s3://cnd-subsets/canny", [8, 16])
+    assert [w["url"] for w in written] == ["s3://cnd-subsets/canny/subsets/8.json",
+                                           "s3://cnd-subsets/canny/subsets/16.json"]
+    fs.invalidate_cache()
+    doc = json.loads(fs.cat_file("cnd-subsets/canny/subsets/8.json"))
+    assert all(s.startswith("s3://cnd-subsets/canny/shards/") for s in doc["shards"])
+    local = make_subsets(str(dataset), [8], out=str(Path(dataset).parent / "local-subsets"))
+    assert doc["keys"] == load(local[0]["url"])["keys"]
+    source = resolve_shards("s3://cnd-subsets/canny/subsets/8.json")
+    assert source.keys == frozenset(doc["keys"]) and source.task == "canny"
+
+
+def test_the_trainer_streams_exactly_the_selected_keys(dataset, tmp_path):
+    written = make_subsets(str(dataset), [12], out=str(tmp_path))
+    selected = set(load(written[0]["url"])["keys"])
+    source = resolve_shards(written[0]["url"])
+    assert source.keys == selected and source.task == "canny" and source.counts["samples"] == 12
+    stream = make_dataset(source, resolution=64, batch_size=4, seed=0, prompt_dropout=0.0, epoch_samples=None)
+    seen = [k for batch in stream for k in batch["key"]]
+    assert sorted(seen) == sorted(selected)  # every selected key once, nothing else

@@ -1,0 +1,129 @@
+"""dataset-size sweeps: one run per nested subset on Ray, skip finished, resume interrupted, and the report"""
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.build import main as build_dataset
+from train.report import load_runs, nice_ticks, plot_curves, table, to_markdown, write_report
+from train.sweep import main as sweep
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+# 4 steps, fidelity scored at 2 and 4 on one prompt mode and one CFG scale (keeps each run to seconds on CPU)
+TRAIN = ["--checkpoint-every", "2", "--validate-every", "2", "--wandb", "offline", "--prompt-modes", "caption",
+         "--guidance-scales", "9"]
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "canny"
+    assert build_dataset(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
+    return out
+
+
+def run_sweep(dataset: Path, storage: Path, sizes: str, *extra: str, max_steps: int = 4) -> int:
+    return sweep(["--dataset", str(dataset), "--sizes", sizes, "--preset", "debug", "--run-prefix", "abl",
+                  "--storage-path", str(storage), *extra, "--", "--max-steps", str(max_steps), *TRAIN])
+
+
+def results(storage: Path, name: str) -> dict:
+    return json.loads((storage / name / "results.json").read_text())
+
+
+def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    storage = tmp_path / "runs"
+    # an interrupted size: its run (same name) stopped at step 2 of 4
+    assert run_sweep(dataset, storage, "8", "--no-report", max_steps=2) == 0
+    assert results(storage, "abl-8")["final_step"] == 2
+    capsys.readouterr()
+
+    assert run_sweep(dataset, storage, "8,16") == 0
+    out = capsys.readouterr().out
+    assert "[sweep] abl-8: 8 samples from" in out and "resuming" in out and "[sweep] abl-16: 16 samples" in out
+    small, large = results(storage, "abl-8"), results(storage, "abl-16")
+    assert small["resumed_from"] == 2 and small["final_step"] == 4
+    assert large["resumed_from"] is None and large["final_step"] == 4
+    for run, size in ((small, 8), (large, 16)):  # identical settings but the data
+        assert run["config"]["dataset_size"] == size and run["config"]["wandb_group"] == "abl"
+        assert run["config"]["data"] == [str(dataset / "subsets" / f"{size}.json")]
+    assert {k: v for k, v in small["config"].items() if k not in ("data", "run_name", "dataset_size")} == \
+        {k: v for k, v in large["config"].items() if k not in ("data", "run_name", "dataset_size")}
+
+    rows = list(csv.DictReader(io.StringIO((storage / "abl-report.csv").read_text())))
+    assert [(r["size"], r["run"], r["steps"]) for r in rows] == [("8", "abl-8", "4"), ("16", "abl-16", "4")]
+    assert all(0.0 <= float(r["final_fidelity"]) <= 1.0 and r["mauc"] and r["mauc_max_step"] == "4.0000"
+               for r in rows)
+    markdown = (storage / "abl-report.md").read_text()
+    assert "fidelity/caption/cfg9/edge_f1" in markdown and "| 8 | abl-8 | 4 |" in markdown
+    assert "| 16 | abl-16 | 4 |" in markdown and markdown in out
+    with Image.open(storage / "abl-report.png") as png:
+        assert png.size == (900, 540)
+    assert list((tmp_path / "wandb").rglob("offline-run-*-abl-report"))  # the table went to a W&B report run
+
+    stamps = {n: (storage / n / "results.json").stat().st_mtime_ns for n in ("abl-8", "abl-16")}
+    assert run_sweep(dataset, storage, "8,16") == 0  # re-run: nothing left to train
+    out = capsys.readouterr().out
+    assert "abl-8: finished at step 4, skipped" in out and "abl-16: finished at step 4, skipped" in out
+    assert stamps == {n: (storage / n / "results.json").stat().st_mtime_ns for n in ("abl-8", "abl-16")}
+
+
+def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
+    assert run_sweep(dataset, tmp_path, "8,49") == 2
+    assert capsys.readouterr().err.strip() == "error: size 49 is larger than the dataset's 48 ok samples"
+    assert sweep(["--dataset", str(dataset), "--sizes", "8", "--", "--data", "x"]) == 2
+    assert "--data is set by the sweep" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the report on made-up results
+
+
+def fake_run(storage: Path, name: str, size: int | None, group: str | None, steps: list[int], scores: list[float],
+             converged_at: int | None = None) -> None:
+    config = {"dataset_size": size, "wandb_group": group, "prompt_modes": ["caption"], "guidance_scales": [9.0],
+              "wandb": "off"}
+    curve = {"converged": converged_at is not None, "step": converged_at, "steps": steps, "scores": scores}
+    other = {"converged": False, "step": None, "steps": steps, "scores": [0.0] * len(steps)}
+    fidelity = {"fidelity/empty/cfg9/edge_f1": other, "fidelity/caption/cfg9/edge_f1": curve}
+    (storage / name).mkdir(parents=True)
+    (storage / name / "results.json").write_text(json.dumps(
+        {"config": config, "final_step": steps[-1], "history": [], "fidelity": fidelity}))
+
+
+def test_report_table_compares_over_the_common_steps(tmp_path):
+    fake_run(tmp_path, "abl-10k", 10_000, "abl", [0, 100, 200, 300], [0.1, 0.6, 0.7, 0.7], converged_at=100)
+    fake_run(tmp_path, "abl-1k", 1000, "abl", [0, 100, 200, 300, 400, 500], [0.1, 0.1, 0.1, 0.5, 0.7, 0.7],
+             converged_at=300)
+    fake_run(tmp_path, "abl-2-1k", 1000, "abl-2", [0, 100], [0.1, 0.2])  # another sweep's run: not ours
+    runs = load_runs(str(tmp_path), "abl")
+    assert sorted(runs) == ["abl-10k", "abl-1k"]
+    rows, common = table(runs)
+    assert common == 300  # the last step both runs reached
+    assert [(r["size"], r["steps"], r["convergence_step"], r["final_fidelity"]) for r in rows] == \
+        [(1000, 500, 300, 0.7), (10_000, 300, 100, 0.7)]
+    assert rows[0]["mauc"] == pytest.approx((0.1 * 200 + 0.3 * 100) / 300)  # only up to step 300
+    assert rows[1]["mauc"] == pytest.approx((0.35 * 100 + 0.65 * 100 + 0.7 * 100) / 300)
+    markdown = to_markdown(rows, "abl", "fidelity/caption/cfg9/edge_f1", common)
+    assert "| 1000 | abl-1k | 500 | 300 | 0.7000 | 0.1667 |" in markdown and "mAUCC (to step 300)" in markdown
+    report = write_report("abl", str(tmp_path))
+    assert [r["run"] for r in report["rows"]] == ["abl-1k", "abl-10k"]
+    assert all((tmp_path / f"abl-report.{ext}").exists() for ext in ("md", "csv", "png"))
+    assert not list(tmp_path.rglob("wandb"))  # the runs had W&B off: so has the report
+
+
+def test_report_without_fidelity_and_the_plot_helpers(tmp_path):
+    (tmp_path / "abl-8").mkdir()
+    (tmp_path / "abl-8" / "results.json").write_text(json.dumps(
+        {"config": {"dataset_size": 8, "wandb_group": "abl"}, "final_step": 4, "fidelity": {}}))
+    rows, common = table(load_runs(str(tmp_path), "abl"))
+    assert common is None and rows == [{"size": 8, "run": "abl-8", "steps": 4, "convergence_step": None,
+                                        "final_fidelity": None, "mauc": None}]
+    assert nice_ticks(2, 4, integer=True) == [2, 3, 4] and nice_ticks(0, 1) == [0, 0.25, 0.5, 0.75, 1.0]
+    image = plot_curves([("n=8", [2, 4], [0.2, 0.4], None), ("n=16", [2, 4, 6], [0.1, 0.5, 0.9], 4)], "t", "f1")
+    assert image.size == (900, 540) and len(image.getcolors(1 << 16)) > 3  # lines drawn in several colours
+    with pytest.raises(FileNotFoundError):
+        write_report("nothing", str(tmp_path))

@@ -1,0 +1,289 @@
+"""report: compare a dataset-size sweep's runs (markdown + CSV table, PNG of fidelity curves, a W&B table)"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python train/report.py`: import from the repo root, not from inside train/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import fsspec
+from PIL import Image, ImageDraw, ImageFont
+
+from train.convergence import common_max_step, mauc
+
+COLUMNS = ("size", "run", "steps", "convergence_step", "final_fidelity", "mauc")
+RESULTS = "results.json"
+# tab10: distinguishable lines for up to 10 sizes, then it repeats
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+# ---------------------------------------------------------------- pure: picking curves, the table
+
+
+def primary_curve(results: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The run's headline fidelity curve: the first prompt mode at the first (the paper's) CFG scale, as the
+    validation grid shows; else the first curve by name; None when the run scored no fidelity."""
+    curves = results.get("fidelity") or {}
+    if not curves:
+        return None
+    config = results.get("config", {})
+    modes, scales = config.get("prompt_modes") or [], config.get("guidance_scales") or []
+    if modes and scales:
+        head = f"fidelity/{modes[0]}/cfg{scales[0]:g}/"
+        for name in sorted(curves):
+            if name.startswith(head):
+                return name, curves[name]
+    name = sorted(curves)[0]
+    return name, curves[name]
+
+
+def pick_curve(results: dict[str, Any], name: str | None) -> tuple[str, dict[str, Any]] | None:
+    """A named curve (--curve) or the primary one."""
+    if name is None:
+        return primary_curve(results)
+    curve = (results.get("fidelity") or {}).get(name)
+    return (name, curve) if curve else None
+
+
+def sort_runs(runs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, results) by dataset size, runs without a size last."""
+    def order(item: tuple[str, dict[str, Any]]) -> tuple[bool, int, str]:
+        size = item[1].get("config", {}).get("dataset_size")
+        return size is None, size or 0, item[0]
+    return sorted(runs.items(), key=order)
+
+
+def table(runs: dict[str, dict[str, Any]], curve: str | None = None) -> tuple[list[dict[str, Any]], float | None]:
+    """One row per run (COLUMNS) and the common max step that every mAUCC is taken over (None: no curves)."""
+    picked = {name: pick_curve(res, curve) for name, res in runs.items()}
+    with_curve = [c for c in picked.values() if c and c[1].get("steps")]
+    common = common_max_step(*[c[1]["steps"] for c in with_curve]) if with_curve else None
+    rows = []
+    for name, res in sort_runs(runs):
+        found = picked[name]
+        points = found[1] if found and found[1].get("steps") else None
+        rows.append({
+            "size": res.get("config", {}).get("dataset_size"),
+            "run": name,
+            "steps": res.get("final_step"),
+            "convergence_step": points.get("step") if points and points.get("converged") else None,
+            "final_fidelity": points["scores"][-1] if points else None,
+            "mauc": _mauc(points, common),
+        })
+    return rows, common
+
+
+def _mauc(points: dict[str, Any] | None, common: float | None) -> float | None:
+    if points is None or common is None:
+        return None
+    try:
+        return mauc(points["steps"], points["scores"], common)
+    except ValueError:  # this run's first evaluation comes after the common range ends: no comparable area
+        return None
+
+
+def _cell(value: Any, empty: str) -> str:
+    if value is None:
+        return empty
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]], prefix: str, curve: str | None, common: float | None) -> str:
+    """The table with a heading that names the curve and the mAUCC range."""
+    header = ["size", "run", "steps", "convergence step", "final fidelity",
+              f"mAUCC (to step {common:g})" if common is not None else "mAUCC"]
+    lines = [
+        f"# Dataset-size sweep `{prefix}`",
+        "",
+        f"Fidelity curve: `{curve or 'none (no fidelity scored)'}`. Convergence step: the detected sudden "
+        "convergence (— when not converged or too few evaluations). mAUCC: mean area under the curve up to the last "
+        "step every run reached.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if h not in ("run",) else "---" for h in header) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(r[c], "—") for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]], common: float | None) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*COLUMNS, "mauc_max_step"])
+    for r in rows:
+        writer.writerow([_cell(r[c], "") for c in COLUMNS] + [_cell(common, "")])
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- pure: the plot (PIL: no matplotlib needed)
+
+
+def nice_ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> list[float]:
+    """About `target` round tick values (1, 2, 2.5 or 5 times a power of ten apart) within [lo, hi]."""
+    raw = (hi - lo) / max(target - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = max(1.0, round(step)) if integer else step  # steps are whole numbers: no 2.5 between 2 and 3
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float], float | None]], title: str,
+                y_label: str, size: tuple[int, int] = (900, 540)) -> Image.Image:
+    """A line plot: (legend label, steps, scores, convergence step or None) per curve; dashed verticals mark
+    detected convergence. Scores of fidelity curves lie in [0, 1]; the y range widens if they do not."""
+    width, height = size
+    left, right, top, bottom = 70, 170, 40, 60  # margins: tick labels left, legend right
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    xs = [x for _, steps, _, _ in curves for x in steps] or [0.0, 1.0]
+    ys = [y for _, _, scores, _ in curves for y in scores]
+    x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y_lo, y_hi = min([0.0, *ys]), max([1.0, *ys])
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    for y in nice_ticks(y_lo, y_hi):  # grid and y tick labels
+        _, py = px(x_lo, y)
+        draw.line([(left, py), (width - right, py)], fill="#e5e5e5")
+        draw.text((left - 8, py), f"{y:.2f}", fill="black", font=font, anchor="rm")
+    for x in nice_ticks(x_lo, x_hi, integer=True):
+        qx, _ = px(x, y_lo)
+        draw.line([(qx, height - bottom), (qx, height - bottom + 4)], fill="black")
+        draw.text((qx, height - bottom + 8), f"{x:g}", fill="black", font=font, anchor="mt")
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    draw.text(((left + width - right) / 2, height - 20), "step", fill="black", font=font, anchor="mm")
+    draw.text((8, top - 22), y_label, fill="black", font=font)
+    draw.text(((left + width - right) / 2, 12), title, fill="black", font=font, anchor="mt")
+    for i, (label, steps, scores, converged_at) in enumerate(curves):
+        color = PALETTE[i % len(PALETTE)]
+        points = [px(x, y) for x, y in zip(steps, scores, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for qx, qy in points:
+            draw.ellipse([qx - 3, qy - 3, qx + 3, qy + 3], fill=color)
+        if converged_at is not None:
+            cx, _ = px(converged_at, y_lo)
+            for y0 in range(top, height - bottom, 8):  # dashed vertical
+                draw.line([(cx, y0), (cx, min(y0 + 4, height - bottom))], fill=color)
+        ly = top + 10 + 18 * i
+        draw.line([(width - right + 15, ly), (width - right + 40, ly)], fill=color, width=3)
+        draw.text((width - right + 46, ly), label, fill="black", font=font, anchor="lm")
+    if any(c[3] is not None for c in curves):
+        draw.text((width - right + 15, top + 10 + 18 * len(curves)), "dashed: convergence", fill="#555555",
+                  font=font, anchor="lm")
+    return image
+
+
+def plotted(runs: dict[str, dict[str, Any]], curve: str | None) -> list[tuple[str, list, list, float | None]]:
+    """The plot's curves in table order, labelled by dataset size."""
+    out = []
+    for name, res in sort_runs(runs):
+        found = pick_curve(res, curve)
+        if found and found[1].get("steps"):
+            size = res.get("config", {}).get("dataset_size")
+            points = found[1]
+            out.append((f"n={size:,}" if size is not None else name, points["steps"], points["scores"],
+                        points.get("step") if points.get("converged") else None))
+    return out
+
+
+# ---------------------------------------------------------------- I/O: results in, report out
+
+
+def load_runs(storage: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """results.json of every `<prefix>-*` run under storage that belongs to the sweep's group (or has none)."""
+    fs, root = fsspec.core.url_to_fs(storage)
+    fs.invalidate_cache()
+    found = fs.glob(f"{root.rstrip('/')}/{prefix}-*/{RESULTS}")
+    runs = {}
+    for path in sorted(found):
+        results = json.loads(fs.cat_file(path))
+        if results.get("config", {}).get("wandb_group") in (prefix, None):  # `abl` must not take `abl-2`'s runs
+            runs[path.rsplit("/", 2)[-2]] = results
+    return runs
+
+
+def log_to_wandb(prefix: str, rows: list[dict[str, Any]], image: Image.Image, mode: str, project: str) -> None:
+    """The table and the plot in a "report" run of the sweep's W&B group."""
+    import wandb
+
+    from train.tracking import run_id
+
+    directory = os.environ.get("WANDB_DIR", "data/wandb")
+    os.makedirs(directory, exist_ok=True)
+    run = wandb.init(project=project, group=prefix, name=f"{prefix}-report", id=run_id(f"{prefix}-report"),
+                     resume="allow", job_type="report", mode=mode, dir=directory)
+    run.log({"sweep/sizes": wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows]),
+             "sweep/fidelity_curves": wandb.Image(image)})
+    run.finish()
+
+
+def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str | None = None) -> dict[str, Any]:
+    """Writes <storage>/<prefix>-report.{md,csv,png}, logs to W&B (mode from `wandb` or the runs' config).
+    Returns {rows, markdown, files}."""
+    runs = load_runs(storage, prefix)
+    if not runs:
+        raise FileNotFoundError(f"no runs named {prefix}-* with a {RESULTS} in {storage}")
+    rows, common = table(runs, curve)
+    first = pick_curve(next(iter(sort_runs(runs)))[1], curve)
+    curve_name = curve or (first[0] if first else None)
+    markdown = to_markdown(rows, prefix, curve_name, common)
+    image = plot_curves(plotted(runs, curve), f"condition fidelity by dataset size: {prefix}",
+                        curve_name or "fidelity")
+    base = f"{storage.rstrip('/')}/{prefix}-report"
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    files = {f"{base}.md": markdown.encode(), f"{base}.csv": to_csv(rows, common).encode(),
+             f"{base}.png": png.getvalue()}
+    for url, data in files.items():
+        with fsspec.open(url, "wb") as f:
+            f.write(data)
+    from train.tracking import wandb_mode
+
+    config = next(iter(runs.values())).get("config", {})
+    mode, message = wandb_mode(wandb or config.get("wandb", "auto"))
+    if mode != "off":
+        print(f"report {message}", flush=True)
+        log_to_wandb(prefix, rows, image, mode, config.get("wandb_project", "controlnet"))
+    return {"rows": rows, "markdown": markdown, "files": list(files)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.report",
+        description="Compare the runs of a dataset-size sweep (train/sweep.py): a table (size, steps, detected "
+        "convergence step, final fidelity, mAUCC over the common step range) as <storage>/<prefix>-report.md and "
+        ".csv, the fidelity curves overlaid in <prefix>-report.png, and the table in a W&B 'report' run.",
+    )
+    parser.add_argument("--runs", required=True, metavar="PREFIX", help="the sweep's run prefix (runs <prefix>-<size>)")
+    parser.add_argument("--storage-path", default="data/runs", help="where the runs are (local folder or s3://)")
+    parser.add_argument("--curve", help="fidelity curve to compare (default: first prompt mode at the first CFG)")
+    parser.add_argument("--wandb", choices=["auto", "online", "offline", "off"],
+                        help="W&B mode for the report run (default: the runs' own setting)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.runs, args.storage_path, args.wandb, args.curve)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report["markdown"])
+    print("\n".join(f"wrote {f}" for f in report["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""sweep: one ControlNet run per dataset size (nested subsets of one dataset) on Ray, then the comparison report"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import fsspec
+
+from train.checkpoints import latest_checkpoint
+from train.config import PRESETS, TrainConfig, parse_args
+from train.tracking import results_url
+
+REPO = Path(__file__).resolve().parent.parent
+# the sweep owns these per run; an override of them would make the runs differ in more than their data
+SWEEP_FLAGS = ("--data", "--run-name", "--wandb-group", "--dataset-size")
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start (bad arguments, subsets that cannot be made); one line for the user."""
+
+
+# ---------------------------------------------------------------- pure: arguments and per-run configs
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The sweep's own flags, and the trainer overrides after `--`."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def check_overrides(overrides: list[str]) -> None:
+    for token in overrides:
+        flag = token.split("=", 1)[0].replace("_", "-")
+        if flag in SWEEP_FLAGS:
+            raise SweepError(f"{flag} is set by the sweep for each size; leave it out of the trainer overrides")
+
+
+def run_config(base: TrainConfig, subset: dict, prefix: str) -> TrainConfig:
+    """One size's run: the shared settings, this subset's data, and a name and group that tie it to the sweep."""
+    return dataclasses.replace(base, data=[subset["url"]], run_name=f"{prefix}-{subset['label']}", wandb_group=prefix,
+                               dataset_size=subset["size"])
+
+
+def is_finished(results: dict | None, max_steps: int) -> bool:
+    return results is not None and results.get("final_step", 0) >= max_steps
+
+
+# ---------------------------------------------------------------- I/O: subsets, results, training
+
+
+def make_subsets(dataset: str, sizes: str, out: str | None) -> list[dict]:
+    """Runs `python -m pipeline.subsets` (train imports nothing of pipeline but its format) and returns its
+    [{label, size, shards, url}]."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "pipeline.subsets", "--dataset", dataset, "--sizes", sizes, "--json",
+               *(["--out", out] if out else [])]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise SweepError(lines[-1].removeprefix("error: ") if lines else f"pipeline.subsets exited {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def read_results(cfg: TrainConfig) -> dict | None:
+    url = results_url(cfg)
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def train(cfg: TrainConfig) -> None:
+    """One run on Ray Train; a run of this name with checkpoints resumes from its last one."""
+    import ray
+
+    from train.run import build_trainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    build_trainer(cfg).fit()
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    own, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="python train/sweep.py",
+        usage="python train/sweep.py --dataset D --sizes 1k,10k,50k [--preset P] [--run-prefix NAME] "
+              "[--storage-path S] [-- TRAINER OVERRIDES]",
+        description="Dataset-size ablation (the paper's Sec. 3.5): nested subsets of DATASET ranked by original "
+        "resolution (python -m pipeline.subsets), then one training run per size with identical settings but the "
+        "data, named <prefix>-<size>, in the W&B group <prefix> with dataset_size in its config. Runs go to Ray "
+        "one after another (each takes the whole cluster, as its num_workers asks). Re-running the same command "
+        "skips finished sizes and resumes unfinished ones from their last checkpoint. At the end it writes "
+        "<storage>/<prefix>-report.{md,csv,png} (python -m train.report). Trainer flags after `--` apply to every "
+        "run (see python train/run.py --help), e.g. -- --max-steps 5000 --wandb offline.",
+    )
+    parser.add_argument("--dataset", required=True, help="dataset folder or URL written by pipeline.build")
+    parser.add_argument("--sizes", required=True, help="comma-separated subset sizes: 500, 1k, 10k, 3m")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="debug", help="trainer preset (default: debug)")
+    parser.add_argument("--run-prefix", default="sweep", help="runs are named <prefix>-<size> (default: sweep)")
+    parser.add_argument("--storage-path", help="where runs and the report go (default: the preset's)")
+    parser.add_argument("--subsets-out", help="folder/URL for the subset manifests (default: <dataset>/subsets)")
+    parser.add_argument("--no-report", action="store_true", help="train only; skip the report at the end")
+    return parser.parse_args(own), overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        check_overrides(overrides)
+        base = parse_args(["--preset", args.preset, *overrides])
+        if args.storage_path:
+            base = dataclasses.replace(base, storage_path=args.storage_path)
+        subsets = make_subsets(args.dataset, args.sizes, args.subsets_out)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = []
+    for subset in subsets:
+        cfg = run_config(base, subset, args.run_prefix)
+        results = read_results(cfg)
+        if is_finished(results, cfg.max_steps):
+            print(f"[sweep] {cfg.run_name}: finished at step {results['final_step']}, skipped", flush=True)
+            continue
+        state = "resuming from its last checkpoint" if results or latest_checkpoint(cfg.storage_path, cfg.run_name) \
+            else "starting"
+        print(f"[sweep] {cfg.run_name}: {subset['size']} samples from {subset['shards']} shards, {state}", flush=True)
+        try:
+            train(cfg)
+        except Exception as e:  # one failed size must not cost the others; re-running resumes it
+            print(f"[sweep] {cfg.run_name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            failed.append(cfg.run_name)
+    if not args.no_report:
+        from train.report import write_report
+
+        report = write_report(args.run_prefix, base.storage_path, base.wandb)
+        print(report["markdown"], flush=True)
+        print("\n".join(f"wrote {f}" for f in report["files"]), flush=True)
+    if failed:
+        print(f"[sweep] failed: {', '.join(failed)}; run the same command again to resume them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,10 +19,19 @@ DATA ?= data/demo/canny
 RUN ?= controlnet-$(PRESET)
 DATASET ?= data/$(TASK)
 
+CLUSTER ?= infra/aws/cluster.yaml
+DASHBOARD ?= http://127.0.0.1:8265
+IMAGE ?= ghcr.io/OWNER/controlnet-data:latest
+GPUS ?= 16
+STORAGE ?= s3://BUCKET/controlnet/runs
+SIZES ?= 8,16,32
+SUBMIT = $(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . --
+
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 
-.PHONY: help setup sample-data dataset demo train test lint bench preview clean
+.PHONY: help setup sample-data dataset demo train test lint bench preview subsets sweep cluster-up cluster-down \
+	submit-dataset submit-train cluster-local image clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -43,7 +52,7 @@ data/sample/shards/00000.tar: | $(STAMP)
 sample-data: data/sample/shards/00000.tar ## build input shards from the photos scikit-image ships
 
 dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build a dataset: make dataset TASK=canny INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
-	$(PY) -m pipeline.build --task $(TASK) --input $(INPUT) --output $(OUTPUT) --caption $(CAPTION) \
+	$(PY) -m pipeline.build --task $(TASK) --input '$(INPUT)' --output $(OUTPUT) --caption $(CAPTION) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
 demo: $(STAMP) sample-data ## the main job on the embedded default: sample shards -> Canny dataset -> short training run
@@ -67,6 +76,32 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.json
 	$(PY) -m bench.canny_throughput
 	$(PY) -m bench.annotators
+
+subsets: $(STAMP) ## nested subsets by resolution: make subsets DATASET=data/canny SIZES=1k,10k,50k
+	$(PY) -m pipeline.subsets --dataset $(DATASET) --sizes $(SIZES)
+
+sweep: $(STAMP) ## dataset-size ablation: make sweep DATASET=data/demo/canny SIZES=8,16,32 PRESET=debug ARGS='--max-steps 20'
+	$(PY) train/sweep.py --dataset $(DATASET) --sizes $(SIZES) --preset $(PRESET) --run-prefix sizes-$(TASK) -- $(ARGS)
+
+cluster-up: $(STAMP) ## start the AWS Ray cluster (infra/aws/cluster.yaml; AWS credentials from your environment)
+	$(VENV)/bin/ray up $(CLUSTER) -y
+
+cluster-down: $(STAMP) ## terminate the AWS Ray cluster
+	$(VENV)/bin/ray down $(CLUSTER) -y
+
+submit-dataset: $(STAMP) ## dataset job on a cluster: make submit-dataset TASK=canny INPUT='s3://b/{00000..02999}.tar' OUTPUT=s3://b/canny
+	$(SUBMIT) python -m pipeline.build --task $(TASK) --input '$(INPUT)' --output $(OUTPUT) --caption $(CAPTION) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+submit-train: $(STAMP) ## train on a cluster: make submit-train PRESET=sd15 DATA=s3://b/canny RUN=name GPUS=16 STORAGE=s3://b/runs
+	$(SUBMIT) python train/run.py --preset $(PRESET) --data $(DATA) --run-name $(RUN) \
+		--num-workers $(GPUS) --use-gpu True --storage-path $(STORAGE) $(ARGS)
+
+cluster-local: $(STAMP) ## a real 2-node Ray cluster on this machine: dataset job + ray job submit DDP, S3 on loopback
+	$(PY) -m pytest -q tests/test_cluster_local.py
+
+image: ## build the cluster image (build context: the repository root)
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
 
 clean: ## remove generated data (keeps .venv)
 	rm -rf data/demo data/canny bench/results

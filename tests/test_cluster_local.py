@@ -2,6 +2,7 @@
 runs 2-worker DDP across them with checkpoints on a real S3 endpoint (moto on loopback); then it all stops"""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,8 +55,13 @@ def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 90) -> 
 def cluster(s3_endpoint):
     """`ray start --head` and a second `ray start --address`, each with 1 CPU and a resource naming it."""
     gcs, dashboard, client = free_ports(3)
-    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    # one temp dir per node, short (Ray's socket paths must stay under 107 bytes), and separate: two nodes on one
+    # machine would otherwise unpack job working dirs into the same folder, under each other's feet
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    second_temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    # token auth off: a loopback-only test cluster, whose head would otherwise mint a token that clients started
+    # with another temp dir do not find
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0",
@@ -70,7 +76,8 @@ def cluster(s3_endpoint):
         wait_for_nodes(address, 1, env)
         nodes.append(subprocess.Popen(
             [RAY, "start", "--block", f"--address={address}", "--num-cpus=1", "--num-gpus=0",
-             '--resources={"second_node": 1}', *node_ports()],
+             '--resources={"second_node": 1}', f"--temp-dir={second_temp}",
+             *node_ports()],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         ))
         wait_for_nodes(address, 2, env)
@@ -83,6 +90,8 @@ def cluster(s3_endpoint):
                 node.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
+        for folder in (temp, second_temp):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_dataset_job_and_ddp_training_across_two_nodes(cluster, sample_shards):
@@ -99,15 +108,22 @@ def test_dataset_job_and_ddp_training_across_two_nodes(cluster, sample_shards):
     assert len({s["node_id"] for s in stats}) == 2  # the shards were processed on both nodes
 
     job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    submitted = run([RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO), "--",
+    submitted = run([RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+                     "--runtime-env-json", json.dumps({"excludes": [".git"]}), "--",
                      sys.executable, "train/run.py", "--preset", "debug", "--data", "s3://cnd-cluster/canny",
                      "--run-name", "two-nodes", "--num-workers", "2", "--storage-path", "s3://cnd-cluster/runs",
                      "--max-steps", "4", "--checkpoint-every", "2", "--validate-every", "0", "--wandb", "off"],
                     job_env, timeout=600)
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, logs[-4000:]
-    assert "node_rank=1" in logs  # the second rank ran on the second node
-    assert "'ranks_in_sync': 1.0" in logs
+    assert "world_size=2" in logs and "'ranks_in_sync': 1.0" in logs
+    # each node has 1 CPU, so the two 1-CPU ranks had to run on different nodes; the state API confirms it
+    # (Ray Train's own node_rank groups by IP, and both nodes share this machine's IP)
+    probe = (f"import ray; from ray.util.state import list_actors; ray.init(address='{cluster['address']}'); "
+             "print(len({a.node_id for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker')], "
+             "detail=True)}))")
+    nodes = run([sys.executable, "-c", probe], cluster["env"], timeout=120)
+    assert nodes.stdout.strip().endswith("2"), nodes.stdout + nodes.stderr[-2000:]
     fs.invalidate_cache()
     results = json.loads(fs.cat_file("cnd-cluster/runs/two-nodes/results.json"))
     assert results["final_step"] == 4

@@ -119,9 +119,10 @@ def test_dataset_job_and_ddp_training_across_two_nodes(cluster, sample_shards):
     assert "world_size=2" in logs and "'ranks_in_sync': 1.0" in logs
     # each node has 1 CPU, so the two 1-CPU ranks had to run on different nodes; the state API confirms it
     # (Ray Train's own node_rank groups by IP, and both nodes share this machine's IP)
-    probe = (f"import ray; from ray.util.state import list_actors; ray.init(address='{cluster['address']}'); "
-             "print(len({a.node_id for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker')], "
-             "detail=True)}))")
+    probe = ("from ray.util.state import list_actors; "
+             f"actors = list_actors(address='{cluster['dashboard']}', "
+             "filters=[('class_name', '=', 'RayTrainWorker')], detail=True); "
+             "print(len({a.node_id for a in actors}))")
     nodes = run([sys.executable, "-c", probe], cluster["env"], timeout=120)
     assert nodes.stdout.strip().endswith("2"), nodes.stdout + nodes.stderr[-2000:]
     fs.invalidate_cache()

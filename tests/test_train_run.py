@@ -58,6 +58,13 @@ def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatc
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     grids = sorted(runs[0].rglob("media/images/validation/grid_*.png"))
     assert [g.name.split("_")[1] for g in grids] == ["2", "4"]
+    # the condition-fidelity curves (Canny re-run on generated images, edge F1) with their detection and mAUCC
+    curves = results(storage, "ddp")["fidelity"]
+    assert set(curves) == {f"fidelity/{mode}/cfg{scale}/edge_f1" for mode in ("caption", "empty", "default")
+                           for scale in ("9", "1")}
+    for curve in curves.values():
+        assert curve["steps"] == [2, 4] and all(0.0 <= v <= 1.0 for v in curve["scores"])
+        assert curve["converged"] is False and "fewer than 4" in curve["reason"] and curve["mauc"] is not None
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, storage):

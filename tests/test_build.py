@@ -55,6 +55,15 @@ def test_sample_shards_to_a_canny_dataset(sample_shards, tmp_path, capsys):
             assert 50 <= low <= 150 and low + 50 <= high <= low + 150
             assert s["json"]["source_shard"] == tar.stem
 
+    # the contact sheet a user opens before spending GPU-hours: one row per sample, counts in the header
+    from PIL import Image
+
+    from pipeline.preview import main as preview
+
+    preview([str(out), "--samples", "3", "--out", str(tmp_path / "sheet.png")])
+    assert "ok: 48" in capsys.readouterr().out
+    assert Image.open(tmp_path / "sheet.png").size[1] == 28 + 3 * 256
+
     # a re-run finds everything done and rewrites nothing
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     assert main(["--input", str(sample_shards), "--output", str(out), "--resolution", "128"]) == 0

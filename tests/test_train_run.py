@@ -47,7 +47,7 @@ def final_weights(result) -> dict[str, torch.Tensor]:
 def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     cfg = config(dataset, storage, "ddp", num_workers=2, max_steps=4, checkpoint_every=2, wandb="offline",
-                 validate_every=2)
+                 validate_every=2, grad_accum=2)  # accumulation exercises DDP's no_sync on the first micro-batch
     result = build_trainer(cfg).fit()
     assert result.metrics["step"] == 4 and result.metrics["ranks_in_sync"] == 1.0
     weights = final_weights(result)

@@ -6,7 +6,7 @@ import copy
 import json
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,8 @@ def pretrain_base(cfg: ToyConfig, urls: list[str], vocab: list[str], logger: Any
         if step % 25 == 0:
             logger.log({"base/loss": loss.item()}, step=step)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps({"steps": cfg.base_steps, "final_loss": loss.item(),
+                                                   "minutes": bar.format_dict["elapsed"] / 60}))
     ema.module.save_pretrained(folder / "unet")
     torch.save(words.state_dict(), folder / "words.pt")
     (folder / "vocab.json").write_text(json.dumps(vocab))
@@ -295,8 +297,9 @@ def evaluate(unet: nn.Module, controlnet: nn.Module, words: WordEncoder, val: di
 
 
 def train_controlnet(cfg: ToyConfig, unet: nn.Module, words: WordEncoder, urls: list[str], val: dict[str, Any],
-                     annotator: CannyAnnotator, logger: Any) -> dict[str, Any]:
-    """ControlNet on the LOCKED base; evaluations at step 0, every eval_every steps and at the end."""
+                     annotator: CannyAnnotator, logger: Any, on_eval: Callable[[dict[str, Any]], None]) -> dict:
+    """ControlNet on the LOCKED base; evaluations at step 0, every eval_every steps and at the end, each followed
+    by on_eval(history), so a run stopped early still leaves its curve so far."""
     torch.manual_seed(cfg.seed + 1)
     unet.requires_grad_(False).eval()
     words.requires_grad_(False).eval()
@@ -317,6 +320,7 @@ def train_controlnet(cfg: ToyConfig, unet: nn.Module, words: WordEncoder, urls: 
             logger.log(metrics, step=cfg.base_steps + step)
             bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('fidelity/')} {v:.3f}"
                                                    for k, v in metrics.items() if k.endswith(PRIMARY[TASK])))
+            on_eval(history)
         if step == cfg.control_steps:
             break
         batch = next(stream)
@@ -388,14 +392,21 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], detection: dict[str, 
 
 
 def sample_grid(val: dict[str, Any], history: dict[str, Any], evals: int, path: Path, columns: int = 8) -> None:
-    """Rows: the input condition, then the captions/CFG 1 samples at `evals` evaluation steps (top to bottom)."""
+    """Rows: the input conditions, then the captions/CFG 1 samples for them at `evals` evaluation steps."""
     steps = history["steps"]
     shown = [steps[round(i)] for i in np.linspace(0, len(steps) - 1, min(evals, len(steps)))]
     n = min(columns, len(val["key"]))
     conditions = (val["conditioning_pixel_values"][:n].permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-    rows = [conditions, *(history["images"][s][:n] for s in dict.fromkeys(shown))]
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+    labelled = {"condition": conditions, **{f"step {s}": history["images"][s][:n] for s in dict.fromkeys(shown)}}
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in labelled.values()], axis=0)
+    scale, margin = 4, 70  # 4x nearest-neighbour zoom; a left margin for the row labels
+    zoomed = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (zoomed.width + margin, zoomed.height), "white")
+    canvas.paste(zoomed, (margin, 0))
+    pen, side = ImageDraw.Draw(canvas), conditions.shape[1] * scale
+    for i, label in enumerate(labelled):
+        pen.text((4, i * side + side // 2 - 6), label, fill="black", font=ImageFont.load_default())
+    canvas.save(path)
 
 
 def base_grid(unet: nn.Module, words: WordEncoder, captions: list[str], path: Path, seed: int) -> None:
@@ -433,8 +444,23 @@ class Logger:
             self.run.finish()
 
 
+def write_outputs(cfg: ToyConfig, val: dict[str, Any], history: dict[str, Any], timings: dict[str, float]) -> dict:
+    """results.json, the curve plot and the sample grid, from the evaluations so far."""
+    out = Path(cfg.out)
+    curves = curves_of(history)
+    detection = detect(curves)
+    plot_curves(curves, detection, out / "fidelity.png", f"toy ControlNet, lr {cfg.lr:g}: edge F1 (1 px) on "
+                f"{len(val['key'])} held-out samples; thick = captions, CFG 1 (primary)")
+    sample_grid(val, history, cfg.grid_evals, out / "samples.png")
+    results = {"settings": asdict(cfg), "primary": PRIMARY_CURVE, "curves": curves, "detection": detection,
+               "metrics": [{"step": s, **m} for s, m in zip(history["steps"], history["metrics"], strict=True)],
+               "control_loss": history["loss"], "timings": timings}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_args(argv) if not isinstance(argv, ToyConfig) else argv
+    cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -445,30 +471,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unet, words = pretrain_base(cfg, train_urls, vocab, logger)
     base_grid(unet, words, val["caption"][:8], out / "base_samples.png", cfg.seed)
     base_done = time.perf_counter()
-    history = train_controlnet(cfg, unet, words, train_urls, val, annotator, logger)
-    control_done = time.perf_counter()
-    curves = curves_of(history)
-    detection = detect(curves)
-    plot_curves(curves, detection, out / "fidelity.png", f"toy ControlNet, lr {cfg.lr:g}: edge F1 (1 px) on "
-                f"{len(val['key'])} held-out samples; thick = captions, CFG 1 (primary)")
-    sample_grid(val, history, cfg.grid_evals, out / "samples.png")
-    timings = {"base_minutes": (base_done - started) / 60, "control_minutes": (control_done - base_done) / 60,
-               "eval_minutes": history["eval_seconds"] / 60, "total_minutes": (time.perf_counter() - started) / 60}
-    results = {"settings": asdict(cfg), "primary": PRIMARY_CURVE, "curves": curves, "detection": detection,
-               "metrics": [{"step": s, **m} for s, m in zip(history["steps"], history["metrics"], strict=True)],
-               "control_loss": history["loss"], "timings": timings}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    base_log = out / "base" / "train.json"
+    pretrain = json.loads(base_log.read_text())["minutes"] if base_log.exists() else None
+
+    def timings(history: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        return {"base_minutes_this_run": (base_done - started) / 60, "base_pretrain_minutes": pretrain,
+                "control_minutes": (now - base_done) / 60, "eval_minutes": history["eval_seconds"] / 60,
+                "total_minutes": (now - started) / 60}
+
+    history = train_controlnet(cfg, unet, words, train_urls, val, annotator, logger,
+                               lambda h: write_outputs(cfg, val, h, timings(h)))
+    results = write_outputs(cfg, val, history, timings(history))
+    detection = results["detection"]
     summary = {f"{n}/{k}": v for n, d in detection.items() for k, v in d.items() if k != "reason"}
-    logger.finish({**summary, **timings}, {"fidelity_plot": out / "fidelity.png", "samples": out / "samples.png",
-                                           "base_samples": out / "base_samples.png"})
-    print(report(detection[PRIMARY_CURVE], timings))
+    logger.finish({**summary, **results["timings"]}, {"fidelity_plot": out / "fidelity.png",
+                                                      "samples": out / "samples.png",
+                                                      "base_samples": out / "base_samples.png"})
+    print(report(detection[PRIMARY_CURVE], results["timings"]))
     return results
 
 
 def report(found: dict[str, Any], timings: dict[str, float]) -> str:
     step = found["step"] if found["converged"] else f"not converged ({found['reason']})"
     return (f"{PRIMARY_CURVE}: start {found['start']:.3f}, plateau {found['plateau']:.3f}, detected step {step}, "
-            f"mAUCC {found['mauc']:.3f}; minutes: base {timings['base_minutes']:.1f}, ControlNet "
+            f"mAUCC {found['mauc']:.3f}; minutes: base {timings['base_minutes_this_run']:.1f} (pretraining "
+            f"{timings['base_pretrain_minutes'] or 0:.1f}), ControlNet "
             f"{timings['control_minutes']:.1f} (evaluation {timings['eval_minutes']:.1f}), total "
             f"{timings['total_minutes']:.1f}")
 

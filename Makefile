@@ -31,7 +31,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 
 .PHONY: help setup sample-data dataset demo train test lint bench preview subsets sweep cluster-up cluster-down \
-	submit-dataset submit-train cluster-local image clean
+	submit-dataset submit-train cluster-local image repro clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -76,6 +76,12 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.json
 	$(PY) -m bench.canny_throughput
 	$(PY) -m bench.annotators
+
+repro: $(STAMP) ## the sudden-convergence toy reproduction: shapes -> Canny dataset -> pixel base -> ControlNet curve
+	$(PY) -m pipeline.toy_shapes --output data/toy/shards --samples 6000 --num-shards 12
+	$(PY) -m pipeline.build --task canny --input data/toy/shards --output data/toy/canny --resolution 32 \
+		--canny-low 80 120 --canny-high-gap 60 100 --jpeg-quality 100
+	$(PY) -m train.toy --data data/toy/canny --out data/toy/run --eval-every 50 $(ARGS)
 
 subsets: $(STAMP) ## nested subsets by resolution: make subsets DATASET=data/canny SIZES=1k,10k,50k
 	$(PY) -m pipeline.subsets --dataset $(DATASET) --sizes $(SIZES)

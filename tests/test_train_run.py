@@ -134,3 +134,15 @@ def test_checkpoints_go_to_s3(dataset, s3_endpoint):
     files = fs.ls(result.checkpoint.path)
     assert any(f.endswith("state.pt") for f in files) and any(f.endswith("progress.json") for f in files)
     assert json.loads(fs.cat_file("cnd-runs/runs/on-s3/results.json"))["final_step"] == 2
+
+
+def test_validation_is_held_out_of_training(dataset):
+    from train.data import DataSource
+    from train.loop import split_validation
+
+    train, held_out = split_validation(DataSource(["a.tar", "b.tar", "c.tar"], "canny"), None)
+    assert train.urls == ["a.tar", "b.tar"] and held_out.urls == ["c.tar"] and held_out.task == "canny"
+    only = DataSource(["a.tar"], "canny")
+    assert split_validation(only, None) == (only, only)  # one shard: nothing to hold out
+    train, given = split_validation(only, [str(dataset)])
+    assert train is only and len(given.urls) == 4

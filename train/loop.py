@@ -214,6 +214,20 @@ def ranks_in_sync(module: nn.Module) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def split_validation(source, validation_data: list[str] | None):
+    """(training source, validation source): the given validation data, else the last shard held out of
+    training (when there are several), else the training data itself."""
+    import dataclasses as dc
+
+    from train.data import resolve_shards
+
+    if validation_data:
+        return source, resolve_shards(validation_data)
+    if len(source.urls) < 2:
+        return source, source
+    return dc.replace(source, urls=source.urls[:-1]), dc.replace(source, urls=source.urls[-1:])
+
+
 def start_validation(trainer: Trainer, source):
     """Rank 0 draws the fixed validation conditions (captions kept) and builds the fidelity annotator."""
     from train.data import make_loader
@@ -273,11 +287,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()
 
-    source = resolve_shards(cfg.data)
+    source, held_out = split_validation(resolve_shards(cfg.data), cfg.validation_data)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger and trainer.state.resumed_from is not None:
         logger.note(f"resumed from step {trainer.state.resumed_from}")
-    validation = start_validation(trainer, source) if logger and cfg.validate_every else None
+    validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None
     stream = trainer.batches(source)
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size

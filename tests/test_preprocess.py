@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,7 +52,7 @@ def test_jpeg_draft_decode_matches_a_full_decode():
     fast, size = decode_image(big, resolution=256, max_pixels=10**8)
     assert size == (1600, 1200)
     assert min(fast.shape[:2]) >= 256 and fast.shape[1] < 1600  # decoded reduced, still covers 256
-    full = np.asarray(Image.open(__import__("io").BytesIO(big)).convert("RGB"))
+    full = np.asarray(Image.open(io.BytesIO(big)).convert("RGB"))
     a, b = center_crop_resize(fast, 256), center_crop_resize(full, 256)
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 3
 

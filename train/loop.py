@@ -7,6 +7,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ class Trainer:
             condition = batch["conditioning_pixel_values"].to(self.device)  # (B, 3, R, R) in [0, 1]
             text = encode_prompts(self.sd, list(batch["caption"]), self.device)
             last = i == len(micro_batches) - 1
-            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else _nullcontext()
+            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                       enabled=self.amp_dtype is not None):
                 loss = diffusion_loss(self.sd, self.model, pixel_values, condition, text, generator)
@@ -189,14 +190,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         return total
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _as_tuples(value):

@@ -1,10 +1,15 @@
 """the ControlNet model (paper Sec. 3): a locked Stable Diffusion, its trainable copy, and the Eq. 10 loss"""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,17 +54,16 @@ def local_model_folder(base_model: str) -> str:
 
             build_tiny_sd(Path(local))
         return local
-    import hashlib
-    import tempfile
-
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(base_model)
     target = Path(tempfile.gettempdir()) / "controlnet-base" / hashlib.sha256(base_model.encode()).hexdigest()[:16]
     if not (target / "model_index.json").exists():
-        partial = target.with_name(target.name + f".partial{__import__('os').getpid()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.partial{os.getpid()}")
         fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:  # another rank on this node finished the same copy first
+            shutil.rmtree(partial, ignore_errors=True)
     return str(target)
 
 

@@ -68,10 +68,6 @@ class RunLogger:
         if self.run is not None:
             self.run.summary["note"] = text
 
-    def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.summary.update(values)
-
     def finish(self, state) -> None:
         write_results(self.cfg, state)
         if self.run is not None:

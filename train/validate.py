@@ -81,9 +81,6 @@ def validation_grid(vset: ValidationSet, generated: np.ndarray) -> np.ndarray:
     return grid([to_uint8(vset.conditions), to_uint8(generated), to_uint8(vset.targets, (-1.0, 1.0))])
 
 
-def describe(vset: ValidationSet) -> dict[str, Any]:
-    return {"keys": vset.keys, "prompts": vset.prompts}
-
 
 DEFAULT_PROMPT = "a professional, detailed, high-quality image"  # the paper's default prompt
 PROMPT_MODES = ("caption", "empty", "default")

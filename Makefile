@@ -26,12 +26,20 @@ GPUS ?= 16
 STORAGE ?= s3://BUCKET/controlnet/runs
 SIZES ?= 8,16,32
 SUBMIT = $(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . --
+# the toy shapes: 32 px, Canny ranges that find the shapes' outlines only, lossless targets
+TOY_CANNY = --resolution 32 --canny-low 80 120 --canny-high-gap 60 100 --jpeg-quality 100
+BASE_ARGS ?=
+# the demo trains briefly on the committed toy base: fewer, cheaper evaluations than the toy preset's
+DEMO_TRAIN = --max-steps 300 --validate-every 25 --checkpoint-every 150 --validation-samples 16 \
+	--prompt-modes caption --guidance-scales 1 --validation-steps 10
+TOY_SIZES ?= 300,1k,3k,10k,30k
+TOY_SWEEP_TRAIN = --max-steps 600 --validate-every 50 --prompt-modes caption --guidance-scales 1
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 
 .PHONY: help setup sample-data dataset demo train test lint bench preview subsets sweep cluster-up cluster-down \
-	submit-dataset submit-train cluster-local image repro clean
+	submit-dataset submit-train cluster-local image repro toy-sweep clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -55,10 +63,13 @@ dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build 
 	$(PY) -m pipeline.build --task $(TASK) --input '$(INPUT)' --output $(OUTPUT) --caption $(CAPTION) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
-demo: $(STAMP) sample-data ## the main job on the embedded default: sample shards -> Canny dataset -> short training run
+demo: $(STAMP) sample-data ## the main jobs on the embedded defaults: photos -> Canny dataset; toy shapes -> a ControlNet that visibly learns
 	$(PY) -m pipeline.build --task canny --input data/sample/shards --output data/demo/canny
 	$(PY) -m pipeline.preview data/demo/canny --out data/demo/canny-preview.png
-	$(PY) train/run.py --preset debug --data data/demo/canny --run-name demo --storage-path data/demo/runs $(ARGS)
+	$(PY) -m pipeline.toy_shapes --output data/demo/toy-shapes --samples 2400 --num-shards 6 --seed 1
+	$(PY) -m pipeline.build --task canny --input data/demo/toy-shapes --output data/demo/toy-canny $(TOY_CANNY)
+	$(PY) train/run.py --preset toy --data data/demo/toy-canny --run-name demo --storage-path data/demo/runs \
+		$(DEMO_TRAIN) $(ARGS)
 	$(PY) -m train.export data/demo/runs/demo --format diffusers --out data/demo/controlnet
 
 train: $(STAMP) ## train a ControlNet: make train PRESET=debug DATA=data/demo/canny RUN=name ARGS='--max-steps 100'
@@ -77,11 +88,18 @@ bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.
 	$(PY) -m bench.canny_throughput
 	$(PY) -m bench.annotators
 
-repro: $(STAMP) ## the sudden-convergence toy reproduction: shapes -> Canny dataset -> pixel base -> ControlNet curve
+repro: $(STAMP) ## sudden convergence from scratch: shapes -> Canny dataset -> pixel base -> ControlNet (Ray Train) -> curve
 	$(PY) -m pipeline.toy_shapes --output data/toy/shards --samples 6000 --num-shards 12
-	$(PY) -m pipeline.build --task canny --input data/toy/shards --output data/toy/canny --resolution 32 \
-		--canny-low 80 120 --canny-high-gap 60 100 --jpeg-quality 100
-	$(PY) -m train.toy --data data/toy/canny --out data/toy/run --eval-every 50 $(ARGS)
+	$(PY) -m pipeline.build --task canny --input data/toy/shards --output data/toy/canny $(TOY_CANNY)
+	$(PY) -m train.pretrain_base --data data/toy/canny --out data/toy/base $(BASE_ARGS)
+	$(PY) train/run.py --preset toy --data data/toy/canny --base-model data/toy/base --run-name repro \
+		--storage-path data/toy/runs $(ARGS)
+
+toy-sweep: $(STAMP) ## the dataset-size question on the toy: 30k shapes, one ControlNet per size, report
+	$(PY) -m pipeline.toy_shapes --output data/toy30k/shards --samples 31000 --num-shards 31
+	$(PY) -m pipeline.build --task canny --input data/toy30k/shards --output data/toy30k/canny $(TOY_CANNY)
+	$(PY) train/sweep.py --dataset data/toy30k/canny --sizes $(TOY_SIZES) --preset toy --run-prefix toy-sizes \
+		--storage-path data/toy30k/runs -- $(TOY_SWEEP_TRAIN) $(ARGS)
 
 subsets: $(STAMP) ## nested subsets by resolution: make subsets DATASET=data/canny SIZES=1k,10k,50k
 	$(PY) -m pipeline.subsets --dataset $(DATASET) --sizes $(SIZES)
@@ -110,4 +128,4 @@ image: ## build the cluster image (build context: the repository root)
 	docker build -f infra/docker/Dockerfile -t $(IMAGE) .
 
 clean: ## remove generated data (keeps .venv)
-	rm -rf data/demo data/canny bench/results
+	rm -rf data/demo data/canny data/toy data/toy30k bench/results

@@ -1,7 +1,7 @@
 """annotate: pure image -> condition-map functions and models (no Ray, no storage, no shards)"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import import_module
 from typing import Any
 
@@ -41,6 +41,19 @@ def build_annotator(task: str, **kwargs: Any) -> Annotator:
     return ANNOTATORS[task](**kwargs)
 
 
+def annotator_params(task: str, job_config: Mapping[str, Any]) -> dict[str, Any]:
+    """An annotator's keyword arguments (but the device) from the dataset job's settings: its config as given, or
+    as a dataset's manifest records it. One mapping, so that the trainer's fidelity scorer re-annotates generated
+    images exactly as the dataset was annotated (same Canny ranges and seed, same weights)."""
+    params: dict[str, Any] = {"seed": job_config.get("seed", 0), "weights": job_config.get("weights")}
+    if task == "canny":
+        named = {"canny_low": "low_range", "canny_high_gap": "high_gap"}
+        params |= {name: tuple(job_config[key]) for key, name in named.items() if job_config.get(key) is not None}
+    elif task == "openpose" and job_config.get("min_keypoint_fraction") is not None:
+        params["min_keypoint_fraction"] = job_config["min_keypoint_fraction"]
+    return params
+
+
 def build_captioner(name: str, **kwargs: Any) -> Captioner:
     if name not in CAPTIONERS:
         raise ValueError(f"unknown captioner {name!r}; choose one of {', '.join(sorted(CAPTIONERS))}")
@@ -53,6 +66,7 @@ __all__ = [
     "Annotation",
     "Annotator",
     "Captioner",
+    "annotator_params",
     "build_annotator",
     "build_captioner",
 ]

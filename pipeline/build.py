@@ -14,7 +14,7 @@ import fsspec
 import ray
 from tqdm import tqdm
 
-from annotate import build_annotator, build_captioner
+from annotate import annotator_params, build_annotator, build_captioner
 from pipeline import format as fmt
 from pipeline.config import BuildConfig, parse_config
 from pipeline.reader import InputShard, list_input_shards
@@ -25,12 +25,7 @@ FORMAT_VERSION = 1
 
 def build_models(cfg: BuildConfig):
     """The annotator and (when captions come from a model) the captioner, as each actor holds them."""
-    task_params: dict[str, Any] = {}
-    if cfg.task == "canny":
-        task_params = {"low_range": cfg.canny_low, "high_gap": cfg.canny_high_gap}
-    elif cfg.task == "openpose":
-        task_params = {"min_keypoint_fraction": cfg.min_keypoint_fraction}
-    annotator = build_annotator(cfg.task, seed=cfg.seed, weights=cfg.weights, device=cfg.device, **task_params)
+    annotator = build_annotator(cfg.task, device=cfg.device, **annotator_params(cfg.task, asdict(cfg)))
     captioner = None
     if cfg.caption in {"blip", "auto"}:
         captioner = build_captioner("blip", weights=cfg.weights, device=cfg.device, num_beams=cfg.caption_beams)

@@ -1,6 +1,7 @@
 """the output shard format: the one contract between the dataset job and the trainer"""
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 # statuses of a parquet row: every input sample lands in exactly one row with one of these
@@ -44,6 +45,12 @@ INDEX_COLUMNS: Final = (
 )
 
 
+def key_hash(key: str) -> int:
+    """A stable order of sample keys (unlike hash(), the same in every process and Python version): subsets break
+    ties with it, and the trainer picks its validation samples by it, so a choice never depends on listing order."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
 def shard_paths(out: str, name: str) -> dict[str, str]:
     """URLs of the files one output shard consists of."""
     base = f"{out.rstrip('/')}/{SHARDS_DIR}/{name}"
@@ -54,6 +61,7 @@ def shard_paths(out: str, name: str) -> dict[str, str]:
 SUBSET_SHARDS: Final = "shards"  # list of tar URLs; relative ones resolve against the subset file's folder
 SUBSET_KEYS: Final = "keys"  # list of sample keys to keep (keys are unique across one dataset's shards)
 SUBSET_TASK: Final = "task"  # the condition task, as in the dataset manifest
+SUBSET_VALIDATION: Final = "validation"  # optional: URL of the held-out validation subset manifest to score on
 
 
 def subset_manifest(shards: list[str], keys: list[str], task: str) -> dict[str, object]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline import format as fmt
 
 SUBSETS_DIR = "subsets"
+VALIDATION_NAME = "validation.json"
 READ_THREADS = 16  # parquet indexes fetched concurrently (object stores answer slowly one at a time)
 COLUMNS = ["key", "status", "original_width", "original_height"]
 RANKING_RULE = (
@@ -73,32 +73,41 @@ def size_label(size: int) -> str:
     return str(size)
 
 
-def key_hash(key: str) -> int:
-    """A stable tie-breaker (unlike hash(), the same in every process and Python version)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
 def rank(samples: Iterable[Sample]) -> list[Sample]:
     """Largest originals first; equal resolutions in key-hash order, so the order never depends on listing order."""
-    ranked = sorted(samples, key=lambda s: (-s.pixels, key_hash(s.key), s.key))
+    ranked = sorted(samples, key=lambda s: (-s.pixels, fmt.key_hash(s.key), s.key))
     keys = [s.key for s in ranked]
     if len(set(keys)) != len(keys):
         raise SubsetError("duplicate keys across shards: a key must name one sample in a dataset")
     return ranked
 
 
-def select(ranked: list[Sample], sizes: list[int]) -> dict[int, list[Sample]]:
+def select(ranked: list[Sample], sizes: list[int], held_out: int = 0) -> dict[int, list[Sample]]:
     """The top-n of one ranking per size: nested by construction. A size past the ok samples is an error."""
     too_large = [s for s in sizes if s > len(ranked)]
     if too_large:
         largest = max(too_large)
         named = str(largest) if size_label(largest) == str(largest) else f"{size_label(largest)} ({largest})"
-        raise SubsetError(f"size {named} is larger than the dataset's {len(ranked)} ok samples")
+        held = f" ({held_out} more are held out for validation)" if held_out else ""
+        raise SubsetError(f"size {named} is larger than the dataset's {len(ranked)} ok samples{held}")
     return {size: ranked[:size] for size in sizes}
 
 
-def subset_document(chosen: list[Sample], task: str, dataset: str, available: int) -> dict[str, object]:
-    """The subset manifest: the format's fields (task, shards, keys) plus counts, the rule and the source."""
+def hold_out(samples: list[Sample], shards: int) -> tuple[list[Sample], list[Sample]]:
+    """(the pool subsets are drawn from, the held-out validation samples): the last `shards` shards in URL order
+    are held out, so one validation set serves every size and none of its samples is in any subset."""
+    names = sorted({s.shard for s in samples})
+    if shards and len(names) <= shards:
+        raise SubsetError(f"the dataset has {len(names)} shard(s) with ok samples: holding out {shards} for "
+                          "validation leaves none to train on (--holdout-shards 0 holds out nothing)")
+    held = set(names[len(names) - shards:]) if shards else set()
+    return [s for s in samples if s.shard not in held], [s for s in samples if s.shard in held]
+
+
+def subset_document(chosen: list[Sample], task: str, dataset: str, available: int,
+                    validation: str | None = None) -> dict[str, object]:
+    """The subset manifest: the format's fields (task, shards, keys) plus counts, the rule, the source and the
+    held-out validation manifest that every size shares (the trainer validates on it)."""
     per_shard = dict(sorted(Counter(s.shard for s in chosen).items()))
     shards = list(per_shard)
     return {
@@ -108,6 +117,7 @@ def subset_document(chosen: list[Sample], task: str, dataset: str, available: in
                    "per_shard": per_shard},
         "ranking": RANKING_RULE,
         "dataset": dataset,
+        **({fmt.SUBSET_VALIDATION: validation} if validation else {}),
     }
 
 
@@ -158,21 +168,30 @@ def write_json(url: str, document: dict[str, object]) -> None:
         fs.pipe_file(path, data)
 
 
-def make_subsets(dataset: str, sizes: list[int], out: str | None = None) -> list[dict[str, object]]:
-    """Rank, select and write one manifest per size to `<out or dataset/subsets>/<label>.json`.
+def make_subsets(dataset: str, sizes: list[int], out: str | None = None,
+                 holdout_shards: int = 1) -> list[dict[str, object]]:
+    """Hold out the last `holdout_shards` shards as the shared validation set (`<out>/validation.json`), then rank,
+    select and write one manifest per size to `<out or dataset/subsets>/<label>.json`.
 
-    Returns one {label, size, shards, url} per size; nothing is written when any size is too large."""
+    Returns one {label, size, shards, url, validation} per size; nothing is written when any size is too large."""
     dataset = absolute(dataset)
     out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}"
-    ranked = rank(read_samples(dataset))
-    chosen = select(ranked, sizes)
+    pool, held = hold_out(read_samples(dataset), holdout_shards)
+    ranked = rank(pool)
+    chosen = select(ranked, sizes, len(held))
     task = read_task(dataset)
+    validation = None
+    if held:
+        validation = f"{out}/{VALIDATION_NAME}"
+        document = subset_document(held, task, dataset, len(ranked) + len(held))
+        write_json(validation, {**document, "role": "validation: held out of every subset"})
     written = []
     for size, samples in chosen.items():
-        document = subset_document(samples, task, dataset, len(ranked))
+        document = subset_document(samples, task, dataset, len(ranked), validation)
         url = f"{out}/{size_label(size)}.json"
         write_json(url, document)
-        written.append({"label": size_label(size), "size": size, "shards": document["counts"]["shards"], "url": url})
+        written.append({"label": size_label(size), "size": size, "shards": document["counts"]["shards"], "url": url,
+                        "validation": validation})
     return written
 
 
@@ -186,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, help="dataset folder or URL written by pipeline.build")
     parser.add_argument("--sizes", required=True, help="comma-separated counts: 500, 1k, 10k, 1.5k, 3m")
     parser.add_argument("--out", help="folder/URL for the manifests (default: <dataset>/subsets)")
+    parser.add_argument("--holdout-shards", type=int, default=1,
+                        help="last shards held out of every subset as their shared validation set (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON list of the written subsets instead")
     args = parser.parse_args(argv)
     try:
-        written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out)
+        written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards)
     except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -198,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for w in written:
             print(f"{w['label']:>6}  {w['size']:>9} samples  {w['shards']:>6} shards  {w['url']}")
+        if written and written[0]["validation"]:
+            print(f"validation (held out of every size): {written[0]['validation']}")
     return 0
 
 

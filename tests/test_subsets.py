@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import main as build_dataset
+from pipeline.format import key_hash
 from pipeline.subsets import (
     Sample,
     SubsetError,
-    key_hash,
     main,
     make_subsets,
     parse_size,
@@ -38,10 +38,12 @@ def copy_of(dataset: Path, tmp_path: Path) -> Path:
     return target
 
 
-def index_rows(dataset: Path) -> dict[str, int]:
-    """key -> original pixels of every ok row, straight from the parquet files."""
+def index_rows(dataset: Path, skip_last: bool = False) -> dict[str, int]:
+    """key -> original pixels of every ok row, straight from the parquet files (all shards, or all but the last,
+    which subsets hold out for validation)."""
     rows = {}
-    for path in sorted((dataset / "shards").glob("*.parquet")):
+    paths = sorted((dataset / "shards").glob("*.parquet"))
+    for path in paths[:-1] if skip_last else paths:
         table = pq.read_table(path).to_pylist()
         rows.update({r["key"]: r["original_width"] * r["original_height"] for r in table if r["status"] == "ok"})
     return rows
@@ -93,24 +95,32 @@ def test_selection_is_exact_nested_and_refuses_too_large():
 
 def test_subsets_of_a_built_dataset_are_exact_nested_and_the_largest_originals(dataset, tmp_path):
     data = copy_of(dataset, tmp_path)
-    written = make_subsets(str(data), [8, 16, 48])
-    assert [(w["label"], w["size"]) for w in written] == [("8", 8), ("16", 16), ("48", 48)]
+    written = make_subsets(str(data), [8, 16, 36])
+    assert [(w["label"], w["size"]) for w in written] == [("8", 8), ("16", 16), ("36", 36)]
     docs = {w["size"]: load(w["url"]) for w in written}
-    assert [w["url"] for w in written] == [str(data / "subsets" / f"{n}.json") for n in (8, 16, 48)]
+    assert [w["url"] for w in written] == [str(data / "subsets" / f"{n}.json") for n in (8, 16, 36)]
     keys = {n: set(d["keys"]) for n, d in docs.items()}
-    assert {n: len(k) for n, k in keys.items()} == {8: 8, 16: 16, 48: 48}
-    assert keys[8] < keys[16] < keys[48]
-    pixels = index_rows(data)
-    assert keys[48] == set(pixels)
+    assert {n: len(k) for n, k in keys.items()} == {8: 8, 16: 16, 36: 36}
+    assert keys[8] < keys[16] < keys[36]
+    pixels = index_rows(data, skip_last=True)
+    assert keys[36] == set(pixels)  # every ok sample but the held-out shard's
     for n in (8, 16):  # nothing left out is larger than anything taken
         assert min(pixels[k] for k in keys[n]) >= max(pixels[k] for k in set(pixels) - keys[n])
     doc = docs[8]
     assert doc["task"] == "canny" and doc["dataset"] == str(data) and "resolution" in doc["ranking"]
-    assert doc["counts"]["samples"] == 8 and doc["counts"]["ok_in_dataset"] == 48
+    assert doc["counts"]["samples"] == 8 and doc["counts"]["ok_in_dataset"] == 36
     assert sum(doc["counts"]["per_shard"].values()) == 8 and sorted(doc["counts"]["per_shard"]) == doc["shards"]
     assert all(Path(s).is_absolute() and s.endswith(".tar") for s in doc["shards"])
+    # one validation set for every size: the last shard's ok samples, in no subset
+    validation = load(str(data / "subsets" / "validation.json"))
+    assert {d["validation"] for d in docs.values()} == {str(data / "subsets" / "validation.json")}
+    assert set(validation["keys"]) == set(index_rows(data)) - set(pixels) and len(validation["keys"]) == 12
+    assert validation["shards"] == [str(sorted((data / "shards").glob("*.tar"))[-1])]
+    assert not set(validation["keys"]) & keys[36]
     again = make_subsets(str(data), [16])  # deterministic: a re-run writes the same manifest
     assert load(again[0]["url"]) == docs[16]
+    everything = make_subsets(str(data), [48], out=str(tmp_path / "all"), holdout_shards=0)
+    assert set(load(everything[0]["url"])["keys"]) == set(index_rows(data)) and everything[0]["validation"] is None
 
 
 def test_only_the_parquet_indexes_are_read(dataset, tmp_path):
@@ -127,7 +137,8 @@ def test_cli_size_too_large_is_one_line_and_exit_2(dataset, tmp_path, capsys):
     data = copy_of(dataset, tmp_path)
     assert main(["--dataset", str(data), "--sizes", "8,1k"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: size 1k (1000) is larger than the dataset's 48 ok samples"
+    assert err == "error: size 1k (1000) is larger than the dataset's 36 ok samples (12 more are held out for " \
+        "validation)"
     assert not (data / "subsets").exists()  # nothing written for the sizes that would fit either
     assert main(["--dataset", str(data), "--sizes", "8,16", "--json"]) == 0
     assert [w["size"] for w in json.loads(capsys.readouterr().out)] == [8, 16]

@@ -53,13 +53,19 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
         assert run["config"]["data"] == [str(dataset / "subsets" / f"{size}.json")]
     assert {k: v for k, v in small["config"].items() if k not in ("data", "run_name", "dataset_size")} == \
         {k: v for k, v in large["config"].items() if k not in ("data", "run_name", "dataset_size")}
+    # one held-out validation set scores every size, and none of its samples is in any subset
+    assert small["config"]["validation_data"] == [str(dataset / "subsets" / "validation.json")]
+    assert small["validation"] == large["validation"] and len(set(small["validation"]["keys"])) == 2
+    for size in (8, 16):
+        subset = json.loads((dataset / "subsets" / f"{size}.json").read_text())
+        assert not set(subset["keys"]) & set(small["validation"]["keys"])
 
     rows = list(csv.DictReader(io.StringIO((storage / "abl-report.csv").read_text())))
     assert [(r["size"], r["run"], r["steps"]) for r in rows] == [("8", "abl-8", "4"), ("16", "abl-16", "4")]
     assert all(0.0 <= float(r["final_fidelity"]) <= 1.0 and r["mauc"] and r["mauc_max_step"] == "4.0000"
                for r in rows)
     markdown = (storage / "abl-report.md").read_text()
-    assert "fidelity/caption/cfg9/edge_f1" in markdown and "| 8 | abl-8 | 4 |" in markdown
+    assert "`fidelity/caption/cfg9/edge_f1`" in markdown and "| 8 | abl-8 | 4 |" in markdown
     assert "| 16 | abl-16 | 4 |" in markdown and markdown in out
     with Image.open(storage / "abl-report.png") as png:
         assert png.size == (900, 540)
@@ -74,7 +80,8 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
 
 def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
     assert run_sweep(dataset, tmp_path, "8,49") == 2
-    assert capsys.readouterr().err.strip() == "error: size 49 is larger than the dataset's 48 ok samples"
+    assert capsys.readouterr().err.strip() == \
+        "error: size 49 is larger than the dataset's 36 ok samples (12 more are held out for validation)"
     assert sweep(["--dataset", str(dataset), "--sizes", "8", "--", "--data", "x"]) == 2
     assert "--data is set by the sweep" in capsys.readouterr().err
 
@@ -88,7 +95,8 @@ def fake_run(storage: Path, name: str, size: int | None, group: str | None, step
               "wandb": "off"}
     curve = {"converged": converged_at is not None, "step": converged_at, "steps": steps, "scores": scores}
     other = {"converged": False, "step": None, "steps": steps, "scores": [0.0] * len(steps)}
-    fidelity = {"fidelity/empty/cfg9/edge_f1": other, "fidelity/caption/cfg9/edge_f1": curve}
+    fidelity = {"primary": "fidelity/caption/cfg9/edge_f1",
+                "curves": {"fidelity/empty/cfg9/edge_f1": other, "fidelity/caption/cfg9/edge_f1": curve}}
     (storage / name).mkdir(parents=True)
     (storage / name / "results.json").write_text(json.dumps(
         {"config": config, "final_step": steps[-1], "history": [], "fidelity": fidelity}))
@@ -108,7 +116,7 @@ def test_report_table_compares_over_the_common_steps(tmp_path):
     assert rows[0]["mauc"] == pytest.approx((0.1 * 200 + 0.3 * 100) / 300)  # only up to step 300
     assert rows[1]["mauc"] == pytest.approx((0.35 * 100 + 0.65 * 100 + 0.7 * 100) / 300)
     markdown = to_markdown(rows, "abl", "fidelity/caption/cfg9/edge_f1", common)
-    assert "| 1000 | abl-1k | 500 | 300 | 0.7000 | 0.1667 |" in markdown and "mAUCC (to step 300)" in markdown
+    assert "| 1000 | abl-1k | 500 | 300 | — | — | 0.7000 | 0.1667 |" in markdown and "mAUCC (to step 300)" in markdown
     report = write_report("abl", str(tmp_path))
     assert [r["run"] for r in report["rows"]] == ["abl-1k", "abl-10k"]
     assert all((tmp_path / f"abl-report.{ext}").exists() for ext in ("md", "csv", "png"))
@@ -121,7 +129,7 @@ def test_report_without_fidelity_and_the_plot_helpers(tmp_path):
         {"config": {"dataset_size": 8, "wandb_group": "abl"}, "final_step": 4, "fidelity": {}}))
     rows, common = table(load_runs(str(tmp_path), "abl"))
     assert common is None and rows == [{"size": 8, "run": "abl-8", "steps": 4, "convergence_step": None,
-                                        "final_fidelity": None, "mauc": None}]
+                                        "start": None, "plateau": None, "final_fidelity": None, "mauc": None}]
     assert nice_ticks(2, 4, integer=True) == [2, 3, 4] and nice_ticks(0, 1) == [0, 0.25, 0.5, 0.75, 1.0]
     image = plot_curves([("n=8", [2, 4], [0.2, 0.4], None), ("n=16", [2, 4, 6], [0.1, 0.5, 0.9], 4)], "t", "f1")
     assert image.size == (900, 540) and len(image.getcolors(1 << 16)) > 3  # lines drawn in several colours

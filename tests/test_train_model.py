@@ -9,7 +9,7 @@ from train.model import (
     diffusion_loss,
     encode_prompts,
     freeze_for_training,
-    load_stable_diffusion,
+    load_base_model,
     unlock_decoder,
     zero_convolutions,
 )
@@ -23,7 +23,7 @@ def tiny_sd_path(tmp_path_factory):
 
 @pytest.fixture
 def sd(tiny_sd_path):
-    return load_stable_diffusion(str(tiny_sd_path))
+    return load_base_model(str(tiny_sd_path))
 
 
 def batch(seed: int = 0):

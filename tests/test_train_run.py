@@ -56,15 +56,16 @@ def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatc
     # W&B ran offline on rank 0 only: one offline run folder with the run's history and validation grids
     runs = list((tmp_path / "wandb").rglob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    grids = sorted(runs[0].rglob("media/images/validation/grid_*.png"))
-    assert [g.name.split("_")[1] for g in grids] == ["2", "4"]
+    grids = sorted(runs[0].rglob("media/images/validation/grid_*.png"), key=lambda g: int(g.name.split("_")[1]))
+    assert [g.name.split("_")[1] for g in grids] == ["0", "2", "4"]  # the starting level first
     # the condition-fidelity curves (Canny re-run on generated images, edge F1) with their detection and mAUCC
-    curves = results(storage, "ddp")["fidelity"]
-    assert set(curves) == {f"fidelity/{mode}/cfg{scale}/edge_f1" for mode in ("caption", "empty", "default")
-                           for scale in ("9", "1")}
-    for curve in curves.values():
-        assert curve["steps"] == [2, 4] and all(0.0 <= v <= 1.0 for v in curve["scores"])
-        assert curve["converged"] is False and "fewer than 4" in curve["reason"] and curve["mauc"] is not None
+    fidelity = results(storage, "ddp")["fidelity"]
+    assert fidelity["primary"] == "fidelity/caption/cfg9/edge_f1"  # first prompt mode, first (the paper's) scale
+    assert set(fidelity["curves"]) == {f"fidelity/{mode}/cfg{scale}/edge_f1" for mode in ("caption", "empty", "default")
+                                       for scale in ("9", "1")}
+    for curve in fidelity["curves"].values():
+        assert curve["steps"] == [0, 2, 4] and all(0.0 <= v <= 1.0 for v in curve["scores"])
+        assert curve["converged"] is False and "too few evaluations" in curve["reason"] and curve["mauc"] is not None
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, storage):

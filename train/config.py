@@ -1,4 +1,4 @@
-"""the trainer's typed configuration and its presets (debug, sd15, sd21); field docstrings are --help"""
+"""the trainer's typed configuration and its presets (debug, toy, sd15, sd21); field docstrings are --help"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from typing import Literal
 import tyro
 
 TINY_SD = "data/tiny-sd"
+TOY_BASE = "train/toy_base"  # committed; rebuilt by `make repro` (python -m train.pretrain_base)
 
 
 @dataclass
@@ -23,7 +24,8 @@ class TrainConfig:
     storage_path: str = "data/runs"
     """Where checkpoints and results go (local folder or s3://)."""
     base_model: str = TINY_SD
-    """Stable Diffusion in diffusers layout: a hub id or a local/S3 folder."""
+    """Base model in diffusers layout (a hub id or a local/S3 folder): a latent Stable Diffusion, or a pixel-space
+    base without a VAE (the toy's)."""
     resolution: int = 512
     """Training image side in pixels."""
     batch_size: int = 4
@@ -55,6 +57,9 @@ class TrainConfig:
     """Recompute activations in the backward pass to save GPU memory."""
     num_workers: int = 1
     """Ray Train workers (DDP ranks)."""
+    cpus_per_worker: int | None = None
+    """CPUs reserved for each worker; its torch and OpenCV threads (default: 1 with a GPU; on CPUs, the largest
+    node's CPUs shared among the workers)."""
     use_gpu: bool | None = None
     """One GPU per worker (default: when the cluster has GPUs)."""
     data_workers: int = 0
@@ -78,16 +83,21 @@ class TrainConfig:
     validation_steps: int = 20
     """DDIM steps when sampling validation images."""
     guidance_scales: list[float] = field(default_factory=lambda: [9.0, 1.0])
-    """Classifier-free guidance scales sampled at each validation: the paper's 9.0 first (shown in the grid), and
-    1.0, where small-scale ControlNets follow their condition more faithfully."""
-    prompt_modes: list[str] = field(default_factory=lambda: ["caption", "empty", "default"])
+    """Classifier-free guidance scales sampled at each validation: the paper's 9.0 first, and 1.0, where
+    small-scale ControlNets follow their condition more faithfully. The first mode at the first scale is the
+    run's primary fidelity curve (and the grid)."""
+    prompt_modes: list[Literal["caption", "empty", "default"]] = field(
+        default_factory=lambda: ["caption", "empty", "default"])
     """Validation prompt modes: the samples' captions, the empty prompt, the paper's default prompt."""
+    control_branches: Literal["cond", "both"] = "both"
+    """Where validation sampling applies the control under CFG: both branches (as diffusers' pipeline does at
+    inference) or the conditional one only (eps_u from the locked base; small models need it to follow the
+    condition under guidance). Not diffusers' guess_mode, which also rescales the residuals."""
     fidelity: bool = True
-    """Score condition fidelity at each validation: re-annotate the generated images with the task's annotator."""
-    annotator_seed: int = 0
-    """The dataset job's --seed, so Canny re-draws the thresholds each validation map was made with."""
+    """Score condition fidelity at each validation: re-annotate the generated images with the task's annotator,
+    set up as the dataset's manifest records (Canny ranges and seed, weights)."""
     annotator_weights: str | None = None
-    """Weights folder/URL for the fidelity annotator (HED, MiDaS, OpenPose), as the dataset job's --weights."""
+    """Weights folder/URL for the fidelity annotator (HED, MiDaS, OpenPose); default: the dataset job's --weights."""
     seed: int = 0
     """Seed for noise, timesteps, data order and prompt dropout."""
     wandb: Literal["auto", "online", "offline", "off"] = "auto"
@@ -109,6 +119,18 @@ def debug() -> TrainConfig:
     )
 
 
+def toy() -> TrainConfig:
+    """Sudden convergence on a laptop (make repro): the committed pixel-space shapes base at 32 px, Canny shapes
+    from pipeline.toy_shapes, batch 32, lr 1e-4, 50% empty prompts; 64 held-out samples scored every 50 steps at
+    CFG 1 and 9 with captions and empty prompts, the control on the conditional branch."""
+    return TrainConfig(
+        data=["data/toy/canny"], base_model=TOY_BASE, storage_path="data/toy/runs", run_name="controlnet-toy",
+        resolution=32, batch_size=32, lr=1e-4, max_grad_norm=0.0, max_steps=1200, epoch_samples=6000,
+        checkpoint_every=100, log_every=25, validate_every=50, validation_samples=64, validation_steps=20,
+        guidance_scales=[1.0, 9.0], prompt_modes=["caption", "empty"], control_branches="cond",
+    )
+
+
 def sd15() -> TrainConfig:
     """Stable Diffusion 1.5 with the paper's settings (lr 1e-5, 50% prompt dropout, SD locked)."""
     return TrainConfig(
@@ -123,7 +145,7 @@ def sd21() -> TrainConfig:
                                run_name="controlnet-sd21")
 
 
-PRESETS = {"debug": debug, "sd15": sd15, "sd21": sd21}
+PRESETS = {"debug": debug, "toy": toy, "sd15": sd15, "sd21": sd21}
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -1,12 +1,14 @@
 """data streams the dataset job's output shards into ControlNet training batches with webdataset"""
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -42,12 +44,14 @@ READ = "read"  # a shard could not be opened or its tar stream broke (counts sha
 
 @dataclass
 class DataSource:
-    """Shards to stream, the condition task, and the keys to keep (None: all)."""
+    """Shards to stream, the condition task, the keys to keep (None: all), and the dataset that wrote them."""
 
     urls: list[str]
     task: str | None = None
     keys: frozenset[str] | None = None
     counts: dict[str, int] = field(default_factory=dict)  # "shards"; "samples" where it is known up front
+    dataset: str | None = None  # the dataset folder/URL (its manifest.json holds the job's settings), if known
+    validation: str | None = None  # a subset's shared held-out validation manifest, if it names one
 
 
 def resolve_shards(spec: str | list[str]) -> DataSource:
@@ -69,7 +73,7 @@ def _merge(parts: list[DataSource]) -> DataSource:
     if any(k is None for k in filters) and not all(k is None for k in filters):
         raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")
     keys = None if filters[0] is None else frozenset().union(*filters)
-    return _tars([u for p in parts for u in p.urls], parts[0].task, keys)
+    return _tars([u for p in parts for u in p.urls], parts[0].task, keys, parts[0].dataset)
 
 
 def _is_pattern(spec: str) -> bool:
@@ -97,11 +101,22 @@ def expand(spec: str) -> list[str]:
     return urls
 
 
-def _tars(urls: list[str], task: str | None = None, keys: frozenset[str] | None = None) -> DataSource:
+def _tars(urls: list[str], task: str | None = None, keys: frozenset[str] | None = None,
+          dataset: str | None = None) -> DataSource:
     if not urls:
         raise ValueError("no shard URLs given")
     counts = {"shards": len(urls), **({"samples": len(keys)} if keys is not None else {})}
-    return DataSource(urls, task or infer_task(urls[0]), keys, counts)
+    return DataSource(urls, task or infer_task(urls[0]), keys, counts, dataset or dataset_of(urls[0]))
+
+
+def dataset_of(shard_url: str) -> str | None:
+    """The dataset a shard URL belongs to: `<dataset>/shards/<name>.tar` with a `<dataset>/manifest.json`."""
+    folder, _, _ = shard_url.rpartition("/")
+    dataset, _, shards = folder.rpartition("/")
+    if shards != fmt.SHARDS_DIR or not dataset:
+        return None
+    fs, path = fsspec.core.url_to_fs(f"{dataset}/{fmt.MANIFEST}")
+    return dataset if fs.exists(path) else None
 
 
 def _from_folder(out: str) -> DataSource:
@@ -117,7 +132,7 @@ def _from_folder(out: str) -> DataSource:
     samples = sum(json.loads(b).get("counts", {}).get(fmt.OK, 0) for b in blobs.values())
     manifest = f"{root}/{fmt.MANIFEST}"
     task = json.loads(fs.cat_file(manifest)).get("task") if fs.exists(manifest) else None
-    return DataSource(urls, task or infer_task(urls[0]), None, {"shards": len(urls), "samples": samples})
+    return DataSource(urls, task or infer_task(urls[0]), None, {"shards": len(urls), "samples": samples}, out)
 
 
 def _from_json(spec: str) -> DataSource:
@@ -127,7 +142,9 @@ def _from_json(spec: str) -> DataSource:
     base, _, name = spec.rpartition("/")
     if isinstance(obj, dict) and fmt.SUBSET_KEYS in obj:
         urls = [_relative(base or ".", u) for u in obj[fmt.SUBSET_SHARDS]]
-        return _tars(urls, obj.get(fmt.SUBSET_TASK), frozenset(obj[fmt.SUBSET_KEYS]))
+        source = _tars(urls, obj.get(fmt.SUBSET_TASK), frozenset(obj[fmt.SUBSET_KEYS]), obj.get("dataset"))
+        validation = obj.get(fmt.SUBSET_VALIDATION)
+        return dataclasses.replace(source, validation=_relative(base or ".", validation) if validation else None)
     if name == fmt.MANIFEST:
         return _from_folder(base or ".")
     raise ValueError(f"{spec}: neither a subset manifest (no {fmt.SUBSET_KEYS!r}) nor a dataset's {fmt.MANIFEST}")
@@ -512,3 +529,56 @@ def make_loader(
                            world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=pin_memory)
+
+
+# ---------------------------------------------------------------- the validation set and the dataset's settings
+
+
+def job_settings(source: DataSource) -> dict[str, Any]:
+    """The dataset job's settings (the `config` of the dataset's manifest.json); {} when no manifest is known."""
+    if source.dataset is None:
+        return {}
+    fs, path = fsspec.core.url_to_fs(f"{source.dataset.rstrip('/')}/{fmt.MANIFEST}")
+    return json.loads(fs.cat_file(path)).get("config", {}) if fs.exists(path) else {}
+
+
+def lowest_key_hashes(source: DataSource, count: int, resolution: int, spare: int | None = None) -> list[dict]:
+    """The usable samples with the `count` lowest key hashes (fmt.key_hash) among the source's distinct keys, in
+    that order, decoded like training samples but with every caption kept.
+
+    One pass over the shards, holding at most count + spare raw samples: the choice depends on the keys alone,
+    never on shard order or a shuffle, so every run over the same data (every size of a sweep) gets the same set.
+    A key seen twice is taken once; samples that fail to decode give way to the next keys (the spares).
+    """
+    spare = count if spare is None else spare
+    counter = SkipCounter(max_dry_shards=len(source.urls) + 1)
+    stages = wds.DataPipeline(
+        partial(as_shards, source.urls),
+        partial(open_shards, counter=counter),
+        partial(tar_file_expander, handler=counter.read_error),
+        partial(group_by_keys, handler=counter.read_error),
+        partial(keep_keys, keys=source.keys, counter=counter),
+    )
+    kept: list[tuple[int, str]] = []  # a max-heap by hash, as (-hash, key)
+    raw: dict[str, dict[str, Any]] = {}
+    for sample in stages:
+        key = sample["__key__"]
+        if key in raw:
+            continue
+        item = (-fmt.key_hash(key), key)
+        if len(kept) < count + spare:
+            heapq.heappush(kept, item)
+        elif item > kept[0]:  # a lower hash than the highest kept
+            raw.pop(heapq.heappushpop(kept, item)[1])
+        else:
+            continue
+        raw[key] = sample
+    chosen = []
+    for _, key in sorted(kept, reverse=True):  # lowest hash first
+        try:
+            chosen.append(decode_sample(raw[key], source.task, resolution))
+        except BadSample as exn:
+            counter.skip(exn.reason, exn)
+        if len(chosen) == count:
+            break
+    return chosen

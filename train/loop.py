@@ -22,7 +22,7 @@ from train.model import (
     diffusion_loss,
     encode_prompts,
     freeze_for_training,
-    load_stable_diffusion,
+    load_base_model,
     unlock_decoder,
 )
 
@@ -42,6 +42,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # (step, loss, ...) of every logged step
     resumed_from: int | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)  # curves with their detected convergence and mAUCC
+    validation: dict[str, Any] = field(default_factory=dict)  # the held-out set: its shards and keys (not saved:
+    # it is drawn again, identically, at every start)
 
 
 def segment_seed(seed: int, rank: int, step: int) -> int:
@@ -75,17 +77,17 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
-        self.sd = load_stable_diffusion(cfg.base_model)
-        self.controlnet = build_controlnet(self.sd.unet)
-        freeze_for_training(self.sd, self.controlnet, middle_only=cfg.mode == "middle")
+        self.base = load_base_model(cfg.base_model)
+        self.controlnet = build_controlnet(self.base.unet, self.base.downsampling)
+        freeze_for_training(self.base, self.controlnet, middle_only=cfg.mode == "middle")
         frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
-        for module in (self.sd.text_encoder, self.sd.vae, self.sd.unet):
+        for module in self.base.frozen_modules:
             module.to(device, dtype=frozen_dtype)
         self.controlnet.to(device, dtype=torch.float32)  # master weights stay fp32 under autocast
         if cfg.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
-            self.sd.unet.enable_gradient_checkpointing()
-        self.module = ControlledUNet(self.sd.unet, self.controlnet, middle_only=cfg.mode == "middle")
+            self.base.unet.enable_gradient_checkpointing()
+        self.module = ControlledUNet(self.base.unet, self.controlnet, middle_only=cfg.mode == "middle")
         self.model = wrap_ddp(self.module, device)
         trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -98,7 +100,7 @@ class Trainer:
     # ---- the paper's large-scale mode
 
     def unlock_decoder(self) -> None:
-        params = unlock_decoder(self.sd.unet)
+        params = unlock_decoder(self.base.unet)
         self.optimizer.add_param_group({"params": params, "lr": self.cfg.decoder_lr})
         self.lr_schedule.base_lrs.append(self.cfg.decoder_lr)
         self.model = wrap_ddp(self.module, self.device)
@@ -122,7 +124,7 @@ class Trainer:
         if self.state.decoder_unlocked:
             from safetensors.torch import save_file
 
-            save_file({f"unet.{n}": p.detach().contiguous() for n, p in self.sd.unet.named_parameters()
+            save_file({f"unet.{n}": p.detach().contiguous() for n, p in self.base.unet.named_parameters()
                        if p.requires_grad}, folder / DECODER_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
         (folder / PROGRESS_FILE).write_text(json.dumps({"step": self.state.step}))  # last: marks it complete
@@ -138,7 +140,7 @@ class Trainer:
 
             self.unlock_decoder()
             decoder = {k.removeprefix("unet."): v for k, v in load_file(folder / DECODER_FILE).items()}
-            self.sd.unet.load_state_dict(decoder, strict=False)
+            self.base.unet.load_state_dict(decoder, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -173,12 +175,12 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             pixel_values = batch["pixel_values"].to(self.device)  # (B, 3, R, R) in [-1, 1]
             condition = batch["conditioning_pixel_values"].to(self.device)  # (B, 3, R, R) in [0, 1]
-            text = encode_prompts(self.sd, list(batch["caption"]), self.device)
+            text = encode_prompts(self.base, list(batch["caption"]), self.device)
             last = i == len(micro_batches) - 1
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                       enabled=self.amp_dtype is not None):
-                loss = diffusion_loss(self.sd, self.model, pixel_values, condition, text, generator)
+                loss = diffusion_loss(self.base, self.model, pixel_values, condition, text, generator)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)
         self.scaler.unscale_(self.optimizer)
@@ -208,54 +210,90 @@ def ranks_in_sync(module: nn.Module) -> bool:
 
 
 def split_validation(source, validation_data: list[str] | None):
-    """(training source, validation source): the given validation data, else the last shard held out of
-    training (when there are several), else the training data itself."""
+    """(training source, validation source): the given validation data, else the held-out set a subset names
+    (shared by every size of a sweep), else the last shard held out of training (when there are several), else
+    the training data itself."""
     import dataclasses as dc
 
     from train.data import resolve_shards
 
     if validation_data:
         return source, resolve_shards(validation_data)
+    if source.validation:
+        return source, resolve_shards(source.validation)
     if len(source.urls) < 2:
         return source, source
     return dc.replace(source, urls=source.urls[:-1]), dc.replace(source, urls=source.urls[-1:])
 
 
-def start_validation(trainer: Trainer, source):
-    """Rank 0 draws the fixed validation conditions (captions kept) and builds the fidelity annotator."""
-    from train.data import make_loader
-    from train.validate import FidelityTracker, take_validation_set
+@dataclass
+class Validation:
+    """Rank 0's validation: the fixed set, and the fidelity tracker (None when fidelity is off or no task)."""
+
+    vset: Any
+    tracker: Any
+
+    def latest(self) -> str:
+        point = self.tracker.latest() if self.tracker else None
+        return f"{self.tracker.primary} {point[1]:.3f} (step {point[0]})" if point else ""
+
+
+def start_validation(trainer: Trainer, source) -> Validation:
+    """Draw the validation set (distinct keys, one pass, chosen by key hash) and build the fidelity annotator
+    from the validation data's own dataset settings; the tracker continues the curves the state restored."""
+    from annotate import annotator_params, build_annotator
+    from train.data import job_settings, lowest_key_hashes
+    from train.validate import FidelityTracker, ValidationSet
 
     cfg = trainer.cfg
-    loader = make_loader(source, resolution=cfg.resolution, batch_size=cfg.validation_samples, seed=cfg.seed + 7919,
-                         prompt_dropout=0.0, epoch_samples=cfg.validation_samples, rank=0, world_size=1)
-    vset = take_validation_set(loader, cfg.validation_samples)
+    vset = ValidationSet.of(lowest_key_hashes(source, cfg.validation_samples, cfg.resolution))
+    trainer.state.validation = {"shards": source.urls, "keys": vset.keys}
+    if len(vset.keys) < cfg.validation_samples:
+        print(f"validation: only {len(vset.keys)} distinct usable samples in the held-out data "
+              f"({cfg.validation_samples} asked for)", flush=True)
     tracker = None
     if cfg.fidelity and source.task:
-        from annotate import build_annotator
+        params = annotator_params(source.task, job_settings(source))
+        if cfg.annotator_weights:
+            params["weights"] = cfg.annotator_weights
+        annotator = build_annotator(source.task, device=str(trainer.device), **params)
+        tracker = FidelityTracker.restore(source.task, annotator, cfg.prompt_modes, cfg.guidance_scales,
+                                          trainer.state.fidelity)
+    return Validation(vset, tracker)
 
-        annotator = build_annotator(source.task, seed=cfg.annotator_seed, weights=cfg.annotator_weights,
-                                    device=str(trainer.device))
-        tracker = FidelityTracker(source.task, annotator, tuple(cfg.prompt_modes), tuple(cfg.guidance_scales))
-    return vset, tracker
 
-
-def validate(trainer: Trainer, validation, logger, step: int) -> None:
+def validate(trainer: Trainer, validation: Validation, logger, step: int) -> None:
     """Sample the validation conditions (DDIM, fixed seeds), log the grid and the fidelity scores."""
-    from train.validate import generate, validation_grid
+    from train.sampling import sample
+    from train.validate import validation_grid
 
     cfg = trainer.cfg
-    vset, tracker = validation
-    if tracker is not None:
-        metrics, image = tracker.evaluate(trainer, vset, step)
+    if validation.tracker is not None:
+        metrics, image = validation.tracker.evaluate(trainer, validation.vset, step)
         logger.log({"step": step, **metrics}, prefix="")
-        trainer.state.fidelity = tracker.summary()
+        trainer.state.fidelity = validation.tracker.summary()
     else:
-        images = generate(trainer.sd, trainer.controlnet, vset.conditions, vset.prompts,
-                          steps=cfg.validation_steps, guidance_scale=cfg.guidance_scales[0], seed=cfg.seed,
-                          device=trainer.device, amp_dtype=trainer.amp_dtype)
+        vset = validation.vset
+        images = sample(trainer.base, trainer.controlnet, vset.conditions, vset.prompts, steps=cfg.validation_steps,
+                        guidance_scale=cfg.guidance_scales[0], seed=cfg.seed, branches=cfg.control_branches,
+                        middle_only=cfg.mode == "middle", device=trainer.device, amp_dtype=trainer.amp_dtype)
         image = validation_grid(vset, images)
     logger.log_images("validation/grid", [image], ["condition | generated | target"], step=step)
+
+
+def set_threads() -> int:
+    """Torch and OpenCV use the CPUs this worker was given (Ray starts workers with OMP_NUM_THREADS=1); a
+    process that Ray assigned no CPUs (the driver, in Ray Train's local mode) uses every core."""
+    import os
+
+    import cv2
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+    threads = max(1, int(cpus)) if cpus else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threads
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -270,6 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    threads = set_threads()
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, rank, world_size, device)
     checkpoint = ray.train.get_checkpoint()  # the last reported one, or resume_from_checkpoint at first start
@@ -282,9 +321,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     source, held_out = split_validation(resolve_shards(cfg.data), cfg.validation_data)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
-    if logger and trainer.state.resumed_from is not None:
-        logger.note(f"resumed from step {trainer.state.resumed_from}")
+    if logger:
+        logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
+                    + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else ""))
     validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None
+    if validation is not None and trainer.state.step == 0 and not (validation.tracker and validation.tracker.has(0)):
+        validate(trainer, validation, logger, 0)  # the starting level, which the convergence detector needs
+        logger.progress(0, validation.latest())
     stream = trainer.batches(source)
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
@@ -302,10 +345,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if device.type == "cuda":
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         trainer.state.history.append({"step": step, "loss": loss})
-        if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            logger.log(metrics)
         if validation is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
             validate(trainer, validation, logger, step)
+        if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            logger.log(metrics)
+            logger.progress(step, validation.latest() if validation else "", metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
             with tempfile.TemporaryDirectory() as folder:

@@ -1,7 +1,8 @@
-"""the ControlNet model (paper Sec. 3): a locked Stable Diffusion, its trainable copy, and the Eq. 10 loss"""
+"""the ControlNet model (paper Sec. 3): a locked base model, its trainable copy, and the Eq. 10 loss"""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -14,30 +15,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PACKAGED = Path(__file__).resolve().parent
+PACKAGED_MODELS = ("toy_base",)  # base models committed inside train/, found from any working directory
+# diffusers' default condition embedding: 3 stride-2 convs bring a 512 px map to SD's 64 px latents (8x)
+LATENT_EMBEDDING_CHANNELS = (16, 32, 96, 256)
+
 
 @dataclass
-class StableDiffusion:
-    """The locked parts: tokenizer, CLIP text encoder, VAE, UNet, and the training noise scheduler."""
+class BaseModel:
+    """The locked parts: tokenizer, text encoder, UNet, the training noise scheduler, and the VAE of a latent
+    diffusion model (Stable Diffusion); `vae` is None for a pixel-space base, whose UNet denoises pixels."""
 
     tokenizer: Any
     text_encoder: nn.Module
-    vae: nn.Module
     unet: nn.Module
     noise_scheduler: Any
+    vae: nn.Module | None = None
+
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per UNet sample along a side: 8 for SD's VAE, 1 in pixel space."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for m in (self.text_encoder, self.vae, self.unet) if m is not None]
 
 
-def load_stable_diffusion(base_model: str) -> StableDiffusion:
-    """Load SD from a hub id or a diffusers-layout folder (local, or copied from any fsspec URL first)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def load_base_model(base_model: str) -> BaseModel:
+    """A base in diffusers layout (hub id, or a local/S3 folder): tokenizer/, text_encoder/, unet/, scheduler/,
+    and vae/ when it is a latent model; model_index.json says whether it has one."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = local_model_folder(base_model)
-    return StableDiffusion(
+    components = DiffusionPipeline.load_config(source)
+    has_vae = components.get("vae") not in (None, [None, None])
+    return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None,
     )
 
 
@@ -49,6 +68,9 @@ def local_model_folder(base_model: str) -> str:
     """
     if "://" not in base_model or base_model.startswith("file://"):
         local = base_model.removeprefix("file://")
+        packaged = PACKAGED / Path(local).name
+        if Path(local).name in PACKAGED_MODELS and not Path(local).exists():  # another cwd or another node:
+            return str(packaged)  # this process's own copy of the model shipped in train/
         if Path(local).name == "tiny-sd" and not (Path(local) / "model_index.json").exists():
             from train.tiny_sd import build_tiny_sd
 
@@ -72,34 +94,46 @@ class ControlledUNet(nn.Module):
 
     `middle_only` is the paper's small-scale mode: the ControlNet feeds the middle block only. Zeros, not
     None, go to the skip connections: diffusers drops the middle residual too when the skip list is None.
+    Without a ControlNet it is the base alone (base pretraining, and the unconditional CFG branch).
     """
 
-    def __init__(self, unet: nn.Module, controlnet: nn.Module, middle_only: bool = False):
+    def __init__(self, unet: nn.Module, controlnet: nn.Module | None, middle_only: bool = False):
         super().__init__()
         self.unet = unet
         self.controlnet = controlnet
         self.middle_only = middle_only
 
-    def forward(self, noisy_latents, timesteps, text_embeddings, condition) -> torch.Tensor:
+    def forward(self, noisy, timesteps, text_embeddings, condition=None) -> torch.Tensor:
+        if self.controlnet is None:
+            return self.unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
         down_residuals, mid_residual = self.controlnet(
-            noisy_latents, timesteps, encoder_hidden_states=text_embeddings, controlnet_cond=condition,
-            return_dict=False,
+            noisy, timesteps, encoder_hidden_states=text_embeddings, controlnet_cond=condition, return_dict=False,
         )
         if self.middle_only:
             down_residuals = [torch.zeros_like(r) for r in down_residuals]
         return self.unet(
-            noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
+            noisy, timesteps, encoder_hidden_states=text_embeddings,
             down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
         ).sample
 
 
-def build_controlnet(unet: nn.Module, pretrained: str | Path | None = None) -> nn.Module:
-    """The trainable copy: encoder + middle block copied from the UNet, zero convolutions initialised to 0."""
+def condition_embedding_channels(downsampling: int) -> tuple[int, ...]:
+    """diffusers' condition embedding downsamples 2x per entry after the first: SD's (16, 32, 96, 256) for 8x
+    latents, (16,) at full resolution for a pixel-space base."""
+    stages = int(math.log2(downsampling))
+    if 2**stages != downsampling or stages >= len(LATENT_EMBEDDING_CHANNELS):
+        raise ValueError(f"no condition embedding for a {downsampling}x downsampling base (1, 2, 4 or 8)")
+    return LATENT_EMBEDDING_CHANNELS[: stages + 1]
+
+
+def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | Path | None = None) -> nn.Module:
+    """The trainable copy: encoder + middle block copied from the UNet, zero convolutions initialised to 0, and a
+    condition embedding that brings the map to the UNet's sample size (`downsampling`: BaseModel.downsampling)."""
     from diffusers import ControlNetModel
 
     if pretrained is not None:
         return ControlNetModel.from_pretrained(pretrained)
-    return ControlNetModel.from_unet(unet)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=condition_embedding_channels(downsampling))
 
 
 def zero_convolutions(controlnet: nn.Module) -> list[nn.Module]:
@@ -112,9 +146,9 @@ def decoder_parameters(unet: nn.Module) -> list[nn.Parameter]:
     return [p for m in (unet.up_blocks, unet.conv_norm_out, unet.conv_out) for p in m.parameters()]
 
 
-def freeze_for_training(sd: StableDiffusion, controlnet: nn.Module, middle_only: bool) -> None:
-    """SD locked; the ControlNet trains, except the skip zero-convs in middle-only mode (they feed nothing)."""
-    for module in (sd.text_encoder, sd.vae, sd.unet):
+def freeze_for_training(base: BaseModel, controlnet: nn.Module, middle_only: bool) -> None:
+    """The base locked; the ControlNet trains, except the skip zero-convs in middle-only mode (they feed nothing)."""
+    for module in base.frozen_modules:
         module.requires_grad_(False)
         module.eval()
     controlnet.requires_grad_(True)
@@ -131,37 +165,54 @@ def unlock_decoder(unet: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def encode_prompts(sd: StableDiffusion, captions: list[str], device: torch.device) -> torch.Tensor:
-    """Captions -> CLIP hidden states (B, 77, D); "" is the empty prompt of prompt dropout."""
-    ids = sd.tokenizer(
-        captions, padding="max_length", max_length=sd.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+def encode_prompts(base: BaseModel, captions: list[str], device: torch.device, grad: bool = False) -> torch.Tensor:
+    """Captions -> text-encoder hidden states (B, L, D); "" is the empty prompt of prompt dropout and CFG.
+    `grad`: keep the graph, for base pretraining, where the text encoder learns too."""
+    ids = base.tokenizer(
+        captions, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
     ).input_ids.to(device)
+    with torch.set_grad_enabled(grad):
+        return base.text_encoder(ids)[0]
+
+
+def to_model_space(base: BaseModel, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> what the UNet denoises: scaled VAE latents (B, 4, H/8, W/8) sampled from
+    the encoder's distribution, or the pixels themselves in pixel space."""
+    if base.vae is None:
+        return pixel_values
     with torch.no_grad():
-        return sd.text_encoder(ids)[0]
+        latents = base.vae.encode(pixel_values.to(base.vae.dtype)).latent_dist.sample(generator)
+    return latents * base.vae.config.scaling_factor
+
+
+def from_model_space(base: BaseModel, samples: torch.Tensor) -> torch.Tensor:
+    """The inverse: UNet samples -> images (B, 3, H, W) in [-1, 1] (VAE-decoded in latent space)."""
+    if base.vae is None:
+        return samples
+    return base.vae.decode(samples / base.vae.config.scaling_factor).sample
 
 
 def diffusion_loss(
-    sd: StableDiffusion,
+    base: BaseModel,
     model: nn.Module,
     pixel_values: torch.Tensor,
-    condition: torch.Tensor,
+    condition: torch.Tensor | None,
     text_embeddings: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Eq. 10: || eps - eps_theta(z_t, t, c_t, c_f) ||^2 (v-prediction when the scheduler says so).
 
-    pixel_values: (B, 3, H, W) in [-1, 1]; condition: (B, 3, H, W) in [0, 1].
+    pixel_values: (B, 3, H, W) in [-1, 1]; condition: (B, 3, H, W) in [0, 1], or None for the base alone.
     """
-    with torch.no_grad():
-        latents = sd.vae.encode(pixel_values.to(sd.vae.dtype)).latent_dist.sample(generator)
-        latents = latents * sd.vae.config.scaling_factor  # (B, 4, H/8, W/8)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    steps = sd.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
-    noisy_latents = sd.noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = model(noisy_latents, timesteps, text_embeddings, condition)
-    if sd.noise_scheduler.config.prediction_type == "v_prediction":
-        target = sd.noise_scheduler.get_velocity(latents, noise, timesteps)
+    samples = to_model_space(base, pixel_values, generator)
+    noise = torch.randn(samples.shape, generator=generator, device=samples.device, dtype=samples.dtype)
+    steps = base.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (samples.shape[0],), generator=generator, device=samples.device)
+    noisy = base.noise_scheduler.add_noise(samples, noise, timesteps)
+    prediction = model(noisy, timesteps, text_embeddings, condition)
+    if base.noise_scheduler.config.prediction_type == "v_prediction":
+        target = base.noise_scheduler.get_velocity(samples, noise, timesteps)
     else:
         target = noise
     return F.mse_loss(prediction.float(), target.float())

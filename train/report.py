@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from train.convergence import common_max_step, mauc
 
-COLUMNS = ("size", "run", "steps", "convergence_step", "final_fidelity", "mauc")
+COLUMNS = ("size", "run", "steps", "convergence_step", "start", "plateau", "final_fidelity", "mauc")
 RESULTS = "results.json"
 # tab10: distinguishable lines for up to 10 sizes, then it repeats
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -30,28 +30,23 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 # ---------------------------------------------------------------- pure: picking curves, the table
 
 
+def curves_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> curve (steps, scores, detection, mauc) of a run's results.json."""
+    return (results.get("fidelity") or {}).get("curves") or {}
+
+
 def primary_curve(results: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The run's headline fidelity curve: the first prompt mode at the first (the paper's) CFG scale, as the
-    validation grid shows; else the first curve by name; None when the run scored no fidelity."""
-    curves = results.get("fidelity") or {}
-    if not curves:
-        return None
-    config = results.get("config", {})
-    modes, scales = config.get("prompt_modes") or [], config.get("guidance_scales") or []
-    if modes and scales:
-        head = f"fidelity/{modes[0]}/cfg{scales[0]:g}/"
-        for name in sorted(curves):
-            if name.startswith(head):
-                return name, curves[name]
-    name = sorted(curves)[0]
-    return name, curves[name]
+    """The run's headline fidelity curve, as the run named it; None when the run scored no fidelity."""
+    name = (results.get("fidelity") or {}).get("primary")
+    curve = curves_of(results).get(name)
+    return (name, curve) if curve else None
 
 
 def pick_curve(results: dict[str, Any], name: str | None) -> tuple[str, dict[str, Any]] | None:
     """A named curve (--curve) or the primary one."""
     if name is None:
         return primary_curve(results)
-    curve = (results.get("fidelity") or {}).get(name)
+    curve = curves_of(results).get(name)
     return (name, curve) if curve else None
 
 
@@ -77,10 +72,16 @@ def table(runs: dict[str, dict[str, Any]], curve: str | None = None) -> tuple[li
             "run": name,
             "steps": res.get("final_step"),
             "convergence_step": points.get("step") if points and points.get("converged") else None,
+            "start": _finite(points.get("start")) if points else None,
+            "plateau": _finite(points.get("plateau")) if points else None,
             "final_fidelity": points["scores"][-1] if points else None,
             "mauc": _mauc(points, common),
         })
     return rows, common
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _mauc(points: dict[str, Any] | None, common: float | None) -> float | None:
@@ -100,14 +101,14 @@ def _cell(value: Any, empty: str) -> str:
 
 def to_markdown(rows: list[dict[str, Any]], prefix: str, curve: str | None, common: float | None) -> str:
     """The table with a heading that names the curve and the mAUCC range."""
-    header = ["size", "run", "steps", "convergence step", "final fidelity",
+    header = ["size", "run", "steps", "convergence step", "start", "plateau", "final fidelity",
               f"mAUCC (to step {common:g})" if common is not None else "mAUCC"]
     lines = [
         f"# Dataset-size sweep `{prefix}`",
         "",
         f"Fidelity curve: `{curve or 'none (no fidelity scored)'}`. Convergence step: the detected sudden "
-        "convergence (— when not converged or too few evaluations). mAUCC: mean area under the curve up to the last "
-        "step every run reached.",
+        "convergence (— when not converged or too few evaluations); start and plateau: the curve's first and last "
+        "levels (means of 3 evaluations). mAUCC: mean area under the curve up to the last step every run reached.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---:" if h not in ("run",) else "---" for h in header) + "|",
@@ -143,7 +144,8 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float], fl
     """A line plot: (legend label, steps, scores, convergence step or None) per curve; dashed verticals mark
     detected convergence. Scores of fidelity curves lie in [0, 1]; the y range widens if they do not."""
     width, height = size
-    left, right, top, bottom = 70, 170, 40, 60  # margins: tick labels left, legend right
+    longest = max((len(label) for label, *_ in curves), default=10)
+    left, right, top, bottom = 70, max(170, 7 * longest + 60), 40, 60  # margins: tick labels left, legend right
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -186,6 +188,42 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float], fl
         draw.text((width - right + 15, top + 10 + 18 * len(curves)), "dashed: convergence", fill="#555555",
                   font=font, anchor="lm")
     return image
+
+
+def run_plot(results: dict[str, Any]) -> Image.Image:
+    """One run's fidelity curves (every prompt mode and scale), detected convergence dashed."""
+    primary = (results.get("fidelity") or {}).get("primary")
+    curves = [(name.removeprefix("fidelity/") + (" (primary)" if name == primary else ""), c["steps"], c["scores"],
+               c.get("step") if c.get("converged") else None) for name, c in curves_of(results).items()]
+    config = results.get("config", {})
+    return plot_curves(curves, f"condition fidelity: {config.get('run_name', '')}", primary or "fidelity",
+                       size=(1000, 540))
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(scores: Sequence[float]) -> str:
+    """Scores in [0, 1] as block characters, one per evaluation."""
+    return "".join(SPARKS[min(len(SPARKS) - 1, max(0, int(v * len(SPARKS))))] for v in scores)
+
+
+def curve_text(results: dict[str, Any], rows: int = 12) -> str:
+    """The primary curve for a terminal: a sparkline, a table of (step, score) at up to `rows` evaluations, and
+    the detected step, plateau and mAUCC."""
+    found = primary_curve(results)
+    if found is None:
+        return "no fidelity curve (validation off, or no task)"
+    name, curve = found
+    steps, scores = curve["steps"], curve["scores"]
+    picks = sorted({round(i * (len(steps) - 1) / max(rows - 1, 1)) for i in range(min(rows, len(steps)))})
+    lines = [f"{name}  {sparkline(scores)}  (0..1, one mark per evaluation)", "   step  score"]
+    lines += [f"{steps[i]:>7}  {scores[i]:.3f}" for i in picks]
+    step = curve["step"] if curve.get("converged") else f"not converged ({curve.get('reason')})"
+    start, plateau = curve.get("start"), curve.get("plateau")
+    levels = f"start {start:.3f}, plateau {plateau:.3f}, " if start == start and start is not None else ""
+    lines.append(f"sudden convergence: {levels}detected step {step}, mAUCC {curve.get('mauc', 0):.3f}")
+    return "\n".join(lines)
 
 
 def plotted(runs: dict[str, dict[str, Any]], curve: str | None) -> list[tuple[str, list, list, float | None]]:
@@ -271,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", required=True, metavar="PREFIX", help="the sweep's run prefix (runs <prefix>-<size>)")
     parser.add_argument("--storage-path", default="data/runs", help="where the runs are (local folder or s3://)")
-    parser.add_argument("--curve", help="fidelity curve to compare (default: first prompt mode at the first CFG)")
+    parser.add_argument("--curve", help="fidelity curve to compare (default: each run's primary curve)")
     parser.add_argument("--wandb", choices=["auto", "online", "offline", "off"],
                         help="W&B mode for the report run (default: the runs' own setting)")
     args = parser.parse_args(argv)

@@ -16,7 +16,8 @@ from ray.train.torch import TorchTrainer
 from train.checkpoints import latest_checkpoint
 from train.config import TINY_SD, TrainConfig, parse_args
 from train.loop import train_loop_per_worker
-from train.tracking import wandb_mode
+from train.report import curve_text, curves_of
+from train.tracking import plot_url, read_results, results_url, wandb_mode
 
 
 def prepare_base_model(cfg: TrainConfig) -> TrainConfig:
@@ -34,13 +35,27 @@ def absolute_local(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def cpus_per_worker(cfg: TrainConfig, use_gpu: bool) -> int:
+    """The CPUs each worker reserves (and uses as threads): as asked; 1 beside a GPU; else the largest node's
+    CPUs shared among the workers, so a one-worker run on a laptop trains on every core, not on Ray's one."""
+    if cfg.cpus_per_worker is not None:
+        return cfg.cpus_per_worker
+    if use_gpu:
+        return 1
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    return max(1, int(largest) // max(cfg.num_workers, 1))
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     cfg = prepare_base_model(cfg)
     cfg = dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
-                              data=[absolute_local(d) for d in cfg.data])
+                              data=[absolute_local(d) for d in cfg.data],
+                              validation_data=[absolute_local(d) for d in cfg.validation_data]
+                              if cfg.validation_data else None)
     mode, message = wandb_mode(cfg.wandb)
     print(message, flush=True)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    cfg = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg, use_gpu))
     # Ray Train V2 restores a run's checkpoint state when a run of the same name is submitted again
     resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume:
@@ -50,7 +65,8 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode,
                            "wandb_dir": absolute_local(os.environ.get("WANDB_DIR", "data/wandb"))},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_path,
@@ -68,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     result = build_trainer(cfg).fit()
     print(f"finished {cfg.run_name}: step {result.metrics.get('step')}, loss {result.metrics.get('loss'):.4f}, "
           f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    results = read_results(cfg)
+    if results is not None:
+        print(curve_text(results))
+        print(f"results: {results_url(cfg)}" + (f", curves: {plot_url(cfg)}" if curves_of(results) else ""))
     return 0
 
 

@@ -16,7 +16,7 @@ import fsspec
 
 from train.checkpoints import latest_checkpoint
 from train.config import PRESETS, TrainConfig, parse_args
-from train.tracking import results_url
+from train.tracking import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 # the sweep owns these per run; an override of them would make the runs differ in more than their data
@@ -46,9 +46,11 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def run_config(base: TrainConfig, subset: dict, prefix: str) -> TrainConfig:
-    """One size's run: the shared settings, this subset's data, and a name and group that tie it to the sweep."""
+    """One size's run: the shared settings, this subset's data, and a name and group that tie it to the sweep.
+    Every size validates on the same held-out set (the subsets' own, unless --validation-data overrides it)."""
+    validation = base.validation_data or ([subset["validation"]] if subset.get("validation") else None)
     return dataclasses.replace(base, data=[subset["url"]], run_name=f"{prefix}-{subset['label']}", wandb_group=prefix,
-                               dataset_size=subset["size"])
+                               dataset_size=subset["size"], validation_data=validation)
 
 
 def is_finished(results: dict | None, max_steps: int) -> bool:
@@ -69,13 +71,6 @@ def make_subsets(dataset: str, sizes: str, out: str | None) -> list[dict]:
         lines = done.stderr.strip().splitlines()
         raise SweepError(lines[-1].removeprefix("error: ") if lines else f"pipeline.subsets exited {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def read_results(cfg: TrainConfig) -> dict | None:
-    url = results_url(cfg)
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache()
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
 def train(cfg: TrainConfig) -> None:

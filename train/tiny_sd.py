@@ -50,13 +50,14 @@ def tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[tuple[str, s
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_tokenizer(out: Path) -> CLIPTokenizer:
-    """vocab.json + merges.txt written here, loaded by CLIPTokenizer as the published ones are."""
+def write_tokenizer(out: Path, words: list[str] = WORDS, max_tokens: int = MAX_TOKENS) -> CLIPTokenizer:
+    """vocab.json + merges.txt written here, loaded by CLIPTokenizer as the published ones are. `words` become
+    single tokens; any other text still tokenizes, byte by byte."""
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = tokenizer_files(WORDS)
+    vocab, merges = tokenizer_files(words)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer.from_pretrained(str(out), local_files_only=True, model_max_length=MAX_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(out), local_files_only=True, model_max_length=max_tokens)
     tokenizer.save_pretrained(str(out))
     return tokenizer
 
@@ -86,14 +87,14 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden: int = HIDDEN, intermediate: int = 37) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=37,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=MAX_TOKENS,
+        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -63,18 +63,30 @@ class RunLogger:
             self.run.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions, strict=True)]},
                          step=step)
 
+    def progress(self, step: int, fidelity: str, metrics: dict[str, Any] | None = None) -> None:
+        """A console line per log step, whatever the W&B mode: hours of silence look like a hang."""
+        parts = [f"[{self.cfg.run_name}] step {step}/{self.cfg.max_steps}"]
+        if metrics:
+            parts.append(f"loss {metrics['loss']:.4f}  {metrics['samples_per_s']:.1f} samples/s")
+        if fidelity:
+            parts.append(fidelity)
+        print("  ".join(parts), flush=True)
+
     def note(self, text: str) -> None:
         print(text, flush=True)
         if self.run is not None:
             self.run.summary["note"] = text
 
     def finish(self, state) -> None:
-        write_results(self.cfg, state)
+        results = write_results(self.cfg, state)
         if self.run is not None:
             self.run.summary.update({"final_step": state.step, "resumed_from": state.resumed_from})
-            for name, curve in state.fidelity.items():  # the sudden-convergence step and mAUCC of each curve
+            for name, curve in state.fidelity.get("curves", {}).items():  # convergence step and mAUCC per curve
                 self.run.summary[f"{name}/convergence_step"] = curve.get("step")
                 self.run.summary[f"{name}/mauc"] = curve.get("mauc")
+            if results.get("convergence"):
+                self.run.summary["primary_curve"] = results["fidelity"]["primary"]
+                self.run.summary.update({f"convergence/{k}": v for k, v in results["convergence"].items()})
             self.run.finish()
 
 
@@ -82,11 +94,44 @@ def results_url(cfg: TrainConfig) -> str:
     return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}/results.json"
 
 
-def write_results(cfg: TrainConfig, state) -> None:
-    """The run's results JSON next to its checkpoints: config, per-step losses, where it resumed from."""
+def read_results(cfg: TrainConfig) -> dict[str, Any] | None:
+    """A run's results.json, or None before it has written one."""
     import fsspec
 
+    fs, path = fsspec.core.url_to_fs(results_url(cfg))
+    fs.invalidate_cache()
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def plot_url(cfg: TrainConfig) -> str:
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}/fidelity.png"
+
+
+def convergence(fidelity: dict[str, Any]) -> dict[str, Any] | None:
+    """The primary curve's headline numbers: detected step (None: not converged), start, plateau, mAUCC."""
+    curve = fidelity.get("curves", {}).get(fidelity.get("primary"))
+    if not curve:
+        return None
+    return {k: curve.get(k) for k in ("converged", "step", "start", "plateau", "mauc", "reason")}
+
+
+def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
+    """The run's results JSON next to its checkpoints (config, per-step losses, where it resumed from, the fidelity
+    curves with the primary one's convergence), and the curves as fidelity.png."""
+    import io
+
+    import fsspec
+
+    from train.report import run_plot
+
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
-               "history": state.history, "fidelity": state.fidelity}
+               "history": state.history, "fidelity": state.fidelity, "convergence": convergence(state.fidelity),
+               "validation": state.validation}
     with fsspec.open(results_url(cfg), "w") as f:
         json.dump(results, f, indent=1)
+    if state.fidelity.get("curves"):
+        png = io.BytesIO()
+        run_plot(results).save(png, format="PNG")
+        with fsspec.open(plot_url(cfg), "wb") as f:
+            f.write(png.getvalue())
+    return results

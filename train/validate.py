@@ -1,67 +1,53 @@
-"""validation: sample fixed conditions with the current ControlNet (DDIM, CFG 9.0 as in the paper) and grid them"""
+"""validation: a fixed held-out set, sampled every N steps; condition-fidelity curves kept across resumes"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+DEFAULT_PROMPT = "a professional, detailed, high-quality image"  # the paper's default prompt
+PROMPT_MODES = ("caption", "empty", "default")
+
 
 @dataclass
 class ValidationSet:
-    """Fixed conditions and prompts, drawn once at the start of a run."""
+    """Fixed conditions and prompts: distinct held-out samples, chosen once by key."""
 
     conditions: torch.Tensor  # (N, 3, R, R) in [0, 1]
     targets: torch.Tensor  # (N, 3, R, R) in [-1, 1], for the grid
     prompts: list[str]
     keys: list[str]
 
-
-def take_validation_set(batches, count: int) -> ValidationSet:
-    """The first `count` samples of a stream (seeded, so every run of the same data sees the same ones)."""
-    conditions, targets, prompts, keys = [], [], [], []
-    for batch in batches:
-        conditions.append(batch["conditioning_pixel_values"])
-        targets.append(batch["pixel_values"])
-        prompts += list(batch["caption"])
-        keys += list(batch["key"])
-        if len(prompts) >= count:
-            break
-    return ValidationSet(torch.cat(conditions)[:count], torch.cat(targets)[:count], prompts[:count], keys[:count])
+    @classmethod
+    def of(cls, samples: list[dict[str, Any]]) -> ValidationSet:
+        if not samples:
+            raise ValueError("no usable validation sample in the held-out data")
+        return cls(torch.stack([s["conditioning_pixel_values"] for s in samples]),
+                   torch.stack([s["pixel_values"] for s in samples]), [s["caption"] for s in samples],
+                   [s["key"] for s in samples])
 
 
-def sampling_pipeline(sd, controlnet: torch.nn.Module):
-    """A StableDiffusionControlNetPipeline sharing the training modules (no copies), with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
-
-    pipeline = StableDiffusionControlNetPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, controlnet=controlnet,
-        scheduler=DDIMScheduler.from_config(sd.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+def curve_name(mode: str, scale: float, metric: str) -> str:
+    """The one naming scheme of fidelity metrics and curves: fidelity/<prompt mode>/cfg<scale>/<metric>."""
+    return f"fidelity/{mode}/cfg{scale:g}/{metric}"
 
 
-@torch.no_grad()
-def generate(
-    sd, controlnet: torch.nn.Module, conditions: torch.Tensor, prompts: list[str], *, steps: int = 20,
-    guidance_scale: float = 9.0, seed: int = 0, device: torch.device, amp_dtype: torch.dtype | None = None,
-) -> np.ndarray:
-    """(N, R, R, 3) float images in [0, 1], sampled with fixed seeds (one generator per image)."""
-    was_training = controlnet.training
-    controlnet.eval()
-    pipeline = sampling_pipeline(sd, controlnet)
-    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
-    size = conditions.shape[-1]
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        images = pipeline(
-            prompt=prompts, image=conditions.to(device), num_inference_steps=steps, guidance_scale=guidance_scale,
-            generator=generators, output_type="np", height=size, width=size,
-        ).images
-    controlnet.train(was_training)
-    return images
+def primary_curve(task: str, modes: tuple[str, ...] | list[str], scales: tuple[float, ...] | list[float]) -> str:
+    """A run's headline curve: the task's primary metric at the first prompt mode and the first CFG scale."""
+    from train.fidelity import PRIMARY
+
+    return curve_name(modes[0], scales[0], PRIMARY[task])
+
+
+def prompts_for(mode: str, captions: list[str]) -> list[str]:
+    """The paper's prompt modes: the samples' own captions, no prompt, or the default prompt."""
+    if mode not in PROMPT_MODES:
+        raise ValueError(f"unknown prompt mode {mode!r}; choose from {', '.join(PROMPT_MODES)}")
+    if mode == "caption":
+        return captions
+    return ["" if mode == "empty" else DEFAULT_PROMPT] * len(captions)
 
 
 def to_uint8(images: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -81,37 +67,57 @@ def validation_grid(vset: ValidationSet, generated: np.ndarray) -> np.ndarray:
     return grid([to_uint8(vset.conditions), to_uint8(generated), to_uint8(vset.targets, (-1.0, 1.0))])
 
 
-
-DEFAULT_PROMPT = "a professional, detailed, high-quality image"  # the paper's default prompt
-PROMPT_MODES = ("caption", "empty", "default")
-
-
-def prompts_for(mode: str, captions: list[str]) -> list[str]:
-    """The paper's prompt modes: the samples' own captions, no prompt, or the default prompt."""
-    if mode == "caption":
-        return captions
-    return ["" if mode == "empty" else DEFAULT_PROMPT] * len(captions)
-
-
 def condition_maps(conditions: torch.Tensor, task: str) -> list[np.ndarray]:
     """(N, 3, R, R) in [0, 1] -> uint8 maps as the dataset stores them (1 channel, RGB for openpose)."""
     images = to_uint8(conditions)
     return list(images) if task == "openpose" else [image[:, :, 0] for image in images]
 
 
+def curve_summary(points: list[tuple[int, float]]) -> dict[str, Any]:
+    """One curve's points with its detected sudden-convergence step (or not converged) and mAUCC."""
+    from train.convergence import detect_sudden_convergence, mauc
+
+    steps, scores = [s for s, _ in points], [v for _, v in points]
+    return {**detect_sudden_convergence(steps, scores), "mauc": mauc(steps, scores) if points else None,
+            "steps": steps, "scores": scores}
+
+
 @dataclass
 class FidelityTracker:
     """Every validation: sample the fixed conditions per (prompt mode, CFG scale), re-annotate the generated
-    images with the task's annotator, score agreement with the input maps, and keep the curves."""
+    images with the dataset's own annotator settings, score them against the input maps, and extend the curves.
+
+    The curves are part of the training state: a tracker made from a checkpoint's state continues them, so a
+    resumed run ends with the same curve, step and mAUCC as an uninterrupted one.
+    """
 
     task: str
     annotator: Any
     modes: tuple[str, ...] = PROMPT_MODES
     scales: tuple[float, ...] = (9.0, 1.0)
-    curves: dict[str, list[tuple[int, float]]] | None = None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str:
+        return primary_curve(self.task, self.modes, self.scales)
+
+    @classmethod
+    def restore(cls, task: str, annotator: Any, modes, scales, state: dict[str, Any]) -> FidelityTracker:
+        """From TrainState.fidelity (a summary() of an earlier segment of the same run)."""
+        curves = {name: list(zip(c["steps"], c["scores"], strict=True)) for name, c in state.get("curves", {}).items()}
+        return cls(task, annotator, tuple(modes), tuple(scales), curves)
+
+    def has(self, step: int) -> bool:
+        return any(s == step for s, _ in self.curves.get(self.primary, []))
+
+    def latest(self) -> tuple[int, float] | None:
+        points = self.curves.get(self.primary)
+        return points[-1] if points else None
 
     def evaluate(self, trainer, vset: ValidationSet, step: int) -> tuple[dict[str, float], np.ndarray]:
+        """Metrics of this step (fidelity/<mode>/cfg<s>/<metric>) and the grid of the first mode at the first scale."""
         from train.fidelity import PRIMARY, score_images
+        from train.sampling import sample
 
         cfg = trainer.cfg
         inputs = condition_maps(vset.conditions, self.task)
@@ -121,30 +127,21 @@ class FidelityTracker:
         metrics, shown = {}, None
         for scale in self.scales:
             for mode in self.modes:
-                images = generate(trainer.sd, trainer.controlnet, vset.conditions, prompts_for(mode, vset.prompts),
-                                  steps=cfg.validation_steps, guidance_scale=scale, seed=cfg.seed,
-                                  device=trainer.device, amp_dtype=trainer.amp_dtype)
+                images = sample(trainer.base, trainer.controlnet, vset.conditions, prompts_for(mode, vset.prompts),
+                                steps=cfg.validation_steps, guidance_scale=scale, seed=cfg.seed,
+                                branches=cfg.control_branches, middle_only=cfg.mode == "middle",
+                                device=trainer.device, amp_dtype=trainer.amp_dtype)
                 scores, _ = score_images(self.task, self.annotator, list(to_uint8(images)), inputs, vset.keys,
                                          params_input)
-                for name, value in scores.items():
-                    metrics[f"fidelity/{mode}/cfg{scale:g}/{name}"] = value
-                if shown is None:  # the grid shows the first mode at the first (the paper's) scale
+                metrics |= {curve_name(mode, scale, name): value for name, value in scores.items()}
+                if shown is None:
                     shown = images
-        self.curves = self.curves or {}
         for name, value in metrics.items():
             if name.endswith("/" + PRIMARY[self.task]):
-                self.curves.setdefault(name, []).append((step, value))
+                points = [p for p in self.curves.get(name, []) if p[0] < step]  # a re-done step replaces its point
+                self.curves[name] = [*points, (step, value)]
         return metrics, validation_grid(vset, shown)
 
     def summary(self) -> dict[str, Any]:
-        """Per curve: the detected sudden-convergence step (or not converged) and mAUCC."""
-        from train.convergence import detect_sudden_convergence, mauc
-
-        out = {}
-        for name, points in (self.curves or {}).items():
-            steps, scores = [s for s, _ in points], [v for _, v in points]
-            detection = detect_sudden_convergence(steps, scores) if len(points) >= 4 else {
-                "converged": False, "step": None, "reason": "fewer than 4 evaluations"}
-            out[name] = {**detection, "mauc": mauc(steps, scores) if len(points) >= 2 else None,
-                         "steps": steps, "scores": scores}
-        return out
+        """{primary: name, curves: {name: detection + mAUCC + points}}: what the state and results.json keep."""
+        return {"primary": self.primary, "curves": {n: curve_summary(p) for n, p in sorted(self.curves.items())}}

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.build import main as build_dataset
-from train.report import load_runs, nice_ticks, plot_curves, table, to_markdown, write_report
+from train.report import curve_text, load_runs, nice_ticks, plot_curves, table, to_markdown, write_report
 from train.sweep import main as sweep
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -135,3 +135,15 @@ def test_report_without_fidelity_and_the_plot_helpers(tmp_path):
     assert image.size == (900, 540) and len(image.getcolors(1 << 16)) > 3  # lines drawn in several colours
     with pytest.raises(FileNotFoundError):
         write_report("nothing", str(tmp_path))
+
+
+@pytest.mark.parametrize("evaluations", [2, 7, 12, 30])
+def test_the_terminal_curve_spans_the_whole_run(evaluations):
+    steps = [50 * i for i in range(evaluations)]
+    scores = [min(0.9, 0.2 + 0.05 * i) for i in range(evaluations)]
+    curve = {"steps": steps, "scores": scores, "converged": False, "reason": "too short", "mauc": 0.5}
+    text = curve_text({"fidelity": {"primary": "fidelity/caption/cfg1/edge_f1",
+                                    "curves": {"fidelity/caption/cfg1/edge_f1": curve}}})
+    rows = [line.split() for line in text.splitlines()[2:-1]]
+    assert rows[0] == ["0", f"{scores[0]:.3f}"] and rows[-1] == [str(steps[-1]), f"{scores[-1]:.3f}"]
+    assert len(rows) == min(evaluations, 12)

@@ -126,7 +126,7 @@ def toy() -> TrainConfig:
     return TrainConfig(
         data=["data/toy/canny"], base_model=TOY_BASE, storage_path="data/toy/runs", run_name="controlnet-toy",
         resolution=32, batch_size=32, lr=1e-4, max_grad_norm=0.0, max_steps=1200, epoch_samples=6000,
-        checkpoint_every=100, log_every=25, validate_every=50, validation_samples=64, validation_steps=20,
+        checkpoint_every=100, log_every=25, validate_every=50, validation_samples=64, validation_steps=10,
         guidance_scales=[1.0, 9.0], prompt_modes=["caption", "empty"], control_branches="cond",
     )
 

@@ -1,6 +1,7 @@
 """data streams the dataset job's output shards into ControlNet training batches with webdataset"""
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import io
 import json
@@ -8,7 +9,6 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any

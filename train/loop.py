@@ -243,14 +243,15 @@ def start_validation(trainer: Trainer, source) -> Validation:
     from the validation data's own dataset settings; the tracker continues the curves the state restored."""
     from annotate import annotator_params, build_annotator
     from train.data import job_settings, lowest_key_hashes
+    from train.tracking import say
     from train.validate import FidelityTracker, ValidationSet
 
     cfg = trainer.cfg
     vset = ValidationSet.of(lowest_key_hashes(source, cfg.validation_samples, cfg.resolution))
     trainer.state.validation = {"shards": source.urls, "keys": vset.keys}
     if len(vset.keys) < cfg.validation_samples:
-        print(f"validation: only {len(vset.keys)} distinct usable samples in the held-out data "
-              f"({cfg.validation_samples} asked for)", flush=True)
+        say(f"validation: only {len(vset.keys)} distinct usable samples in the held-out data "
+            f"({cfg.validation_samples} asked for)")
     tracker = None
     if cfg.fidelity and source.task:
         params = annotator_params(source.task, job_settings(source))
@@ -289,7 +290,10 @@ def set_threads() -> int:
     import cv2
     import ray
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except AssertionError:  # a driver (Ray Train's local mode) is assigned nothing
+        cpus = None
     threads = max(1, int(cpus)) if cpus else os.cpu_count() or 1
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)

@@ -133,7 +133,8 @@ def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | P
 
     if pretrained is not None:
         return ControlNetModel.from_pretrained(pretrained)
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=condition_embedding_channels(downsampling))
+    channels = condition_embedding_channels(downsampling)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
 
 
 def zero_convolutions(controlnet: nn.Module) -> list[nn.Module]:
@@ -200,10 +201,13 @@ def diffusion_loss(
     condition: torch.Tensor | None,
     text_embeddings: torch.Tensor,
     generator: torch.Generator,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Eq. 10: || eps - eps_theta(z_t, t, c_t, c_f) ||^2 (v-prediction when the scheduler says so).
 
     pixel_values: (B, 3, H, W) in [-1, 1]; condition: (B, 3, H, W) in [0, 1], or None for the base alone.
+    snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up pretraining a base; the ControlNet
+    trains on the paper's plain loss (None).
     """
     samples = to_model_space(base, pixel_values, generator)
     noise = torch.randn(samples.shape, generator=generator, device=samples.device, dtype=samples.dtype)
@@ -211,8 +215,14 @@ def diffusion_loss(
     timesteps = torch.randint(0, steps, (samples.shape[0],), generator=generator, device=samples.device)
     noisy = base.noise_scheduler.add_noise(samples, noise, timesteps)
     prediction = model(noisy, timesteps, text_embeddings, condition)
-    if base.noise_scheduler.config.prediction_type == "v_prediction":
-        target = base.noise_scheduler.get_velocity(samples, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float())
+    v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
+    target = base.noise_scheduler.get_velocity(samples, noise, timesteps) if v_prediction else noise
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(base.noise_scheduler, timesteps)
+    clamped = torch.clamp(snr, max=snr_gamma)  # (B,): min(SNR, gamma) / SNR for eps, / (SNR + 1) for v
+    weights = clamped / (snr + 1) if v_prediction else torch.where(snr > 0, clamped / snr.clamp(min=1e-20), 1.0)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()

@@ -216,7 +216,8 @@ def curve_text(results: dict[str, Any], rows: int = 12) -> str:
         return "no fidelity curve (validation off, or no task)"
     name, curve = found
     steps, scores = curve["steps"], curve["scores"]
-    picks = sorted({round(i * (len(steps) - 1) / max(rows - 1, 1)) for i in range(min(rows, len(steps)))})
+    shown = min(rows, len(steps))  # evenly spread, the first and the last evaluation always among them
+    picks = sorted({round(i * (len(steps) - 1) / max(shown - 1, 1)) for i in range(shown)})
     lines = [f"{name}  {sparkline(scores)}  (0..1, one mark per evaluation)", "   step  score"]
     lines += [f"{steps[i]:>7}  {scores[i]:.3f}" for i in picks]
     step = curve["step"] if curve.get("converged") else f"not converged ({curve.get('reason')})"

@@ -12,7 +12,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import fsspec
 
 from train.checkpoints import latest_checkpoint
 from train.config import PRESETS, TrainConfig, parse_args

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from typing import Any
 
 from train.config import TrainConfig
@@ -29,6 +30,12 @@ def _netrc_has_wandb() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def say(text: str) -> None:
+    """A console line from a training worker, printed once: Ray Train V2 patches print() to log it and also tee
+    it to a wrapped sys.stdout, so a plain print shows twice on the driver; the process's own stdout does not."""
+    print(text, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def run_id(run_name: str) -> str:
@@ -70,10 +77,10 @@ class RunLogger:
             parts.append(f"loss {metrics['loss']:.4f}  {metrics['samples_per_s']:.1f} samples/s")
         if fidelity:
             parts.append(fidelity)
-        print("  ".join(parts), flush=True)
+        say("  ".join(parts))
 
     def note(self, text: str) -> None:
-        print(text, flush=True)
+        say(text)
         if self.run is not None:
             self.run.summary["note"] = text
 

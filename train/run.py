@@ -35,6 +35,12 @@ def absolute_local(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def absolute_base_model(base_model: str) -> str:
+    """A base model in a local folder, made absolute (Ray Train runs workers in their own working directory);
+    hub ids ("org/name", no such folder here) and URLs pass through."""
+    return absolute_local(base_model) if "://" not in base_model and Path(base_model).is_dir() else base_model
+
+
 def cpus_per_worker(cfg: TrainConfig, use_gpu: bool) -> int:
     """The CPUs each worker reserves (and uses as threads): as asked; 1 beside a GPU; else the largest node's
     CPUs shared among the workers, so a one-worker run on a laptop trains on every core, not on Ray's one."""
@@ -49,6 +55,7 @@ def cpus_per_worker(cfg: TrainConfig, use_gpu: bool) -> int:
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     cfg = prepare_base_model(cfg)
     cfg = dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
+                              base_model=absolute_base_model(cfg.base_model),
                               data=[absolute_local(d) for d in cfg.data],
                               validation_data=[absolute_local(d) for d in cfg.validation_data]
                               if cfg.validation_data else None)

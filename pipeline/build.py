@@ -165,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BuildConfig, argv, "Build a ControlNet dataset: input shards -> condition maps -> shards.")
     from pipeline.distributor import ModelLoadError
 
+    joined_here = not ray.is_initialized()
     try:
         return run(cfg)
     except (FileNotFoundError, ValueError, ModelLoadError) as e:  # bad input, config or weights: one line
+        if joined_here and ray.is_initialized():
+            ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)
         return 2
 

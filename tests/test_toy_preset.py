@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from pipeline.build import main as build_dataset
 from pipeline.toy_shapes import write_shards
@@ -68,12 +70,22 @@ def config(dataset, storage, name, **overrides):
                                **{**small, **overrides})
 
 
-def test_a_resumed_run_reports_the_same_curve_step_and_mauc(dataset, tmp_path):
-    build_trainer(config(dataset, tmp_path, "whole", max_steps=6)).fit()
-    build_trainer(config(dataset, tmp_path, "halves", max_steps=2)).fit()  # stopped after its step-2 checkpoint
-    build_trainer(config(dataset, tmp_path, "halves", max_steps=6)).fit()  # submitted again: resumes
-    whole, halves = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "halves"))
-    assert halves["resumed_from"] == 2 and halves["final_step"] == 6
-    assert whole["fidelity"]["curves"]["fidelity/caption/cfg1/edge_f1"]["steps"] == [0, 2, 4, 6]
-    assert halves["fidelity"] == whole["fidelity"]  # every curve, its detected step and mAUCC
-    assert halves["convergence"] == whole["convergence"] and halves["validation"] == whole["validation"]
+def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, tmp_path):
+    """Resume, for every base: the same losses, weights and optimizer state, and the same fidelity curves,
+    detected step and mAUCC (the curves restored from the checkpoint, not restarted after it)."""
+    whole = build_trainer(config(dataset, tmp_path, "whole", max_steps=6)).fit()
+    first = build_trainer(config(dataset, tmp_path, "halves", max_steps=2)).fit()  # stopped at its step-2 checkpoint
+    assert first.metrics["step"] == 2
+    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=6)).fit()  # submitted again: resumes
+    uninterrupted, resumed = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "halves"))
+    assert resumed["resumed_from"] == 2 and resumed["final_step"] == 6
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
+    a, b = (load_file(Path(r.checkpoint.path) / "controlnet" / "diffusion_pytorch_model.safetensors")
+            for r in (whole, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(Path(second.checkpoint.path) / "state.pt", weights_only=True)
+    assert state["step"] == 6 and state["optimizer"]["state"]  # AdamW moments were restored and kept
+    assert uninterrupted["fidelity"]["curves"]["fidelity/caption/cfg1/edge_f1"]["steps"] == [0, 2, 4, 6]
+    assert resumed["fidelity"] == uninterrupted["fidelity"]  # every curve, its detected step and mAUCC
+    assert resumed["convergence"] == uninterrupted["convergence"]
+    assert resumed["validation"] == uninterrupted["validation"]

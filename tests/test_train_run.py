@@ -1,4 +1,4 @@
-"""the trainer on Ray Train end to end: DDP on gloo, checkpoints, exact resume, worker failure, W&B offline"""
+"""the trainer on Ray Train end to end: gloo DDP, checkpoints, a killed worker, W&B offline (resume: test_toy_preset)"""
 import dataclasses
 import json
 import os
@@ -66,20 +66,6 @@ def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatc
     for curve in fidelity["curves"].values():
         assert curve["steps"] == [0, 2, 4] and all(0.0 <= v <= 1.0 for v in curve["scores"])
         assert curve["converged"] is False and "too few evaluations" in curve["reason"] and curve["mauc"] is not None
-
-
-def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, storage):
-    whole = build_trainer(config(dataset, storage, "whole", max_steps=6, checkpoint_every=3)).fit()
-    first = build_trainer(config(dataset, storage, "halves", max_steps=3, checkpoint_every=3)).fit()
-    assert first.metrics["step"] == 3
-    second = build_trainer(config(dataset, storage, "halves", max_steps=6, checkpoint_every=3)).fit()
-    resumed, uninterrupted = results(storage, "halves"), results(storage, "whole")
-    assert resumed["resumed_from"] == 3 and resumed["final_step"] == 6
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
-    a, b = final_weights(whole), final_weights(second)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = torch.load(Path(second.checkpoint.path) / "state.pt", weights_only=True)
-    assert state["step"] == 6 and state["optimizer"]["state"]  # AdamW moments were restored and kept
 
 
 def _train_workers() -> list[psutil.Process]:

@@ -35,9 +35,10 @@ DEMO_TRAIN = --max-steps 200 --lr 3e-4 --validate-every 25 --checkpoint-every 10
 	--prompt-modes caption --guidance-scales 1
 # make repro: the toy preset, stopped at 800 steps (its curve has levelled off by then) to fit ~45 min here
 REPRO_TRAIN ?= --max-steps 800
-# make toy-sweep: three sizes a decade apart, 600 steps each, the primary curve only (~9 min a size here)
+# make toy-sweep: three sizes a decade apart, 400 steps each, the primary curve only (~30 min here: a small
+# subset trains slower, its samples being spread over every shard, which the stream reads whole)
 TOY_SIZES ?= 300,3k,30k
-TOY_SWEEP_TRAIN ?= --max-steps 600 --validate-every 50 --prompt-modes caption --guidance-scales 1
+TOY_SWEEP_TRAIN ?= --max-steps 400 --validate-every 50 --prompt-modes caption --guidance-scales 1
 
 TORCH_VERSION ?= 2.13.0+cpu
 TORCH_WHEELS ?= /opt/wheels

@@ -33,8 +33,8 @@ BASE_ARGS ?=
 # rate than the preset's 1e-4, so that fidelity rises within ~200 steps (3 minutes here)
 DEMO_TRAIN = --max-steps 200 --lr 3e-4 --validate-every 25 --checkpoint-every 100 --validation-samples 16 \
 	--prompt-modes caption --guidance-scales 1
-# make repro: the toy preset, stopped at 800 steps (its curve has levelled off by then) to fit ~45 min here
-REPRO_TRAIN ?= --max-steps 800
+# make repro: the toy preset, stopped at 500 steps (its curve has levelled off by then) to fit 35 min here
+REPRO_TRAIN ?= --max-steps 500
 # make toy-sweep: three sizes a decade apart, 400 steps each, the primary curve only (~30 min here: a small
 # subset trains slower, its samples being spread over every shard, which the stream reads whole)
 TOY_SIZES ?= 300,3k,30k

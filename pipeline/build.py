@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from annotate import annotator_params, build_annotator, build_captioner
 from pipeline import format as fmt
-from pipeline.config import BuildConfig, parse_config
+from pipeline.config import BuildConfig, parse_config, settings_mismatch
 from pipeline.reader import InputShard, list_input_shards
-from pipeline.writer import clear_staging
+from pipeline.writer import clear_staging, staging_root
 
 FORMAT_VERSION = 1
 
@@ -45,6 +45,24 @@ def plan(shards: list[InputShard], done: dict[str, str], overwrite: bool) -> tup
     if overwrite:
         return shards, []
     return [s for s in shards if s.name not in done], [s.name for s in shards if s.name in done]
+
+
+def check_resume_settings(cfg: BuildConfig, skipped: list[str]) -> None:
+    """Refuse to resume onto shards made with other output settings (one line naming them): the rerun would
+    mix two datasets under one manifest. Shards from before settings were recorded pass."""
+    if not skipped:
+        return
+    wanted = set(skipped)
+    current = cfg.output_settings()
+    differing: dict[str, int] = {}
+    for stats in read_all_stats(cfg.output):
+        if stats["shard"] in wanted:
+            for difference in settings_mismatch(stats.get("settings", {}), current):
+                differing[difference] = differing.get(difference, 0) + 1
+    if differing:
+        listed = ", ".join(f"{d} ({n} shards)" for d, n in sorted(differing.items()))
+        raise ValueError(f"{cfg.output} was built with other settings: {listed}; run with the same settings, "
+                         f"another --output, or --overwrite to redo those shards")
 
 
 def code_version() -> dict[str, str | None]:
@@ -77,6 +95,11 @@ def totals(stats: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(st["counts"][s] for st in stats) for s in fmt.STATUSES}
 
 
+def truncated_inputs(stats: list[dict[str, Any]]) -> dict[str, str]:
+    """Shards committed short because their input file ends early: name -> what the reader met."""
+    return {st["shard"]: st["read_error"] for st in stats if st.get("truncated")}
+
+
 def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dict], failed: dict[str, str]) -> dict:
     """Rewrite <out>/manifest.json from every committed shard's stats (temp name, then rename)."""
     manifest_url = f"{cfg.output.rstrip('/')}/{fmt.MANIFEST}"
@@ -92,7 +115,7 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
         **models,
         "totals": totals(all_stats),
         "samples": sum(st["samples"] for st in all_stats),
-        "shards": {"done": len(all_stats), "failed": failed},
+        "shards": {"done": len(all_stats), "failed": failed, "truncated": truncated_inputs(all_stats)},
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     fs.makedirs(fs._parent(path), exist_ok=True)
@@ -114,6 +137,8 @@ def summary_table(run_stats: list[dict], manifest: dict, seconds: float, failed:
         f"time {seconds:.1f} s, {samples / max(seconds, 1e-9):.1f} samples/s",
     ]
     lines += [f"FAILED shard {name}: {error}" for name, error in sorted(failed.items())]
+    lines += [f"TRUNCATED input of shard {name} (committed with the samples before the cut): {error}"
+              for name, error in sorted(truncated_inputs(run_stats).items())]
     return "\n".join(lines)
 
 
@@ -129,7 +154,10 @@ def run(cfg: BuildConfig) -> int:
 
     shards = list_input_shards(cfg.input, cfg.files_per_shard)
     todo, skipped = plan(shards, done_shards(cfg.output), cfg.overwrite)
+    check_resume_settings(cfg, skipped)
     print(f"{cfg.task}: {len(shards)} input shards, {len(skipped)} done, {len(todo)} to do -> {cfg.output}")
+    if "://" in cfg.output and not cfg.output.startswith("file://"):
+        print(f"shards are staged on each node in {staging_root(cfg.output)} before upload")
     if cfg.dry_run:
         for shard in todo:
             print(f"  todo  {shard.name}  {shard.url}")
@@ -153,7 +181,7 @@ def run(cfg: BuildConfig) -> int:
             def on_fail(shard: InputShard, error: str, attempt: int) -> None:
                 bar.write(f"shard {shard.name} attempt {attempt} failed: {error}")
 
-            result = run_pool(todo, cfg, on_done, on_fail)
+            result = run_pool(todo, cfg, on_done, on_fail, on_note=bar.write)
     clear_staging(cfg.output)
     failed = result.failed if result else {}
     manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)

@@ -7,11 +7,17 @@ import typing
 from dataclasses import dataclass, field
 
 SAMPLE_INPUT = "data/sample/shards"
+TASKS = ("canny", "hed", "scribble", "midas", "openpose")  # annotate.ANNOTATORS, without importing it here
+CAPTION_SOURCES = ("source", "blip", "auto", "none")
+# the settings that shape a dataset's bytes: a resume with other values would mix two datasets in one
+OUTPUT_SETTINGS = ("task", "resolution", "caption", "seed", "canny_low", "canny_high_gap", "min_keypoint_fraction",
+                   "caption_beams", "min_size", "max_aspect", "max_pixels", "max_member_mb", "jpeg_quality",
+                   "files_per_shard")
 
 
 @dataclass
 class BuildConfig:
-    task: str = field(default="canny", metadata={"help": "annotator: canny, hed, scribble, midas, openpose"})
+    task: str = field(default="canny", metadata={"help": "annotator", "choices": TASKS})
     input: list[str] = field(
         default_factory=lambda: [SAMPLE_INPUT],
         metadata={"help": "input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), "
@@ -20,8 +26,8 @@ class BuildConfig:
     output: str = field(default="", metadata={"help": "output dataset folder or URL (default: data/<task>)"})
     resolution: int = field(default=512, metadata={"help": "output side in pixels (shorter side resized, centre crop)"})
     caption: str = field(
-        default="source",
-        metadata={"help": "caption source: source (from the input shard), blip, auto (source, else blip), none"},
+        default="source", metadata={"help": "caption source: source (from the input shard), blip, auto (source, "
+                                    "else blip), none", "choices": CAPTION_SOURCES},
     )
     weights: str | None = field(
         default=None, metadata={"help": "folder or URL holding model weights by their published file names"}
@@ -39,6 +45,9 @@ class BuildConfig:
     max_aspect: float = field(default=0.0, metadata={"help": "filter images with a longer aspect ratio (0: off)"})
     max_pixels: int = field(
         default=89_478_485, metadata={"help": "refuse images with more pixels (decompression bombs)"}
+    )
+    max_member_mb: int = field(
+        default=64, metadata={"help": "a tar member or image file over this many MiB is a failed sample, never read"}
     )
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the stored target image"})
     batch_size: int = field(default=16, metadata={"help": "images per annotator call"})
@@ -61,10 +70,22 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not self.output:
             self.output = f"data/{self.task}"
-        if self.caption not in {"source", "blip", "auto", "none"}:
-            raise ValueError(f"--caption must be source, blip, auto or none, not {self.caption!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.caption not in CAPTION_SOURCES:
+            raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
         if self.resolution < 8:
             raise ValueError(f"--resolution must be at least 8, not {self.resolution}")
+
+    def output_settings(self) -> dict:
+        """What shapes the output's bytes, as JSON values: recorded in every shard's stats, checked on resume."""
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in OUTPUT_SETTINGS}
+
+
+def settings_mismatch(recorded: dict, current: dict) -> list[str]:
+    """'resolution 512 -> 256' for each output setting a committed shard was made with otherwise."""
+    return [f"{name} {recorded[name]!r} -> {current[name]!r}" for name in current
+            if name in recorded and recorded[name] != current[name]]
 
 
 def _parser_type(tp: object):
@@ -89,7 +110,9 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         if hints[f.name] is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata.get("help", ""))
             continue
-        parser.add_argument(flag, default=default, help=f.metadata.get("help", ""), **_parser_type(hints[f.name]))
+        choices = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(flag, default=default, help=f.metadata.get("help", ""), **_parser_type(hints[f.name]),
+                            **choices)
     return parser
 
 

@@ -13,6 +13,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.config import BuildConfig
 from pipeline.reader import InputShard
+from pipeline.worker import ActorFault, process_shard
+from pipeline.writer import clear_staging
 
 
 class ModelLoadError(RuntimeError):
@@ -34,6 +36,7 @@ class ShardActor:
         cv2.setNumThreads(threads)
         torch.set_num_threads(threads)
         self.cfg = cfg
+        clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
         self.annotator = self.captioner = None
         self.load_error = ""
         try:
@@ -50,8 +53,8 @@ class ShardActor:
         }
 
     def process(self, shard: InputShard) -> dict[str, Any]:
-        from pipeline.worker import process_shard
-
+        if self.load_error:  # never annotate without models: every row would be a failure, committed as done
+            raise ActorFault(f"this actor could not load its models: {self.load_error}")
         return process_shard(shard, self.cfg, self.annotator, self.captioner)
 
 
@@ -70,31 +73,50 @@ def default_num_workers(cfg: BuildConfig, num_shards: int) -> int:
     return max(1, min(num_shards, by_cpu, by_gpu))
 
 
+def loaded_actors(actors: list[Any]) -> tuple[list[Any], dict[str, Any], list[str]]:
+    """(the actors whose models loaded, what the first of them loaded, the load errors of the others, which are
+    killed). Every actor's constructor loads the models: a missing weight file or an out-of-memory GPU on one
+    node surfaces here, per actor, not as shards of failed rows."""
+    loaded, models, errors = [], {}, []
+    for actor, ref in [(a, a.describe.remote()) for a in actors]:
+        try:
+            described = ray.get(ref)
+        except RayActorError as e:
+            described = {"error": _short_error(e)}
+        if "error" in described:
+            errors.append(described["error"])
+            ray.kill(actor, no_restart=True)
+        else:
+            loaded.append(actor)
+            models = models or described
+    return loaded, models, errors
+
+
 def run_pool(
     shards: list[InputShard],
     cfg: BuildConfig,
     on_done: Callable[[dict[str, Any]], None] = lambda stats: None,
     on_fail: Callable[[InputShard, str, int], None] = lambda shard, error, attempt: None,
+    on_note: Callable[[str], None] = print,
 ) -> PoolResult:
-    """Process every shard on a pool of actors. A shard whose task raises (or whose actor dies) is retried
-    up to cfg.max_retries times, on a fresh actor if its actor died; after that it is reported as failed."""
+    """Process every shard on a pool of actors. A shard whose task raises (or whose actor dies, or whose actor
+    is at fault) is retried up to cfg.max_retries times, on a fresh actor unless the error was the shard's own;
+    after that it is reported as failed."""
     num_workers = cfg.num_workers or default_num_workers(cfg, len(shards))
     options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
 
     def new_actor():
         return ShardActor.options(**options).remote(cfg)
 
-    idle = deque(new_actor() for _ in range(min(num_workers, len(shards))))
-    result = PoolResult()
-    # the first actor's constructor loads the models: a missing weight file surfaces here, once, clearly
-    try:
-        result.models = ray.get(idle[0].describe.remote())
-    except RayActorError as e:
-        result.models = {"error": _short_error(e)}
-    if "error" in result.models:
-        for actor in idle:
-            ray.kill(actor)
-        raise ModelLoadError(result.models["error"])
+    started = [new_actor() for _ in range(min(num_workers, len(shards)))]
+    loaded, models, errors = loaded_actors(started)
+    if not loaded:
+        raise ModelLoadError(errors[0])
+    if errors:
+        on_note(f"{len(errors)} of {len(started)} actors could not load their models ({errors[0]}); "
+                f"going on with {len(loaded)}")
+    idle = deque(loaded)
+    result = PoolResult(models=models)
     todo = deque(shards)
     attempts = {s.name: 0 for s in shards}
     running: dict[ray.ObjectRef, tuple[Any, InputShard]] = {}
@@ -106,9 +128,9 @@ def run_pool(
         actor, shard = running.pop(ref)
         try:
             stats = ray.get(ref)
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+        except (ActorDiedError, ActorUnavailableError, RayActorError, ActorFault) as e:
             ray.kill(actor, no_restart=True)
-            idle.append(new_actor())  # the actor is gone (OOM, node lost, SIGKILL): replace it
+            idle.append(new_actor())  # gone (OOM, node lost, SIGKILL) or unfit (no models): a fresh one
             _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
             continue
         except Exception as e:

@@ -93,16 +93,65 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
     return shards
 
 
-class TarSamples:
-    """Iterates a tar stream's samples (consecutive members sharing a key).
+class InputReadError(RuntimeError):
+    """Storage failed while the input was read (a connection reset, a timeout): the shard is retried whole."""
 
-    Reading stops at the first error (a truncated or corrupt tar): the samples before the cut are
-    yielded, a sample cut in half is yielded with its `error` set, and `self.error` says what happened.
+
+class CorruptTar(RuntimeError):
+    """The tar is unreadable part-way while bytes remain after the bad spot: committing the samples before it would
+    drop the rest for good, so the shard fails instead (and is reported)."""
+
+
+class _CountedStream:
+    """A read-only stream that counts its bytes, remembers where the last non-zero byte was, and keeps the
+    exception the storage itself raised, so that a tar format error (bad bytes) is told apart from a storage
+    error (no bytes)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.count = 0
+        self.last_nonzero = -1
+        self.storage_error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self.raw.read(size)
+        except Exception as e:
+            self.storage_error = e
+            raise
+        kept = len(data.rstrip(b"\0"))
+        if kept:
+            self.last_nonzero = self.count + kept - 1
+        self.count += len(data)
+        return data
+
+    def at_end(self, limit: int = 1 << 20) -> bool:
+        """Reads on (at most `limit` bytes): whether the stream ends there. A storage error is not an end."""
+        while limit > 0:
+            try:
+                chunk = self.read(min(limit, 1 << 16))
+            except Exception:
+                return False
+            if not chunk:
+                return True
+            limit -= len(chunk)
+        return False
+
+
+class TarSamples:
+    """Iterates a tar stream's samples (consecutive members sharing a key), in bounded memory.
+
+    Only a file whose bytes end early ends the samples quietly: the samples before the cut are yielded, a sample
+    cut in half is yielded with its `error` set, `error` says what happened and `truncated` is set. A storage
+    error raises InputReadError (retry the shard); an unreadable spot with bytes after it raises CorruptTar. A
+    member over `max_member_bytes` is skipped unread and its sample gets an `error`.
     """
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, max_member_bytes: int | None = None):
+        self.stream = _CountedStream(stream)
+        self.max_member_bytes = max_member_bytes
         self.error = ""
+        self.truncated = False
 
     def __iter__(self) -> Iterator[RawSample]:
         current: RawSample | None = None
@@ -117,6 +166,10 @@ class TarSamples:
                         current = None
                     if current is None:
                         current = RawSample(key)
+                    if self.max_member_bytes is not None and info.size > self.max_member_bytes:
+                        current.error = current.error or (
+                            f"member {info.name} is {info.size} bytes, over the cap of {self.max_member_bytes}")
+                        continue  # never read: the stream skips its data block by block
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -125,26 +178,67 @@ class TarSamples:
                         yield current
                         current = RawSample(key)
                     current.members[ext] = data
+                self._check_archive_end(tar)
         except (tarfile.TarError, EOFError, OSError) as e:
-            self.error = f"{type(e).__name__}: {e}"
+            ended = self.stream.storage_error is None and self.stream.at_end()
+            if self.stream.storage_error is not None:
+                raise InputReadError(f"{type(self.stream.storage_error).__name__}: {self.stream.storage_error} "
+                                     f"(after {self.stream.count} bytes)") from e
+            if not ended:
+                raise CorruptTar(f"{type(e).__name__}: {e} (after {self.stream.count} bytes; more follow)") from e
+            self.error, self.truncated = f"{type(e).__name__}: {e}", True
             if current is not None:
-                current.error = f"sample cut off by a tar read error ({self.error})"
+                current.error = f"sample cut off: the file ends early ({self.error})"
                 yield current
             return
         if current is not None:
             yield current
 
+    def _check_archive_end(self, tar: tarfile.TarFile) -> None:
+        """tarfile stops quietly at a header it cannot read once past the first: a cut at a member boundary (no
+        end-of-archive marker) is a truncated file; data after the stop is a corrupt one."""
+        if getattr(tar.fileobj, "comptype", "tar") != "tar":
+            return  # compressed: offsets are not file positions, and gzip/bz2 report their own early end
+        end = tar.offset  # where tarfile met the zero block, or the header it could not read
+        if not self.stream.at_end():
+            if self.stream.storage_error is not None:
+                raise self.stream.storage_error  # reported as a storage error above
+            raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end}; over 1 MiB follows")
+        if self.stream.last_nonzero >= end:
+            raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end} of {self.stream.count}")
+        if self.stream.count < end + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"the file ends at byte {self.stream.count}, before the end-of-archive marker")
 
-def read_file_samples(files: tuple[str, ...]) -> Iterator[RawSample]:
-    """Loose images as samples; a sibling <stem>.txt (if any) is the caption."""
+
+def file_key(folder: str, url: str) -> str:
+    """A loose image's key: its path under the input folder, without the extension ('cats/001'), so that
+    cats/001.jpg and dogs/001.jpg stay two samples."""
+    folder_path = fsspec.core.url_to_fs(folder)[1].rstrip("/")
+    path = fsspec.core.url_to_fs(url)[1]
+    relative = path[len(folder_path) + 1:] if path.startswith(folder_path + "/") else posixpath.basename(path)
+    return split_member_name(relative)[0]
+
+
+def read_file_samples(files: tuple[str, ...], folder: str | None = None,
+                      max_member_bytes: int | None = None) -> Iterator[RawSample]:
+    """Loose images as samples, keyed by their path under `folder`; a sibling <stem>.txt (if any) is the caption.
+    A file that vanished or is over `max_member_bytes` is a failed sample; other storage errors raise
+    InputReadError (the shard is retried)."""
     for url in files:
         fs, path = fsspec.core.url_to_fs(url)
         stem, ext = split_member_name(path)
-        sample = RawSample(posixpath.basename(stem))
+        sample = RawSample(file_key(folder, url) if folder else posixpath.basename(stem))
         try:
+            size = fs.size(path)
+            if max_member_bytes is not None and size is not None and size > max_member_bytes:
+                sample.error = f"{posixpath.basename(path)} is {size} bytes, over the cap of {max_member_bytes}"
+                yield sample
+                continue
             sample.members[ext] = fs.cat_file(path)
             if fs.exists(stem + ".txt"):
                 sample.members["txt"] = fs.cat_file(stem + ".txt")
-        except OSError as e:
+        except FileNotFoundError as e:
             sample.error = f"{type(e).__name__}: {e}"
+        except OSError as e:
+            raise InputReadError(f"{url}: {type(e).__name__}: {e}") from e
         yield sample

@@ -34,6 +34,18 @@ class ShardUnreadable(RuntimeError):
     """Not one sample could be read from the input shard (not a tar, empty file, ...)."""
 
 
+class ActorFault(RuntimeError):
+    """The actor, not its samples, is at fault (its models did not load; a whole batch failed with one error):
+    nothing of the shard is committed, and the distributor retries it on a fresh actor."""
+
+
+def batch_fault(annotations: list[Annotation | Exception]) -> str:
+    """The one error every sample of a batch (two or more) failed with, else "": an actor fault, not bad data."""
+    errors = {f"{type(a).__name__}: {a}" for a in annotations if isinstance(a, Exception)}
+    whole_batch = len(annotations) > 1 and all(isinstance(a, Exception) for a in annotations)
+    return errors.pop() if whole_batch and len(errors) == 1 else ""
+
+
 @dataclass
 class Prepared:
     """A sample after decode + resize, waiting for the annotator. `row` is its parquet row so far."""
@@ -195,13 +207,14 @@ def input_identity(shard: InputShard) -> dict[str, Any]:
 
 
 @contextmanager
-def open_samples(shard: InputShard) -> Iterator[tuple[Iterable[RawSample], TarSamples | None]]:
-    """The shard's samples, and the tar reader (to ask for its read error afterwards) when it is a tar."""
+def open_samples(shard: InputShard, max_member_bytes: int | None) -> Iterator[tuple[Iterable[RawSample],
+                                                                                   TarSamples | None]]:
+    """The shard's samples, and the tar reader (to ask afterwards whether the file was truncated) for a tar."""
     if shard.files:
-        yield read_file_samples(shard.files), None
+        yield read_file_samples(shard.files, shard.url, max_member_bytes), None
         return
     with fsspec.open(shard.url, "rb") as stream:
-        reader = TarSamples(stream)
+        reader = TarSamples(stream, max_member_bytes)
         yield reader, reader
 
 
@@ -226,7 +239,7 @@ def process_shard(
                 writer.write(p.row["key"], members)
 
     try:
-        with open_samples(shard) as (samples, reader):
+        with open_samples(shard, cfg.max_member_mb << 20) as (samples, reader):
             pending: list[tuple[Prepared, Any]] = []
             for batch in _prefetch(_batches(_dedupe(samples, shard.name), cfg.batch_size), prepare_one, pool):
                 ready = [p for p in batch if p.image is not None]
@@ -234,6 +247,9 @@ def process_shard(
                     caption_batch(captioner, cfg.caption, ready)
                     keys = [p.row["key"] for p in ready]
                     annotations = annotate_batch(annotator, [p.image for p in ready], keys)
+                    fault = batch_fault(annotations)
+                    if fault:
+                        raise ActorFault(f"all {len(ready)} samples of a batch failed with {fault}")
                     write_finished(pending)  # the previous batch's encodes ran while this one was annotated
                     encode = partial(finish, task=cfg.task, quality=cfg.jpeg_quality)
                     pending = [(p, pool.submit(encode, p, a) if pool else encode(p, a))
@@ -246,9 +262,11 @@ def process_shard(
         stats = {
             "shard": shard.name,
             "input": identity,
+            "settings": cfg.output_settings(),
             "samples": len(rows),
             "counts": {s: sum(r["status"] == s for r in rows) for s in fmt.STATUSES},
             "read_error": read_error,
+            "truncated": bool(reader is not None and reader.truncated),  # the input file's bytes end early
             "seconds": round(time.perf_counter() - start, 3),
             "host": socket.gethostname(),
             "node_id": _ray_node_id(),

@@ -1,9 +1,11 @@
 """writer stages one output shard locally and publishes it: tar, then parquet, then stats.json (the commit)"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ INDEX_SCHEMA = pa.schema(
 )
 assert tuple(INDEX_SCHEMA.names) == fmt.INDEX_COLUMNS
 STAGING_DIR = "_staging"
+REMOTE_STAGING_DIR = "controlnet-data-staging"
 
 
 def index_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -44,25 +47,71 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(normalised, schema=INDEX_SCHEMA)
 
 
+def staging_root(out: str) -> Path:
+    """Where shards are built before they are published: beside the shards of a local output (publishing is then
+    a rename on the same disk), in this node's temp folder for an object store (one PUT per file publishes)."""
+    fs, path = fsspec.core.url_to_fs(out)
+    if isinstance(fs, LocalFileSystem):
+        return Path(path) / fmt.SHARDS_DIR / STAGING_DIR
+    return Path(tempfile.gettempdir()) / REMOTE_STAGING_DIR
+
+
+def _staging_owner(folder: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that staged in `folder` ('<shard>@<host>@<pid>@<random>'); None if unnamed."""
+    parts = folder.split("@")
+    return (parts[1], int(parts[2])) if len(parts) == 4 and parts[2].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_staging(root: Path) -> list[str]:
+    """Remove what killed processes of this host left in `root` (a live one, say another driver's actor on the
+    same output, keeps its folder); the folders removed."""
+    host = socket.gethostname()
+    removed = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        owner = _staging_owner(folder.name)
+        if owner is None or (owner[0] == host and not _alive(owner[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+    return removed
+
+
 class ShardWriter:
     """Builds one output shard in a staging folder; nothing is visible under its final names until commit().
 
-    Local outputs stage next to the shards so that publishing is an atomic rename on the same disk;
-    object stores stage in a local temp folder and publish with one PUT per file, which is atomic there.
+    Staging lives in staging_root(out), one folder per shard named after the shard, host and process, so a
+    later run on the same host clears what killed processes left, and only that.
     """
 
     def __init__(self, out: str, name: str):
         self.fs, _ = fsspec.core.url_to_fs(out)
         self.paths = {k: fsspec.core.url_to_fs(v)[1] for k, v in fmt.shard_paths(out, name).items()}
         self.local = isinstance(self.fs, LocalFileSystem)
-        if self.local:
-            staging_root = Path(self.paths["tar"]).parent / STAGING_DIR
-            staging_root.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
-        else:
-            self.staging = Path(tempfile.mkdtemp(prefix=f"{name}."))
+        self.staging = self._make_staging(staging_root(out), f"{name}@{socket.gethostname()}@{os.getpid()}@")
         self._tar_file = open(self.staging / "shard.tar", "wb")  # noqa: SIM115 (closed in commit/abort)
         self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0)
+
+    @staticmethod
+    def _make_staging(root: Path, prefix: str) -> Path:
+        for attempt in range(3):
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+            except FileNotFoundError:  # another run removed the empty root in between
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         self._tar.write({"__key__": key, **members})
@@ -78,6 +127,8 @@ class ShardWriter:
         self._tar.close()
         pq.write_table(index_table(rows), self.staging / "index.parquet")
         (self.staging / "stats.json").write_text(json.dumps(stats, indent=1))
+        if self.fs.exists(self.paths["stats"]):  # --overwrite: un-commit first, so no moment shows the new tar
+            self.fs.rm(self.paths["stats"])  # with the old stats (a crash in between leaves the shard to redo)
         for part, local in (("tar", "shard.tar"), ("index", "index.parquet"), ("stats", "stats.json")):
             self._publish(self.staging / local, self.paths[part])
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -88,8 +139,6 @@ class ShardWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def clear_staging(out: str) -> None:
-    """Remove staging left by crashed runs (local outputs only; remote staging is in a temp folder)."""
-    fs, path = fsspec.core.url_to_fs(out)
-    if isinstance(fs, LocalFileSystem):
-        shutil.rmtree(Path(path) / fmt.SHARDS_DIR / STAGING_DIR, ignore_errors=True)
+def clear_staging(out: str) -> list[str]:
+    """Remove staging that killed processes of this host left for `out` (each actor clears its own node's)."""
+    return clear_stale_staging(staging_root(out))

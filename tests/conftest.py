@@ -19,16 +19,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class S3Server:
+    """The moto server, which a test may stop and start again on the same port (its buckets live on: moto keeps
+    them in this process)."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint() -> str:
+def s3_server() -> S3Server:
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server) -> str:
     """A real S3 API (moto server) on 127.0.0.1; credentials and endpoint go in the environment, so the
     Ray workers started after it, and subprocesses, reach the same server."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = s3_server.endpoint
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -36,8 +58,7 @@ def s3_endpoint() -> str:
         AWS_ENDPOINT_URL=endpoint,
         FSSPEC_S3_ENDPOINT_URL=endpoint,
     )
-    yield endpoint
-    server.stop()
+    return endpoint
 
 
 @pytest.fixture(scope="session")

@@ -121,7 +121,9 @@ def test_bad_inputs_each_land_in_exactly_one_row(tmp_path, capsys):
     assert len(tar_samples(out / "shards" / "dup.tar")) == 2
 
     truncated_stats = json.loads((out / "shards" / "truncated.stats.json").read_text())
-    assert truncated_stats["read_error"]
+    assert truncated_stats["read_error"] and truncated_stats["truncated"]  # its bytes end early: committed short
+    assert set(manifest["shards"]["truncated"]) == {"truncated"}
+    assert "TRUNCATED input of shard truncated" in printed
     truncated_rows = pq.read_table(out / "shards" / "truncated.parquet").to_pylist()
     assert sum(r["status"] == "ok" for r in truncated_rows) >= 1
     assert json.loads((out / "shards" / "empty.stats.json").read_text())["samples"] == 0
@@ -129,7 +131,8 @@ def test_bad_inputs_each_land_in_exactly_one_row(tmp_path, capsys):
     assert shards  # the corpus files are still there for the next run
 
     # the unreadable shards are retried by the next run; the finished ones are not
-    code = main(["--input", str(tmp_path / "in"), "--output", str(out), "--max-retries", "0", "--dry-run"])
+    code = main(["--input", str(tmp_path / "in"), "--output", str(out), "--resolution", "64", "--max-retries", "0",
+                 "--dry-run"])
     assert code == 0
     plan = capsys.readouterr().out
     assert "2 to do" in plan and "todo  notatar" in plan and "done  bad" in plan

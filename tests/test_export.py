@@ -1,6 +1,7 @@
 """the tiny SD base model and the ControlNet export, checked against diffusers' pipelines and its own converter"""
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import yaml
 from diffusers import (
     ControlNetModel,
+    DDIMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -20,11 +22,17 @@ from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (
     download_controlnet_from_original_ckpt,
 )
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from train import export, tiny_sd
+from train.config import TrainConfig
+from train.loop import DECODER_FILE, Trainer
+from train.model import decoder_parameters, plain_attention_on_cpu
+from train.sampling import sample
 
 REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+UNET = UNet2DConditionModel.__name__
 SIZE = tiny_sd.IMAGE_SIZE
 # the parameter names the brief and A1111/ComfyUI rely on
 ORIGINAL_NAMES = [
@@ -36,6 +44,16 @@ ORIGINAL_NAMES = [
     "control_model.middle_block_out.0.weight",
     "control_model.time_embed.0.weight",
 ]
+
+# SD 1.5's and SD 2.1's UNet settings, for the key mappings at full size (on the meta device: no memory)
+FULL_SIZE = pytest.mark.parametrize(
+    "unet_config",
+    [
+        {"cross_attention_dim": 768},  # SD1.5
+        {"cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},  # SD2.1
+    ],
+    ids=["sd15", "sd21"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +82,30 @@ def checkpoint(tmp_path_factory, controlnet) -> Path:
     return ckpt
 
 
+def randomise(params, seed: int, scale: float = 0.1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="module")
+def large_scale(tmp_path_factory, base) -> tuple[Trainer, Path]:
+    """A large-scale run's trainer (--unlock-decoder-at) and the checkpoint it saved: its decoder moved away from
+    the base's, its ControlNet random (zero convs too), so that dropping either from an export shows."""
+    with torch.random.fork_rng():  # the ControlNet's hint embedding starts random: the same one in every run
+        torch.manual_seed(0)
+        trainer = Trainer(TrainConfig(base_model=str(base), unlock_decoder_at=0), rank=0, world_size=1, device=CPU)
+    trainer.unlock_decoder()
+    randomise(decoder_parameters(trainer.base.unet), seed=1)
+    randomise(trainer.controlnet.parameters(), seed=2)
+    ckpt = tmp_path_factory.mktemp("large-scale") / "checkpoint_000001"
+    ckpt.mkdir()
+    trainer.save(ckpt)
+    assert (ckpt / DECODER_FILE).is_file()
+    return trainer, ckpt
+
+
 def condition() -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
 
@@ -87,6 +129,7 @@ def cldm_config(config: dict, image_size: int) -> dict:
         # SD1.x names a head count; SD2.x a head width (64), from which diffusers derives per-block head counts
         **({"num_heads": heads} if isinstance(heads, int) else {"num_head_channels": channels[0] // heads[0]}),
     }
+    out = config.get("out_channels", config["in_channels"])  # the UNet's noise; a ControlNet config names none
     ddconfig = {"ch": 128, "ch_mult": [1, 2, 4, 4], "resolution": image_size, "z_channels": 4, "num_res_blocks": 2}
     return {
         "model": {
@@ -94,7 +137,7 @@ def cldm_config(config: dict, image_size: int) -> dict:
             "params": {
                 "control_key": "hint",
                 "control_stage_config": {"target": "cldm.cldm.ControlNet", "params": params},
-                "unet_config": {"target": "cldm.cldm.ControlledUnetModel", "params": params},
+                "unet_config": {"target": "cldm.cldm.ControlledUnetModel", "params": {**params, "out_channels": out}},
                 "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": ddconfig}},
             },
         }
@@ -145,14 +188,7 @@ def test_export_original_round_trips_through_diffusers_converter(tmp_path, check
     assert all(torch.equal(back[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize(
-    "unet_config",
-    [
-        {"cross_attention_dim": 768},  # SD1.5
-        {"cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},  # SD2.1
-    ],
-    ids=["sd15", "sd21"],
-)
+@FULL_SIZE
 def test_original_keys_at_full_size(unet_config):
     """Real-size ControlNets on the meta device (no memory): names and shapes through diffusers' converter, and
     each tensor comes back as the very object it left as, so no two same-shaped tensors are swapped."""
@@ -191,6 +227,17 @@ def test_key_mapping_is_generic_over_layers_per_block():
     )
     with pytest.raises(ValueError, match="add_embedding"):
         export.original_key("add_embedding.linear_1.weight", layout)
+    # SD1.5's UNet decoder: 3 layers per up block; an upsampler follows a resnet alone or a resnet + attention
+    unet = export.Layout(layers_per_block=2, attention_up_blocks=(False, True, True, True))
+    assert export.original_key("up_blocks.0.upsamplers.0.conv.weight", unet, export.UNET_PREFIX) == (
+        "model.diffusion_model.output_blocks.2.1.conv.weight"
+    )
+    assert export.original_key("up_blocks.1.upsamplers.0.conv.weight", unet, export.UNET_PREFIX) == (
+        "model.diffusion_model.output_blocks.5.2.conv.weight"
+    )
+    assert export.original_key("up_blocks.3.resnets.2.conv_shortcut.weight", unet, export.UNET_PREFIX) == (
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
+    )
 
 
 
@@ -198,3 +245,141 @@ def test_export_cli_names_a_missing_controlnet(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main([str(tmp_path), "--format", "diffusers", "--out", str(tmp_path / "out")])
     assert "controlnet" in capsys.readouterr().err
+
+
+def test_export_never_replaces_what_is_not_an_export(tmp_path, checkpoint, capsys):
+    dataset = tmp_path / "dataset"
+    (dataset / "shards").mkdir(parents=True)
+    (dataset / "shards" / "00000.tar").write_bytes(b"precious")
+    with pytest.raises(SystemExit):
+        export.main([str(checkpoint), "--format", "diffusers", "--out", str(dataset)])
+    assert "--force" in capsys.readouterr().err and (dataset / "shards" / "00000.tar").read_bytes() == b"precious"
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not an export")
+    with pytest.raises(SystemExit):
+        export.main([str(checkpoint), "--format", "original", "--out", str(model)])
+    assert model.read_bytes() == b"not an export"
+    with pytest.raises(SystemExit):
+        export.main([str(checkpoint), "--format", "diffusers", "--out", "s3://bucket/controlnet"])
+    assert "written locally" in capsys.readouterr().err
+
+    out = tmp_path / "export"
+    for _ in range(2):  # a previous export is replaced
+        export.main([str(checkpoint), "--format", "diffusers", "--out", str(out)])
+        export.main([str(checkpoint), "--format", "original", "--out", str(model), "--force"])
+        export.main([str(checkpoint), "--format", "original", "--out", str(model)])
+    assert (out / "config.json").exists() and export.is_previous_export(model, "original")
+    export.main([str(checkpoint), "--format", "diffusers", "--out", str(dataset), "--force"])
+    assert export.is_previous_export(dataset, "diffusers")
+
+
+def test_large_scale_export_reproduces_the_trainers_validation_sample(tmp_path, base, large_scale, capsys):
+    """The diffusers export of a run that trained the SD decoder: a pipeline built from the base, the exported
+    UNet and the exported ControlNet draws the trainer's own validation sample, to the bit when it computes
+    attention as the trainer does on CPU (PyTorch's SDPA, the pipeline's default, rounds ~1e-5 apart); the
+    base's UNet does not."""
+    trainer, ckpt = large_scale
+    out = tmp_path / "controlnet"
+    export.main([str(ckpt), "--format", "diffusers", "--out", str(out)])
+    unet_out = tmp_path / "controlnet-unet"
+    assert capsys.readouterr().out.split() == [str(out), str(unet_out)]
+
+    exported, trained = UNet2DConditionModel.from_pretrained(unet_out), trainer.base.unet.state_dict()
+    original = UNet2DConditionModel.from_pretrained(base, subfolder="unet").state_dict()
+    decoder = {n for n, p in trainer.base.unet.named_parameters() if p.requires_grad}
+    assert exported.state_dict().keys() == trained.keys()
+    assert all(torch.equal(exported.state_dict()[k], trained[k]) for k in trained)
+    assert all(torch.equal(trained[k], original[k]) != (k in decoder) for k in trained)  # only the decoder moved
+
+    conditions = (torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    prompts = ["a red house", "a dog on the street"]
+    ours = sample(trainer.base, trainer.controlnet, conditions, prompts, steps=3, guidance_scale=7.0, seed=5,
+                  branches="both", sampler="ddim", device=CPU)
+
+    def pipeline_images(unet: UNet2DConditionModel) -> np.ndarray:
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            base, unet=unet, controlnet=ControlNetModel.from_pretrained(out),
+            scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"))
+        pipe.set_progress_bar_config(disable=True)
+        plain_attention_on_cpu(CPU, pipe.unet, pipe.controlnet)
+        return pipe(prompt=prompts, image=conditions, num_inference_steps=3, guidance_scale=7.0, height=SIZE,
+                    width=SIZE, generator=[torch.Generator().manual_seed(5 + i) for i in range(2)],
+                    output_type="np").images
+
+    np.testing.assert_array_equal(pipeline_images(exported), ours)
+    base_unet = pipeline_images(UNet2DConditionModel.from_pretrained(base, subfolder="unet"))
+    assert np.abs(base_unet - ours).max() > 1e-2  # the decoder is what makes the sample
+
+
+def test_large_scale_original_export_round_trips_the_unet(tmp_path, large_scale):
+    """One ControlLDM-layout file: control_model.* as before, and the whole trained UNet under
+    model.diffusion_model.*, which diffusers' own converter reads back to the same state dict."""
+    trainer, ckpt = large_scale
+    out = tmp_path / "control_large.safetensors"
+    export.main([str(ckpt), "--format", "original", "--out", str(out)])
+    original = load_file(out)
+    control = export.to_original(trainer.controlnet.state_dict(), trainer.controlnet.config)
+    assert {k for k in original if k.startswith("control_model.")} == control.keys()
+    expected = trainer.base.unet.state_dict()
+    assert sum(k.startswith("model.diffusion_model.") for k in original) == len(expected)
+    assert len(original) == len(control) + len(expected)
+
+    cldm = cldm_config(dict(trainer.controlnet.config), SIZE)  # the ControlNet shares the UNet's architecture
+    back = convert_ldm_unet_checkpoint(dict(original), create_unet_diffusers_config(cldm, image_size=SIZE))
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], expected[k]) for k in expected)
+
+
+@FULL_SIZE
+def test_original_unet_keys_at_full_size(unet_config):
+    """Real-size UNets on the meta device: two layers per block, upsamplers after a resnet alone (the first up
+    block) and after resnet + attention (the others); each tensor comes back from diffusers' converter as itself."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    state = unet.state_dict()
+    original = export.to_original(state, unet.config, export.UNET_PREFIX)
+    assert len(original) == len(state)
+    # names as in the published v1-5-pruned.ckpt
+    assert {"model.diffusion_model.output_blocks.2.1.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.bias",
+            "model.diffusion_model.output_blocks.11.1.proj_out.weight", "model.diffusion_model.out.2.weight",
+            "model.diffusion_model.out.0.bias"} <= original.keys()
+
+    cldm = cldm_config({**unet.config, "conditioning_channels": 3}, 512)  # the hint's channels name no UNet key
+    config = create_unet_diffusers_config(cldm, image_size=512)
+    back = convert_ldm_unet_checkpoint(dict(original), config)
+    assert back.keys() == state.keys()
+    assert all(back[k] is state[k] for k in state)
+
+
+def test_re_export_replaces_both_parts_and_nothing_else(tmp_path, large_scale, checkpoint, capsys):
+    _, ckpt = large_scale
+    out, unet_out = tmp_path / "controlnet", tmp_path / "controlnet-unet"
+    for _ in range(2):  # the second replaces the two-part export of the first
+        export.main([str(ckpt), "--format", "diffusers", "--out", str(out)])
+    assert export.is_previous_export(out, "diffusers") and export.is_previous_export(unet_out, "diffusers", UNET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["controlnet", "controlnet-unet"]  # no temp folder left
+
+    # the UNet's folder is checked before anything is written
+    shutil.rmtree(unet_out)
+    (unet_out / "notes").mkdir(parents=True)
+    stamp = (out / "config.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        export.main([str(ckpt), "--format", "diffusers", "--out", str(out)])
+    assert "--force" in capsys.readouterr().err
+    assert (unet_out / "notes").is_dir() and (out / "config.json").stat().st_mtime_ns == stamp
+    export.main([str(ckpt), "--format", "diffusers", "--out", str(out), "--force"])
+    assert export.is_previous_export(unet_out, "diffusers", UNET)
+
+    # a ControlNet without a decoder takes the stale UNet away: it was trained with another ControlNet
+    export.main([str(checkpoint), "--format", "diffusers", "--out", str(out)])
+    assert not unet_out.exists() and export.is_previous_export(out, "diffusers")
+
+    model = tmp_path / "control.safetensors"
+    for _ in range(2):
+        export.main([str(ckpt), "--format", "original", "--out", str(model)])
+    assert export.is_previous_export(model, "original")
+    sd_unet = tmp_path / "unet.safetensors"  # somebody's SD UNet in the ldm layout is no export of ours
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, sd_unet)
+    with pytest.raises(SystemExit):
+        export.main([str(ckpt), "--format", "original", "--out", str(sd_unet)])
+    assert list(load_file(sd_unet)) == ["model.diffusion_model.out.2.bias"]

@@ -1,8 +1,17 @@
+import io
 import shutil
+import tarfile
 
 import pytest
 
-from pipeline.reader import TarSamples, list_input_shards, read_file_samples, split_member_name
+from pipeline.reader import (
+    CorruptTar,
+    InputReadError,
+    TarSamples,
+    list_input_shards,
+    read_file_samples,
+    split_member_name,
+)
 from tests.corpus import good_jpeg, write_bad_inputs, write_tar
 
 
@@ -42,7 +51,7 @@ def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     (tmp_path / "img0.txt").write_text("a caption")
     shards = list_input_shards([str(tmp_path)], files_per_shard=2)
     assert [len(s.files) for s in shards] == [2, 2, 1]
-    first = list(read_file_samples(shards[0].files))
+    first = list(read_file_samples(shards[0].files, shards[0].url))
     assert [s.key for s in first] == ["img0", "img1"]
     assert first[0].members["txt"] == b"a caption" and "txt" not in first[1].members
 
@@ -75,3 +84,83 @@ def test_empty_tar_is_fine_and_duplicates_are_kept_apart(tmp_path):
     with open(shards["dup"], "rb") as f:
         assert [s.key for s in TarSamples(f)] == ["a", "b", "a"]
     shutil.rmtree(tmp_path)
+
+
+def six_samples() -> bytes:
+    """A tar of samples s0..s5 (a 3000-byte jpg and a txt each), end-of-archive marker and padding included."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(6):
+            for ext, size in (("jpg", 3000), ("txt", 10)):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(bytes([i + 1]) * size))
+    return buffer.getvalue()
+
+
+SAMPLE_BYTES = 512 + 3072 + 512 + 512  # two headers, the jpg's data blocks, the txt's block
+
+
+def read(data: bytes, **kwargs) -> tuple[list[tuple[str, bool]], TarSamples]:
+    reader = TarSamples(io.BytesIO(data), **kwargs)
+    return [(s.key, bool(s.error)) for s in reader], reader
+
+
+def test_a_file_cut_at_a_member_boundary_is_truncated_not_complete():
+    """tarfile stops quietly where the bytes end between members; the missing end-of-archive marker gives it away."""
+    samples, reader = read(six_samples()[: 2 * SAMPLE_BYTES])
+    assert samples == [("s0", False), ("s1", True)]  # s1's members may go on past the cut: a failed sample
+    assert reader.truncated and "end-of-archive" in reader.error
+    whole, reader = read(six_samples())
+    assert [k for k, _ in whole] == [f"s{i}" for i in range(6)] and not reader.truncated and not reader.error
+
+
+def test_a_corrupt_header_with_bytes_after_it_fails_the_shard_instead_of_dropping_the_rest():
+    data = bytearray(six_samples())
+    data[3 * SAMPLE_BYTES: 3 * SAMPLE_BYTES + 100] = b"x" * 100  # s3's header
+    with pytest.raises(CorruptTar, match="unreadable header"):
+        read(bytes(data))
+
+
+class ResetAfter(io.BytesIO):
+    """Object storage that resets the connection once `limit` bytes have been read."""
+
+    def __init__(self, data: bytes, limit: int):
+        super().__init__(data)
+        self.limit = limit
+
+    def read(self, size=-1):
+        if self.tell() >= self.limit:
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(size)
+
+
+def test_a_storage_error_mid_stream_raises_to_retry_the_shard_rather_than_commit_it_short():
+    reader = TarSamples(ResetAfter(six_samples(), 2 * SAMPLE_BYTES))
+    with pytest.raises(InputReadError, match="connection reset"):
+        list(reader)
+
+
+def test_members_over_the_cap_fail_their_sample_unread_and_the_rest_is_read():
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for name, size in (("a.jpg", 100), ("big.jpg", 5000), ("big.txt", 5), ("c.jpg", 100)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"\1" * size))
+    reader = TarSamples(io.BytesIO(data.getvalue()), max_member_bytes=1000)
+    samples = {s.key: s for s in reader}
+    assert "over the cap" in samples["big"].error and "jpg" not in samples["big"].members
+    assert samples["a"].members["jpg"] == b"\1" * 100 and samples["c"].members["jpg"] == b"\1" * 100
+    assert not reader.error
+
+
+def test_loose_images_are_keyed_by_their_path_under_the_folder(tmp_path):
+    for animal in ("cats", "dogs"):
+        (tmp_path / animal).mkdir()
+        (tmp_path / animal / "001.jpg").write_bytes(good_jpeg(0))
+    (tmp_path / "dogs" / "002.jpg").write_bytes(b"x" * 2000)
+    [shard] = list_input_shards([str(tmp_path)])
+    samples = list(read_file_samples(shard.files, shard.url, max_member_bytes=1500))
+    assert [s.key for s in samples] == ["cats/001", "dogs/001", "dogs/002"]
+    assert "over the cap" in samples[2].error and not samples[0].error

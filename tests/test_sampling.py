@@ -1,8 +1,8 @@
-"""validation sampling: DDIM + CFG with the control on the conditional branch or on both; latent and pixel bases"""
+"""validation sampling: DDIM or Euler ancestral + CFG, the control on the conditional branch or both; latent, pixel"""
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionControlNetPipeline
 
 from train.config import TOY_BASE
 from train.model import ControlledUNet, build_controlnet, condition_embedding_channels, load_base_model
@@ -45,15 +45,18 @@ class Counting(torch.nn.Module):
         return self.inner(x, *args, **kwargs)
 
 
-def test_both_branches_reproduce_diffusers_controlnet_pipeline(latent):
+@pytest.mark.parametrize("sampler, scheduler", [("ddim", DDIMScheduler), ("euler_a", EulerAncestralDiscreteScheduler)])
+def test_both_branches_reproduce_diffusers_controlnet_pipeline(latent, sampler, scheduler):
+    """Same images as diffusers' pipeline with the same scheduler and per-sample generators: for Euler ancestral
+    that includes the noise drawn at every step."""
     base, controlnet = latent
     conditions = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.7).float()
     prompts = ["a red house", "a dog on the street"]
     ours = sample(base, controlnet, conditions, prompts, steps=3, guidance_scale=7.0, seed=5, branches="both",
-                  device=CPU)
+                  sampler=sampler, device=CPU)
     pipeline = StableDiffusionControlNetPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, controlnet=controlnet,
-        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
+        scheduler=scheduler.from_config(base.noise_scheduler.config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(prompt=prompts, image=conditions, num_inference_steps=3, guidance_scale=7.0,
@@ -110,13 +113,17 @@ def test_pixel_space_sampling_is_deterministic_and_in_range(pixel):
     base, controlnet = pixel
     conditions = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     prompts = ["a red circle on a white background", "", "a blue star on a gray background"]
-    first = sample(base, controlnet, conditions, prompts, steps=3, guidance_scale=9.0, seed=1, device=CPU)
+    first = sample(base, controlnet, conditions, prompts, steps=3, guidance_scale=9.0, seed=1, sampler="euler_a",
+                   device=CPU)
     assert first.shape == (3, 32, 32, 3) and first.min() >= 0 and first.max() <= 1
     assert np.array_equal(first, sample(base, controlnet, conditions, prompts, steps=3, guidance_scale=9.0, seed=1,
-                                        device=CPU))
-    # one sample's noise does not depend on the batch it is drawn in
-    alone = sample(base, controlnet, conditions[1:2], prompts[1:2], steps=3, guidance_scale=9.0, seed=2, device=CPU)
+                                        sampler="euler_a", device=CPU))
+    # one sample's noise, the initial and the per-step draws, does not depend on the batch it is drawn in
+    alone = sample(base, controlnet, conditions[1:2], prompts[1:2], steps=3, guidance_scale=9.0, seed=2,
+                   sampler="euler_a", device=CPU)
     np.testing.assert_allclose(alone[0], first[1], atol=1e-4)  # batched kernels round differently
+    ddim = sample(base, controlnet, conditions, prompts, steps=3, guidance_scale=9.0, seed=1, device=CPU)
+    assert not np.allclose(ddim, first)
 
 
 def test_condition_embedding_follows_the_base_downsampling():

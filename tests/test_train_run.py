@@ -44,8 +44,14 @@ def final_weights(result) -> dict[str, torch.Tensor]:
     return load_file(Path(result.checkpoint.path) / "controlnet" / "diffusion_pytorch_model.safetensors")
 
 
+def files_holding(text: str, *folders: Path) -> list[Path]:
+    return [p for folder in folders for p in folder.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
 def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    key = "wandb-key-" + os.urandom(8).hex()  # must reach the workers, and be written nowhere
+    monkeypatch.setenv("WANDB_API_KEY", key)
     cfg = config(dataset, storage, "ddp", num_workers=2, max_steps=4, checkpoint_every=2, wandb="offline",
                  validate_every=2, grad_accum=2)  # accumulation exercises DDP's no_sync on the first micro-batch
     result = build_trainer(cfg).fit()
@@ -56,6 +62,9 @@ def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatc
     # W&B ran offline on rank 0 only: one offline run folder with the run's history and validation grids
     runs = list((tmp_path / "wandb").rglob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert files_holding("from the driver: WANDB_API_KEY", runs[0])  # rank 0's note: the key reached it
+    ray_files = Path(os.environ["RAY_TMPDIR"])
+    assert not files_holding(key, tmp_path / "wandb", storage / "ddp", ray_files)  # logs, configs, checkpoints
     grids = sorted(runs[0].rglob("media/images/validation/grid_*.png"), key=lambda g: int(g.name.split("_")[1]))
     assert [g.name.split("_")[1] for g in grids] == ["0", "2", "4"]  # the starting level first
     # the condition-fidelity curves (Canny re-run on generated images, edge F1) with their detection and mAUCC

@@ -81,7 +81,11 @@ class TrainConfig:
     validation_samples: int = 4
     """Fixed validation conditions sampled at every validation."""
     validation_steps: int = 20
-    """DDIM steps when sampling validation images."""
+    """Sampler steps when sampling validation images."""
+    validation_sampler: Literal["ddim", "euler_a"] = "ddim"
+    """Validation sampler, from the base's training noise schedule: DDIM (eta 0, as the paper samples), or Euler
+    ancestral, whose fresh noise at each step hides a small base's denoising errors (the toy's: edge F1 0.87
+    against DDIM's 0.76 on one checkpoint, at 10 steps each and the same cost; 0.28 against 0.25 at step 0)."""
     guidance_scales: list[float] = field(default_factory=lambda: [9.0, 1.0])
     """Classifier-free guidance scales sampled at each validation: the paper's 9.0 first, and 1.0, where
     small-scale ControlNets follow their condition more faithfully. The first mode at the first scale is the
@@ -122,11 +126,13 @@ def debug() -> TrainConfig:
 def toy() -> TrainConfig:
     """Sudden convergence on a laptop (make repro): the committed pixel-space shapes base at 32 px, Canny shapes
     from pipeline.toy_shapes, batch 32, lr 1e-4, 50% empty prompts; 64 held-out samples scored every 50 steps at
-    CFG 1 and 9 with captions and empty prompts, the control on the conditional branch."""
+    CFG 1 and 9 with captions and empty prompts (Euler ancestral, 10 steps), the control on the conditional
+    branch."""
     return TrainConfig(
         data=["data/toy/canny"], base_model=TOY_BASE, storage_path="data/toy/runs", run_name="controlnet-toy",
         resolution=32, batch_size=32, lr=1e-4, max_grad_norm=0.0, max_steps=1200, epoch_samples=6000,
         checkpoint_every=100, log_every=25, validate_every=50, validation_samples=64, validation_steps=10,
+        validation_sampler="euler_a",
         guidance_scales=[1.0, 9.0], prompt_modes=["caption", "empty"], control_branches="cond",
     )
 

@@ -1,20 +1,28 @@
-"""export writes a trained ControlNet as a diffusers folder or as one original-layout (cldm) .safetensors file"""
+"""export writes a trained ControlNet as a diffusers folder or as one original-layout (cldm) .safetensors file,
+with the SD UNet whose decoder the large-scale mode trained beside it"""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
-from safetensors.torch import save_file
+from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
+from train.model import local_model_folder
 
 FORMATS = ("diffusers", "original")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFIX = "control_model."  # lllyasviel's cldm.ControlLDM keeps the ControlNet under this name; A1111/ComfyUI expect it
+UNET_PREFIX = "model.diffusion_model."  # ... and the SD UNet under this one, as every ldm checkpoint does
+UNET_SUFFIX = "-unet"  # the diffusers export's UNet folder: OUT + this, beside the ControlNet folder OUT
 # diffusers ResnetBlock2D -> ldm ResBlock (in_layers: norm, SiLU, conv; out_layers: norm, SiLU, Dropout, conv)
 RESNET_NAMES = {
     "norm1": "in_layers.0",
@@ -29,22 +37,38 @@ TIME_EMBED_NAMES = {"linear_1": "0", "linear_2": "2"}  # time_embed = Linear, Si
 
 @dataclass(frozen=True)
 class Layout:
-    """What the key mapping needs of a ControlNet's config."""
+    """What the key mapping needs of a ControlNet's or a UNet's config."""
 
     layers_per_block: int
-    hint_convs: int  # convs between the hint embedding's conv_in and conv_out: 2 per stage after the first
+    hint_convs: int = 0  # a ControlNet's convs between the hint embedding's conv_in and conv_out: 2 per later stage
+    attention_up_blocks: tuple[bool, ...] = ()  # a UNet's up blocks with attention layers: their upsampler comes
+    # third in ldm's output block (resnet, attention, upsample), second without
 
     @classmethod
     def of(cls, config: Mapping) -> Layout:
         layers = config["layers_per_block"]
         if not isinstance(layers, int):
             raise ValueError(f"layers_per_block={layers!r}: the original layout has one count for every block")
-        return cls(layers, 2 * (len(config["conditioning_embedding_out_channels"]) - 1))
+        hint = config.get("conditioning_embedding_out_channels")  # a ControlNet's only
+        up = config.get("up_block_types") or ()  # a UNet's only
+        return cls(layers, 2 * (len(hint) - 1) if hint else 0, tuple("Attn" in t for t in up))
 
 
 def input_block(block: int, layer: int, layout: Layout) -> int:
     """Index in ldm's flat `input_blocks`: [conv_in, (resnet[+attn]) x layers, downsample] per block, none last."""
     return 1 + block * (layout.layers_per_block + 1) + layer
+
+
+def output_block(block: int, layer: int, layout: Layout) -> int:
+    """Index in ldm's flat `output_blocks`: (resnet[+attn]) x (layers + 1) per up block, the block's upsampler
+    inside its last one."""
+    return block * (layout.layers_per_block + 1) + layer
+
+
+def upsampler(block: int, layout: Layout) -> str:
+    """'output_blocks.5.2': where ldm puts up block `block`'s upsampler, in its last layer."""
+    last = output_block(block, layout.layers_per_block, layout)
+    return f"output_blocks.{last}.{2 if layout.attention_up_blocks[block] else 1}"  # after resnet (and attention)
 
 
 def resnet_name(rest: list[str]) -> str:
@@ -53,8 +77,9 @@ def resnet_name(rest: list[str]) -> str:
 
 
 def original_name(key: str, layout: Layout) -> str:
-    """diffusers ControlNetModel key -> cldm ControlNet key, without the prefix. Transformer (attention) blocks
-    name their parameters alike in both (norm, proj_in, transformer_blocks.N.attn1.to_q, ff.net.2, proj_out)."""
+    """diffusers ControlNetModel or UNet2DConditionModel key -> cldm ControlNet or ldm UNet key, without the prefix.
+    The two share conv_in, time_embed, input and middle blocks. Transformer (attention) blocks name their
+    parameters alike in both layouts (norm, proj_in, transformer_blocks.N.attn1.to_q, ff.net.2, proj_out)."""
     match key.split("."):
         case ["conv_in", param]:
             return f"input_blocks.0.0.{param}"
@@ -83,20 +108,34 @@ def original_name(key: str, layout: Layout) -> str:
             return f"zero_convs.{i}.0.{param}"
         case ["controlnet_mid_block", param]:
             return f"middle_block_out.0.{param}"
-    raise ValueError(f"{key}: no original ControlNet (cldm) name (class/addition embeddings, as in SDXL, have none)")
+        # the UNet's decoder: output blocks mirror the input blocks, one more layer each, upsamplers for downsamplers
+        case ["up_blocks", block, "resnets", layer, *rest]:
+            return f"output_blocks.{output_block(int(block), int(layer), layout)}.0.{resnet_name(rest)}"
+        case ["up_blocks", block, "attentions", layer, *rest]:
+            return f"output_blocks.{output_block(int(block), int(layer), layout)}.1.{'.'.join(rest)}"
+        case ["up_blocks", block, "upsamplers", "0", "conv", param]:
+            return f"{upsampler(int(block), layout)}.conv.{param}"
+        # out = GroupNorm, SiLU, conv
+        case ["conv_norm_out", param]:
+            return f"out.0.{param}"
+        case ["conv_out", param]:
+            return f"out.2.{param}"
+    raise ValueError(f"{key}: no original (ldm/cldm) name (class/addition embeddings, as in SDXL, have none)")
 
 
-def original_key(key: str, layout: Layout) -> str:
+def original_key(key: str, layout: Layout, prefix: str = PREFIX) -> str:
     """'down_blocks.0.resnets.0.norm1.weight' -> 'control_model.input_blocks.1.0.in_layers.0.weight'"""
-    return PREFIX + original_name(key, layout)
+    return prefix + original_name(key, layout)
 
 
-def to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """A diffusers ControlNet state dict in the cldm layout. Only names change: every tensor already has the shape
-    cldm uses (proj_in/proj_out are 1x1 convs where use_linear_projection is False, as in SD1.x, linear in SD2.x;
-    attention projections are linear in both)."""
+def to_original(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping, prefix: str = PREFIX
+) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet (or, with UNET_PREFIX, UNet) state dict in the cldm layout. Only names change: every
+    tensor already has the shape cldm uses (proj_in/proj_out are 1x1 convs where use_linear_projection is False,
+    as in SD1.x, linear in SD2.x; attention projections are linear in both)."""
     layout = Layout.of(config)
-    out = {original_key(k, layout): v.contiguous() for k, v in state_dict.items()}
+    out = {original_key(k, layout, prefix): v.contiguous() for k, v in state_dict.items()}
     if len(out) != len(state_dict):
         raise AssertionError("two diffusers keys map to one original key")  # a bug in the mapping, never the input
     return out
@@ -109,10 +148,77 @@ def controlnet_folder(checkpoint: Path) -> Path:
         from train.checkpoints import latest_in_run
 
         checkpoint = Path(latest_in_run(str(checkpoint)).removeprefix("file://"))
-    for folder in (checkpoint, checkpoint / "controlnet"):
+    for folder in (checkpoint, checkpoint / CONTROLNET_DIR):
         if (folder / "config.json").is_file():
             return folder
-    raise FileNotFoundError(f"{checkpoint}: neither it nor {checkpoint / 'controlnet'} holds a config.json")
+    raise FileNotFoundError(f"{checkpoint}: neither it nor {checkpoint / CONTROLNET_DIR} holds a config.json")
+
+
+def decoder_file(controlnet: Path) -> Path | None:
+    """The SD decoder a large-scale run (--unlock-decoder-at) trained: train.loop saves it beside controlnet/ in
+    the checkpoint. None for a locked base, and for a bare ControlNet folder."""
+    decoder = controlnet.parent / DECODER_FILE
+    return decoder if controlnet.name == CONTROLNET_DIR and decoder.is_file() else None
+
+
+def trained_unet(decoder: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The run's base UNet (train_config.json beside the decoder names the base) with the trained decoder loaded
+    into it, as Trainer.load does: the whole UNet, so that an export stands alone."""
+    base_model = json.loads((decoder.parent / CONFIG_FILE).read_text())["base_model"]
+    unet = UNet2DConditionModel.from_pretrained(local_model_folder(base_model), subfolder="unet", torch_dtype=dtype)
+    weights = {k.removeprefix("unet."): v for k, v in load_file(decoder).items()}
+    # strict=False: the file holds the decoder only. Shapes are checked even so, and the trained fp32 weights are
+    # cast to `dtype` as they are copied in
+    unexpected = unet.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{decoder}: {', '.join(unexpected[:3])} ... are not parameters of {base_model}'s UNet")
+    return unet
+
+
+def unet_folder(out: Path) -> Path:
+    """Where a diffusers export puts the trained UNet: beside the ControlNet (controlnet/ -> controlnet-unet/)."""
+    return out.with_name(out.name + UNET_SUFFIX)
+
+
+# what save_pretrained writes for a model: a previous export, which --out may replace
+EXPORT_FILE = re.compile(r"config\.json|diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+CONTROLNET_CLASS, UNET_CLASS = ControlNetModel.__name__, UNet2DConditionModel.__name__
+
+
+def is_previous_export(out: Path, fmt: str, model: str = CONTROLNET_CLASS) -> bool:
+    """Whether `out` holds nothing but an earlier export in `fmt`: a diffusers folder of `model`, or a file of
+    control_model.* (and model.diffusion_model.*) keys."""
+    if fmt == "diffusers":
+        config = out / "config.json"
+        try:
+            kind = json.loads(config.read_text()).get("_class_name") if out.is_dir() and config.is_file() else None
+        except (OSError, ValueError):
+            return False
+        return kind == model and all(EXPORT_FILE.fullmatch(p.name) for p in out.iterdir())
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out), "pt") as weights:
+            names = list(weights.keys())
+    except Exception:
+        return False
+    # a ControlNet is what makes it ours: a file of model.diffusion_model.* alone is somebody's SD UNet
+    return any(n.startswith(PREFIX) for n in names) and all(n.startswith((PREFIX, UNET_PREFIX)) for n in names)
+
+
+def check_target(out: Path, fmt: str, force: bool, model: str = CONTROLNET_CLASS) -> None:
+    """Refuse to replace anything but nothing, an empty folder or a previous export (--force overrides)."""
+    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())) or is_previous_export(out, fmt, model):
+        return
+    raise FileExistsError(f"{out} exists and is not a previous {fmt} export: choose another --out, or --force to "
+                          f"replace it")
+
+
+def check_targets(controlnet: Path, out: Path, fmt: str, force: bool) -> None:
+    """check_target for every path the export of `controlnet` will write, before it writes any."""
+    check_target(out, fmt, force)
+    if fmt == "diffusers" and decoder_file(controlnet):
+        check_target(unet_folder(out), fmt, force, UNET_CLASS)
 
 
 def temp_sibling(out: Path) -> Path:
@@ -130,32 +236,57 @@ def replace(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def write_diffusers(controlnet: ControlNetModel, out: Path) -> None:
-    tmp = temp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+def save_folders(models: Mapping[Path, ModelMixin]) -> None:
+    """save_pretrained every model into a temp sibling of its folder, and only then move them all into place: a
+    failed save leaves the previous export (both of its folders) as it was."""
+    tmps = {out: temp_sibling(out) for out in models}
     try:
-        controlnet.save_pretrained(str(tmp), safe_serialization=True)
-        replace(tmp, out)
+        for out, model in models.items():
+            shutil.rmtree(tmps[out], ignore_errors=True)
+            model.save_pretrained(str(tmps[out]), safe_serialization=True)
+        for out, tmp in tmps.items():
+            replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_original(controlnet: ControlNetModel, out: Path) -> None:
+def write_diffusers(controlnet: ControlNetModel, unet: UNet2DConditionModel | None, out: Path) -> list[Path]:
+    """The ControlNet folder at `out`, the trained UNet (if any) beside it. Without one, a UNet left there by an
+    earlier export of a large-scale run goes: it would pair a decoder with a ControlNet not trained with it."""
+    models = {out: controlnet}
+    if unet is not None:
+        models[unet_folder(out)] = unet
+    elif is_previous_export(unet_folder(out), "diffusers", UNET_CLASS):
+        shutil.rmtree(unet_folder(out))
+    save_folders(models)
+    return list(models)
+
+
+def write_original(controlnet: ControlNetModel, unet: UNet2DConditionModel | None, out: Path) -> list[Path]:
+    """One file, control_model.* and, with a trained UNet, model.diffusion_model.*: the ControlLDM layout."""
+    weights = to_original(controlnet.state_dict(), controlnet.config)
+    if unet is not None:
+        weights |= to_original(unet.state_dict(), unet.config, UNET_PREFIX)
     tmp = temp_sibling(out)
     try:
-        save_file(to_original(controlnet.state_dict(), controlnet.config), str(tmp), metadata={"format": "pt"})
+        save_file(weights, str(tmp), metadata={"format": "pt"})
         replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    return [out]
 
 
-def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the ControlNet of `checkpoint` to `out` as a diffusers folder or an original .safetensors file."""
-    controlnet = ControlNetModel.from_pretrained(str(controlnet_folder(Path(checkpoint))), torch_dtype=dtype)
+def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+    """Write the ControlNet of `checkpoint`, and the UNet when the run trained its decoder, to `out` as diffusers
+    folders or one original .safetensors file. Returns the paths written."""
+    folder = controlnet_folder(Path(checkpoint))
+    controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype)
+    decoder = decoder_file(folder)
+    unet = trained_unet(decoder, dtype) if decoder else None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    {"diffusers": write_diffusers, "original": write_original}[fmt](controlnet, out)
-    return out
+    return {"diffusers": write_diffusers, "original": write_original}[fmt](controlnet, unet, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,19 +299,29 @@ def main(argv: list[str] | None = None) -> None:
         "--format",
         choices=FORMATS,
         required=True,
-        help="diffusers: a ControlNetModel folder for StableDiffusionControlNetPipeline; "
-        "original: one .safetensors file with control_model.* keys, as A1111 and ComfyUI load",
+        help="diffusers: a ControlNetModel folder for StableDiffusionControlNetPipeline (and OUT-unet/, the "
+        "UNet, when the run trained the SD decoder); original: one .safetensors file with control_model.* keys, as "
+        "A1111 and ComfyUI load (and model.diffusion_model.*, the UNet, when the run trained the SD decoder)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder (diffusers) or .safetensors file (original)")
+    parser.add_argument("--out", required=True,
+                        help="local folder (diffusers) or .safetensors file (original); it must be new, empty or a "
+                        "previous export")
+    parser.add_argument("--force", action="store_true", help="replace whatever --out holds")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     args = parser.parse_args(argv)
-    if args.format == "original" and args.out.suffix != ".safetensors":
+    if "://" in args.out:
+        parser.error(f"--out {args.out}: exports are written locally; copy them to object storage afterwards "
+                     "(e.g. aws s3 cp --recursive)")
+    out = Path(args.out)
+    if args.format == "original" and out.suffix != ".safetensors":
         parser.error("--format original writes one file: give --out a .safetensors name")
     try:
         folder = controlnet_folder(args.checkpoint)
-    except FileNotFoundError as e:
+        check_targets(folder, out, args.format, args.force)
+    except (FileNotFoundError, FileExistsError) as e:
         parser.error(str(e))
-    print(export(folder, args.format, args.out, DTYPES[args.dtype]))
+    for path in export(folder, args.format, out, DTYPES[args.dtype]):
+        print(path)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from train.model import (
     encode_prompts,
     freeze_for_training,
     load_base_model,
+    plain_attention_on_cpu,
     unlock_decoder,
 )
 
@@ -84,6 +85,7 @@ class Trainer:
         for module in self.base.frozen_modules:
             module.to(device, dtype=frozen_dtype)
         self.controlnet.to(device, dtype=torch.float32)  # master weights stay fp32 under autocast
+        plain_attention_on_cpu(device, self.base.unet, self.controlnet)
         if cfg.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
             self.base.unet.enable_gradient_checkpointing()
@@ -264,7 +266,7 @@ def start_validation(trainer: Trainer, source) -> Validation:
 
 
 def validate(trainer: Trainer, validation: Validation, logger, step: int) -> None:
-    """Sample the validation conditions (DDIM, fixed seeds), log the grid and the fidelity scores."""
+    """Sample the validation conditions (--validation-sampler, fixed seeds), log the grid and the fidelity scores."""
     from train.sampling import sample
     from train.validate import validation_grid
 
@@ -276,8 +278,9 @@ def validate(trainer: Trainer, validation: Validation, logger, step: int) -> Non
     else:
         vset = validation.vset
         images = sample(trainer.base, trainer.controlnet, vset.conditions, vset.prompts, steps=cfg.validation_steps,
-                        guidance_scale=cfg.guidance_scales[0], seed=cfg.seed, branches=cfg.control_branches,
-                        middle_only=cfg.mode == "middle", device=trainer.device, amp_dtype=trainer.amp_dtype)
+                        sampler=cfg.validation_sampler, guidance_scale=cfg.guidance_scales[0], seed=cfg.seed,
+                        branches=cfg.control_branches, middle_only=cfg.mode == "middle", device=trainer.device,
+                        amp_dtype=trainer.amp_dtype)
         image = validation_grid(vset, images)
     logger.log_images("validation/grid", [image], ["condition | generated | target"], step=step)
 
@@ -300,11 +303,23 @@ def set_threads() -> int:
     return threads
 
 
+def apply_secrets(ref) -> list[str]:
+    """Put the driver's secrets (train.run.secrets_ref) in this worker's environment, for W&B; their names."""
+    import os
+
+    import ray
+
+    secrets = ray.get(ref) if ref is not None else {}
+    os.environ.update(secrets)
+    return sorted(secrets)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each rank: resume, train, checkpoint through ray.train.report, log on rank 0."""
     import ray.train
     import ray.train.torch
 
+    secrets = apply_secrets(config.get("secrets"))
     from train.data import resolve_shards
     from train.tracking import RunLogger
 
@@ -327,7 +342,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
-                    + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else ""))
+                    + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")
+                    + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
     validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None
     if validation is not None and trainer.state.step == 0 and not (validation.tracker and validation.tracker.has(0)):
         validate(trainer, validation, logger, 0)  # the starting level, which the convergence detector needs

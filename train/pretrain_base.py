@@ -17,7 +17,7 @@ import tyro
 from PIL import Image
 from tqdm import tqdm
 
-from train.model import BaseModel, ControlledUNet, diffusion_loss, encode_prompts
+from train.model import BaseModel, ControlledUNet, diffusion_loss, encode_prompts, plain_attention_on_cpu
 
 MAX_TOKENS = 16  # "a magenta triangle on a white background" is 7 words: BOS + 7 + EOS, with room to spare
 
@@ -38,7 +38,7 @@ class PretrainConfig:
     """UNet block widths; attention only at the last (lowest) resolution."""
     text_width: int = 32
     """Text encoder width (= the UNet's cross-attention width)."""
-    steps: int = 2200
+    steps: int = 2000
     """Optimizer steps."""
     batch_size: int = 32
     """Samples per step."""
@@ -101,27 +101,15 @@ def save_base(base: BaseModel, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
 
 
-@torch.no_grad()
 def draw(base: BaseModel, captions: list[str], seed: int, scale: float = 3.0) -> np.ndarray:
-    """What the base draws for `captions` (DDIM 20, CFG 3): a (R, len * R, 3) uint8 strip."""
-    from diffusers import DDIMScheduler
+    """What the base draws for `captions` (Euler ancestral 20 steps, CFG 3, as validation samples): a
+    (R, len * R, 3) uint8 strip."""
+    from train.sampling import sample
 
-    from train.sampling import initial_noise
-
-    model = ControlledUNet(base.unet, None)
-    scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
-    scheduler.set_timesteps(20)
-    text = encode_prompts(base, captions, torch.device("cpu"))
-    null = encode_prompts(base, [""] * len(captions), torch.device("cpu"))
     side = base.unet.config.sample_size
-    x = initial_noise((len(captions), 3, side, side), [seed + i for i in range(len(captions))], torch.device("cpu"),
-                      torch.float32)
-    for t in scheduler.timesteps:
-        tt = t.expand(len(captions))
-        eps_u, eps_c = model(x, tt, null), model(x, tt, text)
-        x = scheduler.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return np.concatenate(list(images), axis=1)
+    images = sample(base, None, torch.zeros(len(captions), 3, side, side), captions, steps=20, guidance_scale=scale,
+                    seed=seed, sampler="euler_a", device=torch.device("cpu"))
+    return np.concatenate(list((images * 255).round().astype(np.uint8)), axis=1)
 
 
 def same_settings(out: Path, cfg: PretrainConfig) -> bool:
@@ -157,6 +145,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     source, _ = split_validation(resolve_shards(cfg.data), None)
     torch.manual_seed(cfg.seed)
     base = build_base(cfg, caption_words(source), tmp)
+    plain_attention_on_cpu(torch.device("cpu"), base.unet)
     params = [*base.unet.parameters(), *base.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))

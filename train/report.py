@@ -208,16 +208,19 @@ def sparkline(scores: Sequence[float]) -> str:
     return "".join(SPARKS[min(len(SPARKS) - 1, max(0, int(v * len(SPARKS))))] for v in scores)
 
 
-def curve_text(results: dict[str, Any], rows: int = 12) -> str:
-    """The primary curve for a terminal: a sparkline, a table of (step, score) at up to `rows` evaluations, and
-    the detected step, plateau and mAUCC."""
+def curve_text(results: dict[str, Any], rows: int = 16) -> str:
+    """The primary curve for a terminal: a sparkline, a table of (step, score) at up to `rows` evaluations (and
+    the detected step's), and the detected step, plateau and mAUCC."""
     found = primary_curve(results)
     if found is None:
         return "no fidelity curve (validation off, or no task)"
     name, curve = found
     steps, scores = curve["steps"], curve["scores"]
     shown = min(rows, len(steps))  # evenly spread, the first and the last evaluation always among them
-    picks = sorted({round(i * (len(steps) - 1) / max(shown - 1, 1)) for i in range(shown)})
+    picks = {round(i * (len(steps) - 1) / max(shown - 1, 1)) for i in range(shown)}
+    if curve.get("converged") and curve.get("step") in steps:
+        picks.add(steps.index(curve["step"]))
+    picks = sorted(picks)
     lines = [f"{name}  {sparkline(scores)}  (0..1, one mark per evaluation)", "   step  score"]
     lines += [f"{steps[i]:>7}  {scores[i]:.3f}" for i in picks]
     step = curve["step"] if curve.get("converged") else f"not converged ({curve.get('reason')})"

@@ -52,6 +52,17 @@ def cpus_per_worker(cfg: TrainConfig, use_gpu: bool) -> int:
     return max(1, int(largest) // max(cfg.num_workers, 1))
 
 
+SECRETS = ("WANDB_API_KEY",)
+
+
+def secrets_ref() -> ray.ObjectRef | None:
+    """The driver's secrets as an object in Ray's object store: the workers get them by reference (see
+    train.loop.apply_secrets). A runtime environment's env_vars, the usual route, are shown by Ray's dashboard
+    and state API; an object's value is not."""
+    secrets = {k: os.environ[k] for k in SECRETS if os.environ.get(k)}
+    return ray.put(secrets) if secrets else None
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     cfg = prepare_base_model(cfg)
     cfg = dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
@@ -67,10 +78,9 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
-    secrets = {k: os.environ[k] for k in ("WANDB_API_KEY",) if k in os.environ}  # passed on, never printed
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode,
+        train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode, "secrets": secrets_ref(),
                            "wandb_dir": absolute_local(os.environ.get("WANDB_DIR", "data/wandb"))},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -79,13 +89,27 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": secrets} if secrets else None,
         ),
     )
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """Resolve --data and --validation-data on the driver, before Ray starts: a typo is one line here, not a
+    worker failure that Ray retries --max-failures times after loading the base model."""
+    from train.data import resolve_shards
+
+    resolve_shards(cfg.data)
+    if cfg.validation_data:
+        resolve_shards(cfg.validation_data)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    try:
+        check_data(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
     result = build_trainer(cfg).fit()

@@ -128,8 +128,8 @@ class FidelityTracker:
         for scale in self.scales:
             for mode in self.modes:
                 images = sample(trainer.base, trainer.controlnet, vset.conditions, prompts_for(mode, vset.prompts),
-                                steps=cfg.validation_steps, guidance_scale=scale, seed=cfg.seed,
-                                branches=cfg.control_branches, middle_only=cfg.mode == "middle",
+                                steps=cfg.validation_steps, sampler=cfg.validation_sampler, guidance_scale=scale,
+                                seed=cfg.seed, branches=cfg.control_branches, middle_only=cfg.mode == "middle",
                                 device=trainer.device, amp_dtype=trainer.amp_dtype)
                 scores, _ = score_images(self.task, self.annotator, list(to_uint8(images)), inputs, vset.keys,
                                          params_input)

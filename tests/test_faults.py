@@ -1,0 +1,318 @@
+"""nothing lost, nothing silently wrong: actor faults, reruns with other settings, --overwrite, mistyped commands"""
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import format as fmt
+from pipeline.build import done_shards, main
+from pipeline.config import BuildConfig
+from pipeline.reader import list_input_shards
+from pipeline.worker import ActorFault, batch_fault, process_shard
+from pipeline.writer import ShardWriter
+from tests.tiny_weights.hed import write_tiny_hed
+
+
+def rows(out: Path) -> list[dict]:
+    return [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+class Failing:
+    """An annotator that raises for every image: with `same`, the same error each time (a broken model or
+    device), else one error per key (bad samples)."""
+
+    def __init__(self, same: bool):
+        self.same = same
+
+    def __call__(self, images, keys):
+        raise RuntimeError("CUDA error: an illegal memory access" if self.same or len(keys) > 1 else f"bad {keys[0]}")
+
+
+def test_a_batch_failing_whole_with_one_error_is_an_actor_fault_and_commits_nothing(sample_shards, tmp_path):
+    out = tmp_path / "out"
+    cfg = BuildConfig(task="canny", output=str(out), resolution=32, batch_size=4)
+    [shard] = list_input_shards([str(sample_shards / "00000.tar")])
+    for annotator in (None, Failing(same=True)):  # an actor whose models did not load; a broken device
+        with pytest.raises(ActorFault, match="all 4 samples of a batch failed"):
+            process_shard(shard, cfg, annotator)
+        assert not done_shards(str(out)) and not list((out / "shards" / "_staging").iterdir())
+    stats = process_shard(shard, cfg, Failing(same=False))  # each sample its own error: bad data, committed
+    assert stats["counts"]["failed"] == 12 and set(done_shards(str(out))) == {"00000"}
+    assert batch_fault([ValueError("x")]) == ""  # one sample alone says nothing about the actor
+
+
+def tiny_hed_job(inputs: Path, out: Path, weights: Path) -> BuildConfig:
+    return BuildConfig(task="hed", input=[str(inputs)], output=str(out), weights=str(weights), resolution=32,
+                       batch_size=4, num_workers=1, max_retries=1, device="cpu")
+
+
+def shard_actor_pids() -> list[int]:
+    """The processes of this pool's actors (Ray titles them ray::ShardActor...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::ShardActor"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_replacement_actors_that_cannot_load_commit_nothing_and_a_rerun_finishes(sample_shards, tmp_path,
+                                                                               ray_session):
+    """The actor is SIGKILLed after its first shard and the weights are gone for its replacements: the shards
+    left fail as a whole (said so, nothing all-failed committed); with the weights back a rerun finishes."""
+    from pipeline.distributor import run_pool
+
+    weights, away = tmp_path / "weights", tmp_path / "weights-away"
+    write_tiny_hed(weights)
+    out = tmp_path / "out"
+    cfg = tiny_hed_job(sample_shards, out, weights)
+    shards = list_input_shards(cfg.input)
+    failures = []
+
+    def on_done(stats):
+        if not away.exists():
+            weights.rename(away)
+            for pid in shard_actor_pids():
+                os.kill(pid, signal.SIGKILL)
+
+    result = run_pool(shards, cfg, on_done, lambda shard, error, attempt: failures.append(error))
+    assert len(result.done) == 1 and len(result.failed) == len(shards) - 1
+    assert any("could not load its models" in e for e in result.failed.values()), result.failed
+    assert set(done_shards(str(out))) == {result.done[0]["shard"]}  # no shard of failed rows marked done
+    assert all(r["status"] == fmt.OK for r in rows(out))
+
+    away.rename(weights)
+    assert main(["--task", "hed", "--input", str(sample_shards), "--output", str(out), "--weights", str(weights),
+                 "--resolution", "32", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]) == 0
+    index = rows(out)
+    assert len(index) == 48 and len({(r["source_key"]) for r in index}) == 48
+    assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 48
+
+
+def test_a_rerun_with_other_output_settings_is_refused_until_overwrite(sample_shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = ["--input", str(sample_shards / "00000.tar"), "--output", str(out), "--resolution", "32"]
+    assert main(first) == 0
+    capsys.readouterr()
+    assert main([*first[:-1], "48", "--seed", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "resolution 32 -> 48" in error and "seed 0 -> 3" in error
+    assert main([*first[:-1], "48", "--seed", "3", "--overwrite"]) == 0
+    stats = json.loads((out / "shards" / "00000.stats.json").read_text())
+    assert stats["settings"]["resolution"] == 48 and {r["width"] for r in rows(out)} == {48}
+    assert main([*first[:-1], "48", "--seed", "3", "--batch-size", "3"]) == 0  # batching shapes nothing
+
+
+def test_overwrite_uncommits_the_old_shard_before_publishing_the_new_one(sample_shards, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["--input", str(sample_shards / "00000.tar"), "--output", str(out), "--resolution", "32"]) == 0
+    writer = ShardWriter(str(out), "00000")
+    published = []
+
+    def publish_then_crash(local, target):
+        published.append(target)
+        if target.endswith(fmt.INDEX_SUFFIX):
+            raise OSError("the node died here")
+        os.replace(local, target)
+
+    monkeypatch.setattr(writer, "_publish", publish_then_crash)
+    with pytest.raises(OSError):
+        writer.commit([], {"shard": "00000"})
+    assert published[0].endswith(fmt.TAR_SUFFIX)  # the new (empty) tar is out, beside the old parquet
+    assert "00000" not in done_shards(str(out))  # ... but the shard no longer counts as done: a rerun redoes it
+
+
+@pytest.mark.parametrize("args, message", [(["--task", "cany", "--dry-run"], "invalid choice: 'cany'"),
+                                           (["--caption", "foo"], "invalid choice: 'foo'")])
+def test_mistyped_choices_are_one_line_errors(python, tmp_path, args, message):
+    run = subprocess.run([python, "-m", "pipeline.build", "--output", str(tmp_path / "o"), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_trainer_checks_its_data_before_ray_starts(python, tmp_path):
+    run = subprocess.run([python, "train/run.py", "--data", str(tmp_path / "typo"), "--run-name", "t"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2 and run.stderr.strip().startswith("error: no committed shards"), run.stderr[-2000:]
+    assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_staging_left_by_killed_processes_is_cleared_and_a_live_ones_kept(sample_shards, tmp_path, s3_endpoint,
+                                                                         capsys):
+    """An object store's shards are staged in the node's temp folder: a rerun (its actors and its driver) clears
+    what killed processes of this host left there, and leaves a live process's folder alone."""
+    import socket
+
+    import fsspec
+
+    from pipeline.writer import clear_staging, staging_root
+
+    out = "s3://cnd-faults/out"
+    fsspec.filesystem("s3").mkdir("cnd-faults")
+    root = staging_root(out)
+    assert root.parent == Path(tempfile.gettempdir())
+    host = socket.gethostname()
+    dead = root / f"00000@{host}@{dead_pid()}@x1"
+    live = root / f"00001@{host}@{os.getpid()}@x2"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "shard.tar").write_bytes(b"\0" * 4096)
+    assert main(["--input", str(sample_shards / "00000.tar"), "--output", out, "--resolution", "32"]) == 0
+    assert f"staged on each node in {root}" in capsys.readouterr().out
+    assert not dead.exists() and live.exists()
+    live_gone = dead_pid()
+    live.rename(root / f"00001@{host}@{live_gone}@x2")
+    assert clear_staging(out) == [f"00001@{host}@{live_gone}@x2"] and not root.exists()
+
+
+@pytest.fixture
+def twelve_shards(sample_shards, tmp_path) -> Path:
+    """12 input shards (each sample shard in 3 copies), so that a fault lands part-way through a job."""
+    import shutil
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for copy in range(3):
+        for tar in sorted(sample_shards.glob("*.tar")):
+            shutil.copy(tar, inputs / f"c{copy}-{tar.name}")
+    return inputs
+
+
+def job(python, inputs, out, *extra) -> list[str]:
+    return [python, "-m", "pipeline.build", "--input", str(inputs), "--output", str(out), "--resolution", "256",
+            "--num-workers", "1", "--batch-size", "2", *extra]
+
+
+def wait_for(condition, timeout: float = 120.0, every: float = 0.05) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(every)
+
+
+def assert_every_sample_once(index: list[dict], tars: list[Path]) -> None:
+    import webdataset as wds
+
+    assert len(index) == 144 and all(r["status"] == fmt.OK for r in index)
+    assert len({(r["source_key"], r["key"]) for r in index}) == 48  # each photo in 3 copies of its shard
+    written = [s["__key__"] for tar in tars for s in wds.WebDataset(str(tar), shardshuffle=False,
+                                                                      empty_check=False)]
+    assert len(written) == 144
+
+
+def test_an_actor_killed_in_the_middle_of_a_shard_loses_nothing(twelve_shards, tmp_path, python, ray_session):
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    driver = subprocess.Popen(job(python, twelve_shards, out), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    staging = out / "shards" / "_staging"
+    # the actor is writing a shard: its staged tar has samples in it, its stats are not out yet
+    wait_for(lambda: any(t.stat().st_size > 0 for t in staging.glob("*/shard.tar")) if staging.exists() else False)
+    victims = shard_actor_pids()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    printed, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0 and victims and "attempt 1 failed" in printed, printed[-3000:]
+    assert_every_sample_once(rows(out), sorted((out / "shards").glob("*.tar")))
+    assert not staging.exists()
+
+
+def test_two_drivers_on_one_output_corrupt_nothing_and_count_nothing_twice(twelve_shards, tmp_path, python,
+                                                                          ray_session):
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    drivers = [subprocess.Popen(job(python, twelve_shards, out), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for driver in drivers:
+        printed, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 0, printed[-3000:]
+    index = rows(out)
+    assert_every_sample_once(index, sorted((out / "shards").glob("*.tar")))
+    for stats in (out / "shards").glob("*.stats.json"):  # each shard's tar, index and stats agree
+        name = stats.name.removesuffix(fmt.STATS_SUFFIX)
+        import webdataset as wds
+
+        in_tar = {s["__key__"] for s in wds.WebDataset(str(out / "shards" / f"{name}.tar"), shardshuffle=False,
+                                                        empty_check=False)}
+        in_index = {r["key"] for r in pq.read_table(out / "shards" / f"{name}.parquet").to_pylist()}
+        assert in_tar == in_index and json.loads(stats.read_text())["counts"]["ok"] == len(in_tar)
+    assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 144
+
+
+def test_object_storage_going_away_mid_job_then_a_rerun_finishes(twelve_shards, python, ray_session, s3_server):
+    import tempfile
+    import time
+
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-outage")
+    out = "s3://cnd-outage/out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    command = job(python, twelve_shards, out, "--max-retries", "1")
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def committed() -> int:
+        fs.invalidate_cache()
+        return len(fs.glob("cnd-outage/out/shards/*.stats.json"))
+
+    wait_for(lambda: committed() >= 1, every=0.2)
+    s3_server.stop()  # the endpoint goes away mid-job: uploads and reads fail
+    time.sleep(4)
+    s3_server.start()
+    printed, _ = driver.communicate(timeout=300)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, printed[-2000:] + rerun.stdout[-2000:] + rerun.stderr[-2000:]
+
+    local = Path(tempfile.mkdtemp()) / "out"
+    (local / "shards").mkdir(parents=True)
+    fs.invalidate_cache()
+    for path in fs.find("cnd-outage/out/shards"):
+        fs.get_file(path, str(local / "shards" / path.rsplit("/", 1)[1]))
+    assert len(list((local / "shards").glob("*.stats.json"))) == 12
+    assert_every_sample_once(rows(local), sorted((local / "shards").glob("*.tar")))
+    staging = Path(tempfile.gettempdir()) / "controlnet-data-staging"
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_the_task_choices_are_the_registered_annotators():
+    from annotate import ANNOTATORS
+    from pipeline.config import TASKS
+
+    assert set(TASKS) == set(ANNOTATORS)
+
+
+def test_every_actor_of_a_pool_is_checked_and_one_that_cannot_load_is_dropped(tmp_path, ray_session):
+    """The second actor cannot load its weights while the first can: the pool goes on with the first only."""
+    import dataclasses
+
+    import ray
+
+    from pipeline.distributor import ShardActor, loaded_actors
+
+    weights = tmp_path / "weights"
+    write_tiny_hed(weights)
+    good = tiny_hed_job(tmp_path, tmp_path / "out", weights)
+    bad = dataclasses.replace(good, weights=str(tmp_path / "no-weights-here"))
+    first, second = (ShardActor.options(num_cpus=0.5).remote(cfg) for cfg in (good, bad))
+    loaded, models, errors = loaded_actors([first, second])
+    assert loaded == [first] and models["annotator"]["name"] == "hed" and len(errors) == 1
+    assert "no-weights-here" in errors[0] or "ControlNetHED" in errors[0], errors
+    with pytest.raises(ray.exceptions.RayActorError):  # killed, so it takes no shard
+        ray.get(second.describe.remote(), timeout=30)
+    ray.kill(first)

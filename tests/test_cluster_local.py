@@ -1,5 +1,6 @@
 """a real two-node Ray cluster on this machine: the dataset job spreads over both nodes, and `ray job submit`
 runs 2-worker DDP across them with checkpoints on a real S3 endpoint (moto on loopback); then it all stops"""
+import contextlib
 import json
 import os
 import shutil
@@ -85,10 +86,11 @@ def cluster(s3_endpoint):
     finally:
         for node in reversed(nodes):  # `ray start --block` stops its node's processes when signalled
             os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.time() + 10  # a graceful stop of both nodes can take half a minute: not worth waiting for
         for node in nodes:
-            try:
-                node.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=max(0.1, deadline - time.time()))
+            with contextlib.suppress(ProcessLookupError):  # every process the node started is in its group
                 os.killpg(node.pid, signal.SIGKILL)
         for folder in (temp, second_temp):
             shutil.rmtree(folder, ignore_errors=True)

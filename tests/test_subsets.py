@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build import main as build_dataset
 from pipeline.format import key_hash
 from pipeline.subsets import (
     Sample,
@@ -20,16 +19,15 @@ from pipeline.subsets import (
     select,
     size_label,
 )
+from tests.conftest import copy_dataset
 from train.data import make_dataset, resolve_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("subsets") / "canny"
-    assert build_dataset(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
-    return out
+def dataset(canny64, tmp_path_factory) -> Path:
+    return copy_dataset(canny64, tmp_path_factory, "subsets")
 
 
 def copy_of(dataset: Path, tmp_path: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.build import main as build_dataset
+from tests.conftest import copy_dataset
 from train.report import curve_text, load_runs, nice_ticks, plot_curves, table, to_markdown, write_report
 from train.sweep import main as sweep
 
@@ -19,10 +19,8 @@ TRAIN = ["--checkpoint-every", "2", "--validate-every", "2", "--wandb", "offline
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sweep") / "canny"
-    assert build_dataset(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
-    return out
+def dataset(canny64, tmp_path_factory) -> Path:
+    return copy_dataset(canny64, tmp_path_factory, "sweep")
 
 
 def run_sweep(dataset: Path, storage: Path, sizes: str, *extra: str, max_steps: int = 4) -> int:

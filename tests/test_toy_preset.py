@@ -32,7 +32,10 @@ def dataset(tmp_path_factory, ray_session) -> Path:
     return root / "canny"
 
 
-def test_the_toy_preset_logs_fidelity_from_step_0_and_prints_progress(dataset, ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def cli_run(dataset, ray_session, tmp_path_factory):
+    """`train/run.py --preset toy` for 4 steps, as a user runs it: its output and its storage folder."""
+    tmp_path = tmp_path_factory.mktemp("toy-cli")
     env = {**os.environ, "RAY_ADDRESS": ray_session, "WANDB_DIR": str(tmp_path / "wandb"), "PYTHONPATH": str(REPO)}
     # a base given by a path relative to where the command runs, as `make repro` gives its own
     shutil.copytree(REPO / "train" / "toy_base", tmp_path / "my_base")
@@ -42,7 +45,11 @@ def test_the_toy_preset_logs_fidelity_from_step_0_and_prints_progress(dataset, r
          "--storage-path", str(tmp_path / "runs"), "--max-steps", "4", "--log-every", "2", "--wandb", "offline",
          *SMALL], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    return done.stdout, tmp_path
+
+
+def test_the_toy_preset_logs_fidelity_from_step_0_and_prints_progress(cli_run):
+    out, tmp_path = cli_run
     # a console line per log step on rank 0 (W&B is offline), the curve at the end
     assert out.count("[toy-cli] step 0/4  fidelity/caption/cfg1/edge_f1") == 1  # once, not tee-d twice
     assert "[toy-cli] step 2/4  loss " in out and "[toy-cli] step 4/4  loss " in out and "samples/s" in out
@@ -70,22 +77,24 @@ def config(dataset, storage, name, **overrides):
                                **{**small, **overrides})
 
 
-def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, tmp_path):
+def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, cli_run, tmp_path):
     """Resume, for every base: the same losses, weights and optimizer state, and the same fidelity curves,
-    detected step and mAUCC (the curves restored from the checkpoint, not restarted after it)."""
-    whole = build_trainer(config(dataset, tmp_path, "whole", max_steps=6)).fit()
+    detected step and mAUCC (the curves restored from the checkpoint, not restarted after it). The uninterrupted
+    run is the command-line one above (same settings; logging and the base's folder do not change training)."""
     first = build_trainer(config(dataset, tmp_path, "halves", max_steps=2)).fit()  # stopped at its step-2 checkpoint
     assert first.metrics["step"] == 2
-    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=6)).fit()  # submitted again: resumes
-    uninterrupted, resumed = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "halves"))
-    assert resumed["resumed_from"] == 2 and resumed["final_step"] == 6
+    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=4)).fit()  # submitted again: resumes
+    whole = cli_run[1] / "runs" / "toy-cli"
+    uninterrupted, resumed = (json.loads((run / "results.json").read_text()) for run in (whole, tmp_path / "halves"))
+    assert resumed["resumed_from"] == 2 and resumed["final_step"] == 4 and uninterrupted["final_step"] == 4
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
-    a, b = (load_file(Path(r.checkpoint.path) / "controlnet" / "diffusion_pytorch_model.safetensors")
-            for r in (whole, second))
+    last = max(p for p in whole.glob("checkpoint_*") if p.is_dir())
+    a, b = (load_file(Path(folder) / "controlnet" / "diffusion_pytorch_model.safetensors")
+            for folder in (last, second.checkpoint.path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(Path(second.checkpoint.path) / "state.pt", weights_only=True)
-    assert state["step"] == 6 and state["optimizer"]["state"]  # AdamW moments were restored and kept
-    assert uninterrupted["fidelity"]["curves"]["fidelity/caption/cfg1/edge_f1"]["steps"] == [0, 2, 4, 6]
+    assert state["step"] == 4 and state["optimizer"]["state"]  # AdamW moments were restored and kept
+    assert uninterrupted["fidelity"]["curves"]["fidelity/caption/cfg1/edge_f1"]["steps"] == [0, 2, 4]
     assert resumed["fidelity"] == uninterrupted["fidelity"]  # every curve, its detected step and mAUCC
     assert resumed["convergence"] == uninterrupted["convergence"]
     assert resumed["validation"] == uninterrupted["validation"]

@@ -1,4 +1,5 @@
-"""the trainer on Ray Train end to end: gloo DDP, checkpoints, a killed worker, W&B offline (resume: test_toy_preset)"""
+"""the trainer on Ray Train end to end: gloo DDP, W&B offline, a killed worker resumed from its checkpoint on S3
+(resume: test_toy_preset; DDP without Ray: test_ddp)"""
 import dataclasses
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.build import main as build_dataset
+from tests.conftest import copy_dataset
 from train.config import debug
 from train.run import build_trainer
 
@@ -20,10 +21,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
-def dataset(sample_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("canny") / "canny"
-    assert build_dataset(["--input", str(sample_shards), "--output", str(out), "--resolution", "64"]) == 0
-    return out
+def dataset(canny64, tmp_path_factory) -> Path:
+    return copy_dataset(canny64, tmp_path_factory, "canny")
 
 
 @pytest.fixture(scope="module")
@@ -82,54 +81,45 @@ def _train_workers() -> list[psutil.Process]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def _registered_checkpoints(run: Path) -> int:
+def _registered_checkpoints(fs, run: str) -> int:
     """Checkpoints Ray Train has registered (a checkpoint folder alone may still be mid-upload)."""
-    snapshot = run / "checkpoint_manager_snapshot.json"
+    fs.invalidate_cache()
     try:
-        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        return len(json.loads(fs.cat_file(f"{run}/checkpoint_manager_snapshot.json"))["checkpoint_results"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return 0
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(dataset, storage):
-    name = "fault"
-    killed = []
+def test_a_killed_worker_is_restarted_from_its_last_checkpoint_on_s3(dataset, s3_endpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-runs")
+    name, killed = "fault", []
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline:
-            if _registered_checkpoints(storage / name):
+            if _registered_checkpoints(fs, f"cnd-runs/runs/{name}"):
                 workers = _train_workers()
                 if workers:
                     os.kill(workers[0].pid, signal.SIGKILL)  # a real signal to a real training process
                     killed.append(workers[0].pid)
                     return
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    cfg = config(dataset, storage, name, max_steps=200, checkpoint_every=10, max_failures=2)
-    result = build_trainer(cfg).fit()
+    cfg = config(dataset, "unused", name, max_steps=40, checkpoint_every=5, max_failures=2, validate_every=0)
+    result = build_trainer(dataclasses.replace(cfg, storage_path="s3://cnd-runs/runs")).fit()
     watcher.join(timeout=5)
     assert killed, "no training worker was found to kill"
-    assert result.metrics["step"] == 200
-    run = results(storage, name)
-    assert run["final_step"] == 200 and run["resumed_from"] is not None and run["resumed_from"] % 10 == 0
-
-
-def test_checkpoints_go_to_s3(dataset, s3_endpoint):
-    import fsspec
-
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("cnd-runs")
-    cfg = config(dataset, "unused", "on-s3", max_steps=2, checkpoint_every=2)
-    cfg = dataclasses.replace(cfg, storage_path="s3://cnd-runs/runs")
-    result = build_trainer(cfg).fit()
-    assert result.checkpoint.path.startswith("cnd-runs/runs/on-s3/checkpoint_")
+    assert result.metrics["step"] == 40 and result.checkpoint.path.startswith(f"cnd-runs/runs/{name}/checkpoint_")
     fs.invalidate_cache()
     files = fs.ls(result.checkpoint.path)
     assert any(f.endswith("state.pt") for f in files) and any(f.endswith("progress.json") for f in files)
-    assert json.loads(fs.cat_file("cnd-runs/runs/on-s3/results.json"))["final_step"] == 2
+    run = json.loads(fs.cat_file(f"cnd-runs/runs/{name}/results.json"))
+    assert run["final_step"] == 40 and run["resumed_from"] is not None and run["resumed_from"] % 5 == 0
 
 
 def test_validation_is_held_out_of_training(dataset):

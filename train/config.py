@@ -6,8 +6,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-import tyro
-
 TINY_SD = "data/tiny-sd"
 TOY_BASE = "train/toy_base"  # committed; rebuilt by `make repro` (python -m train.pretrain_base)
 
@@ -97,6 +95,9 @@ class TrainConfig:
     """Where validation sampling applies the control under CFG: both branches (as diffusers' pipeline does at
     inference) or the conditional one only (eps_u from the locked base; small models need it to follow the
     condition under guidance). Not diffusers' guess_mode, which also rescales the residuals."""
+    validation_timeout_min: float = 180.0
+    """Minutes the other DDP ranks wait for rank 0's validation (on a gloo group of their own, so that a long
+    validation cannot hit the training group's collective timeout)."""
     fidelity: bool = True
     """Score condition fidelity at each validation: re-annotate the generated images with the task's annotator,
     set up as the dataset's manifest records (Canny ranges and seed, weights)."""
@@ -156,6 +157,8 @@ PRESETS = {"debug": debug, "toy": toy, "sd15": sd15, "sd21": sd21}
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """--preset picks the defaults; every other flag overrides a field (see --help)."""
+    import tyro  # here, not at the top: the trainer's workers and the GPU check need the config, not the CLI
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=sorted(PRESETS), default="debug")
     known, rest = pre.parse_known_args(argv)

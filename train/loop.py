@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import random
 import tempfile
@@ -17,6 +18,7 @@ from torch import nn
 
 from train.config import TrainConfig
 from train.model import (
+    BaseModel,
     ControlledUNet,
     build_controlnet,
     diffusion_loss,
@@ -62,23 +64,48 @@ def mixed_precision_dtype(choice: str, device: torch.device) -> torch.dtype | No
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
-def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """DDP when there are several ranks. Re-wrapped when the decoder unlocks: DDP fixes its parameters at birth."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return module
-    if torch.distributed.get_world_size() == 1:
+def distributed() -> bool:
+    """Whether this process is one of several DDP ranks."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, previous: nn.Module | None = None) -> nn.Module:
+    """DDP when there are several ranks. Re-wrapped when the decoder unlocks (DDP fixes its parameters at birth):
+    the `previous` wrapper's reducer is unhooked first, or its autograd hooks stay on the ControlNet's parameters
+    (and its buckets in memory) for as long as anything holds the old wrapper."""
+    if isinstance(previous, nn.parallel.DistributedDataParallel):
+        previous._remove_autograd_hooks()
+    if not distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def rank_zero_wait_group(timeout_s: float) -> Any:
+    """A gloo group for the other ranks to wait on while rank 0 validates alone, with its own (long) timeout: the
+    training group's collectives (NCCL's 10-30 min) would otherwise time out during a long validation. None with
+    one rank. Every rank must call it, in the same order."""
+    if not distributed():
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def wait_for_rank_zero(group: Any) -> None:
+    """Every rank meets here after rank 0's validation, before the next collective of training."""
+    if group is not None:
+        torch.distributed.barrier(group=group)
+
+
 class Trainer:
     """Holds the models, optimizer and data stream of one rank; `train()` is the whole loop."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
+                 base: BaseModel | None = None):
+        """`base`: an already built base model (the GPU check's SD 1.5 from its configs); default: cfg.base_model."""
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
-        self.base = load_base_model(cfg.base_model)
+        self.base = base if base is not None else load_base_model(cfg.base_model)
         self.controlnet = build_controlnet(self.base.unet, self.base.downsampling)
         freeze_for_training(self.base, self.controlnet, middle_only=cfg.mode == "middle")
         frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
@@ -105,7 +132,8 @@ class Trainer:
         params = unlock_decoder(self.base.unet)
         self.optimizer.add_param_group({"params": params, "lr": self.cfg.decoder_lr})
         self.lr_schedule.base_lrs.append(self.cfg.decoder_lr)
-        self.model = wrap_ddp(self.module, self.device)
+        self.lr_schedule.lr_lambdas.append(self.lr_schedule.lr_lambdas[0])  # the same warm-up (one per group)
+        self.model = wrap_ddp(self.module, self.device, previous=self.model)
         self.state.decoder_unlocked = True
 
     # ---- checkpoints
@@ -344,10 +372,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
                     + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")
                     + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
+    # rank 0 alone sets up W&B and validation and validates; the others wait for it on a group of their own
+    rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
     validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None
     if validation is not None and trainer.state.step == 0 and not (validation.tracker and validation.tracker.has(0)):
         validate(trainer, validation, logger, 0)  # the starting level, which the convergence detector needs
         logger.progress(0, validation.latest())
+    wait_for_rank_zero(rank_zero)
     stream = trainer.batches(source)
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
@@ -365,8 +396,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if device.type == "cuda":
             metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         trainer.state.history.append({"step": step, "loss": loss})
-        if validation is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
-            validate(trainer, validation, logger, step)
+        if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+            if validation is not None:
+                validate(trainer, validation, logger, step)
+            wait_for_rank_zero(rank_zero)
         if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
             logger.log(metrics)
             logger.progress(step, validation.latest() if validation else "", metrics)

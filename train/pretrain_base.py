@@ -13,7 +13,6 @@ if __package__ in (None, ""):  # `python train/pretrain_base.py`: import from th
 
 import numpy as np
 import torch
-import tyro
 from PIL import Image
 from tqdm import tqdm
 
@@ -126,6 +125,20 @@ def same_settings(out: Path, cfg: PretrainConfig) -> bool:
     return shaping(done) == shaping(settings)
 
 
+def base_train_step(base: BaseModel, model: ControlledUNet, params: list[torch.nn.Parameter], optimizer, ema,
+                    batch: dict, generator: torch.Generator, device: torch.device,
+                    snr_gamma: float | None = None) -> torch.Tensor:
+    """One pretraining step: UNet and text encoder learn together (clipped at 1), then the EMA follows."""
+    text = encode_prompts(base, batch["caption"], device, grad=True)
+    loss = diffusion_loss(base, model, batch["pixel_values"].to(device), None, text, generator, snr_gamma)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    ema.step(params)
+    return loss.detach()
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     from diffusers.training_utils import EMAModel
 
@@ -157,15 +170,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model = ControlledUNet(base.unet, None)
     bar = tqdm(range(cfg.steps), desc="base", unit="step", dynamic_ncols=True, mininterval=5)
     for _ in bar:
-        batch = next(stream)
-        text = encode_prompts(base, batch["caption"], torch.device("cpu"), grad=True)
-        loss = diffusion_loss(base, model, batch["pixel_values"], None, text, generator, cfg.snr_gamma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss = base_train_step(base, model, params, optimizer, ema, next(stream), generator, torch.device("cpu"),
+                               cfg.snr_gamma)
         warmup.step()
-        ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     ema.copy_to(params)
     base.unet.eval()
@@ -184,6 +191,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import tyro
+
     cfg = tyro.cli(PretrainConfig, args=argv)
     try:
         pretrain(cfg)

@@ -1,0 +1,782 @@
+"""make gpu-check: one offline command that proves the CUDA paths and takes the GPU figures.
+
+Sections, most important first, each guarded by the time budget (one that would not fit is skipped and says so):
+
+  environment   torch, CUDA, the GPU, and its measured bf16 matrix rate (the MFU denominator)
+  parity        the annotators (HED, MiDaS, OpenPose, BLIP) on the GPU against the CPU, map by map
+  amp           one trainer step under bf16 autocast and under fp16 with the grad scaler
+  toy           the toy reproduction on the GPU: base pretraining and ControlNet s/step, one fidelity evaluation
+  sd15          Stable Diffusion 1.5's architecture (random weights, 512 px): ControlNet training samples/s, peak
+                memory and MFU at batch 8 and 32, with and without gradient checkpointing, against the plain
+                UNet fine-tuning step (the paper's overhead)
+  annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
+
+Needs no Ray, no W&B and no network: what the GPU machine lacks travels as wheels (`make gpu-wheels`). `--smoke`
+runs every section at toy sizes on the CPU (a test runs it, so it cannot rot). Writes gpu_check.json and
+gpu_check.md to --out and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/gpu_check.py`: import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import numpy as np
+import torch
+
+PEAK_BF16_TFLOPS_NOTE = "MFU is against the bf16 matrix rate measured in `environment`, not the datasheet's"
+NEMO_ANCHOR = "NVIDIA NeMo: 27.2 samples/s for SD 1.5 ControlNet on one A100-80G (batch 32, flash attention, " \
+              "channels-last, Inductor)"
+PAPER_OVERHEAD = "the paper: +34% time and +23% memory over fine-tuning SD alone, on an A100"
+
+# Stable Diffusion 1.5's published component configs (runwayml/stable-diffusion-v1-5), so the architecture is
+# built without a download; weights are random
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    act_fn="silu", sample_size=512, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(  # CLIP ViT-L/14's text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+ANNOTATOR_TASKS = ("hed", "midas", "openpose", "blip")
+BATCH_KWARG = {"hed": "max_batch", "midas": "batch_size", "blip": "batch_size"}  # caps images per forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run: sizes, the time budget, one section at a time
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each section runs at: the real sizes on a GPU, toy ones for --smoke on the CPU."""
+
+    matmul_n: int
+    parity_px: int
+    parity_images: int
+    sd_px: int
+    sd_batches: tuple[int, ...]
+    sd_timed_steps: int
+    annotator_px: int
+    annotator_images: int
+    annotator_batches: tuple[int, ...]
+    annotator_tasks: tuple[str, ...]
+    toy_batch: int
+    toy_steps: int
+    toy_validation_samples: int
+    full_size: bool  # SD 1.5 and full-size annotators; else the tiny test models
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, smoke: bool) -> Sizes:
+        if smoke:  # OpenPose's throughput is left out: its full-size network is slow on a CPU (parity runs it)
+            return cls(matmul_n=256, parity_px=64, parity_images=1, sd_px=64, sd_batches=(2,), sd_timed_steps=1,
+                       annotator_px=64, annotator_images=2, annotator_batches=(1, 2),
+                       annotator_tasks=("hed", "midas", "blip"), toy_batch=8, toy_steps=1, toy_validation_samples=2,
+                       full_size=False, warmup_steps=1)
+        return cls(matmul_n=8192, parity_px=256, parity_images=3, sd_px=512, sd_batches=(8, 32), sd_timed_steps=5,
+                   annotator_px=512, annotator_images=32, annotator_batches=(1, 8, 32),
+                   annotator_tasks=ANNOTATOR_TASKS, toy_batch=32, toy_steps=20, toy_validation_samples=64,
+                   full_size=True, warmup_steps=2)
+
+
+# seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
+ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 120, "annotators": 90}
+
+
+@dataclass
+class Budget:
+    seconds: float
+    started: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.started)
+
+
+@dataclass
+class Context:
+    device: torch.device
+    sizes: Sizes
+    budget: Budget
+    tmp: Path
+    smoke: bool
+    results: dict[str, Any] = field(default_factory=dict)  # earlier sections' results (the matmul rate)
+
+    def say(self, message: str) -> None:
+        print(f"[gpu-check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def check(name: str, passed: bool, detail: str = "") -> dict[str, Any]:
+    return {"check": name, "passed": bool(passed), "detail": detail}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def exact_matmuls():
+    """TF32 off (parity checks: errors near 1e-3 move peaks), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def run_section(name: str, section: Callable[[Context], dict[str, Any]], ctx: Context) -> dict[str, Any]:
+    """Run one section unless its estimate exceeds what is left; an exception fails the section, not the run."""
+    estimate = 0 if ctx.smoke else ESTIMATE_S[name]
+    left = ctx.budget.left()
+    if estimate > left:
+        ctx.say(f"{name}: skipped (needs ~{estimate} s, {left:.0f} s of the budget left)")
+        return {"status": "skipped", "reason": f"needs ~{estimate} s, {left:.0f} s left"}
+    ctx.say(f"{name}: running ({left:.0f} s of the budget left)")
+    started = time.perf_counter()
+    try:
+        result = section(ctx)
+        failed = [c for c in result.get("checks", []) if not c["passed"]]
+        result["status"] = "failed" if failed else "ok"
+    except Exception as e:  # recorded with its traceback; the other sections still run
+        traceback.print_exc()
+        result = {"status": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    ctx.say(f"{name}: {result['status']} in {result['seconds']} s")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# environment
+
+
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """The measured matrix rate: mean of `repeats` n x n x n products on random data after 3 warm-ups."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def environment(ctx: Context) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__, "cpus": os.cpu_count(),
+        "device": str(ctx.device),
+    }
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    if ctx.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ctx.device)
+        info |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                 "gpu_memory_gb": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
+                 "bf16": torch.cuda.is_bf16_supported()}
+    info["matmul_dtype"] = str(dtype).removeprefix("torch.")
+    info["matmul_tflops"] = round(matmul_tflops(ctx.device, ctx.sizes.matmul_n, dtype), 2)
+    ctx.results["matmul_tflops"] = info["matmul_tflops"]
+    return {"info": info, "checks": [check("matrix rate measured", info["matmul_tflops"] > 0,
+                                           f"{info['matmul_tflops']} TFLOP/s ({info['matmul_dtype']})")]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parity: the annotators on the device against the CPU
+
+
+def parity_images(px: int, count: int) -> list[np.ndarray]:
+    from pipeline.preprocess import center_crop_resize
+    from pipeline.sample_data import load_photo
+
+    return [center_crop_resize(load_photo(name), px) for name in ("astronaut", "chelsea", "coffee")[:count]]
+
+
+def map_agreement(cpu: np.ndarray, device: np.ndarray) -> dict[str, float]:
+    """How two uint8 maps of one image differ: identical-pixel fraction, 99th percentile and max |difference|."""
+    diff = np.abs(cpu.astype(int) - device.astype(int))
+    return {"identical": float((diff == 0).mean()), "p99": float(np.percentile(diff, 99)), "max": int(diff.max())}
+
+
+# per task: the most a map may differ under fp16 autocast (99th percentile of |difference| in grey levels), and the
+# least fraction of identical pixels (OpenPose: keypoints come from maxima, a point may move by a pixel)
+MAP_TOLERANCE = {"hed": (3, 0.0), "midas": (4, 0.0), "openpose": (0, 0.99)}
+
+
+def write_tiny_annotator_weights(folder: Path) -> str:
+    from tests.tiny_weights.blip import write_tiny_blip
+    from tests.tiny_weights.hed import write_tiny_hed
+    from tests.tiny_weights.midas import write_tiny_dpt
+    from tests.tiny_weights.openpose import write_tiny_openpose
+
+    for write in (write_tiny_hed, write_tiny_openpose, write_tiny_dpt, write_tiny_blip):
+        write(folder)
+    return str(folder)
+
+
+def raw_openpose(annotator, images: list[np.ndarray]) -> np.ndarray:
+    """The network's heatmaps and PAFs at the first scale, concatenated: the stage before keypoint decoding."""
+    pafs, heatmaps, _ = annotator._forward(images, annotator.scales[0])
+    return np.concatenate([pafs, heatmaps], axis=1)
+
+
+def parity(ctx: Context) -> dict[str, Any]:
+    from annotate import build_annotator, build_captioner
+
+    weights = write_tiny_annotator_weights(ctx.tmp / "tiny-weights")
+    images = parity_images(ctx.sizes.parity_px, ctx.sizes.parity_images)
+    keys = [f"p{i}" for i in range(len(images))]
+    rows, checks = [], []
+    with exact_matmuls():
+        for task, (p99_limit, identical_limit) in MAP_TOLERANCE.items():
+            annotators = {d: build_annotator(task, weights=weights, device=d) for d in ("cpu", str(ctx.device))}
+            cpu, dev = (annotators[d](images, keys) for d in ("cpu", str(ctx.device)))
+            for key, c, g in zip(keys, cpu, dev, strict=True):
+                same_shape = c.condition.shape == g.condition.shape and c.condition.dtype == g.condition.dtype
+                agreement = map_agreement(c.condition, g.condition)
+                rows.append({"task": task, "image": key, **agreement, "keep_cpu": c.keep, "keep_device": g.keep})
+                checks.append(check(f"{task} {key}: map within tolerance",
+                                    same_shape and agreement["p99"] <= p99_limit
+                                    and agreement["identical"] >= identical_limit and c.keep == g.keep,
+                                    f"identical {agreement['identical']:.4f}, p99 {agreement['p99']:.0f}, "
+                                    f"max {agreement['max']}"))
+            if task == "openpose":  # the maps of random weights are mostly empty: the raw maps show the agreement
+                raw_cpu, raw_dev = (raw_openpose(annotators[d], images) for d in ("cpu", str(ctx.device)))
+                error = float(np.abs(raw_cpu - raw_dev).max() / max(np.abs(raw_cpu).max(), 1e-12))
+                checks.append(check("openpose: heatmaps and PAFs within 1% (relative to their range)", error <= 1e-2,
+                                    f"max relative difference {error:.2e}"))
+                rows.append({"task": "openpose raw", "image": "all", "max_relative": error})
+        captions = {d: build_captioner("blip", weights=weights, device=d)(images) for d in ("cpu", str(ctx.device))}
+    same = sum(a == b for a, b in zip(captions["cpu"], captions[str(ctx.device)], strict=True))
+    checks.append(check("blip: captions are strings", all(isinstance(c, str) for c in captions[str(ctx.device)]),
+                        f"{same}/{len(images)} identical to the CPU's"))
+    return {"rows": rows, "checks": checks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# amp: one trainer step under bf16 autocast and under fp16 with the grad scaler
+
+
+def synthetic_batch(batch: int, px: int, seed: int = 0) -> dict[str, Any]:
+    """Smooth random images and sparse random edge maps: what a training batch looks like, no data needed."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.interpolate(torch.rand(batch, 3, px // 8, px // 8, generator=g), size=px,
+                                             mode="bilinear").mul(2).sub(1)
+    edges = (torch.rand(batch, 1, px, px, generator=g) > 0.9).float().expand(-1, 3, -1, -1).contiguous()
+    return {"pixel_values": images, "conditioning_pixel_values": edges,
+            "caption": ["a photo of a red house on a street"] * batch}
+
+
+def module_digest(*modules: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tiny_base():
+    """The debug preset's tiny random SD, built in memory."""
+    from train.model import BaseModel
+    from train.tiny_sd import tiny_pipeline, write_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = tiny_pipeline(write_tokenizer(Path(tmp) / "tokenizer"), seed=0)
+    return BaseModel(pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.scheduler, pipe.vae)
+
+
+def amp_step(ctx: Context, precision: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from train.config import debug
+    from train.loop import Trainer
+    from train.model import zero_convolutions
+
+
+    cfg = dataclasses.replace(debug(), mixed_precision=precision, batch_size=2)
+    trainer = Trainer(cfg, 0, 1, ctx.device, base=tiny_base())
+    locked = module_digest(*trainer.base.frozen_modules)
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    # 4 steps: fp16's grad scaler starts high and may skip the first steps (overflow), as it is meant to
+    losses = [trainer.train_step([synthetic_batch(2, cfg.resolution, seed=s)], generator) for s in range(4)]
+    masters = {p.dtype for p in trainer.controlnet.parameters()}
+    zero_convs = [m.weight for m in zero_convolutions(trainer.controlnet)]
+    used = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "none (fp32)"
+    row = {"precision": precision, "autocast": used, "losses": [round(x, 5) for x in losses],
+           "grad_scale": trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None}
+    checks = [
+        check(f"{precision}: finite losses", all(np.isfinite(losses)), f"{row['losses']} (autocast {used})"),
+        check(f"{precision}: ControlNet master weights fp32", masters == {torch.float32},
+              str(sorted(map(str, masters)))),
+        check(f"{precision}: locked SD unchanged", module_digest(*trainer.base.frozen_modules) == locked),
+        check(f"{precision}: zero convolutions trained (non-zero)", all(w.abs().sum() > 0 for w in zero_convs)),
+    ]
+    if precision == "fp16" and ctx.device.type == "cuda":
+        checks.append(check("fp16: grad scaler on", trainer.scaler.is_enabled(), f"scale {row['grad_scale']}"))
+    return row, checks
+
+
+def amp(ctx: Context) -> dict[str, Any]:
+    rows, checks = [], []
+    for precision in ("bf16", "fp16"):
+        row, more = amp_step(ctx, precision)
+        rows.append(row)
+        checks += more
+    return {"rows": rows, "checks": checks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# toy: the reproduction's two phases and its fidelity evaluation on the device
+
+
+def toy_batch(count: int, offset: int = 0) -> tuple[dict[str, Any], list[str]]:
+    """`count` toy shapes with their Canny maps, annotated as `make repro`'s dataset job does."""
+    from annotate import build_annotator
+    from pipeline.toy_shapes import sample as toy_sample
+    from train.data import to_tensors
+
+    canny = build_annotator("canny", seed=0, low_range=(80, 120), high_gap=(60, 100))
+    pairs = [toy_sample(0, offset + i) for i in range(count)]
+    keys = [f"t{offset + i:06d}" for i in range(count)]
+    maps = canny([image for image, _ in pairs], keys)
+    tensors = [to_tensors(image, np.repeat(m.condition[:, :, None], 3, axis=2)) for (image, _), m in zip(pairs, maps,
+                                                                                                        strict=True)]
+    return {"pixel_values": torch.stack([t for t, _ in tensors]),
+            "conditioning_pixel_values": torch.stack([c for _, c in tensors]),
+            "caption": [caption for _, caption in pairs], "key": keys}, [c for _, c in pairs]
+
+
+def seconds_per_step(step: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def base_pretraining_seconds(ctx: Context, batch: dict[str, Any], captions: list[str]) -> list[float]:
+    """s/step of the toy base's pretraining (train.pretrain_base's step, at its default settings) on the device."""
+    from diffusers.training_utils import EMAModel
+
+    from train.model import ControlledUNet
+    from train.pretrain_base import PretrainConfig, base_train_step, build_base
+
+    cfg = PretrainConfig()
+    base = build_base(cfg, sorted({w for c in captions for w in c.split()}), ctx.tmp / "toy-base")
+    for module in (base.unet, base.text_encoder):
+        module.to(ctx.device)
+    params = [*base.unet.parameters(), *base.text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    model = ControlledUNet(base.unet, None)
+    return seconds_per_step(lambda: base_train_step(base, model, params, optimizer, ema, batch, generator,
+                                                    ctx.device), ctx.device, ctx.sizes.toy_steps,
+                            ctx.sizes.warmup_steps)
+
+
+def toy(ctx: Context) -> dict[str, Any]:
+    """The toy reproduction's two phases on the device (s/step, so the README can say how long `make repro` takes
+    there), and one fidelity evaluation of the toy preset (Canny re-run on the samples, edge F1)."""
+    from annotate import build_annotator
+    from train.config import toy as toy_preset
+    from train.loop import Trainer
+    from train.pretrain_base import PretrainConfig
+    from train.validate import FidelityTracker, ValidationSet
+
+    batch, captions = toy_batch(ctx.sizes.toy_batch)
+    rows, checks = [], []
+    times = base_pretraining_seconds(ctx, batch, captions)
+    rows.append({"phase": f"base pretraining (batch {ctx.sizes.toy_batch})", "s_per_step": statistics.median(times),
+                 "steps": len(times), "minutes_for_preset": statistics.median(times) * PretrainConfig().steps / 60})
+    # phase 2: the ControlNet on the committed toy base, and one fidelity evaluation
+    preset = dataclasses.replace(toy_preset(), validation_samples=ctx.sizes.toy_validation_samples)
+    trainer = Trainer(preset, 0, 1, ctx.device)
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    losses: list[float] = []
+    times = seconds_per_step(lambda: losses.append(trainer.train_step([batch], generator)), ctx.device,
+                             ctx.sizes.toy_steps, ctx.sizes.warmup_steps)
+    precision = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"
+    rows.append({"phase": f"ControlNet (batch {ctx.sizes.toy_batch}, {precision})",
+                 "s_per_step": statistics.median(times), "steps": len(times),
+                 "minutes_for_preset": statistics.median(times) * 500 / 60})
+    checks.append(check("toy ControlNet: finite losses", all(np.isfinite(losses)), f"last {losses[-1]:.4f}"))
+    held_out, _ = toy_batch(preset.validation_samples, offset=10_000)
+    vset = ValidationSet(held_out["conditioning_pixel_values"], held_out["pixel_values"], held_out["caption"],
+                         held_out["key"])
+    canny = build_annotator("canny", seed=0, low_range=(80, 120), high_gap=(60, 100))
+    tracker = FidelityTracker("canny", canny, tuple(preset.prompt_modes), tuple(preset.guidance_scales))
+    synchronize(ctx.device)
+    start = time.perf_counter()
+    metrics, _ = tracker.evaluate(trainer, vset, step=len(losses))
+    synchronize(ctx.device)
+    evaluation_s = time.perf_counter() - start
+    primary = metrics[tracker.primary]
+    rows.append({"phase": f"fidelity evaluation ({len(vset.keys)} samples x {len(preset.prompt_modes)} prompt modes x "
+                 f"{len(preset.guidance_scales)} scales, {preset.validation_steps} {preset.validation_sampler} steps)",
+                 "s_per_step": evaluation_s, "steps": 1, "minutes_for_preset": evaluation_s * 11 / 60})
+    checks.append(check("toy fidelity evaluation: scores in [0, 1]", all(0.0 <= v <= 1.0 for k, v in metrics.items()
+                                                                         if k.endswith("edge_f1")),
+                        f"{tracker.primary} {primary:.3f}"))
+    return {"rows": rows, "checks": checks,
+            "note": "minutes_for_preset: base 2,000 steps; ControlNet 500 steps (make repro); 11 evaluations"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sd15: training throughput at Stable Diffusion 1.5's size
+
+
+def sd15_base(device: torch.device, full_size: bool):
+    """SD 1.5's UNet, CLIP ViT-L text encoder and VAE from their configs, random weights (on the device), or the
+    debug tiny SD for --smoke."""
+    if not full_size:
+        base = tiny_base()
+        for module in base.frozen_modules:
+            module.to(device)
+        return base
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from train.model import BaseModel
+    from train.tiny_sd import sd_scheduler, write_tokenizer
+
+    tokenizer = write_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")  # 77 tokens, as SD's
+    torch.manual_seed(0)
+    with device:  # initialised where they run: seconds instead of a minute on the CPU
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id,
+                                                    pad_token_id=tokenizer.pad_token_id))
+    return BaseModel(tokenizer, text_encoder, unet, sd_scheduler(), vae)
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure_training(ctx: Context, name: str, make_step: Callable[[int], Callable[[], Any]], batch: int,
+                     checkpointing: bool) -> dict[str, Any]:
+    """One row: median s/step, samples/s, peak memory and MFU of `make_step(batch)` (OOM is recorded, not raised)."""
+    row: dict[str, Any] = {"model": name, "batch": batch, "grad_checkpointing": checkpointing}
+    try:
+        reset_peak(ctx.device)
+        step = make_step(batch)
+        times = seconds_per_step(step, ctx.device, ctx.sizes.sd_timed_steps, ctx.sizes.warmup_steps)
+        memory = peak_gb(ctx.device)
+        flops = count_flops(step)
+    except torch.cuda.OutOfMemoryError:
+        return {**row, "error": "out of memory"}
+    seconds = statistics.median(times)
+    rate = ctx.results.get("matmul_tflops")
+    achieved = flops / seconds / 1e12
+    return {**row, "s_per_step": seconds, "samples_per_s": batch / seconds, "peak_memory_gb": memory,
+            "tflop_per_step": flops / 1e12, "achieved_tflops": achieved, "mfu": achieved / rate if rate else None}
+
+
+def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int) -> Callable[[int], Callable[[], Any]]:
+
+    from train.config import sd15 as sd15_preset
+    from train.loop import Trainer
+
+    def make(batch: int) -> Callable[[], Any]:
+        cfg = dataclasses.replace(sd15_preset(), resolution=px, batch_size=batch, mixed_precision="bf16",
+                                  gradient_checkpointing=checkpointing)
+        if not checkpointing:  # an earlier configuration may have turned it on in the shared base
+            base.unet.disable_gradient_checkpointing()
+        with ctx.device:  # the ControlNet copy initialised on the device
+            trainer = Trainer(cfg, 0, 1, ctx.device, base=base)
+        data = synthetic_batch(batch, px)
+        generator = torch.Generator(ctx.device).manual_seed(0)
+        return lambda: trainer.train_step([data], generator)
+
+    return make
+
+
+def unet_steps(ctx: Context, base, checkpointing: bool, px: int) -> Callable[[int], Callable[[], Any]]:
+    """The plain fine-tuning step on the same model: the whole UNet trains (fp32 master weights, bf16 autocast),
+    text encoder and VAE frozen, the same loss, AdamW and clipping: the paper's baseline for the overhead."""
+    from train.model import ControlledUNet, diffusion_loss, encode_prompts
+
+    def make(batch: int) -> Callable[[], Any]:
+        amp = torch.bfloat16 if ctx.device.type == "cuda" else None
+        base.unet.to(dtype=torch.float32).requires_grad_(True).train()
+        for module in (base.text_encoder, base.vae):
+            module.to(dtype=amp or torch.float32).requires_grad_(False)
+        if checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        else:
+            base.unet.disable_gradient_checkpointing()
+        params = list(base.unet.parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        model = ControlledUNet(base.unet, None)
+        data = synthetic_batch(batch, px)
+        generator = torch.Generator(ctx.device).manual_seed(0)
+
+        def step() -> float:
+            pixels = data["pixel_values"].to(ctx.device)
+            text = encode_prompts(base, data["caption"], ctx.device)
+            with torch.autocast(ctx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = diffusion_loss(base, model, pixels, None, text, generator)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        return step
+
+    return make
+
+
+def sd15(ctx: Context) -> dict[str, Any]:
+    sizes = ctx.sizes
+    base = sd15_base(ctx.device, sizes.full_size)
+    plan = [("ControlNet", controlnet_steps, b, gc_on) for b in sizes.sd_batches for gc_on in (False, True)]
+    plan += [("UNet fine-tuning", unet_steps, b, False) for b in sizes.sd_batches]
+    per_config_s = 20 if sizes.full_size else 0
+    rows = []
+    for name, steps, batch, checkpointing in plan:
+        if ctx.budget.left() < per_config_s:
+            rows.append({"model": name, "batch": batch, "grad_checkpointing": checkpointing,
+                         "error": "skipped: out of time budget"})
+            continue
+        ctx.say(f"sd15: {name}, batch {batch}, gradient checkpointing {'on' if checkpointing else 'off'}")
+        rows.append(measure_training(ctx, name, steps(ctx, base, checkpointing, sizes.sd_px), batch, checkpointing))
+        gc.collect()
+    checks = [check(f"{r['model']} batch {r['batch']}{' +ckpt' if r['grad_checkpointing'] else ''}: ran",
+                    "error" not in r or "skipped" in r["error"], r.get("error", f"{r['samples_per_s']:.2f} samples/s"))
+              for r in rows]
+    overhead = overhead_ratios(rows)
+    return {"rows": rows, "checks": checks, "overhead": overhead, "resolution": sizes.sd_px,
+            "notes": [PEAK_BF16_TFLOPS_NOTE, NEMO_ANCHOR, PAPER_OVERHEAD]}
+
+
+def overhead_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ControlNet against plain UNet fine-tuning at the same batch (no checkpointing): time and memory ratios."""
+    done = {(r["model"], r["batch"]): r for r in rows if "s_per_step" in r and not r["grad_checkpointing"]}
+    ratios = []
+    for (model, batch), row in done.items():
+        plain = done.get(("UNet fine-tuning", batch))
+        if model == "ControlNet" and plain:
+            memory = (row["peak_memory_gb"] / plain["peak_memory_gb"]) if plain["peak_memory_gb"] else None
+            ratios.append({"batch": batch, "time": row["s_per_step"] / plain["s_per_step"], "memory": memory})
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------------------
+# annotators: images/s by batch size at full size
+
+
+def annotator_weights(task: str, folder: Path, full_size: bool) -> str:
+    if full_size:
+        from bench.annotators import write_weights
+
+        return write_weights(task, folder)
+    return write_tiny_annotator_weights(folder)
+
+
+def annotators(ctx: Context) -> dict[str, Any]:
+    from annotate import build_annotator, build_captioner
+    from bench.annotators import photo_crops
+
+    sizes = ctx.sizes
+    images = photo_crops(sizes.annotator_images, sizes.annotator_px)
+    rows, checks = [], []
+    for task in sizes.annotator_tasks:
+        if ctx.budget.left() < (20 if sizes.full_size else 0):
+            rows.append({"task": task, "error": "skipped: out of time budget"})
+            continue
+        folder = ctx.tmp / f"weights-{task}"
+        weights = annotator_weights(task, folder, sizes.full_size)
+        rates = {}
+        for batch in sizes.annotator_batches:
+            kwargs: dict[str, Any] = {"weights": weights, "device": str(ctx.device)}
+            if task in BATCH_KWARG:  # OpenPose runs every image of a call in one forward
+                kwargs[BATCH_KWARG[task]] = batch
+            model = build_captioner(task, **kwargs) if task == "blip" else build_annotator(task, **kwargs)
+            call = model if task == "blip" else (lambda xs, m=model: m(xs, [f"k{i}" for i in range(len(xs))]))
+            call(images[:batch])  # warm-up at this batch's shapes
+            reset_peak(ctx.device)
+            synchronize(ctx.device)
+            start = time.perf_counter()
+            for i in range(0, len(images), batch):
+                call(images[i:i + batch])
+            synchronize(ctx.device)
+            rates[batch] = len(images) / (time.perf_counter() - start)
+            rows.append({"task": task, "batch": batch, "images_per_s": rates[batch],
+                         "peak_memory_gb": peak_gb(ctx.device)})
+            del model, call
+            gc.collect()
+        best = max(rates.values())
+        saturating = min(b for b, r in rates.items() if r >= 0.9 * best)  # the smallest batch within 10% of the best
+        ratio = rates[max(rates)] / rates[1] if 1 in rates else None
+        rows.append({"task": task, "batch": "summary", "batched_over_single": ratio, "saturating_batch": saturating})
+        if task in ("hed", "midas", "blip") and sizes.full_size:
+            checks.append(check(f"{task}: batching >= 2x one at a time", ratio is not None and ratio >= 2.0,
+                                f"{ratio:.2f}x at batch {max(rates)}; saturates at {saturating}"))
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"rows": rows, "checks": checks, "resolution": sizes.annotator_px}
+
+
+SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "environment": environment, "parity": parity, "amp": amp, "toy": toy, "sd15": sd15, "annotators": annotators,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    sections = report["sections"]
+    env = sections.get("environment", {}).get("info", {})
+    out = [f"# make gpu-check ({'smoke, CPU' if report['smoke'] else env.get('gpu', report['device'])})", "",
+           f"torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, diffusers {env.get('diffusers', '?')}, "
+           f"matrix rate {env.get('matmul_tflops', '?')} TFLOP/s ({env.get('matmul_dtype', '?')}); "
+           f"{report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget", "",
+           markdown_table([{"section": name, "status": s["status"], "seconds": s.get("seconds"),
+                            "note": s.get("reason") or s.get("error") or ""} for name, s in sections.items()],
+                          ["section", "status", "seconds", "note"])]
+    sd = sections.get("sd15", {})
+    if sd.get("rows"):
+        out += ["", f"## Training at SD 1.5 size ({sd['resolution']} px, bf16 autocast)", "",
+                markdown_table(sd["rows"], ["model", "batch", "grad_checkpointing", "samples_per_s", "s_per_step",
+                                            "peak_memory_gb", "tflop_per_step", "achieved_tflops", "mfu", "error"])]
+        if sd.get("overhead"):
+            out += ["", "ControlNet over UNet fine-tuning: " + "; ".join(
+                f"batch {r['batch']}: time x{r['time']:.2f}, memory x{_cell(r['memory'])}" for r in sd["overhead"])]
+        out += [f"- {note}" for note in sd.get("notes", [])]
+    for name, columns in (("annotators", ["task", "batch", "images_per_s", "peak_memory_gb", "batched_over_single",
+                                          "saturating_batch", "error"]),
+                          ("toy", ["phase", "s_per_step", "steps", "minutes_for_preset"]),
+                          ("amp", ["precision", "autocast", "losses", "grad_scale"])):
+        if sections.get(name, {}).get("rows"):
+            out += ["", f"## {name}", "", markdown_table(sections[name]["rows"], columns)]
+    checks = [{"section": name, **c} for name, s in sections.items() for c in s.get("checks", [])]
+    out += ["", "## Checks", "", markdown_table(checks, ["section", "check", "passed", "detail"])]
+    return "\n".join(out) + "\n"
+
+
+def write_report(args: argparse.Namespace, ctx: Context, sections: dict[str, dict[str, Any]]) -> str:
+    report = {"smoke": args.smoke, "device": str(ctx.device), "budget_s": args.budget_s,
+              "seconds": time.perf_counter() - ctx.budget.started, "sections": sections}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    text = to_markdown(report)
+    (args.out / "gpu_check.md").write_text(text)
+    return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every section at toy sizes on the CPU")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="seconds for the whole check; a section that would not fit is skipped (default 330)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_check"), help="folder for the results")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {','.join(SECTIONS)}")
+    parser.add_argument("--device", default="cuda", help="the GPU to check (default cuda; --smoke uses the CPU)")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here (torch.cuda.is_available() is False); --smoke runs the sections on the CPU")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; never reach for the hub
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    device = torch.device("cpu" if args.smoke else args.device)
+    ctx = Context(device, Sizes.of(args.smoke), Budget(args.budget_s), Path(tempfile.mkdtemp(prefix="gpu-check-")),
+                  args.smoke)
+    ordered = [name for name in SECTIONS if name in args.sections]
+    if "environment" not in ordered:  # MFU needs the matrix rate
+        ordered.insert(0, "environment")
+    sections: dict[str, dict[str, Any]] = {}
+    for name in ordered:
+        sections[name] = run_section(name, SECTIONS[name], ctx)
+        text = write_report(args, ctx, sections)  # after every section: a run cut short keeps what it measured
+    print("\n" + text)
+    print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}")
+
+    shutil.rmtree(ctx.tmp, ignore_errors=True)
+    return 0 if all(s["status"] in ("ok", "skipped") for s in sections.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

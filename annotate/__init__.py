@@ -28,6 +28,8 @@ ANNOTATORS: dict[str, Callable[..., Annotator]] = {
     "openpose": _lazy("annotate.openpose:OpenPoseAnnotator"),
 }
 
+NEURAL_TASKS = ("hed", "scribble", "midas", "openpose")  # networks run at a detect resolution (annotate.resize)
+
 # caption source name -> factory taking keyword arguments: weights, device, generation params.
 CAPTIONERS: dict[str, Callable[..., Captioner]] = {
     "blip": _lazy("annotate.blip:BlipCaptioner"),
@@ -51,6 +53,8 @@ def annotator_params(task: str, job_config: Mapping[str, Any]) -> dict[str, Any]
         params |= {name: tuple(job_config[key]) for key, name in named.items() if job_config.get(key) is not None}
     elif task == "openpose" and job_config.get("min_keypoint_fraction") is not None:
         params["min_keypoint_fraction"] = job_config["min_keypoint_fraction"]
+    if task in NEURAL_TASKS and job_config.get("detect_resolution") is not None:
+        params["detect_resolution"] = job_config["detect_resolution"]
     return params
 
 
@@ -63,6 +67,7 @@ def build_captioner(name: str, **kwargs: Any) -> Captioner:
 __all__ = [
     "ANNOTATORS",
     "CAPTIONERS",
+    "NEURAL_TASKS",
     "Annotation",
     "Annotator",
     "Captioner",

@@ -12,6 +12,7 @@ from torch import nn
 
 from annotate.base import Annotation
 from annotate.device import inference, pick_device
+from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
 from annotate.weights import resolve_weight, sha256_file
 
 WEIGHT_FILE = "ControlNetHED.pth"
@@ -119,8 +120,10 @@ class HEDAnnotator:
         safe: bool = False,
         fp16: bool = True,
         max_batch: int = 16,
+        detect_resolution: int = DETECT_RESOLUTION,
     ):
         self.seed = seed  # unused: HED draws nothing; accepted so every task builds alike
+        self.detect_resolution = detect_resolution  # the shorter side the network sees (controlnet_aux's 512)
         self.device = pick_device(device)
         self.safe = safe
         self.fp16 = fp16 and self.device.type == "cuda"  # autocast only on GPU; CPU stays fp32
@@ -139,20 +142,24 @@ class HEDAnnotator:
             return fuse_logits(projections, size=x.shape[-2:]).float().cpu()
 
     def edge_maps(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """RGB uint8 (H, W, 3) images of any sizes -> (H, W) uint8 HED maps, in order."""
+        """RGB uint8 (H, W, 3) images of any sizes -> (H, W) uint8 HED maps, in order: made at the detection size
+        (annotate.resize), then resized to the image's, as ControlNet 1.1's annotator does."""
         for image in images:
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"HED takes RGB uint8 (H, W, 3) images, got {image.dtype} {image.shape}")
+        detected = [to_detection(np.ascontiguousarray(image), self.detect_resolution) for image in images]
         maps: dict[int, np.ndarray] = {}
-        for indices in same_size_batches(images, self.max_batch):
-            logits = self.logits([images[i] for i in indices]).numpy()
-            maps.update((i, logit_to_map(logit, self.safe)) for i, logit in zip(indices, logits, strict=True))
+        for indices in same_size_batches(detected, self.max_batch):
+            logits = self.logits([detected[i] for i in indices]).numpy()
+            maps.update((i, to_output(logit_to_map(logit, self.safe), images[i].shape[:2]))
+                        for i, logit in zip(indices, logits, strict=True))
         return [maps[i] for i in range(len(images))]
 
     def __call__(self, images: list[np.ndarray], keys: list[str]) -> list[Annotation]:
         if len(images) != len(keys):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
-        return [Annotation(edge) for edge in self.edge_maps(images)]
+        params = {"detect_resolution": self.detect_resolution}
+        return [Annotation(edge, params=dict(params)) for edge in self.edge_maps(images)]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -162,6 +169,7 @@ class HEDAnnotator:
             "precision": "fp16-autocast" if self.fp16 else "fp32",
             "device": self.device.type,
             "max_batch": self.max_batch,
+            "detect_resolution": self.detect_resolution,
             "weights": {WEIGHT_FILE: self.weight_sha256},
             "torch": torch.__version__,
         }

@@ -16,6 +16,7 @@ from transformers import DPTConfig, DPTForDepthEstimation
 
 from annotate.base import Annotation
 from annotate.device import inference, pick_device, precision
+from annotate.resize import DETECT_RESOLUTION, detection_size, to_detection, to_output
 from annotate.weights import MissingWeightsError, resolve_folder, resolve_weight, sha256_file, sha256_folder
 
 HF_FOLDER = "dpt-hybrid-midas"  # the transformers conversion, published as Intel/dpt-hybrid-midas
@@ -248,39 +249,40 @@ def _hub_cached_file(repo_id: str, filename: str) -> Path | None:
 # pre- and post-processing (pure numpy / OpenCV)
 
 
-def detection_side(detect_resolution: int) -> int:
-    """The square side the network sees: the resolution rounded to a multiple of 64, as ControlNet rounds."""
-    return max(64, int(round(detect_resolution / 64.0)) * 64)
+def detection_input(image: np.ndarray, detect_resolution: int) -> np.ndarray:
+    """The image at its detection size (annotate.resize), as ControlNet 1.1 sizes it; a non-square one is squeezed
+    to a square of the shorter side's size, since transformers' DPT-Hybrid reshapes its tokens to a square grid
+    (the dataset job's images are square)."""
+    h, w = detection_size(image.shape[0], image.shape[1], detect_resolution)
+    if h == w:
+        return to_detection(image, detect_resolution)
+    side = min(h, w)
+    enlarging = float(detect_resolution) / min(image.shape[:2]) > 1
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_LANCZOS4 if enlarging else cv2.INTER_AREA)
 
 
-def preprocess(images: list[np.ndarray], side: int) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) images -> (B, 3, side, side) float32 in [-1, 1] (mean 0.5, std 0.5).
+def preprocess(images: list[np.ndarray], detect_resolution: int) -> torch.Tensor:
+    """Same-size RGB uint8 (H, W, 3) images -> (B, 3, h, w) float32 in [-1, 1] (mean 0.5, std 0.5), at the
+    detection size (the shorter side at `detect_resolution`, sides multiples of 64).
 
-    Upscaling uses Lanczos, downscaling area averaging, as ControlNet's resize_image does. The hybrid DPT
-    reshapes its tokens to a square grid, so the input is square; the map is resized back afterwards.
+    Contiguous: a permuted (channels-last) batch stays channels-last through the padded convolutions, where
+    PyTorch's CPU GroupNorm is about 1000x less exact (8e-3 relative error at the output).
     """
-    batch = []
-    for image in images:
-        upscale = side > min(image.shape[:2])
-        interpolation = cv2.INTER_LANCZOS4 if upscale else cv2.INTER_AREA
-        batch.append(cv2.resize(np.ascontiguousarray(image), (side, side), interpolation=interpolation))
-    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()  # (B, 3, side, side)
-    return x / 127.5 - 1.0
+    batch = np.stack([detection_input(np.ascontiguousarray(image), detect_resolution) for image in images])
+    x = torch.from_numpy(batch).float() / 127.5 - 1.0  # (B, h, w, 3)
+    return x.permute(0, 3, 1, 2).contiguous()
 
 
 def depth_to_map(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) float depth -> (H, W) uint8, resized to `size` = (H, W) then min-max normalised to 0..255.
-
-    Normalising after the resize keeps the exact 0 and 255 at the output size. A constant depth (no
-    information) becomes all zeros rather than a division by zero.
-    """
-    height, width = size
-    depth = cv2.resize(depth.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    depth = depth - depth.min()
-    top = float(depth.max())
+    """(h, w) float32 depth at the network's size -> (H, W) uint8, as the ControlNet 1.1 annotator makes it:
+    min-max normalised to 0..255 and truncated there, then resized bilinearly (annotate.resize.to_output).
+    A constant depth (no information) becomes all zeros rather than a division by zero."""
+    depth = depth.astype(np.float32) - depth.min()
+    top = depth.max()
     if not np.isfinite(top) or top <= 1e-12:
-        return np.zeros((height, width), np.uint8)
-    return (depth / top * 255.0).clip(0, 255).astype(np.uint8)  # truncation, as the reference does
+        return np.zeros(size, np.uint8)
+    normalised = ((depth / top) * np.float32(255.0)).clip(0, 255).astype(np.uint8)  # float32, as the reference
+    return to_output(normalised, size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ class MidasAnnotator:
     seed: int = 0  # unused: the model is deterministic; accepted so every task builds alike
     weights: str | None = None  # folder/URL holding dpt-hybrid-midas/ or dpt_hybrid-midas-501f0c75.pt
     device: str | None = None
-    detect_resolution: int = 384  # the reference detection resolution
+    detect_resolution: int = DETECT_RESOLUTION  # the shorter side the network sees (controlnet_aux's 512)
     batch_size: int = 16  # images per forward pass
     autocast: bool = True  # fp16 autocast on CUDA (ignored on CPU)
     name: str = "midas"
@@ -309,32 +311,34 @@ class MidasAnnotator:
         self._device = pick_device(self.device)
         self._format, self._path = find_midas_weights(self.weights)
         model = model_from_folder(self._path) if self._format == "hf" else model_from_original(self._path)
-        if model.config.is_hybrid:
-            # the hybrid embeddings reject sizes other than config.image_size, but interpolate their
-            # position embeddings to any grid, as the original MiDaS does
-            model.dpt.embeddings.image_size = (self.side, self.side)
         self._model = model.eval().to(self._device)
 
-    @property
-    def side(self) -> int:
-        return detection_side(self.detect_resolution)
-
     def predict_depth(self, images: list[np.ndarray]) -> np.ndarray:
-        """RGB uint8 images -> (B, side, side) float32 relative inverse depth."""
-        x = preprocess(images, self.side).to(self._device)
+        """Same-size RGB uint8 images -> (B, h, w) float32 relative inverse depth at the detection size."""
+        x = preprocess(images, self.detect_resolution).to(self._device)
+        if self._model.config.is_hybrid:
+            # the hybrid embeddings reject sizes other than config.image_size, but interpolate their position
+            # embeddings to any grid, as the original MiDaS does
+            self._model.dpt.embeddings.image_size = tuple(x.shape[-2:])
         with inference(self._device, self.autocast):
-            depth = self._model(pixel_values=x).predicted_depth  # (B, side, side)
+            depth = self._model(pixel_values=x).predicted_depth  # (B, h, w)
         return depth.float().cpu().numpy()
 
     def __call__(self, images: list[np.ndarray], keys: list[str]) -> list[Annotation]:
         if len(images) != len(keys):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            for image, depth in zip(chunk, self.predict_depth(chunk), strict=True):
-                out.append(Annotation(depth_to_map(depth, image.shape[:2])))
-        return out
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(image.shape, []).append(i)
+        out: dict[int, Annotation] = {}
+        params = {"detect_resolution": self.detect_resolution}
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                depths = self.predict_depth([images[i] for i in chunk])
+                out.update((i, Annotation(depth_to_map(depth, images[i].shape[:2]), params=dict(params)))
+                           for i, depth in zip(chunk, depths, strict=True))
+        return [out[i] for i in range(len(images))]
 
     @property
     def sha256(self) -> str:
@@ -350,7 +354,7 @@ class MidasAnnotator:
             "weights_format": self._format,  # "hf" folder or "original" MiDaS checkpoint
             "weights_file": self._path.name,
             "sha256": self.sha256,
-            "detect_resolution": self.side,
+            "detect_resolution": self.detect_resolution,
             "precision": precision(self._device, self.autocast),
             "normalisation": "per-image min-max to 0..255",
             "transformers": transformers.__version__,

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from annotate.base import Annotation
-from annotate.device import inference, pick_device
+from annotate.device import inference, pick_device, precision
+from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
 from annotate.weights import resolve_weight, sha256_file
 
 WEIGHT_FILE = "body_pose_model.pth"
@@ -136,10 +137,28 @@ def load_body_pose_net(path: str | Path) -> BodyPoseNet:
 # --------------------------------------------------------------------------------------- pre/post-process
 
 
+def smart_resize(x: np.ndarray, height: float, width: float) -> np.ndarray:
+    """ControlNet 1.1's resize of images and network maps (controlnet_aux's open_pose.util.smart_resize): area
+    averaging when the sides shrink in sum, Lanczos otherwise; maps of more than 3 channels one channel at a
+    time, as the reference does. Sizes are truncated to whole pixels."""
+    ho, wo = x.shape[:2]
+    channels = 1 if x.ndim == 2 else x.shape[2]
+    if channels in (1, 3):
+        k = float(height + width) / float(ho + wo)
+        interpolation = cv2.INTER_AREA if k < 1 else cv2.INTER_LANCZOS4
+        return cv2.resize(x, (int(width), int(height)), interpolation=interpolation)
+    return np.stack([smart_resize(x[:, :, i], height, width) for i in range(channels)], axis=2)
+
+
+def smart_resize_by(x: np.ndarray, factor: float) -> np.ndarray:
+    """smart_resize to `factor` times the size (the reference's smart_resize_k with fx = fy)."""
+    return smart_resize(x, x.shape[0] * factor, x.shape[1] * factor)
+
+
 def network_input(image_bgr: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W, 3) uint8 BGR -> (3, h, w) float32 in [-0.5, 0.5), zero-padded right/down to a multiple of 8,
-    and the (h, w) before padding. Zero is the reference's pad value 128 after normalising."""
-    resized = cv2.resize(image_bgr, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    """(H, W, 3) uint8 BGR -> (3, h, w) float32 in [-0.5, 0.5), padded right/down to a multiple of 8, and the
+    (h, w) before padding. The reference pads with 128, which is 0 after normalising."""
+    resized = smart_resize_by(image_bgr, scale)
     h, w = resized.shape[:2]
     padded = np.zeros((3, -(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE), np.float32)
     padded[:, :h, :w] = resized.transpose(2, 0, 1).astype(np.float32) / 256 - 0.5
@@ -147,22 +166,22 @@ def network_input(image_bgr: np.ndarray, scale: float) -> tuple[np.ndarray, tupl
 
 
 def to_image_size(maps: np.ndarray, unpadded: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """(C, h/8, w/8) network maps -> (H, W, C): upsample by the stride, drop the padding, resize to the image."""
-    up = cv2.resize(maps.transpose(1, 2, 0), (0, 0), fx=STRIDE, fy=STRIDE, interpolation=cv2.INTER_CUBIC)
-    up = up[: unpadded[0], : unpadded[1]]
-    return cv2.resize(up, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+    """(C, h/8, w/8) network maps -> (H, W, C): upsampled by the stride, the padding dropped, resized to the
+    image (channel by channel, as the reference)."""
+    up = smart_resize_by(np.ascontiguousarray(maps.transpose(1, 2, 0)), STRIDE)
+    return smart_resize(up[: unpadded[0], : unpadded[1]], size[0], size[1])
 
 
 def decode_peaks(heatmaps: np.ndarray, thre1: float = 0.1, sigma: float = 3.0) -> list[np.ndarray]:
     """(H, W, >=18) heatmaps -> per part, an (n, 4) array of peaks: x, y, score, id (ids run over all parts).
 
-    A peak is a local maximum (>= its 4 neighbours) of the Gaussian-smoothed heatmap above thre1; its score
-    is the unsmoothed value there. The kernel (25 px for sigma 3, reflected borders) is scipy's
-    gaussian_filter default that the reference uses.
+    A peak is a local maximum (>= its 4 neighbours) of the Gaussian-smoothed heatmap above thre1 (scipy's
+    gaussian_filter, as the reference); its score is the unsmoothed value there.
     """
-    radius = int(4 * sigma + 0.5)
-    raw = np.ascontiguousarray(heatmaps[:, :, :NUM_KEYPOINTS], dtype=np.float64)
-    smooth = cv2.GaussianBlur(raw, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REFLECT)
+    from scipy.ndimage import gaussian_filter
+
+    raw = np.asarray(heatmaps[:, :, :NUM_KEYPOINTS], dtype=np.float64)
+    smooth = np.stack([gaussian_filter(raw[:, :, part], sigma=sigma) for part in range(NUM_KEYPOINTS)], axis=2)
     padded = np.pad(smooth, ((1, 1), (1, 1), (0, 0)))  # zeros outside, as the reference's shifted maps
     is_peak = (
         (smooth >= padded[:-2, 1:-1]) & (smooth >= padded[2:, 1:-1])
@@ -199,10 +218,13 @@ def score_limbs(
         norm = np.maximum(np.sqrt((vec**2).sum(-1)), 0.001)  # (nA, nB)
         unit = vec / norm[..., None]
         start, end = np.broadcast_arrays(a, b)
-        points = np.rint(np.linspace(start, end, mid_num)).astype(int)  # (mid_num, nA, nB, 2)
+        points = np.rint(segment_points(start, end, mid_num)).astype(int)  # (mid_num, nA, nB, 2)
         field_xy = pafs[points[..., 1], points[..., 0]][..., list(channels)]  # (mid_num, nA, nB, 2)
         along = (field_xy * unit).sum(-1)  # (mid_num, nA, nB)
-        score = along.mean(0) + np.minimum(0.5 * height / norm - 1, 0)
+        total = np.zeros(along.shape[1:])
+        for sample in along:  # summed left to right, as the reference's sum(): the last bits decide ties
+            total = total + sample
+        score = total / mid_num + np.minimum(0.5 * height / norm - 1, 0)
         ok = ((along > thre2).sum(0) > 0.8 * mid_num) & (score > 0)
         ia, ib = np.nonzero(ok)
         order = np.argsort(-score[ia, ib], kind="stable")  # ties keep the reference's (i, j) loop order
@@ -219,6 +241,15 @@ def score_limbs(
                 break
         out.append(np.array(chosen, np.float64).reshape(-1, 5))
     return out
+
+
+def segment_points(start: np.ndarray, end: np.ndarray, num: int) -> np.ndarray:
+    """np.linspace(start, end, num) computed as it is for one pair of scalars: with arrays, linspace switches
+    every element to another rounding as soon as one segment has zero length."""
+    step = (end - start) / (num - 1)
+    points = np.arange(num, dtype=np.float64).reshape(-1, *([1] * start.ndim)) * step + start
+    points[-1] = end
+    return points
 
 
 def assemble_people(
@@ -275,38 +306,44 @@ def people_keypoints(candidates: np.ndarray, people: np.ndarray) -> list[np.ndar
     return out
 
 
+def decode_people(heatmaps: np.ndarray, pafs: np.ndarray, thre1: float = 0.1,
+                  thre2: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 19) heatmaps and (H, W, 38) PAFs -> candidates (N, 4: x, y, score, id; row i has id i) and people
+    (n, 20: 18 candidate ids, score, part count), as the reference's Body returns them."""
+    peaks = decode_peaks(heatmaps, thre1)
+    candidates = np.concatenate(peaks, axis=0)
+    return candidates, assemble_people(candidates, score_limbs(peaks, pafs, thre2))
+
+
 def decode_pose(heatmaps: np.ndarray, pafs: np.ndarray, thre1: float = 0.1, thre2: float = 0.05) -> list[np.ndarray]:
     """(H, W, 19) heatmaps and (H, W, 38) PAFs at image size -> per person, (18, 2) pixel x, y (NaN: missing)."""
-    peaks = decode_peaks(heatmaps, thre1)
-    candidates = np.concatenate(peaks, axis=0)  # (N, 4): x, y, score, id; row i has id i
-    people = assemble_people(candidates, score_limbs(peaks, pafs, thre2))
-    return people_keypoints(candidates, people)
+    return people_keypoints(*decode_people(heatmaps, pafs, thre1, thre2))
 
 
 # ------------------------------------------------------------------------------------- drawing and rule
 
 
 def draw_skeleton(people: list[np.ndarray], height: int, width: int, stickwidth: int = 4) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: the reference draw_bodypose on black. Keypoints are filled circles of radius 4;
-    each limb is an ellipse blended 60% over what is drawn, so keypoints under a limb are a mix of both."""
+    """(H, W, 3) uint8 RGB on black, as ControlNet 1.1's draw_bodypose: person after person, its limbs as
+    ellipses at 60% of their colour, then its keypoints as filled circles of radius 4. Coordinates go through
+    the reference's normalisation (x / W, then x * W) so that they truncate to the same pixels."""
     canvas = np.zeros((height, width, 3), np.uint8)
-    for part in range(NUM_KEYPOINTS):
-        for xy in people:
-            if not np.isnan(xy[part, 0]):
-                cv2.circle(canvas, (int(xy[part, 0]), int(xy[part, 1])), 4, COLORS[part], thickness=-1)
-    for limb in range(NUM_DRAWN_LIMBS):
-        for xy in people:
-            ends = xy[list(LIMBS[limb])]  # (2, 2) x, y
+    for xy in people:
+        normalised = xy / np.array([float(width), float(height)])
+        for limb in range(NUM_DRAWN_LIMBS):
+            ends = normalised[list(LIMBS[limb])]  # (2, 2) x, y
             if np.isnan(ends).any():
                 continue
-            (x0, y0), (x1, y1) = ends
-            centre = (int((x0 + x1) / 2), int((y0 + y1) / 2))
-            length = math.hypot(x0 - x1, y0 - y1)
-            angle = math.degrees(math.atan2(y0 - y1, x0 - x1))
+            xs, ys = ends[:, 0] * float(width), ends[:, 1] * float(height)
+            length = ((ys[0] - ys[1]) ** 2 + (xs[0] - xs[1]) ** 2) ** 0.5
+            angle = math.degrees(math.atan2(ys[0] - ys[1], xs[0] - xs[1]))
+            centre = (int(np.mean(xs)), int(np.mean(ys)))
             polygon = cv2.ellipse2Poly(centre, (int(length / 2), stickwidth), int(angle), 0, 360, 1)
-            overlay = canvas.copy()
-            cv2.fillConvexPoly(overlay, polygon, COLORS[limb])
-            canvas = cv2.addWeighted(canvas, 0.4, overlay, 0.6, 0)
+            cv2.fillConvexPoly(canvas, polygon, [int(float(c) * 0.6) for c in COLORS[limb]])
+        for part in range(NUM_KEYPOINTS):
+            x, y = normalised[part]
+            if not np.isnan(x):
+                cv2.circle(canvas, (int(x * width), int(y * height)), 4, COLORS[part], thickness=-1)
     return canvas
 
 
@@ -350,6 +387,18 @@ def pose_annotation(people: list[np.ndarray], height: int, width: int, min_fract
 # ------------------------------------------------------------------------------------------- annotator
 
 
+@dataclass
+class PoseStages:
+    """One image through the annotator, stage by stage (OpenPoseAnnotator.stages)."""
+
+    network_input: np.ndarray  # (1, 3, h, w) float32 BGR in [-0.5, 0.5), padded to a multiple of 8
+    pafs: np.ndarray  # (38, h/8, w/8) raw network output at the first scale
+    heatmaps: np.ndarray  # (19, h/8, w/8)
+    candidates: np.ndarray  # (N, 4) x, y, score, id of every peak, at the detection size
+    people: np.ndarray  # (n, 20) per person: 18 candidate ids (-1: missing), total score, part count
+    condition: np.ndarray  # (H, W, 3) uint8 RGB: the skeletons at the image's size
+
+
 @dataclass(eq=False)
 class OpenPoseAnnotator:
     """OpenPose body skeletons; samples where no person has min_keypoint_fraction of 18 keypoints are filtered.
@@ -362,6 +411,8 @@ class OpenPoseAnnotator:
     weights: str | None = None  # folder or URL holding body_pose_model.pth; None: the Hugging Face hub cache
     device: str | None = None  # None or "auto": cuda when available
     min_keypoint_fraction: float = 0.3
+    detect_resolution: int = DETECT_RESOLUTION  # the shorter side the network's image has (controlnet_aux's 512)
+    fp16: bool = True  # fp16 autocast on CUDA (ignored on CPU)
     boxsize: int = 368
     scales: tuple[float, ...] = (0.5,)
     thre1: float = 0.1  # heatmap peak threshold
@@ -382,27 +433,52 @@ class OpenPoseAnnotator:
     def __call__(self, images: list[np.ndarray], keys: list[str]) -> list[Annotation]:
         if len(images) != len(keys):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        detected = [to_detection(np.ascontiguousarray(image), self.detect_resolution) for image in images]
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, image in enumerate(images):
+        for i, image in enumerate(detected):
             by_size[image.shape[:2]].append(i)
         out: dict[int, Annotation] = {}
         for size, indices in by_size.items():
-            outputs = [self._forward([images[i] for i in indices], scale) for scale in self.scales]
+            outputs = [self._forward([detected[i] for i in indices], scale) for scale in self.scales]
             for n, i in enumerate(indices):
-                # maps at image size are big (H * W * 57 floats): build them one image at a time
-                heatmaps = sum(to_image_size(heat[n], unpadded, size) for _, heat, unpadded in outputs)
-                pafs = sum(to_image_size(paf[n], unpadded, size) for paf, _, unpadded in outputs)
-                people = decode_pose(heatmaps / len(outputs), pafs / len(outputs), self.thre1, self.thre2)
-                out[i] = pose_annotation(people, size[0], size[1], self.min_keypoint_fraction)
+                keypoints = self._decode(outputs, n, size)[2]
+                annotation = pose_annotation(keypoints, size[0], size[1], self.min_keypoint_fraction)
+                annotation.condition = to_output(annotation.condition, images[i].shape[:2])
+                annotation.params["detect_resolution"] = self.detect_resolution
+                out[i] = annotation
         return [out[i] for i in range(len(images))]
+
+    def stages(self, image: np.ndarray) -> PoseStages:
+        """Every stage for one image (the parity tests compare each with the reference's): the network's input and
+        raw outputs at the first scale, the peaks and people decoded, and the final map."""
+        detected = to_detection(np.ascontiguousarray(image), self.detect_resolution)
+        size = detected.shape[:2]
+        outputs = [self._forward([detected], scale) for scale in self.scales]
+        candidates, people, keypoints = self._decode(outputs, 0, size)
+        condition = draw_skeleton(keypoints, size[0], size[1])
+        inputs = network_input(np.ascontiguousarray(detected[:, :, ::-1]), self._factor(detected, self.scales[0]))
+        return PoseStages(inputs[0][None], outputs[0][0][0], outputs[0][1][0], candidates, people,
+                          to_output(condition, image.shape[:2]))
+
+    def _decode(self, outputs, n: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Image n of a batch: the maps averaged over scales at the detection size -> candidates (N, 4), people
+        (n, 20), and each person's (18, 2) keypoints."""
+        # maps at image size are big (H * W * 57 floats): built one image at a time
+        heatmaps = sum(to_image_size(heat[n], unpadded, size) for _, heat, unpadded in outputs) / len(outputs)
+        pafs = sum(to_image_size(paf[n], unpadded, size) for paf, _, unpadded in outputs) / len(outputs)
+        candidates, people = decode_people(heatmaps, pafs, self.thre1, self.thre2)
+        return candidates, people, people_keypoints(candidates, people)
+
+    def _factor(self, image: np.ndarray, scale: float) -> float:
+        return scale * self.boxsize / image.shape[0]
 
     def _forward(self, images: list[np.ndarray], scale: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """Same-size RGB images -> PAFs (B, 38, h/8, w/8), heatmaps (B, 19, h/8, w/8), unpadded (h, w)."""
-        factor = scale * self.boxsize / images[0].shape[0]
+        factor = self._factor(images[0], scale)
         # the network was trained on BGR (Caffe) input
         inputs = [network_input(np.ascontiguousarray(image[:, :, ::-1]), factor) for image in images]
         batch = torch.from_numpy(np.stack([x for x, _ in inputs])).to(self._device)
-        with inference(self._device):
+        with inference(self._device, self.fp16):
             pafs, heatmaps = self._net(batch)
         return pafs.float().cpu().numpy(), heatmaps.float().cpu().numpy(), inputs[0][1]
 
@@ -412,6 +488,8 @@ class OpenPoseAnnotator:
         return {
             "name": self.name,
             "min_keypoint_fraction": self.min_keypoint_fraction,
+            "detect_resolution": self.detect_resolution,
+            "precision": precision(self._device, self.fp16),
             "boxsize": self.boxsize,
             "scales": list(self.scales),
             "thre1": self.thre1,

@@ -9,6 +9,7 @@ import numpy as np
 from annotate.base import Annotation
 from annotate.canny import sample_rng
 from annotate.hed import HEDAnnotator
+from annotate.resize import DETECT_RESOLUTION
 
 MORPH_OPS = ("none", "dilate", "erode")
 
@@ -111,6 +112,7 @@ class ScribbleAnnotator:
         stroke_sigma: float = 3.0,
         fp16: bool = True,
         max_batch: int = 16,
+        detect_resolution: int = DETECT_RESOLUTION,
     ):
         self.seed = seed
         self.threshold_range = tuple(threshold_range)
@@ -118,7 +120,8 @@ class ScribbleAnnotator:
         self.morph_kernels = tuple(morph_kernels)
         self.nms_sigma = nms_sigma
         self.stroke_sigma = stroke_sigma
-        self.hed = HEDAnnotator(seed=seed, weights=weights, device=device, fp16=fp16, max_batch=max_batch)
+        self.hed = HEDAnnotator(seed=seed, weights=weights, device=device, fp16=fp16, max_batch=max_batch,
+                                detect_resolution=detect_resolution)
 
     def __call__(self, images: list[np.ndarray], keys: list[str]) -> list[Annotation]:
         if len(images) != len(keys):
@@ -128,7 +131,7 @@ class ScribbleAnnotator:
             rng = sample_rng(self.seed, key)
             params = draw_params(rng, self.threshold_range, self.max_drop, self.morph_kernels)
             strokes, counts = scribble_map(edge, params, rng, self.nms_sigma, self.stroke_sigma)
-            out.append(Annotation(strokes, params=params | counts))
+            out.append(Annotation(strokes, params=params | counts | {"detect_resolution": self.hed.detect_resolution}))
         return out
 
     def describe(self) -> dict[str, Any]:

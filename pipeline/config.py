@@ -10,7 +10,8 @@ SAMPLE_INPUT = "data/sample/shards"
 TASKS = ("canny", "hed", "scribble", "midas", "openpose")  # annotate.ANNOTATORS, without importing it here
 CAPTION_SOURCES = ("source", "blip", "auto", "none")
 # the settings that shape a dataset's bytes: a resume with other values would mix two datasets in one
-OUTPUT_SETTINGS = ("task", "resolution", "caption", "seed", "canny_low", "canny_high_gap", "min_keypoint_fraction",
+OUTPUT_SETTINGS = ("task", "resolution", "detect_resolution", "caption", "seed", "canny_low", "canny_high_gap",
+                   "min_keypoint_fraction",
                    "caption_beams", "min_size", "max_aspect", "max_pixels", "max_member_mb", "jpeg_quality",
                    "files_per_shard")
 
@@ -25,6 +26,11 @@ class BuildConfig:
     )
     output: str = field(default="", metadata={"help": "output dataset folder or URL (default: data/<task>)"})
     resolution: int = field(default=512, metadata={"help": "output side in pixels (shorter side resized, centre crop)"})
+    detect_resolution: int = field(
+        default=512,
+        metadata={"help": "hed, scribble, midas, openpose: the shorter side the network sees, rounded to a multiple of "
+                          "64; maps are resized back to --resolution (ControlNet 1.1 / controlnet_aux: 512)"},
+    )
     caption: str = field(
         default="source", metadata={"help": "caption source: source (from the input shard), blip, auto (source, "
                                     "else blip), none", "choices": CAPTION_SOURCES},
@@ -76,6 +82,8 @@ class BuildConfig:
             raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
         if self.resolution < 8:
             raise ValueError(f"--resolution must be at least 8, not {self.resolution}")
+        if self.detect_resolution < 64:  # sides are rounded to multiples of 64: below 32 that is 0
+            raise ValueError(f"--detect-resolution must be at least 64, not {self.detect_resolution}")
 
     def output_settings(self) -> dict:
         """What shapes the output's bytes, as JSON values: recorded in every shard's stats, checked on resume."""

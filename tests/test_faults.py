@@ -48,7 +48,7 @@ def test_a_batch_failing_whole_with_one_error_is_an_actor_fault_and_commits_noth
 
 def tiny_hed_job(inputs: Path, out: Path, weights: Path) -> BuildConfig:
     return BuildConfig(task="hed", input=[str(inputs)], output=str(out), weights=str(weights), resolution=32,
-                       batch_size=4, num_workers=1, max_retries=0, device="cpu")
+                       detect_resolution=64, batch_size=4, num_workers=1, max_retries=0, device="cpu")
 
 
 def shard_actor_pids() -> list[int]:
@@ -90,7 +90,8 @@ def test_replacement_actors_that_cannot_load_commit_nothing_and_a_rerun_finishes
 
     away.rename(weights)
     assert main(["--task", "hed", "--input", str(sample_shards), "--output", str(out), "--weights", str(weights),
-                 "--resolution", "32", "--batch-size", "4", "--num-workers", "1", "--device", "cpu"]) == 0
+                 "--resolution", "32", "--detect-resolution", "64", "--batch-size", "4", "--num-workers", "1",
+                 "--device", "cpu"]) == 0
     index = rows(out)
     assert len(index) == 48 and len({(r["source_key"]) for r in index}) == 48
     assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 48

@@ -11,6 +11,7 @@ import torch
 
 from annotate import build_annotator
 from annotate.hed import WEIGHT_FILE, ControlNetHED_Apache2, HEDAnnotator, load_hed, logit_to_map
+from annotate.resize import to_detection
 from annotate.weights import MissingWeightsError
 from tests.tiny_weights.hed import tiny_hed_state_dict, write_tiny_hed
 
@@ -33,7 +34,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hed(weights_dir: Path) -> HEDAnnotator:
-    return HEDAnnotator(weights=str(weights_dir), device="cpu")
+    return HEDAnnotator(weights=str(weights_dir), device="cpu", detect_resolution=64)  # 512 is slow on a CPU
 
 
 def test_loader_expects_exactly_the_published_keys_and_shapes() -> None:
@@ -79,7 +80,7 @@ def test_shapes_and_dtypes_for_mixed_sizes(hed: HEDAnnotator) -> None:
     images = [synthetic_image(64, 64), synthetic_image(72, 100, seed=1), synthetic_image(64, 64, seed=2)]
     out = hed(images, ["a", "b", "c"])
     assert [a.condition.shape for a in out] == [(64, 64), (72, 100), (64, 64)]
-    assert all(a.condition.dtype == np.uint8 and a.keep and a.params == {} for a in out)
+    assert all(a.condition.dtype == np.uint8 and a.keep and a.params == {"detect_resolution": 64} for a in out)
     assert out[0].condition.std() > 0  # not a constant map
     assert hed([], []) == []
 
@@ -100,13 +101,17 @@ def test_batched_equals_one_at_a_time(weights_dir: Path) -> None:
 
 
 def test_matches_the_reference_postprocessing(hed: HEDAnnotator) -> None:
-    """The reference resizes each projection with cv2 on CPU, per image; we do it batched in torch."""
-    image = synthetic_image(72, 100)  # not a multiple of 16: the pooled sizes are floored
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    """The reference (controlnet_aux) resizes the image to its detection size, each projection back to it with cv2,
+    then the uint8 map to the image's size; we resize the projections batched in torch."""
+    image = synthetic_image(72, 100)
+    detected = to_detection(image, hed.detect_resolution)  # (64, 64): shorter side 64, sides multiples of 64
+    x = torch.from_numpy(detected).permute(2, 0, 1)[None].float()
     with torch.inference_mode():
         projections = hed.model(x)
-    edges = [cv2.resize(p[0, 0].numpy(), (100, 72), interpolation=cv2.INTER_LINEAR) for p in projections]
-    reference = logit_to_map(np.mean(np.stack(edges, axis=2), axis=2))
+    h, w = detected.shape[:2]
+    edges = [cv2.resize(p[0, 0].numpy(), (w, h), interpolation=cv2.INTER_LINEAR) for p in projections]
+    at_detection = logit_to_map(np.mean(np.stack(edges, axis=2), axis=2))
+    reference = cv2.resize(at_detection, (100, 72), interpolation=cv2.INTER_LINEAR)
     ours = hed([image], ["k"])[0].condition
     assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
     assert (ours != reference).mean() < 0.01

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from annotate import annotator_params
 from pipeline import format as fmt
 from pipeline.build import main as build_dataset
 from tests.conftest import REPO
@@ -45,7 +46,7 @@ def small_input(sample_shards, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("task", ["hed", "midas", "openpose"])
 def test_make_dataset_with_blip_captions(task, weights, small_input, tmp_path, ray_session):
     out = tmp_path / task
-    args = ["--resolution", "64", "--batch-size", "4"]
+    args = ["--resolution", "64", "--batch-size", "4", "--detect-resolution", "64"]  # 512 is slow on a CPU
     if task == "hed":
         command = ["make", "-s", "-o", ".venv/.installed", "dataset", f"TASK={task}", f"INPUT={small_input}",
                    f"OUTPUT={out}", "CAPTION=blip", f"WEIGHTS={weights}", f"ARGS={' '.join(args)}",
@@ -59,6 +60,9 @@ def test_make_dataset_with_blip_captions(task, weights, small_input, tmp_path, r
 
     manifest = json.loads((out / fmt.MANIFEST).read_text())
     assert manifest["task"] == task and manifest["captioner"]["name"] == "blip"
+    # --detect-resolution: recorded, handed to the annotator (the trainer's fidelity annotator reads it back)
+    assert manifest["config"]["detect_resolution"] == 64 and manifest["annotator"]["detect_resolution"] == 64
+    assert annotator_params(task, manifest["config"])["detect_resolution"] == 64
     assert re.search(r"\b[0-9a-f]{64}\b", json.dumps(manifest["annotator"]))  # the weights' sha256
     assert sum(manifest["totals"].values()) == 24
     rows = [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -70,6 +74,7 @@ def test_make_dataset_with_blip_captions(task, weights, small_input, tmp_path, r
         condition = sample[fmt.condition_ext(task)]
         assert condition.shape == (64, 64, 3)  # decoded as RGB; the stored PNG is 1 or 3 channels
         assert sample["json"]["caption_source"] == "blip" and isinstance(sample["txt"], str)
+        assert sample["json"]["params"]["detect_resolution"] == 64
     if task == "openpose":
         assert all("keypoint_fraction" in json.loads(r["params"]) for r in rows if r["status"] != "failed")
         assert all("30%" in r["error"] for r in rows if r["status"] == "filtered")

@@ -42,7 +42,7 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def scribble(weights_dir: Path) -> ScribbleAnnotator:
-    return ScribbleAnnotator(seed=7, weights=str(weights_dir), device="cpu")
+    return ScribbleAnnotator(seed=7, weights=str(weights_dir), device="cpu", detect_resolution=64)
 
 
 def test_nms_thins_a_soft_line_to_its_ridge() -> None:
@@ -89,7 +89,7 @@ def test_shapes_values_and_recorded_params(scribble: ScribbleAnnotator) -> None:
     for a in out:
         assert a.condition.dtype == np.uint8 and a.keep
         assert set(np.unique(a.condition)) <= {0, 255}
-        assert RANDOM_PARAMS | {"n_strokes", "n_dropped"} == set(a.params)
+        assert RANDOM_PARAMS | {"n_strokes", "n_dropped", "detect_resolution"} == set(a.params)
         lo, hi = scribble.threshold_range
         assert lo <= a.params["threshold"] <= hi
         assert 0.0 <= a.params["drop_fraction"] <= scribble.max_drop
@@ -100,7 +100,8 @@ def test_shapes_values_and_recorded_params(scribble: ScribbleAnnotator) -> None:
 def test_same_seed_and_key_same_map_and_params(scribble: ScribbleAnnotator, weights_dir: Path) -> None:
     image = synthetic_image(64, 96)
     first = scribble([image], ["sample-1"])[0]
-    again = ScribbleAnnotator(seed=7, weights=str(weights_dir), device="cpu")([image], ["sample-1"])[0]
+    again = ScribbleAnnotator(seed=7, weights=str(weights_dir), device="cpu", detect_resolution=64)(
+        [image], ["sample-1"])[0]
     np.testing.assert_array_equal(first.condition, again.condition)
     assert first.params == again.params
 

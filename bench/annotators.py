@@ -154,13 +154,16 @@ def photo_crops(count: int, size: int) -> list[np.ndarray]:
     return crops
 
 
-def build_call(task: str, weights: str | None, device: str, batch: int) -> tuple[Call, dict[str, Any]]:
+def build_call(task: str, weights: str | None, device: str, batch: int,
+               detect_resolution: int | None = None) -> tuple[Call, dict[str, Any]]:
     """The registry's annotator or captioner as an images -> outputs function, and what the row records of it."""
-    from annotate import build_annotator, build_captioner
+    from annotate import NEURAL_TASKS, build_annotator, build_captioner
 
     kwargs: dict[str, Any] = {"weights": weights, "device": device}
     if task in BATCH_KWARG:
         kwargs[BATCH_KWARG[task]] = batch
+    if task in NEURAL_TASKS and detect_resolution is not None:
+        kwargs["detect_resolution"] = detect_resolution
     info: dict[str, Any] = {"precision": _precision(task, device)}
     if task in CAPTIONERS:
         captioner = build_captioner(task, **kwargs)
@@ -218,11 +221,14 @@ def time_mode(call: Call, images: list[np.ndarray], chunk: int, repeats: int, de
 
 
 def measure_task(
-    task: str, images: list[np.ndarray], weights: str | None, batch: int, repeats: int, device: str
+    task: str, images: list[np.ndarray], weights: str | None, batch: int, repeats: int, device: str,
+    detect_resolution: int | None = None,
 ) -> dict[str, Any]:
     """One table row: the task's images/s with `batch` images per call and with one, median of `repeats`."""
     start = time.perf_counter()
-    call, info = build_call(task, weights, device, batch)
+    call, info = build_call(task, weights, device, batch, detect_resolution)
+    if detect_resolution is not None:
+        info["detect_resolution"] = detect_resolution
     row: dict[str, Any] = {
         "task": task,
         "device": "cpu" if task == "canny" else device,  # OpenCV runs on the CPU whatever --device says
@@ -256,7 +262,7 @@ def run_task(task: str, args: argparse.Namespace, device: str) -> dict[str, Any]
         start = time.perf_counter()
         weights = write_weights(task, Path(tmp))
         write_s = time.perf_counter() - start
-        row = measure_task(task, images, weights, args.batch, args.repeats, device)
+        row = measure_task(task, images, weights, args.batch, args.repeats, device, args.detect_resolution)
     row["write_weights_s"] = write_s
     return row
 
@@ -301,6 +307,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the median is reported")
     parser.add_argument("--size", type=int, default=512, help="input side in px")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--detect-resolution", type=int, default=None,
+                        help="the neural annotators' detect resolution (default: theirs, 512)")
     parser.add_argument("--json", default="bench/results/annotators.json")
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

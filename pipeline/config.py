@@ -90,10 +90,18 @@ class BuildConfig:
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in OUTPUT_SETTINGS}
 
 
+NEURAL_TASKS = ("hed", "scribble", "midas", "openpose")  # annotate.NEURAL_TASKS: maps made at --detect-resolution
+
+
 def settings_mismatch(recorded: dict, current: dict) -> list[str]:
-    """'resolution 512 -> 256' for each output setting a committed shard was made with otherwise."""
-    return [f"{name} {recorded[name]!r} -> {current[name]!r}" for name in current
-            if name in recorded and recorded[name] != current[name]]
+    """'resolution 512 -> 256' for each output setting a committed shard was made with otherwise. A neural
+    task's shard made before --detect-resolution existed holds the older annotators' maps (MiDaS at 384, the
+    ControlNet 1.0 OpenPose drawing): it does not match any value."""
+    differences = [f"{name} {recorded[name]!r} -> {current[name]!r}" for name in current
+                   if name in recorded and recorded[name] != current[name]]
+    if recorded and current.get("task") in NEURAL_TASKS and "detect_resolution" not in recorded:
+        differences.append(f"detect_resolution (made before ControlNet 1.1 parity) -> {current['detect_resolution']!r}")
+    return differences
 
 
 def _parser_type(tp: object):

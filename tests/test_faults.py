@@ -318,3 +318,14 @@ def test_every_actor_of_a_pool_is_checked_and_one_that_cannot_load_is_dropped(tm
     assert loaded == [first] and models["annotator"]["name"] == "hed" and len(errors) == 1
     assert "no-weights-here" in errors[0] or "ControlNetHED" in errors[0], errors
     ray.kill(first)
+
+
+def test_neural_shards_made_before_detect_resolution_are_not_resumed_into():
+    """Their maps came from the older annotators: mixing them with ControlNet 1.1 maps is refused."""
+    from pipeline.config import settings_mismatch
+
+    legacy = {"task": "midas", "resolution": 512}
+    assert settings_mismatch(legacy, {"task": "midas", "resolution": 512, "detect_resolution": 512}) == [
+        "detect_resolution (made before ControlNet 1.1 parity) -> 512"]
+    assert settings_mismatch({"task": "canny", "resolution": 512},  # Canny has no network: nothing changed
+                             {"task": "canny", "resolution": 512, "detect_resolution": 512}) == []

@@ -196,8 +196,10 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def model_from_original(path: str | Path) -> DPTForDepthEstimation:
     """A transformers DPTForDepthEstimation holding the weights of an original MiDaS checkpoint."""
     original = load_original_state_dict(path)
-    model = DPTForDepthEstimation(config_from_original(original))
-    model.load_state_dict(convert_original_state_dict(original), strict=True)
+    with torch.device("meta"):  # no random init of 123M parameters that the file replaces anyway
+        model = DPTForDepthEstimation(config_from_original(original))
+    converted = {k: v.float() if v.is_floating_point() else v for k, v in convert_original_state_dict(original).items()}
+    model.load_state_dict(converted, strict=True, assign=True)
     return model
 
 

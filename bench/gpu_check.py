@@ -92,6 +92,7 @@ class Sizes:
     toy_validation_samples: int
     full_size: bool  # SD 1.5 and full-size annotators; else the tiny test models
     warmup_steps: int
+    detect_resolution: int | None  # the neural annotators' (None: their default, 512)
 
     @classmethod
     def of(cls, smoke: bool) -> Sizes:
@@ -99,11 +100,11 @@ class Sizes:
             return cls(matmul_n=256, parity_px=64, parity_images=1, sd_px=64, sd_batches=(2,), sd_timed_steps=1,
                        annotator_px=64, annotator_images=2, annotator_batches=(1, 2),
                        annotator_tasks=("hed", "midas", "blip"), toy_batch=8, toy_steps=1, toy_validation_samples=2,
-                       full_size=False, warmup_steps=1)
+                       full_size=False, warmup_steps=1, detect_resolution=64)
         return cls(matmul_n=8192, parity_px=256, parity_images=3, sd_px=512, sd_batches=(8, 32), sd_timed_steps=5,
                    annotator_px=512, annotator_images=32, annotator_batches=(1, 8, 32),
                    annotator_tasks=ANNOTATOR_TASKS, toy_batch=32, toy_steps=20, toy_validation_samples=64,
-                   full_size=True, warmup_steps=2)
+                   full_size=True, warmup_steps=2, detect_resolution=None)
 
 
 # seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
@@ -259,9 +260,17 @@ def write_tiny_annotator_weights(folder: Path) -> str:
     return str(folder)
 
 
+def detect_kwargs(ctx: Context) -> dict[str, int]:
+    """The neural annotators' detect resolution at this run's sizes (their default, 512, on a GPU)."""
+    return {} if ctx.sizes.detect_resolution is None else {"detect_resolution": ctx.sizes.detect_resolution}
+
+
 def raw_openpose(annotator, images: list[np.ndarray]) -> np.ndarray:
     """The network's heatmaps and PAFs at the first scale, concatenated: the stage before keypoint decoding."""
-    pafs, heatmaps, _ = annotator._forward(images, annotator.scales[0])
+    from annotate.resize import to_detection
+
+    detected = [to_detection(image, annotator.detect_resolution) for image in images]
+    pafs, heatmaps, _ = annotator._forward(detected, annotator.scales[0])
     return np.concatenate([pafs, heatmaps], axis=1)
 
 
@@ -274,7 +283,8 @@ def parity(ctx: Context) -> dict[str, Any]:
     rows, checks = [], []
     with exact_matmuls():
         for task, (p99_limit, identical_limit) in MAP_TOLERANCE.items():
-            annotators = {d: build_annotator(task, weights=weights, device=d) for d in ("cpu", str(ctx.device))}
+            annotators = {d: build_annotator(task, weights=weights, device=d, **detect_kwargs(ctx))
+                          for d in ("cpu", str(ctx.device))}
             cpu, dev = (annotators[d](images, keys) for d in ("cpu", str(ctx.device)))
             for key, c, g in zip(keys, cpu, dev, strict=True):
                 same_shape = c.condition.shape == g.condition.shape and c.condition.dtype == g.condition.dtype
@@ -645,6 +655,8 @@ def annotators(ctx: Context) -> dict[str, Any]:
         rates = {}
         for batch in sizes.annotator_batches:
             kwargs: dict[str, Any] = {"weights": weights, "device": str(ctx.device)}
+            if task != "blip":
+                kwargs |= detect_kwargs(ctx)
             if task in BATCH_KWARG:  # OpenPose runs every image of a call in one forward
                 kwargs[BATCH_KWARG[task]] = batch
             model = build_captioner(task, **kwargs) if task == "blip" else build_annotator(task, **kwargs)

@@ -14,7 +14,7 @@ def test_measure_task_gives_both_modes_for_canny_and_hed(tmp_path: Path) -> None
     images = photo_crops(2, 64)
     write_tiny_hed(tmp_path)
     for task, weights in (("canny", None), ("hed", str(tmp_path))):
-        row = measure_task(task, images, weights, batch=2, repeats=1, device="cpu")
+        row = measure_task(task, images, weights, batch=2, repeats=1, device="cpu", detect_resolution=64)
         assert (row["task"], row["device"], row["batch"], row["images"], row["size"]) == (task, "cpu", 2, 2, [64, 64])
         for mode in ("batched", "single"):
             assert set(row[mode]) == MODE_KEYS
@@ -25,7 +25,8 @@ def test_measure_task_gives_both_modes_for_canny_and_hed(tmp_path: Path) -> None
 
 def test_main_writes_one_row_per_task(tmp_path: Path, capsys) -> None:
     out = tmp_path / "annotators.json"
-    argv = ["--tasks", "canny,hed", "--images", "2", "--size", "64", "--repeats", "1", "--batch", "2"]
+    argv = ["--tasks", "canny,hed", "--images", "2", "--size", "64", "--repeats", "1", "--batch", "2",
+            "--detect-resolution", "64"]
     main([*argv, "--device", "cpu", "--json", str(out)])
     report = json.loads(out.read_text())
     assert {"size", "batch", "repeats", "environment", "notes", "results"} <= report.keys()

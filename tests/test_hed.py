@@ -92,7 +92,7 @@ def test_same_input_same_map(hed: HEDAnnotator) -> None:
 
 
 def test_batched_equals_one_at_a_time(weights_dir: Path) -> None:
-    hed = HEDAnnotator(weights=str(weights_dir), device="cpu", max_batch=2)  # 3 images: batches of 2 + 1
+    hed = HEDAnnotator(weights=str(weights_dir), device="cpu", max_batch=2, detect_resolution=64)  # 2 + 1 images
     images = [synthetic_image(64, 80, seed=s) for s in range(3)]
     batched = [a.condition for a in hed(images, ["a", "b", "c"])]
     single = [hed([image], [key])[0].condition for image, key in zip(images, "abc", strict=True)]

@@ -194,8 +194,9 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def annotator(tiny_weights) -> OpenPoseAnnotator:
-    # boxsize 184: a 92 px high network input, a quarter of the default's work, same code path
-    return OpenPoseAnnotator(weights=str(tiny_weights.parent), device="cpu", boxsize=184)
+    # boxsize 184: a 92 px high network input, a quarter of the default's work, same code path; maps decoded at
+    # 64 px, not the default 512 (the shrinking path: maps larger than the image)
+    return OpenPoseAnnotator(weights=str(tiny_weights.parent), device="cpu", boxsize=184, detect_resolution=64)
 
 
 def test_loader_maps_every_published_key(tiny_weights):

@@ -212,10 +212,12 @@ def test_resume_after_the_driver_is_killed(sample_shards, tmp_path, ray_session,
     assert not list((out / "shards").glob("*.tmp*")) and not (out / "shards" / "_staging").exists()
 
 
-def test_cli_help_and_clear_errors(python, tmp_path):
-    help_text = subprocess.run([python, "-m", "pipeline.build", "--help"], capture_output=True, text=True).stdout
-    assert "--task" in help_text and "--resolution" in help_text and "brace" in help_text
-    missing = subprocess.run([python, "-m", "pipeline.build", "--input", str(tmp_path / "none.tar"),
-                              "--output", str(tmp_path / "o")], capture_output=True, text=True)
-    assert missing.returncode == 2
-    assert missing.stderr.strip().startswith("error: input not found") and "Traceback" not in missing.stderr
+def test_cli_help_and_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--task" in help_text and "--resolution" in help_text and "brace" in help_text
+    assert "--detect-resolution" in help_text
+    assert main(["--input", str(tmp_path / "none.tar"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: input not found") and "Traceback" not in err

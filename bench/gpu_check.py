@@ -66,7 +66,6 @@ SD15_TEXT = dict(  # CLIP ViT-L/14's text tower
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
 )
 ANNOTATOR_TASKS = ("hed", "midas", "openpose", "blip")
-BATCH_KWARG = {"hed": "max_batch", "midas": "batch_size", "blip": "batch_size"}  # caps images per forward
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -640,8 +639,7 @@ def annotator_weights(task: str, folder: Path, full_size: bool) -> str:
 
 
 def annotators(ctx: Context) -> dict[str, Any]:
-    from annotate import build_annotator, build_captioner
-    from bench.annotators import photo_crops
+    from bench.annotators import build_call, photo_crops, time_mode
 
     sizes = ctx.sizes
     images = photo_crops(sizes.annotator_images, sizes.annotator_px)
@@ -654,24 +652,14 @@ def annotators(ctx: Context) -> dict[str, Any]:
         weights = annotator_weights(task, folder, sizes.full_size)
         rates = {}
         for batch in sizes.annotator_batches:
-            kwargs: dict[str, Any] = {"weights": weights, "device": str(ctx.device)}
-            if task != "blip":
-                kwargs |= detect_kwargs(ctx)
-            if task in BATCH_KWARG:  # OpenPose runs every image of a call in one forward
-                kwargs[BATCH_KWARG[task]] = batch
-            model = build_captioner(task, **kwargs) if task == "blip" else build_annotator(task, **kwargs)
-            call = model if task == "blip" else (lambda xs, m=model: m(xs, [f"k{i}" for i in range(len(xs))]))
+            # the annotator benchmark's own builder and timer: `batch` images per call and per forward
+            call, _ = build_call(task, weights, str(ctx.device), batch, sizes.detect_resolution)
             call(images[:batch])  # warm-up at this batch's shapes
             reset_peak(ctx.device)
-            synchronize(ctx.device)
-            start = time.perf_counter()
-            for i in range(0, len(images), batch):
-                call(images[i:i + batch])
-            synchronize(ctx.device)
-            rates[batch] = len(images) / (time.perf_counter() - start)
+            rates[batch] = time_mode(call, images, batch, repeats=1, device=str(ctx.device))[0]
             rows.append({"task": task, "batch": batch, "images_per_s": rates[batch],
                          "peak_memory_gb": peak_gb(ctx.device)})
-            del model, call
+            del call
             gc.collect()
         best = max(rates.values())
         saturating = min(b for b, r in rates.items() if r >= 0.9 * best)  # the smallest batch within 10% of the best

@@ -6,6 +6,9 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from annotate import NEURAL_TASKS  # the tasks whose networks run at --detect-resolution
+from annotate.resize import DETECT_RESOLUTION
+
 SAMPLE_INPUT = "data/sample/shards"
 TASKS = ("canny", "hed", "scribble", "midas", "openpose")  # annotate.ANNOTATORS, without importing it here
 CAPTION_SOURCES = ("source", "blip", "auto", "none")
@@ -27,7 +30,7 @@ class BuildConfig:
     output: str = field(default="", metadata={"help": "output dataset folder or URL (default: data/<task>)"})
     resolution: int = field(default=512, metadata={"help": "output side in pixels (shorter side resized, centre crop)"})
     detect_resolution: int = field(
-        default=512,
+        default=DETECT_RESOLUTION,
         metadata={"help": "hed, scribble, midas, openpose: the shorter side the network sees, rounded to a multiple of "
                           "64; maps are resized back to --resolution (ControlNet 1.1 / controlnet_aux: 512)"},
     )
@@ -88,9 +91,6 @@ class BuildConfig:
     def output_settings(self) -> dict:
         """What shapes the output's bytes, as JSON values: recorded in every shard's stats, checked on resume."""
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in OUTPUT_SETTINGS}
-
-
-NEURAL_TASKS = ("hed", "scribble", "midas", "openpose")  # annotate.NEURAL_TASKS: maps made at --detect-resolution
 
 
 def settings_mismatch(recorded: dict, current: dict) -> list[str]:

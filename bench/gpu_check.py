@@ -351,7 +351,7 @@ def amp_step(ctx: Context, precision: str) -> tuple[dict[str, Any], list[dict[st
     locked = module_digest(*trainer.base.frozen_modules)
     generator = torch.Generator(ctx.device).manual_seed(0)
     # 4 steps: fp16's grad scaler starts high and may skip the first steps (overflow), as it is meant to
-    losses = [trainer.train_step([synthetic_batch(2, cfg.resolution, seed=s)], generator) for s in range(4)]
+    losses = [trainer.train_step([synthetic_batch(2, cfg.resolution, seed=s)], generator).item() for s in range(4)]
     masters = {p.dtype for p in trainer.controlnet.parameters()}
     zero_convs = [m.weight for m in zero_convolutions(trainer.controlnet)]
     used = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "none (fp32)"
@@ -452,7 +452,7 @@ def toy(ctx: Context) -> dict[str, Any]:
     trainer = Trainer(preset, 0, 1, ctx.device)
     generator = torch.Generator(ctx.device).manual_seed(0)
     losses: list[float] = []
-    times = seconds_per_step(lambda: losses.append(trainer.train_step([batch], generator)), ctx.device,
+    times = seconds_per_step(lambda: losses.append(trainer.train_step([batch], generator).item()), ctx.device,
                              ctx.sizes.toy_steps, ctx.sizes.warmup_steps)
     precision = str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "fp32"
     rows.append({"phase": f"ControlNet (batch {ctx.sizes.toy_batch}, {precision})",

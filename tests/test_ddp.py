@@ -44,7 +44,8 @@ def train_steps(trainer, rank: int, steps: int) -> list[float]:
 
     generator = torch.Generator().manual_seed(rank)
     # each rank sees its own data, so unreduced gradients would leave the ranks apart
-    return [trainer.train_step([synthetic_batch(2, 64, seed=10 * rank + s)], generator) for s in range(steps)]
+    return [trainer.train_step([synthetic_batch(2, 64, seed=10 * rank + s)], generator).item()
+            for s in range(steps)]
 
 
 def unlocked_decoder(base_model: str, rank: int, world: int) -> dict:

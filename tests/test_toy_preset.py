@@ -1,4 +1,5 @@
-"""the toy preset end to end on Ray Train: curves from step 0, console progress, results, and resume"""
+"""the toy preset end to end on Ray Train (local mode and a worker): curves from step 0, console progress, results,
+and resume across modes"""
 import dataclasses
 import json
 import os
@@ -80,10 +81,12 @@ def config(dataset, storage, name, **overrides):
 def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, cli_run, tmp_path):
     """Resume, for every base: the same losses, weights and optimizer state, and the same fidelity curves,
     detected step and mAUCC (the curves restored from the checkpoint, not restarted after it). The uninterrupted
-    run is the command-line one above (same settings; logging and the base's folder do not change training)."""
+    run is the command-line one above (same settings; logging and the base's folder do not change training).
+    The first half runs in Ray Train's local mode (the toy's default), the second on a Ray Train worker: both
+    modes write, find and resume the same checkpoints, and train the same numbers."""
     first = build_trainer(config(dataset, tmp_path, "halves", max_steps=2)).fit()  # stopped at its step-2 checkpoint
-    assert first.metrics["step"] == 2
-    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=4)).fit()  # submitted again: resumes
+    assert first.metrics["step"] == 2 and Path(first.checkpoint.path).parent == tmp_path / "halves"
+    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=4, num_workers=1)).fit()  # resumes
     whole = cli_run[1] / "runs" / "toy-cli"
     uninterrupted, resumed = (json.loads((run / "results.json").read_text()) for run in (whole, tmp_path / "halves"))
     assert resumed["resumed_from"] == 2 and resumed["final_step"] == 4 and uninterrupted["final_step"] == 4

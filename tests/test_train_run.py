@@ -110,7 +110,8 @@ def test_a_killed_worker_is_restarted_from_its_last_checkpoint_on_s3(dataset, s3
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    cfg = config(dataset, "unused", name, max_steps=40, checkpoint_every=5, max_failures=2, validate_every=0)
+    cfg = config(dataset, "unused", name, max_steps=40, checkpoint_every=5, max_failures=2, validate_every=0,
+                 num_workers=1)
     result = build_trainer(dataclasses.replace(cfg, storage_path="s3://cnd-runs/runs")).fit()
     watcher.join(timeout=5)
     assert killed, "no training worker was found to kill"

@@ -1,24 +1,75 @@
-"""finding a run's checkpoints on storage (local or s3://): for resume messages and for export"""
+"""a run's checkpoints on storage (local or s3://): finding the latest, and, for runs that Ray Train does not
+upload (its local mode), publishing, pruning and fetching them in the layout Ray Train writes"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fsspec
 
-from train.loop import PROGRESS_FILE
+PROGRESS_FILE = "progress.json"  # written last into a checkpoint: a checkpoint without it is incomplete
 
 
-def latest_in_run(run_url: str) -> str | None:
-    """The URL of the run's checkpoint with the highest step (complete ones only: progress.json is written
-    last), or None when the run has none."""
-    fs, root = fsspec.core.url_to_fs(run_url)
+def run_url(storage_path: str, run_name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{run_name}"
+
+
+def complete_checkpoints(run: str) -> dict[str, int]:
+    """{checkpoint URL: step} of the run's complete checkpoints (Ray Train's and local mode's alike)."""
+    fs, root = fsspec.core.url_to_fs(run)
     fs.invalidate_cache()
     found = fs.glob(f"{root.rstrip('/')}/checkpoint_*/{PROGRESS_FILE}")
-    if not found:
-        return None
-    best = max(found, key=lambda p: json.loads(fs.cat_file(p))["step"])
-    return fs.unstrip_protocol(best.rsplit("/", 1)[0])
+    return {fs.unstrip_protocol(p.rsplit("/", 1)[0]): json.loads(fs.cat_file(p))["step"] for p in found}
+
+
+def latest_in_run(run: str) -> str | None:
+    """The URL of the run's checkpoint with the highest step, or None when the run has none."""
+    steps = complete_checkpoints(run)
+    return max(steps, key=steps.get) if steps else None
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
-    return latest_in_run(f"{storage_path.rstrip('/')}/{run_name}")
+    return latest_in_run(run_url(storage_path, run_name))
+
+
+def local_checkpoint_name(step: int) -> str:
+    """One name per step: a local-mode run that dies while publishing step N rewrites the same folder when it
+    reaches step N again, instead of leaving an orphan beside it."""
+    return f"checkpoint_step{step:08d}"
+
+
+def upload_order(folder: Path) -> list[Path]:
+    """Every file of a checkpoint folder, progress.json last (it marks the checkpoint complete)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return [p for p in files if p.name != PROGRESS_FILE] + [p for p in files if p.name == PROGRESS_FILE]
+
+
+def publish(folder: Path, run: str, step: int) -> str:
+    """Copy a checkpoint written to a local folder to the run's storage; its URL."""
+    destination = f"{run.rstrip('/')}/{local_checkpoint_name(step)}"
+    fs, root = fsspec.core.url_to_fs(destination)
+    for path in upload_order(folder):
+        target = f"{root}/{path.relative_to(folder).as_posix()}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), target)
+    return fs.unstrip_protocol(root)
+
+
+def prune(run: str, keep: int) -> list[str]:
+    """Delete all but the `keep` newest complete checkpoints (as Ray Train's num_to_keep); the deleted URLs."""
+    steps = complete_checkpoints(run)
+    old = sorted(steps, key=steps.get, reverse=True)[keep:]
+    for url in old:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.rm(path, recursive=True)
+    return old
+
+
+def fetch(url: str, folder: Path) -> Path:
+    """Download a checkpoint into a local folder (for loading); the folder."""
+    fs, root = fsspec.core.url_to_fs(url)
+    for path in fs.find(root):
+        target = folder / path[len(root.rstrip("/")) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
+    return folder

@@ -54,12 +54,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save GPU memory."""
     num_workers: int = 1
-    """Ray Train workers (DDP ranks)."""
+    """Ray Train workers (DDP ranks). 0: Ray Train's local mode, one process training in this one (no Ray cluster
+    or worker processes: the quickest start, for a laptop or a one-GPU box); checkpoints, resume and W&B as with
+    workers, but a failure ends the run (re-run the command to resume) instead of restarting a worker."""
     cpus_per_worker: int | None = None
     """CPUs reserved for each worker; its torch and OpenCV threads (default: 1 with a GPU; on CPUs, the largest
-    node's CPUs shared among the workers)."""
+    node's CPUs shared among the workers; in local mode, this process's CPUs)."""
     use_gpu: bool | None = None
-    """One GPU per worker (default: when the cluster has GPUs)."""
+    """One GPU per worker (default: when the cluster, or in local mode this machine, has a GPU)."""
     data_workers: int = 0
     """DataLoader worker processes per rank."""
     epoch_samples: int = 10_000
@@ -116,9 +118,10 @@ class TrainConfig:
 
 
 def debug() -> TrainConfig:
-    """The offline embedded default: a tiny random SD built locally, 64 px, a few steps on CPU."""
+    """The offline embedded default: a tiny random SD built locally, 64 px, a few steps on CPU, in one process
+    (Ray Train's local mode)."""
     return TrainConfig(
-        base_model=TINY_SD, resolution=64, batch_size=2, lr=1e-4, max_steps=20, checkpoint_every=10,
+        base_model=TINY_SD, resolution=64, batch_size=2, lr=1e-4, max_steps=20, checkpoint_every=10, num_workers=0,
         epoch_samples=64, log_every=1, validate_every=10, validation_samples=2, validation_steps=4,
         run_name="controlnet-debug",
     )
@@ -128,9 +131,10 @@ def toy() -> TrainConfig:
     """Sudden convergence on a laptop (make repro): the committed pixel-space shapes base at 32 px, Canny shapes
     from pipeline.toy_shapes, batch 32, lr 1e-4, 50% empty prompts; 64 held-out samples scored every 50 steps at
     CFG 1 and 9 with captions and empty prompts (Euler ancestral, 10 steps), the control on the conditional
-    branch."""
+    branch. One process (Ray Train's local mode): the toy fits one laptop."""
     return TrainConfig(
         data=["data/toy/canny"], base_model=TOY_BASE, storage_path="data/toy/runs", run_name="controlnet-toy",
+        num_workers=0,
         resolution=32, batch_size=32, lr=1e-4, max_grad_norm=0.0, max_steps=1200, epoch_samples=6000,
         checkpoint_every=100, log_every=25, validate_every=50, validation_samples=64, validation_steps=10,
         validation_sampler="euler_a",

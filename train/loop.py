@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.checkpoints import PROGRESS_FILE
 from train.config import TrainConfig
 from train.model import (
     BaseModel,
@@ -33,7 +34,6 @@ CONTROLNET_DIR = "controlnet"
 STATE_FILE = "state.pt"
 DECODER_FILE = "decoder.safetensors"
 CONFIG_FILE = "train_config.json"
-PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -119,7 +119,8 @@ class Trainer:
         self.module = ControlledUNet(self.base.unet, self.controlnet, middle_only=cfg.mode == "middle")
         self.model = wrap_ddp(self.module, device)
         trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           **adamw_implementation(device))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         )
@@ -199,12 +200,14 @@ class Trainer:
 
     # ---- one optimizer step: Eq. 10 on grad_accum micro-batches
 
-    def train_step(self, micro_batches: list[dict[str, Any]], generator: torch.Generator) -> float:
+    def train_step(self, micro_batches: list[dict[str, Any]], generator: torch.Generator) -> torch.Tensor:
+        """One optimizer step; the mean loss as a device tensor (reading it is a host sync: the loop reads the
+        losses of many steps at once, at log steps)."""
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            pixel_values = batch["pixel_values"].to(self.device)  # (B, 3, R, R) in [-1, 1]
-            condition = batch["conditioning_pixel_values"].to(self.device)  # (B, 3, R, R) in [0, 1]
+            pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)  # (B, 3, R, R) in [-1, 1]
+            condition = batch["conditioning_pixel_values"].to(self.device, non_blocking=True)  # (B, 3, R, R) in [0, 1]
             text = encode_prompts(self.base, list(batch["caption"]), self.device)
             last = i == len(micro_batches) - 1
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else nullcontext()
@@ -212,16 +215,22 @@ class Trainer:
                                       enabled=self.amp_dtype is not None):
                 loss = diffusion_loss(self.base, self.model, pixel_values, condition, text, generator)
                 self.scaler.scale(loss / len(micro_batches)).backward()
-            total += loss.item() / len(micro_batches)
+            total += loss.detach().float() / len(micro_batches)
         self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         return total
+
+
+def adamw_implementation(device: torch.device) -> dict[str, bool]:
+    """AdamW's fused kernels on CUDA (one launch for every parameter, not a few per tensor); the multi-tensor
+    (foreach) path elsewhere, which torch picks on its own only for CUDA tensors."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def _as_tuples(value):
@@ -313,19 +322,17 @@ def validate(trainer: Trainer, validation: Validation, logger, step: int) -> Non
     logger.log_images("validation/grid", [image], ["condition | generated | target"], step=step)
 
 
-def set_threads() -> int:
-    """Torch and OpenCV use the CPUs this worker was given (Ray starts workers with OMP_NUM_THREADS=1); a
-    process that Ray assigned no CPUs (the driver, in Ray Train's local mode) uses every core."""
+def set_threads(local_cpus: int | None) -> int:
+    """Torch and OpenCV use the CPUs this worker was given (Ray starts workers with OMP_NUM_THREADS=1); in Ray
+    Train's local mode (the driver, which Ray assigns nothing) the CPUs the run was given, else every core."""
     import os
 
     import cv2
     import ray
 
-    try:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    except AssertionError:  # a driver (Ray Train's local mode) is assigned nothing
-        cpus = None
-    threads = max(1, int(cpus)) if cpus else os.cpu_count() or 1
+    if local_cpus is None and ray.is_initialized():
+        local_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    threads = max(1, int(local_cpus)) if local_cpus else len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
     return threads
@@ -342,26 +349,95 @@ def apply_secrets(ref) -> list[str]:
     return sorted(secrets)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry on each rank: resume, train, checkpoint through ray.train.report, log on rank 0."""
+def restore(trainer: Trainer, cfg: TrainConfig) -> None:
+    """Resume from the run's last checkpoint: the one Ray Train hands back (a worker group it restarted, a run it
+    knows), else the newest complete one on storage (a run of Ray Train's local mode, which keeps no record, or
+    one begun in the other mode: both write the same layout)."""
     import ray.train
+
+    from train.checkpoints import fetch, latest_checkpoint
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load(Path(folder))
+        return
+    url = latest_checkpoint(cfg.storage_path, cfg.run_name)
+    if url is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.load(fetch(url, Path(folder)))
+
+
+def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) -> None:
+    """Save rank 0's checkpoint and report it. Ray Train uploads what workers report to the run's storage; its
+    local mode only remembers the temporary folder, so there the checkpoint is published to the same place, in
+    the same layout, and pruned to --keep-checkpoints, as Ray Train would."""
+    import ray.train
+
+    from train.checkpoints import prune, publish, run_url
+
+    cfg = trainer.cfg
+    with tempfile.TemporaryDirectory() as folder:
+        if trainer.rank == 0:
+            trainer.save(Path(folder))
+        if local:
+            run = run_url(cfg.storage_path, cfg.run_name)
+            url = publish(Path(folder), run, trainer.state.step)
+            prune(run, cfg.keep_checkpoints)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(url))
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0
+                             else None)
+
+
+def pick_device(cfg: TrainConfig, local: bool) -> torch.device:
+    """Ray Train's device for this worker; in local mode it takes CUDA whenever there is one, so --use-gpu False
+    is honoured here."""
     import ray.train.torch
+
+    return torch.device("cpu") if local and cfg.use_gpu is False else ray.train.torch.get_device()
+
+
+class LossWindow:
+    """The losses of the steps since the last log, kept on the device and read in one host sync at the next log
+    step (a per-step .item() makes the CPU wait for the GPU every step); with their throughput."""
+
+    def __init__(self):
+        self.losses: list[tuple[int, torch.Tensor]] = []
+        self.started = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.losses.append((step, loss))
+
+    def read(self, samples_per_step: int) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """The window's (step, loss) history, and the throughput over the window; the window starts again."""
+        values = torch.stack([loss for _, loss in self.losses]).tolist() if self.losses else []
+        seconds = time.perf_counter() - self.started
+        history = [{"step": step, "loss": value} for (step, _), value in zip(self.losses, values, strict=True)]
+        speed = {"samples_per_s": samples_per_step * len(history) / seconds,
+                 "step_time_s": seconds / max(len(history), 1)}
+        self.losses, self.started = [], time.perf_counter()
+        return history, speed
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on each rank (or, in its local mode, in the driver): resume, train, checkpoint through
+    ray.train.report, log on rank 0."""
+    import ray.train
 
     secrets = apply_secrets(config.get("secrets"))
     from train.data import resolve_shards
     from train.tracking import RunLogger
 
     cfg = TrainConfig(**config["train"])
+    local = config.get("local", False)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    threads = set_threads()
+    device = pick_device(cfg, local)
+    threads = set_threads(cfg.cpus_per_worker if local else None)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, rank, world_size, device)
-    checkpoint = ray.train.get_checkpoint()  # the last reported one, or resume_from_checkpoint at first start
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(Path(folder))
+    restore(trainer, cfg)
     if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()
@@ -382,36 +458,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = trainer.batches(source)
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    window = LossWindow()
     while trainer.state.step < cfg.max_steps:
-        started = time.perf_counter()
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         loss = trainer.train_step(micro, generator)
         trainer.state.step += 1
         step = trainer.state.step
+        window.add(step, loss)
         if cfg.unlock_decoder_at is not None and step == cfg.unlock_decoder_at:
             trainer.unlock_decoder()
-        seconds = time.perf_counter() - started
-        metrics = {"step": step, "loss": loss, "lr": trainer.lr_schedule.get_last_lr()[0],
-                   "samples_per_s": samples_per_step / seconds, "step_time_s": seconds}
-        if device.type == "cuda":
-            metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        trainer.state.history.append({"step": step, "loss": loss})
-        if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+        validating = bool(cfg.validate_every) and (step % cfg.validate_every == 0 or step == cfg.max_steps)
+        checkpointing = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        logging = step % cfg.log_every == 0 or step == cfg.max_steps
+        metrics = {}
+        if logging or validating or checkpointing:  # read the window before validation's time enters it
+            history, speed = window.read(samples_per_step)
+            trainer.state.history.extend(history)
+            metrics = {"step": step, "loss": history[-1]["loss"], "lr": trainer.lr_schedule.get_last_lr()[0],
+                       **speed}
+            if device.type == "cuda":
+                metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if validating:
             if validation is not None:
                 validate(trainer, validation, logger, step)
             wait_for_rank_zero(rank_zero)
-        if logger and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        if logger and logging:
             logger.log(metrics)
             logger.progress(step, validation.latest() if validation else "", metrics)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        if checkpointing:
             metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    trainer.save(Path(folder))
-                ckpt = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt)
+            report_checkpoint(trainer, metrics, local)
             # a new data/noise segment starts at every checkpoint, so resuming here replays nothing
             stream = trainer.batches(source)
             generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, step))
+        if validating or checkpointing:
+            window = LossWindow()  # throughput counts training only
     if logger:
         logger.finish(trainer.state)

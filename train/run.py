@@ -41,15 +41,35 @@ def absolute_base_model(base_model: str) -> str:
     return absolute_local(base_model) if "://" not in base_model and Path(base_model).is_dir() else base_model
 
 
+def local_mode(cfg: TrainConfig) -> bool:
+    """--num-workers 0: Ray Train's local mode, the training function in this process (no Ray cluster, no worker
+    processes); one process, as on a laptop or a one-GPU box."""
+    return cfg.num_workers == 0
+
+
 def cpus_per_worker(cfg: TrainConfig, use_gpu: bool) -> int:
-    """The CPUs each worker reserves (and uses as threads): as asked; 1 beside a GPU; else the largest node's
-    CPUs shared among the workers, so a one-worker run on a laptop trains on every core, not on Ray's one."""
+    """The CPUs each worker reserves (and uses as threads): as asked; 1 beside a GPU; in local mode the CPUs this
+    process may run on; else the largest node's CPUs shared among the workers, so a one-worker run on a laptop
+    trains on every core, not on Ray's one."""
     if cfg.cpus_per_worker is not None:
         return cfg.cpus_per_worker
     if use_gpu:
         return 1
+    if local_mode(cfg):
+        return len(os.sched_getaffinity(0))
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    return max(1, int(largest) // max(cfg.num_workers, 1))
+    return max(1, int(largest) // cfg.num_workers)
+
+
+def gpu_wanted(cfg: TrainConfig) -> bool:
+    """--use-gpu, else whether there is a GPU: in the cluster for workers, in this process in local mode."""
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    if local_mode(cfg):
+        import torch
+
+        return torch.cuda.is_available()
+    return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 SECRETS = ("WANDB_API_KEY",)
@@ -72,18 +92,21 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
                               if cfg.validation_data else None)
     mode, message = wandb_mode(cfg.wandb)
     print(message, flush=True)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    cfg = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg, use_gpu))
-    # Ray Train V2 restores a run's checkpoint state when a run of the same name is submitted again
+    local = local_mode(cfg)
+    use_gpu = gpu_wanted(cfg)
+    cfg = dataclasses.replace(cfg, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker(cfg, use_gpu))
     resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
+    if local:
+        quiet_local_mode_reports()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode, "secrets": secrets_ref(),
+        train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode, "local": local,
+                           "secrets": None if local else secrets_ref(),  # local mode: this process's environment
                            "wandb_dir": absolute_local(os.environ.get("WANDB_DIR", "data/wandb"))},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu and not local,
+                                               resources_per_worker=None if local else {"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=cfg.storage_path,
@@ -91,6 +114,13 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
+
+
+def quiet_local_mode_reports() -> None:
+    """Local mode logs every ray.train.report's metrics at INFO; the run's own progress lines say it already."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
 
 
 def check_data(cfg: TrainConfig) -> None:
@@ -110,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
+    if not local_mode(cfg) and not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
     result = build_trainer(cfg).fit()
     print(f"finished {cfg.run_name}: step {result.metrics.get('step')}, loss {result.metrics.get('loss'):.4f}, "

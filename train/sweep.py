@@ -73,12 +73,12 @@ def make_subsets(dataset: str, sizes: str, out: str | None) -> list[dict]:
 
 
 def train(cfg: TrainConfig) -> None:
-    """One run on Ray Train; a run of this name with checkpoints resumes from its last one."""
+    """One run on Ray Train (in this process with --num-workers 0); a run of this name with checkpoints resumes from its last one."""
     import ray
 
-    from train.run import build_trainer
+    from train.run import build_trainer, local_mode
 
-    if not ray.is_initialized():
+    if not local_mode(cfg) and not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
     build_trainer(cfg).fit()
 

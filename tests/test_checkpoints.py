@@ -1,0 +1,47 @@
+"""checkpoints on storage without Ray Train's upload (its local mode): published in Ray Train's layout, complete
+only once progress.json is there, pruned to the newest, fetched back; on moto S3 and on a local folder"""
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from train.checkpoints import PROGRESS_FILE, fetch, latest_in_run, prune, publish, upload_order
+
+
+def checkpoint_folder(root: Path, step: int) -> Path:
+    folder = root / f"local-{step}"
+    (folder / "controlnet").mkdir(parents=True)
+    (folder / "controlnet" / "weights.safetensors").write_bytes(bytes([step]) * 100)
+    (folder / "state.pt").write_bytes(b"state")
+    (folder / PROGRESS_FILE).write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_progress_is_uploaded_last(tmp_path):
+    order = upload_order(checkpoint_folder(tmp_path, 1))
+    assert order[-1].name == PROGRESS_FILE and len(order) == 3
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_published_checkpoints_are_found_pruned_and_fetched(tmp_path, where, request):
+    if where == "s3":
+        request.getfixturevalue("s3_endpoint")
+        fsspec.filesystem("s3").mkdir("cnd-checkpoints")
+        run = "s3://cnd-checkpoints/runs/r"
+    else:
+        run = str(tmp_path / "runs" / "r")
+    for step in (10, 30, 20):
+        publish(checkpoint_folder(tmp_path, step), run, step)
+    fs, root = fsspec.core.url_to_fs(run)
+    fs.makedirs(f"{root}/checkpoint_step00000040", exist_ok=True)  # a publish cut short: no progress.json
+    fs.pipe_file(f"{root}/checkpoint_step00000040/state.pt", b"partial")
+    assert latest_in_run(run).endswith("checkpoint_step00000030")
+    removed = prune(run, keep=2)
+    assert [u.rsplit("_", 1)[1] for u in removed] == ["step00000010"]
+    fs.invalidate_cache()
+    left = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root))
+    assert left == ["checkpoint_step00000020", "checkpoint_step00000030", "checkpoint_step00000040"]
+    back = fetch(latest_in_run(run), tmp_path / "back")
+    assert (back / "controlnet" / "weights.safetensors").read_bytes() == bytes([30]) * 100
+    assert json.loads((back / PROGRESS_FILE).read_text()) == {"step": 30}

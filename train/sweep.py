@@ -73,7 +73,8 @@ def make_subsets(dataset: str, sizes: str, out: str | None) -> list[dict]:
 
 
 def train(cfg: TrainConfig) -> None:
-    """One run on Ray Train (in this process with --num-workers 0); a run of this name with checkpoints resumes from its last one."""
+    """One run on Ray Train (in this process with --num-workers 0); a run of this name with checkpoints resumes
+    from its last one."""
     import ray
 
     from train.run import build_trainer, local_mode

@@ -32,6 +32,15 @@ def build_models(cfg: BuildConfig):
     return annotator, captioner
 
 
+def build_latent_encoder(cfg: BuildConfig):
+    """The base's VAE when --latents asks for stored latents, else None."""
+    if not cfg.latents:
+        return None
+    from annotate.latents import LatentEncoder
+
+    return LatentEncoder(cfg.latents, device=cfg.device)
+
+
 def done_shards(out: str) -> dict[str, str]:
     """Names of committed output shards (those with a stats.json) -> their stats URL."""
     fs, path = fsspec.core.url_to_fs(out)
@@ -106,7 +115,7 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
     fs, path = fsspec.core.url_to_fs(manifest_url)
     if not models and fs.exists(path):  # nothing ran this time: keep what the last run's actors loaded
         previous = json.loads(fs.cat_file(path))
-        models = {k: previous.get(k) for k in ("annotator", "captioner")}
+        models = {k: previous.get(k) for k in ("annotator", "captioner", "latents")}
     manifest = {
         "format_version": FORMAT_VERSION,
         "task": cfg.task,

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from annotate import NEURAL_TASKS  # the tasks whose networks run at --detect-resolution
 from annotate.resize import DETECT_RESOLUTION
@@ -16,7 +17,7 @@ CAPTION_SOURCES = ("source", "blip", "auto", "none")
 OUTPUT_SETTINGS = ("task", "resolution", "detect_resolution", "caption", "seed", "canny_low", "canny_high_gap",
                    "min_keypoint_fraction",
                    "caption_beams", "min_size", "max_aspect", "max_pixels", "max_member_mb", "jpeg_quality",
-                   "files_per_shard")
+                   "files_per_shard", "latents")
 
 
 @dataclass
@@ -40,6 +41,12 @@ class BuildConfig:
     )
     weights: str | None = field(
         default=None, metadata={"help": "folder or URL holding model weights by their published file names"}
+    )
+    latents: str | None = field(
+        default=None,
+        metadata={"help": "base model (diffusers layout: a folder or hub id with vae/) whose VAE encodes each stored "
+                          "image: <key>.latent.npy (mean and std, float16), which the trainer uses instead of encoding "
+                          "at every step when its base has the same VAE and trains at --resolution"},
     )
     seed: int = field(default=0, metadata={"help": "seed for per-sample randomness (Canny thresholds, ...)"})
     canny_low: tuple[int, int] = field(default=(50, 150), metadata={"help": "range of the low Canny threshold"})
@@ -85,6 +92,8 @@ class BuildConfig:
             raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
         if self.resolution < 8:
             raise ValueError(f"--resolution must be at least 8, not {self.resolution}")
+        if self.latents and "://" not in self.latents and Path(self.latents).is_dir():
+            self.latents = str(Path(self.latents).resolve())  # actors may run in another working directory
         if self.detect_resolution < 64:  # sides are rounded to multiples of 64: below 32 that is 0
             raise ValueError(f"--detect-resolution must be at least 64, not {self.detect_resolution}")
 
@@ -101,6 +110,8 @@ def settings_mismatch(recorded: dict, current: dict) -> list[str]:
                    if name in recorded and recorded[name] != current[name]]
     if recorded and current.get("task") in NEURAL_TASKS and "detect_resolution" not in recorded:
         differences.append(f"detect_resolution (made before ControlNet 1.1 parity) -> {current['detect_resolution']!r}")
+    if recorded and current.get("latents") and "latents" not in recorded:  # shards without latents beside new ones
+        differences.append(f"latents (made before --latents) -> {current['latents']!r}")
     return differences
 
 

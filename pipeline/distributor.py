@@ -29,7 +29,7 @@ class ShardActor:
         import cv2
         import torch
 
-        from pipeline.build import build_models
+        from pipeline.build import build_latent_encoder, build_models
 
         # one thread pool per reserved CPU: OpenCV and torch would otherwise each start one per core
         threads = max(1, int(cfg.cpus_per_worker))
@@ -37,10 +37,11 @@ class ShardActor:
         torch.set_num_threads(threads)
         self.cfg = cfg
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
-        self.annotator = self.captioner = None
+        self.annotator = self.captioner = self.encoder = None
         self.load_error = ""
         try:
             self.annotator, self.captioner = build_models(cfg)
+            self.encoder = build_latent_encoder(cfg)
         except Exception as e:  # kept for describe(): the driver prints one line, not a remote traceback
             self.load_error = f"{type(e).__name__}: {e}"
 
@@ -50,12 +51,13 @@ class ShardActor:
         return {
             "annotator": self.annotator.describe(),
             "captioner": self.captioner.describe() if self.captioner is not None else None,
+            "latents": self.encoder.describe() if self.encoder is not None else None,
         }
 
     def process(self, shard: InputShard) -> dict[str, Any]:
         if self.load_error:  # never annotate without models: every row would be a failure, committed as done
             raise ActorFault(f"this actor could not load its models: {self.load_error}")
-        return process_shard(shard, self.cfg, self.annotator, self.captioner)
+        return process_shard(shard, self.cfg, self.annotator, self.captioner, self.encoder)
 
 
 @dataclass

@@ -22,6 +22,9 @@ STATS_SUFFIX: Final = ".stats.json"
 IMAGE_EXT: Final = "jpg"
 CAPTION_EXT: Final = "txt"
 META_EXT: Final = "json"
+# optional (python -m pipeline.build --latents BASE): the base VAE's latent distribution of the stored image, an
+# .npy of (2, C, H/8, W/8) float16, mean then std; the manifest's "latents" names the VAE (its sha256)
+LATENT_EXT: Final = "latent.npy"
 
 
 def condition_ext(task: str) -> str:

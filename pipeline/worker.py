@@ -218,10 +218,21 @@ def open_samples(shard: InputShard, max_member_bytes: int | None) -> Iterator[tu
         yield reader, reader
 
 
+def add_latents(encoder, kept: list[dict[str, bytes]]) -> None:
+    """Each kept sample's latent distribution, from its stored JPEG as the trainer decodes it (one VAE batch)."""
+    from annotate.latents import pixels_of_jpeg, to_npy
+
+    if kept:
+        distributions = encoder([pixels_of_jpeg(members[fmt.IMAGE_EXT]) for members in kept])
+        for members, distribution in zip(kept, distributions, strict=True):
+            members[fmt.LATENT_EXT] = to_npy(distribution)
+
+
 def process_shard(
-    shard: InputShard, cfg: BuildConfig, annotator: Annotator, captioner: Captioner | None = None
+    shard: InputShard, cfg: BuildConfig, annotator: Annotator, captioner: Captioner | None = None, encoder=None
 ) -> dict[str, Any]:
-    """Input shard -> committed output shard; returns its stats. Raises ShardUnreadable if nothing was read."""
+    """Input shard -> committed output shard; returns its stats. Raises ShardUnreadable if nothing was read.
+    `encoder`: an annotate.latents.LatentEncoder when the job stores latents (--latents)."""
     start = time.perf_counter()
     identity = input_identity(shard)
     rows: list[dict[str, Any]] = []
@@ -233,10 +244,12 @@ def process_shard(
         return prepare(item[0], item[1], shard.name, cfg)
 
     def write_finished(pending: list[tuple[Prepared, Any]]) -> None:
-        for p, members in pending:
-            members = members.result() if isinstance(members, Future) else members
-            if members is not None:
-                writer.write(p.row["key"], members)
+        finished = [(p, members.result() if isinstance(members, Future) else members) for p, members in pending]
+        kept = [(p, members) for p, members in finished if members is not None]
+        if encoder is not None:
+            add_latents(encoder, [members for _, members in kept])
+        for p, members in kept:
+            writer.write(p.row["key"], members)
 
     try:
         with open_samples(shard, cfg.max_member_mb << 20) as (samples, reader):

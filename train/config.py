@@ -62,6 +62,10 @@ class TrainConfig:
     node's CPUs shared among the workers; in local mode, this process's CPUs)."""
     use_gpu: bool | None = None
     """One GPU per worker (default: when the cluster, or in local mode this machine, has a GPU)."""
+    latents: Literal["auto", "off"] = "auto"
+    """auto: train on the latents the dataset job stored (--latents BASE) instead of encoding every image with the
+    VAE at every step, when this base's VAE is the one that made them (another VAE is an error) and the run
+    trains at the dataset's resolution; off: always encode the images."""
     data_workers: int = 0
     """DataLoader worker processes per rank."""
     epoch_samples: int = 10_000

@@ -234,8 +234,11 @@ def resize(array: np.ndarray, resolution: int) -> np.ndarray:
 def to_tensors(image: np.ndarray, condition: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, R, 3) uint8 pair -> target (3, R, R) in [-1, 1], condition (3, R, R) in [0, 1], as the paper trains."""
     target = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
-    cond = torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1).float().div(255.0)
-    return target, cond
+    return target, condition_tensor(condition)
+
+
+def condition_tensor(condition: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1).float().div(255.0)
 
 
 def drop_prompt(caption: str, rng: random.Random, p: float) -> str:
@@ -243,22 +246,49 @@ def drop_prompt(caption: str, rng: random.Random, p: float) -> str:
     return "" if rng.random() < p else caption
 
 
-def decode_sample(sample: Mapping[str, Any], task: str, resolution: int) -> dict[str, Any]:
-    """A grouped tar sample -> pixel_values, conditioning_pixel_values, caption, key. Raises BadSample."""
+def decode_sample(sample: Mapping[str, Any], task: str, resolution: int, latents: bool = False) -> dict[str, Any]:
+    """A grouped tar sample -> pixel_values, conditioning_pixel_values, caption, key. Raises BadSample.
+    latents: the stored latent distribution (the dataset job's --latents, at the stored resolution) replaces the
+    image, which is then not decoded at all."""
     jpg, png, txt = members(sample, task)
+    out = {"caption": decode_caption(txt), "key": sample["__key__"]}
+    if latents:
+        condition = decode_image(png)
+        if condition.shape[0] != condition.shape[1]:
+            raise BadSample(SIZE, f"condition {condition.shape[:2]} is not square")
+        out["latent_dist"] = latent_distribution(sample)
+        out["conditioning_pixel_values"] = condition_tensor(resize(condition, resolution))
+        return out
     image, condition = fit(decode_image(jpg), decode_image(png), resolution)
-    pixel_values, conditioning = to_tensors(image, condition)
-    return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning,
-            "caption": decode_caption(txt), "key": sample["__key__"]}
+    out["pixel_values"], out["conditioning_pixel_values"] = to_tensors(image, condition)
+    return out
+
+
+def latent_distribution(sample: Mapping[str, Any]) -> torch.Tensor:
+    """<key>.latent.npy -> (2, C, h, w) float32: the VAE's mean and std for the stored image."""
+    from annotate.latents import from_npy
+
+    if fmt.LATENT_EXT not in sample:
+        raise BadSample(MISSING, f"{sample.get('__key__')} has no {fmt.LATENT_EXT} (has {_exts(sample)})")
+    try:
+        array = from_npy(sample[fmt.LATENT_EXT])
+    except Exception as e:  # numpy raises several types for a bad .npy
+        raise BadSample(DECODE, f"{fmt.LATENT_EXT}: {type(e).__name__}: {e}") from e
+    if array.ndim != 4 or array.shape[0] != 2 or not np.isfinite(array).all():
+        raise BadSample(DECODE, f"{fmt.LATENT_EXT} of shape {array.shape} is not a finite (2, C, h, w) distribution")
+    return torch.from_numpy(array.astype(np.float32))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, R, R) in [-1, 1]
+    batch = {
         "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]),  # in [0, 1]
         "caption": [s["caption"] for s in samples],  # B str, "" where dropped
         "key": [s["key"] for s in samples],
     }
+    for name in ("pixel_values", "latent_dist"):  # (B, 3, R, R) in [-1, 1]; or (B, 2, C, R/8, R/8)
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
 
 
 # ---------------------------------------------------------------- skip accounting
@@ -356,10 +386,11 @@ def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | None, co
 
 def decoded(
     samples: Iterable[dict[str, Any]], task: str, resolution: int, dropout: float, rng: random.Random,
-    counter: SkipCounter,
+    counter: SkipCounter, latents: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Decode each sample, skip and count the bad ones (webdataset's map with a handler), drop prompts."""
-    decode = wds.map(partial(decode_sample, task=task, resolution=resolution), handler=counter.bad_sample)
+    decode = wds.map(partial(decode_sample, task=task, resolution=resolution, latents=latents),
+                     handler=counter.bad_sample)
     for sample in decode(samples):
         counter.good_sample()
         yield {**sample, "caption": drop_prompt(sample["caption"], rng, dropout)}
@@ -413,6 +444,7 @@ class StreamConfig:
     rank: int
     world_size: int
     shuffle_buffer: int
+    latents: bool = False  # read the stored latent distributions instead of decoding the images
 
 
 class ControlNetStream(IterableDataset):
@@ -471,7 +503,7 @@ class ControlNetStream(IterableDataset):
             partial(keep_keys, keys=self.source.keys, counter=counter),
             wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed),
             partial(decoded, task=self.source.task, resolution=cfg.resolution, dropout=cfg.prompt_dropout,
-                    rng=random.Random(dropout_seed), counter=counter),
+                    rng=random.Random(dropout_seed), counter=counter, latents=cfg.latents),
             partial(batches_with_skips, batch_size=cfg.batch_size, partial_last=not resampled, counter=counter),
         ]
         if resampled:
@@ -495,6 +527,7 @@ def make_dataset(
     world_size: int = 1,
     num_workers: int = 0,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    latents: bool = False,
 ) -> ControlNetStream:
     """The stream of batches for one rank. Workers split the work by torch's worker info at iter(); num_workers
     (the loader's) is only checked here: in one pass, a worker without a shard of its own makes no batch."""
@@ -502,31 +535,19 @@ def make_dataset(
     if epoch_samples is None and len(source.urls) < world_size * max(num_workers, 1):
         log.warning("%d shards for %d ranks x %d workers: some workers get none", len(source.urls), world_size,
                     num_workers)
-    cfg = StreamConfig(resolution, batch_size, seed, prompt_dropout, epoch_samples, rank, world_size, shuffle_buffer)
+    cfg = StreamConfig(resolution, batch_size, seed, prompt_dropout, epoch_samples, rank, world_size, shuffle_buffer,
+                       latents)
     return ControlNetStream(source, cfg)
 
 
-def make_loader(
-    source: DataSource | str | list[str],
-    *,
-    resolution: int,
-    batch_size: int,
-    seed: int,
-    prompt_dropout: float = 0.5,
-    epoch_samples: int | None,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    shuffle_buffer: int = SHUFFLE_BUFFER,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader over make_dataset's batches (batched already: batch_size=None here).
+def make_loader(source: DataSource | str | list[str], *, num_workers: int = 0, pin_memory: bool = False,
+                **stream: Any) -> DataLoader:
+    """A DataLoader over make_dataset's batches (batched already: batch_size=None here); `stream` takes
+    make_dataset's keywords.
 
     Workers persist across epochs so each one's epoch counter advances (fresh copies would repeat epoch 0).
     """
-    dataset = make_dataset(source, resolution=resolution, batch_size=batch_size, seed=seed,
-                           prompt_dropout=prompt_dropout, epoch_samples=epoch_samples, rank=rank,
-                           world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
+    dataset = make_dataset(source, num_workers=num_workers, **stream)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=pin_memory)
 
@@ -534,12 +555,17 @@ def make_loader(
 # ---------------------------------------------------------------- the validation set and the dataset's settings
 
 
-def job_settings(source: DataSource) -> dict[str, Any]:
-    """The dataset job's settings (the `config` of the dataset's manifest.json); {} when no manifest is known."""
+def dataset_manifest(source: DataSource) -> dict[str, Any]:
+    """The dataset's manifest.json; {} when no manifest is known."""
     if source.dataset is None:
         return {}
     fs, path = fsspec.core.url_to_fs(f"{source.dataset.rstrip('/')}/{fmt.MANIFEST}")
-    return json.loads(fs.cat_file(path)).get("config", {}) if fs.exists(path) else {}
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+
+
+def job_settings(source: DataSource) -> dict[str, Any]:
+    """The dataset job's settings (the `config` of the dataset's manifest.json); {} when no manifest is known."""
+    return dataset_manifest(source).get("config", {})
 
 
 def lowest_key_hashes(source: DataSource, count: int, resolution: int, spare: int | None = None) -> list[dict]:

@@ -126,6 +126,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
+        self.latents = False  # whether batches carry the dataset's stored latents (use_stored_latents)
 
     # ---- the paper's large-scale mode
 
@@ -193,7 +194,7 @@ class Trainer:
             loader = make_loader(
                 source, resolution=self.cfg.resolution, batch_size=self.cfg.batch_size, seed=seed,
                 prompt_dropout=self.cfg.prompt_dropout, epoch_samples=self.cfg.epoch_samples, rank=self.rank,
-                world_size=self.world_size, num_workers=self.cfg.data_workers,
+                world_size=self.world_size, num_workers=self.cfg.data_workers, latents=self.latents,
             )
             yield from loader
             epoch += 1
@@ -206,14 +207,16 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)  # (B, 3, R, R) in [-1, 1]
+            pixel_values, latent_dist = (batch[k].to(self.device, non_blocking=True) if k in batch else None
+                                         for k in ("pixel_values", "latent_dist"))  # images or stored latents
             condition = batch["conditioning_pixel_values"].to(self.device, non_blocking=True)  # (B, 3, R, R) in [0, 1]
             text = encode_prompts(self.base, list(batch["caption"]), self.device)
             last = i == len(micro_batches) - 1
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                       enabled=self.amp_dtype is not None):
-                loss = diffusion_loss(self.base, self.model, pixel_values, condition, text, generator)
+                loss = diffusion_loss(self.base, self.model, pixel_values, condition, text, generator,
+                                      latent_dist=latent_dist)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach().float() / len(micro_batches)
         self.scaler.unscale_(self.optimizer)
@@ -225,6 +228,41 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
         return total
+
+
+def stored_latents_plan(stored: dict[str, Any] | None, dataset_resolution: int | None, cfg: TrainConfig,
+                        base_has_vae: bool) -> tuple[bool, str]:
+    """(whether to train on the dataset's stored latents, why not). Their VAE is checked separately."""
+    if not stored:
+        return False, ""
+    if cfg.latents == "off":
+        return False, "stored latents not used (--latents off)"
+    if not base_has_vae:
+        return False, "stored latents not used: the base is a pixel-space model"
+    if dataset_resolution != cfg.resolution:
+        return False, f"stored latents not used: they are of {dataset_resolution} px images, training is at " \
+                      f"{cfg.resolution} px"
+    return True, ""
+
+
+def use_stored_latents(trainer: Trainer, source) -> str:
+    """Decide whether the trainer reads the dataset's stored latents (set trainer.latents); a line for the log.
+    Latents from another VAE than the base's would train on the wrong targets: an error, not a fallback."""
+    from annotate.latents import vae_fingerprint
+    from train.data import dataset_manifest
+
+    manifest = dataset_manifest(source)
+    stored = manifest.get("latents")
+    use, why_not = stored_latents_plan(stored, manifest.get("config", {}).get("resolution"), trainer.cfg,
+                                       trainer.base.vae is not None)
+    if use:
+        if vae_fingerprint(trainer.base.vae) != stored.get("vae_sha256"):
+            raise ValueError(f"the dataset's latents were made by the VAE of {stored.get('base_model')} "
+                             f"(sha256 {str(stored.get('vae_sha256'))[:12]}...), not by this base's "
+                             f"({trainer.cfg.base_model}); train with --latents off to encode the images")
+        trainer.latents = True
+        return f"training on the dataset's stored latents (VAE of {stored.get('base_model')})"
+    return why_not
 
 
 def adamw_implementation(device: torch.device) -> dict[str, bool]:
@@ -443,10 +481,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.unlock_decoder()
 
     source, held_out = split_validation(resolve_shards(cfg.data), cfg.validation_data)
+    latents = use_stored_latents(trainer, source)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
                     + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")
+                    + (f"; {latents}" if latents else "")
                     + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
     # rank 0 alone sets up W&B and validation and validates; the others wait for it on a group of their own
     rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)

@@ -189,9 +189,15 @@ def encode_prompts(base: BaseModel, captions: list[str], device: torch.device, g
         return base.text_encoder(ids)[0]
 
 
-def to_model_space(base: BaseModel, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def to_model_space(base: BaseModel, pixel_values: torch.Tensor | None, generator: torch.Generator,
+                   latent_dist: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> what the UNet denoises: scaled VAE latents (B, 4, H/8, W/8) sampled from
-    the encoder's distribution, or the pixels themselves in pixel space."""
+    the encoder's distribution, or the pixels themselves in pixel space. `latent_dist` (B, 2, 4, H/8, W/8): that
+    distribution's mean and std, stored by the dataset job, sampled here as the VAE's own sample() would."""
+    if latent_dist is not None:
+        mean, std = latent_dist[:, 0], latent_dist[:, 1]
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * base.vae.config.scaling_factor
     if base.vae is None:
         return pixel_values
     with torch.no_grad():
@@ -214,14 +220,16 @@ def diffusion_loss(
     text_embeddings: torch.Tensor,
     generator: torch.Generator,
     snr_gamma: float | None = None,
+    latent_dist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 10: || eps - eps_theta(z_t, t, c_t, c_f) ||^2 (v-prediction when the scheduler says so).
 
-    pixel_values: (B, 3, H, W) in [-1, 1]; condition: (B, 3, H, W) in [0, 1], or None for the base alone.
+    pixel_values: (B, 3, H, W) in [-1, 1] (None with latent_dist, the stored latent distribution of those images);
+    condition: (B, 3, H, W) in [0, 1], or None for the base alone.
     snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up pretraining a base; the ControlNet
     trains on the paper's plain loss (None).
     """
-    samples = to_model_space(base, pixel_values, generator)
+    samples = to_model_space(base, pixel_values, generator, latent_dist)
     noise = torch.randn(samples.shape, generator=generator, device=samples.device, dtype=samples.dtype)
     steps = base.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (samples.shape[0],), generator=generator, device=samples.device)

@@ -1,0 +1,76 @@
+"""a base model's VAE encoding the stored target images once, in the dataset job, so the trainer need not encode
+them at every step: each image's latent distribution (mean and std), exact because the job fixes the crop"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from annotate.device import pick_device
+
+LATENT_DTYPE = np.float16  # mean and std: finer than the bf16 the trainer's autocast encodes in on GPUs
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """sha256 of the VAE's config and weights: the dataset job records it, the trainer compares its base's VAE
+    with it (a folder name says nothing about the weights in it)."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pixels_of_jpeg(data: bytes) -> np.ndarray:
+    """The stored JPEG decoded as the trainer decodes it (PIL, RGB): the latents are of these pixels, not of the
+    pixels before compression."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
+
+
+def to_npy(distribution: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, distribution, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def from_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class LatentEncoder:
+    """The VAE of a base model in diffusers layout (`<base>/vae`, a local folder or hub id): images in, (2, C, h, w)
+    float16 arrays out, mean then std of the encoder's diagonal Gaussian."""
+
+    name = "latents"
+
+    def __init__(self, base_model: str, device: str | None = None):
+        from diffusers import AutoencoderKL
+
+        self.base_model = base_model
+        self.device = pick_device(device)
+        try:
+            vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {str(e).splitlines()[0]})") \
+                from None
+        self.fingerprint = vae_fingerprint(vae)
+        self.vae = vae.to(self.device).eval()  # fp32: these latents serve every later run
+
+    @torch.inference_mode()
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """RGB uint8 (R, R, 3) images, as the trainer reads them -> latent distributions."""
+        batch = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        dist = self.vae.encode(batch).latent_dist
+        both = torch.stack([dist.mean, dist.std], dim=1).to("cpu").numpy()  # (B, 2, C, h, w)
+        return [d.astype(LATENT_DTYPE) for d in both]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "base_model": self.base_model, "vae_sha256": self.fingerprint,
+                "scaling_factor": self.vae.config.scaling_factor, "dtype": np.dtype(LATENT_DTYPE).name,
+                "layout": "(2, C, H/8, W/8): mean, std"}

@@ -1,0 +1,235 @@
+"""Trainer speed: `train/run.py` side by side with diffusers' `examples/controlnet/train_controlnet.py` (the trainer
+users would pick instead), alternating runs, medians. Without --peer-script it times our variants alone.
+
+Both train a ControlNet on the project's tiny debug SD, on the same 256 image/condition/caption triplets, at batch
+4, 64 px, fp32, lr 1e-5, 50% empty prompts, gradient clipping at 1.0, no validation, on this machine's cores. Each
+run is watched from outside: the time its console first reports step 1 (command to first step), the median step
+time after the first few steps (from the times steps are reported), the time from the last step to the process's
+exit, and the peak PSS of its whole process tree (Ray's processes included).
+
+    python -m bench.trainer_speed [--peer-script PATH/train_controlnet.py] [--steps 60] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES, BATCH, RESOLUTION, LR, WARMUP_STEPS = 256, 4, 64, 1e-5, 5
+OUR_STEP = re.compile(rb"\] step (\d+)/(\d+)")  # train.tracking's progress line
+PEER_STEP = re.compile(rb"\| *(\d+)/(\d+) \[")  # tqdm's bar: "Steps:  10%|#   | 3/30 [00:01<..."
+
+
+@dataclass
+class Timing:
+    first_step_s: float  # command to the first step reported
+    s_per_step: float  # median over the steps after WARMUP_STEPS
+    after_last_s: float  # last step reported to process exit (saving, shutting down)
+    total_s: float
+    peak_pss_gb: float
+
+
+# ---------------------------------------------------------------- pure: reading a run's step reports
+
+
+def step_times(chunks: list[tuple[float, bytes]], pattern: re.Pattern) -> dict[int, float]:
+    """{step: when it was first reported} from timestamped console output (a step may be printed again, as
+    tqdm redraws its bar; the first sighting counts)."""
+    seen: dict[int, float] = {}
+    for when, text in chunks:
+        for match in pattern.finditer(text):
+            seen.setdefault(int(match.group(1)), when)
+    return seen
+
+
+def timing_of(started: float, ended: float, steps: dict[int, float], max_steps: int, peak_pss: float) -> Timing:
+    if 1 not in steps or max_steps not in steps:
+        raise RuntimeError(f"the run did not report steps 1 and {max_steps} (saw {sorted(steps)[:5]}...)")
+    later = [steps[s] - steps[s - 1] for s in range(WARMUP_STEPS + 1, max_steps + 1) if s in steps and s - 1 in steps]
+    per_step = statistics.median(later) if later else (steps[max_steps] - steps[1]) / max(max_steps - 1, 1)
+    return Timing(first_step_s=steps[1] - started, s_per_step=per_step, after_last_s=ended - steps[max_steps],
+                  total_s=ended - started, peak_pss_gb=peak_pss / 2**30)
+
+
+# ---------------------------------------------------------------- I/O: running and watching one command
+
+
+def tree_pss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # a child that just ended
+            total += p.memory_full_info().pss
+    return total
+
+
+def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: int, log: Path) -> Timing:
+    """Run a command to its end, timestamping its console output and sampling its tree's memory."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks: list[tuple[float, bytes]] = []
+
+    def read() -> None:
+        while data := proc.stdout.read1(65536):
+            chunks.append((time.perf_counter(), data))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    peak, handle = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(handle))
+        time.sleep(1.0)
+    ended = time.perf_counter()
+    reader.join(timeout=10)
+    log.write_bytes(b"".join(text for _, text in chunks))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {proc.returncode}; see {log}")
+    return timing_of(started, ended, step_times(chunks, pattern), max_steps, peak)
+
+
+# ---------------------------------------------------------------- the runs
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """The tiny debug SD and a 256-sample 64 px Canny dataset made by the dataset job."""
+    from bench.canny_throughput import make_inputs
+    from pipeline.build import main as build_dataset
+    from train.tiny_sd import build_tiny_sd
+
+    base = build_tiny_sd(work / "tiny-sd")
+    dataset = work / "canny"
+    if not (dataset / "manifest.json").exists():
+        make_inputs(work / "photos", SAMPLES, per_shard=64)
+        if build_dataset(["--input", str(work / "photos"), "--output", str(dataset), "--resolution",
+                          str(RESOLUTION), "--num-workers", "1"]) != 0:
+            raise RuntimeError("the dataset job failed")
+    return base, dataset
+
+
+def ours(base: Path, dataset: Path, work: Path, steps: int, run: str, extra: list[str]) -> tuple[list[str], dict]:
+    argv = [sys.executable, "train/run.py", "--preset", "debug", "--base-model", str(base), "--data", str(dataset),
+            "--validation-data", str(dataset), "--resolution", str(RESOLUTION), "--batch-size", str(BATCH),
+            "--lr", str(LR), "--max-steps", str(steps), "--validate-every", "0", "--checkpoint-every", str(steps),
+            "--log-every", "1", "--epoch-samples", str(SAMPLES), "--wandb", "off",
+            "--storage-path", str(work / "runs"), "--run-name", run, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TMPDIR": str(work / "ray"), "WANDB_MODE": "disabled"}
+    return argv, env
+
+
+VARIANTS = {  # ours, by lever; "local" is the default since the levers landed
+    "ours: Ray worker": ["--num-workers", "1"],
+    "ours: local mode, 1 thread": ["--num-workers", "0", "--cpus-per-worker", "1"],
+    "ours: local mode": ["--num-workers", "0"],
+    "ours: local mode, 1 data worker": ["--num-workers", "0", "--data-workers", "1"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-script", type=Path, help="diffusers' examples/controlnet/train_controlnet.py")
+    parser.add_argument("--peer-venv", type=Path, default=REPO / "bench" / "results" / "peer-venv",
+                        help="the peer's own virtualenv, built on first use (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each trainer, alternating (default: %(default)s)")
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=sorted(VARIANTS),
+                        help="which of our variants to time (default: all)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "trainer_speed.json")
+    args = parser.parse_args(argv)
+    if args.peer_script and not args.peer_script.is_file():
+        parser.error(f"--peer-script {args.peer_script}: no such file")
+    work = Path(tempfile.mkdtemp(prefix="trainer-speed-"))
+    base, dataset = prepare(work)
+    commands: dict[str, tuple[list[str], dict, re.Pattern]] = {}
+    if args.peer_script:
+        from bench.peer import build_peer_venv, peer_command, write_peer_dataset
+
+        python = build_peer_venv(args.peer_venv)
+        write_peer_dataset(sorted(str(p) for p in (dataset / "shards").glob("*.tar")), work / "peer-data")
+    for repeat in range(args.repeats):
+        if args.peer_script:
+            peer_argv, peer_env = peer_command(python, args.peer_script, base, work / "peer-data",
+                                               work / f"peer-out-{repeat}", steps=args.steps, batch_size=BATCH,
+                                               resolution=RESOLUTION, lr=LR, seed=0,
+                                               threads=len(os.sched_getaffinity(0)))
+            commands["diffusers train_controlnet.py"] = (peer_argv, peer_env, PEER_STEP)
+        for name in args.variants:
+            run_argv, env = ours(base, dataset, work, args.steps, f"r{repeat}-{len(commands)}", VARIANTS[name])
+            commands[name] = (run_argv, env, OUR_STEP)
+        order = list(commands)
+        order = order[repeat % len(order):] + order[: repeat % len(order)]  # alternate who goes first
+        for name in order:
+            command, env, pattern = commands[name]
+            timing = watch(command, env, pattern, args.steps, work / f"{len(results_of(name))}-{slug(name)}.log")
+            results_of(name).append(timing)
+            print(f"  {name}: {timing.s_per_step * 1000:.1f} ms/step, first step at {timing.first_step_s:.1f} s, "
+                  f"{timing.after_last_s:.1f} s after the last, {timing.peak_pss_gb:.2f} GB", flush=True)
+    rows = summarize(RUNS, "diffusers train_controlnet.py" if args.peer_script else None)
+    print(to_markdown(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {"samples": SAMPLES, "batch": BATCH, "resolution": RESOLUTION,
+                                                 "lr": LR, "steps": args.steps, "repeats": args.repeats,
+                                                 "cpus": len(os.sched_getaffinity(0))},
+                                    "rows": rows, "runs": {k: [asdict(t) for t in v] for k, v in RUNS.items()}},
+                                   indent=1))
+    print(f"wrote {args.out} (logs in {work})")
+    return 0
+
+
+RUNS: dict[str, list[Timing]] = {}
+
+
+def results_of(name: str) -> list[Timing]:
+    return RUNS.setdefault(name, [])
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def summarize(runs: dict[str, list[Timing]], peer: str | None) -> list[dict]:
+    """One row per trainer: medians over its runs, and speed against the peer's."""
+    rows = []
+    for name, timings in runs.items():
+        row = {"trainer": name, **{k: statistics.median(getattr(t, k) for t in timings) for k in asdict(timings[0])}}
+        row["samples_per_s"] = BATCH / row["s_per_step"]
+        rows.append(row)
+    if peer and peer in runs:
+        reference = next(r for r in rows if r["trainer"] == peer)
+        for row in rows:
+            row["speed_vs_peer"] = reference["s_per_step"] / row["s_per_step"]
+            row["total_vs_peer"] = reference["total_s"] / row["total_s"]
+            row["memory_vs_peer"] = row["peak_pss_gb"] / reference["peak_pss_gb"]
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    peer = "speed_vs_peer" in rows[0] if rows else False
+    head = "| trainer | s/step | samples/s | first step (s) | after last (s) | whole run (s) | peak PSS (GB) |"
+    head += " speed vs peer | whole run vs peer | memory vs peer |" if peer else ""
+    lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
+    for r in rows:
+        line = (f"| {r['trainer']} | {r['s_per_step']:.4f} | {r['samples_per_s']:.1f} | {r['first_step_s']:.1f} | "
+                f"{r['after_last_s']:.1f} | {r['total_s']:.1f} | {r['peak_pss_gb']:.2f} |")
+        if peer:
+            line += f" {r['speed_vs_peer']:.2f}x | {r['total_vs_peer']:.2f}x | {r['memory_vs_peer']:.2f}x |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

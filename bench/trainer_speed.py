@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -102,23 +103,36 @@ def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: 
 # ---------------------------------------------------------------- the runs
 
 
-def prepare(work: Path) -> tuple[Path, Path]:
-    """The tiny debug SD and a 256-sample 64 px Canny dataset made by the dataset job."""
+def prepare(work: Path) -> tuple[Path, dict[str, Path], dict]:
+    """The tiny debug SD and the same 256 photos as a 64 px Canny dataset made by the dataset job, twice: plain,
+    and with the VAE's latents stored (--latents); what storing them cost the job."""
     from bench.canny_throughput import make_inputs
     from pipeline.build import main as build_dataset
     from train.tiny_sd import build_tiny_sd
 
     base = build_tiny_sd(work / "tiny-sd")
-    dataset = work / "canny"
-    if not (dataset / "manifest.json").exists():
-        make_inputs(work / "photos", SAMPLES, per_shard=64)
-        if build_dataset(["--input", str(work / "photos"), "--output", str(dataset), "--resolution",
-                          str(RESOLUTION), "--num-workers", "1"]) != 0:
-            raise RuntimeError("the dataset job failed")
-    return base, dataset
+    make_inputs(work / "photos", SAMPLES, per_shard=64)
+    datasets, seconds = {"plain": work / "canny", "latents": work / "canny-latents"}, {}
+    for name, folder in datasets.items():
+        started = time.perf_counter()
+        extra = ["--latents", str(base)] if name == "latents" else []
+        if build_dataset(["--input", str(work / "photos"), "--output", str(folder), "--resolution", str(RESOLUTION),
+                          "--num-workers", "1", *extra]) != 0:
+            raise RuntimeError(f"the {name} dataset job failed")
+        seconds[name] = time.perf_counter() - started
+    latent_bytes = []
+    for tar in (datasets["latents"] / "shards").glob("*.tar"):
+        with tarfile.open(tar) as f:
+            latent_bytes += [m.size for m in f.getmembers() if m.name.endswith(".latent.npy")]
+    job = {"job_s_plain": seconds["plain"], "job_s_latents": seconds["latents"],
+           "extra_ms_per_sample": (seconds["latents"] - seconds["plain"]) / SAMPLES * 1000,
+           "latent_bytes_per_sample": statistics.median(latent_bytes),
+           "latent_bytes_per_sample_at_512px": 2 * 4 * 64 * 64 * 2 + 128}  # (2, 4, 64, 64) float16 + .npy header
+    return base, datasets, job
 
 
 def ours(base: Path, dataset: Path, work: Path, steps: int, run: str, extra: list[str]) -> tuple[list[str], dict]:
+    """Our trainer's command: the debug preset on the tiny SD, the benchmark's settings."""
     argv = [sys.executable, "train/run.py", "--preset", "debug", "--base-model", str(base), "--data", str(dataset),
             "--validation-data", str(dataset), "--resolution", str(RESOLUTION), "--batch-size", str(BATCH),
             "--lr", str(LR), "--max-steps", str(steps), "--validate-every", "0", "--checkpoint-every", str(steps),
@@ -129,11 +143,12 @@ def ours(base: Path, dataset: Path, work: Path, steps: int, run: str, extra: lis
     return argv, env
 
 
-VARIANTS = {  # ours, by lever; "local" is the default since the levers landed
-    "ours: Ray worker": ["--num-workers", "1"],
-    "ours: local mode, 1 thread": ["--num-workers", "0", "--cpus-per-worker", "1"],
-    "ours: local mode": ["--num-workers", "0"],
-    "ours: local mode, 1 data worker": ["--num-workers", "0", "--data-workers", "1"],
+VARIANTS = {  # ours, by lever: (flags, dataset); the last is what a user gets by default with stored latents
+    "ours: Ray worker": (["--num-workers", "1"], "plain"),
+    "ours: local mode, 1 thread": (["--num-workers", "0", "--cpus-per-worker", "1"], "plain"),
+    "ours: local mode": (["--num-workers", "0"], "plain"),
+    "ours: local mode, 1 data worker": (["--num-workers", "0", "--data-workers", "1"], "plain"),
+    "ours: local mode, stored latents": (["--num-workers", "0"], "latents"),
 }
 
 
@@ -153,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer_script and not args.peer_script.is_file():
         parser.error(f"--peer-script {args.peer_script}: no such file")
     work = Path(tempfile.mkdtemp(prefix="trainer-speed-"))
-    base, dataset = prepare(work)
+    base, datasets, job = prepare(work)
+    print(f"dataset job: {job['job_s_plain']:.1f} s plain, {job['job_s_latents']:.1f} s storing latents "
+          f"({job['extra_ms_per_sample']:.1f} ms/sample more; {job['latent_bytes_per_sample']:.0f} B/sample here, "
+          f"{job['latent_bytes_per_sample_at_512px'] / 1024:.0f} KiB at 512 px)", flush=True)
     commands: dict[str, tuple[list[str], dict, re.Pattern]] = {}
     if args.peer_script:
         from bench.peer import build_peer_venv, peer_command, write_peer_dataset
 
         python = build_peer_venv(args.peer_venv)
-        write_peer_dataset(sorted(str(p) for p in (dataset / "shards").glob("*.tar")), work / "peer-data")
+        write_peer_dataset(sorted(str(p) for p in (datasets["plain"] / "shards").glob("*.tar")), work / "peer-data")
     for repeat in range(args.repeats):
         if args.peer_script:
             peer_argv, peer_env = peer_command(python, args.peer_script, base, work / "peer-data",
@@ -168,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                                                threads=len(os.sched_getaffinity(0)))
             commands["diffusers train_controlnet.py"] = (peer_argv, peer_env, PEER_STEP)
         for name in args.variants:
-            run_argv, env = ours(base, dataset, work, args.steps, f"r{repeat}-{len(commands)}", VARIANTS[name])
+            flags, data = VARIANTS[name]
+            run_argv, env = ours(base, datasets[data], work, args.steps, f"r{repeat}-{slug(name)}", flags)
             commands[name] = (run_argv, env, OUR_STEP)
         order = list(commands)
         order = order[repeat % len(order):] + order[: repeat % len(order)]  # alternate who goes first
@@ -181,11 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(RUNS, "diffusers train_controlnet.py" if args.peer_script else None)
     print(to_markdown(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {"samples": SAMPLES, "batch": BATCH, "resolution": RESOLUTION,
-                                                 "lr": LR, "steps": args.steps, "repeats": args.repeats,
-                                                 "cpus": len(os.sched_getaffinity(0))},
-                                    "rows": rows, "runs": {k: [asdict(t) for t in v] for k, v in RUNS.items()}},
-                                   indent=1))
+    settings = {"samples": SAMPLES, "batch": BATCH, "resolution": RESOLUTION, "lr": LR, "steps": args.steps,
+                "repeats": args.repeats, "cpus": len(os.sched_getaffinity(0))}
+    args.out.write_text(json.dumps({"settings": settings, "dataset_job": job, "rows": rows,
+                                    "runs": {k: [asdict(t) for t in v] for k, v in RUNS.items()}}, indent=1))
     print(f"wrote {args.out} (logs in {work})")
     return 0
 

@@ -67,7 +67,8 @@ class TrainConfig:
     VAE at every step, when this base's VAE is the one that made them (another VAE is an error) and the run
     trains at the dataset's resolution; off: always encode the images."""
     data_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank: decoding beside the training step (they run outside the CPUs Ray
+    reserves for the worker; on a CPU-only run they compete with training for the same cores)."""
     epoch_samples: int = 10_000
     """Samples per rank per data epoch (the stream is resampled to this length)."""
     checkpoint_every: int = 500
@@ -150,7 +151,7 @@ def sd15() -> TrainConfig:
     """Stable Diffusion 1.5 with the paper's settings (lr 1e-5, 50% prompt dropout, SD locked)."""
     return TrainConfig(
         base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512, batch_size=4, lr=1e-5,
-        checkpoint_every=1000, epoch_samples=100_000, run_name="controlnet-sd15",
+        checkpoint_every=1000, epoch_samples=100_000, run_name="controlnet-sd15", data_workers=2,
     )
 
 

@@ -195,6 +195,7 @@ class Trainer:
                 source, resolution=self.cfg.resolution, batch_size=self.cfg.batch_size, seed=seed,
                 prompt_dropout=self.cfg.prompt_dropout, epoch_samples=self.cfg.epoch_samples, rank=self.rank,
                 world_size=self.world_size, num_workers=self.cfg.data_workers, latents=self.latents,
+                pin_memory=self.device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
             )
             yield from loader
             epoch += 1

@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ class Sizes:
 
 
 # seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
-ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 120, "annotators": 90}
+ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "annotators": 90}
 
 
 @dataclass
@@ -536,7 +537,16 @@ def measure_training(ctx: Context, name: str, make_step: Callable[[int], Callabl
             "tflop_per_step": flops / 1e12, "achieved_tflops": achieved, "mfu": achieved / rate if rate else None}
 
 
-def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int) -> Callable[[int], Callable[[], Any]]:
+def with_stored_latents(base, data: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch as a dataset built with --latents gives it: the VAE's mean and std instead of the images."""
+    with torch.no_grad():
+        dist = base.vae.encode(data["pixel_values"].to(device, base.vae.dtype)).latent_dist
+    stored = torch.stack([dist.mean, dist.std], dim=1).to(torch.float16).float()  # stored as float16
+    return {**{k: v for k, v in data.items() if k != "pixel_values"}, "latent_dist": stored}
+
+
+def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int,
+                     stored_latents: bool = False) -> Callable[[int], Callable[[], Any]]:
 
     from train.config import sd15 as sd15_preset
     from train.loop import Trainer
@@ -549,6 +559,8 @@ def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int) -> Callab
         with ctx.device:  # the ControlNet copy initialised on the device
             trainer = Trainer(cfg, 0, 1, ctx.device, base=base)
         data = synthetic_batch(batch, px)
+        if stored_latents:
+            data = with_stored_latents(base, data, ctx.device)
         generator = torch.Generator(ctx.device).manual_seed(0)
         return lambda: trainer.train_step([data], generator)
 
@@ -595,6 +607,8 @@ def sd15(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     base = sd15_base(ctx.device, sizes.full_size)
     plan = [("ControlNet", controlnet_steps, b, gc_on) for b in sizes.sd_batches for gc_on in (False, True)]
+    plan += [("ControlNet, stored latents", partial(controlnet_steps, stored_latents=True), b, False)
+             for b in sizes.sd_batches]  # the VAE encoder's share of a step, which --latents saves
     plan += [("UNet fine-tuning", unet_steps, b, False) for b in sizes.sd_batches]
     per_config_s = 20 if sizes.full_size else 0
     rows = []

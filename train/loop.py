@@ -267,9 +267,10 @@ def use_stored_latents(trainer: Trainer, source) -> str:
 
 
 def adamw_implementation(device: torch.device) -> dict[str, bool]:
-    """AdamW's fused kernels on CUDA (one launch for every parameter, not a few per tensor); the multi-tensor
-    (foreach) path elsewhere, which torch picks on its own only for CUDA tensors."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """AdamW's fused kernels: one pass over every parameter instead of a few kernels per tensor (torch has them for
+    CPU and CUDA; on this project's 2-core CPU bench, 2.5-3.9 ms against 8.5 ms for foreach and 11 ms for the
+    default loop, for the tiny SD's 128 ControlNet tensors)."""
+    return {"fused": device.type in ("cuda", "cpu")} if device.type in ("cuda", "cpu") else {"foreach": True}
 
 
 def _as_tuples(value):
@@ -419,11 +420,13 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
     with tempfile.TemporaryDirectory() as folder:
         if trainer.rank == 0:
             trainer.save(Path(folder))
-        if local:
-            run = run_url(cfg.storage_path, cfg.run_name)
-            url = publish(Path(folder), run, trainer.state.step)
-            prune(run, cfg.keep_checkpoints)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(url))
+        if local:  # one rank, or several started by torchrun (which local mode also runs under): rank 0 publishes
+            checkpoint = None
+            if trainer.rank == 0:
+                run = run_url(cfg.storage_path, cfg.run_name)
+                checkpoint = ray.train.Checkpoint(publish(Path(folder), run, trainer.state.step))
+                prune(run, cfg.keep_checkpoints)
+            ray.train.report(metrics, checkpoint=checkpoint)
         else:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0
                              else None)

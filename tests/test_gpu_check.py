@@ -29,7 +29,7 @@ def test_smoke_runs_every_section_without_ray_and_writes_the_tables(tmp_path):
     assert all(s["status"] == "ok" for s in report["sections"].values()), report["sections"]
     sd = report["sections"]["sd15"]
     assert {(r["model"], r["grad_checkpointing"]) for r in sd["rows"]} == {
-        ("ControlNet", False), ("ControlNet", True), ("UNet fine-tuning", False)}
+        ("ControlNet", False), ("ControlNet", True), ("ControlNet, stored latents", False), ("UNet fine-tuning", False)}
     assert all(r["samples_per_s"] > 0 and r["tflop_per_step"] > 0 and r["mfu"] > 0 for r in sd["rows"])
     assert sd["overhead"] and sd["overhead"][0]["time"] > 0
     phases = [r["phase"] for r in report["sections"]["toy"]["rows"]]
@@ -45,4 +45,4 @@ def test_a_section_that_does_not_fit_is_skipped_and_says_so(tmp_path):
 
     ctx = Context(None, Sizes.of(smoke=False), Budget(5), tmp_path, smoke=False)
     result = run_section("sd15", lambda c: {"never": "run"}, ctx)
-    assert result["status"] == "skipped" and "needs ~120 s" in result["reason"]
+    assert result["status"] == "skipped" and "needs ~160 s" in result["reason"]

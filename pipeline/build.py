@@ -14,31 +14,13 @@ import fsspec
 import ray
 from tqdm import tqdm
 
-from annotate import annotator_params, build_annotator, build_captioner
 from pipeline import format as fmt
 from pipeline.config import BuildConfig, parse_config, settings_mismatch
+from pipeline.distributor import ModelLoadError, run_pool
 from pipeline.reader import InputShard, list_input_shards
 from pipeline.writer import clear_staging, staging_root
 
 FORMAT_VERSION = 1
-
-
-def build_models(cfg: BuildConfig):
-    """The annotator and (when captions come from a model) the captioner, as each actor holds them."""
-    annotator = build_annotator(cfg.task, device=cfg.device, **annotator_params(cfg.task, asdict(cfg)))
-    captioner = None
-    if cfg.caption in {"blip", "auto"}:
-        captioner = build_captioner("blip", weights=cfg.weights, device=cfg.device, num_beams=cfg.caption_beams)
-    return annotator, captioner
-
-
-def build_latent_encoder(cfg: BuildConfig):
-    """The base's VAE when --latents asks for stored latents, else None."""
-    if not cfg.latents:
-        return None
-    from annotate.latents import LatentEncoder
-
-    return LatentEncoder(cfg.latents, device=cfg.device)
 
 
 def done_shards(out: str) -> dict[str, str]:
@@ -159,8 +141,6 @@ def init_ray() -> None:
 
 def run(cfg: BuildConfig) -> int:
     """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
-    from pipeline.distributor import run_pool
-
     shards = list_input_shards(cfg.input, cfg.files_per_shard)
     todo, skipped = plan(shards, done_shards(cfg.output), cfg.overwrite)
     check_resume_settings(cfg, skipped)
@@ -200,8 +180,6 @@ def run(cfg: BuildConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BuildConfig, argv, "Build a ControlNet dataset: input shards -> condition maps -> shards.")
-    from pipeline.distributor import ModelLoadError
-
     joined_here = not ray.is_initialized()
     try:
         return run(cfg)

@@ -29,7 +29,7 @@ class ShardActor:
         import cv2
         import torch
 
-        from pipeline.build import build_latent_encoder, build_models
+        from pipeline.models import build_latent_encoder, build_models
 
         # one thread pool per reserved CPU: OpenCV and torch would otherwise each start one per core
         threads = max(1, int(cfg.cpus_per_worker))

@@ -1,4 +1,4 @@
-"""make gpu-check's script, at toy sizes on the CPU (--smoke), in a process where Ray, W&B, kornia, s3fs and tyro
+"""make gpu-check's script, at toy sizes on the CPU (--smoke), in a process where Ray, W&B, s3fs and tyro
 cannot be imported (the GPU machine has none of them, and `make gpu-wheels` carries none): every section runs and
 reports"""
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["environment", "parity", "amp", "toy", "sd15", "annotators"]
-ABSENT = ["ray", "wandb", "kornia", "s3fs", "moto", "tyro"]  # what `make gpu-wheels` does not carry
+ABSENT = ["ray", "wandb", "s3fs", "moto", "tyro"]  # what `make gpu-wheels` does not carry
 
 
 def test_smoke_runs_every_section_without_ray_and_writes_the_tables(tmp_path):

@@ -25,10 +25,7 @@ FORMAT_VERSION = 1
 
 def done_shards(out: str) -> dict[str, str]:
     """Names of committed output shards (those with a stats.json) -> their stats URL."""
-    fs, path = fsspec.core.url_to_fs(out)
-    fs.invalidate_cache()  # workers wrote these from other processes: a cached listing would be stale
-    found = fs.glob(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.STATS_SUFFIX}")
-    return {Path(p).name.removesuffix(fmt.STATS_SUFFIX): fs.unstrip_protocol(p) for p in found}
+    return {shard.name: shard.stats for shard in fmt.committed_shards(out)}
 
 
 def plan(shards: list[InputShard], done: dict[str, str], overwrite: bool) -> tuple[list[InputShard], list[str]]:
@@ -74,12 +71,7 @@ def code_version() -> dict[str, str | None]:
 
 
 def read_all_stats(out: str) -> list[dict[str, Any]]:
-    urls = list(done_shards(out).values())
-    if not urls:
-        return []
-    fs, _ = fsspec.core.url_to_fs(urls[0])
-    blobs = fs.cat([fsspec.core.url_to_fs(u)[1] for u in urls])  # one concurrent batch on object stores
-    return [json.loads(b) for b in blobs.values()]
+    return fmt.read_stats(fmt.committed_shards(out))
 
 
 def totals(stats: list[dict[str, Any]]) -> dict[str, int]:

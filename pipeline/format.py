@@ -1,8 +1,14 @@
-"""the output shard format: the one contract between the dataset job and the trainer"""
+"""the output shard format: the one contract between the dataset job and the trainer. It names the files and
+members, and it is the one place that lists a dataset's committed shards and reads their stats, indexes and the
+manifest (the dataset job, the trainer, the preview and the subsets all read through it)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Final
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+import fsspec
 
 # statuses of a parquet row: every input sample lands in exactly one row with one of these
 OK: Final = "ok"
@@ -52,6 +58,54 @@ def key_hash(key: str) -> int:
     """A stable order of sample keys (unlike hash(), the same in every process and Python version): subsets break
     ties with it, and the trainer picks its validation samples by it, so a choice never depends on listing order."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True)
+class CommittedShard:
+    """One committed output shard (its stats.json exists: it is written last): its name and its files' URLs."""
+
+    name: str
+    tar: str
+    index: str
+    stats: str
+
+
+def committed_shards(dataset: str) -> list[CommittedShard]:
+    """The dataset's committed shards, by name, as URLs in the dataset's own style (plain local paths stay plain).
+    A tar or parquet whose stats.json is missing belongs to a shard still being written, or abandoned: not listed."""
+    fs, root = fsspec.core.url_to_fs(dataset)
+    fs.invalidate_cache()  # other processes commit shards: a cached listing would be stale
+    like = fs.unstrip_protocol if "://" in dataset else str
+    shards = []
+    for stats in sorted(fs.glob(f"{root.rstrip('/')}/{SHARDS_DIR}/*{STATS_SUFFIX}")):
+        base = stats.removesuffix(STATS_SUFFIX)
+        shards.append(CommittedShard(base.rsplit("/", 1)[-1], like(base + TAR_SUFFIX), like(base + INDEX_SUFFIX),
+                                     like(stats)))
+    return shards
+
+
+def read_stats(shards: list[CommittedShard]) -> list[dict[str, Any]]:
+    """The shards' stats.json (in no particular order: each names its shard), fetched in one concurrent batch
+    (object stores answer slowly one at a time)."""
+    if not shards:
+        return []
+    fs, _ = fsspec.core.url_to_fs(shards[0].stats)
+    blobs = fs.cat([fsspec.core.url_to_fs(s.stats)[1] for s in shards])  # a list in: a {path: bytes} out
+    return [json.loads(b) for b in blobs.values()]
+
+
+def read_index(shard: CommittedShard, columns: list[str]) -> dict[str, list]:
+    """Columns of a shard's parquet index (one row per input sample), as lists."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(shard.index, "rb") as f:
+        return pq.read_table(f, columns=columns).to_pydict()
+
+
+def read_manifest(dataset: str) -> dict[str, Any]:
+    """The dataset's manifest.json; {} when it has none (tars given without their dataset)."""
+    fs, root = fsspec.core.url_to_fs(f"{dataset.rstrip('/')}/{MANIFEST}")
+    return json.loads(fs.cat_file(root)) if fs.exists(root) else {}
 
 
 def shard_paths(out: str, name: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import fsspec
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import format as fmt
@@ -19,27 +18,25 @@ TEXT_WIDTH = 320
 
 
 def status_counts(dataset: str) -> dict[str, int]:
-    """Counts by status from the parquet indexes (reads one column; never the tars)."""
-    fs, path = fsspec.core.url_to_fs(dataset)
+    """Counts by status from the committed shards' parquet indexes (one column; never the tars)."""
     counts = dict.fromkeys(fmt.STATUSES, 0)
-    for index in fs.glob(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.INDEX_SUFFIX}"):
-        with fs.open(index, "rb") as f:
-            for status in pq.read_table(f, columns=["status"]).column("status").to_pylist():
-                counts[status] = counts.get(status, 0) + 1
+    for shard in fmt.committed_shards(dataset):
+        for status in fmt.read_index(shard, ["status"])["status"]:
+            counts[status] = counts.get(status, 0) + 1
     return counts
 
 
 def pick_samples(dataset: str, count: int, seed: int) -> list[dict]:
-    """`count` random samples, read from as few shards as possible: shards are picked first, then samples."""
+    """`count` random samples, read from as few committed shards as possible: shards are picked first, then
+    samples."""
     import webdataset as wds
 
-    fs, path = fsspec.core.url_to_fs(dataset)
-    tars = sorted(fs.glob(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.TAR_SUFFIX}"))
+    tars = [shard.tar for shard in fmt.committed_shards(dataset)]
     rng = random.Random(seed)
     rng.shuffle(tars)
     picked: list[dict] = []
     for tar in tars:
-        with fs.open(tar, "rb") as f:
+        with fsspec.open(tar, "rb") as f:
             samples = list(wds.tariterators.tar_file_expander([{"stream": io.BytesIO(f.read()), "url": tar}]))
         grouped = list(wds.tariterators.group_by_keys(samples))
         picked += rng.sample(grouped, min(len(grouped), count - len(picked)))

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import fsspec
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import format as fmt
@@ -131,28 +130,21 @@ def absolute(url: str) -> str:
 
 def read_samples(dataset: str) -> list[Sample]:
     """The `ok` rows of every committed shard's parquet index (a shard with stats.json), reading 4 columns only."""
-    fs, root = fsspec.core.url_to_fs(dataset)
-    fs.invalidate_cache()
-    stats = sorted(fs.glob(f"{root.rstrip('/')}/{fmt.SHARDS_DIR}/*{fmt.STATS_SUFFIX}"))
-    if not stats:
+    shards = fmt.committed_shards(dataset)
+    if not shards:
         raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {dataset}/{fmt.SHARDS_DIR}")
 
-    def one(stat: str) -> list[Sample]:
-        base = stat.removesuffix(fmt.STATS_SUFFIX)
-        tar = fs.unstrip_protocol(base + fmt.TAR_SUFFIX) if "://" in dataset else base + fmt.TAR_SUFFIX
-        with fs.open(base + fmt.INDEX_SUFFIX, "rb") as f:
-            table = pq.read_table(f, columns=COLUMNS).to_pydict()
+    def one(shard: fmt.CommittedShard) -> list[Sample]:
+        table = fmt.read_index(shard, COLUMNS)
         rows = zip(table["key"], table["status"], table["original_width"], table["original_height"], strict=True)
-        return [Sample(k, (w or 0) * (h or 0), tar) for k, status, w, h in rows if status == fmt.OK]
+        return [Sample(k, (w or 0) * (h or 0), shard.tar) for k, status, w, h in rows if status == fmt.OK]
 
-    with ThreadPoolExecutor(min(READ_THREADS, len(stats))) as pool:
-        return [s for part in pool.map(one, stats) for s in part]
+    with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
+        return [s for part in pool.map(one, shards) for s in part]
 
 
 def read_task(dataset: str) -> str | None:
-    fs, root = fsspec.core.url_to_fs(dataset)
-    path = f"{root.rstrip('/')}/{fmt.MANIFEST}"
-    return json.loads(fs.cat_file(path)).get("task") if fs.exists(path) else None
+    return fmt.read_manifest(dataset).get("task")
 
 
 def write_json(url: str, document: dict[str, object]) -> None:

@@ -121,17 +121,12 @@ def dataset_of(shard_url: str) -> str | None:
 
 def _from_folder(out: str) -> DataSource:
     """A dataset written by the dataset job: its committed shards (those with a stats.json) and its task."""
-    fs, path = fsspec.core.url_to_fs(out)
-    root = path.rstrip("/")
-    fs.invalidate_cache()  # the job may have committed shards since the last listing
-    stats = sorted(fs.glob(f"{root}/{fmt.SHARDS_DIR}/*{fmt.STATS_SUFFIX}"))
-    if not stats:
+    shards = fmt.committed_shards(out)
+    if not shards:
         raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {out}/{fmt.SHARDS_DIR}")
-    urls = [_like(out, fs, p.removesuffix(fmt.STATS_SUFFIX) + fmt.TAR_SUFFIX) for p in stats]
-    blobs = fs.cat(stats)  # one concurrent batch on object stores
-    samples = sum(json.loads(b).get("counts", {}).get(fmt.OK, 0) for b in blobs.values())
-    manifest = f"{root}/{fmt.MANIFEST}"
-    task = json.loads(fs.cat_file(manifest)).get("task") if fs.exists(manifest) else None
+    urls = [shard.tar for shard in shards]
+    samples = sum(stats.get("counts", {}).get(fmt.OK, 0) for stats in fmt.read_stats(shards))
+    task = fmt.read_manifest(out).get("task")
     return DataSource(urls, task or infer_task(urls[0]), None, {"shards": len(urls), "samples": samples}, out)
 
 
@@ -557,10 +552,7 @@ def make_loader(source: DataSource | str | list[str], *, num_workers: int = 0, p
 
 def dataset_manifest(source: DataSource) -> dict[str, Any]:
     """The dataset's manifest.json; {} when no manifest is known."""
-    if source.dataset is None:
-        return {}
-    fs, path = fsspec.core.url_to_fs(f"{source.dataset.rstrip('/')}/{fmt.MANIFEST}")
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    return fmt.read_manifest(source.dataset) if source.dataset is not None else {}
 
 
 def job_settings(source: DataSource) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def run(cfg: BuildConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BuildConfig, argv, "Build a ControlNet dataset: input shards -> condition maps -> shards.")
+    cfg = parse_config(BuildConfig, argv, prog="python -m pipeline.build")
     joined_here = not ray.is_initialized()
     try:
         return run(cfg)

@@ -1,18 +1,16 @@
 """the dataset job's typed configuration; its field docs are the command line's --help"""
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from annotate import NEURAL_TASKS  # the tasks whose networks run at --detect-resolution
 from annotate.resize import DETECT_RESOLUTION
 
 SAMPLE_INPUT = "data/sample/shards"
-TASKS = ("canny", "hed", "scribble", "midas", "openpose")  # annotate.ANNOTATORS, without importing it here
-CAPTION_SOURCES = ("source", "blip", "auto", "none")
 # the settings that shape a dataset's bytes: a resume with other values would mix two datasets in one
 OUTPUT_SETTINGS = ("task", "resolution", "detect_resolution", "caption", "seed", "canny_low", "canny_high_gap",
                    "min_keypoint_fraction",
@@ -20,68 +18,77 @@ OUTPUT_SETTINGS = ("task", "resolution", "detect_resolution", "caption", "seed",
                    "files_per_shard", "latents")
 
 
+Task = Literal["canny", "hed", "scribble", "midas", "openpose"]  # annotate.ANNOTATORS, without importing it here
+CaptionSource = Literal["source", "blip", "auto", "none"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
+CAPTION_SOURCES: tuple[str, ...] = typing.get_args(CaptionSource)
+
+
 @dataclass
 class BuildConfig:
-    task: str = field(default="canny", metadata={"help": "annotator", "choices": TASKS})
-    input: list[str] = field(
-        default_factory=lambda: [SAMPLE_INPUT],
-        metadata={"help": "input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), "
-                  "a folder of .tar files, or a folder of images"},
-    )
-    output: str = field(default="", metadata={"help": "output dataset folder or URL (default: data/<task>)"})
-    resolution: int = field(default=512, metadata={"help": "output side in pixels (shorter side resized, centre crop)"})
-    detect_resolution: int = field(
-        default=DETECT_RESOLUTION,
-        metadata={"help": "hed, scribble, midas, openpose: the shorter side the network sees, rounded to a multiple of "
-                          "64; maps are resized back to --resolution (ControlNet 1.1 / controlnet_aux: 512)"},
-    )
-    caption: str = field(
-        default="source", metadata={"help": "caption source: source (from the input shard), blip, auto (source, "
-                                    "else blip), none", "choices": CAPTION_SOURCES},
-    )
-    weights: str | None = field(
-        default=None, metadata={"help": "folder or URL holding model weights by their published file names"}
-    )
-    latents: str | None = field(
-        default=None,
-        metadata={"help": "base model (diffusers layout: a folder or hub id with vae/) whose VAE encodes each stored "
-                          "image: <key>.latent.npy (mean and std, float16), which the trainer uses instead of encoding "
-                          "at every step when its base has the same VAE and trains at --resolution"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed for per-sample randomness (Canny thresholds, ...)"})
-    canny_low: tuple[int, int] = field(default=(50, 150), metadata={"help": "range of the low Canny threshold"})
-    canny_high_gap: tuple[int, int] = field(
-        default=(50, 150), metadata={"help": "high threshold = low + a value drawn from this range"}
-    )
-    min_keypoint_fraction: float = field(
-        default=0.3, metadata={"help": "openpose: keep a sample only if some person has this many keypoints"}
-    )
-    caption_beams: int = field(default=1, metadata={"help": "blip: beam width (1 = greedy)"})
-    min_size: int = field(default=0, metadata={"help": "filter images whose shorter side is below this (0: off)"})
-    max_aspect: float = field(default=0.0, metadata={"help": "filter images with a longer aspect ratio (0: off)"})
-    max_pixels: int = field(
-        default=89_478_485, metadata={"help": "refuse images with more pixels (decompression bombs)"}
-    )
-    max_member_mb: int = field(
-        default=64, metadata={"help": "a tar member or image file over this many MiB is a failed sample, never read"}
-    )
-    jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the stored target image"})
-    batch_size: int = field(default=16, metadata={"help": "images per annotator call"})
-    decode_threads: int = field(
-        default=-1,
-        metadata={"help": "threads decoding/encoding beside inference in each worker (0: inline; -1: auto, "
-                  "inline for canny, 2 for neural tasks so the GPU is not waiting on JPEG work)"},
-    )
-    num_workers: int = field(
-        default=0, metadata={"help": "actors in the pool (0: one per cpus-per-worker CPUs of the cluster)"}
-    )
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved by each actor"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per actor (fractions share a GPU)"})
-    device: str | None = field(default=None, metadata={"help": "annotator device: cpu, cuda (default: auto)"})
-    max_retries: int = field(default=2, metadata={"help": "retries of a shard that fails as a whole"})
-    files_per_shard: int = field(default=1000, metadata={"help": "images per shard for a folder of images"})
-    overwrite: bool = field(default=False, metadata={"help": "redo shards that are already done"})
-    dry_run: bool = field(default=False, metadata={"help": "print the plan (shards to do, done) and exit"})
+    """Build a ControlNet dataset: input shards -> condition maps (and captions) -> WebDataset shards, on Ray."""
+
+    task: Task = "canny"
+    """Annotator: the condition each sample gets."""
+    input: list[str] = field(default_factory=lambda: [SAMPLE_INPUT])
+    """Input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), a folder of .tar files, or a folder
+    of images."""
+    output: str | None = None
+    """Output dataset folder or URL (default: data/<task>)."""
+    resolution: int = 512
+    """Output side in pixels (shorter side resized, centre crop)."""
+    detect_resolution: int = DETECT_RESOLUTION
+    """hed, scribble, midas, openpose: the shorter side the network sees, rounded to a multiple of 64; maps are
+    resized back to --resolution (ControlNet 1.1 / controlnet_aux: 512)."""
+    caption: CaptionSource = "source"
+    """Caption source: source (from the input shard), blip, auto (source, else blip), none."""
+    weights: str | None = None
+    """Folder or URL holding model weights by their published file names."""
+    latents: str | None = None
+    """Base model (diffusers layout: a folder or hub id with vae/) whose VAE encodes each stored image:
+    <key>.latent.npy (mean and std, float16), which the trainer uses instead of encoding at every step when its
+    base has the same VAE and trains at --resolution."""
+    seed: int = 0
+    """Seed for per-sample randomness (Canny thresholds, ...)."""
+    canny_low: tuple[int, int] = (50, 150)
+    """Range of the low Canny threshold."""
+    canny_high_gap: tuple[int, int] = (50, 150)
+    """High threshold = low + a value drawn from this range."""
+    min_keypoint_fraction: float = 0.3
+    """openpose: keep a sample only if some person has this many keypoints."""
+    caption_beams: int = 1
+    """blip: beam width (1 = greedy)."""
+    min_size: int = 0
+    """Filter images whose shorter side is below this (0: off)."""
+    max_aspect: float = 0.0
+    """Filter images with a longer aspect ratio (0: off)."""
+    max_pixels: int = 89_478_485
+    """Refuse images with more pixels (decompression bombs)."""
+    max_member_mb: int = 64
+    """A tar member or image file over this many MiB is a failed sample, never read."""
+    jpeg_quality: int = 95
+    """JPEG quality of the stored target image."""
+    batch_size: int = 16
+    """Images per annotator call."""
+    decode_threads: int = -1
+    """Threads decoding/encoding beside inference in each worker (0: inline; -1: auto, inline for canny, 2 for
+    neural tasks so the GPU is not waiting on JPEG work)."""
+    num_workers: int = 0
+    """Actors in the pool (0: one per cpus-per-worker CPUs of the cluster)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each actor."""
+    gpus_per_worker: float = 0.0
+    """GPUs per actor (fractions share a GPU)."""
+    device: str | None = None
+    """Annotator device: cpu, cuda (default: auto)."""
+    max_retries: int = 2
+    """Retries of a shard that fails as a whole."""
+    files_per_shard: int = 1000
+    """Images per shard for a folder of images."""
+    overwrite: bool = False
+    """Redo shards that are already done."""
+    dry_run: bool = False
+    """Print the plan (shards to do, done) and exit."""
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -115,36 +122,13 @@ def settings_mismatch(recorded: dict, current: dict) -> list[str]:
     return differences
 
 
-def _parser_type(tp: object):
-    """argparse `type` and `nargs` for a dataclass field type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list:
-        return {"type": args[0], "nargs": "+"}
-    if origin is tuple:
-        return {"type": args[0], "nargs": len(args), "metavar": ("LO", "HI")[: len(args)]}
-    if args and type(None) in args:  # X | None
-        return {"type": next(a for a in args if a is not type(None))}
-    return {"type": tp}
+def parse_config(cls: type, argv: list[str] | None, description: str | None = None, prog: str | None = None):
+    """The command line as a `cls`, with tyro (as the trainer's): --help from the field docs, typed choices, and
+    tyro's message and exit status 2 for a bad value. Settings a field check refuses (__post_init__) are one line."""
+    import tyro  # here, not at the top: actors and tests build configs without the CLI
 
-
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """A parser with one --flag per dataclass field; help text and defaults come from the fields."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata.get("help", ""))
-            continue
-        choices = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-        parser.add_argument(flag, default=default, help=f.metadata.get("help", ""), **_parser_type(hints[f.name]),
-                            **choices)
-    return parser
-
-
-def parse_config(cls: type, argv: list[str] | None, description: str):
-    args = build_parser(cls, description).parse_args(argv)
-    values = {k: tuple(v) if isinstance(v, list) and typing.get_origin(typing.get_type_hints(cls)[k]) is tuple
-              else v for k, v in vars(args).items()}
-    return cls(**values)
+    try:
+        return tyro.cli(cls, args=argv, description=description, prog=prog)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

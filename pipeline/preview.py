@@ -1,14 +1,15 @@
 """preview: a contact sheet of random samples (image | condition | caption) and the dataset's status counts"""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import tyro
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline import format as fmt
@@ -75,13 +76,22 @@ def contact_sheet(samples: list[dict], counts: dict[str, int], title: str) -> Im
     return sheet
 
 
+@dataclass
+class PreviewArgs:
+    """A contact sheet of random samples (image | condition | caption) and the dataset's status counts."""
+
+    dataset: tyro.conf.Positional[str]
+    """Dataset folder or URL (what pipeline.build wrote)."""
+    samples: int = 8
+    """Rows in the sheet."""
+    seed: int = 0
+    """Seed for picking the samples."""
+    out: str | None = None
+    """PNG path (default: <dataset name>-preview.png here)."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("dataset", help="dataset folder or URL (what pipeline.build wrote)")
-    parser.add_argument("--samples", type=int, default=8, help="rows in the sheet")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="PNG path (default: <dataset name>-preview.png here)")
-    args = parser.parse_args(argv)
+    args = tyro.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
     counts = status_counts(args.dataset)
     samples = pick_samples(args.dataset, args.samples, args.seed)
     if not samples:

@@ -1,11 +1,11 @@
 """sample_data writes img2dataset-style input shards from the photos scikit-image ships (no download)"""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +84,20 @@ def write_shards(out: Path, num_shards: int = 4) -> list[Path]:
     return paths
 
 
+@dataclass
+class SampleArgs:
+    """Input shards made from the photos scikit-image ships (the embedded default input)."""
+
+    output: str = "data/sample/shards"
+    """Folder for the tar shards."""
+    num_shards: int = 4
+    """Shards to write."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", default="data/sample/shards", help="folder for the tar shards")
-    parser.add_argument("--num-shards", type=int, default=4)
-    args = parser.parse_args(argv)
+    import tyro
+
+    args = tyro.cli(SampleArgs, args=argv, prog="python -m pipeline.sample_data")
     paths = write_shards(Path(args.output), args.num_shards)
     print(f"wrote {len(PHOTOS) * 4} samples in {len(paths)} shards to {args.output}")
 

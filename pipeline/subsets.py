@@ -1,7 +1,6 @@
 """subsets: nested dataset-size subsets ranked by original resolution, written as subset manifests"""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -9,6 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -187,20 +187,28 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None,
     return written
 
 
+@dataclass
+class SubsetsArgs:
+    """Nested dataset-size subsets for ablations (the paper's Sec. 3.5): rank a dataset's ok samples by original
+    resolution, take the top n per size, and write one subset manifest per size that `train/run.py --data <file>`
+    reads. Reads the parquet indexes only, never the tars."""
+
+    dataset: str
+    """Dataset folder or URL written by pipeline.build."""
+    sizes: str
+    """Comma-separated counts: 500, 1k, 10k, 1.5k, 3m."""
+    out: str | None = None
+    """Folder/URL for the manifests (default: <dataset>/subsets)."""
+    holdout_shards: int = 1
+    """Last shards held out of every subset as their shared validation set."""
+    json: bool = False
+    """Print one JSON list of the written subsets instead."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.subsets",
-        description="Nested dataset-size subsets for ablations (the paper's Sec. 3.5): rank a dataset's ok samples "
-        "by original resolution, take the top n per size, and write one subset manifest per size that "
-        "`train/run.py --data <file>` reads. Reads the parquet indexes only, never the tars.",
-    )
-    parser.add_argument("--dataset", required=True, help="dataset folder or URL written by pipeline.build")
-    parser.add_argument("--sizes", required=True, help="comma-separated counts: 500, 1k, 10k, 1.5k, 3m")
-    parser.add_argument("--out", help="folder/URL for the manifests (default: <dataset>/subsets)")
-    parser.add_argument("--holdout-shards", type=int, default=1,
-                        help="last shards held out of every subset as their shared validation set (default: 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON list of the written subsets instead")
-    args = parser.parse_args(argv)
+    import tyro
+
+    args = tyro.cli(SubsetsArgs, args=argv, prog="python -m pipeline.subsets")
     try:
         written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards)
     except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line

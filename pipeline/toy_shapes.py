@@ -1,10 +1,10 @@
 """toy_shapes writes img2dataset-style input shards of coloured shapes with captions, for `make repro`"""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,14 +87,26 @@ def write_shards(out: Path, samples: int, num_shards: int, seed: int = 0, size: 
     return paths
 
 
+@dataclass
+class ShapesArgs:
+    """Synthetic shapes with captions, as input shards for the toy reproduction."""
+
+    output: str = "data/toy/shards"
+    """Folder for the tar shards."""
+    samples: int = 6000
+    """Images in all."""
+    num_shards: int = 12
+    """Shards they are split into."""
+    seed: int = 0
+    """Seed of the shapes."""
+    size: int = 32
+    """Image side in pixels."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output", default="data/toy/shards", help="folder for the tar shards")
-    parser.add_argument("--samples", type=int, default=6000)
-    parser.add_argument("--num-shards", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    args = parser.parse_args(argv)
+    import tyro
+
+    args = tyro.cli(ShapesArgs, args=argv, prog="python -m pipeline.toy_shapes")
     paths = write_shards(Path(args.output), args.samples, args.num_shards, args.seed, args.size)
     print(f"wrote {args.samples} samples in {len(paths)} shards to {args.output}")
 

@@ -130,15 +130,33 @@ def test_overwrite_uncommits_the_old_shard_before_publishing_the_new_one(sample_
     assert "00000" not in done_shards(str(out))  # ... but the shard no longer counts as done: a rerun redoes it
 
 
-@pytest.mark.parametrize("args, message", [(["--task", "cany", "--dry-run"], "invalid choice: 'cany'"),
-                                           (["--caption", "foo"], "invalid choice: 'foo'")])
-def test_mistyped_choices_are_one_line_errors(tmp_path, args, message, capsys):
+@pytest.mark.parametrize("args, message", [(["--task", "cany", "--dry-run"], "invalid choice 'cany'"),
+                                           (["--caption", "foo"], "invalid choice 'foo'"),
+                                           (["--resolution", "4"], "--resolution must be at least 8")])
+def test_bad_values_are_refused_as_the_trainer_refuses_them(tmp_path, args, message, capsys):
+    """One command-line style (tyro) for the dataset job and the trainer: a bad value is tyro's message naming
+    it and the choices, exit status 2, no traceback, whichever command it was given to."""
+    from train.config import parse_args
+
     with pytest.raises(SystemExit) as exit_:
         main(["--output", str(tmp_path / "o"), *args])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # argparse's usage, then the error on one line
-    assert "error:" in last and message in last and "Traceback" not in err
+    err = " ".join(capsys.readouterr().err.split())  # tyro wraps its message in a box
+    assert message in err and "Traceback" not in err
+    for flag in ("--mode", "--preset"):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args([flag, "foo"])
+        trainer = " ".join(capsys.readouterr().err.split())
+        assert exit_.value.code == 2 and f"invalid choice 'foo' for argument '{flag}'" in trainer
+
+
+def test_the_preset_choices_are_the_presets():
+    import typing
+
+    from train.config import PRESETS, PresetName, parse_args
+
+    assert set(typing.get_args(PresetName)) == set(PRESETS)
+    assert parse_args(["--preset", "toy", "--lr", "0.5"]).preset == "toy"
 
 
 def test_the_trainer_checks_its_data_before_ray_starts(python, tmp_path):

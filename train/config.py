@@ -10,10 +10,16 @@ TINY_SD = "data/tiny-sd"
 TOY_BASE = "train/toy_base"  # committed; rebuilt by `make repro` (python -m train.pretrain_base)
 
 
+PresetName = Literal["debug", "toy", "sd15", "sd21"]  # the keys of PRESETS (a test holds them equal)
+
+
 @dataclass
 class TrainConfig:
     """Train a ControlNet (arXiv 2302.05543) on shards written by the dataset job, with Ray Train DDP."""
 
+    preset: PresetName = "debug"
+    """The preset whose values are the defaults of every other flag (read first; see the presets in
+    train/config.py)."""
     data: list[str] = field(default_factory=lambda: ["data/demo/canny"])
     """Training shards: a dataset folder/URL (reads its manifest), tar URLs, a glob or brace range, or a subset
     manifest (JSON listing shard URLs and keys)."""
@@ -169,12 +175,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     import tyro  # here, not at the top: the trainer's workers and the GPU check need the config, not the CLI
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="debug")
-    known, rest = pre.parse_known_args(argv)
+    pre.add_argument("--preset", default="debug")
+    known, _ = pre.parse_known_args(argv)
+    preset = known.preset if known.preset in PRESETS else "debug"  # a bad --preset: tyro's message, below
     return tyro.cli(
         TrainConfig,
-        default=PRESETS[known.preset](),
-        args=rest,
-        description=f"Train a ControlNet with Ray Train DDP. --preset {{{','.join(PRESETS)}}} (now: {known.preset}) "
-        "sets the defaults below; flags override them.",
+        default=dataclasses.replace(PRESETS[preset](), preset=preset),
+        args=argv,
+        prog="python train/run.py",
+        description=f"Train a ControlNet with Ray Train DDP. --preset (now: {preset}) sets the defaults "
+        "below; flags override them.",
     )

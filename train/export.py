@@ -2,23 +2,24 @@
 with the SD UNet whose decoder the large-scale mode trained beside it"""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NoReturn
 
 import torch
+import tyro
 from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 from train.model import local_model_folder
 
-FORMATS = ("diffusers", "original")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFIX = "control_model."  # lllyasviel's cldm.ControlLDM keeps the ControlNet under this name; A1111/ComfyUI expect it
 UNET_PREFIX = "model.diffusion_model."  # ... and the SD UNet under this one, as every ldm checkpoint does
@@ -289,37 +290,42 @@ def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.flo
     return {"diffusers": write_diffusers, "original": write_original}[fmt](controlnet, unet, out)
 
 
+@dataclass
+class ExportArgs:
+    """Export a trained ControlNet for inference."""
+
+    checkpoint: tyro.conf.Positional[Path]
+    """A training checkpoint (with controlnet/), a run folder (its latest checkpoint) or a diffusers folder."""
+    format: Literal["diffusers", "original"]
+    """diffusers: a ControlNetModel folder for StableDiffusionControlNetPipeline (and OUT-unet/, the UNet, when the
+    run trained the SD decoder); original: one .safetensors file with control_model.* keys, as A1111 and ComfyUI
+    load (and model.diffusion_model.*, the UNet, when the run trained the SD decoder)."""
+    out: str
+    """Local folder (diffusers) or .safetensors file (original); it must be new, empty or a previous export."""
+    force: bool = False
+    """Replace whatever --out holds."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the written weights."""
+
+
+def refuse(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
-    parser.add_argument(
-        "checkpoint", type=Path,
-        help="a training checkpoint (with controlnet/), a run folder (its latest checkpoint) or a diffusers folder",
-    )
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        required=True,
-        help="diffusers: a ControlNetModel folder for StableDiffusionControlNetPipeline (and OUT-unet/, the "
-        "UNet, when the run trained the SD decoder); original: one .safetensors file with control_model.* keys, as "
-        "A1111 and ComfyUI load (and model.diffusion_model.*, the UNet, when the run trained the SD decoder)",
-    )
-    parser.add_argument("--out", required=True,
-                        help="local folder (diffusers) or .safetensors file (original); it must be new, empty or a "
-                        "previous export")
-    parser.add_argument("--force", action="store_true", help="replace whatever --out holds")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
-    args = parser.parse_args(argv)
+    args = tyro.cli(ExportArgs, args=argv, prog="python -m train.export")
     if "://" in args.out:
-        parser.error(f"--out {args.out}: exports are written locally; copy them to object storage afterwards "
-                     "(e.g. aws s3 cp --recursive)")
+        refuse(f"--out {args.out}: exports are written locally; copy them to object storage afterwards "
+               "(e.g. aws s3 cp --recursive)")
     out = Path(args.out)
     if args.format == "original" and out.suffix != ".safetensors":
-        parser.error("--format original writes one file: give --out a .safetensors name")
+        refuse("--format original writes one file: give --out a .safetensors name")
     try:
         folder = controlnet_folder(args.checkpoint)
         check_targets(folder, out, args.format, args.force)
     except (FileNotFoundError, FileExistsError) as e:
-        parser.error(str(e))
+        refuse(str(e))
     for path in export(folder, args.format, out, DTYPES[args.dtype]):
         print(path)
 

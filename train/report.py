@@ -1,7 +1,6 @@
 """report: compare a dataset-size sweep's runs (markdown + CSV table, PNG of fidelity curves, a W&B table)"""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -9,8 +8,9 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if __package__ in (None, ""):  # `python train/report.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -304,19 +304,26 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
     return {"rows": rows, "markdown": markdown, "files": list(files)}
 
 
+@dataclass
+class ReportArgs:
+    """Compare the runs of a dataset-size sweep (train/sweep.py): a table (size, steps, detected convergence step,
+    final fidelity, mAUCC over the common step range) as <storage>/<prefix>-report.md and .csv, the fidelity curves
+    overlaid in <prefix>-report.png, and the table in a W&B 'report' run."""
+
+    runs: str
+    """The sweep's run prefix (runs <prefix>-<size>)."""
+    storage_path: str = "data/runs"
+    """Where the runs are (local folder or s3://)."""
+    curve: str | None = None
+    """Fidelity curve to compare (default: each run's primary curve)."""
+    wandb: Literal["auto", "online", "offline", "off"] | None = None
+    """W&B mode for the report run (default: the runs' own setting)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.report",
-        description="Compare the runs of a dataset-size sweep (train/sweep.py): a table (size, steps, detected "
-        "convergence step, final fidelity, mAUCC over the common step range) as <storage>/<prefix>-report.md and "
-        ".csv, the fidelity curves overlaid in <prefix>-report.png, and the table in a W&B 'report' run.",
-    )
-    parser.add_argument("--runs", required=True, metavar="PREFIX", help="the sweep's run prefix (runs <prefix>-<size>)")
-    parser.add_argument("--storage-path", default="data/runs", help="where the runs are (local folder or s3://)")
-    parser.add_argument("--curve", help="fidelity curve to compare (default: each run's primary curve)")
-    parser.add_argument("--wandb", choices=["auto", "online", "offline", "off"],
-                        help="W&B mode for the report run (default: the runs' own setting)")
-    args = parser.parse_args(argv)
+    import tyro
+
+    args = tyro.cli(ReportArgs, args=argv, prog="python -m train.report")
     try:
         report = write_report(args.runs, args.storage_path, args.wandb, args.curve)
     except FileNotFoundError as e:

@@ -1,7 +1,6 @@
 """sweep: one ControlNet run per dataset size (nested subsets of one dataset) on Ray, then the comparison report"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -14,7 +13,7 @@ if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo r
 
 
 from train.checkpoints import latest_checkpoint
-from train.config import PRESETS, TrainConfig, parse_args
+from train.config import PresetName, TrainConfig, parse_args
 from train.tracking import read_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,28 +83,38 @@ def train(cfg: TrainConfig) -> None:
     build_trainer(cfg).fit()
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+@dataclasses.dataclass
+class SweepConfig:
+    """Dataset-size ablation (the paper's Sec. 3.5): nested subsets of DATASET ranked by original resolution
+    (python -m pipeline.subsets), then one training run per size with identical settings but the data, named
+    <prefix>-<size>, in the W&B group <prefix> with dataset_size in its config. Runs go to Ray one after another
+    (each takes the whole cluster, as its num_workers asks). Re-running the same command skips finished sizes and
+    resumes unfinished ones from their last checkpoint. At the end it writes <storage>/<prefix>-report.{md,csv,png}
+    (python -m train.report). Trainer flags after `--` apply to every run (see python train/run.py --help), e.g.
+    -- --max-steps 5000 --wandb offline."""
+
+    dataset: str
+    """Dataset folder or URL written by pipeline.build."""
+    sizes: str
+    """Comma-separated subset sizes: 500, 1k, 10k, 3m."""
+    preset: PresetName = "debug"
+    """Trainer preset."""
+    run_prefix: str = "sweep"
+    """Runs are named <prefix>-<size>."""
+    storage_path: str | None = None
+    """Where runs and the report go (default: the preset's)."""
+    subsets_out: str | None = None
+    """Folder/URL for the subset manifests (default: <dataset>/subsets)."""
+    no_report: bool = False
+    """Train only; skip the report at the end."""
+
+
+def parse(argv: list[str]) -> tuple[SweepConfig, list[str]]:
+    """The sweep's own flags (tyro, as the trainer's), and the trainer overrides after `--`."""
+    import tyro
+
     own, overrides = split_overrides(argv)
-    parser = argparse.ArgumentParser(
-        prog="python train/sweep.py",
-        usage="python train/sweep.py --dataset D --sizes 1k,10k,50k [--preset P] [--run-prefix NAME] "
-              "[--storage-path S] [-- TRAINER OVERRIDES]",
-        description="Dataset-size ablation (the paper's Sec. 3.5): nested subsets of DATASET ranked by original "
-        "resolution (python -m pipeline.subsets), then one training run per size with identical settings but the "
-        "data, named <prefix>-<size>, in the W&B group <prefix> with dataset_size in its config. Runs go to Ray "
-        "one after another (each takes the whole cluster, as its num_workers asks). Re-running the same command "
-        "skips finished sizes and resumes unfinished ones from their last checkpoint. At the end it writes "
-        "<storage>/<prefix>-report.{md,csv,png} (python -m train.report). Trainer flags after `--` apply to every "
-        "run (see python train/run.py --help), e.g. -- --max-steps 5000 --wandb offline.",
-    )
-    parser.add_argument("--dataset", required=True, help="dataset folder or URL written by pipeline.build")
-    parser.add_argument("--sizes", required=True, help="comma-separated subset sizes: 500, 1k, 10k, 3m")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="debug", help="trainer preset (default: debug)")
-    parser.add_argument("--run-prefix", default="sweep", help="runs are named <prefix>-<size> (default: sweep)")
-    parser.add_argument("--storage-path", help="where runs and the report go (default: the preset's)")
-    parser.add_argument("--subsets-out", help="folder/URL for the subset manifests (default: <dataset>/subsets)")
-    parser.add_argument("--no-report", action="store_true", help="train only; skip the report at the end")
-    return parser.parse_args(own), overrides
+    return tyro.cli(SweepConfig, args=own, prog="python train/sweep.py"), overrides
 
 
 def main(argv: list[str] | None = None) -> int:

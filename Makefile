@@ -130,7 +130,7 @@ toy-sweep: $(STAMP) ## the dataset-size question on the toy: 30k shapes, one Con
 		--storage-path data/toy30k/runs -- $(TOY_SWEEP_TRAIN) $(ARGS)
 
 subsets: $(STAMP) ## nested subsets by resolution: make subsets DATASET=data/canny SIZES=1k,10k,50k
-	$(PY) -m pipeline.subsets --dataset $(DATASET) --sizes $(SIZES)
+	$(PY) -m train.subsets --dataset $(DATASET) --sizes $(SIZES)
 
 sweep: $(STAMP) ## dataset-size ablation: make sweep DATASET=data/demo/canny SIZES=8,16,32 PRESET=debug ARGS='--max-steps 20'
 	$(PY) train/sweep.py --dataset $(DATASET) --sizes $(SIZES) --preset $(PRESET) --run-prefix sizes-$(TASK) -- $(ARGS)

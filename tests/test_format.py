@@ -7,9 +7,9 @@ import pytest
 
 from pipeline import format as fmt
 from pipeline.preview import status_counts
-from pipeline.subsets import read_samples
 from tests.conftest import copy_dataset
 from train.data import resolve_shards
+from train.subsets import read_samples
 
 
 @pytest.fixture(scope="module")

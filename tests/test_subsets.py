@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.format import key_hash
-from pipeline.subsets import (
+from tests.conftest import copy_dataset
+from train.data import make_dataset, resolve_shards
+from train.subsets import (
     Sample,
     SubsetError,
     main,
@@ -19,8 +21,6 @@ from pipeline.subsets import (
     select,
     size_label,
 )
-from tests.conftest import copy_dataset
-from train.data import make_dataset, resolve_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

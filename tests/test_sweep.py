@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import copy_dataset
-from train.report import curve_text, load_runs, nice_ticks, plot_curves, table, to_markdown, write_report
+from train.plots import nice_ticks, plot_curves
+from train.report import curve_text, load_runs, table, to_markdown, write_report
 from train.sweep import main as sweep
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -16,7 +16,8 @@ from ray.train.torch import TorchTrainer
 from train.checkpoints import latest_checkpoint
 from train.config import TINY_SD, TrainConfig, parse_args
 from train.loop import train_loop_per_worker
-from train.report import curve_text, curves_of
+from train.plots import curves_of
+from train.report import curve_text
 from train.tracking import plot_url, read_results, results_url, wandb_mode
 
 

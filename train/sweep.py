@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,6 @@ from train.checkpoints import latest_checkpoint
 from train.config import PresetName, TrainConfig, parse_args
 from train.tracking import read_results
 
-REPO = Path(__file__).resolve().parent.parent
 # the sweep owns these per run; an override of them would make the runs differ in more than their data
 SWEEP_FLAGS = ("--data", "--run-name", "--wandb-group", "--dataset-size")
 
@@ -58,17 +55,14 @@ def is_finished(results: dict | None, max_steps: int) -> bool:
 # ---------------------------------------------------------------- I/O: subsets, results, training
 
 
-def make_subsets(dataset: str, sizes: str, out: str | None) -> list[dict]:
-    """Runs `python -m pipeline.subsets` (train imports nothing of pipeline but its format) and returns its
-    [{label, size, shards, url}]."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, "-m", "pipeline.subsets", "--dataset", dataset, "--sizes", sizes, "--json",
-               *(["--out", out] if out else [])]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise SweepError(lines[-1].removeprefix("error: ") if lines else f"pipeline.subsets exited {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def subsets_for(dataset: str, sizes: str, out: str | None) -> list[dict]:
+    """The nested subsets (train.subsets), written or rewritten; a request they refuse is one SweepError line."""
+    from train.subsets import make_subsets, parse_sizes
+
+    try:
+        return make_subsets(dataset, parse_sizes(sizes), out)
+    except (FileNotFoundError, ValueError) as e:  # no dataset, bad sizes, a size too large
+        raise SweepError(str(e)) from None
 
 
 def train(cfg: TrainConfig) -> None:
@@ -86,7 +80,7 @@ def train(cfg: TrainConfig) -> None:
 @dataclasses.dataclass
 class SweepConfig:
     """Dataset-size ablation (the paper's Sec. 3.5): nested subsets of DATASET ranked by original resolution
-    (python -m pipeline.subsets), then one training run per size with identical settings but the data, named
+    (python -m train.subsets), then one training run per size with identical settings but the data, named
     <prefix>-<size>, in the W&B group <prefix> with dataset_size in its config. Runs go to Ray one after another
     (each takes the whole cluster, as its num_workers asks). Re-running the same command skips finished sizes and
     resumes unfinished ones from their last checkpoint. At the end it writes <storage>/<prefix>-report.{md,csv,png}
@@ -124,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         base = parse_args(["--preset", args.preset, *overrides])
         if args.storage_path:
             base = dataclasses.replace(base, storage_path=args.storage_path)
-        subsets = make_subsets(args.dataset, args.sizes, args.subsets_out)
+        subsets = subsets_for(args.dataset, args.sizes, args.subsets_out)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -129,7 +129,7 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
 
     import fsspec
 
-    from train.report import run_plot
+    from train.plots import run_plot
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
                "history": state.history, "fidelity": state.fidelity, "convergence": convergence(state.fidelity),

@@ -1,4 +1,6 @@
-"""subsets: nested dataset-size subsets ranked by original resolution, written as subset manifests"""
+"""subsets: nested dataset-size subsets ranked by original resolution, written as subset manifests. They read the
+dataset's parquet indexes through the shard contract (pipeline.format) and nothing else of the dataset job, so the
+sweep calls them directly."""
 from __future__ import annotations
 
 import json
@@ -208,7 +210,7 @@ class SubsetsArgs:
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
-    args = tyro.cli(SubsetsArgs, args=argv, prog="python -m pipeline.subsets")
+    args = tyro.cli(SubsetsArgs, args=argv, prog="python -m train.subsets")
     try:
         written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards)
     except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -100,6 +101,39 @@ def read_index(shard: CommittedShard, columns: list[str]) -> dict[str, list]:
 
     with fsspec.open(shard.index, "rb") as f:
         return pq.read_table(f, columns=columns).to_pydict()
+
+
+def _reraise(exn: BaseException) -> bool:
+    raise exn
+
+
+def shard_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseException], bool] = _reraise,
+                  opened: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Output tars ({"url": ...} each, as a webdataset stage receives them) -> their samples, grouped by key:
+    {"__key__", "__url__", "jpg", "<task>.png", "txt", "json", ...} with the members' bytes. Streamed with fsspec
+    (s3://, gs://, local: webdataset's own opener would need the aws CLI for s3). `handler` gets each read error
+    (a shard that cannot be opened, a corrupt tar) and returns True to skip it, as webdataset's handlers do;
+    `opened` is called as each shard is opened. The trainer's stream, its validation set and the preview read
+    through here."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def streams() -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            if opened is not None:
+                opened()
+            try:
+                stream = fsspec.open(shard["url"], "rb").open()
+            except Exception as exn:
+                exn.args = (*exn.args, shard["url"])
+                if handler(exn):
+                    continue
+                return
+            try:
+                yield {**shard, "stream": stream}
+            finally:
+                stream.close()  # once the tar reader asks for the next shard
+
+    return group_by_keys(tar_file_expander(streams(), handler=handler), handler=handler)
 
 
 def read_manifest(dataset: str) -> dict[str, Any]:

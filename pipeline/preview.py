@@ -8,7 +8,6 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import tyro
 from PIL import Image, ImageDraw, ImageFont
 
@@ -30,16 +29,12 @@ def status_counts(dataset: str) -> dict[str, int]:
 def pick_samples(dataset: str, count: int, seed: int) -> list[dict]:
     """`count` random samples, read from as few committed shards as possible: shards are picked first, then
     samples."""
-    import webdataset as wds
-
     tars = [shard.tar for shard in fmt.committed_shards(dataset)]
     rng = random.Random(seed)
     rng.shuffle(tars)
     picked: list[dict] = []
     for tar in tars:
-        with fsspec.open(tar, "rb") as f:
-            samples = list(wds.tariterators.tar_file_expander([{"stream": io.BytesIO(f.read()), "url": tar}]))
-        grouped = list(wds.tariterators.group_by_keys(samples))
+        grouped = list(fmt.shard_samples([{"url": tar}]))
         picked += rng.sample(grouped, min(len(grouped), count - len(picked)))
         if len(picked) >= count:
             break

@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline import format as fmt
 
@@ -354,23 +354,6 @@ class SkipCounter:
 # ---------------------------------------------------------------- pipeline stages
 
 
-def open_shards(shards: Iterable[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """{url} -> {url, stream}, opened with fsspec (s3://, gs://, local, ...): webdataset's gopen would need
-    the aws CLI for s3 through `pipe:`. A stream is closed once the tar reader asks for the next shard."""
-    for shard in shards:
-        counter.opened_shard()
-        try:
-            stream = fsspec.open(shard["url"], "rb").open()
-        except Exception as exn:
-            exn.args = (*exn.args, shard["url"])
-            counter.read_error(exn)
-            continue
-        try:
-            yield {**shard, "stream": stream}
-        finally:
-            stream.close()
-
-
 def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | None, counter: SkipCounter) -> Iterator[dict]:
     """Only the subset's keys pass (all when keys is None); a passing sample proves the shards are readable."""
     for sample in samples:
@@ -492,9 +475,7 @@ class ControlNetStream(IterableDataset):
             shards = partial(as_shards, mine)
         stages: list[Any] = [
             shards,
-            partial(open_shards, counter=counter),
-            partial(tar_file_expander, handler=counter.read_error),  # tar members, {} at each shard's end
-            partial(group_by_keys, handler=counter.read_error),  # {__key__, jpg, <task>.png, txt, json}
+            partial(fmt.shard_samples, handler=counter.read_error, opened=counter.opened_shard),  # {__key__, jpg, ...}
             partial(keep_keys, keys=self.source.keys, counter=counter),
             wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed),
             partial(decoded, task=self.source.task, resolution=cfg.resolution, dropout=cfg.prompt_dropout,
@@ -572,9 +553,7 @@ def lowest_key_hashes(source: DataSource, count: int, resolution: int, spare: in
     counter = SkipCounter(max_dry_shards=len(source.urls) + 1)
     stages = wds.DataPipeline(
         partial(as_shards, source.urls),
-        partial(open_shards, counter=counter),
-        partial(tar_file_expander, handler=counter.read_error),
-        partial(group_by_keys, handler=counter.read_error),
+        partial(fmt.shard_samples, handler=counter.read_error, opened=counter.opened_shard),
         partial(keep_keys, keys=source.keys, counter=counter),
     )
     kept: list[tuple[int, str]] = []  # a max-heap by hash, as (-hash, key)

@@ -33,16 +33,6 @@ def pixels_of_jpeg(data: bytes) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
-def to_npy(distribution: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, distribution, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def from_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 class LatentEncoder:
     """The VAE of a base model in diffusers layout (`<base>/vae`, a local folder or hub id): images in, (2, C, h, w)
     float16 arrays out, mean then std of the encoder's diagonal Gaussian."""

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Container
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,21 @@ def done_shards(out: str) -> dict[str, str]:
     return {shard.name: shard.stats for shard in fmt.committed_shards(out)}
 
 
-def plan(shards: list[InputShard], done: dict[str, str], overwrite: bool) -> tuple[list[InputShard], list[str]]:
+def plan(shards: list[InputShard], done: Container[str], overwrite: bool) -> tuple[list[InputShard], list[str]]:
     """(shards to process, names skipped because they are done)."""
     if overwrite:
         return shards, []
     return [s for s in shards if s.name not in done], [s.name for s in shards if s.name in done]
 
 
-def check_resume_settings(cfg: BuildConfig, skipped: list[str]) -> None:
+def check_resume_settings(cfg: BuildConfig, skipped: list[fmt.CommittedShard]) -> None:
     """Refuse to resume onto shards made with other output settings (one line naming them): the rerun would
     mix two datasets under one manifest. Shards from before settings were recorded pass."""
-    if not skipped:
-        return
-    wanted = set(skipped)
     current = cfg.output_settings()
     differing: dict[str, int] = {}
-    for stats in read_all_stats(cfg.output):
-        if stats["shard"] in wanted:
-            for difference in settings_mismatch(stats.get("settings", {}), current):
-                differing[difference] = differing.get(difference, 0) + 1
+    for stats in fmt.read_stats(skipped):
+        for difference in settings_mismatch(stats.get("settings", {}), current):
+            differing[difference] = differing.get(difference, 0) + 1
     if differing:
         listed = ", ".join(f"{d} ({n} shards)" for d, n in sorted(differing.items()))
         raise ValueError(f"{cfg.output} was built with other settings: {listed}; run with the same settings, "
@@ -134,8 +131,9 @@ def init_ray() -> None:
 def run(cfg: BuildConfig) -> int:
     """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
     shards = list_input_shards(cfg.input, cfg.files_per_shard)
-    todo, skipped = plan(shards, done_shards(cfg.output), cfg.overwrite)
-    check_resume_settings(cfg, skipped)
+    committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
+    todo, skipped = plan(shards, committed, cfg.overwrite)
+    check_resume_settings(cfg, [committed[name] for name in skipped])
     print(f"{cfg.task}: {len(shards)} input shards, {len(skipped)} done, {len(todo)} to do -> {cfg.output}")
     if "://" in cfg.output and not cfg.output.startswith("file://"):
         print(f"shards are staged on each node in {staging_root(cfg.output)} before upload")

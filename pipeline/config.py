@@ -1,7 +1,6 @@
 """the dataset job's typed configuration; its field docs are the command line's --help"""
 from __future__ import annotations
 
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,11 +123,7 @@ def settings_mismatch(recorded: dict, current: dict) -> list[str]:
 
 def parse_config(cls: type, argv: list[str] | None, description: str | None = None, prog: str | None = None):
     """The command line as a `cls`, with tyro (as the trainer's): --help from the field docs, typed choices, and
-    tyro's message and exit status 2 for a bad value. Settings a field check refuses (__post_init__) are one line."""
+    tyro's message and exit status 2 for a bad value, or for a value a field check refuses (__post_init__)."""
     import tyro  # here, not at the top: actors and tests build configs without the CLI
 
-    try:
-        return tyro.cli(cls, args=argv, description=description, prog=prog)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return tyro.cli(cls, args=argv, description=description, prog=prog)

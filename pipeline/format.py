@@ -4,12 +4,14 @@ manifest (the dataset job, the trainer, the preview and the subsets all read thr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
 import fsspec
+import numpy as np
 
 # statuses of a parquet row: every input sample lands in exactly one row with one of these
 OK: Final = "ok"
@@ -32,6 +34,18 @@ META_EXT: Final = "json"
 # optional (python -m pipeline.build --latents BASE): the base VAE's latent distribution of the stored image, an
 # .npy of (2, C, H/8, W/8) float16, mean then std; the manifest's "latents" names the VAE (its sha256)
 LATENT_EXT: Final = "latent.npy"
+
+
+def latent_npy(distribution: np.ndarray) -> bytes:
+    """A latent distribution (2, C, h, w) as the bytes of its <key>.latent.npy member."""
+    buffer = io.BytesIO()
+    np.save(buffer, distribution, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_latent_npy(data: bytes) -> np.ndarray:
+    """A <key>.latent.npy member's array (no pickles: the bytes come from storage)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def condition_ext(task: str) -> str:

@@ -220,12 +220,12 @@ def open_samples(shard: InputShard, max_member_bytes: int | None) -> Iterator[tu
 
 def add_latents(encoder, kept: list[dict[str, bytes]]) -> None:
     """Each kept sample's latent distribution, from its stored JPEG as the trainer decodes it (one VAE batch)."""
-    from annotate.latents import pixels_of_jpeg, to_npy
+    from annotate.latents import pixels_of_jpeg
 
     if kept:
         distributions = encoder([pixels_of_jpeg(members[fmt.IMAGE_EXT]) for members in kept])
         for members, distribution in zip(kept, distributions, strict=True):
-            members[fmt.LATENT_EXT] = to_npy(distribution)
+            members[fmt.LATENT_EXT] = fmt.latent_npy(distribution)
 
 
 def process_shard(

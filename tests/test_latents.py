@@ -15,7 +15,7 @@ from PIL import Image
 from annotate.latents import vae_fingerprint
 from pipeline.build import main as build_dataset
 from train.config import debug
-from train.loop import stored_latents_plan
+from train.loop import Trainer, stored_latents_plan, use_stored_latents
 from train.run import build_trainer
 from train.tiny_sd import build_tiny_sd
 
@@ -88,6 +88,16 @@ def test_latents_of_another_vae_are_refused(dataset, tmp_path):
     other = build_tiny_sd(tmp_path / "other-sd", seed=1)
     with pytest.raises(Exception, match="--latents off"):
         train(dataset, other, tmp_path, "other")
+
+
+def test_the_vae_is_fingerprinted_as_loaded_not_as_cast_for_autocast(dataset, base):
+    """On a GPU the trainer casts the frozen VAE to bf16; the stored latents are checked against the VAE as loaded."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    cfg = dataclasses.replace(debug(), data=[str(dataset)], base_model=str(base))
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"), fingerprint_vae=True)
+    trainer.base.vae.to(torch.bfloat16)  # what the bf16 autocast path does to the frozen modules
+    assert vae_fingerprint(trainer.base.vae) != manifest["latents"]["vae_sha256"]
+    assert "stored latents" in use_stored_latents(trainer, manifest) and trainer.latents
 
 
 def test_when_stored_latents_are_used():

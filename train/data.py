@@ -261,12 +261,10 @@ def decode_sample(sample: Mapping[str, Any], task: str, resolution: int, latents
 
 def latent_distribution(sample: Mapping[str, Any]) -> torch.Tensor:
     """<key>.latent.npy -> (2, C, h, w) float32: the VAE's mean and std for the stored image."""
-    from annotate.latents import from_npy
-
     if fmt.LATENT_EXT not in sample:
         raise BadSample(MISSING, f"{sample.get('__key__')} has no {fmt.LATENT_EXT} (has {_exts(sample)})")
     try:
-        array = from_npy(sample[fmt.LATENT_EXT])
+        array = fmt.read_latent_npy(sample[fmt.LATENT_EXT])
     except Exception as e:  # numpy raises several types for a bad .npy
         raise BadSample(DECODE, f"{fmt.LATENT_EXT}: {type(e).__name__}: {e}") from e
     if array.ndim != 4 or array.shape[0] != 2 or not np.isfinite(array).all():

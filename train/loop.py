@@ -101,11 +101,18 @@ class Trainer:
     """Holds the models, optimizer and data stream of one rank; `train()` is the whole loop."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
-                 base: BaseModel | None = None):
-        """`base`: an already built base model (the GPU check's SD 1.5 from its configs); default: cfg.base_model."""
+                 base: BaseModel | None = None, fingerprint_vae: bool = False):
+        """`base`: an already built base model (the GPU check's SD 1.5 from its configs); default: cfg.base_model.
+        `fingerprint_vae`: keep the VAE's sha256 (annotate.latents.vae_fingerprint) as loaded, before the frozen
+        modules are cast to the autocast dtype below, for checking a dataset's stored latents against."""
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
         self.base = base if base is not None else load_base_model(cfg.base_model)
+        self.vae_sha256 = None
+        if fingerprint_vae and self.base.vae is not None:
+            from annotate.latents import vae_fingerprint
+
+            self.vae_sha256 = vae_fingerprint(self.base.vae)
         self.controlnet = build_controlnet(self.base.unet, self.base.downsampling)
         freeze_for_training(self.base, self.controlnet, middle_only=cfg.mode == "middle")
         frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
@@ -246,18 +253,15 @@ def stored_latents_plan(stored: dict[str, Any] | None, dataset_resolution: int |
     return True, ""
 
 
-def use_stored_latents(trainer: Trainer, source) -> str:
-    """Decide whether the trainer reads the dataset's stored latents (set trainer.latents); a line for the log.
-    Latents from another VAE than the base's would train on the wrong targets: an error, not a fallback."""
-    from annotate.latents import vae_fingerprint
-    from train.data import dataset_manifest
-
-    manifest = dataset_manifest(source)
+def use_stored_latents(trainer: Trainer, manifest: dict[str, Any]) -> str:
+    """Decide whether the trainer reads the training dataset's stored latents (set trainer.latents); a line for
+    the log. Latents from another VAE than the base's would train on the wrong targets: an error, not a fallback.
+    The trainer must have been built with fingerprint_vae when the manifest names stored latents."""
     stored = manifest.get("latents")
     use, why_not = stored_latents_plan(stored, manifest.get("config", {}).get("resolution"), trainer.cfg,
                                        trainer.base.vae is not None)
     if use:
-        if vae_fingerprint(trainer.base.vae) != stored.get("vae_sha256"):
+        if trainer.vae_sha256 != stored.get("vae_sha256"):
             raise ValueError(f"the dataset's latents were made by the VAE of {stored.get('base_model')} "
                              f"(sha256 {str(stored.get('vae_sha256'))[:12]}...), not by this base's "
                              f"({trainer.cfg.base_model}); train with --latents off to encode the images")
@@ -270,7 +274,7 @@ def adamw_implementation(device: torch.device) -> dict[str, bool]:
     """AdamW's fused kernels: one pass over every parameter instead of a few kernels per tensor (torch has them for
     CPU and CUDA; on this project's 2-core CPU bench, 2.5-3.9 ms against 8.5 ms for foreach and 11 ms for the
     default loop, for the tiny SD's 128 ControlNet tensors)."""
-    return {"fused": device.type in ("cuda", "cpu")} if device.type in ("cuda", "cpu") else {"foreach": True}
+    return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
 
 
 def _as_tuples(value):
@@ -468,7 +472,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     secrets = apply_secrets(config.get("secrets"))
-    from train.data import resolve_shards
+    from train.data import dataset_manifest, resolve_shards
     from train.tracking import RunLogger
 
     cfg = TrainConfig(**config["train"])
@@ -477,15 +481,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = pick_device(cfg, local)
     threads = set_threads(cfg.cpus_per_worker if local else None)
+    source, held_out = split_validation(resolve_shards(cfg.data), cfg.validation_data)
+    manifest = dataset_manifest(source)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, rank, world_size, device)
+    trainer = Trainer(cfg, rank, world_size, device, fingerprint_vae=bool(manifest.get("latents")))
     restore(trainer, cfg)
     if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()
 
-    source, held_out = split_validation(resolve_shards(cfg.data), cfg.validation_data)
-    latents = use_stored_latents(trainer, source)
+    latents = use_stored_latents(trainer, manifest)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"

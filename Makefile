@@ -8,16 +8,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 TASK ?= canny
+comma := ,
+# TASK=canny,hed,midas,openpose: one job writes every map, into data/canny-hed-midas-openpose by default
+TASK_NAME = $(subst $(comma),-,$(TASK))
+CONDITION ?=
 SAMPLE_INPUT := data/sample/shards
 INPUT ?= $(SAMPLE_INPUT)
-OUTPUT ?= data/$(TASK)
+OUTPUT ?= data/$(TASK_NAME)
 CAPTION ?= source
 WEIGHTS ?=
 ARGS ?=
 PRESET ?= debug
 DATA ?= data/demo/canny
 RUN ?= controlnet-$(PRESET)
-DATASET ?= data/$(TASK)
+DATASET ?= data/$(TASK_NAME)
 
 CLUSTER ?= infra/aws/cluster.yaml
 DASHBOARD ?= http://127.0.0.1:8265
@@ -71,7 +75,7 @@ data/sample/shards/00000.tar: | $(STAMP)
 
 sample-data: data/sample/shards/00000.tar ## build input shards from the photos scikit-image ships
 
-dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build a dataset: make dataset TASK=canny INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
+dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build a dataset: make dataset TASK=canny (or canny,hed,midas,openpose) INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
 	$(PY) -m pipeline.build --task $(TASK) --input '$(INPUT)' --output $(OUTPUT) --caption $(CAPTION) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
@@ -130,10 +134,11 @@ toy-sweep: $(STAMP) ## the dataset-size question on the toy: 30k shapes, one Con
 		--storage-path data/toy30k/runs -- $(TOY_SWEEP_TRAIN) $(ARGS)
 
 subsets: $(STAMP) ## nested subsets by resolution: make subsets DATASET=data/canny SIZES=1k,10k,50k
-	$(PY) -m train.subsets --dataset $(DATASET) --sizes $(SIZES)
+	$(PY) -m train.subsets --dataset $(DATASET) --sizes $(SIZES) $(if $(CONDITION),--condition $(CONDITION))
 
 sweep: $(STAMP) ## dataset-size ablation: make sweep DATASET=data/demo/canny SIZES=8,16,32 PRESET=debug ARGS='--max-steps 20'
-	$(PY) train/sweep.py --dataset $(DATASET) --sizes $(SIZES) --preset $(PRESET) --run-prefix sizes-$(TASK) -- $(ARGS)
+	$(PY) train/sweep.py --dataset $(DATASET) --sizes $(SIZES) --preset $(PRESET) --run-prefix sizes-$(or $(CONDITION),$(TASK_NAME)) \
+		-- $(if $(CONDITION),--condition $(CONDITION)) $(ARGS)
 
 cluster-up: $(STAMP) ## start the AWS Ray cluster (infra/aws/cluster.yaml; AWS credentials from your environment)
 	$(VENV)/bin/ray up $(CLUSTER) -y

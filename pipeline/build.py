@@ -21,9 +21,6 @@ from pipeline.distributor import ModelLoadError, run_pool
 from pipeline.reader import InputShard, list_input_shards
 from pipeline.writer import clear_staging, staging_root
 
-FORMAT_VERSION = 1
-
-
 def done_shards(out: str) -> dict[str, str]:
     """Names of committed output shards (those with a stats.json) -> their stats URL."""
     return {shard.name: shard.stats for shard in fmt.committed_shards(out)}
@@ -46,8 +43,12 @@ def check_resume_settings(cfg: BuildConfig, skipped: list[fmt.CommittedShard]) -
             differing[difference] = differing.get(difference, 0) + 1
     if differing:
         listed = ", ".join(f"{d} ({n} shards)" for d, n in sorted(differing.items()))
+        hint = ""
+        if any(d.startswith("task ") for d in differing):  # why there is no --add-task: see the README
+            hint = (" (a dataset's tasks are fixed when it is built: every tar would be rewritten to add a map, "
+                    "so build the new task into another --output, or all tasks together into a new one)")
         raise ValueError(f"{cfg.output} was built with other settings: {listed}; run with the same settings, "
-                         f"another --output, or --overwrite to redo those shards")
+                         f"another --output, or --overwrite to redo those shards{hint}")
 
 
 def code_version() -> dict[str, str | None]:
@@ -75,6 +76,11 @@ def totals(stats: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(st["counts"][s] for st in stats) for s in fmt.STATUSES}
 
 
+def totals_by_task(stats: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, int]]:
+    """{task: {status: samples}} over the shards: how many samples hold each task's map, and why the others not."""
+    return {task: {s: sum(fmt.task_counts(st, task)[s] for st in stats) for s in fmt.STATUSES} for task in tasks}
+
+
 def truncated_inputs(stats: list[dict[str, Any]]) -> dict[str, str]:
     """Shards committed short because their input file ends early: name -> what the reader met."""
     return {st["shard"]: st["read_error"] for st in stats if st.get("truncated")}
@@ -86,14 +92,17 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
     fs, path = fsspec.core.url_to_fs(manifest_url)
     if not models and fs.exists(path):  # nothing ran this time: keep what the last run's actors loaded
         previous = json.loads(fs.cat_file(path))
-        models = {k: previous.get(k) for k in ("annotator", "captioner", "latents")}
+        models = {k: previous[k] for k in ("annotator", "annotators", "captioner", "latents") if k in previous}
+    tasks = list(cfg.tasks)
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "task": cfg.task,
+        "format_version": fmt.FORMAT_VERSION,
+        **({"task": cfg.task} if len(tasks) == 1 else {}),  # what version 1 readers look for
+        "tasks": tasks,
         "config": asdict(cfg),
         "code_version": code_version(),
         **models,
         "totals": totals(all_stats),
+        **({"totals_by_task": totals_by_task(all_stats, tasks)} if len(tasks) > 1 else {}),
         "samples": sum(st["samples"] for st in all_stats),
         "shards": {"done": len(all_stats), "failed": failed, "truncated": truncated_inputs(all_stats)},
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -107,11 +116,14 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
 
 def summary_table(run_stats: list[dict], manifest: dict, seconds: float, failed: dict[str, str]) -> str:
     run_totals = totals(run_stats)
+    run_by_task = totals_by_task(run_stats, list(manifest.get("totals_by_task", {})))
     samples = sum(run_totals.values())
     lines = [
         f"{'':16}{'this run':>12}{'dataset':>12}",
         *(f"{s:16}{run_totals[s]:>12}{manifest['totals'][s]:>12}" for s in fmt.STATUSES),
         f"{'samples':16}{samples:>12}{manifest['samples']:>12}",
+        *(f"{task + ' maps':16}{run_by_task[task][fmt.OK]:>12}{counts[fmt.OK]:>12}"
+          for task, counts in manifest.get("totals_by_task", {}).items()),
         f"{'shards done':16}{len(run_stats):>12}{manifest['shards']['done']:>12}",
         f"{'shards failed':16}{len(failed):>12}",
         f"time {seconds:.1f} s, {samples / max(seconds, 1e-9):.1f} samples/s",

@@ -27,8 +27,9 @@ CAPTION_SOURCES: tuple[str, ...] = typing.get_args(CaptionSource)
 class BuildConfig:
     """Build a ControlNet dataset: input shards -> condition maps (and captions) -> WebDataset shards, on Ray."""
 
-    task: Task = "canny"
-    """Annotator: the condition each sample gets."""
+    task: str = "canny"
+    """Annotator: the condition each sample gets ({canny,hed,scribble,midas,openpose}), or several, comma-separated
+    (canny,hed,midas,openpose): one job then decodes and captions each image once and stores every map."""
     input: list[str] = field(default_factory=lambda: [SAMPLE_INPUT])
     """Input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), a folder of .tar files, or a folder
     of images."""
@@ -91,9 +92,8 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if not self.output:
-            self.output = f"data/{self.task}"
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+            self.output = f"data/{self.task.replace(',', '-')}"
+        self.task = ",".join(parse_tasks(self.task))
         if self.caption not in CAPTION_SOURCES:
             raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
         if self.resolution < 8:
@@ -103,9 +103,24 @@ class BuildConfig:
         if self.detect_resolution < 64:  # sides are rounded to multiples of 64: below 32 that is 0
             raise ValueError(f"--detect-resolution must be at least 64, not {self.detect_resolution}")
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The requested tasks, in TASKS order."""
+        return tuple(self.task.split(","))
+
     def output_settings(self) -> dict:
         """What shapes the output's bytes, as JSON values: recorded in every shard's stats, checked on resume."""
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in OUTPUT_SETTINGS}
+
+
+def parse_tasks(spec: str) -> tuple[str, ...]:
+    """'hed,canny' -> ('canny', 'hed'): known task names, each once, in TASKS order (so 'hed,canny' and 'canny,hed'
+    are one dataset's settings)."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"--task must be one or more of {', '.join(TASKS)} (comma-separated), not {spec!r}")
+    return tuple(task for task in TASKS if task in names)
 
 
 def settings_mismatch(recorded: dict, current: dict) -> list[str]:
@@ -114,7 +129,8 @@ def settings_mismatch(recorded: dict, current: dict) -> list[str]:
     ControlNet 1.0 OpenPose drawing): it does not match any value."""
     differences = [f"{name} {recorded[name]!r} -> {current[name]!r}" for name in current
                    if name in recorded and recorded[name] != current[name]]
-    if recorded and current.get("task") in NEURAL_TASKS and "detect_resolution" not in recorded:
+    neural = any(task in NEURAL_TASKS for task in str(current.get("task", "")).split(","))
+    if recorded and neural and "detect_resolution" not in recorded:
         differences.append(f"detect_resolution (made before ControlNet 1.1 parity) -> {current['detect_resolution']!r}")
     if recorded and current.get("latents") and "latents" not in recorded:  # shards without latents beside new ones
         differences.append(f"latents (made before --latents) -> {current['latents']!r}")

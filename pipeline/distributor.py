@@ -23,7 +23,8 @@ class ModelLoadError(RuntimeError):
 
 @ray.remote
 class ShardActor:
-    """Holds one annotator (weights loaded once per actor) and processes whole shards with it."""
+    """Holds the job's models (each requested task's annotator, the captioner, the VAE; weights loaded once per
+    actor) and processes whole shards with them."""
 
     def __init__(self, cfg: BuildConfig):
         import cv2
@@ -37,10 +38,10 @@ class ShardActor:
         torch.set_num_threads(threads)
         self.cfg = cfg
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
-        self.annotator = self.captioner = self.encoder = None
+        self.annotators, self.captioner, self.encoder = {}, None, None
         self.load_error = ""
         try:
-            self.annotator, self.captioner = build_models(cfg)
+            self.annotators, self.captioner = build_models(cfg)
             self.encoder = build_latent_encoder(cfg)
         except Exception as e:  # kept for describe(): the driver prints one line, not a remote traceback
             self.load_error = f"{type(e).__name__}: {e}"
@@ -48,8 +49,9 @@ class ShardActor:
     def describe(self) -> dict[str, Any]:
         if self.load_error:
             return {"error": self.load_error}
+        annotators = {task: annotator.describe() for task, annotator in self.annotators.items()}
         return {
-            "annotator": self.annotator.describe(),
+            **({"annotator": annotators[self.cfg.task]} if len(annotators) == 1 else {"annotators": annotators}),
             "captioner": self.captioner.describe() if self.captioner is not None else None,
             "latents": self.encoder.describe() if self.encoder is not None else None,
         }
@@ -57,7 +59,7 @@ class ShardActor:
     def process(self, shard: InputShard) -> dict[str, Any]:
         if self.load_error:  # never annotate without models: every row would be a failure, committed as done
             raise ActorFault(f"this actor could not load its models: {self.load_error}")
-        return process_shard(shard, self.cfg, self.annotator, self.captioner, self.encoder)
+        return process_shard(shard, self.cfg, self.annotators, self.captioner, self.encoder)
 
 
 @dataclass

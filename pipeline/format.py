@@ -13,6 +13,12 @@ from typing import Any, Final
 import fsspec
 import numpy as np
 
+# 1: one condition task per dataset. 2: one or more (python -m pipeline.build --task canny,hed): the manifest lists
+# "tasks"; with several, a sample holds one <task>.png per task that kept it, its index row a status and error per
+# task (task_status_column), its json params by task, and a shard's stats counts by task ("task_counts"). A
+# single-task dataset is written exactly as in version 1, and version 1 datasets read as single-task ones.
+FORMAT_VERSION: Final = 2
+
 # statuses of a parquet row: every input sample lands in exactly one row with one of these
 OK: Final = "ok"
 FILTERED: Final = "filtered"
@@ -53,7 +59,32 @@ def condition_ext(task: str) -> str:
     return f"{task}.png"
 
 
-# parquet index columns, one row per input sample
+def task_status_column(task: str) -> str:
+    """The index column of a multi-task dataset holding `task`'s status of each sample."""
+    return f"status_{task}"
+
+
+def task_error_column(task: str) -> str:
+    """The index column of a multi-task dataset holding why `task` filtered or failed a sample."""
+    return f"error_{task}"
+
+
+def task_status(row: dict[str, Any], task: str) -> str:
+    """A sample's status for one task: its task column in a multi-task index, else the row's own status."""
+    return row.get(task_status_column(task)) or row["status"]
+
+
+def dataset_tasks(manifest: dict[str, Any]) -> list[str]:
+    """The condition tasks a dataset's manifest lists (version 1 manifests name one, as "task")."""
+    return list(manifest.get("tasks") or ([manifest["task"]] if manifest.get("task") else []))
+
+
+def task_counts(stats: dict[str, Any], task: str) -> dict[str, int]:
+    """A shard's samples by status for one task (a single-task shard's own counts)."""
+    return (stats.get("task_counts") or {}).get(task) or stats["counts"]
+
+
+# parquet index columns, one row per input sample (a multi-task index adds status_<task> and error_<task>)
 INDEX_COLUMNS: Final = (
     "key",  # output key (no dots), or the best-effort key of a sample that failed early
     "source_key",  # the key as it appeared in the input shard

@@ -1,4 +1,4 @@
-"""preview: a contact sheet of random samples (image | condition | caption) and the dataset's status counts"""
+"""preview: a contact sheet of random samples (image | each condition | caption) and the dataset's status counts"""
 from __future__ import annotations
 
 import io
@@ -17,12 +17,18 @@ TILE = 256
 TEXT_WIDTH = 320
 
 
-def status_counts(dataset: str) -> dict[str, int]:
-    """Counts by status from the committed shards' parquet indexes (one column; never the tars)."""
+def status_counts(dataset: str, tasks: list[str] | None = None) -> dict[str, int]:
+    """Counts by status from the committed shards' parquet indexes (never the tars); with several tasks, also
+    each task's ok and filtered maps ("hed ok") from its status column."""
+    columns = ["status", *(fmt.task_status_column(t) for t in tasks or [] if len(tasks) > 1)]
     counts = dict.fromkeys(fmt.STATUSES, 0)
     for shard in fmt.committed_shards(dataset):
-        for status in fmt.read_index(shard, ["status"])["status"]:
+        index = fmt.read_index(shard, columns)
+        for status in index["status"]:
             counts[status] = counts.get(status, 0) + 1
+        for task, column in zip(tasks or [], columns[1:]):
+            for status in index[column]:
+                counts[f"{task} {status}"] = counts.get(f"{task} {status}", 0) + 1
     return counts
 
 
@@ -41,39 +47,53 @@ def pick_samples(dataset: str, count: int, seed: int) -> list[dict]:
     return picked
 
 
-def _condition_member(sample: dict) -> str:
-    return next(k for k in sample if k.endswith(".png"))
+def sample_tasks(samples: list[dict]) -> list[str]:
+    """The condition tasks the samples hold maps of (<key>.<task>.png), in order of first appearance."""
+    return list(dict.fromkeys(k.removesuffix(".png") for s in samples for k in s if k.endswith(".png")))
 
 
-def render_row(sample: dict, font: ImageFont.ImageFont) -> Image.Image:
-    """One row: target image | condition map | caption and parameters."""
-    row = Image.new("RGB", (2 * TILE + TEXT_WIDTH, TILE), "white")
-    image = Image.open(io.BytesIO(sample[fmt.IMAGE_EXT])).convert("RGB").resize((TILE, TILE))
-    condition = Image.open(io.BytesIO(sample[_condition_member(sample)])).convert("RGB").resize((TILE, TILE))
-    row.paste(image, (0, 0))
-    row.paste(condition, (TILE, 0))
+def tile(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB").resize((TILE, TILE))
+
+
+def render_row(sample: dict, tasks: list[str], font: ImageFont.ImageFont) -> Image.Image:
+    """One row: target image | one condition map per task (a grey tile naming the task where it kept none) |
+    caption and parameters."""
+    row = Image.new("RGB", ((1 + len(tasks)) * TILE + TEXT_WIDTH, TILE), "white")
+    row.paste(tile(sample[fmt.IMAGE_EXT]), (0, 0))
+    for i, task in enumerate(tasks, start=1):
+        member = fmt.condition_ext(task)
+        if member in sample:
+            row.paste(tile(sample[member]), (i * TILE, 0))
+        else:
+            missing = Image.new("RGB", (TILE, TILE), "lightgrey")
+            ImageDraw.Draw(missing).text((8, 8), f"no {task} map\n(filtered or failed)", fill="black", font=font)
+            row.paste(missing, (i * TILE, 0))
     meta = json.loads(sample.get(fmt.META_EXT, b"{}"))
     caption = sample.get(fmt.CAPTION_EXT, b"").decode("utf-8", "replace") or "(no caption)"
-    params = textwrap.wrap(json.dumps(meta.get("params", {})), 40)[:4]
+    params = textwrap.wrap(json.dumps(meta.get("params", {})), 40)[: 4 * max(1, len(tasks))]
     text = "\n".join([sample["__key__"], *textwrap.wrap(caption, 40)[:8], "", *params])
-    ImageDraw.Draw(row).multiline_text((2 * TILE + 8, 8), text, fill="black", font=font, spacing=3)
+    ImageDraw.Draw(row).multiline_text(((1 + len(tasks)) * TILE + 8, 8), text, fill="black", font=font, spacing=3)
     return row
 
 
-def contact_sheet(samples: list[dict], counts: dict[str, int], title: str) -> Image.Image:
+def contact_sheet(samples: list[dict], counts: dict[str, int], title: str, tasks: list[str] | None = None
+                  ) -> Image.Image:
+    """`tasks`: the condition columns (default: every task the samples hold maps of)."""
+    tasks = tasks or sample_tasks(samples)
     font = ImageFont.load_default()
     header = 28
-    sheet = Image.new("RGB", (2 * TILE + TEXT_WIDTH, header + TILE * len(samples)), "white")
+    sheet = Image.new("RGB", ((1 + len(tasks)) * TILE + TEXT_WIDTH, header + TILE * len(samples)), "white")
     summary = f"{title}   " + "   ".join(f"{k}: {v}" for k, v in counts.items())
     ImageDraw.Draw(sheet).text((8, 8), summary, fill="black", font=font)
     for i, sample in enumerate(samples):
-        sheet.paste(render_row(sample, font), (0, header + i * TILE))
+        sheet.paste(render_row(sample, tasks, font), (0, header + i * TILE))
     return sheet
 
 
 @dataclass
 class PreviewArgs:
-    """A contact sheet of random samples (image | condition | caption) and the dataset's status counts."""
+    """A contact sheet of random samples (image | each condition map | caption) and the dataset's status counts."""
 
     dataset: tyro.conf.Positional[str]
     """Dataset folder or URL (what pipeline.build wrote)."""
@@ -87,12 +107,13 @@ class PreviewArgs:
 
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
-    counts = status_counts(args.dataset)
+    tasks = fmt.dataset_tasks(fmt.read_manifest(args.dataset))
+    counts = status_counts(args.dataset, tasks)
     samples = pick_samples(args.dataset, args.samples, args.seed)
     if not samples:
         raise SystemExit(f"error: no written samples in {args.dataset} (counts: {counts})")
     out = Path(args.out or f"{Path(args.dataset.rstrip('/')).name}-preview.png")
-    contact_sheet(samples, counts, args.dataset).save(out)
+    contact_sheet(samples, counts, args.dataset, tasks or None).save(out)
     print("  ".join(f"{k}: {v}" for k, v in counts.items()))
     print(f"wrote {out} ({len(samples)} samples)")
 

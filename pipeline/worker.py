@@ -5,7 +5,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,25 +136,59 @@ def caption_batch(captioner: Captioner | None, mode: str, batch: list[Prepared])
             p.row.update(caption=text, caption_source="blip")
 
 
-def finish(p: Prepared, annotation: Annotation | Exception, task: str, quality: int) -> dict[str, bytes] | None:
-    """Record the annotator's verdict in the row; the tar members when the sample is kept."""
+def task_outcome(annotation: Annotation | Exception) -> tuple[str, str, dict[str, Any]]:
+    """(status, error, params) of one task's verdict on one sample."""
     if isinstance(annotation, Exception):
-        p.row["error"] = f"annotator failed: {type(annotation).__name__}: {annotation}"
-        return None
-    p.row["params"] = annotation.params
+        return fmt.FAILED, f"annotator failed: {type(annotation).__name__}: {annotation}", {}
     if not annotation.keep:
-        p.row.update(status=fmt.FILTERED, error=annotation.reason)
+        return fmt.FILTERED, annotation.reason, annotation.params
+    return fmt.OK, "", annotation.params
+
+
+def overall_status(statuses: Iterable[str]) -> str:
+    """A sample's status over its tasks: ok when some map was kept (the sample is written), else failed when a
+    task failed, else filtered."""
+    statuses = set(statuses)
+    return next(s for s in (fmt.OK, fmt.FAILED, fmt.FILTERED) if s in statuses)
+
+
+def finish(p: Prepared, annotations: dict[str, Annotation | Exception], quality: int) -> dict[str, bytes] | None:
+    """Record each task's verdict in the row; the tar members when some task kept the sample: the image, the
+    caption, the json and one <task>.png per task that kept it. One task: its status, error and params are the
+    row's own (the single-task format); several: per-task columns (fmt.task_status_column), params by task."""
+    outcomes = {task: task_outcome(a) for task, a in annotations.items()}
+    maps: dict[str, bytes] = {}
+    for task, annotation in annotations.items():
+        if outcomes[task][0] == fmt.OK:
+            try:
+                maps[fmt.condition_ext(task)] = encode_png(annotation.condition)
+            except Exception as e:  # e.g. an annotator returned a map OpenCV cannot encode
+                outcomes[task] = (fmt.FAILED, f"encoding failed: {type(e).__name__}: {e}", outcomes[task][2])
+    single = len(outcomes) == 1
+    if single:
+        [(status, error, params)] = outcomes.values()
+        if not isinstance(next(iter(annotations.values())), Exception):
+            p.row["params"] = params
+    else:
+        status = overall_status(s for s, _, _ in outcomes.values())
+        error = "" if status == fmt.OK else "; ".join(f"{task}: {e}" for task, (_, e, _) in outcomes.items())
+        params = {task: params for task, (_, _, params) in outcomes.items()}
+        p.row["params"] = params
+        for task, (task_status, task_error, _) in outcomes.items():
+            p.row[fmt.task_status_column(task)], p.row[fmt.task_error_column(task)] = task_status, task_error
+    if status != fmt.OK:
+        p.row.update(status=status, error=error)
         return None
-    meta = {**p.meta, "params": annotation.params, "caption_source": p.row["caption_source"]}
+    meta = {**p.meta, "params": params, "caption_source": p.row["caption_source"]}
     try:
         members = {
             fmt.IMAGE_EXT: encode_jpeg(p.image, quality),
-            fmt.condition_ext(task): encode_png(annotation.condition),
+            **maps,
             fmt.CAPTION_EXT: p.row["caption"].encode("utf-8"),
             fmt.META_EXT: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
         }
-    except Exception as e:  # e.g. an annotator returned a map OpenCV cannot encode
-        p.row["error"] = f"encoding failed: {type(e).__name__}: {e}"
+    except Exception as e:
+        p.row.update(status=fmt.FAILED, error=f"encoding failed: {type(e).__name__}: {e}")
         return None
     p.row.update(status=fmt.OK, error="")
     return members
@@ -229,15 +263,20 @@ def add_latents(encoder, kept: list[dict[str, bytes]]) -> None:
 
 
 def process_shard(
-    shard: InputShard, cfg: BuildConfig, annotator: Annotator, captioner: Captioner | None = None, encoder=None
+    shard: InputShard, cfg: BuildConfig, annotators: Annotator | Mapping[str, Annotator],
+    captioner: Captioner | None = None, encoder=None,
 ) -> dict[str, Any]:
     """Input shard -> committed output shard; returns its stats. Raises ShardUnreadable if nothing was read.
-    `encoder`: an annotate.latents.LatentEncoder when the job stores latents (--latents)."""
+    `annotators`: {task: annotator} for every task of cfg (or the one task's annotator); each image is decoded and
+    captioned once and passes through all of them. `encoder`: an annotate.latents.LatentEncoder when the job
+    stores latents (--latents)."""
+    if not isinstance(annotators, Mapping):
+        annotators = {cfg.tasks[0]: annotators}
     start = time.perf_counter()
     identity = input_identity(shard)
     rows: list[dict[str, Any]] = []
-    writer = ShardWriter(cfg.output, shard.name)
-    threads = cfg.decode_threads if cfg.decode_threads >= 0 else (0 if cfg.task == "canny" else 2)
+    writer = ShardWriter(cfg.output, shard.name, cfg.tasks)
+    threads = cfg.decode_threads if cfg.decode_threads >= 0 else (0 if cfg.tasks == ("canny",) else 2)
     pool = ThreadPoolExecutor(threads) if threads > 0 else None
 
     def prepare_one(item: tuple[RawSample, str]) -> Prepared:
@@ -259,14 +298,18 @@ def process_shard(
                 if ready:
                     caption_batch(captioner, cfg.caption, ready)
                     keys = [p.row["key"] for p in ready]
-                    annotations = annotate_batch(annotator, [p.image for p in ready], keys)
-                    fault = batch_fault(annotations)
-                    if fault:
-                        raise ActorFault(f"all {len(ready)} samples of a batch failed with {fault}")
+                    by_task = {task: annotate_batch(annotator, [p.image for p in ready], keys)
+                               for task, annotator in annotators.items()}
+                    for task, annotations in by_task.items():
+                        fault = batch_fault(annotations)
+                        if fault:
+                            raise ActorFault(f"all {len(ready)} samples of a batch failed {task} with {fault}")
                     write_finished(pending)  # the previous batch's encodes ran while this one was annotated
-                    encode = partial(finish, task=cfg.task, quality=cfg.jpeg_quality)
-                    pending = [(p, pool.submit(encode, p, a) if pool else encode(p, a))
-                               for p, a in zip(ready, annotations, strict=True)]
+                    encode = partial(finish, quality=cfg.jpeg_quality)
+                    verdicts = [{task: annotations[i] for task, annotations in by_task.items()}
+                                for i in range(len(ready))]
+                    pending = [(p, pool.submit(encode, p, v) if pool else encode(p, v))
+                               for p, v in zip(ready, verdicts, strict=True)]
                 rows += [p.row for p in batch]
             write_finished(pending)
         read_error = reader.error if reader is not None else ""
@@ -278,6 +321,7 @@ def process_shard(
             "settings": cfg.output_settings(),
             "samples": len(rows),
             "counts": {s: sum(r["status"] == s for r in rows) for s in fmt.STATUSES},
+            **({"task_counts": count_by_task(rows, cfg.tasks)} if len(cfg.tasks) > 1 else {}),
             "read_error": read_error,
             "truncated": bool(reader is not None and reader.truncated),  # the input file's bytes end early
             "seconds": round(time.perf_counter() - start, 3),
@@ -293,6 +337,12 @@ def process_shard(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def count_by_task(rows: list[dict[str, Any]], tasks: Iterable[str]) -> dict[str, dict[str, int]]:
+    """{task: {status: samples}}: a sample that failed before annotation counts under its own status for every
+    task (fmt.task_status)."""
+    return {task: {s: sum(fmt.task_status(r, task) == s for r in rows) for s in fmt.STATUSES} for task in tasks}
 
 
 def _ray_node_id() -> str | None:

@@ -38,13 +38,26 @@ STAGING_DIR = "_staging"
 REMOTE_STAGING_DIR = "controlnet-data-staging"
 
 
-def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Parquet index rows -> an Arrow table; params become a JSON string (they differ per task)."""
-    normalised = [
-        {**{c: None for c in fmt.INDEX_COLUMNS}, **row, "params": json.dumps(row.get("params") or {})}
-        for row in rows
-    ]
-    return pa.Table.from_pylist(normalised, schema=INDEX_SCHEMA)
+def index_schema(tasks: tuple[str, ...] = ()) -> pa.Schema:
+    """The index's schema: with several tasks, a status and an error column per task after the shared ones."""
+    if len(tasks) < 2:
+        return INDEX_SCHEMA
+    per_task = [(column(t), pa.string()) for t in tasks for column in (fmt.task_status_column, fmt.task_error_column)]
+    return pa.schema([*INDEX_SCHEMA, *per_task])
+
+
+def index_table(rows: list[dict[str, Any]], tasks: tuple[str, ...] = ()) -> pa.Table:
+    """Parquet index rows -> an Arrow table; params become a JSON string (they differ per task). A sample that
+    failed or was filtered before any annotator ran has that status (and error) for every task."""
+    schema = index_schema(tasks)
+    normalised = []
+    for row in rows:
+        full = {**{c: None for c in schema.names}, **row, "params": json.dumps(row.get("params") or {})}
+        for task in tasks if len(tasks) > 1 else ():
+            full[fmt.task_status_column(task)] = fmt.task_status(row, task)
+            full[fmt.task_error_column(task)] = row.get(fmt.task_error_column(task), row.get("error"))
+        normalised.append(full)
+    return pa.Table.from_pylist(normalised, schema=schema)
 
 
 def staging_root(out: str) -> Path:
@@ -94,10 +107,11 @@ class ShardWriter:
     later run on the same host clears what killed processes left, and only that.
     """
 
-    def __init__(self, out: str, name: str):
+    def __init__(self, out: str, name: str, tasks: tuple[str, ...] = ()):
         self.fs, _ = fsspec.core.url_to_fs(out)
         self.paths = {k: fsspec.core.url_to_fs(v)[1] for k, v in fmt.shard_paths(out, name).items()}
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.tasks = tasks  # several: the index gets per-task status columns
         self.staging = self._make_staging(staging_root(out), f"{name}@{socket.gethostname()}@{os.getpid()}@")
         self._tar_file = open(self.staging / "shard.tar", "wb")  # noqa: SIM115 (closed in commit/abort)
         self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0)
@@ -125,7 +139,7 @@ class ShardWriter:
     def commit(self, rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
         """Publish tar, then index, then stats.json last: a shard with stats.json is complete."""
         self._tar.close()
-        pq.write_table(index_table(rows), self.staging / "index.parquet")
+        pq.write_table(index_table(rows, self.tasks), self.staging / "index.parquet")
         (self.staging / "stats.json").write_text(json.dumps(stats, indent=1))
         if self.fs.exists(self.paths["stats"]):  # --overwrite: un-commit first, so no moment shows the new tar
             self.fs.rm(self.paths["stats"])  # with the old stats (a crash in between leaves the shard to redo)

@@ -23,6 +23,9 @@ class TrainConfig:
     data: list[str] = field(default_factory=lambda: ["data/demo/canny"])
     """Training shards: a dataset folder/URL (reads its manifest), tar URLs, a glob or brace range, or a subset
     manifest (JSON listing shard URLs and keys)."""
+    condition: str | None = None
+    """The condition to train on, for a dataset built with several tasks (--task canny,hed,...): hed trains on
+    <key>.hed.png, over the samples HED kept; default: the dataset's only condition."""
     run_name: str = "controlnet-debug"
     """Run name: re-submitting a run with the same name resumes it from its last checkpoint."""
     storage_path: str = "data/runs"

@@ -44,7 +44,9 @@ READ = "read"  # a shard could not be opened or its tar stream broke (counts sha
 
 @dataclass
 class DataSource:
-    """Shards to stream, the condition task, the keys to keep (None: all), and the dataset that wrote them."""
+    """Shards to stream, the condition task, the keys to keep (None: all), and the dataset that wrote them.
+    `conditions`: every condition the shards hold; with several (a multi-task dataset), the samples without a map
+    of `task` (that task filtered or failed them, as the index records) are passed over."""
 
     urls: list[str]
     task: str | None = None
@@ -52,17 +54,32 @@ class DataSource:
     counts: dict[str, int] = field(default_factory=dict)  # "shards"; "samples" where it is known up front
     dataset: str | None = None  # the dataset folder/URL (its manifest.json holds the job's settings), if known
     validation: str | None = None  # a subset's shared held-out validation manifest, if it names one
+    conditions: tuple[str, ...] = ()
 
 
-def resolve_shards(spec: str | list[str]) -> DataSource:
-    """A dataset folder/URL, its manifest.json, a subset manifest (.json), or tar URLs (list, glob, braces)."""
+def resolve_shards(spec: str | list[str], condition: str | None = None) -> DataSource:
+    """A dataset folder/URL, its manifest.json, a subset manifest (.json), or tar URLs (list, glob, braces).
+    `condition`: the condition to train on, for data holding several (default: the data's only one)."""
     if isinstance(spec, list | tuple):
-        return resolve_shards(spec[0]) if len(spec) == 1 else _merge([resolve_shards(s) for s in spec])
+        if len(spec) == 1:
+            return resolve_shards(spec[0], condition)
+        return _merge([resolve_shards(s, condition) for s in spec])
     if spec.endswith(".json"):
-        return _from_json(spec)
+        return _from_json(spec, condition)
     if spec.endswith(fmt.TAR_SUFFIX) or _is_pattern(spec):
-        return _tars(expand(spec))
-    return _from_folder(spec)
+        return _tars(expand(spec), condition=condition)
+    return _from_folder(spec, condition)
+
+
+def choose_condition(available: list[str], condition: str | None, where: str) -> str | None:
+    """The condition to train on: the one asked for, which the data must hold, else the data's only one."""
+    if condition is None:
+        if len(available) > 1:
+            raise ValueError(f"{where} holds the conditions {', '.join(available)}: choose one with --condition")
+        return available[0] if available else None
+    if available and condition not in available:
+        raise ValueError(f"{where} holds no {condition!r} condition maps (it holds {', '.join(available)})")
+    return condition
 
 
 def _merge(parts: list[DataSource]) -> DataSource:
@@ -73,7 +90,8 @@ def _merge(parts: list[DataSource]) -> DataSource:
     if any(k is None for k in filters) and not all(k is None for k in filters):
         raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")
     keys = None if filters[0] is None else frozenset().union(*filters)
-    return _tars([u for p in parts for u in p.urls], parts[0].task, keys, parts[0].dataset)
+    conditions = tuple(dict.fromkeys(c for p in parts for c in p.conditions))
+    return _tars([u for p in parts for u in p.urls], parts[0].task, keys, parts[0].dataset, conditions=conditions)
 
 
 def _is_pattern(spec: str) -> bool:
@@ -102,11 +120,18 @@ def expand(spec: str) -> list[str]:
 
 
 def _tars(urls: list[str], task: str | None = None, keys: frozenset[str] | None = None,
-          dataset: str | None = None) -> DataSource:
+          dataset: str | None = None, condition: str | None = None,
+          conditions: tuple[str, ...] | None = None) -> DataSource:
+    """Tar URLs; the conditions they hold (given, else read off the first sample's <key>.<task>.png members)."""
     if not urls:
         raise ValueError("no shard URLs given")
     counts = {"shards": len(urls), **({"samples": len(keys)} if keys is not None else {})}
-    return DataSource(urls, task or infer_task(urls[0]), keys, counts, dataset or dataset_of(urls[0]))
+    dataset = dataset or dataset_of(urls[0])
+    if conditions is None:  # those of the dataset the tars belong to; else what the first sample holds
+        known = fmt.dataset_tasks(fmt.read_manifest(dataset)) if dataset else []
+        conditions = tuple(known or ([task] if task else infer_tasks(urls[0])))
+    task = choose_condition(list(conditions), condition or task, urls[0])
+    return DataSource(urls, task, keys, counts, dataset, conditions=conditions)
 
 
 def dataset_of(shard_url: str) -> str | None:
@@ -119,29 +144,35 @@ def dataset_of(shard_url: str) -> str | None:
     return dataset if fs.exists(path) else None
 
 
-def _from_folder(out: str) -> DataSource:
-    """A dataset written by the dataset job: its committed shards (those with a stats.json) and its task."""
+def _from_folder(out: str, condition: str | None = None) -> DataSource:
+    """A dataset written by the dataset job: its committed shards (those with a stats.json), its conditions, and
+    the samples holding a map of the one to train on."""
     shards = fmt.committed_shards(out)
     if not shards:
         raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {out}/{fmt.SHARDS_DIR}")
     urls = [shard.tar for shard in shards]
-    samples = sum(stats.get("counts", {}).get(fmt.OK, 0) for stats in fmt.read_stats(shards))
-    task = fmt.read_manifest(out).get("task")
-    return DataSource(urls, task or infer_task(urls[0]), None, {"shards": len(urls), "samples": samples}, out)
+    conditions = tuple(fmt.dataset_tasks(fmt.read_manifest(out)) or infer_tasks(urls[0]))
+    task = choose_condition(list(conditions), condition, out)
+    samples = sum(fmt.task_counts(stats, task).get(fmt.OK, 0) for stats in fmt.read_stats(shards))
+    if samples == 0:
+        raise ValueError(f"{out} holds no usable {task} samples (its index says why: status and error columns)")
+    return DataSource(urls, task, None, {"shards": len(urls), "samples": samples}, out, conditions=conditions)
 
 
-def _from_json(spec: str) -> DataSource:
+def _from_json(spec: str, condition: str | None = None) -> DataSource:
     """A subset manifest (fmt.SUBSET_*), or a dataset's own manifest.json (meaning its folder)."""
     with fsspec.open(spec, "rb") as f:
         obj = json.load(f)
     base, _, name = spec.rpartition("/")
     if isinstance(obj, dict) and fmt.SUBSET_KEYS in obj:
         urls = [_relative(base or ".", u) for u in obj[fmt.SUBSET_SHARDS]]
-        source = _tars(urls, obj.get(fmt.SUBSET_TASK), frozenset(obj[fmt.SUBSET_KEYS]), obj.get("dataset"))
+        task = obj.get(fmt.SUBSET_TASK)  # the condition the subset was chosen for: its samples all hold its map
+        source = _tars(urls, task, frozenset(obj[fmt.SUBSET_KEYS]), obj.get("dataset"), condition,
+                       conditions=(task,) if task else None)
         validation = obj.get(fmt.SUBSET_VALIDATION)
         return dataclasses.replace(source, validation=_relative(base or ".", validation) if validation else None)
     if name == fmt.MANIFEST:
-        return _from_folder(base or ".")
+        return _from_folder(base or ".", condition)
     raise ValueError(f"{spec}: neither a subset manifest (no {fmt.SUBSET_KEYS!r}) nor a dataset's {fmt.MANIFEST}")
 
 
@@ -156,14 +187,18 @@ def task_of(member: str) -> str | None:
     return parts[0] if len(parts) == 2 and parts[1] == "png" else None
 
 
-def infer_task(url: str, members: int = 16) -> str | None:
-    """The task named by the first `<key>.<task>.png` among a shard's first members."""
+def infer_tasks(url: str, members: int = 16) -> list[str]:
+    """The tasks named by the `<key>.<task>.png` members of a shard's first sample (among its first members)."""
+    tasks, first_key = [], None
     with fsspec.open(url, "rb") as stream:
         for i, member in enumerate(tar_file_iterator(stream)):
-            task = task_of(member["fname"])
-            if task or i + 1 >= members:
-                return task
-    return None
+            key, _ = base_plus_ext(member["fname"])
+            if first_key is not None and key != first_key and tasks or i >= members:
+                break
+            first_key = first_key or key
+            if (task := task_of(member["fname"])) and task not in tasks:
+                tasks.append(task)
+    return tasks
 
 
 # ---------------------------------------------------------------- decoding one sample (pure)
@@ -352,10 +387,13 @@ class SkipCounter:
 # ---------------------------------------------------------------- pipeline stages
 
 
-def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | None, counter: SkipCounter) -> Iterator[dict]:
-    """Only the subset's keys pass (all when keys is None); a passing sample proves the shards are readable."""
+def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | None, counter: SkipCounter,
+              member: str | None = None) -> Iterator[dict]:
+    """Only the subset's keys pass (all when keys is None), and with `member`, only samples that hold it (the
+    condition map of a multi-task dataset: the others were filtered for that task, as the index records, and are
+    passed over like keys outside a subset, not counted as bad); a passing sample proves the shards readable."""
     for sample in samples:
-        if keys is None or sample["__key__"] in keys:
+        if (keys is None or sample["__key__"] in keys) and (member is None or member in sample):
             counter.passed()
             yield sample
 
@@ -370,6 +408,11 @@ def decoded(
     for sample in decode(samples):
         counter.good_sample()
         yield {**sample, "caption": drop_prompt(sample["caption"], rng, dropout)}
+
+
+def condition_member(source: DataSource) -> str | None:
+    """The member a sample must hold to be streamed: the chosen map, where the data holds several conditions."""
+    return fmt.condition_ext(source.task) if source.task and len(source.conditions) > 1 else None
 
 
 def batches_with_skips(samples: Iterable[dict[str, Any]], batch_size: int, partial_last: bool,
@@ -474,7 +517,7 @@ class ControlNetStream(IterableDataset):
         stages: list[Any] = [
             shards,
             partial(fmt.shard_samples, handler=counter.read_error, opened=counter.opened_shard),  # {__key__, jpg, ...}
-            partial(keep_keys, keys=self.source.keys, counter=counter),
+            partial(keep_keys, keys=self.source.keys, counter=counter, member=condition_member(self.source)),
             wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed),
             partial(decoded, task=self.source.task, resolution=cfg.resolution, dropout=cfg.prompt_dropout,
                     rng=random.Random(dropout_seed), counter=counter, latents=cfg.latents),
@@ -552,7 +595,7 @@ def lowest_key_hashes(source: DataSource, count: int, resolution: int, spare: in
     stages = wds.DataPipeline(
         partial(as_shards, source.urls),
         partial(fmt.shard_samples, handler=counter.read_error, opened=counter.opened_shard),
-        partial(keep_keys, keys=source.keys, counter=counter),
+        partial(keep_keys, keys=source.keys, counter=counter, member=condition_member(source)),
     )
     kept: list[tuple[int, str]] = []  # a max-heap by hash, as (-hash, key)
     raw: dict[str, dict[str, Any]] = {}

@@ -301,9 +301,9 @@ def split_validation(source, validation_data: list[str] | None):
     from train.data import resolve_shards
 
     if validation_data:
-        return source, resolve_shards(validation_data)
+        return source, resolve_shards(validation_data, source.task)
     if source.validation:
-        return source, resolve_shards(source.validation)
+        return source, resolve_shards(source.validation, source.task)
     if len(source.urls) < 2:
         return source, source
     return dc.replace(source, urls=source.urls[:-1]), dc.replace(source, urls=source.urls[-1:])
@@ -481,7 +481,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = pick_device(cfg, local)
     threads = set_threads(cfg.cpus_per_worker if local else None)
-    source, held_out = split_validation(resolve_shards(cfg.data), cfg.validation_data)
+    source, held_out = split_validation(resolve_shards(cfg.data, cfg.condition), cfg.validation_data)
     manifest = dataset_manifest(source)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, rank, world_size, device, fingerprint_vae=bool(manifest.get("latents")))

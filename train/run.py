@@ -129,9 +129,9 @@ def check_data(cfg: TrainConfig) -> None:
     worker failure that Ray retries --max-failures times after loading the base model."""
     from train.data import resolve_shards
 
-    resolve_shards(cfg.data)
+    source = resolve_shards(cfg.data, cfg.condition)
     if cfg.validation_data:
-        resolve_shards(cfg.validation_data)
+        resolve_shards(cfg.validation_data, source.task)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,23 +130,31 @@ def absolute(url: str) -> str:
     return url.rstrip("/") if "://" in url else str(Path(url).resolve())
 
 
-def read_samples(dataset: str) -> list[Sample]:
-    """The `ok` rows of every committed shard's parquet index (a shard with stats.json), reading 4 columns only."""
+def read_samples(dataset: str, task: str | None = None) -> list[Sample]:
+    """The `ok` rows of every committed shard's parquet index (a shard with stats.json), reading 4 columns only:
+    with `task` (a multi-task dataset's condition), the rows ok for that task."""
     shards = fmt.committed_shards(dataset)
     if not shards:
         raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {dataset}/{fmt.SHARDS_DIR}")
 
+    status = fmt.task_status_column(task) if task else "status"
+
     def one(shard: fmt.CommittedShard) -> list[Sample]:
-        table = fmt.read_index(shard, COLUMNS)
-        rows = zip(table["key"], table["status"], table["original_width"], table["original_height"], strict=True)
+        table = fmt.read_index(shard, [c if c != "status" else status for c in COLUMNS])
+        rows = zip(table["key"], table[status], table["original_width"], table["original_height"], strict=True)
         return [Sample(k, (w or 0) * (h or 0), shard.tar) for k, status, w, h in rows if status == fmt.OK]
 
     with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
         return [s for part in pool.map(one, shards) for s in part]
 
 
-def read_task(dataset: str) -> str | None:
-    return fmt.read_manifest(dataset).get("task")
+def read_condition(dataset: str, condition: str | None) -> tuple[str | None, bool]:
+    """(the condition subsets are ranked for: the one asked for, else the dataset's only one; whether the dataset
+    holds several, so that the index has a status column per condition)."""
+    from train.data import choose_condition
+
+    tasks = fmt.dataset_tasks(fmt.read_manifest(dataset))
+    return choose_condition(tasks, condition, dataset), len(tasks) > 1
 
 
 def write_json(url: str, document: dict[str, object]) -> None:
@@ -163,17 +171,19 @@ def write_json(url: str, document: dict[str, object]) -> None:
 
 
 def make_subsets(dataset: str, sizes: list[int], out: str | None = None,
-                 holdout_shards: int = 1) -> list[dict[str, object]]:
+                 holdout_shards: int = 1, condition: str | None = None) -> list[dict[str, object]]:
     """Hold out the last `holdout_shards` shards as the shared validation set (`<out>/validation.json`), then rank,
-    select and write one manifest per size to `<out or dataset/subsets>/<label>.json`.
+    select and write one manifest per size to `<out or dataset/subsets>/<label>.json`. A multi-task dataset's
+    subsets are per `condition` (ranked over the samples that condition kept; default folder
+    `<dataset>/subsets/<condition>`).
 
     Returns one {label, size, shards, url, validation} per size; nothing is written when any size is too large."""
     dataset = absolute(dataset)
-    out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}"
-    pool, held = hold_out(read_samples(dataset), holdout_shards)
+    task, several = read_condition(dataset, condition)
+    out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}" + (f"/{task}" if several else "")
+    pool, held = hold_out(read_samples(dataset, task if several else None), holdout_shards)
     ranked = rank(pool)
     chosen = select(ranked, sizes, len(held))
-    task = read_task(dataset)
     validation = None
     if held:
         validation = f"{out}/{VALIDATION_NAME}"
@@ -203,6 +213,8 @@ class SubsetsArgs:
     """Folder/URL for the manifests (default: <dataset>/subsets)."""
     holdout_shards: int = 1
     """Last shards held out of every subset as their shared validation set."""
+    condition: str | None = None
+    """The condition to rank for, in a dataset built with several tasks (default: the dataset's only one)."""
     json: bool = False
     """Print one JSON list of the written subsets instead."""
 
@@ -212,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = tyro.cli(SubsetsArgs, args=argv, prog="python -m train.subsets")
     try:
-        written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards)
+        written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards,
+                               args.condition)
     except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line
         print(f"error: {e}", file=sys.stderr)
         return 2

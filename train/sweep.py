@@ -55,12 +55,13 @@ def is_finished(results: dict | None, max_steps: int) -> bool:
 # ---------------------------------------------------------------- I/O: subsets, results, training
 
 
-def subsets_for(dataset: str, sizes: str, out: str | None) -> list[dict]:
-    """The nested subsets (train.subsets), written or rewritten; a request they refuse is one SweepError line."""
+def subsets_for(dataset: str, sizes: str, out: str | None, condition: str | None = None) -> list[dict]:
+    """The nested subsets (train.subsets) of the condition trained on, written or rewritten; a request they refuse
+    is one SweepError line."""
     from train.subsets import make_subsets, parse_sizes
 
     try:
-        return make_subsets(dataset, parse_sizes(sizes), out)
+        return make_subsets(dataset, parse_sizes(sizes), out, condition=condition)
     except (FileNotFoundError, ValueError) as e:  # no dataset, bad sizes, a size too large
         raise SweepError(str(e)) from None
 
@@ -85,7 +86,8 @@ class SweepConfig:
     (each takes the whole cluster, as its num_workers asks). Re-running the same command skips finished sizes and
     resumes unfinished ones from their last checkpoint. At the end it writes <storage>/<prefix>-report.{md,csv,png}
     (python -m train.report). Trainer flags after `--` apply to every run (see python train/run.py --help), e.g.
-    -- --max-steps 5000 --wandb offline."""
+    -- --max-steps 5000 --wandb offline; with a dataset built with several tasks, -- --condition hed picks the
+    condition (subsets are then ranked over the samples HED kept)."""
 
     dataset: str
     """Dataset folder or URL written by pipeline.build."""
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         base = parse_args(["--preset", args.preset, *overrides])
         if args.storage_path:
             base = dataclasses.replace(base, storage_path=args.storage_path)
-        subsets = subsets_for(args.dataset, args.sizes, args.subsets_out)
+        subsets = subsets_for(args.dataset, args.sizes, args.subsets_out, base.condition)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,7 @@ lint: $(STAMP) ## ruff
 bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.json
 	$(PY) -m bench.canny_throughput
 	$(PY) -m bench.annotators
+	$(PY) -m bench.multitask
 	$(PY) -m bench.trainer_speed $(if $(PEER_SCRIPT),--peer-script $(PEER_SCRIPT))
 
 # what the GPU check imports that a CUDA image with torch and transformers lacks (no Ray, W&B or tyro): pure-Python

@@ -21,6 +21,7 @@ from pipeline.distributor import ModelLoadError, run_pool
 from pipeline.reader import InputShard, list_input_shards
 from pipeline.writer import clear_staging, staging_root
 
+
 def done_shards(out: str) -> dict[str, str]:
     """Names of committed output shards (those with a stats.json) -> their stats URL."""
     return {shard.name: shard.stats for shard in fmt.committed_shards(out)}

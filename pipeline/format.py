@@ -140,8 +140,8 @@ def read_stats(shards: list[CommittedShard]) -> list[dict[str, Any]]:
     return [json.loads(b) for b in blobs.values()]
 
 
-def read_index(shard: CommittedShard, columns: list[str]) -> dict[str, list]:
-    """Columns of a shard's parquet index (one row per input sample), as lists."""
+def read_index(shard: CommittedShard, columns: list[str] | None) -> dict[str, list]:
+    """Columns of a shard's parquet index (one row per input sample; None: every column), as lists."""
     import pyarrow.parquet as pq
 
     with fsspec.open(shard.index, "rb") as f:

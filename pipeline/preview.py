@@ -20,14 +20,14 @@ TEXT_WIDTH = 320
 def status_counts(dataset: str, tasks: list[str] | None = None) -> dict[str, int]:
     """Counts by status from the committed shards' parquet indexes (never the tars); with several tasks, also
     each task's ok and filtered maps ("hed ok") from its status column."""
-    columns = ["status", *(fmt.task_status_column(t) for t in tasks or [] if len(tasks) > 1)]
+    several = tasks if tasks and len(tasks) > 1 else []
     counts = dict.fromkeys(fmt.STATUSES, 0)
     for shard in fmt.committed_shards(dataset):
-        index = fmt.read_index(shard, columns)
+        index = fmt.read_index(shard, ["status", *(fmt.task_status_column(t) for t in several)])
         for status in index["status"]:
             counts[status] = counts.get(status, 0) + 1
-        for task, column in zip(tasks or [], columns[1:]):
-            for status in index[column]:
+        for task in several:
+            for status in index[fmt.task_status_column(task)]:
                 counts[f"{task} {status}"] = counts.get(f"{task} {status}", 0) + 1
     return counts
 

@@ -2,10 +2,12 @@
 import json
 import random
 import shutil
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
 
 from pipeline.format import key_hash
 from tests.conftest import copy_dataset
@@ -168,3 +170,91 @@ def test_the_trainer_streams_exactly_the_selected_keys(dataset, tmp_path):
     stream = make_dataset(source, resolution=64, batch_size=4, seed=0, prompt_dropout=0.0, epoch_samples=None)
     seen = [k for batch in stream for k in batch["key"]]
     assert sorted(seen) == sorted(selected)  # every selected key once, nothing else
+
+
+# ---------------------------------------------------------------- materialized subsets (compact shards of their own)
+
+
+def tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar) as f:
+        for member in f.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = f.extractfile(member).read()
+    return samples
+
+
+def test_materialized_subsets_are_exact_nested_copies_in_compact_shards(dataset, tmp_path):
+    data = copy_of(dataset, tmp_path)
+    written = make_subsets(str(data), [5, 10, 36], materialize_mode="auto", samples_per_shard=4)
+    by_size = {w["size"]: w for w in written}
+    # auto: the small sizes sit in shards holding > 2x their samples, so they are copied; the whole pool is not
+    assert [w["materialized"] for w in written] == [True, True, False]
+    assert by_size[5]["read_amplification"] > 2 >= by_size[36]["read_amplification"]
+    source = {k: m for tar in (data / "shards").glob("*.tar") for k, m in tar_members(tar).items()}
+    source_rows = {r["key"]: r for p in (data / "shards").glob("*.parquet") for r in pq.read_table(p).to_pylist()}
+    keys = {}
+    for size in (5, 10):
+        doc = load(by_size[size]["url"])
+        folder = data / "subsets" / str(size)
+        tars = sorted((folder / "shards").glob("*.tar"))
+        assert doc["shards"] == [str(t) for t in tars] and doc["dataset"] == str(data)
+        assert doc["materialized"]["folder"] == str(folder) and "resolution" in doc["ranking"]
+        assert [len(tar_members(t)) for t in tars] == [4] * (size // 4) + ([size % 4] if size % 4 else [])
+        assert doc["counts"]["per_shard"] == {str(t): len(tar_members(t)) for t in tars}
+        copied = {k: m for t in tars for k, m in tar_members(t).items()}
+        keys[size] = set(copied)
+        assert keys[size] == set(doc["keys"]) and len(copied) == size  # exactly the selection, each once
+        assert all(copied[k] == source[k] for k in copied)  # every member, byte for byte
+        rows = [r for p in sorted((folder / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+        assert sorted(r["key"] for r in rows) == sorted(copied) and all(r == source_rows[r["key"]] for r in rows)
+        assert len(list((folder / "shards").glob("*.stats.json"))) == len(tars)
+        assert json.loads((folder / "manifest.json").read_text())["subset"]["of"] == str(data)
+        # webdataset reads the compact shards back, and the subset folder reads as a dataset
+        assert sum(1 for _ in wds.WebDataset([str(t) for t in tars], shardshuffle=False)) == size
+        assert resolve_shards(str(folder)).counts["samples"] == size
+    assert keys[5] < keys[10] < set(load(by_size[36]["url"])["keys"])  # nested, exactly
+    stamps = {t: t.stat().st_mtime_ns for t in (data / "subsets").rglob("*.tar")}
+    again = make_subsets(str(data), [5, 10, 36], materialize_mode="auto", samples_per_shard=4)
+    assert again == written and stamps == {t: t.stat().st_mtime_ns for t in (data / "subsets").rglob("*.tar")}
+    plain = make_subsets(str(data), [5, 10], out=str(tmp_path / "plain"))  # never: the same choice, nothing copied
+    assert [set(load(w["url"])["keys"]) for w in plain] == [keys[5], keys[10]]
+    assert not (tmp_path / "plain" / "5").exists()
+
+
+def test_training_on_a_materialized_subset_opens_only_its_shards(dataset, tmp_path, monkeypatch):
+    import pipeline.format as fmt_module
+
+    data = copy_of(dataset, tmp_path)
+    [subset] = make_subsets(str(data), [6], materialize_mode="always", samples_per_shard=4)
+    opened = []
+    real_open = fmt_module.fsspec.open
+    monkeypatch.setattr(fmt_module.fsspec, "open", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
+    source = resolve_shards(subset["url"])
+    assert source.weights == (4, 2)  # each shard drawn by its samples: every sample equally often
+    stream = make_dataset(source, resolution=64, batch_size=2, seed=0, prompt_dropout=0.0, epoch_samples=60)
+    seen = [k for batch in stream for k in batch["key"]]
+    assert len(seen) == 60 and set(seen) == set(load(subset["url"])["keys"])
+    assert opened and {str(Path(u).parent) for u in opened} == {str(data / "subsets" / "6" / "shards")}
+
+
+def test_shards_are_drawn_by_the_samples_they_hold():
+    from train.data import resampled_shards
+
+    draws = [s["url"] for s, _ in zip(resampled_shards(["a", "b"], (1, 3), seed=0), range(4000), strict=False)]
+    assert 0.22 < draws.count("a") / len(draws) < 0.28
+    uniform = [s["url"] for s, _ in zip(resampled_shards(["a", "b"], None, seed=0), range(4000), strict=False)]
+    assert 0.47 < uniform.count("a") / len(uniform) < 0.53
+
+
+def test_subsets_of_a_synthetic_index_are_exact_and_nested(tmp_path):
+    from tests.synthetic_index import write_synthetic_index
+
+    data = write_synthetic_index(tmp_path / "big", rows=20_000, files=20)
+    written = make_subsets(str(data), [1000, 5000, 15_000], holdout_shards=1)
+    sets = [set(load(w["url"])["keys"]) for w in written]
+    assert [len(s) for s in sets] == [1000, 5000, 15_000] and sets[0] < sets[1] < sets[2]
+    indexes = sorted((data / "shards").glob("*.parquet"))[:-1]  # the last shard is held out
+    pixels = {r["key"]: r["original_width"] * r["original_height"] for p in indexes
+              for r in pq.read_table(p).to_pylist() if r["status"] == "ok"}
+    assert min(pixels[k] for k in sets[0]) >= max(pixels[k] for k in set(pixels) - sets[0])

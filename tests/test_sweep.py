@@ -152,3 +152,31 @@ def test_the_terminal_curve_spans_the_whole_run(evaluations):
                 "start": 0.2, "plateau": 0.9}
     text = curve_text({"fidelity": {"primary": "p", "curves": {"p": detected}}})
     assert str(detected["step"]) in [line.split()[0] for line in text.splitlines()[2:-1]]
+
+
+def test_sizes_train_concurrently_when_the_cluster_has_room(dataset, tmp_path, capsys):
+    """The test cluster has 2 CPUs; a run on one 1-CPU Ray worker leaves room for a second: both sizes train at
+    once (their training intervals overlap), and the report says what each cost."""
+    storage = tmp_path / "runs"
+    assert sweep(["--dataset", str(dataset), "--sizes", "8,16", "--preset", "debug", "--run-prefix", "par",
+                  "--storage-path", str(storage), "--subsets-out", str(tmp_path / "subsets"), "--", "--max-steps",
+                  "4", "--num-workers", "1", "--cpus-per-worker", "1", "--checkpoint-every", "2",
+                  "--validate-every", "0", "--wandb", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "[sweep] 2 size(s) at once: each run reserves 1 CPU, 0 GPU" in out
+    small, large = results(storage, "par-8"), results(storage, "par-16")
+    assert small["final_step"] == large["final_step"] == 4
+    assert small["timing"]["started"] < large["timing"]["finished"] and \
+        large["timing"]["started"] < small["timing"]["finished"]  # the two runs overlapped in time
+    rows = list(csv.DictReader(io.StringIO((storage / "par-report.csv").read_text())))
+    assert [r["samples_seen"] for r in rows] == [str(4 * small["config"]["batch_size"])] * 2
+    assert all(float(r["wall_minutes"]) > 0 and r["gpu_hours"] == "" for r in rows)  # CPU: no GPU-hours
+
+
+def test_concurrent_runs_fit_the_free_resources():
+    from train.sweep import concurrent_runs
+
+    assert concurrent_runs({"CPU": 1, "GPU": 0}, {"CPU": 2}, runs=5) == 2
+    assert concurrent_runs({"CPU": 8, "GPU": 8}, {"CPU": 64, "GPU": 16}, runs=5) == 2  # GPUs bound it
+    assert concurrent_runs({"CPU": 4, "GPU": 0}, {"CPU": 2}, runs=3) == 1  # no room: in turn (Ray waits)
+    assert concurrent_runs({"CPU": 1, "GPU": 0}, {"CPU": 16}, runs=3, limit=2) == 2

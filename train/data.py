@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import io
+import itertools
 import json
 import logging
 import random
@@ -55,6 +56,13 @@ class DataSource:
     dataset: str | None = None  # the dataset folder/URL (its manifest.json holds the job's settings), if known
     validation: str | None = None  # a subset's shared held-out validation manifest, if it names one
     conditions: tuple[str, ...] = ()
+    weights: tuple[int, ...] | None = None  # samples of this stream in each shard (urls' order), where known
+
+
+def some_shards(source: DataSource, part: slice) -> DataSource:
+    """The source over a slice of its shards (their weights with them)."""
+    weights = source.weights[part] if source.weights is not None else None
+    return dataclasses.replace(source, urls=source.urls[part], weights=weights)
 
 
 def resolve_shards(spec: str | list[str], condition: str | None = None) -> DataSource:
@@ -91,7 +99,9 @@ def _merge(parts: list[DataSource]) -> DataSource:
         raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")
     keys = None if filters[0] is None else frozenset().union(*filters)
     conditions = tuple(dict.fromkeys(c for p in parts for c in p.conditions))
-    return _tars([u for p in parts for u in p.urls], parts[0].task, keys, parts[0].dataset, conditions=conditions)
+    weights = None if any(p.weights is None for p in parts) else tuple(w for p in parts for w in p.weights)
+    merged = _tars([u for p in parts for u in p.urls], parts[0].task, keys, parts[0].dataset, conditions=conditions)
+    return dataclasses.replace(merged, weights=weights)
 
 
 def _is_pattern(spec: str) -> bool:
@@ -153,10 +163,13 @@ def _from_folder(out: str, condition: str | None = None) -> DataSource:
     urls = [shard.tar for shard in shards]
     conditions = tuple(fmt.dataset_tasks(fmt.read_manifest(out)) or infer_tasks(urls[0]))
     task = choose_condition(list(conditions), condition, out)
-    samples = sum(fmt.task_counts(stats, task).get(fmt.OK, 0) for stats in fmt.read_stats(shards))
+    ok = {stats.get("shard"): fmt.task_counts(stats, task).get(fmt.OK, 0) for stats in fmt.read_stats(shards)}
+    samples = sum(ok.values())
     if samples == 0:
         raise ValueError(f"{out} holds no usable {task} samples (its index says why: status and error columns)")
-    return DataSource(urls, task, None, {"shards": len(urls), "samples": samples}, out, conditions=conditions)
+    weights = tuple(ok.get(shard.name, 0) for shard in shards) if None not in ok else None
+    return DataSource(urls, task, None, {"shards": len(urls), "samples": samples}, out, conditions=conditions,
+                      weights=weights)
 
 
 def _from_json(spec: str, condition: str | None = None) -> DataSource:
@@ -169,8 +182,12 @@ def _from_json(spec: str, condition: str | None = None) -> DataSource:
         task = obj.get(fmt.SUBSET_TASK)  # the condition the subset was chosen for: its samples all hold its map
         source = _tars(urls, task, frozenset(obj[fmt.SUBSET_KEYS]), obj.get("dataset"), condition,
                        conditions=(task,) if task else None)
+        per_shard = obj.get("counts", {}).get("per_shard", {})  # the subset's samples in each of its shards
+        weights = tuple(per_shard[u] for u in obj[fmt.SUBSET_SHARDS]) if set(obj[fmt.SUBSET_SHARDS]) <= set(
+            per_shard) else None
         validation = obj.get(fmt.SUBSET_VALIDATION)
-        return dataclasses.replace(source, validation=_relative(base or ".", validation) if validation else None)
+        return dataclasses.replace(source, validation=_relative(base or ".", validation) if validation else None,
+                                   weights=weights)
     if name == fmt.MANIFEST:
         return _from_folder(base or ".", condition)
     raise ValueError(f"{spec}: neither a subset manifest (no {fmt.SUBSET_KEYS!r}) nor a dataset's {fmt.MANIFEST}")
@@ -509,8 +526,7 @@ class ControlNetStream(IterableDataset):
             [cfg.seed, cfg.rank, worker, epoch]).generate_state(3).tolist()
         resampled = cfg.epoch_samples is not None
         if resampled:
-            shards: Any = wds.ResampledShards(self.source.urls, seed=shard_seed, worker_seed=_no_worker_seed,
-                                              deterministic=True)
+            shards: Any = partial(resampled_shards, self.source.urls, self.source.weights, shard_seed)
         else:
             mine = shard_split(self.source.urls, cfg.seed, epoch, cfg.rank, cfg.world_size, worker, num_workers)
             shards = partial(as_shards, mine)
@@ -528,8 +544,15 @@ class ControlNetStream(IterableDataset):
         return wds.DataPipeline(*stages)
 
 
-def _no_worker_seed() -> int:
-    return 0  # the worker is already in ResampledShards' seed; webdataset's default reads torch.distributed
+def resampled_shards(urls: list[str], weights: tuple[int, ...] | None, seed: int) -> Iterator[dict[str, str]]:
+    """Shards drawn with replacement, each in proportion to the samples it holds for this stream (uniformly when
+    unknown), so every sample is drawn equally often however the shards are filled: a subset's few samples in a
+    big shard, or a short last shard, are not over-weighted."""
+    rng = random.Random(seed)
+    usable = weights is not None and len(weights) == len(urls) and sum(weights) > 0
+    cumulative = list(itertools.accumulate(weights)) if usable else None
+    while True:
+        yield {"url": rng.choices(urls, cum_weights=cumulative)[0]}
 
 
 def make_dataset(

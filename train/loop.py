@@ -47,6 +47,8 @@ class TrainState:
     fidelity: dict[str, Any] = field(default_factory=dict)  # curves with their detected convergence and mAUCC
     validation: dict[str, Any] = field(default_factory=dict)  # the held-out set: its shards and keys (not saved:
     # it is drawn again, identically, at every start)
+    train_seconds: float = 0.0  # wall time of the training loop up to the last checkpoint, over every segment
+    timing: dict[str, Any] = field(default_factory=dict)  # this segment: started/finished (epoch s), devices
 
 
 def segment_seed(seed: int, rank: int, step: int) -> int:
@@ -154,6 +156,7 @@ class Trainer:
             "decoder_unlocked": self.state.decoder_unlocked,
             "history": json.dumps(self.state.history),
             "fidelity": json.dumps(self.state.fidelity),
+            "train_seconds": self.state.train_seconds,
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -187,7 +190,8 @@ class Trainer:
         random.setstate(_as_tuples(json.loads(state["rng"]["python"])))
         self.state = TrainState(step=state["step"], decoder_unlocked=state["decoder_unlocked"],
                                 history=json.loads(state["history"]), resumed_from=state["step"],
-                                fidelity=json.loads(state.get("fidelity", "{}")))
+                                fidelity=json.loads(state.get("fidelity", "{}")),
+                                train_seconds=float(state.get("train_seconds", 0.0)))
 
     # ---- data
 
@@ -296,9 +300,7 @@ def split_validation(source, validation_data: list[str] | None):
     """(training source, validation source): the given validation data, else the held-out set a subset names
     (shared by every size of a sweep), else the last shard held out of training (when there are several), else
     the training data itself."""
-    import dataclasses as dc
-
-    from train.data import resolve_shards
+    from train.data import resolve_shards, some_shards
 
     if validation_data:
         return source, resolve_shards(validation_data, source.task)
@@ -306,7 +308,7 @@ def split_validation(source, validation_data: list[str] | None):
         return source, resolve_shards(source.validation, source.task)
     if len(source.urls) < 2:
         return source, source
-    return dc.replace(source, urls=source.urls[:-1]), dc.replace(source, urls=source.urls[-1:])
+    return some_shards(source, slice(None, -1)), some_shards(source, slice(-1, None))
 
 
 @dataclass
@@ -508,6 +510,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
     window = LossWindow()
+    segment_start = time.time()  # wall time since the last checkpoint counts in train_seconds at the next one
+    trainer.state.timing = {"started": segment_start, "devices": world_size, "device": device.type,
+                            "samples_per_step": samples_per_step}
     while trainer.state.step < cfg.max_steps:
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         loss = trainer.train_step(micro, generator)
@@ -535,6 +540,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger.log(metrics)
             logger.progress(step, validation.latest() if validation else "", metrics)
         if checkpointing:
+            now = time.time()
+            trainer.state.train_seconds += now - segment_start
+            segment_start = trainer.state.timing["finished"] = now
             metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
             report_checkpoint(trainer, metrics, local)
             # a new data/noise segment starts at every checkpoint, so resuming here replays nothing

@@ -22,6 +22,7 @@ from train.convergence import common_max_step, mauc
 from train.plots import curves_of, plot_curves
 
 COLUMNS = ("size", "run", "steps", "convergence_step", "start", "plateau", "final_fidelity", "mauc")
+COST_COLUMNS = ("samples_seen", "wall_minutes", "gpu_hours")  # what each size cost (cost_of)
 RESULTS = "results.json"
 
 
@@ -73,6 +74,20 @@ def table(runs: dict[str, dict[str, Any]], curve: str | None = None) -> tuple[li
     return rows, common
 
 
+def cost_of(results: dict[str, Any]) -> dict[str, Any]:
+    """What a run cost: samples seen (steps x samples per step), the training loop's wall time over every segment
+    up to its last checkpoint, and GPU-hours (that time x its GPUs; None on CPU). None where the run predates
+    these records."""
+    timing, config = results.get("timing") or {}, results.get("config", {})
+    per_step = timing.get("samples_per_step") or (config.get("batch_size", 0) * config.get("grad_accum", 1)
+                                                  * max(config.get("num_workers", 1), 1)) or None
+    seconds = results.get("train_seconds")
+    gpus = timing.get("devices", 0) if timing.get("device") == "cuda" else 0
+    return {"samples_seen": results.get("final_step", 0) * per_step if per_step else None,
+            "wall_minutes": seconds / 60 if seconds else None,
+            "gpu_hours": seconds * gpus / 3600 if seconds and gpus else None}
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -92,10 +107,14 @@ def _cell(value: Any, empty: str) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def to_markdown(rows: list[dict[str, Any]], prefix: str, curve: str | None, common: float | None) -> str:
-    """The table with a heading that names the curve and the mAUCC range."""
+def to_markdown(rows: list[dict[str, Any]], prefix: str, curve: str | None, common: float | None,
+                costs: dict[str, dict[str, Any]] | None = None) -> str:
+    """The table with a heading that names the curve and the mAUCC range; `costs` (run -> cost_of) adds what each
+    size cost."""
     header = ["size", "run", "steps", "convergence step", "start", "plateau", "final fidelity",
               f"mAUCC (to step {common:g})" if common is not None else "mAUCC"]
+    if costs is not None:
+        header += ["samples seen", "wall (min)", "GPU-hours"]
     lines = [
         f"# Dataset-size sweep `{prefix}`",
         "",
@@ -106,16 +125,19 @@ def to_markdown(rows: list[dict[str, Any]], prefix: str, curve: str | None, comm
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---:" if h not in ("run",) else "---" for h in header) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(r[c], "—") for c in COLUMNS) + " |" for r in rows]
+    for r in rows:
+        cost = [_cell(costs.get(r["run"], {}).get(c), "—") for c in COST_COLUMNS] if costs is not None else []
+        lines.append("| " + " | ".join([*(_cell(r[c], "—") for c in COLUMNS), *cost]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[dict[str, Any]], common: float | None) -> str:
+def to_csv(rows: list[dict[str, Any]], common: float | None, costs: dict[str, dict[str, Any]] | None = None) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*COLUMNS, "mauc_max_step"])
+    writer.writerow([*COLUMNS, "mauc_max_step", *(COST_COLUMNS if costs is not None else ())])
     for r in rows:
-        writer.writerow([_cell(r[c], "") for c in COLUMNS] + [_cell(common, "")])
+        cost = [_cell(costs.get(r["run"], {}).get(c), "") for c in COST_COLUMNS] if costs is not None else []
+        writer.writerow([_cell(r[c], "") for c in COLUMNS] + [_cell(common, "")] + cost)
     return buffer.getvalue()
 
 
@@ -205,13 +227,14 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
     rows, common = table(runs, curve)
     first = pick_curve(next(iter(sort_runs(runs)))[1], curve)
     curve_name = curve or (first[0] if first else None)
-    markdown = to_markdown(rows, prefix, curve_name, common)
+    costs = {name: cost_of(results) for name, results in runs.items()}
+    markdown = to_markdown(rows, prefix, curve_name, common, costs)
     image = plot_curves(plotted(runs, curve), f"condition fidelity by dataset size: {prefix}",
                         curve_name or "fidelity")
     base = f"{storage.rstrip('/')}/{prefix}-report"
     png = io.BytesIO()
     image.save(png, format="PNG")
-    files = {f"{base}.md": markdown.encode(), f"{base}.csv": to_csv(rows, common).encode(),
+    files = {f"{base}.md": markdown.encode(), f"{base}.csv": to_csv(rows, common, costs).encode(),
              f"{base}.png": png.getvalue()}
     for url, data in files.items():
         with fsspec.open(url, "wb") as f:
@@ -229,8 +252,9 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
 @dataclass
 class ReportArgs:
     """Compare the runs of a dataset-size sweep (train/sweep.py): a table (size, steps, detected convergence step,
-    final fidelity, mAUCC over the common step range) as <storage>/<prefix>-report.md and .csv, the fidelity curves
-    overlaid in <prefix>-report.png, and the table in a W&B 'report' run."""
+    final fidelity, mAUCC over the common step range, samples seen, wall time, GPU-hours) as
+    <storage>/<prefix>-report.md and .csv, the fidelity curves overlaid in <prefix>-report.png, and the table in a
+    W&B 'report' run."""
 
     runs: str
     """The sweep's run prefix (runs <prefix>-<size>)."""

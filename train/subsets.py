@@ -1,6 +1,7 @@
-"""subsets: nested dataset-size subsets ranked by original resolution, written as subset manifests. They read the
-dataset's parquet indexes through the shard contract (pipeline.format) and nothing else of the dataset job, so the
-sweep calls them directly."""
+"""subsets: nested dataset-size subsets ranked by original resolution, written as subset manifests, and (with
+--materialize) as compact shards of their own, so that training on 1k samples of a 3M-sample dataset reads 1k
+samples, not the thousand shards they are spread over. They read the dataset through the shard contract
+(pipeline.format) and nothing else of the dataset job, so the sweep calls them directly."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -27,6 +28,9 @@ RANKING_RULE = (
     "ok samples by original resolution (original_width * original_height, descending), ties by the blake2b-64 "
     "hash of the key (ascending); a subset of size n is the first n, so every smaller subset is inside every larger"
 )
+MAX_READ_AMPLIFICATION = 2.0  # --materialize auto: copy a subset whose shards hold over 2x its samples
+SAMPLES_PER_SHARD = 1000  # a materialized subset's shards (the dataset job's images-per-shard default)
+Materialize = Literal["auto", "always", "never"]
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$")
 _UNITS = {"": 1, "k": 1_000, "m": 1_000_000}
 
@@ -105,6 +109,24 @@ def hold_out(samples: list[Sample], shards: int) -> tuple[list[Sample], list[Sam
     return [s for s in samples if s.shard not in held], [s for s in samples if s.shard in held]
 
 
+def read_amplification(chosen: list[Sample], shard_samples: dict[str, int]) -> float:
+    """Samples in the shards a subset touches per sample of the subset: what streaming it from the dataset's own
+    shards reads (and what uniform shard sampling dilutes) for each sample it trains on."""
+    touched = {s.shard for s in chosen}
+    return sum(shard_samples.get(t, 0) for t in touched) / max(len(chosen), 1)
+
+
+def should_materialize(mode: Materialize, amplification: float) -> bool:
+    """always; never; auto: when streaming the subset from the dataset's shards would read over
+    MAX_READ_AMPLIFICATION times its own samples (every epoch), so one copy pays for itself within an epoch or two."""
+    return mode == "always" or (mode == "auto" and amplification > MAX_READ_AMPLIFICATION)
+
+
+def compact_shards(keys: list[str], per_shard: int) -> list[list[str]]:
+    """A materialized subset's keys dealt into shards of `per_shard` (the last may be shorter)."""
+    return [keys[i : i + per_shard] for i in range(0, len(keys), per_shard)]
+
+
 def subset_document(chosen: list[Sample], task: str, dataset: str, available: int,
                     validation: str | None = None) -> dict[str, object]:
     """The subset manifest: the format's fields (task, shards, keys) plus counts, the rule, the source and the
@@ -170,20 +192,174 @@ def write_json(url: str, document: dict[str, object]) -> None:
         fs.pipe_file(path, data)
 
 
-def make_subsets(dataset: str, sizes: list[int], out: str | None = None,
-                 holdout_shards: int = 1, condition: str | None = None) -> list[dict[str, object]]:
+def shard_sample_counts(dataset: str) -> dict[str, int]:
+    """Tar URL -> the samples written in it (its stats' ok count): what streaming that shard reads."""
+    shards = fmt.committed_shards(dataset)
+    stats = {st.get("shard"): st for st in fmt.read_stats(shards)}
+    return {sh.tar: stats[sh.name]["counts"][fmt.OK] for sh in shards if sh.name in stats}
+
+
+class CompactWriter:
+    """Writes one materialized subset's shards under `<folder>/shards/` in the dataset layout: NNNNN.tar, its
+    parquet index rows (copied from the source) and NNNNN.stats.json last (the commit marker), `per_shard` samples
+    each; built in a local temp folder and published file by file."""
+
+    def __init__(self, folder: str, per_shard: int, tasks: list[str], dataset: str, schema: Any):
+        import tempfile
+
+        self.folder, self.per_shard, self.tasks, self.dataset = folder.rstrip("/"), per_shard, tasks, dataset
+        self.schema = schema  # the source index's (a multi-task one has per-task status columns)
+        self.fs, self.root = fsspec.core.url_to_fs(self.folder)
+        self.staging = Path(tempfile.mkdtemp(prefix="subset-"))
+        self.tars: dict[str, int] = {}  # published tar URL -> samples
+        self._open()
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        self.name = f"{len(self.tars):05d}"
+        self.keys: list[str] = []
+        self.rows: list[dict[str, Any]] = []
+        self._file = open(self.staging / "shard.tar", "wb")  # noqa: SIM115 (closed in _publish)
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+
+    def add(self, sample: dict[str, Any], row: dict[str, Any]) -> None:
+        self._tar.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+        self.keys.append(sample["__key__"])
+        self.rows.append(row)
+        if len(self.keys) == self.per_shard:
+            self._publish()
+            self._open()
+
+    def _publish(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._tar.close()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), self.staging / "index.parquet")
+        counts = {s: sum(r["status"] == s for r in self.rows) for s in fmt.STATUSES}  # all ok: only ok rows copy
+        stats = {"shard": self.name, "samples": len(self.rows), "counts": counts, "subset_of": self.dataset}
+        if len(self.tasks) > 1:
+            stats["task_counts"] = {t: {s: sum(fmt.task_status(r, t) == s for r in self.rows) for s in fmt.STATUSES}
+                                    for t in self.tasks}
+        (self.staging / "stats.json").write_text(json.dumps(stats))
+        paths = fmt.shard_paths(self.folder, self.name)
+        self.fs.makedirs(fsspec.core.url_to_fs(paths["tar"])[1].rsplit("/", 1)[0], exist_ok=True)
+        for part, local in (("tar", "shard.tar"), ("index", "index.parquet"), ("stats", "stats.json")):
+            target = fsspec.core.url_to_fs(paths[part])[1]
+            if isinstance(self.fs, LocalFileSystem):
+                os.replace(self.staging / local, target)
+            else:
+                self.fs.put_file(str(self.staging / local), target)
+        self.tars[paths["tar"]] = len(self.rows)
+
+    def close(self) -> dict[str, int]:
+        """Publish the last, shorter shard; the tar URLs with their sample counts."""
+        import shutil
+
+        if self.keys:
+            self._publish()
+        else:
+            self._tar.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return self.tars
+
+
+def materialize(dataset: str, chosen: dict[int, list[Sample]], folders: dict[int, str],
+                per_shard: int = SAMPLES_PER_SHARD) -> dict[int, dict[str, int]]:
+    """Copy each size's samples (every member, and the index row) into compact shards of its own under
+    folders[size], reading each source shard that holds any of them once: sizes are nested, so a sample read once
+    goes to every size that holds it. Returns each size's {tar URL: samples}."""
+    order = max(chosen.values(), key=len)  # every size is a prefix of one ranking
+    position = {s.key: i for i, s in enumerate(order)}
+    sizes = sorted(chosen)
+    tasks = fmt.dataset_tasks(fmt.read_manifest(dataset)) or [""]
+    for folder in folders.values():  # a rerun rewrites the subset from scratch
+        fs, root = fsspec.core.url_to_fs(folder)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+    by_shard: dict[str, list[Sample]] = {}
+    for s in order:
+        by_shard.setdefault(s.shard, []).append(s)
+    index_of = {sh.tar: sh for sh in fmt.committed_shards(dataset)}
+    schema = _schema_of(index_of[min(by_shard)])
+    writers = {size: CompactWriter(folders[size], per_shard, tasks, dataset, schema) for size in sizes}
+    for tar in sorted(by_shard):
+        wanted = {s.key for s in by_shard[tar]}
+        index = fmt.read_index(index_of[tar], None)
+        rows = {key: {c: index[c][i] for c in index} for i, key in enumerate(index["key"]) if key in wanted}
+        for sample in fmt.shard_samples([{"url": tar}]):
+            key = sample["__key__"]
+            if key not in wanted:
+                continue
+            wanted.discard(key)
+            for size in sizes:
+                if position[key] < size:
+                    writers[size].add(sample, rows[key])
+        if wanted:
+            raise SubsetError(f"{tar} lacks {len(wanted)} samples its index calls ok (e.g. {sorted(wanted)[0]})")
+    return {size: writer.close() for size, writer in writers.items()}
+
+
+def _schema_of(shard: fmt.CommittedShard):
+    import pyarrow.parquet as pq
+
+    with fsspec.open(shard.index, "rb") as f:
+        return pq.read_schema(f)
+
+
+def already_materialized(url: str, chosen: list[Sample], per_shard: int) -> dict[str, int] | None:
+    """The {tar URL: samples} of a size copied before with the same selection and shard size, all its shards
+    committed (a rerun of a sweep copies nothing again); None otherwise."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    document = json.loads(fs.cat_file(path))
+    shards = document.get("counts", {}).get("per_shard", {})
+    same = (document.get("materialized", {}).get("samples_per_shard") == per_shard
+            and set(document.get(fmt.SUBSET_KEYS, [])) == {s.key for s in chosen})
+    committed = all(fs.exists(fsspec.core.url_to_fs(u.removesuffix(fmt.TAR_SUFFIX) + fmt.STATS_SUFFIX)[1])
+                    for u in shards)
+    return dict(shards) if same and shards and committed else None
+
+
+def write_subset_folder_manifest(folder: str, dataset: str, size: int, task: str | None) -> None:
+    """The materialized subset's manifest.json: the source's (settings, models), with this subset's counts, so the
+    folder reads as a dataset (preview, resolve_shards) and names what it was cut from."""
+    manifest = fmt.read_manifest(dataset)
+    manifest.update(samples=size, totals={fmt.OK: size, fmt.FILTERED: 0, fmt.FAILED: 0},
+                    subset={"of": dataset, "size": size, "condition": task, "ranking": RANKING_RULE})
+    manifest.pop("totals_by_task", None)
+    write_json(f"{folder.rstrip('/')}/{fmt.MANIFEST}", manifest)
+
+
+def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout_shards: int = 1,
+                 condition: str | None = None, materialize_mode: Materialize = "never",
+                 samples_per_shard: int = SAMPLES_PER_SHARD) -> list[dict[str, object]]:
     """Hold out the last `holdout_shards` shards as the shared validation set (`<out>/validation.json`), then rank,
     select and write one manifest per size to `<out or dataset/subsets>/<label>.json`. A multi-task dataset's
     subsets are per `condition` (ranked over the samples that condition kept; default folder
-    `<dataset>/subsets/<condition>`).
+    `<dataset>/subsets/<condition>`). `materialize_mode`: copy a size's samples into compact shards of its own
+    (`<out>/<label>/shards/`), which its manifest then lists: always, never, or auto (should_materialize).
 
-    Returns one {label, size, shards, url, validation} per size; nothing is written when any size is too large."""
+    Returns one {label, size, shards, url, validation, materialized, read_amplification} per size; nothing is
+    written when any size is too large."""
     dataset = absolute(dataset)
     task, several = read_condition(dataset, condition)
     out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}" + (f"/{task}" if several else "")
     pool, held = hold_out(read_samples(dataset, task if several else None), holdout_shards)
     ranked = rank(pool)
     chosen = select(ranked, sizes, len(held))
+    shard_samples = shard_sample_counts(dataset) if materialize_mode != "never" else {}
+    amplification = {size: read_amplification(samples, shard_samples) for size, samples in chosen.items()}
+    copy = {size: samples for size, samples in chosen.items()
+            if materialize_mode != "never" and should_materialize(materialize_mode, amplification[size])}
+    folders = {size: f"{out}/{size_label(size)}" for size in copy}
+    compact = {size: done for size in copy if (done := already_materialized(f"{out}/{size_label(size)}.json",
+                                                                             copy[size], samples_per_shard))}
+    todo = {size: samples for size, samples in copy.items() if size not in compact}
+    if todo:
+        compact |= materialize(dataset, todo, {size: folders[size] for size in todo}, samples_per_shard)
     validation = None
     if held:
         validation = f"{out}/{VALIDATION_NAME}"
@@ -192,10 +368,18 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None,
     written = []
     for size, samples in chosen.items():
         document = subset_document(samples, task, dataset, len(ranked), validation)
+        if size in compact:
+            write_subset_folder_manifest(folders[size], dataset, size, task)
+            document.update(shards=list(compact[size]))
+            document["counts"].update(shards=len(compact[size]), per_shard=compact[size])
+            document["materialized"] = {"folder": folders[size], "source_shards": len({s.shard for s in samples}),
+                                        "read_amplification": round(amplification[size], 3),
+                                        "samples_per_shard": samples_per_shard}
         url = f"{out}/{size_label(size)}.json"
         write_json(url, document)
         written.append({"label": size_label(size), "size": size, "shards": document["counts"]["shards"], "url": url,
-                        "validation": validation})
+                        "validation": validation, "materialized": size in compact,
+                        "read_amplification": amplification[size] if shard_samples else None})
     return written
 
 
@@ -215,6 +399,12 @@ class SubsetsArgs:
     """Last shards held out of every subset as their shared validation set."""
     condition: str | None = None
     """The condition to rank for, in a dataset built with several tasks (default: the dataset's only one)."""
+    materialize: Materialize = "never"
+    """Copy each size's samples into compact shards of its own (<out>/<label>/shards/), so training on it reads
+    only its samples: always; auto (when its samples sit in shards holding over 2x as many); never (the
+    manifests name the dataset's shards and keys: nothing copied)."""
+    samples_per_shard: int = SAMPLES_PER_SHARD
+    """Samples per shard of a materialized subset."""
     json: bool = False
     """Print one JSON list of the written subsets instead."""
 
@@ -225,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(SubsetsArgs, args=argv, prog="python -m train.subsets")
     try:
         written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards,
-                               args.condition)
+                               args.condition, args.materialize, args.samples_per_shard)
     except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -233,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(written))
     else:
         for w in written:
-            print(f"{w['label']:>6}  {w['size']:>9} samples  {w['shards']:>6} shards  {w['url']}")
+            copied = "  copied" if w["materialized"] else ""
+            print(f"{w['label']:>6}  {w['size']:>9} samples  {w['shards']:>6} shards  {w['url']}{copied}")
         if written and written[0]["validation"]:
             print(f"validation (held out of every size): {written[0]['validation']}")
     return 0

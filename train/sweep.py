@@ -5,6 +5,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -55,15 +56,52 @@ def is_finished(results: dict | None, max_steps: int) -> bool:
 # ---------------------------------------------------------------- I/O: subsets, results, training
 
 
-def subsets_for(dataset: str, sizes: str, out: str | None, condition: str | None = None) -> list[dict]:
+def subsets_for(dataset: str, sizes: str, out: str | None, condition: str | None = None,
+                materialize: str = "never") -> list[dict]:
     """The nested subsets (train.subsets) of the condition trained on, written or rewritten; a request they refuse
     is one SweepError line."""
     from train.subsets import make_subsets, parse_sizes
 
     try:
-        return make_subsets(dataset, parse_sizes(sizes), out, condition=condition)
+        return make_subsets(dataset, parse_sizes(sizes), out, condition=condition, materialize_mode=materialize)
     except (FileNotFoundError, ValueError) as e:  # no dataset, bad sizes, a size too large
         raise SweepError(str(e)) from None
+
+
+def concurrent_runs(per_run: dict[str, float], available: dict[str, float], runs: int, limit: int = 0) -> int:
+    """How many runs train at once: as many as the free resources hold, each taking `per_run` (CPU, GPU), at most
+    `limit` (0: no limit) and never more than `runs`; at least 1 (a run then waits for room, as Ray makes it)."""
+    fits = min((int(available.get(name, 0) // need) for name, need in per_run.items() if need > 0), default=runs)
+    return max(1, min(fits, runs, limit or runs))
+
+
+def run_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one run reserves on the cluster: its workers' CPUs and GPUs (Ray must be started)."""
+    from train.run import cpus_per_worker, gpu_wanted
+
+    use_gpu = gpu_wanted(cfg)
+    return {"CPU": cfg.num_workers * cpus_per_worker(cfg, use_gpu), "GPU": cfg.num_workers * float(use_gpu)}
+
+
+def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
+    """Train the runs, `slots` at a time (each in a thread of this driver: Ray Train schedules its workers on the
+    cluster); the names of the runs that failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(cfg: TrainConfig) -> str | None:
+        try:
+            train(cfg)
+            return None
+        except Exception as e:  # one failed size must not cost the others; re-running resumes it
+            print(f"[sweep] {cfg.run_name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return cfg.run_name
+
+    if slots <= 1:
+        outcomes = [one(cfg) for cfg in configs]
+    else:
+        with ThreadPoolExecutor(slots, thread_name_prefix="sweep") as pool:
+            outcomes = list(pool.map(one, configs))
+    return [name for name in outcomes if name]
 
 
 def train(cfg: TrainConfig) -> None:
@@ -82,8 +120,9 @@ def train(cfg: TrainConfig) -> None:
 class SweepConfig:
     """Dataset-size ablation (the paper's Sec. 3.5): nested subsets of DATASET ranked by original resolution
     (python -m train.subsets), then one training run per size with identical settings but the data, named
-    <prefix>-<size>, in the W&B group <prefix> with dataset_size in its config. Runs go to Ray one after another
-    (each takes the whole cluster, as its num_workers asks). Re-running the same command skips finished sizes and
+    <prefix>-<size>, in the W&B group <prefix> with dataset_size in its config. Runs on Ray workers train
+    concurrently when the cluster has room for more than one (--concurrent), else one after another; small sizes
+    are copied into shards of their own (--materialize). Re-running the same command skips finished sizes and
     resumes unfinished ones from their last checkpoint. At the end it writes <storage>/<prefix>-report.{md,csv,png}
     (python -m train.report). Trainer flags after `--` apply to every run (see python train/run.py --help), e.g.
     -- --max-steps 5000 --wandb offline; with a dataset built with several tasks, -- --condition hed picks the
@@ -101,6 +140,13 @@ class SweepConfig:
     """Where runs and the report go (default: the preset's)."""
     subsets_out: str | None = None
     """Folder/URL for the subset manifests (default: <dataset>/subsets)."""
+    concurrent: int = 0
+    """Sizes trained at once: 0 fits as many as the cluster's free CPUs and GPUs hold (each run reserves
+    --num-workers x --cpus-per-worker CPUs and a GPU per worker), 1 trains them in turn. Runs in local mode
+    (--num-workers 0) are this process and always train in turn."""
+    materialize: Literal["auto", "always", "never"] = "auto"
+    """Copy each size's samples into compact shards of its own (python -m train.subsets --materialize): auto
+    does it where streaming the size from the dataset's shards would read over 2x its samples."""
     no_report: bool = False
     """Train only; skip the report at the end."""
 
@@ -120,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         base = parse_args(["--preset", args.preset, *overrides])
         if args.storage_path:
             base = dataclasses.replace(base, storage_path=args.storage_path)
-        subsets = subsets_for(args.dataset, args.sizes, args.subsets_out, base.condition)
+        subsets = subsets_for(args.dataset, args.sizes, args.subsets_out, base.condition, args.materialize)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    failed = []
+    todo = []
     for subset in subsets:
         cfg = run_config(base, subset, args.run_prefix)
         results = read_results(cfg)
@@ -133,12 +179,22 @@ def main(argv: list[str] | None = None) -> int:
             continue
         state = "resuming from its last checkpoint" if results or latest_checkpoint(cfg.storage_path, cfg.run_name) \
             else "starting"
-        print(f"[sweep] {cfg.run_name}: {subset['size']} samples from {subset['shards']} shards, {state}", flush=True)
-        try:
-            train(cfg)
-        except Exception as e:  # one failed size must not cost the others; re-running resumes it
-            print(f"[sweep] {cfg.run_name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            failed.append(cfg.run_name)
+        copied = " (copied into shards of its own)" if subset.get("materialized") else ""
+        print(f"[sweep] {cfg.run_name}: {subset['size']} samples from {subset['shards']} shards{copied}, {state}",
+              flush=True)
+        todo.append(cfg)
+    slots = 1
+    if todo and base.num_workers > 0 and args.concurrent != 1:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        per_run = run_resources(base)
+        slots = concurrent_runs(per_run, ray.available_resources(), len(todo), args.concurrent)
+        print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "
+              f"free now: {ray.available_resources().get('CPU', 0):g} CPU, "
+              f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
+    failed = train_all(todo, slots)
     if not args.no_report:
         from train.report import write_report
 

@@ -133,7 +133,7 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
                "history": state.history, "fidelity": state.fidelity, "convergence": convergence(state.fidelity),
-               "validation": state.validation}
+               "validation": state.validation, "train_seconds": state.train_seconds, "timing": state.timing}
     with fsspec.open(results_url(cfg), "w") as f:
         json.dump(results, f, indent=1)
     if state.fidelity.get("curves"):

@@ -227,11 +227,11 @@ def test_training_on_a_materialized_subset_opens_only_its_shards(dataset, tmp_pa
 
     data = copy_of(dataset, tmp_path)
     [subset] = make_subsets(str(data), [6], materialize_mode="always", samples_per_shard=4)
-    opened = []
-    real_open = fmt_module.fsspec.open
-    monkeypatch.setattr(fmt_module.fsspec, "open", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
     source = resolve_shards(subset["url"])
     assert source.weights == (4, 2)  # each shard drawn by its samples: every sample equally often
+    opened = []  # what the stream opens (fsspec.open is one function for every module)
+    real_open = fmt_module.fsspec.open
+    monkeypatch.setattr(fmt_module.fsspec, "open", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
     stream = make_dataset(source, resolution=64, batch_size=2, seed=0, prompt_dropout=0.0, epoch_samples=60)
     seen = [k for batch in stream for k in batch["key"]]
     assert len(seen) == 60 and set(seen) == set(load(subset["url"])["keys"])

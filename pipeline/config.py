@@ -117,9 +117,10 @@ def parse_tasks(spec: str) -> tuple[str, ...]:
     """'hed,canny' -> ('canny', 'hed'): known task names, each once, in TASKS order (so 'hed,canny' and 'canny,hed'
     are one dataset's settings)."""
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in TASKS]
-    if unknown or not names:
-        raise ValueError(f"--task must be one or more of {', '.join(TASKS)} (comma-separated), not {spec!r}")
+    unknown = [name for name in names if name not in TASKS] or ([] if names else [spec])
+    if unknown:  # worded as tyro words a bad choice of the other flags
+        raise ValueError(f"invalid choice {unknown[0]!r} for argument '--task' (choose from {', '.join(TASKS)}, "
+                         "or several comma-separated: canny,hed)")
     return tuple(task for task in TASKS if task in names)
 
 

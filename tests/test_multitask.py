@@ -2,6 +2,7 @@
 writes every map with a status per task, resumes, and the trainer, subsets and preview pick one condition"""
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from annotate import annotator_params
 from pipeline import format as fmt
 from pipeline.build import main as build_dataset
 from pipeline.preview import main as preview
@@ -101,6 +103,13 @@ def test_every_map_in_one_sample_with_a_status_per_task(multi, inputs, weights, 
         if kept:
             assert kept["txt"].decode() == row["caption"]
             assert set(json.loads(kept["json"])["params"]) == set(TASKS)  # parameters by task
+    # each network's --detect-resolution and weights are recorded per task, and handed back to the trainer's scorer
+    for task in ("hed", "midas", "openpose"):
+        assert manifest["annotators"][task]["detect_resolution"] == 64
+        assert annotator_params(task, manifest["config"])["detect_resolution"] == 64
+        assert all(json.loads(m["json"])["params"][task]["detect_resolution"] == 64 for m in samples.values())
+    assert re.search(r"\b[0-9a-f]{64}\b", json.dumps(manifest["annotators"]["openpose"]))  # the weights' sha256
+    assert all("keypoint_fraction" in json.loads(r["params"])["openpose"] for r in rows if r["status"] != "failed")
     filtered = [r for r in rows if r["status_openpose"] == fmt.FILTERED]
     assert filtered and all("30%" in r["error_openpose"] for r in filtered)  # tiny OpenPose finds no person
     assert any(r["status"] == fmt.OK for r in filtered)  # ... and those images keep their other maps
@@ -114,9 +123,15 @@ def test_every_map_in_one_sample_with_a_status_per_task(multi, inputs, weights, 
                            for s in decoded)
 
 
-def test_a_single_task_job_writes_what_it_did_and_the_same_maps(multi, inputs, weights, tmp_path):
-    single = tmp_path / "canny"
-    assert build("canny", inputs, single, weights) == 0
+@pytest.fixture(scope="module")
+def single(inputs, weights, tmp_path_factory) -> Path:
+    """The same photos as a Canny dataset of its own (captions from the source: BLIP is not needed for it)."""
+    out = tmp_path_factory.mktemp("single") / "canny"
+    assert build_dataset(["--input", str(inputs), "--output", str(out), *SMALL]) == 0
+    return out
+
+
+def test_a_single_task_job_writes_what_it_did_and_the_same_maps(multi, single):
     manifest = json.loads((single / fmt.MANIFEST).read_text())
     assert manifest["task"] == "canny" and manifest["tasks"] == ["canny"] and "annotator" in manifest
     assert "status_canny" not in pq.read_schema(single / "shards" / "00001.parquet").names
@@ -124,7 +139,7 @@ def test_a_single_task_job_writes_what_it_did_and_the_same_maps(multi, inputs, w
     assert set(alone) <= set(together)
     for key, members in alone.items():
         assert set(members) == {"jpg", "canny.png", "txt", "json"}
-        assert members["canny.png"] == together[key]["canny.png"] and members["txt"] == together[key]["txt"]
+        assert members["canny.png"] == together[key]["canny.png"] and members["jpg"] == together[key]["jpg"]
 
 
 def test_resume_redoes_only_the_missing_shard_and_a_new_task_is_refused(multi, inputs, weights, tmp_path, capsys):
@@ -190,7 +205,7 @@ def test_a_stream_passes_over_samples_without_the_chosen_map(tmp_path):
                                 epoch_samples=None))) == 3
 
 
-def test_subsets_rank_per_condition_and_old_datasets_still_read(multi, inputs, weights, tmp_path, capsys):
+def test_subsets_rank_per_condition_and_old_datasets_still_read(multi, single, tmp_path, capsys):
     written = make_subsets(str(multi), [2, 4], holdout_shards=1, condition="hed")
     assert written[0]["url"].startswith(str(multi / "subsets" / "hed"))
     hed_ok = {r["key"] for r in index_rows(multi) if r["status_hed"] == fmt.OK}
@@ -204,7 +219,7 @@ def test_subsets_rank_per_condition_and_old_datasets_still_read(multi, inputs, w
         make_subsets(str(multi), [1])
     # a version 1 dataset (one task, "task" in its manifest, no "tasks") reads as before
     old = tmp_path / "v1"
-    assert build_dataset(["--input", str(inputs), "--output", str(old), *SMALL]) == 0
+    shutil.copytree(single, old)
     manifest = json.loads((old / fmt.MANIFEST).read_text())
     manifest.pop("tasks")
     (old / fmt.MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))

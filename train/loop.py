@@ -47,7 +47,8 @@ class TrainState:
     fidelity: dict[str, Any] = field(default_factory=dict)  # curves with their detected convergence and mAUCC
     validation: dict[str, Any] = field(default_factory=dict)  # the held-out set: its shards and keys (not saved:
     # it is drawn again, identically, at every start)
-    train_seconds: float = 0.0  # wall time of the training loop up to the last checkpoint, over every segment
+    train_seconds: float = 0.0  # wall time of the run (loading, validating, training) to its last checkpoint, summed
+    # over every segment (resumes)
     timing: dict[str, Any] = field(default_factory=dict)  # this segment: started/finished (epoch s), devices
 
 
@@ -477,6 +478,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from train.data import dataset_manifest, resolve_shards
     from train.tracking import RunLogger
 
+    segment_start = time.time()  # the run's wall time from here (loading, validating, training) to each
+    # checkpoint counts in train_seconds: what the run holds its devices for
     cfg = TrainConfig(**config["train"])
     local = config.get("local", False)
     context = ray.train.get_context()
@@ -510,7 +513,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, trainer.state.step))
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
     window = LossWindow()
-    segment_start = time.time()  # wall time since the last checkpoint counts in train_seconds at the next one
     trainer.state.timing = {"started": segment_start, "devices": world_size, "device": device.type,
                             "samples_per_step": samples_per_step}
     while trainer.state.step < cfg.max_steps:

@@ -75,9 +75,9 @@ def table(runs: dict[str, dict[str, Any]], curve: str | None = None) -> tuple[li
 
 
 def cost_of(results: dict[str, Any]) -> dict[str, Any]:
-    """What a run cost: samples seen (steps x samples per step), the training loop's wall time over every segment
-    up to its last checkpoint, and GPU-hours (that time x its GPUs; None on CPU). None where the run predates
-    these records."""
+    """What a run cost: samples seen (steps x samples per step), its wall time over every segment (from loading
+    the models to the last checkpoint), and GPU-hours (that time x its GPUs; None on CPU). None where the run
+    predates these records."""
     timing, config = results.get("timing") or {}, results.get("config", {})
     per_step = timing.get("samples_per_step") or (config.get("batch_size", 0) * config.get("grad_accum", 1)
                                                   * max(config.get("num_workers", 1), 1)) or None

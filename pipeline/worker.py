@@ -187,8 +187,11 @@ def finish(p: Prepared, annotations: dict[str, Annotation | Exception], quality:
             fmt.CAPTION_EXT: p.row["caption"].encode("utf-8"),
             fmt.META_EXT: json.dumps(meta, ensure_ascii=False).encode("utf-8"),
         }
-    except Exception as e:
-        p.row.update(status=fmt.FAILED, error=f"encoding failed: {type(e).__name__}: {e}")
+    except Exception as e:  # the image itself: no task's map can be stored
+        error = f"encoding failed: {type(e).__name__}: {e}"
+        p.row.update(status=fmt.FAILED, error=error)
+        for task in outcomes if not single else ():
+            p.row[fmt.task_status_column(task)], p.row[fmt.task_error_column(task)] = fmt.FAILED, error
         return None
     p.row.update(status=fmt.OK, error="")
     return members

@@ -109,6 +109,18 @@ def copy_dataset(dataset: Path, tmp_path_factory, name: str) -> Path:
     return Path(shutil.copytree(dataset, tmp_path_factory.mktemp(name) / "canny"))
 
 
+def tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
+    """An output tar's samples, key -> {extension: bytes}, read with tarfile (independently of webdataset)."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar) as f:
+        for member in f.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = f.extractfile(member).read()
+    return samples
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

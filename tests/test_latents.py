@@ -3,7 +3,6 @@ manifest, and trained on in place of the VAE encoding every image at every step;
 import dataclasses
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 
 from annotate.latents import vae_fingerprint
 from pipeline.build import main as build_dataset
+from tests.conftest import tar_members
 from train.config import debug
 from train.loop import Trainer, stored_latents_plan, use_stored_latents
 from train.run import build_trainer
@@ -35,20 +35,11 @@ def dataset(sample_shards, base, tmp_path_factory) -> Path:
     return out
 
 
-def members_of(tar: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar) as f:
-        for member in f.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = f.extractfile(member).read()
-    return samples
-
-
 def test_each_stored_image_has_its_vae_distribution_and_the_manifest_names_the_vae(dataset, base):
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["latents"]["vae_sha256"] == vae_fingerprint(vae) and manifest["config"]["latents"] == str(base)
-    samples = [s for tar in sorted((dataset / "shards").glob("*.tar")) for s in members_of(tar).values()]
+    samples = [s for tar in sorted((dataset / "shards").glob("*.tar")) for s in tar_members(tar).values()]
     assert samples and all("latent.npy" in s for s in samples)
     sample = samples[0]
     stored = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)

@@ -18,6 +18,7 @@ from annotate import annotator_params
 from pipeline import format as fmt
 from pipeline.build import main as build_dataset
 from pipeline.preview import main as preview
+from tests.conftest import tar_members
 from tests.tiny_weights.blip import write_tiny_blip
 from tests.tiny_weights.hed import write_tiny_hed
 from tests.tiny_weights.midas import write_tiny_dpt
@@ -75,13 +76,7 @@ def index_rows(dataset: Path) -> list[dict]:
 
 
 def tar_samples(dataset: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar in sorted((dataset / "shards").glob("*.tar")):
-        with tarfile.open(tar) as f:
-            for member in f.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = f.extractfile(member).read()
-    return samples
+    return {k: m for tar in sorted((dataset / "shards").glob("*.tar")) for k, m in tar_members(tar).items()}
 
 
 def test_every_map_in_one_sample_with_a_status_per_task(multi, inputs, weights, tmp_path):

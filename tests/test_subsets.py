@@ -2,7 +2,6 @@
 import json
 import random
 import shutil
-import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.format import key_hash
-from tests.conftest import copy_dataset
+from tests.conftest import copy_dataset, tar_members
 from train.data import make_dataset, resolve_shards
 from train.subsets import (
     Sample,
@@ -173,15 +172,6 @@ def test_the_trainer_streams_exactly_the_selected_keys(dataset, tmp_path):
 
 
 # ---------------------------------------------------------------- materialized subsets (compact shards of their own)
-
-
-def tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar) as f:
-        for member in f.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = f.extractfile(member).read()
-    return samples
 
 
 def test_materialized_subsets_are_exact_nested_copies_in_compact_shards(dataset, tmp_path):

@@ -23,7 +23,7 @@ from tests.tiny_weights.blip import write_tiny_blip
 from tests.tiny_weights.hed import write_tiny_hed
 from tests.tiny_weights.midas import write_tiny_dpt
 from tests.tiny_weights.openpose import write_tiny_openpose
-from train.data import make_loader, resolve_shards
+from train.data import make_loader, resolve_images, resolve_shards
 from train.run import main as train_main
 from train.subsets import SubsetError, make_subsets
 from train.tiny_sd import build_tiny_sd
@@ -198,6 +198,7 @@ def test_a_stream_passes_over_samples_without_the_chosen_map(tmp_path):
     assert all(not b["skipped"] for b in batches)  # the index's choice, not bad samples
     assert len(list(make_loader(resolve_shards(str(tar), "canny"), resolution=8, batch_size=2, seed=0,
                                 epoch_samples=None))) == 3
+    assert resolve_images(str(tar)).task == "canny"  # base pretraining needs the images only: any condition serves
 
 
 def test_subsets_rank_per_condition_and_old_datasets_still_read(multi, single, tmp_path, capsys):

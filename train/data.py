@@ -79,11 +79,28 @@ def resolve_shards(spec: str | list[str], condition: str | None = None) -> DataS
     return _from_folder(spec, condition)
 
 
+class SeveralConditions(ValueError):
+    """Data holding several conditions, read without naming one."""
+
+    def __init__(self, where: str, conditions: list[str]):
+        super().__init__(f"{where} holds the conditions {', '.join(conditions)}: choose one with --condition")
+        self.conditions = conditions
+
+
+def resolve_images(spec: str | list[str]) -> DataSource:
+    """For readers of the images and captions alone (base pretraining): any condition the data holds will do, so
+    the first (in a multi-task dataset, Canny's keeps every image it could read)."""
+    try:
+        return resolve_shards(spec)
+    except SeveralConditions as e:
+        return resolve_shards(spec, e.conditions[0])
+
+
 def choose_condition(available: list[str], condition: str | None, where: str) -> str | None:
     """The condition to train on: the one asked for, which the data must hold, else the data's only one."""
     if condition is None:
         if len(available) > 1:
-            raise ValueError(f"{where} holds the conditions {', '.join(available)}: choose one with --condition")
+            raise SeveralConditions(where, available)
         return available[0] if available else None
     if available and condition not in available:
         raise ValueError(f"{where} holds no {condition!r} condition maps (it holds {', '.join(available)})")

@@ -142,7 +142,7 @@ def base_train_step(base: BaseModel, model: ControlledUNet, params: list[torch.n
 def pretrain(cfg: PretrainConfig) -> Path:
     from diffusers.training_utils import EMAModel
 
-    from train.data import make_loader, resolve_shards
+    from train.data import make_loader, resolve_images
     from train.loop import split_validation
 
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -155,7 +155,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         return out
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    source, _ = split_validation(resolve_shards(cfg.data), None)
+    source, _ = split_validation(resolve_images(cfg.data), None)
     torch.manual_seed(cfg.seed)
     base = build_base(cfg, caption_words(source), tmp)
     plain_attention_on_cpu(torch.device("cpu"), base.unet)

@@ -159,6 +159,16 @@ def test_s3_dataset(dataset, s3_endpoint):
     assert doc["keys"] == load(local[0]["url"])["keys"]
     source = resolve_shards("s3://cnd-subsets/canny/subsets/8.json")
     assert source.keys == frozenset(doc["keys"]) and source.task == "canny"
+    # materialized on S3: the compact shards go up beside the manifests, and the stream reads them from there
+    [copied] = make_subsets("s3://cnd-subsets/canny", [8], out="s3://cnd-subsets/small", materialize_mode="always",
+                            samples_per_shard=5)
+    fs.invalidate_cache()
+    doc = json.loads(fs.cat_file("cnd-subsets/small/8.json"))
+    assert doc["shards"] == ["s3://cnd-subsets/small/8/shards/00000.tar", "s3://cnd-subsets/small/8/shards/00001.tar"]
+    assert fs.exists("cnd-subsets/small/8/shards/00001.stats.json") and copied["materialized"]
+    stream = make_dataset(resolve_shards("s3://cnd-subsets/small/8.json"), resolution=64, batch_size=4, seed=0,
+                          prompt_dropout=0.0, epoch_samples=None)
+    assert sorted(k for batch in stream for k in batch["key"]) == sorted(doc["keys"])
 
 
 def test_the_trainer_streams_exactly_the_selected_keys(dataset, tmp_path):

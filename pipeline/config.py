@@ -91,9 +91,9 @@ class BuildConfig:
     """Print the plan (shards to do, done) and exit."""
 
     def __post_init__(self) -> None:
+        self.task = ",".join(parse_tasks(self.task))
         if not self.output:
             self.output = f"data/{self.task.replace(',', '-')}"
-        self.task = ",".join(parse_tasks(self.task))
         if self.caption not in CAPTION_SOURCES:
             raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
         if self.resolution < 8:
@@ -113,9 +113,10 @@ class BuildConfig:
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in OUTPUT_SETTINGS}
 
 
-def parse_tasks(spec: str) -> tuple[str, ...]:
-    """'hed,canny' -> ('canny', 'hed'): known task names, each once, in TASKS order (so 'hed,canny' and 'canny,hed'
-    are one dataset's settings)."""
+def parse_tasks(spec: str | typing.Sequence[str]) -> tuple[str, ...]:
+    """'hed,canny' (or ['hed', 'canny']) -> ('canny', 'hed'): known task names, each once, in TASKS order (so
+    'hed,canny' and 'canny,hed' are one dataset's settings)."""
+    spec = spec if isinstance(spec, str) else ",".join(spec)
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in TASKS] or ([] if names else [spec])
     if unknown:  # worded as tyro words a bad choice of the other flags

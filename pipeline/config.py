@@ -34,7 +34,7 @@ class BuildConfig:
     """Input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), a folder of .tar files, or a folder
     of images."""
     output: str | None = None
-    """Output dataset folder or URL (default: data/<task>)."""
+    """Output dataset folder or URL (default: data/<task>, data/canny-hed for several)."""
     resolution: int = 512
     """Output side in pixels (shorter side resized, centre crop)."""
     detect_resolution: int = DETECT_RESOLUTION

@@ -167,15 +167,13 @@ def finish(p: Prepared, annotations: dict[str, Annotation | Exception], quality:
     single = len(outcomes) == 1
     if single:
         [(status, error, params)] = outcomes.values()
-        if not isinstance(next(iter(annotations.values())), Exception):
-            p.row["params"] = params
     else:
         status = overall_status(s for s, _, _ in outcomes.values())
         error = "" if status == fmt.OK else "; ".join(f"{task}: {e}" for task, (_, e, _) in outcomes.items())
         params = {task: params for task, (_, _, params) in outcomes.items()}
-        p.row["params"] = params
         for task, (task_status, task_error, _) in outcomes.items():
             p.row[fmt.task_status_column(task)], p.row[fmt.task_error_column(task)] = task_status, task_error
+    p.row["params"] = params
     if status != fmt.OK:
         p.row.update(status=status, error=error)
         return None

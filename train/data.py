@@ -227,9 +227,9 @@ def infer_tasks(url: str, members: int = 16) -> list[str]:
     with fsspec.open(url, "rb") as stream:
         for i, member in enumerate(tar_file_iterator(stream)):
             key, _ = base_plus_ext(member["fname"])
-            if first_key is not None and key != first_key and tasks or i >= members:
-                break
             first_key = first_key or key
+            if i >= members or (tasks and key != first_key):  # past the first sample that names a task
+                break
             if (task := task_of(member["fname"])) and task not in tasks:
                 tasks.append(task)
     return tasks
@@ -565,9 +565,10 @@ def resampled_shards(urls: list[str], weights: tuple[int, ...] | None, seed: int
     """Shards drawn with replacement, each in proportion to the samples it holds for this stream (uniformly when
     unknown), so every sample is drawn equally often however the shards are filled: a subset's few samples in a
     big shard, or a short last shard, are not over-weighted."""
+    if weights is not None and len(weights) != len(urls):
+        raise ValueError(f"{len(weights)} shard weights for {len(urls)} shards")
     rng = random.Random(seed)
-    usable = weights is not None and len(weights) == len(urls) and sum(weights) > 0
-    cumulative = list(itertools.accumulate(weights)) if usable else None
+    cumulative = list(itertools.accumulate(weights)) if weights and sum(weights) > 0 else None
     while True:
         yield {"url": rng.choices(urls, cum_weights=cumulative)[0]}
 

@@ -152,10 +152,12 @@ def absolute(url: str) -> str:
     return url.rstrip("/") if "://" in url else str(Path(url).resolve())
 
 
-def read_samples(dataset: str, task: str | None = None) -> list[Sample]:
-    """The `ok` rows of every committed shard's parquet index (a shard with stats.json), reading 4 columns only:
-    with `task` (a multi-task dataset's condition), the rows ok for that task."""
-    shards = fmt.committed_shards(dataset)
+def read_samples(dataset: str, task: str | None = None,
+                 shards: list[fmt.CommittedShard] | None = None) -> list[Sample]:
+    """The `ok` rows of every committed shard's parquet index (a shard with stats.json; `shards`: the dataset's
+    committed shards, when listed already), reading 4 columns only: with `task` (a multi-task dataset's
+    condition), the rows ok for that task."""
+    shards = fmt.committed_shards(dataset) if shards is None else shards
     if not shards:
         raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {dataset}/{fmt.SHARDS_DIR}")
 
@@ -192,9 +194,8 @@ def write_json(url: str, document: dict[str, object]) -> None:
         fs.pipe_file(path, data)
 
 
-def shard_sample_counts(dataset: str) -> dict[str, int]:
+def shard_sample_counts(shards: list[fmt.CommittedShard]) -> dict[str, int]:
     """Tar URL -> the samples written in it (its stats' ok count): what streaming that shard reads."""
-    shards = fmt.committed_shards(dataset)
     stats = {st.get("shard"): st for st in fmt.read_stats(shards)}
     return {sh.tar: stats[sh.name]["counts"][fmt.OK] for sh in shards if sh.name in stats}
 
@@ -209,7 +210,7 @@ class CompactWriter:
 
         self.folder, self.per_shard, self.tasks, self.dataset = folder.rstrip("/"), per_shard, tasks, dataset
         self.schema = schema  # the source index's (a multi-task one has per-task status columns)
-        self.fs, self.root = fsspec.core.url_to_fs(self.folder)
+        self.fs, _ = fsspec.core.url_to_fs(self.folder)
         self.staging = Path(tempfile.mkdtemp(prefix="subset-"))
         self.tars: dict[str, int] = {}  # published tar URL -> samples
         self._open()
@@ -218,16 +219,14 @@ class CompactWriter:
         import webdataset as wds
 
         self.name = f"{len(self.tars):05d}"
-        self.keys: list[str] = []
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []  # the index rows of the samples in the open shard
         self._file = open(self.staging / "shard.tar", "wb")  # noqa: SIM115 (closed in _publish)
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
 
     def add(self, sample: dict[str, Any], row: dict[str, Any]) -> None:
         self._tar.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
-        self.keys.append(sample["__key__"])
         self.rows.append(row)
-        if len(self.keys) == self.per_shard:
+        if len(self.rows) == self.per_shard:
             self._publish()
             self._open()
 
@@ -257,7 +256,7 @@ class CompactWriter:
         """Publish the last, shorter shard; the tar URLs with their sample counts."""
         import shutil
 
-        if self.keys:
+        if self.rows:
             self._publish()
         else:
             self._tar.close()
@@ -265,8 +264,8 @@ class CompactWriter:
         return self.tars
 
 
-def materialize(dataset: str, chosen: dict[int, list[Sample]], folders: dict[int, str],
-                per_shard: int = SAMPLES_PER_SHARD) -> dict[int, dict[str, int]]:
+def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int, list[Sample]],
+                folders: dict[int, str], per_shard: int = SAMPLES_PER_SHARD) -> dict[int, dict[str, int]]:
     """Copy each size's samples (every member, and the index row) into compact shards of its own under
     folders[size], reading each source shard that holds any of them once: sizes are nested, so a sample read once
     goes to every size that holds it. Returns each size's {tar URL: samples}."""
@@ -281,7 +280,7 @@ def materialize(dataset: str, chosen: dict[int, list[Sample]], folders: dict[int
     by_shard: dict[str, list[Sample]] = {}
     for s in order:
         by_shard.setdefault(s.shard, []).append(s)
-    index_of = {sh.tar: sh for sh in fmt.committed_shards(dataset)}
+    index_of = {sh.tar: sh for sh in shards}
     schema = _schema_of(index_of[min(by_shard)])
     writers = {size: CompactWriter(folders[size], per_shard, tasks, dataset, schema) for size in sizes}
     for tar in sorted(by_shard):
@@ -347,19 +346,20 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
     dataset = absolute(dataset)
     task, several = read_condition(dataset, condition)
     out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}" + (f"/{task}" if several else "")
-    pool, held = hold_out(read_samples(dataset, task if several else None), holdout_shards)
+    shards = fmt.committed_shards(dataset)
+    pool, held = hold_out(read_samples(dataset, task if several else None, shards), holdout_shards)
     ranked = rank(pool)
     chosen = select(ranked, sizes, len(held))
-    shard_samples = shard_sample_counts(dataset) if materialize_mode != "never" else {}
+    shard_samples = shard_sample_counts(shards) if materialize_mode != "never" else {}
     amplification = {size: read_amplification(samples, shard_samples) for size, samples in chosen.items()}
     copy = {size: samples for size, samples in chosen.items()
-            if materialize_mode != "never" and should_materialize(materialize_mode, amplification[size])}
+            if should_materialize(materialize_mode, amplification[size])}
     folders = {size: f"{out}/{size_label(size)}" for size in copy}
     compact = {size: done for size in copy if (done := already_materialized(f"{out}/{size_label(size)}.json",
                                                                              copy[size], samples_per_shard))}
     todo = {size: samples for size, samples in copy.items() if size not in compact}
     if todo:
-        compact |= materialize(dataset, todo, {size: folders[size] for size in todo}, samples_per_shard)
+        compact |= materialize(dataset, shards, todo, {size: folders[size] for size in todo}, samples_per_shard)
     validation = None
     if held:
         validation = f"{out}/{VALIDATION_NAME}"
@@ -387,7 +387,7 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
 class SubsetsArgs:
     """Nested dataset-size subsets for ablations (the paper's Sec. 3.5): rank a dataset's ok samples by original
     resolution, take the top n per size, and write one subset manifest per size that `train/run.py --data <file>`
-    reads. Reads the parquet indexes only, never the tars."""
+    reads. Reads the parquet indexes only, never the tars, unless --materialize copies samples."""
 
     dataset: str
     """Dataset folder or URL written by pipeline.build."""

@@ -5,7 +5,6 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Literal
 
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -13,6 +12,7 @@ if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo r
 
 from train.checkpoints import latest_checkpoint
 from train.config import PresetName, TrainConfig, parse_args
+from train.subsets import Materialize
 from train.tracking import read_results
 
 # the sweep owns these per run; an override of them would make the runs differ in more than their data
@@ -57,7 +57,7 @@ def is_finished(results: dict | None, max_steps: int) -> bool:
 
 
 def subsets_for(dataset: str, sizes: str, out: str | None, condition: str | None = None,
-                materialize: str = "never") -> list[dict]:
+                materialize: Materialize = "never") -> list[dict]:
     """The nested subsets (train.subsets) of the condition trained on, written or rewritten; a request they refuse
     is one SweepError line."""
     from train.subsets import make_subsets, parse_sizes
@@ -144,7 +144,7 @@ class SweepConfig:
     """Sizes trained at once: 0 fits as many as the cluster's free CPUs and GPUs hold (each run reserves
     --num-workers x --cpus-per-worker CPUs and a GPU per worker), 1 trains them in turn. Runs in local mode
     (--num-workers 0) are this process and always train in turn."""
-    materialize: Literal["auto", "always", "never"] = "auto"
+    materialize: Materialize = "auto"
     """Copy each size's samples into compact shards of its own (python -m train.subsets --materialize): auto
     does it where streaming the size from the dataset's shards would read over 2x its samples."""
     no_report: bool = False

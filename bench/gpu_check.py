@@ -10,6 +10,8 @@ Sections, most important first, each guarded by the time budget (one that would 
                 memory and MFU at batch 8 and 32, with and without gradient checkpointing, against the plain
                 UNet fine-tuning step (the paper's overhead)
   annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
+  compiled      --compile at SD 1.5 size: the ControlNet step on stored latents, eager against torch.compile'd,
+                and the compile's own time (not with --smoke)
 
 Needs no Ray, no W&B and no network: what the GPU machine lacks travels as wheels (`make gpu-wheels`). `--smoke`
 runs every section at toy sizes on the CPU (a test runs it, so it cannot rot). Writes gpu_check.json and
@@ -108,7 +110,7 @@ class Sizes:
 
 
 # seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
-ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "annotators": 90}
+ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "annotators": 90, "compiled": 150}
 
 
 @dataclass
@@ -545,15 +547,15 @@ def with_stored_latents(base, data: dict[str, Any], device: torch.device) -> dic
     return {**{k: v for k, v in data.items() if k != "pixel_values"}, "latent_dist": stored}
 
 
-def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int,
-                     stored_latents: bool = False) -> Callable[[int], Callable[[], Any]]:
+def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int, stored_latents: bool = False,
+                     torch_compile: bool = False) -> Callable[[int], Callable[[], Any]]:
 
     from train.config import sd15 as sd15_preset
     from train.loop import Trainer
 
     def make(batch: int) -> Callable[[], Any]:
         cfg = dataclasses.replace(sd15_preset(), resolution=px, batch_size=batch, mixed_precision="bf16",
-                                  gradient_checkpointing=checkpointing)
+                                  gradient_checkpointing=checkpointing, compile=torch_compile)
         if not checkpointing:  # an earlier configuration may have turned it on in the shared base
             base.unet.disable_gradient_checkpointing()
         with ctx.device:  # the ControlNet copy initialised on the device
@@ -628,6 +630,33 @@ def sd15(ctx: Context) -> dict[str, Any]:
             "notes": [PEAK_BF16_TFLOPS_NOTE, NEMO_ANCHOR, PAPER_OVERHEAD]}
 
 
+def compiled(ctx: Context) -> dict[str, Any]:
+    """--compile's lever at SD 1.5 size: the ControlNet step on stored latents at the first SD batch, eager and
+    compiled (torch.compile, inductor), side by side; the compiled model's first step (the compile itself) apart.
+    Not with --smoke: compiling takes minutes on a CPU."""
+    if ctx.smoke:
+        return {"rows": [], "checks": [], "notes": ["not run with --smoke (compiling takes minutes on a CPU)"]}
+    sizes, batch = ctx.sizes, ctx.sizes.sd_batches[0]
+    base = sd15_base(ctx.device, sizes.full_size)
+    rows = []
+    for torch_compile in (False, True):
+        make = controlnet_steps(ctx, base, False, sizes.sd_px, stored_latents=True, torch_compile=torch_compile)
+        reset_peak(ctx.device)
+        step = make(batch)
+        started = time.perf_counter()
+        step()
+        synchronize(ctx.device)
+        first = time.perf_counter() - started
+        seconds = statistics.median(seconds_per_step(step, ctx.device, sizes.sd_timed_steps, sizes.warmup_steps))
+        rows.append({"compiled": torch_compile, "batch": batch, "first_step_s": first, "s_per_step": seconds,
+                     "samples_per_s": batch / seconds, "peak_memory_gb": peak_gb(ctx.device)})
+        del step, make
+        gc.collect()
+    speedup = rows[0]["s_per_step"] / rows[1]["s_per_step"]
+    return {"rows": rows, "speedup": speedup, "resolution": sizes.sd_px,
+            "checks": [check("compiled step ran", True, f"{speedup:.2f}x the eager step")]}
+
+
 def overhead_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """ControlNet against plain UNet fine-tuning at the same batch (no checkpointing): time and memory ratios."""
     done = {(r["model"], r["batch"]): r for r in rows if "s_per_step" in r and not r["grad_checkpointing"]}
@@ -689,6 +718,7 @@ def annotators(ctx: Context) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "environment": environment, "parity": parity, "amp": amp, "toy": toy, "sd15": sd15, "annotators": annotators,
+    "compiled": compiled,
 }
 
 
@@ -732,6 +762,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, columns in (("annotators", ["task", "batch", "images_per_s", "peak_memory_gb", "batched_over_single",
                                           "saturating_batch", "error"]),
                           ("toy", ["phase", "s_per_step", "steps", "minutes_for_preset"]),
+                          ("compiled", ["compiled", "batch", "first_step_s", "s_per_step", "samples_per_s",
+                                        "peak_memory_gb"]),
                           ("amp", ["precision", "autocast", "losses", "grad_scale"])):
         if sections.get(name, {}).get("rows"):
             out += ["", f"## {name}", "", markdown_table(sections[name]["rows"], columns)]

@@ -21,9 +21,9 @@ from train.config import TrainConfig
 from train.model import (
     BaseModel,
     ControlledUNet,
+    FrozenPromptEncoder,
     build_controlnet,
     diffusion_loss,
-    encode_prompts,
     freeze_for_training,
     load_base_model,
     plain_attention_on_cpu,
@@ -85,6 +85,18 @@ def wrap_ddp(module: nn.Module, device: torch.device, previous: nn.Module | None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile's wrapper around the training model, or the model itself. Under DDP the wrapper goes outside,
+    as PyTorch advises: dynamo then splits the graph at DDP's gradient buckets, so their all-reduces still overlap
+    the backward pass. Parameters are shared: the ControlNet saves, loads and steps as it is."""
+    return torch.compile(model) if enabled else model
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """What torch.compile wrapped (the model itself when not compiled)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def rank_zero_wait_group(timeout_s: float) -> Any:
     """A gloo group for the other ranks to wait on while rank 0 validates alone, with its own (long) timeout: the
     training group's collectives (NCCL's 10-30 min) would otherwise time out during a long validation. None with
@@ -127,7 +139,8 @@ class Trainer:
             self.controlnet.enable_gradient_checkpointing()
             self.base.unet.enable_gradient_checkpointing()
         self.module = ControlledUNet(self.base.unet, self.controlnet, middle_only=cfg.mode == "middle")
-        self.model = wrap_ddp(self.module, device)
+        self.prompts = FrozenPromptEncoder(self.base, device)
+        self.model = compiled(wrap_ddp(self.module, device), cfg.compile)
         trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            **adamw_implementation(device))
@@ -145,7 +158,7 @@ class Trainer:
         self.optimizer.add_param_group({"params": params, "lr": self.cfg.decoder_lr})
         self.lr_schedule.base_lrs.append(self.cfg.decoder_lr)
         self.lr_schedule.lr_lambdas.append(self.lr_schedule.lr_lambdas[0])  # the same warm-up (one per group)
-        self.model = wrap_ddp(self.module, self.device, previous=self.model)
+        self.model = compiled(wrap_ddp(self.module, self.device, previous=uncompiled(self.model)), self.cfg.compile)
         self.state.decoder_unlocked = True
 
     # ---- checkpoints
@@ -216,14 +229,14 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, Any]], generator: torch.Generator) -> torch.Tensor:
         """One optimizer step; the mean loss as a device tensor (reading it is a host sync: the loop reads the
-        losses of many steps at once, at log steps)."""
-        self.model.train()
+        losses of many steps at once, at log steps). The modules keep the modes freeze_for_training gave them (the
+        locked base in eval, the ControlNet in train; sampling restores its mode): no per-step walk over them."""
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             pixel_values, latent_dist = (batch[k].to(self.device, non_blocking=True) if k in batch else None
                                          for k in ("pixel_values", "latent_dist"))  # images or stored latents
             condition = batch["conditioning_pixel_values"].to(self.device, non_blocking=True)  # (B, 3, R, R) in [0, 1]
-            text = encode_prompts(self.base, list(batch["caption"]), self.device)
+            text = self.prompts(list(batch["caption"]))
             last = i == len(micro_batches) - 1
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,

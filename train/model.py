@@ -189,6 +189,24 @@ def encode_prompts(base: BaseModel, captions: list[str], device: torch.device, g
         return base.text_encoder(ids)[0]
 
 
+class FrozenPromptEncoder:
+    """encode_prompts for the locked text encoder of ControlNet training: each distinct caption of a batch is
+    encoded once, and the empty prompt once per run. Prompt dropout empties about half of every batch (the paper's
+    50%), so the text encoder runs on half the rows; a row's states do not depend on the other rows."""
+
+    def __init__(self, base: BaseModel, device: torch.device):
+        self.base, self.device = base, device
+        self.empty: torch.Tensor | None = None  # (L, D), encoded on first use (in the text encoder's dtype)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        distinct = list(dict.fromkeys(c for c in captions if c))
+        encoded = dict(zip(distinct, encode_prompts(self.base, distinct, self.device), strict=True)) if distinct \
+            else {}
+        if self.empty is None and "" in captions:
+            self.empty = encode_prompts(self.base, [""], self.device)[0]
+        return torch.stack([encoded[c] if c else self.empty for c in captions])
+
+
 def to_model_space(base: BaseModel, pixel_values: torch.Tensor | None, generator: torch.Generator,
                    latent_dist: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> what the UNet denoises: scaled VAE latents (B, 4, H/8, W/8) sampled from

@@ -89,9 +89,11 @@ def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     peak, handle = 0, psutil.Process(proc.pid)
-    while proc.poll() is None:
+    while True:  # memory sampled every second; the exit seen when it happens, not at the next sample
         peak = max(peak, tree_pss(handle))
-        time.sleep(1.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+            break
     ended = time.perf_counter()
     reader.join(timeout=10)
     log.write_bytes(b"".join(text for _, text in chunks))

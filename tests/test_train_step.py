@@ -57,7 +57,8 @@ def test_a_step_leaves_the_locked_base_in_eval_and_the_controlnet_training(tiny_
 
 def test_compiled_training_computes_what_eager_training_does(tiny_sd, monkeypatch):
     """Dynamo captures the step and runs what it captured (its eager backend: inductor's code generation takes
-    minutes on two cores); the weights stay the ControlNet's, and unlocking the decoder compiles the new model."""
+    minutes on two cores); the weights stay the ControlNet's, and unlocking the decoder compiles the re-wrapped
+    model (its step is not run here: another capture, ~10 s)."""
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))
     eager, compiled = trainer(tiny_sd), trainer(tiny_sd, compile=True)
     assert type(compiled.model).__name__ == "OptimizedModule" and compiled.model._orig_mod is compiled.module
@@ -67,9 +68,7 @@ def test_compiled_training_computes_what_eager_training_does(tiny_sd, monkeypatc
     for (name, a), b in zip(eager.controlnet.state_dict().items(), compiled.controlnet.state_dict().values(),
                             strict=True):
         torch.testing.assert_close(a, b, msg=name)
-    decoder = compiled.base.unet.up_blocks[-1].resnets[0].conv1.weight
-    before = decoder.detach().clone()
+    previous = compiled.model
     compiled.unlock_decoder()
-    assert type(compiled.model).__name__ == "OptimizedModule" and compiled.model._orig_mod is compiled.module
-    compiled.train_step([batch(2)], torch.Generator().manual_seed(2))
-    assert not torch.equal(before, decoder.detach())
+    assert type(compiled.model).__name__ == "OptimizedModule" and compiled.model is not previous
+    assert compiled.model._orig_mod is compiled.module

@@ -177,6 +177,10 @@ def test_the_trainer_streams_one_condition(multi, tmp_path, capsys):
     assert train_main([*common, "--condition", "hed", "--run-name", "hed"]) == 0
     results = json.loads((tmp_path / "runs" / "hed" / "results.json").read_text())
     assert [h["step"] for h in results["history"]][-1] == 2
+    capsys.readouterr()
+    assert train_main([*common, "--condition", "hed", "--run-name", "hed"]) == 0  # submitted again when finished
+    assert "finished hed: already at step 2 of 2, nothing left to train" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "hed" / "results.json").read_text())["history"] == results["history"]
 
 
 def test_a_stream_passes_over_samples_without_the_chosen_map(tmp_path):

@@ -134,6 +134,17 @@ def check_data(cfg: TrainConfig) -> None:
         resolve_shards(cfg.validation_data, source.task)
 
 
+def finished_line(cfg: TrainConfig, metrics: dict | None, checkpoint: str | None, results: dict | None) -> str:
+    """The run's last line. A run submitted again after it reached --max-steps trains and reports nothing: its
+    step comes from its results, its checkpoint from storage."""
+    if metrics:
+        return f"finished {cfg.run_name}: step {metrics.get('step')}, loss {metrics.get('loss'):.4f}, " \
+               f"checkpoint {checkpoint}"
+    step = results.get("final_step") if results else None
+    return f"finished {cfg.run_name}: already at step {step} of {cfg.max_steps}, nothing left to train; " \
+           f"checkpoint {checkpoint or latest_checkpoint(cfg.storage_path, cfg.run_name)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
@@ -144,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if not local_mode(cfg) and not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
     result = build_trainer(cfg).fit()
-    print(f"finished {cfg.run_name}: step {result.metrics.get('step')}, loss {result.metrics.get('loss'):.4f}, "
-          f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
     results = read_results(cfg)
+    print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:
         print(curve_text(results))
         print(f"results: {results_url(cfg)}" + (f", curves: {plot_url(cfg)}" if curves_of(results) else ""))

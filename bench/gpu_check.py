@@ -10,8 +10,9 @@ Sections, most important first, each guarded by the time budget (one that would 
                 memory and MFU at batch 8 and 32, with and without gradient checkpointing, against the plain
                 UNet fine-tuning step (the paper's overhead)
   annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
-  compiled      --compile at SD 1.5 size: the ControlNet step on stored latents, eager against torch.compile'd,
-                and the compile's own time (not with --smoke)
+  levers        the trainer's GPU levers at SD 1.5 size: the ControlNet step on stored latents without cuDNN's
+                autotuning, with it (the trainer's default), and with --compile; tuning and compile times apart
+                (not with --smoke)
 
 Needs no Ray, no W&B and no network: what the GPU machine lacks travels as wheels (`make gpu-wheels`). `--smoke`
 runs every section at toy sizes on the CPU (a test runs it, so it cannot rot). Writes gpu_check.json and
@@ -110,7 +111,7 @@ class Sizes:
 
 
 # seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
-ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "annotators": 90, "compiled": 150}
+ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "annotators": 90, "levers": 150}
 
 
 @dataclass
@@ -630,31 +631,40 @@ def sd15(ctx: Context) -> dict[str, Any]:
             "notes": [PEAK_BF16_TFLOPS_NOTE, NEMO_ANCHOR, PAPER_OVERHEAD]}
 
 
-def compiled(ctx: Context) -> dict[str, Any]:
-    """--compile's lever at SD 1.5 size: the ControlNet step on stored latents at the first SD batch, eager and
-    compiled (torch.compile, inductor), side by side; the compiled model's first step (the compile itself) apart.
-    Not with --smoke: compiling takes minutes on a CPU."""
+LEVERS = {  # name: (cudnn.benchmark, --compile); the trainer's default is the second
+    "cuDNN autotuning off": (False, False),
+    "trainer default (cuDNN autotuning)": (True, False),
+    "--compile": (True, True),
+}
+
+
+def levers(ctx: Context) -> dict[str, Any]:
+    """The trainer's GPU levers at SD 1.5 size, side by side: the ControlNet step on stored latents at the first SD
+    batch without cuDNN's autotuning, as the trainer runs it (with), and with --compile (torch.compile, inductor);
+    each first step (tuning, compiling) apart. Not with --smoke: compiling takes minutes on a CPU."""
     if ctx.smoke:
         return {"rows": [], "checks": [], "notes": ["not run with --smoke (compiling takes minutes on a CPU)"]}
     sizes, batch = ctx.sizes, ctx.sizes.sd_batches[0]
     base = sd15_base(ctx.device, sizes.full_size)
     rows = []
-    for torch_compile in (False, True):
+    for name, (autotune, torch_compile) in LEVERS.items():
         make = controlnet_steps(ctx, base, False, sizes.sd_px, stored_latents=True, torch_compile=torch_compile)
         reset_peak(ctx.device)
-        step = make(batch)
+        step = make(batch)  # the Trainer turns autotuning on; set here after it
+        torch.backends.cudnn.benchmark = autotune
         started = time.perf_counter()
         step()
         synchronize(ctx.device)
         first = time.perf_counter() - started
         seconds = statistics.median(seconds_per_step(step, ctx.device, sizes.sd_timed_steps, sizes.warmup_steps))
-        rows.append({"compiled": torch_compile, "batch": batch, "first_step_s": first, "s_per_step": seconds,
+        rows.append({"lever": name, "batch": batch, "first_step_s": first, "s_per_step": seconds,
                      "samples_per_s": batch / seconds, "peak_memory_gb": peak_gb(ctx.device)})
         del step, make
         gc.collect()
-    speedup = rows[0]["s_per_step"] / rows[1]["s_per_step"]
-    return {"rows": rows, "speedup": speedup, "resolution": sizes.sd_px,
-            "checks": [check("compiled step ran", True, f"{speedup:.2f}x the eager step")]}
+    for row in rows:
+        row["speed_vs_untuned"] = rows[0]["s_per_step"] / row["s_per_step"]
+    return {"rows": rows, "resolution": sizes.sd_px,
+            "checks": [check(f"{r['lever']}: ran", True, f"{r['speed_vs_untuned']:.2f}x") for r in rows]}
 
 
 def overhead_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -718,7 +728,7 @@ def annotators(ctx: Context) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "environment": environment, "parity": parity, "amp": amp, "toy": toy, "sd15": sd15, "annotators": annotators,
-    "compiled": compiled,
+    "levers": levers,
 }
 
 
@@ -762,8 +772,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, columns in (("annotators", ["task", "batch", "images_per_s", "peak_memory_gb", "batched_over_single",
                                           "saturating_batch", "error"]),
                           ("toy", ["phase", "s_per_step", "steps", "minutes_for_preset"]),
-                          ("compiled", ["compiled", "batch", "first_step_s", "s_per_step", "samples_per_s",
-                                        "peak_memory_gb"]),
+                          ("levers", ["lever", "batch", "first_step_s", "s_per_step", "samples_per_s",
+                                      "speed_vs_untuned", "peak_memory_gb"]),
                           ("amp", ["precision", "autocast", "losses", "grad_scale"])):
         if sections.get(name, {}).get("rows"):
             out += ["", f"## {name}", "", markdown_table(sections[name]["rows"], columns)]

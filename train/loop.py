@@ -85,6 +85,14 @@ def wrap_ddp(module: nn.Module, device: torch.device, previous: nn.Module | None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def autotune_convolutions(device: torch.device) -> None:
+    """On CUDA, cuDNN times its convolution algorithms for each new input shape and keeps the fastest: training
+    runs one shape (resolution and batch fixed), so the first steps pay for tuning and every later one gains. The
+    algorithms compute the same convolution; only their summation order differs."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def compiled(model: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile's wrapper around the training model, or the model itself. Under DDP the wrapper goes outside,
     as PyTorch advises: dynamo then splits the graph at DDP's gradient buckets, so their all-reduces still overlap
@@ -122,6 +130,7 @@ class Trainer:
         modules are cast to the autocast dtype below, for checking a dataset's stored latents against."""
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
+        autotune_convolutions(device)
         self.base = base if base is not None else load_base_model(cfg.base_model)
         self.vae_sha256 = None
         if fingerprint_vae and self.base.vae is not None:

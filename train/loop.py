@@ -88,7 +88,8 @@ def wrap_ddp(module: nn.Module, device: torch.device, previous: nn.Module | None
 def autotune_convolutions(device: torch.device) -> None:
     """On CUDA, cuDNN times its convolution algorithms for each new input shape and keeps the fastest: training
     runs one shape (resolution and batch fixed), so the first steps pay for tuning and every later one gains. The
-    algorithms compute the same convolution; only their summation order differs."""
+    algorithms compute the same convolution; only their summation order differs (a resume on a GPU was never bit
+    for bit: PyTorch documents cuDNN's default backward algorithms as nondeterministic)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 

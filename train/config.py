@@ -65,7 +65,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the UNet and ControlNet of the training step (inductor kernels that fuse its many small ops).
     For long runs: the first step compiles (the debug SD on 2 CPU cores: ~4 min cold, ~15 s from torch's compile
-    cache), the steps after it ran 1.25x faster there."""
+    cache), the steps after it ran 1.23x faster there."""
     num_workers: int = 1
     """Ray Train workers (DDP ranks). 0: Ray Train's local mode, one process training in this one (no Ray cluster
     or worker processes: the quickest start, for a laptop or a one-GPU box); checkpoints, resume and W&B as with

@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -641,7 +642,8 @@ LEVERS = {  # name: (cudnn.benchmark, --compile); the trainer's default is the s
 def levers(ctx: Context) -> dict[str, Any]:
     """The trainer's GPU levers at SD 1.5 size, side by side: the ControlNet step on stored latents at the first SD
     batch without cuDNN's autotuning, as the trainer runs it (with), and with --compile (torch.compile, inductor);
-    each first step (tuning, compiling) apart. Not with --smoke: compiling takes minutes on a CPU."""
+    each first step apart: it holds the compile (and cuDNN's tuning where the sd15 section has not tuned that shape
+    already). Not with --smoke: compiling takes minutes on a CPU."""
     if ctx.smoke:
         return {"rows": [], "checks": [], "notes": ["not run with --smoke (compiling takes minutes on a CPU)"]}
     sizes, batch = ctx.sizes, ctx.sizes.sd_batches[0]
@@ -653,18 +655,19 @@ def levers(ctx: Context) -> dict[str, Any]:
         step = make(batch)  # the Trainer turns autotuning on; set here after it
         torch.backends.cudnn.benchmark = autotune
         started = time.perf_counter()
-        step()
-        synchronize(ctx.device)
-        first = time.perf_counter() - started
+        loss = float(step())
+        first = time.perf_counter() - started  # float() waited for the device
         seconds = statistics.median(seconds_per_step(step, ctx.device, sizes.sd_timed_steps, sizes.warmup_steps))
-        rows.append({"lever": name, "batch": batch, "first_step_s": first, "s_per_step": seconds,
+        rows.append({"lever": name, "batch": batch, "first_step_s": first, "first_loss": loss, "s_per_step": seconds,
                      "samples_per_s": batch / seconds, "peak_memory_gb": peak_gb(ctx.device)})
         del step, make
         gc.collect()
     for row in rows:
         row["speed_vs_untuned"] = rows[0]["s_per_step"] / row["s_per_step"]
     return {"rows": rows, "resolution": sizes.sd_px,
-            "checks": [check(f"{r['lever']}: ran", True, f"{r['speed_vs_untuned']:.2f}x") for r in rows]}
+            "checks": [check(f"{r['lever']}: finite loss", math.isfinite(r["first_loss"]),
+                             f"loss {r['first_loss']:.4f}, {r['speed_vs_untuned']:.2f}x the untuned step")
+                       for r in rows]}
 
 
 def overhead_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

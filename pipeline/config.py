@@ -118,10 +118,10 @@ def parse_tasks(spec: str | typing.Sequence[str]) -> tuple[str, ...]:
     'hed,canny' and 'canny,hed' are one dataset's settings)."""
     spec = spec if isinstance(spec, str) else ",".join(spec)
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in TASKS] or ([] if names else [spec])
-    if unknown:  # worded as tyro words a bad choice of the other flags
-        raise ValueError(f"invalid choice {unknown[0]!r} for argument '--task' (choose from {', '.join(TASKS)}, "
-                         "or several comma-separated: canny,hed)")
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:  # worded as tyro words a bad choice of the other flags
+        raise ValueError(f"invalid choice {(unknown or [spec])[0]!r} for argument '--task' (choose from "
+                         f"{', '.join(TASKS)}, or several comma-separated: canny,hed)")
     return tuple(task for task in TASKS if task in names)
 
 

@@ -200,8 +200,8 @@ class FrozenPromptEncoder:
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         distinct = list(dict.fromkeys(c for c in captions if c))
-        encoded = dict(zip(distinct, encode_prompts(self.base, distinct, self.device), strict=True)) if distinct \
-            else {}
+        states = encode_prompts(self.base, distinct, self.device) if distinct else []
+        encoded = dict(zip(distinct, states, strict=True))
         if self.empty is None and "" in captions:
             self.empty = encode_prompts(self.base, [""], self.device)[0]
         return torch.stack([encoded[c] if c else self.empty for c in captions])

@@ -73,6 +73,21 @@ def middle_only(base_model: str, rank: int, world: int) -> dict:
             "middle_trained": trainer.controlnet.controlnet_mid_block.weight.abs().sum().item() > 0}
 
 
+def gradients_after_backward(base_model: str, rank: int, world: int) -> dict:
+    """One backward pass under DDP, each rank on its own batch: where the ControlNet's gradients live."""
+    from bench.gpu_check import synthetic_batch
+    from train.model import diffusion_loss
+
+    trainer = trainer_for(base_model, rank, world)
+    batch = synthetic_batch(2, 64, seed=rank)
+    loss = diffusion_loss(trainer.base, trainer.model, batch["pixel_values"], batch["conditioning_pixel_values"],
+                          trainer.prompts(list(batch["caption"])), torch.Generator().manual_seed(rank))
+    loss.backward()
+    grads = [p.grad for p in trainer.controlnet.parameters() if p.requires_grad]
+    return {"gradients": len(grads), "storages": len({g.untyped_storage().data_ptr() for g in grads}),
+            "in_sync": same_on_every_rank(grads)}
+
+
 def slow_validation(rank: int, wait: bool) -> dict:
     """Rank 0 validates for longer than the process group's timeout, then every rank runs a collective."""
     from train.loop import rank_zero_wait_group, wait_for_rank_zero
@@ -94,6 +109,7 @@ def rank_main(rank: int, world: int, init_file: str, base_model: str, out: str) 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     results = {"unlock": unlocked_decoder(base_model, rank, world), "middle": middle_only(base_model, rank, world),
+               "gradients": gradients_after_backward(base_model, rank, world),
                "slow_validation": slow_validation(rank, wait=True)}
     # last: without the wait, the late collective times out (this may leave the group unusable)
     results["slow_validation_without_wait"] = slow_validation(rank, wait=False)
@@ -121,6 +137,13 @@ def test_unlocking_the_decoder_rewraps_once_and_keeps_ranks_identical(ranks):
 def test_middle_only_mode_trains_under_ddp(ranks):
     for rank in ranks:
         assert rank["middle"] == {"in_sync": True, "skips_zero": True, "middle_trained": True}
+
+
+def test_gradients_are_averaged_in_place_in_the_all_reduce_buckets(ranks):
+    for rank in ranks:
+        gradients = rank["gradients"]
+        # a few flat buckets hold every gradient (no second copy per parameter), averaged over the ranks
+        assert gradients["storages"] * 10 <= gradients["gradients"] and gradients["in_sync"]
 
 
 def test_ranks_wait_for_a_validation_longer_than_the_collective_timeout(ranks):

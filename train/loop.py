@@ -76,13 +76,17 @@ def distributed() -> bool:
 def wrap_ddp(module: nn.Module, device: torch.device, previous: nn.Module | None = None) -> nn.Module:
     """DDP when there are several ranks. Re-wrapped when the decoder unlocks (DDP fixes its parameters at birth):
     the `previous` wrapper's reducer is unhooked first, or its autograd hooks stay on the ControlNet's parameters
-    (and its buckets in memory) for as long as anything holds the old wrapper."""
+    (and its buckets in memory) for as long as anything holds the old wrapper.
+
+    The gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view): without it every gradient is
+    held twice during a step, once in the parameter's .grad and once in a bucket (for SD 1.5's ControlNet, 361M
+    parameters: 1.4 GB of fp32 per GPU), and copied between the two on every step."""
     if isinstance(previous, nn.parallel.DistributedDataParallel):
         previous._remove_autograd_hooks()
     if not distributed():
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def autotune_convolutions(device: torch.device) -> None:

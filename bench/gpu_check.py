@@ -9,10 +9,10 @@ Sections, most important first, each guarded by the time budget (one that would 
   sd15          Stable Diffusion 1.5's architecture (random weights, 512 px): ControlNet training samples/s, peak
                 memory and MFU at batch 8 and 32, with and without gradient checkpointing, against the plain
                 UNet fine-tuning step (the paper's overhead)
-  annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
   levers        the trainer's GPU levers at SD 1.5 size: the ControlNet step on stored latents without cuDNN's
-                autotuning, with it (the trainer's default), and with --compile; tuning and compile times apart
-                (not with --smoke)
+                autotuning, with it (the trainer's default), with channels-last weights, and with --compile when
+                time is left (not with --smoke); tuning and compile times apart
+  annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
 
 Needs no Ray, no W&B and no network: what the GPU machine lacks travels as wheels (`make gpu-wheels`). `--smoke`
 runs every section at toy sizes on the CPU (a test runs it, so it cannot rot). Writes gpu_check.json and
@@ -112,7 +112,7 @@ class Sizes:
 
 
 # seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
-ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "annotators": 90, "levers": 150}
+ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "levers": 60, "annotators": 90}
 
 
 @dataclass
@@ -550,7 +550,7 @@ def with_stored_latents(base, data: dict[str, Any], device: torch.device) -> dic
 
 
 def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int, stored_latents: bool = False,
-                     torch_compile: bool = False) -> Callable[[int], Callable[[], Any]]:
+                     torch_compile: bool = False, channels_last: bool = False) -> Callable[[int], Callable[[], Any]]:
 
     from train.config import sd15 as sd15_preset
     from train.loop import Trainer
@@ -562,6 +562,9 @@ def controlnet_steps(ctx: Context, base, checkpointing: bool, px: int, stored_la
             base.unet.disable_gradient_checkpointing()
         with ctx.device:  # the ControlNet copy initialised on the device
             trainer = Trainer(cfg, 0, 1, ctx.device, base=base)
+        if channels_last:  # before the first step creates the optimizer's state, which follows the weights' layout
+            for module in (trainer.base.unet, trainer.controlnet):
+                module.to(memory_format=torch.channels_last)
         data = synthetic_batch(batch, px)
         if stored_latents:
             data = with_stored_latents(base, data, ctx.device)
@@ -632,28 +635,41 @@ def sd15(ctx: Context) -> dict[str, Any]:
             "notes": [PEAK_BF16_TFLOPS_NOTE, NEMO_ANCHOR, PAPER_OVERHEAD]}
 
 
-LEVERS = {  # name: (cudnn.benchmark, --compile); the trainer's default is the second
-    "cuDNN autotuning off": (False, False),
-    "trainer default (cuDNN autotuning)": (True, False),
-    "--compile": (True, True),
+@dataclass(frozen=True)
+class Lever:
+    autotune: bool  # torch.backends.cudnn.benchmark
+    channels_last: bool = False  # the UNet's and the ControlNet's convolution weights in NHWC
+    compile: bool = False  # --compile (torch.compile, inductor)
+
+
+LEVERS = {  # the trainer's default is the second; the compiled row last (it is skipped when time runs short)
+    "cuDNN autotuning off": Lever(autotune=False),
+    "trainer default (cuDNN autotuning)": Lever(autotune=True),
+    "channels-last weights": Lever(autotune=True, channels_last=True),
+    "--compile": Lever(autotune=True, compile=True),
 }
+COMPILE_ROW_S = 120  # what the compiled row needs at SD 1.5 size: inductor compiles the step first
 
 
 def levers(ctx: Context) -> dict[str, Any]:
     """The trainer's GPU levers at SD 1.5 size, side by side: the ControlNet step on stored latents at the first SD
-    batch without cuDNN's autotuning, as the trainer runs it (with), and with --compile (torch.compile, inductor);
-    each first step apart: it holds the compile (and cuDNN's tuning where the sd15 section has not tuned that shape
-    already). Not with --smoke: compiling takes minutes on a CPU."""
-    if ctx.smoke:
-        return {"rows": [], "checks": [], "notes": ["not run with --smoke (compiling takes minutes on a CPU)"]}
+    batch without cuDNN's autotuning, as the trainer runs it (with), with the UNet's and ControlNet's weights
+    channels-last (NVIDIA's SD recipe in NeMo uses it; on the CPU it measured level, so the trainer does not, until
+    this row says it pays), and with --compile; each first step apart: it holds the compile (and cuDNN's tuning where
+    the sd15 section has not tuned that shape already). --smoke leaves the compiled row out (inductor compiles for
+    minutes on a CPU)."""
     sizes, batch = ctx.sizes, ctx.sizes.sd_batches[0]
     base = sd15_base(ctx.device, sizes.full_size)
-    rows = []
-    for name, (autotune, torch_compile) in LEVERS.items():
-        make = controlnet_steps(ctx, base, False, sizes.sd_px, stored_latents=True, torch_compile=torch_compile)
+    rows, notes = [], []
+    for name, lever in LEVERS.items():
+        if lever.compile and (ctx.smoke or ctx.budget.left() < COMPILE_ROW_S):
+            notes.append(f"{name}: not run ({'--smoke' if ctx.smoke else 'out of time budget'})")
+            continue
+        make = controlnet_steps(ctx, base, False, sizes.sd_px, stored_latents=True, torch_compile=lever.compile,
+                                channels_last=lever.channels_last)
         reset_peak(ctx.device)
         step = make(batch)  # the Trainer turns autotuning on; set here after it
-        torch.backends.cudnn.benchmark = autotune
+        torch.backends.cudnn.benchmark = lever.autotune
         started = time.perf_counter()
         loss = float(step())
         first = time.perf_counter() - started  # float() waited for the device
@@ -661,10 +677,11 @@ def levers(ctx: Context) -> dict[str, Any]:
         rows.append({"lever": name, "batch": batch, "first_step_s": first, "first_loss": loss, "s_per_step": seconds,
                      "samples_per_s": batch / seconds, "peak_memory_gb": peak_gb(ctx.device)})
         del step, make
+        base.unet.to(memory_format=torch.contiguous_format)  # the next rows share the base
         gc.collect()
     for row in rows:
         row["speed_vs_untuned"] = rows[0]["s_per_step"] / row["s_per_step"]
-    return {"rows": rows, "resolution": sizes.sd_px,
+    return {"rows": rows, "resolution": sizes.sd_px, "notes": notes,
             "checks": [check(f"{r['lever']}: finite loss", math.isfinite(r["first_loss"]),
                              f"loss {r['first_loss']:.4f}, {r['speed_vs_untuned']:.2f}x the untuned step")
                        for r in rows]}
@@ -730,8 +747,8 @@ def annotators(ctx: Context) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "environment": environment, "parity": parity, "amp": amp, "toy": toy, "sd15": sd15, "annotators": annotators,
-    "levers": levers,
+    "environment": environment, "parity": parity, "amp": amp, "toy": toy, "sd15": sd15, "levers": levers,
+    "annotators": annotators,
 }
 
 
@@ -780,6 +797,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                           ("amp", ["precision", "autocast", "losses", "grad_scale"])):
         if sections.get(name, {}).get("rows"):
             out += ["", f"## {name}", "", markdown_table(sections[name]["rows"], columns)]
+            out += [f"- {note}" for note in sections[name].get("notes", [])]
     checks = [{"section": name, **c} for name, s in sections.items() for c in s.get("checks", [])]
     out += ["", "## Checks", "", markdown_table(checks, ["section", "check", "passed", "detail"])]
     return "\n".join(out) + "\n"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["environment", "parity", "amp", "toy", "sd15", "annotators", "levers"]
+SECTIONS = ["environment", "parity", "amp", "toy", "sd15", "levers", "annotators"]
 ABSENT = ["ray", "wandb", "s3fs", "moto", "tyro"]  # what `make gpu-wheels` does not carry
 
 
@@ -36,7 +36,10 @@ def test_smoke_runs_every_section_without_ray_and_writes_the_tables(tmp_path):
     assert phases[0].startswith("base pretraining") and phases[1].startswith("ControlNet")
     annotators = report["sections"]["annotators"]["rows"]
     assert {r["task"] for r in annotators if r["batch"] == "summary"} == {"hed", "midas", "blip"}
-    assert not report["sections"]["levers"]["rows"]  # inductor would compile for minutes on the CPU
+    levers = report["sections"]["levers"]
+    assert [r["lever"] for r in levers["rows"]] == ["cuDNN autotuning off", "trainer default (cuDNN autotuning)",
+                                                   "channels-last weights"]  # not --compile: minutes on a CPU
+    assert all(r["s_per_step"] > 0 for r in levers["rows"]) and levers["notes"] == ["--compile: not run (--smoke)"]
     table = (out / "gpu_check.md").read_text()
     assert "## Checks" in table and "| parity | openpose: heatmaps and PAFs" in table and table in done.stdout
 

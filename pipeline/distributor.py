@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +22,14 @@ class ModelLoadError(RuntimeError):
     """An actor could not build its annotator or captioner (a missing weight file, a bad config)."""
 
 
+def limit_torch_threads(threads: int) -> None:
+    """torch's thread pool to the actor's CPUs, where its models imported torch: Canny's imports none (importing
+    torch only to size its pool would add 2.5 s to every actor's start)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
 @ray.remote
 class ShardActor:
     """Holds the job's models (each requested task's annotator, the captioner, the VAE; weights loaded once per
@@ -28,14 +37,12 @@ class ShardActor:
 
     def __init__(self, cfg: BuildConfig):
         import cv2
-        import torch
 
         from pipeline.models import build_latent_encoder, build_models
 
         # one thread pool per reserved CPU: OpenCV and torch would otherwise each start one per core
         threads = max(1, int(cfg.cpus_per_worker))
         cv2.setNumThreads(threads)
-        torch.set_num_threads(threads)
         self.cfg = cfg
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
         self.annotators, self.captioner, self.encoder = {}, None, None
@@ -45,6 +52,7 @@ class ShardActor:
             self.encoder = build_latent_encoder(cfg)
         except Exception as e:  # kept for describe(): the driver prints one line, not a remote traceback
             self.load_error = f"{type(e).__name__}: {e}"
+        limit_torch_threads(threads)
 
     def describe(self) -> dict[str, Any]:
         if self.load_error:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline import format as fmt
 
 # photo name in skimage.data -> a caption, as a web alt-text would describe it
 PHOTOS = {
@@ -59,12 +60,6 @@ def samples() -> Iterator[tuple[str, bytes, dict]]:
             yield caption, buf.getvalue(), meta
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shards(out: Path, num_shards: int = 4) -> list[Path]:
     """Round-robin the samples into `num_shards` tars named 00000.tar ...; img2dataset's key layout."""
     out.mkdir(parents=True, exist_ok=True)
@@ -73,12 +68,11 @@ def write_shards(out: Path, num_shards: int = 4) -> list[Path]:
     for shard in range(num_shards):
         path = out / f"{shard:05d}.tar"
         tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w") as tar:
+        with open(tmp, "wb") as file, fmt.SampleTarWriter(file) as tar:
             for i, (caption, jpeg, meta) in enumerate(items[shard::num_shards]):
                 key = f"{shard:05d}{i:04d}"
-                _add(tar, f"{key}.jpg", jpeg)
-                _add(tar, f"{key}.txt", caption.encode())
-                _add(tar, f"{key}.json", json.dumps({**meta, "key": key}).encode())
+                tar.write(key, {"jpg": jpeg, "txt": caption.encode(),
+                                "json": json.dumps({**meta, "key": key}).encode()})
         tmp.rename(path)
         paths.append(path)
     return paths

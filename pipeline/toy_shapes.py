@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipeline import format as fmt
 
 # six pure colours for the shape, and backgrounds that differ from every one of them in some channel
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -61,12 +62,6 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shards(out: Path, samples: int, num_shards: int, seed: int = 0, size: int = 32) -> list[Path]:
     """Samples dealt round-robin into `num_shards` tars 00000.tar ...; members <key>.png, .txt, .json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -74,14 +69,12 @@ def write_shards(out: Path, samples: int, num_shards: int, seed: int = 0, size: 
     for shard in range(num_shards):
         path = out / f"{shard:05d}.tar"
         tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w") as tar:
+        with open(tmp, "wb") as file, fmt.SampleTarWriter(file) as tar:
             for i, index in enumerate(range(shard, samples, num_shards)):
                 image, caption = sample(seed, index, size)
                 key = f"{shard:05d}{i:04d}"
                 meta = {"key": key, "caption": caption, "width": size, "height": size, "index": index}
-                _add(tar, f"{key}.png", png(image))
-                _add(tar, f"{key}.txt", caption.encode())
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
+                tar.write(key, {"png": png(image), "txt": caption.encode(), "json": json.dumps(meta).encode()})
         tmp.rename(path)
         paths.append(path)
     return paths

@@ -13,7 +13,6 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import format as fmt
@@ -114,7 +113,7 @@ class ShardWriter:
         self.tasks = tasks  # several: the index gets per-task status columns
         self.staging = self._make_staging(staging_root(out), f"{name}@{socket.gethostname()}@{os.getpid()}@")
         self._tar_file = open(self.staging / "shard.tar", "wb")  # noqa: SIM115 (closed in commit/abort)
-        self._tar = wds.TarWriter(self._tar_file, encoder=False, mtime=0)
+        self._tar = fmt.SampleTarWriter(self._tar_file)
 
     @staticmethod
     def _make_staging(root: Path, prefix: str) -> Path:
@@ -128,7 +127,7 @@ class ShardWriter:
         raise AssertionError("unreachable")
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        self._tar.write({"__key__": key, **members})
+        self._tar.write(key, members)
 
     def _publish(self, local: Path, target: str) -> None:
         if self.local:

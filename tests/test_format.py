@@ -1,5 +1,6 @@
 """the shard contract's one lister: only committed shards (stats.json written last) are read, by every reader"""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from pipeline.preview import status_counts
 from tests.conftest import copy_dataset
 from train.data import resolve_shards
 from train.subsets import read_samples
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +52,49 @@ def test_committed_shards_on_s3_keep_the_url_form(dataset, s3_endpoint):
     assert sum(st["counts"]["ok"] for st in fmt.read_stats(shards)) == json.loads(
         (dataset / "manifest.json").read_text())["totals"]["ok"]
     assert fmt.read_index(shards[0], ["status"])["status"]
+
+
+def test_the_tar_writer_writes_what_webdatasets_writes(tmp_path):
+    import io
+
+    import webdataset as wds
+
+    samples = [("00000001", {"jpg": b"\xff\xd8 image", "canny.png": b"\x89PNG map", "txt": b"a cat"}),
+               ("00000002", {"txt": b"", "json": b"{}", "latent.npy": bytes(range(256)) * 9})]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    with fmt.SampleTarWriter(ours) as tar:
+        for key, members in samples:
+            tar.write(key, members)
+    reference = wds.TarWriter(theirs, encoder=False, mtime=0)
+    for key, members in samples:
+        reference.write({"__key__": key, **members})
+    reference.close()
+    assert ours.getvalue() == theirs.getvalue()  # the same bytes: datasets written before and after are alike
+
+
+def test_a_canny_job_never_imports_torch(sample_shards, tmp_path):
+    """The dataset job's driver and a Canny shard's processing, in a process where torch cannot be imported:
+    importing it would add 2.5 s to the start of every actor and driver."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError(f'{name} imported')\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    job = ("import sys; import pipeline.build; from pipeline.config import BuildConfig; "
+           "from pipeline.distributor import limit_torch_threads; from pipeline.models import build_models; "
+           "from pipeline.reader import list_input_shards; from pipeline.worker import process_shard; "
+           f"cfg = BuildConfig(task='canny', output={str(tmp_path / 'out')!r}, resolution=32); "
+           "annotators, captioner = build_models(cfg); limit_torch_threads(1); "
+           f"[shard] = list_input_shards([{str(sample_shards / '00000.tar')!r}]); "
+           "print(process_shard(shard, cfg, annotators, captioner)['counts']['ok'])")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{REPO}"}
+    done = subprocess.run([sys.executable, "-c", job], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and int(done.stdout.split()[-1]) > 0, done.stderr[-2000:]

@@ -216,15 +216,13 @@ class CompactWriter:
         self._open()
 
     def _open(self) -> None:
-        import webdataset as wds
-
         self.name = f"{len(self.tars):05d}"
         self.rows: list[dict[str, Any]] = []  # the index rows of the samples in the open shard
         self._file = open(self.staging / "shard.tar", "wb")  # noqa: SIM115 (closed in _publish)
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+        self._tar = fmt.SampleTarWriter(self._file)
 
     def add(self, sample: dict[str, Any], row: dict[str, Any]) -> None:
-        self._tar.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+        self._tar.write(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("_")})
         self.rows.append(row)
         if len(self.rows) == self.per_shard:
             self._publish()

@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not local_mode(cfg) and not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    if not local_mode(cfg) and not ray.is_initialized():  # a local cluster, when started here, without the dashboard
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
     result = build_trainer(cfg).fit()
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))

@@ -245,7 +245,8 @@ def slug(name: str) -> str:
 
 
 def summarize(runs: dict[str, list[Timing]], peer: str | None) -> list[dict]:
-    """One row per trainer: medians over its runs, and speed against the peer's."""
+    """One row per trainer: medians over its runs, and speed against the peer's: the ratio of the medians, and the
+    lowest and highest ratio within one repeat (whose runs follow each other, so they share the machine's drift)."""
     rows = []
     for name, timings in runs.items():
         row = {"trainer": name, **{k: statistics.median(getattr(t, k) for t in timings) for k in asdict(timings[0])}}
@@ -257,19 +258,24 @@ def summarize(runs: dict[str, list[Timing]], peer: str | None) -> list[dict]:
             row["speed_vs_peer"] = reference["s_per_step"] / row["s_per_step"]
             row["total_vs_peer"] = reference["total_s"] / row["total_s"]
             row["memory_vs_peer"] = row["peak_pss_gb"] / reference["peak_pss_gb"]
+            per_repeat = [theirs.s_per_step / ours.s_per_step
+                          for theirs, ours in zip(runs[peer], runs[row["trainer"]], strict=False)]
+            row["speed_vs_peer_per_repeat"] = [min(per_repeat), max(per_repeat)]
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
     peer = "speed_vs_peer" in rows[0] if rows else False
     head = "| trainer | s/step | samples/s | first step (s) | after last (s) | whole run (s) | peak PSS (GB) |"
-    head += " speed vs peer | whole run vs peer | memory vs peer |" if peer else ""
+    head += " speed vs peer | in one repeat | whole run vs peer | memory vs peer |" if peer else ""
     lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
     for r in rows:
         line = (f"| {r['trainer']} | {r['s_per_step']:.4f} | {r['samples_per_s']:.1f} | {r['first_step_s']:.1f} | "
                 f"{r['after_last_s']:.1f} | {r['total_s']:.1f} | {r['peak_pss_gb']:.2f} |")
         if peer:
-            line += f" {r['speed_vs_peer']:.2f}x | {r['total_vs_peer']:.2f}x | {r['memory_vs_peer']:.2f}x |"
+            low, high = r["speed_vs_peer_per_repeat"]
+            line += (f" {r['speed_vs_peer']:.2f}x | {low:.2f}-{high:.2f}x | {r['total_vs_peer']:.2f}x |"
+                     f" {r['memory_vs_peer']:.2f}x |")
         lines.append(line)
     return "\n".join(lines)
 

@@ -1,0 +1,15 @@
+"""bench.trainer_speed's summary: medians per trainer, and the speed ratio within each repeat"""
+from bench.trainer_speed import Timing, summarize, to_markdown
+
+
+def timing(s_per_step: float) -> Timing:
+    return Timing(first_step_s=10.0, s_per_step=s_per_step, after_last_s=1.0, total_s=20.0, peak_pss_gb=0.5)
+
+
+def test_the_speed_ratio_is_given_per_repeat_beside_the_ratio_of_medians():
+    # the machine slows down in the second repeat: both trainers' steps take longer there
+    runs = {"peer": [timing(0.20), timing(0.30), timing(0.22)], "ours": [timing(0.10), timing(0.25), timing(0.20)]}
+    ours = next(r for r in summarize(runs, "peer") if r["trainer"] == "ours")
+    assert ours["speed_vs_peer"] == 0.22 / 0.20  # medians
+    assert ours["speed_vs_peer_per_repeat"] == [0.22 / 0.20, 0.20 / 0.10]  # 2.0x, 1.2x and 1.1x within repeats
+    assert "| 1.10x | 1.10-2.00x |" in to_markdown(summarize(runs, "peer"))

@@ -86,7 +86,7 @@ def cluster(s3_endpoint):
     finally:
         for node in reversed(nodes):  # `ray start --block` stops its node's processes when signalled
             os.killpg(node.pid, signal.SIGTERM)
-        deadline = time.time() + 10  # a graceful stop of both nodes can take half a minute: not worth waiting for
+        deadline = time.time() + 2  # a graceful stop of both nodes can take half a minute: not worth waiting for
         for node in nodes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.wait(timeout=max(0.1, deadline - time.time()))

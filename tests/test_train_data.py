@@ -1,5 +1,7 @@
 """the trainer's input stream over shards the real dataset job wrote: local, subset, ranks, bad samples, moto S3"""
+import dataclasses
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -13,7 +15,10 @@ from PIL import Image
 
 from pipeline import format as fmt
 from pipeline.build import main
+from train.config import debug
 from train.data import DECODE, MISSING, READ, SIZE, DataSource, make_dataset, make_loader, resolve_shards, shard_split
+from train.loop import Trainer, epoch_lengths, segment_batches
+from train.tiny_sd import build_tiny_sd
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -110,6 +115,62 @@ def test_epoch_length_is_exact_and_epochs_differ(dataset):
     loader = make_loader(str(dataset), resolution=64, batch_size=4, seed=0, epoch_samples=20, num_workers=2)
     loader_epochs = [keys(list(loader)) for _ in range(2)]  # 5 batches dealt out 3 + 2 over the workers
     assert [len(e) for e in loader_epochs] == [20, 20] and loader_epochs[0] != loader_epochs[1]
+
+
+def counting_reads(monkeypatch) -> list[str]:
+    """The keys of the raw samples read from the shards by streams built after this call, in this process."""
+    read, shard_samples = [], fmt.shard_samples
+
+    def counted(*args, **kwargs):
+        for sample in shard_samples(*args, **kwargs):
+            read.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(fmt, "shard_samples", counted)
+    return read
+
+
+def test_a_resampled_epoch_reads_the_samples_it_yields_and_no_more(dataset, tmp_path, monkeypatch):
+    read = counting_reads(monkeypatch)
+    ds = make_dataset(str(dataset), resolution=64, batch_size=4, seed=0, epoch_samples=40, shuffle_buffer=16)
+    for epoch in range(2):
+        read.clear()
+        batches = list(ds)
+        assert len(batches) == 10 and len(read) == 40  # webdataset's shuffle alone read 56 here
+        assert sorted(keys(batches)) == sorted(read)  # every sample read is trained on
+    assert keys(batches) != read  # and shuffled
+
+    # a bad sample is replaced by the next one in the stream: the epoch stays full, one more read per bad sample
+    with tarfile.open(next((dataset / "shards").glob("*.tar"))) as tar:
+        first = tar.getmembers()[0].name.split(".")[0]
+        good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if m.name.startswith(first + ".")}
+    _write_tar(tmp_path / "some-bad.tar", {f"s{i:02d}": good if i % 3 else {**good, "jpg": b"not a jpeg"}
+                                           for i in range(30)})
+    read.clear()
+    ds = make_dataset(DataSource([str(tmp_path / "some-bad.tar")], task="canny"), resolution=64, batch_size=4,
+                      seed=0, epoch_samples=12, shuffle_buffer=8)
+    batches = list(ds)
+    bad = ds.skips.counts[DECODE]
+    assert len(batches) == 3 and all(len(b["key"]) == 4 for b in batches) and bad > 0
+    assert len(read) == 12 + bad
+
+
+def test_the_trainers_stream_reads_what_each_segment_trains_on(dataset, tmp_path, monkeypatch):
+    """The stream restarts at every checkpoint (a resume replays nothing): its last epoch ends with the segment."""
+    cfg = dataclasses.replace(debug(), base_model=str(build_tiny_sd(tmp_path / "tiny-sd")), resolution=64,
+                              batch_size=4, epoch_samples=20, checkpoint_every=7, max_steps=10)
+    assert [segment_batches(step, cfg) for step in (0, 3, 7, 10)] == [7, 4, 3, 0]
+    assert segment_batches(3, dataclasses.replace(cfg, grad_accum=2)) == 8
+    assert list(itertools.islice(epoch_lengths(7, 20, 4), 4)) == [20, 8, 20, 20]  # 5 + 2 batches, then on
+
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"))
+    read, source = counting_reads(monkeypatch), resolve_shards(str(dataset))
+    for start, steps in ((0, 7), (7, 3)):
+        trainer.state.step = start
+        read.clear()
+        stream = trainer.batches(source)
+        taken = [next(stream) for _ in range(steps)]
+        assert len(read) == 4 * steps and sorted(keys(taken)) == sorted(read)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])

@@ -58,6 +58,23 @@ def segment_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**31 - 1)
 
 
+def segment_batches(step: int, cfg: TrainConfig) -> int:
+    """Batches one rank trains on from `step` to the next checkpoint (or the last step), where its stream restarts."""
+    end = min(cfg.max_steps, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+    return max(0, end - step) * cfg.grad_accum
+
+
+def epoch_lengths(batches: int, epoch_samples: int, batch_size: int) -> Iterator[int]:
+    """Samples in each epoch of a segment of `batches` batches: whole epochs of `epoch_samples`, the last cut where
+    the segment ends, then (should anything read on) whole epochs again."""
+    per_epoch = max(1, epoch_samples // batch_size)
+    while batches > 0:
+        yield min(per_epoch, batches) * batch_size
+        batches -= per_epoch
+    while True:
+        yield per_epoch * batch_size
+
+
 def mixed_precision_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: None on CPU or with 'no'."""
     if device.type != "cuda" or choice == "no":
@@ -224,20 +241,21 @@ class Trainer:
     # ---- data
 
     def batches(self, source) -> Iterator[dict[str, Any]]:
-        """The stream from the current step on; restarted (reseeded) at every checkpoint boundary."""
+        """The stream from the current step on; restarted (reseeded) at every checkpoint boundary. Its epochs end
+        where the segment does, so the last one reads only the samples the segment trains on (see
+        train.data.shuffled_once)."""
         from train.data import make_loader
 
-        epoch = 0
-        while True:
+        epochs = epoch_lengths(segment_batches(self.state.step, self.cfg), self.cfg.epoch_samples, self.cfg.batch_size)
+        for epoch, samples in enumerate(epochs):
             seed = segment_seed(self.cfg.seed, self.rank, self.state.step) + epoch
             loader = make_loader(
                 source, resolution=self.cfg.resolution, batch_size=self.cfg.batch_size, seed=seed,
-                prompt_dropout=self.cfg.prompt_dropout, epoch_samples=self.cfg.epoch_samples, rank=self.rank,
+                prompt_dropout=self.cfg.prompt_dropout, epoch_samples=samples, rank=self.rank,
                 world_size=self.world_size, num_workers=self.cfg.data_workers, latents=self.latents,
                 pin_memory=self.device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
             )
             yield from loader
-            epoch += 1
 
     # ---- one optimizer step: Eq. 10 on grad_accum micro-batches
 

@@ -150,6 +150,18 @@ def test_bad_values_are_refused_as_the_trainer_refuses_them(tmp_path, args, mess
         assert exit_.value.code == 2 and f"invalid choice 'foo' for argument '{flag}'" in trainer
 
 
+@pytest.mark.parametrize("args, message", [(["--epoch-samples", "3"], "--epoch-samples must be at least one batch"),
+                                           (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+                                           (["--grad-accum", "0"], "--grad-accum must be at least 1")])
+def test_the_trainer_refuses_values_it_could_only_fail_on_later(args, message, capsys):
+    from train.config import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--batch-size", "4", *args])
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+
+
 def test_the_preset_choices_are_the_presets():
     import typing
 

@@ -133,7 +133,7 @@ def counting_reads(monkeypatch) -> list[str]:
 def test_a_resampled_epoch_reads_the_samples_it_yields_and_no_more(dataset, tmp_path, monkeypatch):
     read = counting_reads(monkeypatch)
     ds = make_dataset(str(dataset), resolution=64, batch_size=4, seed=0, epoch_samples=40, shuffle_buffer=16)
-    for epoch in range(2):
+    for _ in range(2):  # the first epoch and the next
         read.clear()
         batches = list(ds)
         assert len(batches) == 10 and len(read) == 40  # webdataset's shuffle alone read 56 here

@@ -134,6 +134,17 @@ class TrainConfig:
     dataset_size: int | None = None
     """Samples in the training subset, recorded for the sweep report (train/sweep.py sets it)."""
 
+    def __post_init__(self) -> None:
+        """Values the run could only fail on later, in a worker after loading the base model: refused up front
+        (on the command line, tyro's message and exit status 2)."""
+        for flag, value in (("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every),
+                            ("--grad-accum", self.grad_accum)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, not {value}")
+        if self.epoch_samples < self.batch_size:
+            raise ValueError(f"--epoch-samples must be at least one batch (--batch-size {self.batch_size}), "
+                             f"not {self.epoch_samples}")
+
 
 def debug() -> TrainConfig:
     """The offline embedded default: a tiny random SD built locally, 64 px, a few steps on CPU, in one process

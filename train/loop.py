@@ -67,7 +67,7 @@ def segment_batches(step: int, cfg: TrainConfig) -> int:
 def epoch_lengths(batches: int, epoch_samples: int, batch_size: int) -> Iterator[int]:
     """Samples in each epoch of a segment of `batches` batches: whole epochs of `epoch_samples`, the last cut where
     the segment ends, then (should anything read on) whole epochs again."""
-    per_epoch = max(1, epoch_samples // batch_size)
+    per_epoch = epoch_samples // batch_size
     while batches > 0:
         yield min(per_epoch, batches) * batch_size
         batches -= per_epoch

@@ -12,6 +12,8 @@ Sections, most important first, each guarded by the time budget (one that would 
   levers        the trainer's GPU levers at SD 1.5 size: the ControlNet step on stored latents without cuDNN's
                 autotuning, with it (the trainer's default), with channels-last weights, and with --compile when
                 time is left (not with --smoke); tuning and compile times apart
+  data          the trainer's stream at 512 px: samples/s from the sd15 preset's 2 loader workers and more, images
+                decoded or stored latents read, against the samples/s the sd15 section trained (does it keep up?)
   annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
 
 Needs no Ray, no W&B and no network: what the GPU machine lacks travels as wheels (`make gpu-wheels`). `--smoke`
@@ -25,6 +27,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -97,6 +100,8 @@ class Sizes:
     full_size: bool  # SD 1.5 and full-size annotators; else the tiny test models
     warmup_steps: int
     detect_resolution: int | None  # the neural annotators' (None: their default, 512)
+    data_workers: tuple[int, ...]  # loader workers per rank, timed one after the other
+    data_samples: int  # samples streamed per timing
 
     @classmethod
     def of(cls, smoke: bool) -> Sizes:
@@ -104,15 +109,16 @@ class Sizes:
             return cls(matmul_n=256, parity_px=64, parity_images=1, sd_px=64, sd_batches=(2,), sd_timed_steps=1,
                        annotator_px=64, annotator_images=2, annotator_batches=(1, 2),
                        annotator_tasks=("hed", "midas", "blip"), toy_batch=8, toy_steps=1, toy_validation_samples=2,
-                       full_size=False, warmup_steps=1, detect_resolution=64)
+                       full_size=False, warmup_steps=1, detect_resolution=64, data_workers=(1,), data_samples=16)
         return cls(matmul_n=8192, parity_px=256, parity_images=3, sd_px=512, sd_batches=(8, 32), sd_timed_steps=5,
                    annotator_px=512, annotator_images=32, annotator_batches=(1, 8, 32),
                    annotator_tasks=ANNOTATOR_TASKS, toy_batch=32, toy_steps=20, toy_validation_samples=64,
-                   full_size=True, warmup_steps=2, detect_resolution=None)
+                   full_size=True, warmup_steps=2, detect_resolution=None, data_workers=(2, 4, 8), data_samples=512)
 
 
 # seconds each section needs at the real sizes on one H100/H200-class GPU (a section is skipped when less is left)
-ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "levers": 60, "annotators": 90}
+ESTIMATE_S = {"environment": 10, "parity": 25, "amp": 15, "toy": 30, "sd15": 160, "levers": 60, "data": 30,
+              "annotators": 90}
 
 
 @dataclass
@@ -631,6 +637,9 @@ def sd15(ctx: Context) -> dict[str, Any]:
                     "error" not in r or "skipped" in r["error"], r.get("error", f"{r['samples_per_s']:.2f} samples/s"))
               for r in rows]
     overhead = overhead_ratios(rows)
+    stored = [r["samples_per_s"] for r in rows if r["model"] == "ControlNet, stored latents" and "samples_per_s" in r]
+    if stored:  # what the data section's stream has to keep up with
+        ctx.results["trained_samples_per_s"] = max(stored)
     return {"rows": rows, "checks": checks, "overhead": overhead, "resolution": sizes.sd_px,
             "notes": [PEAK_BF16_TFLOPS_NOTE, NEMO_ANCHOR, PAPER_OVERHEAD]}
 
@@ -700,6 +709,83 @@ def overhead_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# data: does the trainer's stream keep up with the GPU?
+
+
+def write_training_shards(folder: Path, px: int, photos: int, per_shard: int) -> list[str]:
+    """Tars laid out as the dataset job writes them (JPEG, Canny PNG, caption, and the latent distribution that
+    --latents stores), from scikit-image's photos at `px`: what the trainer's stream reads, without running the
+    job (which needs Ray)."""
+    import cv2
+    from PIL import Image
+
+    from bench.annotators import photo_crops
+    from pipeline import format as fmt
+
+    def encoded(array: np.ndarray, kind: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=kind, **({"quality": 95} if kind == "JPEG" else {}))
+        return buffer.getvalue()
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    crops = photo_crops(photos, px)
+    for shard in range(0, photos, per_shard):
+        url = folder / f"{shard // per_shard:05d}.tar"
+        with open(url, "wb") as stream, fmt.SampleTarWriter(stream) as tar:
+            for i, image in enumerate(crops[shard : shard + per_shard], start=shard):
+                latent = np.stack([rng.standard_normal((4, px // 8, px // 8)), np.full((4, px // 8, px // 8), 0.1)])
+                tar.write(f"{i:09d}", {"jpg": encoded(image, "JPEG"), "txt": b"a photo",
+                                       "canny.png": encoded(cv2.Canny(image, 100, 200), "PNG"),
+                                       fmt.LATENT_EXT: fmt.latent_npy(latent.astype(np.float16))})
+        urls.append(str(url))
+    return urls
+
+
+def stream_rate(urls: list[str], px: int, batch: int, samples: int, workers: int, latents: bool,
+                pin_memory: bool) -> tuple[float, int]:
+    """Samples/s the trainer's loader delivers in its second half, and the number of batches that were not full
+    (there should be none). The first half holds the workers' start-up and the burst of batches they all had ready
+    at once (two each, the loader's prefetch), which would inflate the rate of many workers."""
+    from train.data import DataSource, make_loader
+
+    loader = make_loader(DataSource(urls, task="canny"), resolution=px, batch_size=batch, seed=0,
+                         epoch_samples=samples, num_workers=workers, latents=latents, pin_memory=pin_memory)
+    arrivals, sizes = [], []
+    for item in loader:
+        arrivals.append(time.perf_counter())
+        sizes.append(len(item["key"]))
+    half = len(arrivals) // 2
+    return sum(sizes[half + 1 :]) / (arrivals[-1] - arrivals[half]), sum(size != batch for size in sizes)
+
+
+def data(ctx: Context) -> dict[str, Any]:
+    """The trainer's stream at SD 1.5's resolution, from the sd15 preset's 2 loader workers per rank and more, with
+    the images decoded and with stored latents read instead, against the best samples/s the sd15 section trained
+    (ControlNet on stored latents): below 1x the step would wait for its data, and --data-workers should grow."""
+    sizes = ctx.sizes
+    batch = sizes.sd_batches[0]
+    urls = write_training_shards(ctx.tmp / "data", sizes.sd_px, photos=64 if sizes.full_size else 8, per_shard=16)
+    trained = ctx.results.get("trained_samples_per_s")
+    rows, notes = [], []
+    for latents in (False, True):
+        for workers in sizes.data_workers:
+            rate, short = stream_rate(urls, sizes.sd_px, batch, max(sizes.data_samples, 4 * batch), workers,
+                                      latents, pin_memory=ctx.device.type == "cuda")
+            rows.append({"stream": "stored latents" if latents else "images decoded", "loader_workers": workers,
+                         "batch": batch, "samples_per_s": rate, "short_batches": short,
+                         "vs_training": rate / trained if trained else None})
+    if trained is None:
+        notes.append("no training rate to compare with (the sd15 section did not run)")
+    else:
+        notes.append(f"training on stored latents: {trained:.1f} samples/s (sd15 section, its best batch)")
+    return {"rows": rows, "notes": notes, "resolution": sizes.sd_px, "cpus": len(os.sched_getaffinity(0)),
+            "checks": [check(f"{r['stream']}, {r['loader_workers']} loader workers: full batches",
+                             r["short_batches"] == 0, f"{r['samples_per_s']:.1f} samples/s") for r in rows]}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # annotators: images/s by batch size at full size
 
 
@@ -748,7 +834,7 @@ def annotators(ctx: Context) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "environment": environment, "parity": parity, "amp": amp, "toy": toy, "sd15": sd15, "levers": levers,
-    "annotators": annotators,
+    "data": data, "annotators": annotators,
 }
 
 
@@ -794,6 +880,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                           ("toy", ["phase", "s_per_step", "steps", "minutes_for_preset"]),
                           ("levers", ["lever", "batch", "first_step_s", "s_per_step", "samples_per_s",
                                       "speed_vs_untuned", "peak_memory_gb"]),
+                          ("data", ["stream", "loader_workers", "batch", "samples_per_s", "vs_training"]),
                           ("amp", ["precision", "autocast", "losses", "grad_scale"])):
         if sections.get(name, {}).get("rows"):
             out += ["", f"## {name}", "", markdown_table(sections[name]["rows"], columns)]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["environment", "parity", "amp", "toy", "sd15", "levers", "annotators"]
+SECTIONS = ["environment", "parity", "amp", "toy", "sd15", "levers", "data", "annotators"]
 ABSENT = ["ray", "wandb", "s3fs", "moto", "tyro"]  # what `make gpu-wheels` does not carry
 
 
@@ -40,6 +40,9 @@ def test_smoke_runs_every_section_without_ray_and_writes_the_tables(tmp_path):
     assert [r["lever"] for r in levers["rows"]] == ["cuDNN autotuning off", "trainer default (cuDNN autotuning)",
                                                    "channels-last weights"]  # not --compile: minutes on a CPU
     assert all(r["s_per_step"] > 0 for r in levers["rows"]) and levers["notes"] == ["--compile: not run (--smoke)"]
+    data = report["sections"]["data"]  # the trainer's real stream, from a loader worker, against sd15's rate
+    assert [(r["stream"], r["loader_workers"]) for r in data["rows"]] == [("images decoded", 1), ("stored latents", 1)]
+    assert all(r["samples_per_s"] > 0 and r["short_batches"] == 0 and r["vs_training"] > 0 for r in data["rows"])
     table = (out / "gpu_check.md").read_text()
     assert "## Checks" in table and "| parity | openpose: heatmaps and PAFs" in table and table in done.stdout
 

@@ -54,6 +54,7 @@ def test_the_toy_preset_logs_fidelity_from_step_0_and_prints_progress(cli_run):
     # a console line per log step on rank 0 (W&B is offline), the curve at the end
     assert out.count("[toy-cli] step 0/4  fidelity/caption/cfg1/edge_f1") == 1  # once, not tee-d twice
     assert "[toy-cli] step 2/4  loss " in out and "[toy-cli] step 4/4  loss " in out and "samples/s" in out
+    assert "waiting for data)" in out
     assert "sudden convergence:" in out and "mAUCC" in out
     results = json.loads((tmp_path / "runs" / "toy-cli" / "results.json").read_text())
     fidelity = results["fidelity"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.config import debug
-from train.loop import Trainer
+from train.loop import LossWindow, Trainer
 from train.model import FrozenPromptEncoder, encode_prompts, load_base_model
 from train.sampling import sample
 from train.tiny_sd import build_tiny_sd
@@ -79,3 +79,19 @@ def test_compiled_training_computes_what_eager_training_does(tiny_sd, monkeypatc
     compiled.unlock_decoder()
     assert type(compiled.model).__name__ == "OptimizedModule" and compiled.model is not previous
     assert compiled.model._orig_mod is compiled.module
+
+
+def test_the_log_window_reports_the_share_of_its_time_spent_waiting_for_data():
+    now = [0.0]
+    window = LossWindow(clock=lambda: now[0])
+    for step in (1, 2):
+        now[0] += 0.25  # the loop waits for its next batch ...
+        window.waited_for_data(0.25)
+        now[0] += 0.75  # ... then steps
+        window.add(step, torch.tensor(float(step)))
+    history, speed = window.read(samples_per_step=4)
+    assert history == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+    assert speed == {"samples_per_s": 4.0, "step_time_s": 1.0, "data_wait_fraction": 0.25}
+    now[0] += 1.0
+    window.add(3, torch.tensor(3.0))
+    assert window.read(samples_per_step=4)[1]["data_wait_fraction"] == 0.0  # each window counts its own waits

@@ -7,7 +7,7 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,23 +494,30 @@ def pick_device(cfg: TrainConfig, local: bool) -> torch.device:
 
 class LossWindow:
     """The losses of the steps since the last log, kept on the device and read in one host sync at the next log
-    step (a per-step .item() makes the CPU wait for the GPU every step); with their throughput."""
+    step (a per-step .item() makes the CPU wait for the GPU every step); with their throughput, and the share of
+    the window the loop spent waiting for its next batch (near 0 when the loader keeps up; where it grows, more
+    --data-workers pay)."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
         self.losses: list[tuple[int, torch.Tensor]] = []
-        self.started = time.perf_counter()
+        self.data_wait_s = 0.0
+        self.started = clock()
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         self.losses.append((step, loss))
 
+    def waited_for_data(self, seconds: float) -> None:
+        self.data_wait_s += seconds
+
     def read(self, samples_per_step: int) -> tuple[list[dict[str, float]], dict[str, float]]:
         """The window's (step, loss) history, and the throughput over the window; the window starts again."""
         values = torch.stack([loss for _, loss in self.losses]).tolist() if self.losses else []
-        seconds = time.perf_counter() - self.started
+        seconds = self.clock() - self.started
         history = [{"step": step, "loss": value} for (step, _), value in zip(self.losses, values, strict=True)]
         speed = {"samples_per_s": samples_per_step * len(history) / seconds,
-                 "step_time_s": seconds / max(len(history), 1)}
-        self.losses, self.started = [], time.perf_counter()
+                 "step_time_s": seconds / max(len(history), 1), "data_wait_fraction": self.data_wait_s / seconds}
+        self.losses, self.data_wait_s, self.started = [], 0.0, self.clock()
         return history, speed
 
 
@@ -561,7 +568,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer.state.timing = {"started": segment_start, "devices": world_size, "device": device.type,
                             "samples_per_step": samples_per_step}
     while trainer.state.step < cfg.max_steps:
+        waiting = time.perf_counter()
         micro = [next(stream) for _ in range(cfg.grad_accum)]
+        window.waited_for_data(time.perf_counter() - waiting)
         loss = trainer.train_step(micro, generator)
         trainer.state.step += 1
         step = trainer.state.step

@@ -74,7 +74,9 @@ class RunLogger:
         """A console line per log step, whatever the W&B mode: hours of silence look like a hang."""
         parts = [f"[{self.cfg.run_name}] step {step}/{self.cfg.max_steps}"]
         if metrics:
-            parts.append(f"loss {metrics['loss']:.4f}  {metrics['samples_per_s']:.1f} samples/s")
+            parts.append(f"loss {metrics['loss']:.4f}  {metrics['samples_per_s']:.1f} samples/s"
+                         + (f" ({metrics['data_wait_fraction']:.0%} waiting for data)"
+                            if "data_wait_fraction" in metrics else ""))
         if fidelity:
             parts.append(fidelity)
         say("  ".join(parts))

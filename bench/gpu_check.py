@@ -763,7 +763,8 @@ def stream_rate(urls: list[str], px: int, batch: int, samples: int, workers: int
 def data(ctx: Context) -> dict[str, Any]:
     """The trainer's stream at SD 1.5's resolution, from the sd15 preset's 2 loader workers per rank and more, with
     the images decoded and with stored latents read instead, against the best samples/s the sd15 section trained
-    (ControlNet on stored latents): below 1x the step would wait for its data, and --data-workers should grow."""
+    (ControlNet on stored latents): below 1x the step would wait for its data, and --data-workers should grow.
+    The images rows are held to the same, fastest, step: one that encodes the images with the VAE asks for less."""
     sizes = ctx.sizes
     batch = sizes.sd_batches[0]
     urls = write_training_shards(ctx.tmp / "data", sizes.sd_px, photos=64 if sizes.full_size else 8, per_shard=16)

@@ -496,7 +496,8 @@ class LossWindow:
     """The losses of the steps since the last log, kept on the device and read in one host sync at the next log
     step (a per-step .item() makes the CPU wait for the GPU every step); with their throughput, and the share of
     the window the loop spent waiting for its next batch (near 0 when the loader keeps up; where it grows, more
-    --data-workers pay)."""
+    --data-workers pay). On a GPU the loop may wait while the GPU still runs the step it queued, so this bounds
+    the GPU's idle time from above."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock

@@ -17,7 +17,7 @@ from pipeline import format as fmt
 from pipeline.build import main
 from train.config import debug
 from train.data import DECODE, MISSING, READ, SIZE, DataSource, make_dataset, make_loader, resolve_shards, shard_split
-from train.loop import Trainer, epoch_lengths, segment_batches
+from train.loop import Trainer, epoch_lengths, segment_batches, unread_shard_depth
 from train.tiny_sd import build_tiny_sd
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -171,6 +171,18 @@ def test_the_trainers_stream_reads_what_each_segment_trains_on(dataset, tmp_path
         stream = trainer.batches(source)
         taken = [next(stream) for _ in range(steps)]
         assert len(read) == 4 * steps and sorted(keys(taken)) == sorted(read)
+
+
+def test_a_restart_shorter_than_the_shards_is_warned_about():
+    """sd15's cadence (1,000 steps of 4 per checkpoint, 2 loader workers) on img2dataset's 10,000-sample shards:
+    each restart reads the first 2,000 samples of a shard, so the other 8,000 are never trained on."""
+    sd15 = dataclasses.replace(debug(), checkpoint_every=1000, batch_size=4, data_workers=2, epoch_samples=100_000)
+    warning = unread_shard_depth(sd15, (10_000, 10_000, 9_000))
+    assert "reading 2000 samples per loader worker" in warning and "hold 10000 (median)" in warning
+    assert unread_shard_depth(sd15, (2_000,) * 3) is None  # a restart reads whole shards
+    assert unread_shard_depth(sd15, None) is None  # sizes unknown: nothing to say
+    short_epochs = dataclasses.replace(sd15, epoch_samples=400, data_workers=0)  # epochs restart it too
+    assert "reading 400 samples" in unread_shard_depth(short_epochs, (1_000,))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])

@@ -75,6 +75,26 @@ def epoch_lengths(batches: int, epoch_samples: int, batch_size: int) -> Iterator
         yield per_epoch * batch_size
 
 
+def unread_shard_depth(cfg: TrainConfig, weights: tuple[int, ...] | None) -> str | None:
+    """A warning where a restart of the stream reads fewer samples per loader worker than a shard holds, or None.
+
+    Every checkpoint (and every epoch) restarts the stream at the start of a freshly drawn shard: that is what makes
+    a resumed run exact. Where a restart reads fewer samples than a shard holds, it never gets deeper into it, so
+    the samples past that depth are never trained on."""
+    known = sorted(w for w in weights or () if w)
+    if not known:
+        return None
+    per_restart = min(cfg.checkpoint_every * cfg.grad_accum, cfg.epoch_samples // cfg.batch_size) * cfg.batch_size
+    per_worker = per_restart // max(cfg.data_workers, 1)
+    typical = known[len(known) // 2]
+    if per_worker >= typical:
+        return None
+    return (f"warning: the stream restarts at every checkpoint and every epoch from the start of a shard, reading "
+            f"{per_worker} samples per loader worker, and the shards hold {typical} (median): samples past the "
+            f"first {per_worker} of a shard are never trained on. Checkpoint less often (--checkpoint-every), use "
+            "longer epochs (--epoch-samples) or fewer --data-workers, or write smaller shards")
+
+
 def mixed_precision_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: None on CPU or with 'no'."""
     if device.type != "cuda" or choice == "no":
@@ -529,7 +549,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     secrets = apply_secrets(config.get("secrets"))
     from train.data import dataset_manifest, resolve_shards
-    from train.tracking import RunLogger
+    from train.tracking import RunLogger, say
 
     segment_start = time.time()  # the run's wall time from here (loading, validating, training) to each
     # checkpoint counts in train_seconds: what the run holds its devices for
@@ -549,12 +569,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.unlock_decoder()
 
     latents = use_stored_latents(trainer, manifest)
+    shallow = unread_shard_depth(cfg, source.weights)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
                     + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")
                     + (f"; {latents}" if latents else "")
                     + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
+        if shallow:
+            say(shallow)
     # rank 0 alone sets up W&B and validation and validates; the others wait for it on a group of their own
     rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
     validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None

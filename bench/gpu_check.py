@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import io
 import json
 import math
 import os
@@ -717,15 +716,10 @@ def write_training_shards(folder: Path, px: int, photos: int, per_shard: int) ->
     --latents stores), from scikit-image's photos at `px`: what the trainer's stream reads, without running the
     job (which needs Ray)."""
     import cv2
-    from PIL import Image
 
     from bench.annotators import photo_crops
     from pipeline import format as fmt
-
-    def encoded(array: np.ndarray, kind: str) -> bytes:
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format=kind, **({"quality": 95} if kind == "JPEG" else {}))
-        return buffer.getvalue()
+    from pipeline.preprocess import encode_jpeg, encode_png
 
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -736,8 +730,8 @@ def write_training_shards(folder: Path, px: int, photos: int, per_shard: int) ->
         with open(url, "wb") as stream, fmt.SampleTarWriter(stream) as tar:
             for i, image in enumerate(crops[shard : shard + per_shard], start=shard):
                 latent = np.stack([rng.standard_normal((4, px // 8, px // 8)), np.full((4, px // 8, px // 8), 0.1)])
-                tar.write(f"{i:09d}", {"jpg": encoded(image, "JPEG"), "txt": b"a photo",
-                                       "canny.png": encoded(cv2.Canny(image, 100, 200), "PNG"),
+                tar.write(f"{i:09d}", {"jpg": encode_jpeg(image), "txt": b"a photo",
+                                       "canny.png": encode_png(cv2.Canny(image, 100, 200)),
                                        fmt.LATENT_EXT: fmt.latent_npy(latent.astype(np.float16))})
         urls.append(str(url))
     return urls
@@ -772,8 +766,8 @@ def data(ctx: Context) -> dict[str, Any]:
     rows, notes = [], []
     for latents in (False, True):
         for workers in sizes.data_workers:
-            rate, short = stream_rate(urls, sizes.sd_px, batch, max(sizes.data_samples, 4 * batch), workers,
-                                      latents, pin_memory=ctx.device.type == "cuda")
+            rate, short = stream_rate(urls, sizes.sd_px, batch, sizes.data_samples, workers, latents,
+                                      pin_memory=ctx.device.type == "cuda")
             rows.append({"stream": "stored latents" if latents else "images decoded", "loader_workers": workers,
                          "batch": batch, "samples_per_s": rate, "short_batches": short,
                          "vs_training": rate / trained if trained else None})

@@ -222,7 +222,7 @@ class CompactWriter:
         self._tar = fmt.SampleTarWriter(self._file)
 
     def add(self, sample: dict[str, Any], row: dict[str, Any]) -> None:
-        self._tar.write(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("_")})
+        self._tar.write(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
         self.rows.append(row)
         if len(self.rows) == self.per_shard:
             self._publish()

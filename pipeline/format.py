@@ -153,33 +153,62 @@ def _reraise(exn: BaseException) -> bool:
     raise exn
 
 
+# on every sample shard_samples yields: the byte offset in its tar where the next sample's first header begins (a
+# stream resumes there: shard_samples([{"url": ..., "offset": ...}])), or None after a shard's last sample
+NEXT_OFFSET: Final = "__next_offset__"
+
+
 def shard_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseException], bool] = _reraise,
                   opened: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Output tars ({"url": ...} each, as a webdataset stage receives them) -> their samples, grouped by key:
-    {"__key__", "__url__", "jpg", "<task>.png", "txt", "json", ...} with the members' bytes. Streamed with fsspec
-    (s3://, gs://, local: webdataset's own opener would need the aws CLI for s3). `handler` gets each read error
-    (a shard that cannot be opened, a corrupt tar) and returns True to skip it, as webdataset's handlers do;
-    `opened` is called as each shard is opened. The trainer's stream, its validation set and the preview read
-    through here."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def streams() -> Iterator[dict[str, Any]]:
-        for shard in shards:
-            if opened is not None:
-                opened()
-            try:
-                stream = fsspec.open(shard["url"], "rb").open()
-            except Exception as exn:
-                exn.args = (*exn.args, shard["url"])
-                if handler(exn):
-                    continue
+    """Output tars ({"url": ...} each, as a webdataset stage receives them; with "offset", read from that byte
+    on, where a sample begins) -> their samples, grouped by key: {"__key__", "__url__", NEXT_OFFSET, "jpg",
+    "<task>.png", "txt", "json", ...} with the members' bytes. Streamed with fsspec (s3://, gs://, local:
+    webdataset's own opener would need the aws CLI for s3; an offset is one ranged read from there). `handler`
+    gets each read error (a shard that cannot be opened, a corrupt tar: the rest of that shard is passed over)
+    and returns True to skip it, as webdataset's handlers do; `opened` is called as each shard is opened. The
+    trainer's stream, its validation set and the preview read through here."""
+    for shard in shards:
+        if opened is not None:
+            opened()
+        try:
+            with fsspec.open(shard["url"], "rb") as stream:
+                offset = shard.get("offset") or 0
+                stream.seek(offset)
+                yield from tar_samples(stream, shard["url"], offset)
+        except Exception as exn:
+            exn.args = (*exn.args, shard["url"])
+            if not handler(exn):
                 return
-            try:
-                yield {**shard, "stream": stream}
-            finally:
-                stream.close()  # once the tar reader asks for the next shard
 
-    return group_by_keys(tar_file_expander(streams(), handler=handler), handler=handler)
+
+def tar_samples(stream: IO[bytes], url: str, start: int = 0) -> Iterator[dict[str, Any]]:
+    """A tar stream's samples (consecutive members sharing a key, by webdataset's naming rule), the stream read
+    from byte `start` of the tar. A member named twice in a row starts a new sample (the dataset job never writes
+    one). NEXT_OFFSET is known without reading ahead of what grouping reads anyway: the header that ends a sample
+    is the next one's first; in a compressed tar, offsets are not file positions, so it is None."""
+    from webdataset.tariterators import base_plus_ext
+
+    tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (a stream: nothing to close but the file)
+    positional = getattr(tar.fileobj, "comptype", "tar") == "tar"
+    sample: dict[str, Any] | None = None
+    for info in tar:
+        key, ext = base_plus_ext(info.name)
+        if not info.isreg() or key is None or key.startswith("__"):
+            continue  # folders, links, webdataset's __meta__ members
+        ext = ext.lower()
+        if sample is not None and (key != sample["__key__"] or ext in sample):
+            sample[NEXT_OFFSET] = start + info.offset if positional else None
+            yield sample
+            sample = None
+        if sample is None:
+            sample = {"__key__": key, "__url__": url}
+        sample[ext] = data = tar.extractfile(info).read()
+        if len(data) != info.size:
+            raise tarfile.ReadError(f"{url}: the file ends inside {info.name}")
+        tar.members = []  # a stream-mode TarFile keeps every member's TarInfo otherwise
+    if sample is not None:
+        sample[NEXT_OFFSET] = None
+        yield sample
 
 
 class SampleTarWriter:

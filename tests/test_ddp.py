@@ -104,12 +104,20 @@ def slow_validation(rank: int, wait: bool) -> dict:
         return {"collective": f"failed: {str(e).splitlines()[0][:200]}"}
 
 
+def stream_cursors_gathered(rank: int) -> list:
+    """What rank 0 saves at a checkpoint: every rank's stream cursors (train.loop.every_rank on the gloo group)."""
+    from train.loop import every_rank, rank_zero_wait_group
+
+    return every_rank([(f"shard-{rank}.tar", 1024 * rank), None], rank_zero_wait_group(timeout_s=60))
+
+
 def rank_main(rank: int, world: int, init_file: str, base_model: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     results = {"unlock": unlocked_decoder(base_model, rank, world), "middle": middle_only(base_model, rank, world),
                "gradients": gradients_after_backward(base_model, rank, world),
+               "cursors": stream_cursors_gathered(rank),
                "slow_validation": slow_validation(rank, wait=True)}
     # last: without the wait, the late collective times out (this may leave the group unusable)
     results["slow_validation_without_wait"] = slow_validation(rank, wait=False)
@@ -150,3 +158,8 @@ def test_ranks_wait_for_a_validation_longer_than_the_collective_timeout(ranks):
     assert [r["slow_validation"]["collective"] for r in ranks] == ["ok", "ok"]
     # the premise: had they not waited on the long-timeout group, the collective would have timed out
     assert any(r["slow_validation_without_wait"]["collective"].startswith("failed") for r in ranks)
+
+
+def test_every_ranks_stream_cursors_reach_every_rank(ranks):
+    expected = [[[f"shard-{r}.tar", 1024 * r], None] for r in range(2)]  # as JSON keeps them
+    assert [r["cursors"] for r in ranks] == [expected, expected]

@@ -17,7 +17,7 @@ from pipeline import format as fmt
 from pipeline.build import main
 from train.config import debug
 from train.data import DECODE, MISSING, READ, SIZE, DataSource, make_dataset, make_loader, resolve_shards, shard_split
-from train.loop import Trainer, epoch_lengths, segment_batches, unread_shard_depth
+from train.loop import Trainer, epoch_lengths, every_rank, segment_batches
 from train.tiny_sd import build_tiny_sd
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -39,6 +39,13 @@ def stream(source, **kw) -> list[dict]:
 
 def keys(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["key"]]
+
+
+def first_sample(dataset: Path) -> dict[str, bytes]:
+    """The members of the dataset's first sample, by extension."""
+    with tarfile.open(next((dataset / "shards").glob("*.tar"))) as tar:
+        first = tar.getmembers()[0].name.split(".")[0]
+        return {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if m.name.startswith(first + ".")}
 
 
 def test_a_batch_has_the_trainers_shapes_and_ranges(dataset):
@@ -141,9 +148,7 @@ def test_a_resampled_epoch_reads_the_samples_it_yields_and_no_more(dataset, tmp_
     assert keys(batches) != read  # and shuffled
 
     # a bad sample is replaced by the next one in the stream: the epoch stays full, one more read per bad sample
-    with tarfile.open(next((dataset / "shards").glob("*.tar"))) as tar:
-        first = tar.getmembers()[0].name.split(".")[0]
-        good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if m.name.startswith(first + ".")}
+    good = first_sample(dataset)
     _write_tar(tmp_path / "some-bad.tar", {f"s{i:02d}": good if i % 3 else {**good, "jpg": b"not a jpeg"}
                                            for i in range(30)})
     read.clear()
@@ -173,16 +178,39 @@ def test_the_trainers_stream_reads_what_each_segment_trains_on(dataset, tmp_path
         assert len(read) == 4 * steps and sorted(keys(taken)) == sorted(read)
 
 
-def test_a_restart_shorter_than_the_shards_is_warned_about():
-    """sd15's cadence (1,000 steps of 4 per checkpoint, 2 loader workers) on img2dataset's 10,000-sample shards:
-    each restart reads the first 2,000 samples of a shard, so the other 8,000 are never trained on."""
-    sd15 = dataclasses.replace(debug(), checkpoint_every=1000, batch_size=4, data_workers=2, epoch_samples=100_000)
-    warning = unread_shard_depth(sd15, (10_000, 10_000, 9_000))
-    assert "reading 2000 samples per loader worker" in warning and "hold 10000 (median)" in warning
-    assert unread_shard_depth(sd15, (2_000,) * 3) is None  # a restart reads whole shards
-    assert unread_shard_depth(sd15, None) is None  # sizes unknown: nothing to say
-    short_epochs = dataclasses.replace(sd15, epoch_samples=400, data_workers=0)  # epochs restart it too
-    assert "reading 400 samples" in unread_shard_depth(short_epochs, (1_000,))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_restarted_at_every_checkpoint_reads_its_shard_to_the_end_and_resumes_there(
+        dataset, tmp_path, workers):
+    """sd15's cadence on 10,000-sample shards, in small: a checkpoint every 4 steps of 4 samples (two epochs in
+    each) on one 40-sample shard. Every restart goes on where the one before stopped, so each loader worker reads
+    the whole shard before it starts another (restarted at the shard's start, it read the first 16 / 8 again and
+    again). A trainer resumed from a checkpoint reads on exactly as the uninterrupted one does."""
+    shard = tmp_path / "big.tar"
+    _write_tar(shard, {f"s{i:02d}": first_sample(dataset) for i in range(40)})
+    source = DataSource([str(shard)], task="canny")
+    ds = make_dataset(source, resolution=64, batch_size=4, seed=0, epoch_samples=8)  # its own epochs go on too
+    assert sorted(k for _ in range(5) for k in keys(list(ds))) == [f"s{i:02d}" for i in range(40)]
+    cfg = dataclasses.replace(debug(), base_model=str(build_tiny_sd(tmp_path / "tiny-sd")), resolution=64,
+                              batch_size=4, epoch_samples=8, checkpoint_every=4, max_steps=100, data_workers=workers)
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"))
+
+    def train_segment(t: Trainer) -> list[str]:
+        stream = t.batches(source)
+        taken = [key for _ in range(segment_batches(t.state.step, cfg)) for key in next(stream)["key"]]
+        t.state.step += cfg.checkpoint_every
+        return taken
+
+    readers = max(workers, 1)
+    seen = [key for _ in range(3 * readers) for key in train_segment(trainer)]  # each reader: 48 samples
+    assert Counter(seen[:40 * readers]) == {f"s{i:02d}": readers for i in range(40)}  # the shard, whole, each
+    assert len(trainer.cursors) == readers and all(at and at[0] == str(shard) for at in trainer.cursors)  # 8 in
+
+    trainer.state.stream = every_rank(trainer.cursors, None)  # what the loop saves at a checkpoint
+    trainer.save(tmp_path / "checkpoint")
+    resumed = Trainer(cfg, 0, 1, torch.device("cpu"))
+    resumed.load(tmp_path / "checkpoint")
+    assert resumed.cursors == trainer.cursors and resumed.state.step == trainer.state.step
+    assert train_segment(resumed) == train_segment(trainer)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
@@ -211,9 +239,7 @@ def _write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
 
 
 def test_bad_samples_and_shards_are_skipped_and_counted(dataset, tmp_path):
-    with tarfile.open(next((dataset / "shards").glob("*.tar"))) as tar:
-        first = tar.getmembers()[0].name.split(".")[0]
-        good = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar if m.name.startswith(first + ".")}
+    good = first_sample(dataset)
     _write_tar(tmp_path / "bad.tar", {
         "good0": good,
         "brokenjpg": {**good, "jpg": good["jpg"][: len(good["jpg"]) // 3]},  # truncated JPEG
@@ -249,3 +275,6 @@ def test_streams_from_s3(dataset, s3_endpoint):
     loader = make_loader(source, resolution=64, batch_size=4, seed=0, epoch_samples=16, num_workers=2)
     batches = list(loader)  # workers open their own s3fs clients after the fork
     assert len(batches) == 4 and batches[0]["pixel_values"].shape == (4, 3, 64, 64)
+    whole = list(fmt.shard_samples([{"url": source.urls[0]}]))  # a stream going on mid-shard: one ranged read
+    rest = list(fmt.shard_samples([{"url": source.urls[0], "offset": whole[4][fmt.NEXT_OFFSET]}]))
+    assert [s["__key__"] for s in rest] == [s["__key__"] for s in whole[5:]] and rest[-1][fmt.NEXT_OFFSET] is None

@@ -9,7 +9,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -418,6 +418,37 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
+class ShardCursor:
+    """Where one worker's stream goes on: (shard URL, byte offset of the next unread sample) after the last raw
+    sample it read, or None where the next sample starts a fresh shard (the last one was read to its end, broke,
+    or is compressed, where offsets are not file positions).
+
+    A resampled epoch reads exactly the samples it yields (shuffled_once), so after an epoch's last batch the
+    cursor marks the first sample nothing has read: the next epoch (or a run resumed from a checkpoint taken
+    there) starts from it, and goes on through every shard it draws to that shard's end."""
+
+    def __init__(self, start: tuple[str, int] | None = None):
+        self.at = start
+
+    def read(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A pipeline stage right after the tar reader: every raw sample moves the cursor past it."""
+        for sample in samples:
+            offset = sample.get(fmt.NEXT_OFFSET)
+            self.at = (sample["__url__"], offset) if offset is not None else None
+            yield sample
+
+    def lost(self) -> None:
+        """The shard being read broke: go on with a fresh one rather than meet the break again."""
+        self.at = None
+
+    def shards(self, drawn: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """The first pipeline stage: the rest of the shard the cursor is in, if any, then the shards drawn."""
+        if self.at is not None:
+            url, offset = self.at
+            yield {"url": url, "offset": offset}
+        yield from drawn
+
+
 # ---------------------------------------------------------------- pipeline stages
 
 
@@ -449,19 +480,19 @@ def condition_member(source: DataSource) -> str | None:
     return fmt.condition_ext(source.task) if source.task and len(source.conditions) > 1 else None
 
 
-def batches_with_skips(samples: Iterable[dict[str, Any]], batch_size: int, partial_last: bool,
-                       counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Batches of `batch_size`, each carrying the skip counts since this worker's previous batch. A batch goes out
-    as soon as it is full: webdataset's `batched` waits for the sample after it, which reads and decodes one
-    sample past an epoch's last batch for nothing."""
+def stamped_batches(samples: Iterable[dict[str, Any]], batch_size: int, partial_last: bool,
+                    stamp: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Batches of `batch_size`, each with what `stamp` says as it is made (the skip counts since this worker's
+    previous batch, the worker's stream position). A batch goes out as soon as it is full: webdataset's `batched`
+    waits for the sample after it, which reads and decodes one sample past an epoch's last batch for nothing."""
     batch: list[dict[str, Any]] = []
     for sample in samples:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield {**collate(batch), "skipped": counter.delta()}
+            yield {**collate(batch), **stamp()}
             batch = []
     if batch and partial_last:
-        yield {**collate(batch), "skipped": counter.delta()}
+        yield {**collate(batch), **stamp()}
 
 
 def shard_split(urls: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int,
@@ -506,16 +537,23 @@ class StreamConfig:
     world_size: int
     shuffle_buffer: int
     latents: bool = False  # read the stored latent distributions instead of decoding the images
+    # resampled: where each loader worker's stream goes on (ShardCursor.at, by worker; batch["stream_position"] of
+    # its previous epoch's last batch); missing or None: at the start of a freshly drawn shard
+    start: tuple[tuple[str, int] | None, ...] = ()
 
 
 class ControlNetStream(IterableDataset):
     """Batches of (target, condition, caption) from shards; each iter() is one epoch.
 
     epoch_samples set: shards resampled with replacement, seeded per (seed, rank, worker, epoch), so ranks see
-    different sequences, and every rank yields exactly epoch_samples // batch_size full batches.
+    different sequences, and every rank yields exactly epoch_samples // batch_size full batches. Each worker reads
+    a shard it draws to the end: its next epoch goes on where the last one stopped, and a batch's
+    "stream_position" is its worker's ShardCursor, which another stream's cfg.start takes up (the trainer's next
+    segment, or a resumed run) to go on from there.
     epoch_samples None: one pass; the shards are dealt out to ranks, then to workers (disjoint sets), and the
     last batch of each worker may be short. The epoch counter advances on each iter() in the iterating process;
-    set_epoch() sets it explicitly (needed with non-persistent workers, which iterate a fresh copy each epoch).
+    set_epoch() sets it explicitly (needed with non-persistent workers, which iterate a fresh copy each epoch), and
+    starts the workers again from cfg.start.
     """
 
     def __init__(self, source: DataSource, cfg: StreamConfig):
@@ -530,6 +568,7 @@ class ControlNetStream(IterableDataset):
             raise ValueError(f"prompt_dropout={cfg.prompt_dropout} is not a probability")
         self.source, self.cfg = source, cfg
         self.epoch = 0
+        self.cursors: dict[int, ShardCursor] = {}  # by loader worker, in the iterating process
         self.skips = SkipCounter(max_dry_shards=max(MIN_DRY_SHARDS, 4 * len(source.urls)))
 
     @property
@@ -539,6 +578,7 @@ class ControlNetStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.cursors = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = _worker()
@@ -551,22 +591,33 @@ class ControlNetStream(IterableDataset):
             [cfg.seed, cfg.rank, worker, epoch]).generate_state(3).tolist()
         resampled = cfg.epoch_samples is not None
         share = worker_share(self.batches_per_epoch or 0, worker, num_workers)  # this worker's batches (resampled)
+        start = cfg.start[worker] if worker < len(cfg.start) else None
+        cursor = self.cursors[worker] = ShardCursor(self.cursors[worker].at if worker in self.cursors else start)
         if resampled:
-            shards: Any = partial(resampled_shards, self.source.urls, self.source.weights, shard_seed)
+            shards: Any = partial(cursor.shards, resampled_shards(self.source.urls, self.source.weights, shard_seed))
             shuffle: Any = partial(shuffled_once, count=share * cfg.batch_size, bufsize=cfg.shuffle_buffer,
                                    seed=shuffle_seed)
         else:  # a finite pass: webdataset's shuffle empties its buffer at the end
             mine = shard_split(self.source.urls, cfg.seed, epoch, cfg.rank, cfg.world_size, worker, num_workers)
             shards = partial(as_shards, mine)
             shuffle = wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=shuffle_seed)
+
+        def read_error(exn: BaseException) -> bool:
+            cursor.lost()
+            return counter.read_error(exn)
+
+        def stamp() -> dict[str, Any]:
+            return {"skipped": counter.delta(), "stream_position": {"worker": worker, "at": cursor.at}}
+
         stages: list[Any] = [
             shards,
-            partial(fmt.shard_samples, handler=counter.read_error, opened=counter.opened_shard),  # {__key__, jpg, ...}
+            partial(fmt.shard_samples, handler=read_error, opened=counter.opened_shard),  # {__key__, jpg, ...}
+            cursor.read,
             partial(keep_keys, keys=self.source.keys, counter=counter, member=condition_member(self.source)),
             shuffle,
             partial(decoded, task=self.source.task, resolution=cfg.resolution, dropout=cfg.prompt_dropout,
                     rng=random.Random(dropout_seed), counter=counter, latents=cfg.latents),
-            partial(batches_with_skips, batch_size=cfg.batch_size, partial_last=not resampled, counter=counter),
+            partial(stamped_batches, batch_size=cfg.batch_size, partial_last=not resampled, stamp=stamp),
         ]
         if resampled:
             stages.append(wds.slice(share))
@@ -612,6 +663,7 @@ def make_dataset(
     num_workers: int = 0,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     latents: bool = False,
+    start: tuple[tuple[str, int] | None, ...] = (),
 ) -> ControlNetStream:
     """The stream of batches for one rank. Workers split the work by torch's worker info at iter(); num_workers
     (the loader's) is only checked here: in one pass, a worker without a shard of its own makes no batch."""
@@ -620,7 +672,7 @@ def make_dataset(
         log.warning("%d shards for %d ranks x %d workers: some workers get none", len(source.urls), world_size,
                     num_workers)
     cfg = StreamConfig(resolution, batch_size, seed, prompt_dropout, epoch_samples, rank, world_size, shuffle_buffer,
-                       latents)
+                       latents, start)
     return ControlNetStream(source, cfg)
 
 

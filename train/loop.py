@@ -50,6 +50,8 @@ class TrainState:
     train_seconds: float = 0.0  # wall time of the run (loading, validating, training) to its last checkpoint, summed
     # over every segment (resumes)
     timing: dict[str, Any] = field(default_factory=dict)  # this segment: started/finished (epoch s), devices
+    stream: list[list[Any]] = field(default_factory=list)  # where every rank's data stream goes on, by rank, then
+    # loader worker (train.data.ShardCursor.at): gathered at each checkpoint, taken up by each rank on resume
 
 
 def segment_seed(seed: int, rank: int, step: int) -> int:
@@ -75,24 +77,27 @@ def epoch_lengths(batches: int, epoch_samples: int, batch_size: int) -> Iterator
         yield per_epoch * batch_size
 
 
-def unread_shard_depth(cfg: TrainConfig, weights: tuple[int, ...] | None) -> str | None:
-    """A warning where a restart of the stream reads fewer samples per loader worker than a shard holds, or None.
+def moved(cursors: list[tuple[str, int] | None], position: dict[str, Any]) -> None:
+    """Note a batch's stream_position: where its loader worker's stream now goes on."""
+    worker, at = position["worker"], position["at"]
+    cursors.extend([None] * (worker + 1 - len(cursors)))
+    cursors[worker] = (at[0], int(at[1])) if at else None
 
-    Every checkpoint (and every epoch) restarts the stream at the start of a freshly drawn shard: that is what makes
-    a resumed run exact. Where a restart reads fewer samples than a shard holds, it never gets deeper into it, so
-    the samples past that depth are never trained on."""
-    known = sorted(w for w in weights or () if w)
-    if not known:
-        return None
-    per_restart = min(cfg.checkpoint_every * cfg.grad_accum, cfg.epoch_samples // cfg.batch_size) * cfg.batch_size
-    per_worker = per_restart // max(cfg.data_workers, 1)
-    typical = known[len(known) // 2]
-    if per_worker >= typical:
-        return None
-    return (f"warning: the stream restarts at every checkpoint and every epoch from the start of a shard, reading "
-            f"{per_worker} samples per loader worker, and the shards hold {typical} (median): samples past the "
-            f"first {per_worker} of a shard are never trained on. Checkpoint less often (--checkpoint-every), use "
-            "longer epochs (--epoch-samples) or fewer --data-workers, or write smaller shards")
+
+def cursors_in(cursors: list[tuple[str, int] | None], urls: list[str]) -> tuple[tuple[str, int] | None, ...]:
+    """The cursors that point into the stream's shards (a run resumed on other data starts fresh shards)."""
+    known = set(urls)
+    return tuple(at if at and at[0] in known else None for at in cursors)
+
+
+def every_rank(value: Any, group: Any) -> list[Any]:
+    """Every rank's `value`, by rank (a collective: every rank calls it), through the gloo `group`
+    (rank_zero_wait_group): a few small objects, where NCCL would need them as CUDA tensors."""
+    if not distributed():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value, group=group)
+    return gathered
 
 
 def mixed_precision_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -200,6 +205,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
+        self.cursors: list[tuple[str, int] | None] = []  # where this rank's stream goes on, by loader worker
         self.latents = False  # whether batches carry the dataset's stored latents (use_stored_latents)
 
     # ---- the paper's large-scale mode
@@ -221,6 +227,7 @@ class Trainer:
             "decoder_unlocked": self.state.decoder_unlocked,
             "history": json.dumps(self.state.history),
             "fidelity": json.dumps(self.state.fidelity),
+            "stream": json.dumps(self.state.stream),
             "train_seconds": self.state.train_seconds,
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
@@ -256,14 +263,19 @@ class Trainer:
         self.state = TrainState(step=state["step"], decoder_unlocked=state["decoder_unlocked"],
                                 history=json.loads(state["history"]), resumed_from=state["step"],
                                 fidelity=json.loads(state.get("fidelity", "{}")),
-                                train_seconds=float(state.get("train_seconds", 0.0)))
+                                train_seconds=float(state.get("train_seconds", 0.0)),
+                                stream=json.loads(state.get("stream", "[]")))
+        mine = self.state.stream[self.rank] if self.rank < len(self.state.stream) else []
+        self.cursors = [tuple(at) if at else None for at in mine]
 
     # ---- data
 
     def batches(self, source) -> Iterator[dict[str, Any]]:
         """The stream from the current step on; restarted (reseeded) at every checkpoint boundary. Its epochs end
         where the segment does, so the last one reads only the samples the segment trains on (see
-        train.data.shuffled_once)."""
+        train.data.shuffled_once), and each loader worker goes on in the shard where its previous epoch stopped
+        (self.cursors, which a checkpoint keeps): however often the stream restarts, the shards are read to the
+        end, and a resumed run reads what the uninterrupted one read."""
         from train.data import make_loader
 
         epochs = epoch_lengths(segment_batches(self.state.step, self.cfg), self.cfg.epoch_samples, self.cfg.batch_size)
@@ -274,8 +286,11 @@ class Trainer:
                 prompt_dropout=self.cfg.prompt_dropout, epoch_samples=samples, rank=self.rank,
                 world_size=self.world_size, num_workers=self.cfg.data_workers, latents=self.latents,
                 pin_memory=self.device.type == "cuda",  # page-locked batches: the copies to the GPU overlap compute
+                start=cursors_in(self.cursors, source.urls),
             )
-            yield from loader
+            for batch in loader:
+                moved(self.cursors, batch.pop("stream_position"))
+                yield batch
 
     # ---- one optimizer step: Eq. 10 on grad_accum micro-batches
 
@@ -549,7 +564,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     secrets = apply_secrets(config.get("secrets"))
     from train.data import dataset_manifest, resolve_shards
-    from train.tracking import RunLogger, say
+    from train.tracking import RunLogger
 
     segment_start = time.time()  # the run's wall time from here (loading, validating, training) to each
     # checkpoint counts in train_seconds: what the run holds its devices for
@@ -569,15 +584,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.unlock_decoder()
 
     latents = use_stored_latents(trainer, manifest)
-    shallow = unread_shard_depth(cfg, source.weights)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
     if logger:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
                     + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")
                     + (f"; {latents}" if latents else "")
                     + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
-        if shallow:
-            say(shallow)
     # rank 0 alone sets up W&B and validation and validates; the others wait for it on a group of their own
     rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
     validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None
@@ -624,8 +636,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             trainer.state.train_seconds += now - segment_start
             segment_start = trainer.state.timing["finished"] = now
             metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
+            trainer.state.stream = every_rank(trainer.cursors, rank_zero)
             report_checkpoint(trainer, metrics, local)
-            # a new data/noise segment starts at every checkpoint, so resuming here replays nothing
+            # a new data/noise segment starts at every checkpoint (the stream going on where it stopped), so
+            # resuming here replays nothing
             stream = trainer.batches(source)
             generator = torch.Generator(device).manual_seed(segment_seed(cfg.seed, rank, step))
         if validating or checkpointing:

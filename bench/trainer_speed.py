@@ -165,6 +165,13 @@ def ours(base: Path, dataset: Path, work: Path, steps: int, run: str, extra: lis
     return argv, env
 
 
+def with_bytecode(env: dict[str, str]) -> dict[str, str]:
+    """The environment without PYTHONDONTWRITEBYTECODE (set machine-wide in some images): the peer's pip compiled
+    its virtualenv's bytecode at install, uv installed ours without (the first import writes it), so with the
+    variable set every run of ours compiled its imports again (10 s of its start here) and the peer's did not."""
+    return {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 VARIANTS = {  # ours, by lever: (flags, dataset); the last is what a user gets by default with stored latents
     "ours: Ray worker": (["--num-workers", "1"], "plain"),
     "ours: local mode, 1 thread": (["--num-workers", "0", "--cpus-per-worker", "1"], "plain"),
@@ -218,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         order = order[repeat % len(order):] + order[: repeat % len(order)]  # alternate who goes first
         for name in order:
             command, env, pattern = commands[name]
-            timing = watch(command, env, pattern, args.steps, work / f"{len(results_of(name))}-{slug(name)}.log")
+            log = work / f"{len(results_of(name))}-{slug(name)}.log"
+            timing = watch(command, with_bytecode(env), pattern, args.steps, log)
             results_of(name).append(timing)
             print(f"  {name}: {timing.s_per_step * 1000:.1f} ms/step, first step at {timing.first_step_s:.1f} s, "
                   f"{timing.after_last_s:.1f} s after the last, {timing.peak_pss_gb:.2f} GB", flush=True)

@@ -1,5 +1,9 @@
-"""bench.trainer_speed's summary: medians per trainer, and the speed ratio within each repeat"""
-from bench.trainer_speed import Timing, summarize, to_markdown
+"""bench.trainer_speed's summary: medians per trainer, and the speed ratio within each repeat; the runs' environment"""
+import os
+import subprocess
+import sys
+
+from bench.trainer_speed import Timing, summarize, to_markdown, with_bytecode
 
 
 def timing(s_per_step: float) -> Timing:
@@ -13,3 +17,10 @@ def test_the_speed_ratio_is_given_per_repeat_beside_the_ratio_of_medians():
     assert ours["speed_vs_peer"] == 0.22 / 0.20  # medians
     assert ours["speed_vs_peer_per_repeat"] == [0.22 / 0.20, 0.20 / 0.10]  # 2.0x, 1.2x and 1.1x within repeats
     assert "| 1.10x | 1.10-2.00x |" in to_markdown(summarize(runs, "peer"))
+
+
+def test_the_runs_write_bytecode_whatever_the_callers_environment_says():
+    """The peer's pip compiled its bytecode at install, uv installed ours without: both must be let write it."""
+    env = with_bytecode({**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    probe = [sys.executable, "-c", "import sys; print(sys.dont_write_bytecode)"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "False"

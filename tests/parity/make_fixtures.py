@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -70,6 +71,7 @@ def midas_fixture(folder: Path) -> dict[str, np.ndarray]:
         image = center_crop_resize(load_photo(name), side)
         depth_map = detector(image, detect_resolution=DETECT_RESOLUTION, image_resolution=side, output_type="np")
         out[f"{name}_image_sha256"] = np.array(hashlib.sha256(image.tobytes()).hexdigest())
+        out[f"{name}_image"] = image  # the input itself: OpenCV 4.13 upscales (INTER_CUBIC) to other bytes
         out[f"{name}_input_sha256"] = np.array(tensor_sha256(recorder.input))
         out[f"{name}_raw"] = recorder.output[0].float().numpy()  # (h, w) relative inverse depth
         out[f"{name}_map"] = depth_map[:, :, 0]  # the three channels are equal
@@ -102,6 +104,7 @@ def openpose_fixture(folder: Path) -> dict[str, np.ndarray]:
         candidate, subset = decoded["last"]
         pafs, heatmaps = recorder.output
         out[f"{name}_image_sha256"] = np.array(hashlib.sha256(image.tobytes()).hexdigest())
+        out[f"{name}_image"] = image  # the input itself: OpenCV 4.13 upscales (INTER_CUBIC) to other bytes
         out[f"{name}_input_sha256"] = np.array(tensor_sha256(recorder.input))
         out[f"{name}_pafs"] = pafs[0].numpy()  # (38, h/8, w/8)
         out[f"{name}_heatmaps"] = heatmaps[0].numpy()  # (19, h/8, w/8)
@@ -123,6 +126,7 @@ def main() -> None:
             arrays = make(Path(tmp))
             arrays["controlnet_aux_version"] = np.array(getattr(controlnet_aux, "__version__", "0.0.10"))
             arrays["torch_version"] = np.array(torch.__version__)
+            arrays["cv2_version"] = np.array(cv2.__version__)
             path = OUT / f"controlnet_aux_{task}.npz"
             np.savez_compressed(path, **arrays)
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

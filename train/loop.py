@@ -81,7 +81,7 @@ def moved(cursors: list[tuple[str, int] | None], position: dict[str, Any]) -> No
     """Note a batch's stream_position: where its loader worker's stream now goes on."""
     worker, at = position["worker"], position["at"]
     cursors.extend([None] * (worker + 1 - len(cursors)))
-    cursors[worker] = (at[0], int(at[1])) if at else None
+    cursors[worker] = tuple(at) if at else None  # a pinned batch holds it as a list
 
 
 def cursors_in(cursors: list[tuple[str, int] | None], urls: list[str]) -> tuple[tuple[str, int] | None, ...]:

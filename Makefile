@@ -46,6 +46,7 @@ TOY_SWEEP_TRAIN ?= --max-steps 400 --validate-every 50 --prompt-modes caption --
 
 TORCH_VERSION ?= 2.13.0+cpu
 TORCH_WHEELS ?= /opt/wheels
+UV_VERSION := 0.13.9
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
@@ -54,19 +55,27 @@ export WANDB_MODE ?= offline
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: help setup sample-data dataset demo train test lint bench preview subsets sweep cluster-up cluster-down \
-	submit-dataset submit-train cluster-local image repro toy-sweep clean gpu-wheels gpu-check
+	submit-dataset submit-train cluster-local image repro toy-sweep clean gpu-wheels gpu-check constraints
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON_SYS) -m venv $(VENV)
-	$(PY) -m pip install -q uv==0.13.9
+	$(PY) -m pip install -q uv==$(UV_VERSION)
 	# one uv resolve + install (pip backtracks through ~2.6 GB of ray/botocore wheels here: 4-5 min against
 	# 30-50 s); torch pinned to the local CPU wheel (PyPI has no +cpu build, so never the CUDA one); no
-	# torchvision (it breaks transformers here)
-	$(VENV)/bin/uv pip install -q --python $(PY) --find-links $(TORCH_WHEELS) 'torch==$(TORCH_VERSION)' -e '.[test]'
+	# torchvision (it breaks transformers here); every version as constraints.txt says, the set the suite passed on
+	$(VENV)/bin/uv pip install -q --python $(PY) --find-links $(TORCH_WHEELS) -c constraints.txt \
+		'torch==$(TORCH_VERSION)' -e '.[test]'
 	touch $(STAMP)
+
+constraints: $(STAMP) ## resolve pyproject.toml's ranges again (the newest releases) into constraints.txt; then make test
+	{ printf '# what `make setup` installs: the newest releases in pyproject.toml'"'"'s ranges when `make constraints` last\n'; \
+	  printf '# ran, the set the test suite passed on (an unpinned resolve once took an OpenCV that broke a parity test)\n'; \
+	  printf 'torch==$(TORCH_VERSION)\n' | $(VENV)/bin/uv pip compile --python $(PY) pyproject.toml - --extra test \
+		--find-links $(TORCH_WHEELS) --no-header --no-annotate -q; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 setup: $(STAMP) ## create .venv and install the project with its test tools
 

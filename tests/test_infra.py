@@ -1,6 +1,7 @@
 """infra/: the launcher config passes Ray's own validation, the KubeRay manifests and the image carry what they must"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -241,6 +242,29 @@ def test_dockerfile_installs_the_project_on_cuda_torch_without_torchvision():
     assert any("find_spec('torchvision')" in line for line in lines)  # the build fails if one pulled it in
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not [d for d in dependencies if d.startswith("torchvision")]
+
+
+def test_the_images_import_check_names_only_what_the_project_installs():
+    """The build's last step imports the stack: a module the project no longer depends on (kornia, once) fails
+    `docker build` there, long after the dependencies were installed."""
+    check = next(line for line in DOCKERFILE.read_text().splitlines() if 'python -c "import cv2' in line)
+    modules = [m.strip() for m in re.search(r'python -c "import ([^"]+)"', check).group(1).split(",")]
+    assert {"torch", "diffusers", "ray.train", "train.loop"} <= set(modules)
+    assert [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None] == []
+
+
+def test_the_image_installs_the_tested_versions_on_its_cuda_torch():
+    """constraints.txt holds the set `make setup` installs and the suite runs on; the image takes it, less the
+    CPU torch pin (its own torch is the CUDA build of the same version)."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"COPY [^\n]*\bconstraints\.txt\b", text)
+    assert "grep -v '^torch==' constraints.txt > /tmp/constraints.txt" in text
+    assert re.search(r"pip install [^\n]*-c /tmp/constraints\.txt \.", text)
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    torch_arg = re.search(r"ARG TORCH_VERSION=(\S+)", text).group(1)
+    assert pins["torch"].split("+")[0] == torch_arg  # the image's CUDA torch is the version the suite ran
+    assert pins["ray"] == re.search(r"ARG RAY_VERSION=(\S+)", text).group(1)  # the base image's Ray
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():

@@ -1,5 +1,5 @@
-"""a run's checkpoints on storage (local or s3://): finding the latest, and, for runs that Ray Train does not
-upload (its local mode), publishing, pruning and fetching them in the layout Ray Train writes"""
+"""a run's checkpoints on storage (local or s3://): publishing them (progress.json last, in both of Ray Train's
+modes), finding the latest, and, for runs Ray Train keeps no record of (its local mode), pruning and fetching them"""
 from __future__ import annotations
 
 import json
@@ -32,8 +32,8 @@ def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
     return latest_in_run(run_url(storage_path, run_name))
 
 
-def local_checkpoint_name(step: int) -> str:
-    """One name per step: a local-mode run that dies while publishing step N rewrites the same folder when it
+def checkpoint_name(step: int) -> str:
+    """One name per step, in both modes: a run that dies while publishing step N rewrites the same folder when it
     reaches step N again, instead of leaving an orphan beside it."""
     return f"checkpoint_step{step:08d}"
 
@@ -46,7 +46,7 @@ def upload_order(folder: Path) -> list[Path]:
 
 def publish(folder: Path, run: str, step: int) -> str:
     """Copy a checkpoint written to a local folder to the run's storage; its URL."""
-    destination = f"{run.rstrip('/')}/{local_checkpoint_name(step)}"
+    destination = f"{run.rstrip('/')}/{checkpoint_name(step)}"
     fs, root = fsspec.core.url_to_fs(destination)
     for path in upload_order(folder):
         target = f"{root}/{path.relative_to(folder).as_posix()}"

@@ -496,27 +496,33 @@ def restore(trainer: Trainer, cfg: TrainConfig) -> None:
 
 
 def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) -> None:
-    """Save rank 0's checkpoint and report it. Ray Train uploads what workers report to the run's storage; its
-    local mode only remembers the temporary folder, so there the checkpoint is published to the same place, in
-    the same layout, and pruned to --keep-checkpoints, as Ray Train would."""
+    """Save rank 0's checkpoint, publish it to the run's storage (train.checkpoints.publish: one folder per step,
+    progress.json last) and report it. On workers Ray Train calls publish as its upload, and records and prunes
+    the checkpoint (its own upload copies files in no set order: a worker killed mid-upload could leave a folder
+    that has progress.json but not its weights, which local-mode resumes and exports would take as complete).
+    Its local mode only remembers the temporary folder, so there rank 0 publishes and prunes to
+    --keep-checkpoints itself. Both modes write the same folders, so a run resumes in either."""
     import ray.train
 
-    from train.checkpoints import prune, publish, run_url
+    from train.checkpoints import checkpoint_name, prune, publish, run_url
 
-    cfg = trainer.cfg
+    cfg, step = trainer.cfg, trainer.state.step
+    run = run_url(cfg.storage_path, cfg.run_name)
     with tempfile.TemporaryDirectory() as folder:
         if trainer.rank == 0:
             trainer.save(Path(folder))
         if local:  # one rank, or several started by torchrun (which local mode also runs under): rank 0 publishes
             checkpoint = None
             if trainer.rank == 0:
-                run = run_url(cfg.storage_path, cfg.run_name)
-                checkpoint = ray.train.Checkpoint(publish(Path(folder), run, trainer.state.step))
+                checkpoint = ray.train.Checkpoint(publish(Path(folder), run, step))
                 prune(run, cfg.keep_checkpoints)
             ray.train.report(metrics, checkpoint=checkpoint)
         else:
+            def upload(saved: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:  # into run/name
+                return ray.train.Checkpoint(publish(Path(saved.path), run, step))
+
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0
-                             else None)
+                             else None, checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_fn=upload)
 
 
 def pick_device(cfg: TrainConfig, local: bool) -> torch.device:

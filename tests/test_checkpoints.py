@@ -6,7 +6,16 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from train.checkpoints import PROGRESS_FILE, fetch, latest_in_run, prune, publish, upload_order
+from train.checkpoints import (
+    PROGRESS_FILE,
+    RAY_STORAGE_MARKER,
+    fetch,
+    latest_in_run,
+    prune,
+    publish,
+    publish_from_worker,
+    upload_order,
+)
 
 
 def checkpoint_folder(root: Path, step: int) -> Path:
@@ -45,3 +54,16 @@ def test_published_checkpoints_are_found_pruned_and_fetched(tmp_path, where, req
     back = fetch(latest_in_run(run), tmp_path / "back")
     assert (back / "controlnet" / "weights.safetensors").read_bytes() == bytes([30]) * 100
     assert json.loads((back / PROGRESS_FILE).read_text()) == {"step": 30}
+
+
+def test_a_worker_that_cannot_see_the_runs_storage_publishes_nothing(tmp_path):
+    """A local --storage-path seen from another node: the run's folder there lacks the marker Ray Train's
+    controller wrote, and the upload fails (Ray retries the worker) instead of keeping the checkpoint on that node."""
+    run = tmp_path / "runs" / "r"
+    with pytest.raises(RuntimeError, match="cannot see the run's storage"):
+        publish_from_worker(checkpoint_folder(tmp_path, 10), str(run), 10)
+    assert not run.exists() or not any(run.iterdir())
+    run.mkdir(parents=True, exist_ok=True)
+    (run / RAY_STORAGE_MARKER).touch()
+    published = publish_from_worker(checkpoint_folder(tmp_path, 20), str(run), 20)
+    assert latest_in_run(str(run)) == published

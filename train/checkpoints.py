@@ -8,6 +8,7 @@ from pathlib import Path
 import fsspec
 
 PROGRESS_FILE = "progress.json"  # written last into a checkpoint: a checkpoint without it is incomplete
+RAY_STORAGE_MARKER = ".validate_storage_marker"  # Ray Train's controller writes it into the run's folder
 
 
 def run_url(storage_path: str, run_name: str) -> str:
@@ -53,6 +54,18 @@ def publish(folder: Path, run: str, step: int) -> str:
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(path), target)
     return fs.unstrip_protocol(root)
+
+
+def publish_from_worker(folder: Path, run: str, step: int) -> str:
+    """publish, as Ray Train's upload on a worker (train.loop.report_checkpoint), after the check Ray's own upload
+    makes: the run's folder must hold the marker Ray Train's controller wrote there, else this node does not see
+    the driver's storage (a local --storage-path on a cluster of several nodes), and each node would keep
+    checkpoints of its own that no resume finds."""
+    fs, root = fsspec.core.url_to_fs(run)
+    if not fs.exists(f"{root.rstrip('/')}/{RAY_STORAGE_MARKER}"):
+        raise RuntimeError(f"this worker's node cannot see the run's storage ({run}): on a cluster of several "
+                           "nodes, --storage-path must be s3://... or a filesystem every node mounts")
+    return publish(folder, run, step)
 
 
 def prune(run: str, keep: int) -> list[str]:

@@ -504,7 +504,7 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
     --keep-checkpoints itself. Both modes write the same folders, so a run resumes in either."""
     import ray.train
 
-    from train.checkpoints import checkpoint_name, prune, publish, run_url
+    from train.checkpoints import checkpoint_name, prune, publish, publish_from_worker, run_url
 
     cfg, step = trainer.cfg, trainer.state.step
     run = run_url(cfg.storage_path, cfg.run_name)
@@ -519,7 +519,7 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
             ray.train.report(metrics, checkpoint=checkpoint)
         else:
             def upload(saved: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:  # into run/name
-                return ray.train.Checkpoint(publish(Path(saved.path), run, step))
+                return ray.train.Checkpoint(publish_from_worker(Path(saved.path), run, step))
 
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0
                              else None, checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_fn=upload)

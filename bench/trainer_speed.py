@@ -253,8 +253,10 @@ def slug(name: str) -> str:
 
 
 def summarize(runs: dict[str, list[Timing]], peer: str | None) -> list[dict]:
-    """One row per trainer: medians over its runs, and speed against the peer's: the ratio of the medians, and the
-    lowest and highest ratio within one repeat (whose runs follow each other, so they share the machine's drift)."""
+    """One row per trainer: medians over its runs, and speed against the peer's: the ratio of the medians, the
+    lowest and highest ratio within one repeat (whose runs follow each other, so they share the machine's drift),
+    and the ratio of the two fastest runs (a shared machine's load only ever adds time, so each trainer's fastest
+    run is its least disturbed one: with drift larger than the gap, this ratio moves least between benchmarks)."""
     rows = []
     for name, timings in runs.items():
         row = {"trainer": name, **{k: statistics.median(getattr(t, k) for t in timings) for k in asdict(timings[0])}}
@@ -269,21 +271,23 @@ def summarize(runs: dict[str, list[Timing]], peer: str | None) -> list[dict]:
             per_repeat = [theirs.s_per_step / ours.s_per_step
                           for theirs, ours in zip(runs[peer], runs[row["trainer"]], strict=False)]
             row["speed_vs_peer_per_repeat"] = [min(per_repeat), max(per_repeat)]
+            row["speed_vs_peer_fastest"] = (min(t.s_per_step for t in runs[peer])
+                                            / min(t.s_per_step for t in runs[row["trainer"]]))
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
     peer = "speed_vs_peer" in rows[0] if rows else False
     head = "| trainer | s/step | samples/s | first step (s) | after last (s) | whole run (s) | peak PSS (GB) |"
-    head += " speed vs peer | in one repeat | whole run vs peer | memory vs peer |" if peer else ""
+    head += " speed vs peer | in one repeat | fastest runs | whole run vs peer | memory vs peer |" if peer else ""
     lines = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
     for r in rows:
         line = (f"| {r['trainer']} | {r['s_per_step']:.4f} | {r['samples_per_s']:.1f} | {r['first_step_s']:.1f} | "
                 f"{r['after_last_s']:.1f} | {r['total_s']:.1f} | {r['peak_pss_gb']:.2f} |")
         if peer:
             low, high = r["speed_vs_peer_per_repeat"]
-            line += (f" {r['speed_vs_peer']:.2f}x | {low:.2f}-{high:.2f}x | {r['total_vs_peer']:.2f}x |"
-                     f" {r['memory_vs_peer']:.2f}x |")
+            line += (f" {r['speed_vs_peer']:.2f}x | {low:.2f}-{high:.2f}x | {r['speed_vs_peer_fastest']:.2f}x |"
+                     f" {r['total_vs_peer']:.2f}x | {r['memory_vs_peer']:.2f}x |")
         lines.append(line)
     return "\n".join(lines)
 

@@ -518,7 +518,8 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
                 prune(run, cfg.keep_checkpoints)
             ray.train.report(metrics, checkpoint=checkpoint)
         else:
-            def upload(saved: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:  # into run/name
+            def upload(saved: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+                # `name` is checkpoint_dir_name below, the folder publish derives from the step
                 return ray.train.Checkpoint(publish_from_worker(Path(saved.path), run, step))
 
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0

@@ -63,7 +63,7 @@ class BuildConfig:
     max_aspect: float = 0.0
     """Filter images with a longer aspect ratio (0: off)."""
     max_pixels: int = 89_478_485
-    """Refuse images with more pixels (decompression bombs)."""
+    """Refuse images with more pixels (decompression bombs), from their header, before decoding."""
     max_member_mb: int = 64
     """A tar member or image file over this many MiB is a failed sample, never read."""
     jpeg_quality: int = 95

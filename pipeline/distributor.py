@@ -39,10 +39,12 @@ class ShardActor:
         import cv2
 
         from pipeline.models import build_latent_encoder, build_models
+        from pipeline.preprocess import open_images_up_to
 
         # one thread pool per reserved CPU: OpenCV and torch would otherwise each start one per core
         threads = max(1, int(cfg.cpus_per_worker))
         cv2.setNumThreads(threads)
+        open_images_up_to(cfg.max_pixels)
         self.cfg = cfg
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
         self.annotators, self.captioner, self.encoder = {}, None, None

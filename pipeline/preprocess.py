@@ -16,6 +16,17 @@ class ImageTooLarge(ValueError):
     """A decompression bomb (or just a huge image): refused from its header, before decoding."""
 
 
+def open_images_up_to(max_pixels: int) -> None:
+    """Let PIL open headers of up to `max_pixels` (--max-pixels) in this process. PIL refuses an image over twice its
+    own cap (2 x 89 Mpx) when it opens the file, before decode_image reads the header size and applies the job's cap:
+    without this, a --max-pixels above 179 Mpx would still refuse a 200 Mpx panorama. PIL's warning between its two
+    caps goes quiet: decode_image checks the header against the job's cap before any pixel is decoded."""
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
 def displayed_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) as a viewer shows it, after EXIF orientation; read from the header only."""
     orientation = im.getexif().get(0x0112, 1)

@@ -9,6 +9,7 @@ from pipeline.preprocess import (
     center_crop_resize,
     decode_caption,
     decode_image,
+    open_images_up_to,
     encode_jpeg,
     encode_png,
     reject_reason,
@@ -45,6 +46,21 @@ def test_exif_orientation_is_applied():
 def test_decompression_bomb_is_refused_from_the_header():
     with pytest.raises(ImageTooLarge, match="over the cap"):
         decode_image(bomb_png(20000), resolution=512, max_pixels=89_478_485)
+
+
+def test_a_pixel_cap_above_pils_own_is_the_one_applied(monkeypatch):
+    """PIL refuses, at open, images over twice its own cap; the actors raise it to --max-pixels, so a larger cap
+    lets larger images through and the job's own check (and message) applies. PIL's cap is lowered here to stand
+    in for its 179 Mpx without decoding that many pixels."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    allowed = encode(Image.fromarray(photo(800, 600)), "PNG")
+    with pytest.raises(ImageTooLarge, match="exceeds limit"):  # PIL's refusal, under the job's cap of 10**6
+        decode_image(allowed, resolution=64, max_pixels=10**6)
+    open_images_up_to(10**6)
+    image, size = decode_image(allowed, resolution=64, max_pixels=10**6)
+    assert size == (800, 600) and image.shape == (600, 800, 3)
+    with pytest.raises(ImageTooLarge, match="over the cap of 400000"):  # the job's cap, from the header
+        decode_image(allowed, resolution=64, max_pixels=400_000)
 
 
 def test_jpeg_draft_decode_matches_a_full_decode():

@@ -9,9 +9,9 @@ from pipeline.preprocess import (
     center_crop_resize,
     decode_caption,
     decode_image,
-    open_images_up_to,
     encode_jpeg,
     encode_png,
+    open_images_up_to,
     reject_reason,
 )
 from tests.corpus import bomb_png, encode, exif_rotated_jpeg, mode_images, photo

@@ -156,6 +156,10 @@ def _reraise(exn: BaseException) -> bool:
 # on every sample shard_samples yields: the byte offset in its tar where the next sample's first header begins (a
 # stream resumes there: shard_samples([{"url": ..., "offset": ...}])), or None after a shard's last sample
 NEXT_OFFSET: Final = "__next_offset__"
+# on a sample: its members over the read cap, {extension: size in bytes}, left unread (their bytes are skipped, not
+# held): the dataset job writes members of a few hundred KB, so one of this size is not its output
+OVERSIZED: Final = "__oversized__"
+MAX_MEMBER_BYTES: Final = 64 << 20
 
 
 def shard_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseException], bool] = _reraise,
@@ -181,11 +185,13 @@ def shard_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseExcep
                 return
 
 
-def tar_samples(stream: IO[bytes], url: str, start: int = 0) -> Iterator[dict[str, Any]]:
+def tar_samples(stream: IO[bytes], url: str, start: int = 0,
+                max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """A tar stream's samples (consecutive members sharing a key, by webdataset's naming rule), the stream read
     from byte `start` of the tar. A member named twice in a row starts a new sample (the dataset job never writes
     one). NEXT_OFFSET is known without reading ahead of what grouping reads anyway: the header that ends a sample
-    is the next one's first; in a compressed tar, offsets are not file positions, so it is None."""
+    is the next one's first; in a compressed tar, offsets are not file positions, so it is None. A member over
+    `max_member_bytes` is not read into memory: the sample names it under OVERSIZED instead."""
     from webdataset.tariterators import base_plus_ext
 
     tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (a stream: nothing to close but the file)
@@ -202,10 +208,13 @@ def tar_samples(stream: IO[bytes], url: str, start: int = 0) -> Iterator[dict[st
             sample = None
         if sample is None:
             sample = {"__key__": key, "__url__": url}
+        tar.members = []  # a stream-mode TarFile keeps every member's TarInfo otherwise
+        if info.size > max_member_bytes:
+            sample.setdefault(OVERSIZED, {})[ext] = info.size  # the stream skips its bytes at the next header
+            continue
         sample[ext] = data = tar.extractfile(info).read()
         if len(data) != info.size:
             raise tarfile.ReadError(f"{url}: the file ends inside {info.name}")
-        tar.members = []  # a stream-mode TarFile keeps every member's TarInfo otherwise
     if sample is not None:
         sample[NEXT_OFFSET] = None
         yield sample

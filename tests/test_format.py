@@ -72,6 +72,30 @@ def test_the_tar_writer_writes_what_webdatasets_writes(tmp_path):
     assert ours.getvalue() == theirs.getvalue()  # the same bytes: datasets written before and after are alike
 
 
+def test_a_member_over_the_read_cap_is_named_not_read(tmp_path):
+    """The readers of output shards (the trainer's stream, validation, preview, subsets) hold each member in memory:
+    one over the cap is skipped in the stream and named on its sample, and the samples after it read as usual."""
+    import tracemalloc
+
+    huge = fmt.MAX_MEMBER_BYTES + 1
+    with open(tmp_path / "s.tar", "wb") as f, fmt.SampleTarWriter(f) as tar:
+        tar.write("a", {"jpg": b"a image", "txt": b"a"})
+        tar.write("b", {"jpg": bytes(huge), "txt": b"b"})
+        tar.write("c", {"jpg": b"c image", "txt": b"c"})
+    tracemalloc.start()
+    try:
+        samples = list(fmt.shard_samples([{"url": str(tmp_path / "s.tar")}]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s["__key__"] for s in samples] == ["a", "b", "c"]
+    assert samples[1][fmt.OVERSIZED] == {"jpg": huge} and "jpg" not in samples[1] and samples[1]["txt"] == b"b"
+    assert samples[2]["jpg"] == b"c image" and fmt.OVERSIZED not in samples[2]
+    assert peak < huge // 4  # its bytes were passed over, never held
+    rest = list(fmt.shard_samples([{"url": str(tmp_path / "s.tar"), "offset": samples[1][fmt.NEXT_OFFSET]}]))
+    assert [s["__key__"] for s in rest] == ["c"]  # offsets stay right across a skipped member
+
+
 def test_a_canny_job_never_imports_torch(sample_shards, tmp_path):
     """The dataset job's driver and a Canny shard's processing, in a fresh process: importing torch would add 2.5 s
     to the start of every actor and driver. (A process where torch cannot be imported would not show it: webdataset,

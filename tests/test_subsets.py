@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from pipeline import format as fmt
 from pipeline.format import key_hash
 from tests.conftest import copy_dataset, tar_members
 from train.data import make_dataset, resolve_shards
@@ -182,6 +183,22 @@ def test_the_trainer_streams_exactly_the_selected_keys(dataset, tmp_path):
 
 
 # ---------------------------------------------------------------- materialized subsets (compact shards of their own)
+
+
+def test_a_subset_copy_refuses_a_member_over_the_read_cap(dataset, tmp_path):
+    """A copy must hold every member: a sample whose image is over the shard reader's cap is refused by name, not
+    copied without its image."""
+    data = copy_of(dataset, tmp_path)
+    tar = sorted((data / "shards").glob("*.tar"))[0]
+    samples = tar_members(tar)
+    first = min(samples)
+    samples[first]["jpg"] = bytes(fmt.MAX_MEMBER_BYTES + 1)
+    with open(tar, "wb") as f, fmt.SampleTarWriter(f) as writer:
+        for key in sorted(samples):
+            writer.write(key, samples[key])
+    every = len(index_rows(data, skip_last=True))  # the whole pool (the last shard is held out): the key is chosen
+    with pytest.raises(SubsetError, match=f"{first}'s members {{'jpg': {fmt.MAX_MEMBER_BYTES + 1}}}"):
+        make_subsets(str(data), [every], materialize_mode="always")
 
 
 def test_materialized_subsets_are_exact_nested_copies_in_compact_shards(dataset, tmp_path):

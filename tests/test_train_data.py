@@ -16,7 +16,18 @@ from PIL import Image
 from pipeline import format as fmt
 from pipeline.build import main
 from train.config import debug
-from train.data import DECODE, MISSING, READ, SIZE, DataSource, make_dataset, make_loader, resolve_shards, shard_split
+from train.data import (
+    DECODE,
+    MISSING,
+    READ,
+    SIZE,
+    TOO_LARGE,
+    DataSource,
+    make_dataset,
+    make_loader,
+    resolve_shards,
+    shard_split,
+)
 from train.loop import Trainer, epoch_lengths, every_rank, segment_batches
 from train.tiny_sd import build_tiny_sd
 
@@ -246,6 +257,7 @@ def test_bad_samples_and_shards_are_skipped_and_counted(dataset, tmp_path):
         "good1": good,
         "nopng": {k: v for k, v in good.items() if k != "canny.png"},
         "mismatch": {**good, "canny.png": _png(32)},  # 64 px image, 32 px condition: no resize aligns them
+        "huge": {**good, "canny.png": bytes(fmt.MAX_MEMBER_BYTES + 1)},  # over the read cap: never read
         "good2": good,
     })
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 100)
@@ -253,8 +265,8 @@ def test_bad_samples_and_shards_are_skipped_and_counted(dataset, tmp_path):
     ds = make_dataset(DataSource(urls, task="canny"), resolution=64, batch_size=2, seed=0, epoch_samples=None)
     batches = list(ds)
     assert sorted(keys(batches)) == ["good0", "good1", "good2"]
-    expected = {DECODE: 1, MISSING: 1, SIZE: 1, READ: 2}
-    assert ds.skips.counts == expected and ds.skips.total == 5
+    expected = {DECODE: 1, MISSING: 1, SIZE: 1, TOO_LARGE: 1, READ: 2}
+    assert ds.skips.counts == expected and ds.skips.total == 6
     assert sum((Counter(b["skipped"]) for b in batches), Counter()) == expected  # what workers would report
 
     never = make_dataset(DataSource(urls[1:], task="canny"), resolution=64, batch_size=2, seed=0, epoch_samples=4)

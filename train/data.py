@@ -37,6 +37,7 @@ LOGGED_PER_REASON = 5  # skips logged with their error per reason and worker; th
 MISSING = "missing"  # a member (jpg, <task>.png, txt) is absent
 DECODE = "decode"  # an image or the caption does not decode
 SIZE = "size"  # image and condition differ in size, or are not square, so no resize fits them
+TOO_LARGE = "too_large"  # a member over the shard reader's cap (fmt.MAX_MEMBER_BYTES), never read into memory
 READ = "read"  # a shard could not be opened or its tar stream broke (counts shards, not samples)
 
 
@@ -239,7 +240,7 @@ def infer_tasks(url: str, members: int = 16) -> list[str]:
 
 
 class BadSample(ValueError):
-    """A sample that cannot be used; `reason` is what it is counted under (MISSING, DECODE, SIZE)."""
+    """A sample that cannot be used; `reason` is what it is counted under (MISSING, DECODE, SIZE, TOO_LARGE)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
@@ -249,10 +250,19 @@ class BadSample(ValueError):
 def members(sample: Mapping[str, Any], task: str) -> tuple[bytes, bytes, bytes]:
     """(jpg, <task>.png, txt) bytes of a grouped tar sample."""
     names = (fmt.IMAGE_EXT, fmt.condition_ext(task), fmt.CAPTION_EXT)
+    refuse_oversized(sample, names)
     missing = [n for n in names if n not in sample]
     if missing:
         raise BadSample(MISSING, f"{sample.get('__key__')} has no {', '.join(missing)} (has {_exts(sample)})")
     return sample[names[0]], sample[names[1]], sample[names[2]]
+
+
+def refuse_oversized(sample: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    """A member the sample needs was over the reader's cap (so it is absent, but not missing)."""
+    large = {n: size for n, size in sample.get(fmt.OVERSIZED, {}).items() if n in names}
+    if large:
+        sizes = ", ".join(f"{n} is {size} bytes" for n, size in large.items())
+        raise BadSample(TOO_LARGE, f"{sample.get('__key__')}: {sizes}, over the {fmt.MAX_MEMBER_BYTES}-byte read cap")
 
 
 def _exts(sample: Mapping[str, Any]) -> str:
@@ -330,6 +340,7 @@ def decode_sample(sample: Mapping[str, Any], task: str, resolution: int, latents
 
 def latent_distribution(sample: Mapping[str, Any]) -> torch.Tensor:
     """<key>.latent.npy -> (2, C, h, w) float32: the VAE's mean and std for the stored image."""
+    refuse_oversized(sample, (fmt.LATENT_EXT,))
     if fmt.LATENT_EXT not in sample:
         raise BadSample(MISSING, f"{sample.get('__key__')} has no {fmt.LATENT_EXT} (has {_exts(sample)})")
     try:

@@ -290,6 +290,9 @@ def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int
             if key not in wanted:
                 continue
             wanted.discard(key)
+            if fmt.OVERSIZED in sample:  # a copy must hold every member: refused rather than copied without it
+                raise SubsetError(f"{tar}: {key}'s members {sample[fmt.OVERSIZED]} (bytes) are over the "
+                                  f"{fmt.MAX_MEMBER_BYTES}-byte read cap")
             for size in sizes:
                 if position[key] < size:
                     writers[size].add(sample, rows[key])

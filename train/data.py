@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from pipeline import format as fmt
 
@@ -226,12 +227,13 @@ def infer_tasks(url: str, members: int = 16) -> list[str]:
     """The tasks named by the `<key>.<task>.png` members of a shard's first sample (among its first members)."""
     tasks, first_key = [], None
     with fsspec.open(url, "rb") as stream:
-        for i, member in enumerate(tar_file_iterator(stream)):
-            key, _ = base_plus_ext(member["fname"])
+        tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (a stream: nothing to close but the file)
+        for i, info in enumerate(tar):  # headers only: the members' bytes are passed over, never held
+            key, _ = base_plus_ext(info.name)
             first_key = first_key or key
             if i >= members or (tasks and key != first_key):  # past the first sample that names a task
                 break
-            if (task := task_of(member["fname"])) and task not in tasks:
+            if (task := task_of(info.name)) and task not in tasks:
                 tasks.append(task)
     return tasks
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline import format as fmt
 from pipeline.build import main
+from tests.corpus import bomb_png
 from train.config import debug
 from train.data import (
     DECODE,
@@ -258,6 +259,7 @@ def test_bad_samples_and_shards_are_skipped_and_counted(dataset, tmp_path):
         "nopng": {k: v for k, v in good.items() if k != "canny.png"},
         "mismatch": {**good, "canny.png": _png(32)},  # 64 px image, 32 px condition: no resize aligns them
         "huge": {**good, "canny.png": bytes(fmt.MAX_MEMBER_BYTES + 1)},  # over the read cap: never read
+        "bomb": {**good, "jpg": bomb_png(5000)},  # 25 Mpx in a few KB: refused from its header
         "good2": good,
     })
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 100)
@@ -265,8 +267,8 @@ def test_bad_samples_and_shards_are_skipped_and_counted(dataset, tmp_path):
     ds = make_dataset(DataSource(urls, task="canny"), resolution=64, batch_size=2, seed=0, epoch_samples=None)
     batches = list(ds)
     assert sorted(keys(batches)) == ["good0", "good1", "good2"]
-    expected = {DECODE: 1, MISSING: 1, SIZE: 1, TOO_LARGE: 1, READ: 2}
-    assert ds.skips.counts == expected and ds.skips.total == 6
+    expected = {DECODE: 1, MISSING: 1, SIZE: 1, TOO_LARGE: 2, READ: 2}
+    assert ds.skips.counts == expected and ds.skips.total == 7
     assert sum((Counter(b["skipped"]) for b in batches), Counter()) == expected  # what workers would report
 
     never = make_dataset(DataSource(urls[1:], task="canny"), resolution=64, batch_size=2, seed=0, epoch_samples=4)

@@ -38,7 +38,9 @@ LOGGED_PER_REASON = 5  # skips logged with their error per reason and worker; th
 MISSING = "missing"  # a member (jpg, <task>.png, txt) is absent
 DECODE = "decode"  # an image or the caption does not decode
 SIZE = "size"  # image and condition differ in size, or are not square, so no resize fits them
-TOO_LARGE = "too_large"  # a member over the shard reader's cap (fmt.MAX_MEMBER_BYTES), never read into memory
+TOO_LARGE = "too_large"  # a member over the shard reader's cap (fmt.MAX_MEMBER_BYTES), never read into memory, or
+# an image over MAX_SAMPLE_PIXELS, refused from its header before decoding
+MAX_SAMPLE_PIXELS = 4096 * 4096  # the dataset job stores samples at the training resolution (512-768 px)
 READ = "read"  # a shard could not be opened or its tar stream broke (counts shards, not samples)
 
 
@@ -275,9 +277,13 @@ def decode_image(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> (H, W, 3) uint8 RGB; 1-channel maps are repeated to 3 channels."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_SAMPLE_PIXELS:  # a decompression bomb: refused from the header
+                raise BadSample(TOO_LARGE, f"image is {im.width}x{im.height}, over {MAX_SAMPLE_PIXELS} pixels")
             im.load()  # decode now: a truncated file fails here, not later
             gray = im.mode in {"1", "L", "LA", "I", "I;16", "F"}
             array = np.array(im.convert("L" if gray else "RGB"))  # a writable copy, as torch wants
+    except BadSample:
+        raise
     except Exception as e:  # PIL raises many types for corrupt data
         raise BadSample(DECODE, f"{type(e).__name__}: {e}") from e
     if array.size == 0:

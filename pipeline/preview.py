@@ -15,6 +15,7 @@ from pipeline import format as fmt
 
 TILE = 256
 TEXT_WIDTH = 320
+MAX_SHOWN_PIXELS = 4096 * 4096  # larger images are not decoded (the dataset job writes them at its resolution)
 
 
 def status_counts(dataset: str, tasks: list[str] | None = None) -> dict[str, int]:
@@ -52,24 +53,40 @@ def sample_tasks(samples: list[dict]) -> list[str]:
     return list(dict.fromkeys(k.removesuffix(".png") for s in samples for k in s if k.endswith(".png")))
 
 
-def tile(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB").resize((TILE, TILE))
+def tile(data: bytes | None, note: str, font: ImageFont.ImageFont) -> Image.Image:
+    """A member's image as a tile, or a grey tile with `note` (or why it cannot be shown): a sheet of a damaged
+    dataset still renders, and shows where."""
+    if data is not None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height <= MAX_SHOWN_PIXELS:
+                    return im.convert("RGB").resize((TILE, TILE))
+                note = f"{im.width}x{im.height} px:\ntoo large to show"
+        except Exception as e:  # PIL raises many types for corrupt data
+            note = f"unreadable\n({type(e).__name__})"
+    blank = Image.new("RGB", (TILE, TILE), "lightgrey")
+    ImageDraw.Draw(blank).text((8, 8), note, fill="black", font=font)
+    return blank
+
+
+def sample_meta(sample: dict) -> dict:
+    """The sample's json, or {} where it is absent or not a JSON object."""
+    try:
+        meta = json.loads(sample.get(fmt.META_EXT, b"{}"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def render_row(sample: dict, tasks: list[str], font: ImageFont.ImageFont) -> Image.Image:
     """One row: target image | one condition map per task (a grey tile naming the task where it kept none) |
     caption and parameters."""
     row = Image.new("RGB", ((1 + len(tasks)) * TILE + TEXT_WIDTH, TILE), "white")
-    row.paste(tile(sample[fmt.IMAGE_EXT]), (0, 0))
+    row.paste(tile(sample.get(fmt.IMAGE_EXT), "no image", font), (0, 0))
     for i, task in enumerate(tasks, start=1):
-        member = fmt.condition_ext(task)
-        if member in sample:
-            row.paste(tile(sample[member]), (i * TILE, 0))
-        else:
-            missing = Image.new("RGB", (TILE, TILE), "lightgrey")
-            ImageDraw.Draw(missing).text((8, 8), f"no {task} map\n(filtered or failed)", fill="black", font=font)
-            row.paste(missing, (i * TILE, 0))
-    meta = json.loads(sample.get(fmt.META_EXT, b"{}"))
+        row.paste(tile(sample.get(fmt.condition_ext(task)), f"no {task} map\n(filtered or failed)", font),
+                  (i * TILE, 0))
+    meta = sample_meta(sample)
     caption = sample.get(fmt.CAPTION_EXT, b"").decode("utf-8", "replace") or "(no caption)"
     params = textwrap.wrap(json.dumps(meta.get("params", {})), 40)[: 4 * max(1, len(tasks))]
     text = "\n".join([sample["__key__"], *textwrap.wrap(caption, 40)[:8], "", *params])

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import format as fmt
-from pipeline.preview import status_counts
-from tests.conftest import copy_dataset
+from pipeline.preview import TILE, contact_sheet, status_counts
+from tests.conftest import copy_dataset, tar_members
+from tests.corpus import bomb_png
 from train.data import resolve_shards
 from train.subsets import read_samples
 
@@ -94,6 +95,25 @@ def test_a_member_over_the_read_cap_is_named_not_read(tmp_path):
     assert peak < huge // 4  # its bytes were passed over, never held
     rest = list(fmt.shard_samples([{"url": str(tmp_path / "s.tar"), "offset": samples[1][fmt.NEXT_OFFSET]}]))
     assert [s["__key__"] for s in rest] == ["c"]  # offsets stay right across a skipped member
+
+
+def test_the_preview_shows_a_damaged_sample_as_a_note_instead_of_failing(dataset, tmp_path):
+    """Unreadable, missing and bomb-sized members and a bad json each become a grey tile or are left out; the
+    sheet still renders every row, and the intact members are drawn."""
+    samples = tar_members(sorted((dataset / "shards").glob("*.tar"))[0])
+    keys = sorted(samples)[:4]
+    damaged = [{**samples[keys[0]], "jpg": b"not an image"}, {**samples[keys[1]], "canny.png": bomb_png(5000)},
+               {k: v for k, v in samples[keys[2]].items() if k != "jpg"}, {**samples[keys[3]], "json": b"{broken"}]
+    with open(tmp_path / "d.tar", "wb") as f, fmt.SampleTarWriter(f) as tar:
+        for key, members in zip(keys, damaged, strict=True):
+            tar.write(key, members)
+    read = list(fmt.shard_samples([{"url": str(tmp_path / "d.tar")}]))
+    sheet = contact_sheet(read, {"ok": 4}, "damaged", ["canny"]).convert("RGB")
+    assert sheet.size[1] == 28 + 4 * TILE
+    grey = (211, 211, 211)  # PIL's lightgrey: the note tiles' background
+    corner = [[sheet.getpixel((col * TILE + 200, 28 + row * TILE + 200)) for col in (0, 1)] for row in range(4)]
+    assert corner[0][0] == grey and corner[1][1] == grey and corner[2][0] == grey  # the three damaged members
+    assert corner[0][1] != grey and corner[1][0] != grey and corner[3] != [grey, grey]  # the intact ones drawn
 
 
 def test_a_canny_job_never_imports_torch(sample_shards, tmp_path):

@@ -152,8 +152,27 @@ def test_bad_values_are_refused_as_the_trainer_refuses_them(tmp_path, args, mess
 
 @pytest.mark.parametrize("args, message", [(["--epoch-samples", "3"], "--epoch-samples must be at least one batch"),
                                            (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
-                                           (["--grad-accum", "0"], "--grad-accum must be at least 1")])
+                                           (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+                                           (["--resolution", "100"], "--resolution must be a multiple of 8"),
+                                           (["--lr", "-1"], "--lr must be positive"),
+                                           (["--lr", "nan"], "--lr must be positive"),
+                                           (["--max-grad-norm", "nan"], "--max-grad-norm must not be negative"),
+                                           (["--num-workers", "-1"], "--num-workers must not be negative"),
+                                           (["--data-workers", "-1"], "--data-workers must not be negative"),
+                                           (["--log-every", "0"], "--log-every must be at least 1"),
+                                           (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+                                           (["--prompt-dropout", "1.5"], "--prompt-dropout is a fraction"),
+                                           (["--validate-every", "5", "--guidance-scales"],
+                                            "--guidance-scales needs at least one value while validating"),
+                                           (["--validate-every", "5", "--prompt-modes"],
+                                            "--prompt-modes needs at least one value"),
+                                           (["--validate-every", "5", "--validation-samples", "0"],
+                                            "--validation-samples must be at least 1 while validating"),
+                                           (["--validate-every", "5", "--validation-steps", "0"],
+                                            "--validation-steps must be at least 1")])
 def test_the_trainer_refuses_values_it_could_only_fail_on_later(args, message, capsys):
+    """Each of these ran until a worker had loaded the base model (some after Ray started), then ended in a
+    traceback: a division by zero, an index error, torch's or Ray's own check."""
     from train.config import parse_args
 
     with pytest.raises(SystemExit) as exit_:
@@ -176,6 +195,21 @@ def test_the_trainer_checks_its_data_before_ray_starts(python, tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 2 and run.stderr.strip().startswith("error: no committed shards"), run.stderr[-2000:]
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
+def test_the_trainer_checks_a_local_base_model_before_ray_starts(python, tmp_path):
+    run = subprocess.run([python, "train/run.py", "--base-model", str(tmp_path / "typo"), "--run-name", "t"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2 and run.stderr.strip().startswith(f"error: --base-model {tmp_path / 'typo'}: no "
+                                                                 "model_index.json"), run.stderr[-2000:]
+    assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
+def test_a_validation_free_run_takes_any_validation_settings():
+    from train.config import parse_args
+
+    cfg = parse_args(["--validate-every", "0", "--guidance-scales", "--validation-samples", "0"])
+    assert cfg.validate_every == 0 and cfg.guidance_scales == [] and cfg.validation_samples == 0
 
 
 def dead_pid() -> int:

@@ -138,12 +138,35 @@ class TrainConfig:
         """Values the run could only fail on later, in a worker after loading the base model: refused up front
         (on the command line, tyro's message and exit status 2)."""
         for flag, value in (("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every),
-                            ("--grad-accum", self.grad_accum)):
-            if value < 1:
+                            ("--grad-accum", self.grad_accum), ("--log-every", self.log_every),
+                            ("--keep-checkpoints", self.keep_checkpoints), ("--cpus-per-worker", self.cpus_per_worker)):
+            if value is not None and value < 1:
                 raise ValueError(f"{flag} must be at least 1, not {value}")
+        for flag, value in (("--max-steps", self.max_steps), ("--warmup-steps", self.warmup_steps),
+                            ("--num-workers", self.num_workers), ("--data-workers", self.data_workers),
+                            ("--max-failures", self.max_failures), ("--validate-every", self.validate_every),
+                            ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm),
+                            ("--decoder-lr", self.decoder_lr), ("--unlock-decoder-at", self.unlock_decoder_at)):
+            if value is not None and not value >= 0:  # `not >=`: NaN is refused too
+                raise ValueError(f"{flag} must not be negative, not {value}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, not {self.lr}")
+        if not 0 <= self.prompt_dropout <= 1:
+            raise ValueError(f"--prompt-dropout is a fraction of captions, from 0 to 1, not {self.prompt_dropout}")
+        if self.resolution < 8 or self.resolution % 8:  # SD's VAE and the condition embedding both downsample 8x
+            raise ValueError(f"--resolution must be a multiple of 8, not {self.resolution}")
         if self.epoch_samples < self.batch_size:
             raise ValueError(f"--epoch-samples must be at least one batch (--batch-size {self.batch_size}), "
                              f"not {self.epoch_samples}")
+        if self.validate_every:
+            for flag, values in (("--guidance-scales", self.guidance_scales), ("--prompt-modes", self.prompt_modes)):
+                if not values:
+                    raise ValueError(f"{flag} needs at least one value while validating (--validate-every 0: off)")
+            for flag, value in (("--validation-samples", self.validation_samples),
+                                ("--validation-steps", self.validation_steps)):
+                if value < 1:
+                    raise ValueError(f"{flag} must be at least 1 while validating (--validate-every 0: off), "
+                                     f"not {value}")
 
 
 def debug() -> TrainConfig:

@@ -89,6 +89,20 @@ def local_model_folder(base_model: str) -> str:
     return str(target)
 
 
+def check_local_base_model(base_model: str) -> None:
+    """A --base-model given as a local path (absolute, ./, ../, ~ or file://) must be a diffusers model folder: a
+    typo is one line on the driver, not a hub lookup in every worker after Ray starts. Hub ids ("org/name") and
+    other URLs are left to the loader, as are the models local_model_folder builds or ships (tiny-sd, toy_base)."""
+    if "://" in base_model and not base_model.startswith("file://"):
+        return
+    local = Path(base_model.removeprefix("file://")).expanduser()
+    if local.name == "tiny-sd" or local.name in PACKAGED_MODELS:
+        return
+    if (local.is_absolute() or base_model.startswith((".", "~"))) and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(f"--base-model {base_model}: no model_index.json there (a local base is a folder in "
+                                "diffusers layout; hub ids and s3:// URLs also work)")
+
+
 def plain_attention_on_cpu(device: torch.device, *modules: nn.Module) -> None:
     """On CPU, diffusers' plain attention (batched matmuls) instead of PyTorch's SDPA, whose CPU flash kernel is
     slow for small heads: a toy ControlNet step (32 px, batch 32) takes 17% less time. It holds the whole

@@ -102,6 +102,31 @@ class BuildConfig:
             self.latents = str(Path(self.latents).resolve())  # actors may run in another working directory
         if self.detect_resolution < 64:  # sides are rounded to multiples of 64: below 32 that is 0
             raise ValueError(f"--detect-resolution must be at least 64, not {self.detect_resolution}")
+        if self.latents and self.resolution % 8:  # the VAE maps 8 px to a latent; the trainer needs the same
+            raise ValueError(f"--resolution must be a multiple of 8 with --latents, not {self.resolution}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Values that would fail every sample, or the job part-way, refused before it starts (one line)."""
+        for flag, value in (("--batch-size", self.batch_size), ("--files-per-shard", self.files_per_shard),
+                            ("--caption-beams", self.caption_beams), ("--max-pixels", self.max_pixels),
+                            ("--max-member-mb", self.max_member_mb)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, not {value}")
+        for flag, value in (("--num-workers", self.num_workers), ("--max-retries", self.max_retries),
+                            ("--min-size", self.min_size), ("--max-aspect", self.max_aspect),
+                            ("--cpus-per-worker", self.cpus_per_worker), ("--gpus-per-worker", self.gpus_per_worker)):
+            if not value >= 0:  # `not >=`: NaN is refused too
+                raise ValueError(f"{flag} must not be negative, not {value}")
+        if self.decode_threads < -1:
+            raise ValueError(f"--decode-threads must be -1 (auto), 0 (inline) or more, not {self.decode_threads}")
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be from 0 to 100, not {self.jpeg_quality}")
+        if not 0 <= self.min_keypoint_fraction <= 1:
+            raise ValueError(f"--min-keypoint-fraction must be from 0 to 1, not {self.min_keypoint_fraction}")
+        for flag, (low, high) in (("--canny-low", self.canny_low), ("--canny-high-gap", self.canny_high_gap)):
+            if not 0 <= low <= high:
+                raise ValueError(f"{flag} is a range LOW HIGH with 0 <= LOW <= HIGH, not {low} {high}")
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -132,7 +132,15 @@ def test_overwrite_uncommits_the_old_shard_before_publishing_the_new_one(sample_
 
 @pytest.mark.parametrize("args, message", [(["--task", "cany", "--dry-run"], "invalid choice 'cany'"),
                                            (["--caption", "foo"], "invalid choice 'foo'"),
-                                           (["--resolution", "4"], "--resolution must be at least 8")])
+                                           (["--resolution", "4"], "--resolution must be at least 8"),
+                                           (["--jpeg-quality", "101"], "--jpeg-quality must be from 0 to 100"),
+                                           (["--canny-low", "150", "50"], "--canny-low is a range LOW HIGH"),
+                                           (["--batch-size", "0"], "--batch-size must be at least 1"),
+                                           (["--files-per-shard", "0"], "--files-per-shard must be at least 1"),
+                                           (["--max-aspect", "nan"], "--max-aspect must not be negative"),
+                                           (["--min-keypoint-fraction", "2"], "--min-keypoint-fraction must be"),
+                                           (["--latents", "some/base", "--resolution", "100"],
+                                            "--resolution must be a multiple of 8 with --latents")])
 def test_bad_values_are_refused_as_the_trainer_refuses_them(tmp_path, args, message, capsys):
     """One command-line style (tyro) for the dataset job and the trainer: a bad value is tyro's message naming
     it and the choices, exit status 2, no traceback, whichever command it was given to."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -22,6 +23,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_PLAIN_WEIGHTS = re.compile(r"(diffusion_pytorch_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)")
+# a variant's weights: <name>.fp16.safetensors, sharded <name>.fp16-00001-of-00002.safetensors (diffusers and
+# transformers today) or <name>-00001-of-00002.fp16.safetensors
+_VARIANT_WEIGHTS = re.compile(
+    r"(diffusion_pytorch_model|model|pytorch_model)(?:-\d+-of-\d+)?\.(\w+)(?:-\d+-of-\d+)?\.(safetensors|bin)")
+
+
+def weights_variant(model_folder: str, subfolder: str) -> str | None:
+    """The variant ("fp16", ...) to load a component of a local diffusers-layout folder with, where it holds only
+    that variant's weights (`<name>.fp16.safetensors`: what `from_pretrained(..., variant="fp16")` downloads, for
+    half the disk); None where it holds the plain files, several variants, or is not a local folder (a hub id:
+    the libraries resolve its files themselves)."""
+    folder = Path(model_folder.removeprefix("file://")) / subfolder
+    if "://" in model_folder.removeprefix("file://") or not folder.is_dir():
+        return None
+    names = [f.name for f in folder.iterdir()]
+    if any(_PLAIN_WEIGHTS.fullmatch(n) for n in names):
+        return None
+    variants = {m.group(2) for n in names if (m := _VARIANT_WEIGHTS.fullmatch(n))}
+    return variants.pop() if len(variants) == 1 else None
 
 
 def _is_local(url: str) -> bool:

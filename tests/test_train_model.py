@@ -124,3 +124,49 @@ def test_middle_only_mode_feeds_no_skip_connection(sd):
     trainable = {n for n, p in controlnet.named_parameters() if p.requires_grad}
     assert not any(n.startswith("controlnet_down_blocks") for n in trainable)
     assert any(n.startswith("controlnet_mid_block") for n in trainable)
+
+
+def test_a_base_downloaded_as_its_fp16_variant_loads_as_fp32(tiny_sd_path, sd, tmp_path):
+    """`from_pretrained(..., variant="fp16")` downloads only `<name>.fp16.safetensors`: the trainer and the dataset
+    job's --latents load such a folder (the fp16 weights, as fp32), where from_pretrained alone finds no weights."""
+    import shutil
+
+    from annotate.latents import LatentEncoder
+    from annotate.weights import weights_variant
+
+    fp16 = tmp_path / "fp16-base"
+    shutil.copytree(tiny_sd_path, fp16)
+    for name in ("text_encoder", "unet", "vae"):
+        for weights in (fp16 / name).glob("*.safetensors"):
+            weights.unlink()
+        getattr(sd, name).to(torch.float16).save_pretrained(fp16 / name, variant="fp16")
+    assert weights_variant(str(fp16), "unet") == "fp16" and weights_variant(str(tiny_sd_path), "unet") is None
+    assert weights_variant("stable-diffusion-v1-5/stable-diffusion-v1-5", "unet") is None  # hub ids: the library's
+
+    loaded = load_base_model(str(fp16))
+    for name in ("text_encoder", "unet", "vae"):
+        module, original = getattr(loaded, name), getattr(sd, name).to(torch.float32)
+        assert module.dtype == torch.float32
+        rounded = {k: v.to(torch.float16).float() for k, v in original.state_dict().items()}
+        assert all(torch.equal(v, rounded[k]) for k, v in module.state_dict().items())  # fp16 weights, upcast
+    encoder = LatentEncoder(str(fp16), device="cpu")
+    assert encoder.vae.dtype == torch.float32
+
+
+def test_a_folder_with_several_variants_and_no_plain_weights_is_left_to_the_library(tmp_path):
+    from annotate.weights import weights_variant
+
+    (tmp_path / "unet").mkdir()
+    for name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bf16.safetensors"):
+        (tmp_path / "unet" / name).write_bytes(b"")
+    assert weights_variant(str(tmp_path), "unet") is None
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert weights_variant(str(tmp_path), "unet") is None
+    (tmp_path / "vae").mkdir()
+    for shard in ("diffusion_pytorch_model.fp16-00001-of-00002.safetensors",  # as diffusers shards a variant
+                  "diffusion_pytorch_model.safetensors.index.fp16.json", "config.json"):
+        (tmp_path / "vae" / shard).write_bytes(b"")
+    assert weights_variant(str(tmp_path), "vae") == "fp16"
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "model-00001-of-00002.fp16.safetensors").write_bytes(b"")  # the older order
+    assert weights_variant(str(tmp_path), "text_encoder") == "fp16"

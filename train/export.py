@@ -17,6 +17,7 @@ import tyro
 from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from annotate.weights import weights_variant
 from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 from train.model import local_model_folder
 
@@ -166,7 +167,9 @@ def trained_unet(decoder: Path, dtype: torch.dtype = torch.float32) -> UNet2DCon
     """The run's base UNet (train_config.json beside the decoder names the base) with the trained decoder loaded
     into it, as Trainer.load does: the whole UNet, so that an export stands alone."""
     base_model = json.loads((decoder.parent / CONFIG_FILE).read_text())["base_model"]
-    unet = UNet2DConditionModel.from_pretrained(local_model_folder(base_model), subfolder="unet", torch_dtype=dtype)
+    source = local_model_folder(base_model)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=weights_variant(source, "unet"),
+                                                torch_dtype=dtype)
     weights = {k.removeprefix("unet."): v for k, v in load_file(decoder).items()}
     # strict=False: the file holds the decoder only. Shapes are checked even so, and the trained fp32 weights are
     # cast to `dtype` as they are copied in

@@ -53,11 +53,21 @@ def load_base_model(base_model: str) -> BaseModel:
     has_vae = components.get("vae") not in (None, [None, None])
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(source, **component_weights(source, "text_encoder", "dtype")),
+        unet=UNet2DConditionModel.from_pretrained(source, **component_weights(source, "unet")),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None,
+        vae=AutoencoderKL.from_pretrained(source, **component_weights(source, "vae")) if has_vae else None,
     )
+
+
+def component_weights(source: str, subfolder: str, dtype_arg: str = "torch_dtype") -> dict[str, Any]:
+    """from_pretrained's arguments for one component: where a local base holds only a variant's weights (an fp16
+    download), that variant, loaded as fp32 (the trainer casts the frozen parts to its autocast dtype itself, and
+    the ControlNet copied from the UNet keeps fp32 master weights). `dtype_arg`: transformers calls it dtype."""
+    from annotate.weights import weights_variant
+
+    variant = weights_variant(source, subfolder)
+    return {"subfolder": subfolder, **({"variant": variant, dtype_arg: torch.float32} if variant else {})}
 
 
 def local_model_folder(base_model: str) -> str:

@@ -67,3 +67,29 @@ def test_a_worker_that_cannot_see_the_runs_storage_publishes_nothing(tmp_path):
     (run / RAY_STORAGE_MARKER).touch()
     published = publish_from_worker(checkpoint_folder(tmp_path, 20), str(run), 20)
     assert latest_in_run(str(run)) == published
+
+
+def test_a_checkpoint_published_again_is_incomplete_until_its_new_files_are_all_there(tmp_path, monkeypatch):
+    """Step N published a second time (a worker that died after its upload, before Ray recorded it, reaches N again
+    on its restart): cut short, the folder must not pass for complete with half of its files from each upload."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    run = str(tmp_path / "runs" / "r")
+    publish(checkpoint_folder(tmp_path, 10), run, 10)
+    assert latest_in_run(run).endswith("checkpoint_step00000010")
+    put_file = LocalFileSystem.put_file
+
+    def cut_at_the_weights(self, lpath, rpath, *args, **kwargs):
+        if str(rpath).endswith("weights.safetensors"):
+            raise ConnectionResetError("connection reset by peer")
+        return put_file(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", cut_at_the_weights)
+    again = checkpoint_folder(tmp_path / "again", 10)
+    (again / "state.pt").write_bytes(b"other state")
+    with pytest.raises(ConnectionResetError):
+        publish(again, run, 10)
+    assert latest_in_run(run) is None
+    monkeypatch.setattr(LocalFileSystem, "put_file", put_file)
+    publish(again, run, 10)
+    assert (Path(latest_in_run(run).removeprefix("file://")) / "state.pt").read_bytes() == b"other state"

@@ -49,6 +49,8 @@ def publish(folder: Path, run: str, step: int) -> str:
     """Copy a checkpoint written to a local folder to the run's storage; its URL."""
     destination = f"{run.rstrip('/')}/{checkpoint_name(step)}"
     fs, root = fsspec.core.url_to_fs(destination)
+    if fs.exists(f"{root}/{PROGRESS_FILE}"):  # step N published again (a worker that died after its upload but
+        fs.rm_file(f"{root}/{PROGRESS_FILE}")  # before Ray recorded it): unmarked before any of its files change
     for path in upload_order(folder):
         target = f"{root}/{path.relative_to(folder).as_posix()}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Container
+from collections.abc import Container, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pipeline import format as fmt
 from pipeline.config import BuildConfig, parse_config, settings_mismatch
 from pipeline.distributor import ModelLoadError, run_pool
 from pipeline.reader import InputShard, list_input_shards
+from pipeline.worker import input_identity
 from pipeline.writer import clear_staging, staging_root
 
 
@@ -34,12 +36,12 @@ def plan(shards: list[InputShard], done: Container[str], overwrite: bool) -> tup
     return [s for s in shards if s.name not in done], [s.name for s in shards if s.name in done]
 
 
-def check_resume_settings(cfg: BuildConfig, skipped: list[fmt.CommittedShard]) -> None:
+def check_resume_settings(cfg: BuildConfig, skipped_stats: list[dict[str, Any]]) -> None:
     """Refuse to resume onto shards made with other output settings (one line naming them): the rerun would
     mix two datasets under one manifest. Shards from before settings were recorded pass."""
     current = cfg.output_settings()
     differing: dict[str, int] = {}
-    for stats in fmt.read_stats(skipped):
+    for stats in skipped_stats:
         for difference in settings_mismatch(stats.get("settings", {}), current):
             differing[difference] = differing.get(difference, 0) + 1
     if differing:
@@ -50,6 +52,26 @@ def check_resume_settings(cfg: BuildConfig, skipped: list[fmt.CommittedShard]) -
                     "so build the new task into another --output, or all tasks together into a new one)")
         raise ValueError(f"{cfg.output} was built with other settings: {listed}; run with the same settings, "
                          f"another --output, or --overwrite to redo those shards{hint}")
+
+
+def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str, Any]]) -> None:
+    """Refuse to skip a done shard of loose image files whose file list has changed since (files added to or
+    removed from the folder, or another glob): its images shifted between shards, so skipping it would lose some
+    and a later shard would repeat others. Tar shards are not checked here (that would cost a request per shard)."""
+    recorded = {stats.get("shard"): stats.get("input") or {} for stats in skipped_stats}
+
+    def differs(then: dict[str, Any], now: dict[str, Any]) -> bool:  # shards made before files_sha256: the rest
+        return any(then[k] != now[k] for k in then.keys() & now.keys())
+
+    changed = [shard for shard in skipped
+               if shard.files and differs(recorded.get(shard.name, {}), input_identity(shard))]
+    if changed:
+        first, then = changed[0], recorded[changed[0].name]
+        raise ValueError(f"the input files of {len(changed)} done shards changed since they were made (e.g. "
+                         f"{first.name}: {then.get('files')} files from {then.get('first')} to {then.get('last')} "
+                         f"then, {len(first.files)} from {first.files[0]} to {first.files[-1]} now, or other files "
+                         "between); resuming would skip some images and repeat others: use --overwrite, or another "
+                         "--output")
 
 
 def code_version() -> dict[str, str | None]:
@@ -143,12 +165,47 @@ def init_ray() -> None:
                  configure_logging=False)
 
 
+class StorageSetupError(RuntimeError):
+    """Storage refused the job's first reads or writes, before Ray starts (missing credentials, no permission, a
+    file where the output folder goes): one line, not a traceback."""
+
+
+@contextmanager
+def storage_setup(output: str) -> Iterator[None]:
+    """Around the plan's listing of --input and reading of --output: bad input keeps its own one-line error
+    (FileNotFoundError, ValueError); what storage raises otherwise is named, with the exception's type."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # botocore's NoCredentialsError, PermissionError, FileExistsError, ...
+        first_line = (str(e).splitlines() or [""])[0]
+        raise StorageSetupError(f"storage refused the job's setup (listing --input, opening --output {output}): "
+                                f"{type(e).__name__}: {first_line}") from e
+
+
+def make_local_output(output: str) -> None:
+    """A local --output's shards folder, made before Ray starts: a file in its way or a folder without write
+    permission fails here, in one line, rather than in every shard. (Object stores have no folders to make.)"""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}", exist_ok=True)
+
+
 def run(cfg: BuildConfig) -> int:
     """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
-    shards = list_input_shards(cfg.input, cfg.files_per_shard)
-    committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
-    todo, skipped = plan(shards, committed, cfg.overwrite)
-    check_resume_settings(cfg, [committed[name] for name in skipped])
+    with storage_setup(cfg.output):
+        shards = list_input_shards(cfg.input, cfg.files_per_shard)
+        committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
+        todo, skipped = plan(shards, committed, cfg.overwrite)
+        skipped_stats = fmt.read_stats([committed[name] for name in skipped])
+        check_resume_settings(cfg, skipped_stats)
+        check_resume_inputs([shard for shard in shards if shard.name in set(skipped)], skipped_stats)
+        if not cfg.dry_run:
+            make_local_output(cfg.output)
+            clear_staging(cfg.output)
     print(f"{cfg.task}: {len(shards)} input shards, {len(skipped)} done, {len(todo)} to do -> {cfg.output}")
     if "://" in cfg.output and not cfg.output.startswith("file://"):
         print(f"shards are staged on each node in {staging_root(cfg.output)} before upload")
@@ -158,7 +215,6 @@ def run(cfg: BuildConfig) -> int:
         for name in skipped:
             print(f"  done  {name}")
         return 0
-    clear_staging(cfg.output)
     start = time.perf_counter()
     samples = 0
     result = None
@@ -188,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     joined_here = not ray.is_initialized()
     try:
         return run(cfg)
-    except (FileNotFoundError, ValueError, ModelLoadError) as e:  # bad input, config or weights: one line
+    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError) as e:  # bad input, config, weights or
+        # storage: one line
         if joined_here and ray.is_initialized():
             ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)

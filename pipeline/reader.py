@@ -45,27 +45,36 @@ def _shard_name(url: str) -> str:
     return posixpath.basename(url.rstrip("/")).removesuffix(".tar").replace(".", "_")
 
 
-def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str, files_per_shard: int) -> list[InputShard]:
-    """A folder of loose images becomes shards of `files_per_shard` files, in sorted order."""
-    names = sorted(p for p in fs.find(folder) if split_member_name(p)[1] in IMAGE_EXTS)
+def _is_image(path: str) -> bool:
+    return split_member_name(path)[1] in IMAGE_EXTS
+
+
+def _loose_shards(folder: str, files: list[str], files_per_shard: int) -> list[InputShard]:
+    """Loose image files (URLs) under `folder` become shards of `files_per_shard` files, in sorted order, named
+    after the folder; their keys are their paths under it."""
+    names = sorted(set(files))
     base = _shard_name(folder)
     return [
-        InputShard(
-            name=f"{base}-{i // files_per_shard:05d}",
-            url=fs.unstrip_protocol(folder),
-            files=tuple(fs.unstrip_protocol(p) for p in names[i : i + files_per_shard]),
-        )
+        InputShard(name=f"{base}-{i // files_per_shard:05d}", url=folder, files=tuple(names[i : i + files_per_shard]))
         for i in range(0, len(names), files_per_shard)
     ]
+
+
+def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str, files_per_shard: int) -> list[InputShard]:
+    """A folder of loose images becomes shards of `files_per_shard` files, in sorted order."""
+    files = [fs.unstrip_protocol(p) for p in fs.find(folder) if _is_image(p)]
+    return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard)
 
 
 def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[InputShard]:
     """Expand tar URLs, brace ranges ({00000..00099}), globs and folders into input shards.
 
-    A folder holding .tar files means those shards; a folder of images means loose files.
+    A folder holding .tar files means those shards; a folder of images means loose files; image files named
+    directly (or matched by a glob) are loose files too, sharded by their folder.
     Missing inputs and two shards with the same name are errors (the output is named after the input).
     """
     shards: list[InputShard] = []
+    loose: dict[str, list[str]] = {}  # folder URL -> the image files named in it
     for spec in specs:
         for url in braceexpand.braceexpand(spec):
             fs, path = fsspec.core.url_to_fs(url)
@@ -73,17 +82,25 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                 matches = sorted(fs.glob(path))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {url}")
-                shards += [InputShard(_shard_name(m), fs.unstrip_protocol(m)) for m in matches]
             elif fs.isdir(path):
                 tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
                 if tars:
                     shards += [InputShard(_shard_name(t), fs.unstrip_protocol(t)) for t in tars]
                 else:
                     shards += _folder_shards(fs, path, files_per_shard)
+                continue
             elif fs.exists(path):
-                shards.append(InputShard(_shard_name(path), fs.unstrip_protocol(path)))
+                matches = [path]
             else:
                 raise FileNotFoundError(f"input not found: {url}")
+            for match in matches:
+                if _is_image(match):
+                    folder = fs.unstrip_protocol(posixpath.dirname(match))
+                    loose.setdefault(folder, []).append(fs.unstrip_protocol(match))
+                else:
+                    shards.append(InputShard(_shard_name(match), fs.unstrip_protocol(match)))
+    for folder, files in loose.items():
+        shards += _loose_shards(folder, files, files_per_shard)
     names = [s.name for s in shards]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -1,6 +1,7 @@
 """worker turns one input shard into one output shard: the unit of work the distributor maps over shards"""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -235,7 +236,9 @@ def _dedupe(samples: Iterable[RawSample], shard: str) -> Iterator[tuple[RawSampl
 def input_identity(shard: InputShard) -> dict[str, Any]:
     """What the input was, so a later reader can tell if it changed: URL, size, mtime or ETag."""
     if shard.files:
-        return {"url": shard.url, "files": len(shard.files), "first": shard.files[0], "last": shard.files[-1]}
+        listing = hashlib.sha256("\n".join(shard.files).encode()).hexdigest()
+        return {"url": shard.url, "files": len(shard.files), "first": shard.files[0], "last": shard.files[-1],
+                "files_sha256": listing}
     fs, path = fsspec.core.url_to_fs(shard.url)
     info = fs.info(path)
     return {"url": shard.url, "size": info.get("size"), "etag": info.get("ETag"), "mtime": info.get("mtime")}

@@ -15,6 +15,7 @@ from pipeline.config import BuildConfig
 from pipeline.reader import list_input_shards
 from pipeline.worker import ActorFault, batch_fault, process_shard
 from pipeline.writer import ShardWriter
+from tests.corpus import good_jpeg
 from tests.tiny_weights.hed import write_tiny_hed
 
 
@@ -109,6 +110,43 @@ def test_a_rerun_with_other_output_settings_is_refused_until_overwrite(sample_sh
     stats = json.loads((out / "shards" / "00000.stats.json").read_text())
     assert stats["settings"]["resolution"] == 48 and {r["width"] for r in rows(out)} == {48}
     assert main([*first[:-1], "48", "--seed", "3", "--batch-size", "3"]) == 0  # batching shapes nothing
+
+
+def test_a_rerun_over_a_changed_folder_of_images_is_refused_until_overwrite(tmp_path, capsys):
+    """A folder of loose images is cut into shards by sorted name: a file added, removed or renamed since shifts
+    images between shards, so skipping the done ones would lose some images and repeat others."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(good_jpeg(i))
+    job = ["--input", str(photos), "--output", str(tmp_path / "out"), "--resolution", "32"]
+    assert main(job) == 0 and main(job) == 0  # unchanged: the rerun skips the done shard
+    assert "1 done, 0 to do" in capsys.readouterr().out
+    (photos / "1.jpg").rename(photos / "1b.jpg")  # the same count, first and last name: only the list differs
+    assert main(job) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "input files of 1 done shards changed" in error and "photos-00000" in error
+    assert main([*job, "--overwrite"]) == 0
+    assert sorted(r["key"] for r in rows(tmp_path / "out")) == ["0", "1b", "2"]
+    assert main(job) == 0
+
+
+def test_storage_that_refuses_the_jobs_setup_is_one_line(tmp_path, python, s3_endpoint, capsys):
+    """A file where the output folder goes, and object storage without credentials: one line and exit status 2,
+    before Ray starts, instead of a traceback (after every shard failed, for the first)."""
+    (tmp_path / "photo.jpg").write_bytes(good_jpeg(0))
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "taken")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "NotADirectoryError" in error
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    run = subprocess.run([python, "-m", "pipeline.build", "--input", "s3://cnd-nocreds/x.tar", "--output",
+                          str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr[-2000:]
+    assert "NoCredentialsError" in run.stderr and "Ray" not in run.stdout + run.stderr
 
 
 def test_overwrite_uncommits_the_old_shard_before_publishing_the_new_one(sample_shards, tmp_path, monkeypatch):

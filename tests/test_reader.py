@@ -155,6 +155,23 @@ def test_members_over_the_cap_fail_their_sample_unread_and_the_rest_is_read():
     assert not reader.error
 
 
+def test_image_files_named_directly_or_by_a_glob_are_loose_files_sharded_by_their_folder(tmp_path):
+    """`--input photos/a.jpg` or `--input 'photos/*.jpg'`: the files are images, not tars (they were read as tars,
+    and every shard failed with 'invalid header')."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("b.jpg", "a.jpg", "c.png"):
+        (photos / name).write_bytes(good_jpeg(0))
+    write_tar(tmp_path / "s.tar", [("t", {"jpg": good_jpeg(1)})])
+    [one] = list_input_shards([str(photos / "a.jpg")])
+    assert one.name == "photos-00000" and [f.rsplit("/", 1)[1] for f in one.files] == ["a.jpg"]
+    globbed = list_input_shards([str(photos / "*.jpg"), str(tmp_path / "s.tar")], files_per_shard=1)
+    assert [(s.name, len(s.files)) for s in globbed] == [("s", 0), ("photos-00000", 1), ("photos-00001", 1)]
+    assert [f.rsplit("/", 1)[1] for s in globbed[1:] for f in s.files] == ["a.jpg", "b.jpg"]  # sorted, each once
+    samples = list(read_file_samples(globbed[1].files, globbed[1].url))
+    assert [s.key for s in samples] == ["a"] and not samples[0].error
+
+
 def test_loose_images_are_keyed_by_their_path_under_the_folder(tmp_path):
     for animal in ("cats", "dogs"):
         (tmp_path / animal).mkdir()

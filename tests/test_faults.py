@@ -251,6 +251,16 @@ def test_the_trainer_checks_a_local_base_model_before_ray_starts(python, tmp_pat
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
 
 
+def test_online_wandb_without_a_key_is_refused_before_ray_starts(python, tmp_path):
+    """It ended in wandb's UsageError traceback from the worker, after the base model had loaded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"))  # no ~/.netrc with a key either
+    run = subprocess.run([python, "train/run.py", "--wandb", "online", "--run-name", "t"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2 and run.stderr.strip().startswith("error: --wandb online needs a W&B API key")
+    assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
 def test_a_validation_free_run_takes_any_validation_settings():
     from train.config import parse_args
 

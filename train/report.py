@@ -242,7 +242,11 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
     from train.tracking import wandb_mode
 
     config = next(iter(runs.values())).get("config", {})
-    mode, message = wandb_mode(wandb or config.get("wandb", "auto"))
+    try:
+        mode, message = wandb_mode(wandb or config.get("wandb", "auto"))
+    except ValueError as e:  # the runs logged online, but this shell has no key: the files above are the report
+        mode, message = "off", ""
+        print(f"report not logged to W&B: {e}", flush=True)
     if mode != "off":
         print(f"report {message}", flush=True)
         log_to_wandb(prefix, rows, image, mode, config.get("wandb_project", "controlnet"))

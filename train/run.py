@@ -125,13 +125,14 @@ def quiet_local_mode_reports() -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """Resolve --data and --validation-data, and find a local --base-model, on the driver before Ray starts: a
-    typo is one line here, not a worker failure that Ray retries --max-failures times after loading the base
-    model."""
+    """Resolve --data and --validation-data, find a local --base-model and W&B's key for --wandb online, on the
+    driver before Ray starts: a typo is one line here, not a worker failure that Ray retries --max-failures
+    times after loading the base model."""
     from train.data import resolve_shards
     from train.model import check_local_base_model
 
     check_local_base_model(cfg.base_model)
+    wandb_mode(cfg.wandb)
     source = resolve_shards(cfg.data, cfg.condition)
     if cfg.validation_data:
         resolve_shards(cfg.validation_data, source.task)

@@ -12,7 +12,11 @@ from train.config import TrainConfig
 
 
 def wandb_mode(choice: str) -> tuple[str, str]:
-    """(mode, message) decided on the driver: 'auto' is online only when an API key is configured."""
+    """(mode, message) decided on the driver: 'auto' is online only when an API key is configured; 'online'
+    without one is refused here (ValueError), not by wandb.init in a worker after the base model has loaded."""
+    if choice == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+        raise ValueError("--wandb online needs a W&B API key (WANDB_API_KEY, or `wandb login`); --wandb offline "
+                         "logs locally for `wandb sync` later")
     if choice != "auto":
         return choice, f"W&B: {choice}"
     if os.environ.get("WANDB_MODE") in {"offline", "disabled"}:

@@ -1,4 +1,5 @@
 """nothing lost, nothing silently wrong: actor faults, reruns with other settings, --overwrite, mistyped commands"""
+import dataclasses
 import json
 import os
 import signal
@@ -259,6 +260,28 @@ def test_online_wandb_without_a_key_is_refused_before_ray_starts(python, tmp_pat
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 2 and run.stderr.strip().startswith("error: --wandb online needs a W&B API key")
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
+def test_a_run_submitted_again_with_other_experiment_settings_is_refused_before_ray_starts(canny64, tmp_path,
+                                                                                           capsys):
+    """Resuming spliced two experiments into one history and curve, and the optimizer's saved state overrode a new
+    --lr without a word; operational settings (steps, workers, logging) may change."""
+    from train.config import debug, parse_args, resume_mismatch
+    from train.run import main as train
+    from train.run import with_absolute_paths
+
+    common = ["--data", str(canny64), "--storage-path", str(tmp_path), "--run-name", "r", "--wandb", "off"]
+    started = with_absolute_paths(parse_args(common))
+    checkpoint = tmp_path / "r" / "checkpoint_step00000002"  # what a run's first checkpoint holds of its config
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_config.json").write_text(json.dumps(dataclasses.asdict(started)))
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 2}))
+    assert train([*common, "--lr", "1e-3", "--resolution", "32"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "resolution 64 -> 32; lr 0.0001 -> 0.001" in error
+    operational = parse_args([*common, "--max-steps", "9", "--num-workers", "2", "--log-every", "5"])
+    assert resume_mismatch(dataclasses.asdict(started), with_absolute_paths(operational)) == []
+    assert resume_mismatch({"lr": 0.5}, debug()) == ["lr 0.5 -> 0.0001"] and resume_mismatch({}, debug()) == []
 
 
 def test_a_validation_free_run_takes_any_validation_settings():

@@ -169,6 +169,25 @@ class TrainConfig:
                                      f"not {value}")
 
 
+# what a run trains on and how its fidelity curve is measured: resuming with other values would splice two
+# experiments into one history and one curve (the optimizer's saved state would also override a new --lr unseen).
+# The others (steps, workers, threads, checkpoints, logging, precision, latents) may change between submissions.
+EXPERIMENT_SETTINGS = (
+    "data", "condition", "base_model", "resolution", "batch_size", "grad_accum", "lr", "warmup_steps",
+    "weight_decay", "max_grad_norm", "prompt_dropout", "mode", "unlock_decoder_at", "decoder_lr", "seed",
+    "epoch_samples", "validation_data", "validation_samples", "validation_steps", "validation_sampler",
+    "guidance_scales", "prompt_modes", "control_branches", "fidelity", "annotator_weights",
+)
+
+
+def resume_mismatch(saved: dict, current: TrainConfig) -> list[str]:
+    """'lr 0.0001 -> 0.001' for each experiment setting the checkpoint's run was started with otherwise (settings a
+    checkpoint predates pass)."""
+    now = dataclasses.asdict(current)
+    return [f"{name} {saved[name]!r} -> {now[name]!r}" for name in EXPERIMENT_SETTINGS
+            if name in saved and saved[name] != now[name]]
+
+
 def debug() -> TrainConfig:
     """The offline embedded default: a tiny random SD built locally, 64 px, a few steps on CPU, in one process
     (Ray Train's local mode)."""

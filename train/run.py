@@ -84,13 +84,37 @@ def secrets_ref() -> ray.ObjectRef | None:
     return ray.put(secrets) if secrets else None
 
 
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The run's paths as its workers (and its checkpoints' train_config.json) see them."""
+    base_model = str(Path(TINY_SD).resolve()) if cfg.base_model == TINY_SD else absolute_base_model(cfg.base_model)
+    return dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path), base_model=base_model,
+                               data=[absolute_local(d) for d in cfg.data],
+                               validation_data=[absolute_local(d) for d in cfg.validation_data]
+                               if cfg.validation_data else None)
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """A run submitted again resumes from its last checkpoint: refused in one line, before Ray starts, when it was
+    started with other experiment settings (train.config.EXPERIMENT_SETTINGS)."""
+    import json
+
+    import fsspec
+
+    from train.config import resume_mismatch
+    from train.loop import CONFIG_FILE
+
+    resume = latest_checkpoint(absolute_local(cfg.storage_path), cfg.run_name)
+    if resume is None:
+        return
+    with fsspec.open(f"{resume}/{CONFIG_FILE}", "rb") as f:
+        differences = resume_mismatch(json.load(f), with_absolute_paths(cfg))
+    if differences:
+        raise ValueError(f"run {cfg.run_name} was started with other settings: {'; '.join(differences)}; submit it "
+                         "with the same values to resume it, or start another --run-name")
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
-    cfg = prepare_base_model(cfg)
-    cfg = dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
-                              base_model=absolute_base_model(cfg.base_model),
-                              data=[absolute_local(d) for d in cfg.data],
-                              validation_data=[absolute_local(d) for d in cfg.validation_data]
-                              if cfg.validation_data else None)
+    cfg = with_absolute_paths(prepare_base_model(cfg))
     mode, message = wandb_mode(cfg.wandb)
     print(message, flush=True)
     local = local_mode(cfg)
@@ -153,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         check_data(cfg)
+        check_resume(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from torch import nn
 from annotate.base import Annotation
 from annotate.device import inference, pick_device
 from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
-from annotate.weights import resolve_weight, sha256_file
+from annotate.weights import check_keys, load_state_dict_file, one_line, resolve_weight, sha256_file
 
 WEIGHT_FILE = "ControlNetHED.pth"
 HUB_REPO = "lllyasviel/Annotators"
@@ -64,12 +64,13 @@ class ControlNetHED_Apache2(nn.Module):
 
 def load_hed(path: str | os.PathLike) -> ControlNetHED_Apache2:
     """The network with the weights at `path` (strict: a missing or extra key is an error naming the file)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(path, WEIGHT_FILE)
     model = ControlNetHED_Apache2()
+    check_keys(path, f"the {WEIGHT_FILE} state dict", set(model.state_dict()), set(state))
     try:
         model.load_state_dict(state, strict=True)  # casts the published fp16 tensors into fp32 parameters
-    except RuntimeError as err:
-        raise RuntimeError(f"{path} does not hold the {WEIGHT_FILE} state dict: {err}") from err
+    except RuntimeError as err:  # the keys are right: a shape is not
+        raise ValueError(f"{path} does not hold the {WEIGHT_FILE} state dict: {one_line(err)}") from None
     return model.eval().requires_grad_(False)
 
 

@@ -17,7 +17,14 @@ from transformers import DPTConfig, DPTForDepthEstimation
 from annotate.base import Annotation
 from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, detection_size, to_detection, to_output
-from annotate.weights import MissingWeightsError, resolve_folder, resolve_weight, sha256_file, sha256_folder
+from annotate.weights import (
+    MissingWeightsError,
+    load_state_dict_file,
+    resolve_folder,
+    resolve_weight,
+    sha256_file,
+    sha256_folder,
+)
 
 HF_FOLDER = "dpt-hybrid-midas"  # the transformers conversion, published as Intel/dpt-hybrid-midas
 HF_REPO = "Intel/dpt-hybrid-midas"
@@ -187,7 +194,7 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in an original MiDaS .pt (plain, or {"model": ..., "optimizer": ...} as MiDaS saves)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(path, "MiDaS DPT-Hybrid checkpoint")
     if "optimizer" in state and "model" in state:
         state = state["model"]
     return state

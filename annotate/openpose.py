@@ -16,7 +16,7 @@ from torch import nn
 from annotate.base import Annotation
 from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
-from annotate.weights import resolve_weight, sha256_file
+from annotate.weights import load_state_dict_file, resolve_weight, sha256_file
 
 WEIGHT_FILE = "body_pose_model.pth"
 HUB_REPO = "lllyasviel/Annotators"
@@ -121,7 +121,7 @@ def load_body_pose_net(path: str | Path) -> BodyPoseNet:
     """The network with the published weights at `path` (strict: every key present, none extra)."""
     with torch.device("meta"):  # no random init of 52M parameters that the file replaces anyway
         net = BodyPoseNet()
-    published = torch.load(path, map_location="cpu", weights_only=True)
+    published = load_state_dict_file(path, WEIGHT_FILE)
     to_module = {published_key(key): key for key in net.state_dict()}
     missing, unexpected = sorted(to_module.keys() - published.keys()), sorted(published.keys() - to_module.keys())
     if missing or unexpected:

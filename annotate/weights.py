@@ -7,6 +7,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
@@ -45,6 +46,34 @@ def weights_variant(model_folder: str, subfolder: str) -> str | None:
         return None
     variants = {m.group(2) for n in names if (m := _VARIANT_WEIGHTS.fullmatch(n))}
     return variants.pop() if len(variants) == 1 else None
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (torch's load_state_dict lists keys over many), cut at `limit`."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A published .pth/.pt's tensors, read without running pickled code (weights_only). A file that is not one
+    (cut short, another format, pickled objects) is a one-line ValueError naming the file and `what` it should
+    hold, not torch's paragraph."""
+    import torch  # here: a Canny job imports this module and never torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # RuntimeError (zip), UnpicklingError (weights_only), EOFError, ...
+        raise ValueError(f"{path} is not a readable {what} file ({type(e).__name__}: {one_line(e, 200)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not the {what} state dict")
+    return state
+
+
+def check_keys(path: str | os.PathLike, what: str, expected: set[str], found: set[str]) -> None:
+    """The file's keys are the network's: else a one-line ValueError with the first few either way."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} is not {what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def _is_local(url: str) -> bool:

@@ -55,9 +55,26 @@ def test_a_missing_or_extra_key_fails_loudly(tmp_path: Path, change: str) -> Non
         name = "block6.projection.weight"
     path = tmp_path / WEIGHT_FILE
     torch.save(state, path)
-    with pytest.raises(RuntimeError, match=name) as err:
+    with pytest.raises(ValueError, match=name) as err:
         load_hed(path)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)  # one line, as the job prints it
+
+
+@pytest.mark.parametrize("damage", ["cut short", "wrong shape", "not a dict"])
+def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
+    """torch's own messages run over many lines (load_state_dict lists every key); the job prints one."""
+    path = write_tiny_hed(tmp_path)
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "wrong shape":
+        state = tiny_hed_state_dict()
+        state["block1.projection.weight"] = torch.zeros(1, 3, 1, 1)
+        torch.save(state, path)
+    else:
+        torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError) as err:
+        load_hed(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_fp32_files_load_too(tmp_path: Path) -> None:

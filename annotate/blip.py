@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from PIL import Image
 from transformers import AutoTokenizer, BlipForConditionalGeneration
 
 from annotate.device import inference, pick_device, precision
-from annotate.weights import resolve_folder, sha256_folder
+from annotate.weights import load_pretrained_folder, resolve_folder, sha256_folder
 
 HF_FOLDER = "blip-image-captioning-large"
 HF_REPO = "Salesforce/blip-image-captioning-large"
@@ -85,9 +86,11 @@ class BlipCaptioner:
     def __post_init__(self) -> None:
         self._device = pick_device(self.device)
         self._folder = resolve_folder(HF_FOLDER, source=self.weights, hub_repo=HF_REPO)
-        model = BlipForConditionalGeneration.from_pretrained(str(self._folder), local_files_only=True)
+        model = load_pretrained_folder(partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True),
+                                       self._folder, "the BLIP captioner")
         self._model = model.eval().to(self._device)
-        self._tokenizer = AutoTokenizer.from_pretrained(str(self._folder), local_files_only=True)
+        self._tokenizer = load_pretrained_folder(partial(AutoTokenizer.from_pretrained, local_files_only=True),
+                                                 self._folder, "BLIP's tokenizer")
         self._spec = read_image_spec(self._folder, model.config.vision_config.image_size)
 
     def _prompt_ids(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:

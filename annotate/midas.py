@@ -5,6 +5,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, detection_size, to_detection, to_output
 from annotate.weights import (
     MissingWeightsError,
+    load_pretrained_folder,
     load_state_dict_file,
     resolve_folder,
     resolve_weight,
@@ -211,7 +213,8 @@ def model_from_original(path: str | Path) -> DPTForDepthEstimation:
 
 
 def model_from_folder(folder: str | Path) -> DPTForDepthEstimation:
-    return DPTForDepthEstimation.from_pretrained(str(folder), local_files_only=True)
+    return load_pretrained_folder(partial(DPTForDepthEstimation.from_pretrained, local_files_only=True), folder,
+                                  "MiDaS DPT-Hybrid (dpt-hybrid-midas)")
 
 
 def find_midas_weights(source: str | None) -> tuple[str, Path]:

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,15 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not the {what} state dict")
     return state
+
+
+def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str) -> Any:
+    """`load(folder)` (a transformers or diffusers from_pretrained), its failure a one-line ValueError naming the
+    folder and `what` it should hold: safetensors' and transformers' own messages do not say which file."""
+    try:
+        return load(str(folder))
+    except Exception as e:
+        raise ValueError(f"{folder} does not load as {what} ({type(e).__name__}: {one_line(e, 200)})") from None
 
 
 def check_keys(path: str | os.PathLike, what: str, expected: set[str], found: set[str]) -> None:

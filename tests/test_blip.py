@@ -120,3 +120,13 @@ def test_missing_weights_name_the_folder(tmp_path: Path) -> None:
     message = str(error.value)
     assert HF_FOLDER in message and str(tmp_path) in message and "Salesforce/" in message
     assert "\n" not in message
+
+
+def test_a_damaged_weight_file_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    """safetensors' own message ('invalid header length') says nothing of which file."""
+    folder = write_tiny_blip(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="does not load as the BLIP captioner") as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)

@@ -170,6 +170,14 @@ class StorageSetupError(RuntimeError):
     file where the output folder goes): one line, not a traceback."""
 
 
+STORAGE_LIBRARIES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "fsspec", "google", "azure", "aiohttp"}
+
+
+def storage_error(error: BaseException) -> bool:
+    """Whether storage raised it (the OS, or an object store's client library), as opposed to a bug of ours."""
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in STORAGE_LIBRARIES
+
+
 @contextmanager
 def storage_setup(output: str) -> Iterator[None]:
     """Around the plan's listing of --input and reading of --output: bad input keeps its own one-line error
@@ -179,6 +187,8 @@ def storage_setup(output: str) -> Iterator[None]:
     except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # botocore's NoCredentialsError, PermissionError, FileExistsError, ...
+        if not storage_error(e):
+            raise
         first_line = (str(e).splitlines() or [""])[0]
         raise StorageSetupError(f"storage refused the job's setup (listing --input, opening --output {output}): "
                                 f"{type(e).__name__}: {first_line}") from e

@@ -16,7 +16,7 @@ from torch import nn
 from annotate.base import Annotation
 from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
-from annotate.weights import load_state_dict_file, resolve_weight, sha256_file
+from annotate.weights import check_keys, load_state_dict_file, resolve_weight, sha256_file
 
 WEIGHT_FILE = "body_pose_model.pth"
 HUB_REPO = "lllyasviel/Annotators"
@@ -123,12 +123,7 @@ def load_body_pose_net(path: str | Path) -> BodyPoseNet:
         net = BodyPoseNet()
     published = load_state_dict_file(path, WEIGHT_FILE)
     to_module = {published_key(key): key for key in net.state_dict()}
-    missing, unexpected = sorted(to_module.keys() - published.keys()), sorted(published.keys() - to_module.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} is not the CMU body pose model ({WEIGHT_FILE}): "
-            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
+    check_keys(path, f"the CMU body pose model ({WEIGHT_FILE})", set(to_module), set(published))
     state = {module_key: published[key].float() for key, module_key in to_module.items()}
     net.load_state_dict(state, strict=True, assign=True)
     return net.eval()

@@ -39,8 +39,9 @@ def weights_variant(model_folder: str, subfolder: str) -> str | None:
     that variant's weights (`<name>.fp16.safetensors`: what `from_pretrained(..., variant="fp16")` downloads, for
     half the disk); None where it holds the plain files, several variants, or is not a local folder (a hub id:
     the libraries resolve its files themselves)."""
-    folder = Path(model_folder.removeprefix("file://")) / subfolder
-    if "://" in model_folder.removeprefix("file://") or not folder.is_dir():
+    local = model_folder.removeprefix("file://")
+    folder = Path(local) / subfolder
+    if "://" in local or not folder.is_dir():
         return None
     names = [f.name for f in folder.iterdir()]
     if any(_PLAIN_WEIGHTS.fullmatch(n) for n in names):

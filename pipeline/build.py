@@ -212,7 +212,8 @@ def run(cfg: BuildConfig) -> int:
         todo, skipped = plan(shards, committed, cfg.overwrite)
         skipped_stats = fmt.read_stats([committed[name] for name in skipped])
         check_resume_settings(cfg, skipped_stats)
-        check_resume_inputs([shard for shard in shards if shard.name in set(skipped)], skipped_stats)
+        done = set(skipped)
+        check_resume_inputs([shard for shard in shards if shard.name in done], skipped_stats)
         if not cfg.dry_run:
             make_local_output(cfg.output)
             clear_staging(cfg.output)

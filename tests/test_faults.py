@@ -268,10 +268,10 @@ def test_a_run_submitted_again_with_other_experiment_settings_is_refused_before_
     --lr without a word; operational settings (steps, workers, logging) may change."""
     from train.config import debug, parse_args, resume_mismatch
     from train.run import main as train
-    from train.run import with_absolute_paths
+    from train.run import prepare_base_model, with_absolute_paths
 
     common = ["--data", str(canny64), "--storage-path", str(tmp_path), "--run-name", "r", "--wandb", "off"]
-    started = with_absolute_paths(parse_args(common))
+    started = with_absolute_paths(prepare_base_model(parse_args(common)))  # as build_trainer saves it
     checkpoint = tmp_path / "r" / "checkpoint_step00000002"  # what a run's first checkpoint holds of its config
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_config.json").write_text(json.dumps(dataclasses.asdict(started)))
@@ -280,7 +280,7 @@ def test_a_run_submitted_again_with_other_experiment_settings_is_refused_before_
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "resolution 64 -> 32; lr 0.0001 -> 0.001" in error
     operational = parse_args([*common, "--max-steps", "9", "--num-workers", "2", "--log-every", "5"])
-    assert resume_mismatch(dataclasses.asdict(started), with_absolute_paths(operational)) == []
+    assert resume_mismatch(dataclasses.asdict(started), with_absolute_paths(prepare_base_model(operational))) == []
     assert resume_mismatch({"lr": 0.5}, debug()) == ["lr 0.5 -> 0.0001"] and resume_mismatch({}, debug()) == []
 
 

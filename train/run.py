@@ -86,16 +86,20 @@ def secrets_ref() -> ray.ObjectRef | None:
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The run's paths as its workers (and its checkpoints' train_config.json) see them."""
-    base_model = str(Path(TINY_SD).resolve()) if cfg.base_model == TINY_SD else absolute_base_model(cfg.base_model)
-    return dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path), base_model=base_model,
+    return dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
+                               base_model=absolute_base_model(cfg.base_model),
                                data=[absolute_local(d) for d in cfg.data],
                                validation_data=[absolute_local(d) for d in cfg.validation_data]
                                if cfg.validation_data else None)
 
 
-def check_resume(cfg: TrainConfig) -> None:
-    """A run submitted again resumes from its last checkpoint: refused in one line, before Ray starts, when it was
-    started with other experiment settings (train.config.EXPERIMENT_SETTINGS)."""
+class ResumeMismatch(ValueError):
+    """The run of this name was started with other experiment settings (train.config.EXPERIMENT_SETTINGS)."""
+
+
+def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
+    """The run's last checkpoint, which a run submitted again resumes from; refused (ResumeMismatch) when the run
+    was started with other experiment settings. `cfg`'s paths are absolute (with_absolute_paths)."""
     import json
 
     import fsspec
@@ -103,24 +107,28 @@ def check_resume(cfg: TrainConfig) -> None:
     from train.config import resume_mismatch
     from train.loop import CONFIG_FILE
 
-    resume = latest_checkpoint(absolute_local(cfg.storage_path), cfg.run_name)
-    if resume is None:
-        return
-    with fsspec.open(f"{resume}/{CONFIG_FILE}", "rb") as f:
-        differences = resume_mismatch(json.load(f), with_absolute_paths(cfg))
-    if differences:
-        raise ValueError(f"run {cfg.run_name} was started with other settings: {'; '.join(differences)}; submit it "
-                         "with the same values to resume it, or start another --run-name")
+    resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
+    if resume is not None:
+        with fsspec.open(f"{resume}/{CONFIG_FILE}", "rb") as f:
+            differences = resume_mismatch(json.load(f), cfg)
+        if differences:
+            raise ResumeMismatch(f"run {cfg.run_name} was started with other settings: {'; '.join(differences)}; "
+                                 "submit it with the same values to resume it, or start another --run-name")
+    return resume
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
+    """The run on Ray Train: its resume checked first, then Ray joined (RAY_ADDRESS) or started here for workers
+    (local mode needs no cluster), a local one without the dashboard."""
     cfg = with_absolute_paths(prepare_base_model(cfg))
+    resume = checkpoint_to_resume(cfg)
     mode, message = wandb_mode(cfg.wandb)
     print(message, flush=True)
     local = local_mode(cfg)
+    if not local and not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
     use_gpu = gpu_wanted(cfg)
     cfg = dataclasses.replace(cfg, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker(cfg, use_gpu))
-    resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
     if local:
@@ -177,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         check_data(cfg)
-        check_resume(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not local_mode(cfg) and not ray.is_initialized():  # a local cluster, when started here, without the dashboard
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
-    result = build_trainer(cfg).fit()
+    try:
+        trainer = build_trainer(cfg)  # refuses a mismatched resume before it starts Ray
+    except ResumeMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = trainer.fit()
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:

@@ -106,13 +106,9 @@ def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
 
 def train(cfg: TrainConfig) -> None:
     """One run on Ray Train (in this process with --num-workers 0); a run of this name with checkpoints resumes
-    from its last one."""
-    import ray
+    from its last one (refused when started with other settings)."""
+    from train.run import build_trainer
 
-    from train.run import build_trainer, local_mode
-
-    if not local_mode(cfg) and not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
     build_trainer(cfg).fit()
 
 

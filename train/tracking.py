@@ -14,7 +14,7 @@ from train.config import TrainConfig
 def wandb_mode(choice: str) -> tuple[str, str]:
     """(mode, message) decided on the driver: 'auto' is online only when an API key is configured; 'online'
     without one is refused here (ValueError), not by wandb.init in a worker after the base model has loaded."""
-    if choice == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+    if choice == "online" and not has_api_key():
         raise ValueError("--wandb online needs a W&B API key (WANDB_API_KEY, or `wandb login`); --wandb offline "
                          "logs locally for `wandb sync` later")
     if choice != "auto":
@@ -22,9 +22,14 @@ def wandb_mode(choice: str) -> tuple[str, str]:
     if os.environ.get("WANDB_MODE") in {"offline", "disabled"}:
         mode = "off" if os.environ["WANDB_MODE"] == "disabled" else "offline"
         return mode, f"W&B: {mode} (WANDB_MODE={os.environ['WANDB_MODE']})"
-    if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb():
+    if has_api_key():
         return "online", "W&B: online"
     return "offline", "W&B: no API key found, logging offline; upload later with `wandb sync <dir>/offline-run-*`"
+
+
+def has_api_key() -> bool:
+    """A W&B API key in the environment or in ~/.netrc (where `wandb login` writes it)."""
+    return bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
 
 
 def _netrc_has_wandb() -> bool:

@@ -261,6 +261,19 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if joined_here and ray.is_initialized():
+            ray.shutdown()  # its actors die with it, so their staging is anyone's to clear
+        print(interrupted_line(cfg.output), file=sys.stderr)
+        return 130  # the shell's code for a command ended by SIGINT
+
+
+def interrupted_line(output: str) -> str:
+    """What Ctrl-C leaves: the shards committed so far, complete (a shard is committed by its stats.json, written
+    last), and the staging of those cut short cleared; the same command does the rest."""
+    clear_staging(output)
+    committed = len(fmt.committed_shards(output))
+    return f"interrupted: {committed} shard(s) committed in {output}; the same command resumes with the rest"
 
 
 if __name__ == "__main__":

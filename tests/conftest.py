@@ -131,3 +131,19 @@ def tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+RESTORE_CTRL_C = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
+def with_ctrl_c(command: list[str]) -> list[str]:
+    """`python -m module ...` or `python script ...`, run with Python's Ctrl-C handler whatever this process's: a
+    suite started in the background by a shell without job control inherits SIGINT ignored, and so would the
+    command, which a test's SIGINT would then not reach."""
+    python, *rest = command
+    if rest[0] == "-m":
+        module, *args = rest[1:]
+        return [python, "-c", RESTORE_CTRL_C + f"sys.argv[0] = {module!r}; "
+                f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)", *args]
+    return [python, "-c", RESTORE_CTRL_C + "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+            *rest]

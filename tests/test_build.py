@@ -1,6 +1,7 @@
 """the dataset job end to end: real Ray, real tars read back by webdataset, moto S3 on loopback"""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import webdataset as wds
 
 from pipeline import format as fmt
 from pipeline.build import main
+from tests.conftest import with_ctrl_c
 from tests.corpus import bad_corpus, write_bad_inputs
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -182,7 +184,8 @@ def test_s3_input_and_output(sample_shards, tmp_path, s3_endpoint):
     assert main(args + ["--dry-run"]) == 0  # done shards are found on S3 too
 
 
-def test_resume_after_the_driver_is_killed(sample_shards, tmp_path, ray_session, python):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_resume_after_the_driver_is_killed(sample_shards, tmp_path, ray_session, python, stop):
     inputs = tmp_path / "in"
     inputs.mkdir()
     for copy in range(3):  # 12 shards, so the kill lands part-way
@@ -192,14 +195,22 @@ def test_resume_after_the_driver_is_killed(sample_shards, tmp_path, ray_session,
     command = [python, "-m", "pipeline.build", "--input", str(inputs), "--output", str(out),
                "--resolution", "256", "--num-workers", "1", "--batch-size", "2"]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(with_ctrl_c(command), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
     deadline = time.time() + 120
     while not list((out / "shards").glob("*.stats.json")) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.02)
-    driver.send_signal(signal.SIGKILL)  # a real kill of the driver process, mid-job
-    driver.wait()
+    driver.send_signal(stop)  # a real signal to the driver process, mid-job
+    _, stderr = driver.communicate(timeout=60)
     finished_before = len(list((out / "shards").glob("*.stats.json")))
     assert 1 <= finished_before < 12
+    if stop == signal.SIGINT:  # Ctrl-C: one line, which counts the shards committed, and the shell's code
+        assert driver.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+        line = stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"interrupted: (\d+) shard\(s\) committed in {re.escape(str(out))}; the same command "
+                            "resumes with the rest", line), line
+        counted = int(line.split()[1])  # the job's actor, on a cluster this driver only joined, may commit one more
+        assert counted in (finished_before, finished_before - 1)  # shard before it dies with the driver's job
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -2,12 +2,16 @@
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_dataset
+from tests.conftest import REPO, copy_dataset, with_ctrl_c
 from train.plots import nice_ticks, plot_curves
 from train.report import curve_text, load_runs, table, to_markdown, write_report
 from train.sweep import main as sweep
@@ -171,6 +175,32 @@ def test_sizes_train_concurrently_when_the_cluster_has_room(dataset, tmp_path, c
     rows = list(csv.DictReader(io.StringIO((storage / "par-report.csv").read_text())))
     assert [r["samples_seen"] for r in rows] == [str(2 * small["config"]["batch_size"])] * 2
     assert all(float(r["wall_minutes"]) > 0 and r["gpu_hours"] == "" for r in rows)  # CPU: no GPU-hours
+
+
+def test_ctrl_c_stops_sizes_training_concurrently(dataset, tmp_path, ray_session, python):
+    """Ctrl-C reached the sweep's main thread only: the sizes training in its threads went on to the end (a second
+    Ctrl-C left the process joining them at exit). Now it stops them, says so in one line, and exits."""
+    storage = tmp_path / "runs"
+    command = [python, "train/sweep.py", "--dataset", str(dataset), "--sizes", "8,16", "--preset", "debug",
+               "--run-prefix", "stop", "--storage-path", str(storage), "--subsets-out", str(tmp_path / "subsets"),
+               "--no-report", "--", "--max-steps", "10000", "--num-workers", "1", "--cpus-per-worker", "1",
+               "--checkpoint-every", "2", "--validate-every", "0", "--wandb", "off"]
+    sweep_process = subprocess.Popen(with_ctrl_c(command), env={**os.environ, "RAY_ADDRESS": ray_session}, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and sweep_process.poll() is None and not all(
+                list((storage / f"stop-{size}").glob("checkpoint_*/progress.json")) for size in (8, 16)):
+            time.sleep(0.1)
+        assert sweep_process.poll() is None, sweep_process.communicate()[1][-3000:]
+        sweep_process.send_signal(signal.SIGINT)
+        out, err = sweep_process.communicate(timeout=60)  # it hung here, both runs training on
+    finally:
+        sweep_process.kill()
+    assert "[sweep] 2 size(s) at once" in out
+    assert sweep_process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == \
+        "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"
 
 
 def test_concurrent_runs_fit_the_free_resources():

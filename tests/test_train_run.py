@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import copy_dataset
+from tests.conftest import REPO, copy_dataset, with_ctrl_c
+from train.checkpoints import latest_checkpoint
 from train.config import debug
 from train.run import build_trainer
 
@@ -141,3 +143,49 @@ def test_validation_is_held_out_of_training(dataset):
     assert split_validation(only, None) == (only, only)  # one shard: nothing to hold out
     train, given = split_validation(only, [str(dataset)])
     assert train is only and len(given.urls) == 4
+
+
+def wait_for_checkpoint(run: Path, process, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    while not list(run.glob("checkpoint_*/progress.json")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(run.glob("checkpoint_*/progress.json")), "no checkpoint before the deadline"
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["local-mode", "ray-worker"])
+def test_ctrl_c_stops_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(dataset, storage, ray_session,
+                                                                               python, workers):
+    """Ctrl-C printed a traceback in local mode (KeyboardInterrupt) and, on a Ray worker, exited 1 in silence once
+    Ray Train's own SIGINT handler had aborted the run (fit() ends in SystemExit there)."""
+    name = f"ctrl-c-{workers}"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
+               "--wandb", "off", "--num-workers", str(workers), "--cpus-per-worker", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(storage / name, run)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=90)
+    assert run.returncode == (130 if workers == 0 else 1) and "Traceback" not in stderr, stderr[-3000:]
+    last = latest_checkpoint(str(storage), name)
+    assert last and stderr.strip().splitlines()[-1] == \
+        f"stopped: the same command resumes {name} from its last checkpoint, {last}"
+
+
+def test_a_cluster_the_trainer_starts_quietens_ray_trains_placement_group_cleaner(python):
+    """A cluster started here has no dashboard, so no state API: Ray Train's placement-group cleaner warned each
+    second of a run that it could not query it. Its workers now run a setup hook that quietens that one logger
+    (a hook Ray cannot import would fail every worker)."""
+    import tempfile
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    script = ("import logging, ray; from train.run import join_or_start_ray; join_or_start_ray(); "
+              f"level = ray.remote(lambda: logging.getLogger({placement_group_cleaner.__name__!r}).level); "
+              "print('level', logging.getLevelName(ray.get(level.remote())))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        done = subprocess.run([python, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO,
+                              capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "level ERROR" in done.stdout, done.stderr[-3000:]

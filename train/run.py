@@ -117,6 +117,18 @@ def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
     return resume
 
 
+def join_or_start_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (a submitted job's), else start one here without the dashboard (its
+    processes cost a local run start-up time and CPU). Without the dashboard, Ray's state API is down, and Ray
+    Train's placement-group cleaner, which polls it, would warn every second of the run; on a cluster this process
+    starts it has nothing to do (the cluster ends with the process), so its workers quieten it."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    quiet = {"worker_process_setup_hook": "train.tracking.quiet_placement_group_cleaner"}
+    ray.init(address=address, include_dashboard=False, configure_logging=False, runtime_env=None if address else quiet)
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     """The run on Ray Train: its resume checked first, then Ray joined (RAY_ADDRESS) or started here for workers
     (local mode needs no cluster), a local one without the dashboard."""
@@ -125,8 +137,8 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     mode, message = wandb_mode(cfg.wandb)
     print(message, flush=True)
     local = local_mode(cfg)
-    if not local and not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
+    if not local:
+        join_or_start_ray()
     use_gpu = gpu_wanted(cfg)
     cfg = dataclasses.replace(cfg, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker(cfg, use_gpu))
     if resume:
@@ -181,6 +193,23 @@ def finished_line(cfg: TrainConfig, metrics: dict | None, checkpoint: str | None
            f"checkpoint {checkpoint or latest_checkpoint(cfg.storage_path, cfg.run_name)}"
 
 
+def stopped_line(cfg: TrainConfig) -> str:
+    """What stopping a run leaves: its last complete checkpoint, which the same command resumes from (a checkpoint
+    being published when the stop came has no progress.json yet and is passed over)."""
+    checkpoint = latest_checkpoint(cfg.storage_path, cfg.run_name)
+    if checkpoint is None:
+        return f"stopped: {cfg.run_name} has no checkpoint yet; the same command starts it again"
+    return f"stopped: the same command resumes {cfg.run_name} from its last checkpoint, {checkpoint}"
+
+
+def stopped_exit_code(stop: BaseException) -> int:
+    """130, the shell's code for Ctrl-C; else the stop's own code, never 0: the run did not finish."""
+    if isinstance(stop, KeyboardInterrupt):
+        return 130
+    code = getattr(stop, "code", None)
+    return code if isinstance(code, int) and code != 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
@@ -193,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
+        # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in SystemExit,
+        # as it does when Ray stops the driver (SIGTERM, `ray job stop`)
+        if ray.is_initialized():
+            ray.shutdown()  # now, while the line below is the last one: its detached actors log until then
+        print(stopped_line(cfg), file=sys.stderr)
+        return stopped_exit_code(stop)
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:

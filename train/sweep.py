@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
@@ -88,19 +89,31 @@ def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
     cluster); the names of the runs that failed."""
     from concurrent.futures import ThreadPoolExecutor
 
+    stopping = threading.Event()
+
     def one(cfg: TrainConfig) -> str | None:
         try:
             train(cfg)
             return None
         except Exception as e:  # one failed size must not cost the others; re-running resumes it
-            print(f"[sweep] {cfg.run_name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if not stopping.is_set():
+                print(f"[sweep] {cfg.run_name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return cfg.run_name
 
     if slots <= 1:
-        outcomes = [one(cfg) for cfg in configs]
-    else:
-        with ThreadPoolExecutor(slots, thread_name_prefix="sweep") as pool:
-            outcomes = list(pool.map(one, configs))
+        return [name for name in map(one, configs) if name]
+    pool = ThreadPoolExecutor(slots, thread_name_prefix="sweep")
+    try:
+        outcomes = list(pool.map(one, configs))
+    except KeyboardInterrupt:  # Ctrl-C reaches this thread only. The runs' controllers and workers belong to this
+        # driver and end with its connection to Ray; their threads, waiting in fit(), never return (see main)
+        stopping.set()
+        import ray
+
+        ray.shutdown()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return [name for name in outcomes if name]
 
 
@@ -183,14 +196,26 @@ def main(argv: list[str] | None = None) -> int:
     if todo and base.num_workers > 0 and args.concurrent != 1:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        from train.run import join_or_start_ray
+
+        join_or_start_ray()
         per_run = run_resources(base)
         slots = concurrent_runs(per_run, ray.available_resources(), len(todo), args.concurrent)
         print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "
               f"free now: {ray.available_resources().get('CPU', 0):g} CPU, "
               f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
-    failed = train_all(todo, slots)
+    try:
+        failed = train_all(todo, slots)
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (on Ray workers, Ray Train's handler ends fit() in
+        # SystemExit), or Ray stopping this driver
+        from train.run import stopped_exit_code
+
+        print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
+              file=sys.stderr, flush=True)
+        if slots > 1:  # the runs' threads still wait in Ray Train's fit() on a Ray that is gone: only the
+            sys.stdout.flush()  # process's end, without joining them, ends them
+            os._exit(stopped_exit_code(stop))
+        return stopped_exit_code(stop)
     if not args.no_report:
         from train.report import write_report
 

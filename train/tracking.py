@@ -47,6 +47,14 @@ def say(text: str) -> None:
     print(text, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
+def quiet_placement_group_cleaner() -> None:
+    """Ray's worker_process_setup_hook for a cluster without the dashboard (train.run.join_or_start_ray): Ray
+    Train's placement-group cleaner warns there each second that the state API is down."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def run_id(run_name: str) -> str:
     """A stable W&B run id from the run name, so a resumed run continues the same W&B run."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]

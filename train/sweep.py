@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -105,16 +106,27 @@ def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
     pool = ThreadPoolExecutor(slots, thread_name_prefix="sweep")
     try:
         outcomes = list(pool.map(one, configs))
-    except KeyboardInterrupt:  # Ctrl-C reaches this thread only. The runs' controllers and workers belong to this
-        # driver and end with its connection to Ray; their threads, waiting in fit(), never return (see main)
+    except KeyboardInterrupt:  # Ctrl-C reaches this thread only; the runs' threads wait in fit() (see main)
         stopping.set()
-        import ray
-
-        ray.shutdown()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
     return [name for name in outcomes if name]
+
+
+def exit_leaving_threads(code: int) -> NoReturn:
+    """End the process while sizes still train in its threads: they wait in Ray Train's fit(), which nothing ends,
+    so they cannot be joined. A Ray cluster this process started is shut down first (its agents would outlive
+    it; the shutdown may end the process itself, with code 1); one it joined is left alone: shutting down the
+    connection with threads blocked in it ended the process at once, with code 1, in 3 tries of 8, and the
+    process's end ends its job (the runs' controllers and workers) anyway."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.is_head():
+        ray.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -210,11 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         # SystemExit), or Ray stopping this driver
         from train.run import stopped_exit_code
 
+        if slots <= 1 and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # now, so that the line below is the last one
         print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
               file=sys.stderr, flush=True)
-        if slots > 1:  # the runs' threads still wait in Ray Train's fit() on a Ray that is gone: only the
-            sys.stdout.flush()  # process's end, without joining them, ends them
-            os._exit(stopped_exit_code(stop))
+        if slots > 1:
+            exit_leaving_threads(stopped_exit_code(stop))
         return stopped_exit_code(stop)
     if not args.no_report:
         from train.report import write_report

@@ -220,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         failed = train_all(todo, slots)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (on Ray workers, Ray Train's handler ends fit() in
         # SystemExit), or Ray stopping this driver
+        import ray  # imported already: train.run, which every run goes through, imports it
+
         from train.run import stopped_exit_code
 
-        if slots <= 1 and "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()  # now, so that the line below is the last one
+        if slots <= 1 and ray.is_initialized():
+            ray.shutdown()  # now, so that the line below is the last one
         print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
               file=sys.stderr, flush=True)
         if slots > 1:

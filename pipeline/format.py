@@ -163,26 +163,43 @@ MAX_MEMBER_BYTES: Final = 64 << 20
 
 
 def shard_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseException], bool] = _reraise,
-                  opened: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
+                  opened: Callable[[], None] | None = None,
+                  patience_s: float | None = None) -> Iterator[dict[str, Any]]:
     """Output tars ({"url": ...} each, as a webdataset stage receives them; with "offset", read from that byte
     on, where a sample begins) -> their samples, grouped by key: {"__key__", "__url__", NEXT_OFFSET, "jpg",
     "<task>.png", "txt", "json", ...} with the members' bytes. Streamed with fsspec (s3://, gs://, local:
-    webdataset's own opener would need the aws CLI for s3; an offset is one ranged read from there). `handler`
-    gets each read error (a shard that cannot be opened, a corrupt tar: the rest of that shard is passed over)
-    and returns True to skip it, as webdataset's handlers do; `opened` is called as each shard is opened. The
-    trainer's stream, its validation set and the preview read through here."""
+    webdataset's own opener would need the aws CLI for s3; an offset is one ranged read from there). The
+    trainer's stream, its validation set and the preview read through here.
+
+    A connection that fails (pipeline.storage.is_transient) is opened again where the next unread sample begins,
+    with backoff, for up to `patience_s` of one outage (then StorageOutage is raised): a blip neither skips nor
+    repeats a sample. Other read errors (a shard that is missing, a corrupt tar, a compressed one cut after its
+    first sample, which has no offsets to resume at) go to `handler`, and the rest of that shard is passed over
+    if it returns True, as webdataset's handlers do. `opened` is called as each shard is opened."""
+    from pipeline.storage import Outage, is_transient
+
     for shard in shards:
         if opened is not None:
             opened()
-        try:
-            with fsspec.open(shard["url"], "rb") as stream:
-                offset = shard.get("offset") or 0
-                stream.seek(offset)
-                yield from tar_samples(stream, shard["url"], offset)
-        except Exception as exn:
-            exn.args = (*exn.args, shard["url"])
-            if not handler(exn):
-                return
+        url, resume_at = shard["url"], shard.get("offset") or 0
+        outage = Outage(f"reading {url}", patience_s)
+        while resume_at is not None:
+            try:
+                with fsspec.open(url, "rb") as stream:
+                    stream.seek(resume_at)
+                    for sample in tar_samples(stream, url, resume_at):
+                        outage.over()
+                        resume_at = sample[NEXT_OFFSET]  # None after the last (or in a compressed tar)
+                        yield sample
+                break
+            except Exception as exn:
+                if resume_at is not None and is_transient(exn):
+                    outage.wait(exn)
+                    continue
+                exn.args = (*exn.args, url)
+                if not handler(exn):
+                    return
+                break
 
 
 def tar_samples(stream: IO[bytes], url: str, start: int = 0,

@@ -6,6 +6,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from pipeline import storage
+from pipeline.storage import StorageOutage
 from train.checkpoints import (
     PROGRESS_FILE,
     RAY_STORAGE_MARKER,
@@ -87,8 +89,10 @@ def test_a_checkpoint_published_again_is_incomplete_until_its_new_files_are_all_
     monkeypatch.setattr(LocalFileSystem, "put_file", cut_at_the_weights)
     again = checkpoint_folder(tmp_path / "again", 10)
     (again / "state.pt").write_bytes(b"other state")
-    with pytest.raises(ConnectionResetError):
+    monkeypatch.setattr(storage, "PATIENCE_S", 0)  # an outage that outlasts the run's patience
+    with pytest.raises(StorageOutage) as failed:
         publish(again, run, 10)
+    assert isinstance(failed.value.__cause__, ConnectionResetError)
     assert latest_in_run(run) is None
     monkeypatch.setattr(LocalFileSystem, "put_file", put_file)
     publish(again, run, 10)

@@ -3,9 +3,12 @@ modes), finding the latest, and, for runs Ray Train keeps no record of (its loca
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import fsspec
+
+from pipeline.storage import retried
 
 PROGRESS_FILE = "progress.json"  # written last into a checkpoint: a checkpoint without it is incomplete
 RAY_STORAGE_MARKER = ".validate_storage_marker"  # Ray Train's controller writes it into the run's folder
@@ -39,6 +42,13 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_step{step:08d}"
 
 
+def step_of(checkpoint: str) -> int:
+    """The step a checkpoint's folder is named for (checkpoint_name); -1 for a folder named otherwise."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("checkpoint_step")
+    return int(digits) if digits != name and digits.isdigit() else -1
+
+
 def upload_order(folder: Path) -> list[Path]:
     """Every file of a checkpoint folder, progress.json last (it marks the checkpoint complete)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -46,7 +56,13 @@ def upload_order(folder: Path) -> list[Path]:
 
 
 def publish(folder: Path, run: str, step: int) -> str:
-    """Copy a checkpoint written to a local folder to the run's storage; its URL."""
+    """Copy a checkpoint written to a local folder to the run's storage; its URL. Storage that fails for a while
+    (pipeline.storage) is waited out and the copy made again whole: a blip costs the run a pause, not the steps
+    since its last checkpoint."""
+    return retried(partial(_publish, folder, run, step), f"publishing step {step} of {run}")
+
+
+def _publish(folder: Path, run: str, step: int) -> str:
     destination = f"{run.rstrip('/')}/{checkpoint_name(step)}"
     fs, root = fsspec.core.url_to_fs(destination)
     if fs.exists(f"{root}/{PROGRESS_FILE}"):  # step N published again (a worker that died after its upload but
@@ -64,7 +80,8 @@ def publish_from_worker(folder: Path, run: str, step: int) -> str:
     the driver's storage (a local --storage-path on a cluster of several nodes), and each node would keep
     checkpoints of its own that no resume finds."""
     fs, root = fsspec.core.url_to_fs(run)
-    if not fs.exists(f"{root.rstrip('/')}/{RAY_STORAGE_MARKER}"):
+    marker = f"{root.rstrip('/')}/{RAY_STORAGE_MARKER}"
+    if not retried(partial(fs.exists, marker), f"looking for {fs.unstrip_protocol(marker)}"):
         raise RuntimeError(f"this worker's node cannot see the run's storage ({run}): on a cluster of several "
                            "nodes, --storage-path must be s3://... or a filesystem every node mounts")
     return publish(folder, run, step)
@@ -72,6 +89,10 @@ def publish_from_worker(folder: Path, run: str, step: int) -> str:
 
 def prune(run: str, keep: int) -> list[str]:
     """Delete all but the `keep` newest complete checkpoints (as Ray Train's num_to_keep); the deleted URLs."""
+    return retried(partial(_prune, run, keep), f"pruning the checkpoints of {run}")
+
+
+def _prune(run: str, keep: int) -> list[str]:
     steps = complete_checkpoints(run)
     old = sorted(steps, key=steps.get, reverse=True)[keep:]
     for url in old:

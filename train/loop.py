@@ -478,18 +478,19 @@ def apply_secrets(ref) -> list[str]:
 
 def restore(trainer: Trainer, cfg: TrainConfig) -> None:
     """Resume from the run's last checkpoint: the one Ray Train hands back (a worker group it restarted, a run it
-    knows), else the newest complete one on storage (a run of Ray Train's local mode, which keeps no record, or
-    one begun in the other mode: both write the same layout)."""
+    knows), unless storage holds a newer complete one, which Ray never recorded (a worker that died, or a run state
+    Ray could not write, after the checkpoint was published); else the newest complete one on storage (a run of Ray
+    Train's local mode, which keeps no record, or one begun in the other mode: both write the same layout)."""
     import ray.train
 
-    from train.checkpoints import fetch, latest_checkpoint
+    from train.checkpoints import fetch, latest_checkpoint, step_of
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    url = latest_checkpoint(cfg.storage_path, cfg.run_name)
+    if checkpoint is not None and (url is None or step_of(checkpoint.path) >= step_of(url)):
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder))
         return
-    url = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if url is not None:
         with tempfile.TemporaryDirectory() as folder:
             trainer.load(fetch(url, Path(folder)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import traceback
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/run.py`: import from the repo root, not from inside train/
@@ -193,13 +195,33 @@ def finished_line(cfg: TrainConfig, metrics: dict | None, checkpoint: str | None
            f"checkpoint {checkpoint or latest_checkpoint(cfg.storage_path, cfg.run_name)}"
 
 
-def stopped_line(cfg: TrainConfig) -> str:
-    """What stopping a run leaves: its last complete checkpoint, which the same command resumes from (a checkpoint
-    being published when the stop came has no progress.json yet and is passed over)."""
-    checkpoint = latest_checkpoint(cfg.storage_path, cfg.run_name)
+def resume_hint(cfg: TrainConfig) -> str:
+    """What the same command does next: resume from the run's last complete checkpoint (one being published when
+    the run ended has no progress.json yet and is passed over), or start again."""
+    try:
+        checkpoint = latest_checkpoint(cfg.storage_path, cfg.run_name)
+    except Exception as e:  # the storage that ended the run may still be down
+        return f"the same command resumes {cfg.run_name} from its last checkpoint in {cfg.storage_path} " \
+               f"(unreadable now: {type(e).__name__})"
     if checkpoint is None:
-        return f"stopped: {cfg.run_name} has no checkpoint yet; the same command starts it again"
-    return f"stopped: the same command resumes {cfg.run_name} from its last checkpoint, {checkpoint}"
+        return f"{cfg.run_name} has no checkpoint yet; the same command starts it again"
+    return f"the same command resumes {cfg.run_name} from its last checkpoint, {checkpoint}"
+
+
+def stopped_line(cfg: TrainConfig) -> str:
+    return f"stopped: {resume_hint(cfg)}"
+
+
+def failure_cause(error: BaseException) -> str:
+    """The error that ended a run, in one line: the first failed rank's own error rather than Ray Train's wrapper
+    (WorkerGroupError, ControllerError), which repeats the worker's whole traceback."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
+    error = getattr(error, "controller_failure", None) or error
+    error = getattr(error, "cause", None) or error  # a RayTaskError's own exception
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 def stopped_exit_code(stop: BaseException) -> int:
@@ -208,6 +230,27 @@ def stopped_exit_code(stop: BaseException) -> int:
         return 130
     code = getattr(stop, "code", None)
     return code if isinstance(code, int) and code != 0 else 1
+
+
+def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
+    """trainer.fit(), submitted again when Ray Train's controller stopped on its storage failing: Ray restarts
+    failed workers itself (--max-failures), but a write of its own run state that fails ends the run, where the
+    workers ride out the same outage (pipeline.storage). Once the storage answers, the run goes on from its last
+    checkpoint, up to --max-failures times."""
+    from pipeline.storage import is_transient, retried
+
+    refits = 0
+    while True:
+        try:
+            return trainer.fit()
+        except ray.train.ControllerError as error:
+            if refits >= cfg.max_failures or not is_transient(error.controller_failure):
+                raise
+            refits += 1
+            print(f"[{cfg.run_name}] Ray Train stopped on its storage ({failure_cause(error)}); the run goes on from "
+                  "its last checkpoint once the storage answers", file=sys.stderr, flush=True)
+            retried(partial(latest_checkpoint, cfg.storage_path, cfg.run_name), f"waiting for {cfg.storage_path}")
+            trainer = build_trainer(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result = trainer.fit()
+        result = fit(cfg, trainer)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
         # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in SystemExit,
         # as it does when Ray stops the driver (SIGTERM, `ray job stop`)
@@ -231,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()  # now, while the line below is the last one: its detached actors log until then
         print(stopped_line(cfg), file=sys.stderr)
         return stopped_exit_code(stop)
+    except Exception as error:  # the traceback in full, then what it means for the run
+        traceback.print_exc()
+        if ray.is_initialized():
+            ray.shutdown()
+        print(f"failed: {failure_cause(error)}; {resume_hint(cfg)}", file=sys.stderr)
+        return 1
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:

@@ -148,16 +148,22 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
 
     import fsspec
 
+    from pipeline.storage import retried
     from train.plots import run_plot
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
                "history": state.history, "fidelity": state.fidelity, "convergence": convergence(state.fidelity),
                "validation": state.validation, "train_seconds": state.train_seconds, "timing": state.timing}
-    with fsspec.open(results_url(cfg), "w") as f:
-        json.dump(results, f, indent=1)
+    png = io.BytesIO()
     if state.fidelity.get("curves"):
-        png = io.BytesIO()
         run_plot(results).save(png, format="PNG")
-        with fsspec.open(plot_url(cfg), "wb") as f:
-            f.write(png.getvalue())
+
+    def write() -> None:
+        with fsspec.open(results_url(cfg), "w") as f:
+            json.dump(results, f, indent=1)
+        if png.getvalue():
+            with fsspec.open(plot_url(cfg), "wb") as f:
+                f.write(png.getvalue())
+
+    retried(write, f"writing the results of {cfg.run_name}")  # storage that fails for a while is waited out
     return results

@@ -1,0 +1,142 @@
+"""storage outages: which errors are waited out and for how long, and a real cut (the moto S3 server stopped and
+started again) in the middle of reading a shard"""
+import contextlib
+import io
+import logging
+import tarfile
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pytest
+
+from pipeline import format as fmt
+from pipeline import storage
+from pipeline.storage import Outage, StorageOutage, is_transient, retried
+
+
+def test_connection_errors_are_waited_out_and_answers_are_not():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+
+    for error in (ConnectionResetError(), TimeoutError(), OSError(5, "Input/output error"),
+                  EndpointConnectionError(endpoint_url="http://s3"), ReadTimeoutError(endpoint_url="http://s3")):
+        assert is_transient(error), error
+    for error in (FileNotFoundError("s3://b/k"), PermissionError("AccessDenied"), NoCredentialsError(),
+                  tarfile.ReadError("bad header"), ValueError("a bug"), StorageOutage("waited already")):
+        assert not is_transient(error), error
+
+
+class FakeClock:
+    def __init__(self):
+        self.now, self.slept = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_an_outage_backs_off_then_gives_up_after_its_patience_naming_the_last_error():
+    clock = FakeClock()
+    outage = Outage("reading s3://b/k", patience_s=40, clock=clock, sleep=clock.sleep)
+    with pytest.raises(StorageOutage, match=r"reading s3://b/k: the storage failed for 4\d s; last error: "
+                                            r"ConnectionResetError: reset 6") as raised:
+        for attempt in range(20):
+            outage.wait(ConnectionResetError(f"reset {attempt}"))
+    assert clock.slept == [1, 2, 4, 8, 15, 10]  # doubling, capped, and the last wait ends at the patience
+    assert isinstance(raised.value.__cause__, ConnectionResetError)
+
+    outage.over()  # a success: the next outage has the whole patience again
+    outage.wait(TimeoutError())
+    assert clock.slept[-1] == 1
+
+
+def test_retried_repeats_a_call_through_transient_errors_only(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError("down")
+        return "done"
+
+    assert retried(flaky, "writing") == "done" and len(calls) == 3
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        retried(missing, "reading")
+    assert len(calls) == 1
+
+
+SAMPLES, MEMBER_BYTES = 24, 256 << 10
+
+
+def big_shard() -> bytes:
+    """A tar of SAMPLES samples whose bytes span several of s3fs's read blocks (set to 1 MiB below)."""
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    writer = fmt.SampleTarWriter(buffer)
+    for i in range(SAMPLES):
+        writer.write(f"{i:04d}", {"jpg": rng.bytes(MEMBER_BYTES), "txt": f"caption {i}".encode()})
+    writer.close()
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def shard_on_s3(s3_endpoint, monkeypatch) -> str:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries would hide a short outage from the reader
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "default_block_size": 1 << 20})
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    with contextlib.suppress(FileExistsError):  # made by an earlier test
+        fs.mkdir("cnd-outage-read")
+    fs.pipe_file("cnd-outage-read/big.tar", big_shard())
+    return "s3://cnd-outage-read/big.tar"
+
+
+def test_a_shard_read_through_a_cut_connection_goes_on_where_it_broke(shard_on_s3, s3_server, caplog):
+    keys, outage = [], threading.Event()
+
+    def restart_later() -> None:
+        time.sleep(3)
+        s3_server.start()
+
+    for sample in fmt.shard_samples([{"url": shard_on_s3}], patience_s=60):
+        keys.append(sample["__key__"])
+        if len(keys) == 2:  # a block or so in: the next ranged read finds the endpoint gone
+            s3_server.stop()
+            outage.set()
+            threading.Thread(target=restart_later, daemon=True).start()
+    assert outage.is_set()
+    assert keys == [f"{i:04d}" for i in range(SAMPLES)]  # every sample once, in order: none skipped, none repeated
+    retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.storage"]
+    assert retries and all(shard_on_s3 in m and "trying again" in m for m in retries)
+
+
+def test_a_storage_that_stays_down_ends_the_read_with_one_error_not_skipped_shards(shard_on_s3, s3_server):
+    skipped = []
+    s3_server.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageOutage, match="reading s3://cnd-outage-read/big.tar: the storage failed"):
+            list(fmt.shard_samples([{"url": shard_on_s3}, {"url": shard_on_s3}], handler=skipped.append,
+                                   patience_s=2))
+        assert time.monotonic() - started < 60
+    finally:
+        s3_server.start()
+    assert skipped == []  # not passed over as a bad shard: the stream stops instead
+    missing = []
+    assert list(fmt.shard_samples([{"url": shard_on_s3 + ".gone"}], handler=lambda e: missing.append(e) or True)) == []
+    assert len(missing) == 1 and isinstance(missing[0], FileNotFoundError)  # an answer, handed on at once
+
+
+@pytest.fixture(autouse=True)
+def storage_warnings(caplog):
+    caplog.set_level(logging.WARNING, logger="pipeline.storage")

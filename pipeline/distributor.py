@@ -13,7 +13,8 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.config import BuildConfig
-from pipeline.reader import InputShard
+from pipeline.reader import InputReadError, InputShard
+from pipeline.storage import Outage, StorageOutage, is_transient
 from pipeline.worker import ActorFault, process_shard
 from pipeline.writer import clear_staging
 
@@ -115,7 +116,9 @@ def run_pool(
 ) -> PoolResult:
     """Process every shard on a pool of actors. A shard whose task raises (or whose actor dies, or whose actor
     is at fault) is retried up to cfg.max_retries times, on a fresh actor unless the error was the shard's own;
-    after that it is reported as failed."""
+    after that it is reported as failed. A shard that failed on the storage (an input read or an upload cut off)
+    is retried without counting while the storage is being waited for (pipeline.storage): an outage fails every
+    shard in flight at once, and is waited out once for all of them."""
     num_workers = cfg.num_workers or default_num_workers(cfg, len(shards))
     options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
 
@@ -134,6 +137,7 @@ def run_pool(
     todo = deque(shards)
     attempts = {s.name: 0 for s in shards}
     running: dict[ray.ObjectRef, tuple[Any, InputShard]] = {}
+    outage = Outage("the job's storage")
     while todo or running:
         while todo and idle:
             actor, shard = idle.popleft(), todo.popleft()
@@ -149,14 +153,31 @@ def run_pool(
             continue
         except Exception as e:
             idle.append(actor)
-            _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
+            if waited_for_storage(outage, e):
+                todo.append(shard)
+            else:
+                _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
             continue
+        outage.over()
         idle.append(actor)
         result.done.append(stats)
         on_done(stats)
     for actor in idle:
         ray.kill(actor)
     return result
+
+
+def waited_for_storage(outage: Outage, error: BaseException) -> bool:
+    """Whether `error` is the storage failing and, having waited before the next try, the outage is still within
+    its patience; False: the error counts as a failed attempt of its shard."""
+    cause = getattr(error, "cause", None) or error  # a task's RayTaskError wraps the actor's exception
+    if not (isinstance(cause, InputReadError) or is_transient(cause)):
+        return False
+    try:
+        outage.wait(cause)
+    except StorageOutage:
+        return False
+    return True
 
 
 def _retry_or_fail(shard, error, attempts, max_retries, todo, result, on_fail) -> None:

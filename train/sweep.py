@@ -132,9 +132,9 @@ def exit_leaving_threads(code: int) -> NoReturn:
 def train(cfg: TrainConfig) -> None:
     """One run on Ray Train (in this process with --num-workers 0); a run of this name with checkpoints resumes
     from its last one (refused when started with other settings)."""
-    from train.run import build_trainer
+    from train.run import build_trainer, fit
 
-    build_trainer(cfg).fit()
+    fit(cfg, build_trainer(cfg))  # resubmitted where Ray Train's controller stopped on its storage
 
 
 @dataclasses.dataclass

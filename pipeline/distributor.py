@@ -13,8 +13,8 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.config import BuildConfig
+from pipeline.format import Outage, StorageOutage, is_transient
 from pipeline.reader import InputReadError, InputShard
-from pipeline.storage import Outage, StorageOutage, is_transient
 from pipeline.worker import ActorFault, process_shard
 from pipeline.writer import clear_staging
 
@@ -117,7 +117,7 @@ def run_pool(
     """Process every shard on a pool of actors. A shard whose task raises (or whose actor dies, or whose actor
     is at fault) is retried up to cfg.max_retries times, on a fresh actor unless the error was the shard's own;
     after that it is reported as failed. A shard that failed on the storage (an input read or an upload cut off)
-    is retried without counting while the storage is being waited for (pipeline.storage): an outage fails every
+    is retried without counting while the storage is being waited for (pipeline.format.Outage): an outage fails every
     shard in flight at once, and is waited out once for all of them."""
     num_workers = cfg.num_workers or default_num_workers(cfg, len(shards))
     options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}

@@ -6,8 +6,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline import storage
-from pipeline.storage import StorageOutage
+from pipeline import format as fmt
+from pipeline.format import StorageOutage
 from train.checkpoints import (
     PROGRESS_FILE,
     RAY_STORAGE_MARKER,
@@ -89,7 +89,7 @@ def test_a_checkpoint_published_again_is_incomplete_until_its_new_files_are_all_
     monkeypatch.setattr(LocalFileSystem, "put_file", cut_at_the_weights)
     again = checkpoint_folder(tmp_path / "again", 10)
     (again / "state.pt").write_bytes(b"other state")
-    monkeypatch.setattr(storage, "PATIENCE_S", 0)  # an outage that outlasts the run's patience
+    monkeypatch.setattr(fmt, "PATIENCE_S", 0)  # an outage that outlasts the run's patience
     with pytest.raises(StorageOutage) as failed:
         publish(again, run, 10)
     assert isinstance(failed.value.__cause__, ConnectionResetError)
@@ -97,3 +97,11 @@ def test_a_checkpoint_published_again_is_incomplete_until_its_new_files_are_all_
     monkeypatch.setattr(LocalFileSystem, "put_file", put_file)
     publish(again, run, 10)
     assert (Path(latest_in_run(run).removeprefix("file://")) / "state.pt").read_bytes() == b"other state"
+
+
+def test_a_checkpoint_folder_names_its_step():
+    from train.checkpoints import checkpoint_name, step_of
+
+    assert step_of(f"s3://b/runs/r/{checkpoint_name(1200)}/") == 1200
+    assert step_of("runs/r/checkpoint_step00000040") == 40  # Ray Train's form of the path: no protocol
+    assert step_of("runs/r/checkpoint_000003") == -1 and step_of("runs/r/checkpoint_stepx") == -1

@@ -403,7 +403,7 @@ def test_two_drivers_on_one_output_corrupt_nothing_and_count_nothing_twice(twelv
 
 def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, python, ray_session, s3_server):
     """The endpoint gone for 20 s mid-job, longer than botocore's own retries in the actors: the shards in flight
-    fail on the storage, and the driver waits the outage out once for all of them (pipeline.storage) instead of
+    fail on the storage, and the driver waits the outage out once for all of them (pipeline.format.Outage) instead of
     spending their --max-retries, so the run itself finishes. Before, it ended with failed shards for a rerun."""
     import tempfile
     import time

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import format as fmt
-from pipeline import storage
-from pipeline.storage import Outage, StorageOutage, is_transient, retried
+from pipeline.format import Outage, StorageOutage, is_transient, retried
 
 
 def test_connection_errors_are_waited_out_and_answers_are_not():
@@ -55,7 +54,7 @@ def test_an_outage_backs_off_then_gives_up_after_its_patience_naming_the_last_er
 
 
 def test_retried_repeats_a_call_through_transient_errors_only(monkeypatch):
-    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(fmt.time, "sleep", lambda seconds: None)
     calls = []
 
     def flaky() -> str:
@@ -116,7 +115,7 @@ def test_a_shard_read_through_a_cut_connection_goes_on_where_it_broke(shard_on_s
             threading.Thread(target=restart_later, daemon=True).start()
     assert outage.is_set()
     assert keys == [f"{i:04d}" for i in range(SAMPLES)]  # every sample once, in order: none skipped, none repeated
-    retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.storage"]
+    retries = [r.getMessage() for r in caplog.records if r.name == "pipeline.format"]
     assert retries and all(shard_on_s3 in m and "trying again" in m for m in retries)
 
 
@@ -139,4 +138,4 @@ def test_a_storage_that_stays_down_ends_the_read_with_one_error_not_skipped_shar
 
 @pytest.fixture(autouse=True)
 def storage_warnings(caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.storage")
+    caplog.set_level(logging.WARNING, logger="pipeline.format")

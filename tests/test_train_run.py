@@ -239,3 +239,14 @@ def test_a_run_rides_out_its_object_store_going_away(dataset, ray_session, s3_se
     outcome = json.loads(fs.cat_file(f"cnd-outage-train/runs/{name}/results.json"))
     reference = json.loads(fs.cat_file("cnd-outage-train/runs/calm/results.json"))
     assert outcome["final_step"] == 16 and losses(outcome["history"]) == losses(reference["history"])
+
+
+def test_a_failed_run_names_the_first_ranks_own_error_not_ray_trains_wrapper():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from train.run import failure_cause
+
+    workers = WorkerGroupError("rank 0: Traceback ...", {1: ValueError("second"), 0: RuntimeError("first\nlong")})
+    assert failure_cause(workers) == "RuntimeError: first"
+    assert failure_cause(ControllerError(OSError("storage down"))) == "OSError: storage down"
+    assert failure_cause(KeyError()) == "KeyError"

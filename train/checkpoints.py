@@ -8,7 +8,7 @@ from pathlib import Path
 
 import fsspec
 
-from pipeline.storage import retried
+from pipeline.format import retried
 
 PROGRESS_FILE = "progress.json"  # written last into a checkpoint: a checkpoint without it is incomplete
 RAY_STORAGE_MARKER = ".validate_storage_marker"  # Ray Train's controller writes it into the run's folder
@@ -57,7 +57,7 @@ def upload_order(folder: Path) -> list[Path]:
 
 def publish(folder: Path, run: str, step: int) -> str:
     """Copy a checkpoint written to a local folder to the run's storage; its URL. Storage that fails for a while
-    (pipeline.storage) is waited out and the copy made again whole: a blip costs the run a pause, not the steps
+    (pipeline.format.retried) is waited out and the copy made again whole: a blip costs the run a pause, not the steps
     since its last checkpoint."""
     return retried(partial(_publish, folder, run, step), f"publishing step {step} of {run}")
 

@@ -235,9 +235,9 @@ def stopped_exit_code(stop: BaseException) -> int:
 def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
     """trainer.fit(), submitted again when Ray Train's controller stopped on its storage failing: Ray restarts
     failed workers itself (--max-failures), but a write of its own run state that fails ends the run, where the
-    workers ride out the same outage (pipeline.storage). Once the storage answers, the run goes on from its last
+    workers ride out the same outage (pipeline.format.retried). Once the storage answers, the run goes on from its last
     checkpoint, up to --max-failures times."""
-    from pipeline.storage import is_transient, retried
+    from pipeline.format import is_transient, retried
 
     refits = 0
     while True:

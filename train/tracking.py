@@ -148,7 +148,7 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
 
     import fsspec
 
-    from pipeline.storage import retried
+    from pipeline.format import retried
     from train.plots import run_plot
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,

@@ -187,9 +187,11 @@ class Trainer:
         self.controlnet = build_controlnet(self.base.unet, self.base.downsampling)
         freeze_for_training(self.base, self.controlnet, middle_only=cfg.mode == "middle")
         frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
+        # nn.Module.to itself: diffusers' override warns on every cast that modules "should be kept in float32",
+        # listing none (its check is `is not None`, and these models' list is empty)
         for module in self.base.frozen_modules:
-            module.to(device, dtype=frozen_dtype)
-        self.controlnet.to(device, dtype=torch.float32)  # master weights stay fp32 under autocast
+            nn.Module.to(module, device, dtype=frozen_dtype)
+        nn.Module.to(self.controlnet, device, dtype=torch.float32)  # master weights stay fp32 under autocast
         plain_attention_on_cpu(device, self.base.unet, self.controlnet)
         if cfg.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()

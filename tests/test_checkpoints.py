@@ -105,3 +105,23 @@ def test_a_checkpoint_folder_names_its_step():
     assert step_of(f"s3://b/runs/r/{checkpoint_name(1200)}/") == 1200
     assert step_of("runs/r/checkpoint_step00000040") == 40  # Ray Train's form of the path: no protocol
     assert step_of("runs/r/checkpoint_000003") == -1 and step_of("runs/r/checkpoint_stepx") == -1
+
+
+def test_a_fetch_cut_short_by_the_storage_is_made_again_whole(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    run = str(tmp_path / "runs" / "r")
+    url = publish(checkpoint_folder(tmp_path, 10), run, 10)
+    get_file, cuts = LocalFileSystem.get_file, []
+
+    def cut_twice(self, rpath, lpath, *args, **kwargs):
+        if str(rpath).endswith("weights.safetensors") and len(cuts) < 2:
+            cuts.append(rpath)
+            raise ConnectionResetError("connection reset by peer")
+        return get_file(self, rpath, lpath, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "get_file", cut_twice)
+    monkeypatch.setattr(fmt.time, "sleep", lambda seconds: None)
+    folder = fetch(url, tmp_path / "fetched")
+    assert len(cuts) == 2 and (folder / "controlnet" / "weights.safetensors").read_bytes() == bytes([10]) * 100
+    assert json.loads((folder / PROGRESS_FILE).read_text()) == {"step": 10}

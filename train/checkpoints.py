@@ -102,7 +102,12 @@ def _prune(run: str, keep: int) -> list[str]:
 
 
 def fetch(url: str, folder: Path) -> Path:
-    """Download a checkpoint into a local folder (for loading); the folder."""
+    """Download a checkpoint into a local folder (for loading: a resume, an export); the folder. Storage that fails
+    for a while is waited out, and the download made again whole."""
+    return retried(partial(_fetch, url, folder), f"fetching {url}")
+
+
+def _fetch(url: str, folder: Path) -> Path:
     fs, root = fsspec.core.url_to_fs(url)
     for path in fs.find(root):
         target = folder / path[len(root.rstrip("/")) + 1 :]

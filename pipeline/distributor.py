@@ -185,7 +185,7 @@ def _retry_or_fail(shard, error, attempts, max_retries, todo, result, on_fail) -
     message = _short_error(error)
     on_fail(shard, message, attempts[shard.name])
     if attempts[shard.name] <= max_retries:
-        time.sleep(min(2.0 ** attempts[shard.name] / 4, 5.0))  # back off a little for transient storage errors
+        time.sleep(min(2.0 ** attempts[shard.name] / 4, 5.0))  # a little: storage outages are waited_for_storage
         todo.append(shard)
     else:
         result.failed[shard.name] = message

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from annotate.device import pick_device
-from annotate.weights import weights_variant
+from annotate.weights import diffusers_loading, weights_variant
 
 LATENT_DTYPE = np.float16  # mean and std: finer than the bf16 the trainer's autocast encodes in on GPUs
 
@@ -47,7 +47,8 @@ class LatentEncoder:
         self.device = pick_device(device)
         try:
             variant = weights_variant(base_model, "vae")  # an fp16 download: loaded as fp32 all the same
-            vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", variant=variant, torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", variant=variant, torch_dtype=torch.float32,
+                                                **diffusers_loading())
         except (OSError, ValueError) as e:
             raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {str(e).splitlines()[0]})") \
                 from None

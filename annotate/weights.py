@@ -50,6 +50,15 @@ def weights_variant(model_folder: str, subfolder: str) -> str | None:
     return variants.pop() if len(variants) == 1 else None
 
 
+def diffusers_loading() -> dict[str, bool]:
+    """from_pretrained's memory mode for diffusers models, said outright. diffusers asks for low-memory loading by
+    default, which needs `accelerate` (not one of this project's dependencies); without it every load prints a
+    six-line warning and falls back to the plain loading chosen here. With accelerate installed, it is used."""
+    from diffusers.utils import is_accelerate_available
+
+    return {"low_cpu_mem_usage": is_accelerate_available()}
+
+
 def one_line(error: BaseException, limit: int = 400) -> str:
     """An exception's message on one line (torch's load_state_dict lists keys over many), cut at `limit`."""
     text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())

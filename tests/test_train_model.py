@@ -170,3 +170,26 @@ def test_a_folder_with_several_variants_and_no_plain_weights_is_left_to_the_libr
     (tmp_path / "text_encoder").mkdir()
     (tmp_path / "text_encoder" / "model-00001-of-00002.fp16.safetensors").write_bytes(b"")  # the older order
     assert weights_variant(str(tmp_path), "text_encoder") == "fp16"
+
+
+def test_loading_the_models_warns_about_nothing_missing(tiny_sd_path, tmp_path):
+    """diffusers asks for `accelerate` (not a dependency) on every load unless told which loading to use: six
+    lines each, twice per training run, per dataset worker with --latents, per export."""
+    import logging
+
+    from annotate.latents import LatentEncoder
+
+    loaded = load_base_model(str(tiny_sd_path))
+    build_controlnet(loaded.unet).save_pretrained(tmp_path / "controlnet")
+    warnings: list[str] = []
+    seen = logging.Handler(logging.WARNING)
+    seen.emit = lambda record: warnings.append(record.getMessage())
+    library = logging.getLogger("diffusers")  # its own handler prints to stderr; it does not propagate
+    library.addHandler(seen)
+    try:
+        build_controlnet(loaded.unet, pretrained=tmp_path / "controlnet")
+        load_base_model(str(tiny_sd_path))
+        LatentEncoder(str(tiny_sd_path), device="cpu")
+    finally:
+        library.removeHandler(seen)
+    assert not [w for w in warnings if "accelerate" in w]

@@ -17,7 +17,7 @@ import tyro
 from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from annotate.weights import weights_variant
+from annotate.weights import diffusers_loading, weights_variant
 from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 from train.model import local_model_folder
 
@@ -169,7 +169,7 @@ def trained_unet(decoder: Path, dtype: torch.dtype = torch.float32) -> UNet2DCon
     base_model = json.loads((decoder.parent / CONFIG_FILE).read_text())["base_model"]
     source = local_model_folder(base_model)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=weights_variant(source, "unet"),
-                                                torch_dtype=dtype)
+                                                torch_dtype=dtype, **diffusers_loading())
     weights = {k.removeprefix("unet."): v for k, v in load_file(decoder).items()}
     # strict=False: the file holds the decoder only. Shapes are checked even so, and the trained fp32 weights are
     # cast to `dtype` as they are copied in
@@ -285,7 +285,7 @@ def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.flo
     """Write the ControlNet of `checkpoint`, and the UNet when the run trained its decoder, to `out` as diffusers
     folders or one original .safetensors file. Returns the paths written."""
     folder = controlnet_folder(Path(checkpoint))
-    controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype)
+    controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype, **diffusers_loading())
     decoder = decoder_file(folder)
     unet = trained_unet(decoder, dtype) if decoder else None
     out = Path(out)

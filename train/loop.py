@@ -248,7 +248,9 @@ class Trainer:
     def load(self, folder: Path) -> None:
         from diffusers import ControlNetModel
 
-        weights = ControlNetModel.from_pretrained(folder / CONTROLNET_DIR).state_dict()
+        from annotate.weights import diffusers_loading
+
+        weights = ControlNetModel.from_pretrained(folder / CONTROLNET_DIR, **diffusers_loading()).state_dict()
         self.controlnet.load_state_dict(weights)
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         if state["decoder_unlocked"]:

@@ -48,15 +48,18 @@ def load_base_model(base_model: str) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from annotate.weights import diffusers_loading
+
     source = local_model_folder(base_model)
     components = DiffusionPipeline.load_config(source)
     has_vae = components.get("vae") not in (None, [None, None])
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(source, **component_weights(source, "text_encoder", "dtype")),
-        unet=UNet2DConditionModel.from_pretrained(source, **component_weights(source, "unet")),
+        unet=UNet2DConditionModel.from_pretrained(source, **component_weights(source, "unet"), **diffusers_loading()),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
-        vae=AutoencoderKL.from_pretrained(source, **component_weights(source, "vae")) if has_vae else None,
+        vae=AutoencoderKL.from_pretrained(source, **component_weights(source, "vae"), **diffusers_loading())
+        if has_vae else None,
     )
 
 
@@ -167,8 +170,10 @@ def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | P
     condition embedding that brings the map to the UNet's sample size (`downsampling`: BaseModel.downsampling)."""
     from diffusers import ControlNetModel
 
+    from annotate.weights import diffusers_loading
+
     if pretrained is not None:
-        return ControlNetModel.from_pretrained(pretrained)
+        return ControlNetModel.from_pretrained(pretrained, **diffusers_loading())
     channels = condition_embedding_channels(downsampling)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
 

@@ -156,7 +156,8 @@ def wait_for_checkpoint(run: Path, process, timeout_s: float = 180) -> None:
 def test_ctrl_c_stops_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(dataset, storage, ray_session,
                                                                                python, workers):
     """Ctrl-C printed a traceback in local mode (KeyboardInterrupt) and, on a Ray worker, exited 1 in silence once
-    Ray Train's own SIGINT handler had aborted the run (fit() ends in SystemExit there)."""
+    Ray Train's own SIGINT handler had aborted the run (fit() ends in SystemExit(0) there); then exited 1 with the
+    line, where the shell's code for Ctrl-C is 130."""
     name = f"ctrl-c-{workers}"
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
                "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
@@ -167,10 +168,30 @@ def test_ctrl_c_stops_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(
     wait_for_checkpoint(storage / name, run)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=90)
-    assert run.returncode == (130 if workers == 0 else 1) and "Traceback" not in stderr, stderr[-3000:]
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     last = latest_checkpoint(str(storage), name)
     assert last and stderr.strip().splitlines()[-1] == \
         f"stopped: the same command resumes {name} from its last checkpoint, {last}"
+
+
+def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
+    """On Ray workers, Ray Train's own SIGINT handler takes Ctrl-C and fit() ends in SystemExit(1), the code of
+    any failure: the run exited 1, where local mode exits 130."""
+    from train.run import SignalLog, stopped_exit_code
+
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a handler that takes the signal, as Ray Train's
+    try:
+        with SignalLog() as signals:
+            assert stopped_exit_code(SystemExit(1), signals.received()) == 1
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # Python runs handlers between bytecodes
+            assert signal.SIGINT in signals.received()
+            assert stopped_exit_code(SystemExit(1), signals.received()) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.set_wakeup_fd(-1) == -1  # the log gave back the wakeup fd it found (none)
+    assert stopped_exit_code(SystemExit(2)) == 2 and stopped_exit_code(SystemExit(0)) == 1
+    assert stopped_exit_code(KeyboardInterrupt()) == 130
 
 
 def test_a_cluster_the_trainer_starts_quietens_ray_trains_placement_group_cleaner(python):

@@ -1,9 +1,12 @@
 """train a ControlNet with Ray Train DDP: python train/run.py --preset debug --data data/demo/canny --run-name x"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import traceback
 from functools import partial
 from pathlib import Path
@@ -224,9 +227,40 @@ def failure_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
-def stopped_exit_code(stop: BaseException) -> int:
-    """130, the shell's code for Ctrl-C; else the stop's own code, never 0: the run did not finish."""
-    if isinstance(stop, KeyboardInterrupt):
+class SignalLog:
+    """The signals this process receives while it is open, whichever Python handler takes them. During fit() on
+    Ray workers, Ctrl-C goes to Ray Train's own SIGINT handler: it aborts the run and calls sys.exit(0), which
+    Ray's get() turns into SystemExit(1), the code of any failure. The interpreter writes each signal's number
+    to its wakeup fd before a handler runs, so this log holds the SIGINT all the same. It logs nothing outside the
+    main thread, where no handler runs."""
+
+    def __enter__(self) -> SignalLog:
+        self.seen: set[int] = set()
+        self._pipe, self._previous = None, -1
+        if threading.current_thread() is threading.main_thread():
+            self._pipe = os.pipe()
+            for end in self._pipe:
+                os.set_blocking(end, False)  # set_wakeup_fd requires it; a full pipe drops a number, not the process
+            self._previous = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        return self
+
+    def received(self) -> set[int]:
+        if self._pipe:
+            with contextlib.suppress(BlockingIOError):
+                self.seen.update(os.read(self._pipe[0], 1024))
+        return self.seen
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pipe:
+            signal.set_wakeup_fd(self._previous)
+            for end in self._pipe:
+                os.close(end)
+
+
+def stopped_exit_code(stop: BaseException, signals: set[int] = frozenset()) -> int:
+    """130, the shell's code for Ctrl-C (a KeyboardInterrupt, or a SIGINT among the `signals` received: see
+    SignalLog); else the stop's own code, never 0: the run did not finish."""
+    if isinstance(stop, KeyboardInterrupt) or signal.SIGINT in signals:
         return 130
     code = getattr(stop, "code", None)
     return code if isinstance(code, int) and code != 0 else 1
@@ -265,21 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        result = fit(cfg, trainer)
-    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
-        # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in SystemExit,
-        # as it does when Ray stops the driver (SIGTERM, `ray job stop`)
-        if ray.is_initialized():
-            ray.shutdown()  # now, while the line below is the last one: its detached actors log until then
-        print(stopped_line(cfg), file=sys.stderr)
-        return stopped_exit_code(stop)
-    except Exception as error:  # the traceback in full, then what it means for the run
-        traceback.print_exc()
-        if ray.is_initialized():
-            ray.shutdown()
-        print(f"failed: {failure_cause(error)}; {resume_hint(cfg)}", file=sys.stderr)
-        return 1
+    with SignalLog() as signals:
+        try:
+            result = fit(cfg, trainer)
+        except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
+            # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in
+            # SystemExit, as it does when Ray stops the driver (SIGTERM, `ray job stop`)
+            if ray.is_initialized():
+                ray.shutdown()  # now, while the line below is the last one: its detached actors log until then
+            print(stopped_line(cfg), file=sys.stderr)
+            return stopped_exit_code(stop, signals.received())
+        except Exception as error:  # the traceback in full, then what it means for the run
+            traceback.print_exc()
+            if ray.is_initialized():
+                ray.shutdown()
+            print(f"failed: {failure_cause(error)}; {resume_hint(cfg)}", file=sys.stderr)
+            return 1
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:

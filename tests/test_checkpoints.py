@@ -16,6 +16,8 @@ from train.checkpoints import (
     prune,
     publish,
     publish_from_worker,
+    retire_unrecorded,
+    unrecorded_checkpoints,
     upload_order,
 )
 
@@ -56,6 +58,25 @@ def test_published_checkpoints_are_found_pruned_and_fetched(tmp_path, where, req
     back = fetch(latest_in_run(run), tmp_path / "back")
     assert (back / "controlnet" / "weights.safetensors").read_bytes() == bytes([30]) * 100
     assert json.loads((back / PROGRESS_FILE).read_text()) == {"step": 30}
+
+
+def test_checkpoints_ray_never_recorded_are_deleted_once_they_age_out_and_no_other(tmp_path):
+    """A worker run resumed from a checkpoint Ray Train never recorded (its controller died after the publish)
+    went on from it, but Ray's num_to_keep does not know that folder: it stayed on storage for good."""
+    run = str(tmp_path / "runs" / "r")
+    for step in (2, 4, 6):  # Ray recorded 2 and 4; 6 was published by an attempt that died
+        publish(checkpoint_folder(tmp_path, step), run, step)
+    unrecorded = unrecorded_checkpoints(run, recorded_step=4)
+    assert [u.rsplit("_", 1)[1] for u in unrecorded] == ["step00000006"]
+    assert len(unrecorded_checkpoints(run, recorded_step=-1)) == 3  # no record: none of them is Ray's
+
+    publish(checkpoint_folder(tmp_path, 8), run, 8)  # the resumed run goes on
+    assert retire_unrecorded(run, unrecorded, keep=2) == unrecorded  # still among the 2 newest
+    publish(checkpoint_folder(tmp_path, 10), run, 10)
+    assert retire_unrecorded(run, unrecorded, keep=2) == []
+    left = sorted(p.name for p in Path(run).iterdir())
+    assert left == [f"checkpoint_step{s:08d}" for s in (2, 4, 8, 10)]  # Ray's own (2, 4) are Ray's to delete
+    assert retire_unrecorded(run, unrecorded, keep=2) == []  # gone already: forgotten, no error
 
 
 def test_a_worker_that_cannot_see_the_runs_storage_publishes_nothing(tmp_path):

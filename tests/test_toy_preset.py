@@ -84,10 +84,13 @@ def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, cli
     detected step and mAUCC (the curves restored from the checkpoint, not restarted after it). The uninterrupted
     run is the command-line one above (same settings; logging and the base's folder do not change training).
     The first half runs in Ray Train's local mode (the toy's default), the second on a Ray Train worker: both
-    modes write, find and resume the same checkpoints, and train the same numbers."""
+    modes write, find and resume the same checkpoints, and train the same numbers. Ray Train's num_to_keep
+    prunes only the checkpoints it recorded: the worker run deletes the local-mode one itself once it ages out."""
     first = build_trainer(config(dataset, tmp_path, "halves", max_steps=2)).fit()  # stopped at its step-2 checkpoint
     assert first.metrics["step"] == 2 and Path(first.checkpoint.path).parent == tmp_path / "halves"
-    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=4, num_workers=1)).fit()  # resumes
+    second = build_trainer(config(dataset, tmp_path, "halves", max_steps=4, num_workers=1,  # resumes
+                                  keep_checkpoints=1)).fit()
+    assert sorted(p.name for p in (tmp_path / "halves").glob("checkpoint_*")) == ["checkpoint_step00000004"]
     whole = cli_run[1] / "runs" / "toy-cli"
     uninterrupted, resumed = (json.loads((run / "results.json").read_text()) for run in (whole, tmp_path / "halves"))
     assert resumed["resumed_from"] == 2 and resumed["final_step"] == 4 and uninterrupted["final_step"] == 4

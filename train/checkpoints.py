@@ -96,9 +96,37 @@ def _prune(run: str, keep: int) -> list[str]:
     steps = complete_checkpoints(run)
     old = sorted(steps, key=steps.get, reverse=True)[keep:]
     for url in old:
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.rm(path, recursive=True)
+        _remove(url)
     return old
+
+
+def _remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.rm(path, recursive=True)
+
+
+def unrecorded_checkpoints(run: str, recorded_step: int) -> list[str]:
+    """The run's complete checkpoints newer than the last one Ray Train recorded (`recorded_step`, -1 when it has
+    none): published by an attempt that died before Ray recorded them, or by a run of Ray Train's local mode,
+    which keeps no record. Ray's num_to_keep never deletes these (retire_unrecorded does)."""
+    steps = complete_checkpoints(run)
+    return sorted((url for url, step in steps.items() if step > recorded_step), key=steps.get)
+
+
+def retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
+    """Delete the checkpoints Ray Train never recorded once `keep` newer ones are complete, as its num_to_keep
+    deletes the ones it recorded (only these: deleting one Ray recorded would break its own pruning); the ones
+    still kept."""
+    return retried(partial(_retire_unrecorded, run, unrecorded, keep), f"pruning the checkpoints of {run}")
+
+
+def _retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
+    steps = complete_checkpoints(run)
+    newest = set(sorted(steps, key=steps.get, reverse=True)[:keep])
+    for url in unrecorded:
+        if url in steps and url not in newest:
+            _remove(url)
+    return [url for url in unrecorded if url in newest]  # one gone already (by hand) is forgotten
 
 
 def fetch(url: str, folder: Path) -> Path:

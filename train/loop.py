@@ -52,6 +52,8 @@ class TrainState:
     timing: dict[str, Any] = field(default_factory=dict)  # this segment: started/finished (epoch s), devices
     stream: list[list[Any]] = field(default_factory=list)  # where every rank's data stream goes on, by rank, then
     # loader worker (train.data.ShardCursor.at): gathered at each checkpoint, taken up by each rank on resume
+    unrecorded: list[str] = field(default_factory=list)  # checkpoints on storage that Ray Train's record lacks
+    # (train.checkpoints.unrecorded_checkpoints): rank 0 deletes them as they age out of --keep-checkpoints
 
 
 def segment_seed(seed: int, rank: int, step: int) -> int:
@@ -230,6 +232,7 @@ class Trainer:
             "history": json.dumps(self.state.history),
             "fidelity": json.dumps(self.state.fidelity),
             "stream": json.dumps(self.state.stream),
+            "unrecorded": json.dumps(self.state.unrecorded),
             "train_seconds": self.state.train_seconds,
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
@@ -268,7 +271,8 @@ class Trainer:
                                 history=json.loads(state["history"]), resumed_from=state["step"],
                                 fidelity=json.loads(state.get("fidelity", "{}")),
                                 train_seconds=float(state.get("train_seconds", 0.0)),
-                                stream=json.loads(state.get("stream", "[]")))
+                                stream=json.loads(state.get("stream", "[]")),
+                                unrecorded=json.loads(state.get("unrecorded", "[]")))
         mine = self.state.stream[self.rank] if self.rank < len(self.state.stream) else []
         self.cursors = [tuple(at) if at else None for at in mine]
 
@@ -480,24 +484,29 @@ def apply_secrets(ref) -> list[str]:
     return sorted(secrets)
 
 
-def restore(trainer: Trainer, cfg: TrainConfig) -> None:
+def restore(trainer: Trainer, cfg: TrainConfig, local: bool) -> None:
     """Resume from the run's last checkpoint: the one Ray Train hands back (a worker group it restarted, a run it
     knows), unless storage holds a newer complete one, which Ray never recorded (a worker that died, or a run state
     Ray could not write, after the checkpoint was published); else the newest complete one on storage (a run of Ray
-    Train's local mode, which keeps no record, or one begun in the other mode: both write the same layout)."""
+    Train's local mode, which keeps no record, or one begun in the other mode: both write the same layout).
+    On workers, the checkpoints Ray has no record of are noted, for rank 0 to delete as they age out
+    (retire_unrecorded): its num_to_keep never would."""
     import ray.train
 
-    from train.checkpoints import fetch, latest_checkpoint, step_of
+    from train.checkpoints import fetch, run_url, step_of, unrecorded_checkpoints
 
     checkpoint = ray.train.get_checkpoint()
-    url = latest_checkpoint(cfg.storage_path, cfg.run_name)
-    if checkpoint is not None and (url is None or step_of(checkpoint.path) >= step_of(url)):
+    recorded_step = step_of(checkpoint.path) if checkpoint is not None else -1
+    unrecorded = unrecorded_checkpoints(run_url(cfg.storage_path, cfg.run_name), recorded_step)
+    if unrecorded:
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.load(fetch(unrecorded[-1], Path(folder)))
+    elif checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder))
-        return
-    if url is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            trainer.load(fetch(url, Path(folder)))
+    if not local and (checkpoint is None or recorded_step >= 0):  # (a folder named otherwise, by an older
+        # version: which of the run's checkpoints Ray recorded is not known, and none is deleted)
+        trainer.state.unrecorded = sorted(set(trainer.state.unrecorded) | set(unrecorded), key=step_of)
 
 
 def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) -> None:
@@ -509,7 +518,7 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
     --keep-checkpoints itself. Both modes write the same folders, so a run resumes in either."""
     import ray.train
 
-    from train.checkpoints import checkpoint_name, prune, publish, publish_from_worker, run_url
+    from train.checkpoints import checkpoint_name, prune, publish, publish_from_worker, retire_unrecorded, run_url
 
     cfg, step = trainer.cfg, trainer.state.step
     run = run_url(cfg.storage_path, cfg.run_name)
@@ -529,6 +538,8 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
 
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0
                              else None, checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_fn=upload)
+            if trainer.rank == 0 and trainer.state.unrecorded:
+                trainer.state.unrecorded = retire_unrecorded(run, trainer.state.unrecorded, cfg.keep_checkpoints)
 
 
 def pick_device(cfg: TrainConfig, local: bool) -> torch.device:
@@ -590,7 +601,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     manifest = dataset_manifest(source)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, rank, world_size, device, fingerprint_vae=bool(manifest.get("latents")))
-    restore(trainer, cfg)
+    restore(trainer, cfg, local)
     if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()

@@ -92,9 +92,13 @@ def prune(run: str, keep: int) -> list[str]:
     return retried(partial(_prune, run, keep), f"pruning the checkpoints of {run}")
 
 
+def newest_first(steps: dict[str, int]) -> list[str]:
+    """The checkpoint URLs of {URL: step}, the highest step first: the first --keep-checkpoints are kept."""
+    return sorted(steps, key=steps.get, reverse=True)
+
+
 def _prune(run: str, keep: int) -> list[str]:
-    steps = complete_checkpoints(run)
-    old = sorted(steps, key=steps.get, reverse=True)[keep:]
+    old = newest_first(complete_checkpoints(run))[keep:]
     for url in old:
         _remove(url)
     return old
@@ -122,7 +126,7 @@ def retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
 
 def _retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
     steps = complete_checkpoints(run)
-    newest = set(sorted(steps, key=steps.get, reverse=True)[:keep])
+    newest = set(newest_first(steps)[:keep])
     for url in unrecorded:
         if url in steps and url not in newest:
             _remove(url)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -261,15 +262,26 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as stop:
+        signum = stop_signal(stop)
+        if signum is None:
+            raise
         if joined_here and ray.is_initialized():
             ray.shutdown()  # its actors die with it, so their staging is anyone's to clear
         print(interrupted_line(cfg.output), file=sys.stderr)
-        return 130  # the shell's code for a command ended by SIGINT
+        return 128 + signum  # the shell's code for a command ended by that signal
+
+
+def stop_signal(stop: BaseException) -> int | None:
+    """The signal behind a stop: SIGINT for Ctrl-C, SIGTERM (`ray job stop`, a pod's eviction) for the
+    SystemExit(15) that Ray's driver handler makes of it; None for any other exit."""
+    if isinstance(stop, KeyboardInterrupt):
+        return signal.SIGINT
+    return signal.SIGTERM if isinstance(stop, SystemExit) and stop.code == signal.SIGTERM else None
 
 
 def interrupted_line(output: str) -> str:
-    """What Ctrl-C leaves: the shards committed so far, complete (a shard is committed by its stats.json, written
+    """What Ctrl-C or SIGTERM leaves: the shards committed so far, complete (a shard is committed by its stats.json, written
     last), and the staging of those cut short cleared; the same command does the rest."""
     clear_staging(output)
     committed = len(fmt.committed_shards(output))

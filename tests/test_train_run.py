@@ -152,13 +152,16 @@ def wait_for_checkpoint(run: Path, process, timeout_s: float = 180) -> None:
     assert list(run.glob("checkpoint_*/progress.json")), "no checkpoint before the deadline"
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["local-mode", "ray-worker"])
-def test_ctrl_c_stops_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(dataset, storage, ray_session,
-                                                                               python, workers):
+@pytest.mark.parametrize("workers, stop", [(0, signal.SIGINT), (1, signal.SIGINT), (0, signal.SIGTERM),
+                                           (1, signal.SIGTERM)],
+                         ids=["ctrl-c-local-mode", "ctrl-c-ray-worker", "sigterm-local-mode", "sigterm-ray-worker"])
+def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(dataset, storage, ray_session,
+                                                                              python, workers, stop):
     """Ctrl-C printed a traceback in local mode (KeyboardInterrupt) and, on a Ray worker, exited 1 in silence once
     Ray Train's own SIGINT handler had aborted the run (fit() ends in SystemExit(0) there); then exited 1 with the
-    line, where the shell's code for Ctrl-C is 130."""
-    name = f"ctrl-c-{workers}"
+    line, where the shell's code for Ctrl-C is 130. SIGTERM (`ray job stop`) killed a run in local mode mid-line
+    and ended one on workers with code 1; now both print the line and exit 143."""
+    name = f"stop-{int(stop)}-{workers}"
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
                "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
                "--wandb", "off", "--num-workers", str(workers), "--cpus-per-worker", "1"]
@@ -166,9 +169,9 @@ def test_ctrl_c_stops_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(
     run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(storage / name, run)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(stop)
     _, stderr = run.communicate(timeout=90)
-    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert run.returncode == 128 + stop and "Traceback" not in stderr, stderr[-3000:]
     last = latest_checkpoint(str(storage), name)
     assert last and stderr.strip().splitlines()[-1] == \
         f"stopped: the same command resumes {name} from its last checkpoint, {last}"
@@ -192,6 +195,8 @@ def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
     assert signal.set_wakeup_fd(-1) == -1  # the log gave back the wakeup fd it found (none)
     assert stopped_exit_code(SystemExit(2)) == 2 and stopped_exit_code(SystemExit(0)) == 1
     assert stopped_exit_code(KeyboardInterrupt()) == 130
+    assert stopped_exit_code(SystemExit(signal.SIGTERM)) == 143  # Ray's driver handler: sys.exit(15)
+    assert stopped_exit_code(SystemExit(1), {signal.SIGTERM}) == 143  # that, through Ray's get() on workers
 
 
 def test_a_cluster_the_trainer_starts_quietens_ray_trains_placement_group_cleaner(python):

@@ -258,12 +258,25 @@ class SignalLog:
 
 
 def stopped_exit_code(stop: BaseException, signals: set[int] = frozenset()) -> int:
-    """130, the shell's code for Ctrl-C (a KeyboardInterrupt, or a SIGINT among the `signals` received: see
-    SignalLog); else the stop's own code, never 0: the run did not finish."""
-    if isinstance(stop, KeyboardInterrupt) or signal.SIGINT in signals:
-        return 130
+    """The shell's code for the signal that stopped the run: 130 for Ctrl-C (a KeyboardInterrupt, or a SIGINT among
+    the `signals` received: see SignalLog), 143 for SIGTERM (`ray job stop`, a pod's eviction: Ray's driver handler
+    and exit_on_sigterm make it SystemExit(15), which Ray's get() turns into SystemExit(1) on workers); else the
+    stop's own code, never 0: the run did not finish."""
     code = getattr(stop, "code", None)
+    if isinstance(stop, KeyboardInterrupt) or signal.SIGINT in signals:
+        return 128 + signal.SIGINT
+    if signal.SIGTERM in signals or code == signal.SIGTERM:
+        return 128 + signal.SIGTERM
     return code if isinstance(code, int) and code != 0 else 1
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the process in SystemExit(15), as Ray's driver handler does once ray.init has run: a run in
+    local mode, which never calls ray.init, then stops as one on workers does, with the line naming the checkpoint
+    it resumes from, and its W&B run closed, rather than dying mid-line. A handler someone else set is kept."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
 
 
 def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
@@ -299,12 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    exit_on_sigterm()
     with SignalLog() as signals:
         try:
             result = fit(cfg, trainer)
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
             # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in
-            # SystemExit, as it does when Ray stops the driver (SIGTERM, `ray job stop`)
+            # SystemExit, as it does when the driver is sent SIGTERM (`ray job stop`) in either mode
             if ray.is_initialized():
                 ray.shutdown()  # now, while the line below is the last one: its detached actors log until then
             print(stopped_line(cfg), file=sys.stderr)

@@ -281,8 +281,8 @@ def stop_signal(stop: BaseException) -> int | None:
 
 
 def interrupted_line(output: str) -> str:
-    """What Ctrl-C or SIGTERM leaves: the shards committed so far, complete (a shard is committed by its stats.json, written
-    last), and the staging of those cut short cleared; the same command does the rest."""
+    """What Ctrl-C or SIGTERM leaves: the shards committed so far, complete (a shard is committed by its stats.json,
+    written last), and the staging of those cut short cleared; the same command does the rest."""
     clear_staging(output)
     committed = len(fmt.committed_shards(output))
     return f"interrupted: {committed} shard(s) committed in {output}; the same command resumes with the rest"

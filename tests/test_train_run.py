@@ -276,3 +276,25 @@ def test_a_failed_run_names_the_first_ranks_own_error_not_ray_trains_wrapper():
     assert failure_cause(workers) == "RuntimeError: first"
     assert failure_cause(ControllerError(OSError("storage down"))) == "OSError: storage down"
     assert failure_cause(KeyError()) == "KeyError"
+
+
+def test_sigterm_becomes_an_exit_that_the_stop_handling_sees_and_another_handler_is_kept():
+    """A run in local mode (and a sweep of them) never calls ray.init, whose driver handler makes SIGTERM a
+    SystemExit(15): SIGTERM killed it mid-line, with no line naming the checkpoint it resumes from."""
+    from train.run import exit_on_sigterm, stopped_exit_code
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        exit_on_sigterm()
+        with pytest.raises(SystemExit) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # Python runs handlers between bytecodes
+        assert stopped_exit_code(stop.value) == 143
+        def someone_elses(*_):
+            pass
+
+        signal.signal(signal.SIGTERM, someone_elses)
+        exit_on_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is someone_elses
+    finally:
+        signal.signal(signal.SIGTERM, previous)

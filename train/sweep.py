@@ -106,7 +106,8 @@ def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
     pool = ThreadPoolExecutor(slots, thread_name_prefix="sweep")
     try:
         outcomes = list(pool.map(one, configs))
-    except KeyboardInterrupt:  # Ctrl-C reaches this thread only; the runs' threads wait in fit() (see main)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM as SystemExit(15) (train.run.exit_on_sigterm),
+        # reaches this thread only; the runs' threads wait in fit() (see main)
         stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -216,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "
               f"free now: {ray.available_resources().get('CPU', 0):g} CPU, "
               f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
+    from train.run import exit_on_sigterm
+
+    exit_on_sigterm()  # SIGTERM (`ray job stop`) stops the sweep as Ctrl-C does, with Ray started or not
     try:
         failed = train_all(todo, slots)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (on Ray workers, Ray Train's handler ends fit() in
-        # SystemExit), or Ray stopping this driver
+        # SystemExit), or SIGTERM
         import ray  # imported already: train.run, which every run goes through, imports it
 
         from train.run import stopped_exit_code

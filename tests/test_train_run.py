@@ -283,18 +283,19 @@ def test_sigterm_becomes_an_exit_that_the_stop_handling_sees_and_another_handler
     SystemExit(15): SIGTERM killed it mid-line, with no line naming the checkpoint it resumes from."""
     from train.run import exit_on_sigterm, stopped_exit_code
 
+    def someone_elses(*_):
+        pass
+
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        exit_on_sigterm()
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(SystemExit) as stop, exit_on_sigterm():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # Python runs handlers between bytecodes
         assert stopped_exit_code(stop.value) == 143
-        def someone_elses(*_):
-            pass
-
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back on leaving
         signal.signal(signal.SIGTERM, someone_elses)
-        exit_on_sigterm()
+        with exit_on_sigterm():
+            assert signal.getsignal(signal.SIGTERM) is someone_elses
         assert signal.getsignal(signal.SIGTERM) is someone_elses
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -270,13 +270,25 @@ def stopped_exit_code(stop: BaseException, signals: set[int] = frozenset()) -> i
     return code if isinstance(code, int) and code != 0 else 1
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM ends the process in SystemExit(15), as Ray's driver handler does once ray.init has run: a run in
-    local mode, which never calls ray.init, then stops as one on workers does, with the line naming the checkpoint
-    it resumes from, and its W&B run closed, rather than dying mid-line. A handler someone else set is kept."""
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+def _exit_with_signal(signum: int, _frame) -> None:
+    sys.exit(signum)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """While open, SIGTERM ends the process in SystemExit(15), as Ray's driver handler does once ray.init has run:
+    a run in local mode, which never calls ray.init, then stops as one on workers does, with the line naming the
+    checkpoint it resumes from, and its W&B run closed, rather than dying mid-line. A handler someone else set is
+    kept; the default comes back on leaving, unless Ray's replaced ours meanwhile."""
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, _exit_with_signal)
+    try:
+        yield
+    finally:
+        if ours and signal.getsignal(signal.SIGTERM) is _exit_with_signal:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
@@ -312,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    exit_on_sigterm()
-    with SignalLog() as signals:
+    with exit_on_sigterm(), SignalLog() as signals:
         try:
             result = fit(cfg, trainer)
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises

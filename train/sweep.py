@@ -219,22 +219,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
     from train.run import exit_on_sigterm
 
-    exit_on_sigterm()  # SIGTERM (`ray job stop`) stops the sweep as Ctrl-C does, with Ray started or not
-    try:
-        failed = train_all(todo, slots)
-    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (on Ray workers, Ray Train's handler ends fit() in
-        # SystemExit), or SIGTERM
-        import ray  # imported already: train.run, which every run goes through, imports it
+    with exit_on_sigterm():  # SIGTERM (`ray job stop`) stops the sweep as Ctrl-C does, Ray started or not
+        try:
+            failed = train_all(todo, slots)
+        except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (on Ray workers, Ray Train's handler ends fit() in
+            # SystemExit), or SIGTERM
+            import ray  # imported already: train.run, which every run goes through, imports it
 
-        from train.run import stopped_exit_code
+            from train.run import stopped_exit_code
 
-        if slots <= 1 and ray.is_initialized():
-            ray.shutdown()  # now, so that the line below is the last one
-        print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
-              file=sys.stderr, flush=True)
-        if slots > 1:
-            exit_leaving_threads(stopped_exit_code(stop))
-        return stopped_exit_code(stop)
+            if slots <= 1 and ray.is_initialized():
+                ray.shutdown()  # now, so that the line below is the last one
+            print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
+                  file=sys.stderr, flush=True)
+            if slots > 1:
+                exit_leaving_threads(stopped_exit_code(stop))
+            return stopped_exit_code(stop)
     if not args.no_report:
         from train.report import write_report
 

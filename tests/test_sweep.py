@@ -177,28 +177,33 @@ def test_sizes_train_concurrently_when_the_cluster_has_room(dataset, tmp_path, c
     assert all(float(r["wall_minutes"]) > 0 and r["gpu_hours"] == "" for r in rows)  # CPU: no GPU-hours
 
 
-def test_ctrl_c_stops_sizes_training_concurrently(dataset, tmp_path, ray_session, python):
+@pytest.mark.parametrize("stop, concurrent", [(signal.SIGINT, 2), (signal.SIGTERM, 1)],
+                         ids=["ctrl-c-concurrent", "sigterm-one-at-a-time"])
+def test_a_stop_ends_sizes_training_concurrently_or_in_turn(dataset, tmp_path, ray_session, python, stop, concurrent):
     """Ctrl-C reached the sweep's main thread only: the sizes training in its threads went on to the end (a second
-    Ctrl-C left the process joining them at exit). Now it stops them, says so in one line, and exits."""
+    Ctrl-C left the process joining them at exit). Now it stops them, says so in one line, and exits. One size at
+    a time on a Ray worker, SIGTERM (`ray job stop`) ended the sweep with code 1 (Ray's get() makes the driver's
+    SystemExit(15) a SystemExit(1)), then aborted it (134) in the interpreter's last collection."""
     storage = tmp_path / "runs"
     command = [python, "train/sweep.py", "--dataset", str(dataset), "--sizes", "8,16", "--preset", "debug",
                "--run-prefix", "stop", "--storage-path", str(storage), "--subsets-out", str(tmp_path / "subsets"),
-               "--no-report", "--", "--max-steps", "10000", "--num-workers", "1", "--cpus-per-worker", "1",
-               "--checkpoint-every", "2", "--validate-every", "0", "--wandb", "off"]
+               "--no-report", "--concurrent", str(concurrent), "--", "--max-steps", "10000", "--num-workers", "1",
+               "--cpus-per-worker", "1", "--checkpoint-every", "2", "--validate-every", "0", "--wandb", "off"]
     sweep_process = subprocess.Popen(with_ctrl_c(command), env={**os.environ, "RAY_ADDRESS": ray_session}, cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training = (8, 16) if concurrent > 1 else (8,)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and sweep_process.poll() is None and not all(
-                list((storage / f"stop-{size}").glob("checkpoint_*/progress.json")) for size in (8, 16)):
+                list((storage / f"stop-{size}").glob("checkpoint_*/progress.json")) for size in training):
             time.sleep(0.1)
         assert sweep_process.poll() is None, sweep_process.communicate()[1][-3000:]
-        sweep_process.send_signal(signal.SIGINT)
+        sweep_process.send_signal(stop)
         out, err = sweep_process.communicate(timeout=60)  # it hung here, both runs training on
     finally:
         sweep_process.kill()
-    assert "[sweep] 2 size(s) at once" in out
-    assert sweep_process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert ("[sweep] 2 size(s) at once" in out) == (concurrent > 1)
+    assert sweep_process.returncode == 128 + stop and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == \
         "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"
 

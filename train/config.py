@@ -1,8 +1,10 @@
-"""the trainer's typed configuration and its presets (debug, toy, sd15, sd21); field docstrings are --help"""
+"""the trainer's typed configuration and its presets (debug, toy, sd15, sd21); field docstrings are --help; how its
+commands (train/run.py, train/sweep.py) end"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -246,3 +248,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         description=f"Train a ControlNet with Ray Train DDP. --preset (now: {preset}) sets the defaults "
         "below; flags override them.",
     )
+
+
+def exit_without_collecting(code: int) -> None:
+    """Exit once everything is written and closed, with every object moved to the collector's permanent generation
+    first: the interpreter's last collections then skip the objects torch, diffusers, transformers and Ray made,
+    which take ~2 s of the command's end (0.2 s frozen, measured on 2 cores). After a SIGTERM on Ray workers,
+    those collections also aborted a sweep (exit 134) after its stopped line."""
+    import gc
+
+    gc.freeze()
+    sys.exit(code)

@@ -13,7 +13,7 @@ if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo r
 
 
 from train.checkpoints import latest_checkpoint
-from train.config import PresetName, TrainConfig, parse_args
+from train.config import PresetName, TrainConfig, exit_without_collecting, parse_args
 from train.subsets import Materialize
 from train.tracking import read_results
 
@@ -217,24 +217,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "
               f"free now: {ray.available_resources().get('CPU', 0):g} CPU, "
               f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
-    from train.run import exit_on_sigterm
+    from train.run import SignalLog, exit_on_sigterm, stopped_exit_code
 
-    with exit_on_sigterm():  # SIGTERM (`ray job stop`) stops the sweep as Ctrl-C does, Ray started or not
+    with exit_on_sigterm(), SignalLog() as signals:  # as train/run.py: SIGTERM stops the sweep as Ctrl-C does
         try:
             failed = train_all(todo, slots)
-        except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (on Ray workers, Ray Train's handler ends fit() in
-            # SystemExit), or SIGTERM
+        except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
+            # handler ends fit() in SystemExit), or SIGTERM
             import ray  # imported already: train.run, which every run goes through, imports it
-
-            from train.run import stopped_exit_code
 
             if slots <= 1 and ray.is_initialized():
                 ray.shutdown()  # now, so that the line below is the last one
             print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
                   file=sys.stderr, flush=True)
+            code = stopped_exit_code(stop, signals.received())
             if slots > 1:
-                exit_leaving_threads(stopped_exit_code(stop))
-            return stopped_exit_code(stop)
+                exit_leaving_threads(code)
+            return code
     if not args.no_report:
         from train.report import write_report
 
@@ -248,4 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_collecting(main())

@@ -12,15 +12,32 @@ import torch
 from PIL import Image
 
 from annotate.device import pick_device
-from annotate.weights import diffusers_loading, weights_variant
+from annotate.weights import diffusers_loading, fetch_folder, weights_variant
 
 LATENT_DTYPE = np.float16  # mean and std: finer than the bf16 the trainer's autocast encodes in on GPUs
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """sha256 of the VAE's config and weights: the dataset job records it, the trainer compares its base's VAE
-    with it (a folder name says nothing about the weights in it)."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    with it (a folder name says nothing about the weights in it). The config's bookkeeping entries are left out
+    (`_name_or_path`, the folder it was loaded from; `_diffusers_version`): the same VAE copied to another folder
+    or node, or cached from an s3:// base, is the same VAE."""
+    return _fingerprint({k: v for k, v in vae.config.items() if not k.startswith("_")}, vae)
+
+
+def made_the_latents(vae: torch.nn.Module, record: dict[str, Any]) -> bool:
+    """Whether a dataset's record of its stored latents (the manifest's "latents") names this VAE: by
+    vae_fingerprint, or, in datasets made before 2026-12-01, whose fingerprint hashed the whole config, by that with
+    the folder the dataset job loaded it from (the record's base_model): those were refused wherever the base had
+    moved."""
+    recorded, folder = record.get("vae_sha256"), record.get("base_model")
+    if recorded == vae_fingerprint(vae):
+        return True
+    return bool(folder) and recorded == _fingerprint({**vae.config, "_name_or_path": folder}, vae)
+
+
+def _fingerprint(config: dict[str, Any], vae: torch.nn.Module) -> str:
+    digest = hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -34,9 +51,17 @@ def pixels_of_jpeg(data: bytes) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
+def vae_source(base_model: str) -> str:
+    """Where from_pretrained finds the base's vae/: a local folder or hub id as given; of a remote base (s3://...,
+    as the trainer also takes one) only vae/ is copied, to the local cache, once per node."""
+    if "://" not in base_model or base_model.startswith("file://"):
+        return base_model.removeprefix("file://")
+    return str(fetch_folder(base_model.rstrip("/") + "/vae").parent)
+
+
 class LatentEncoder:
-    """The VAE of a base model in diffusers layout (`<base>/vae`, a local folder or hub id): images in, (2, C, h, w)
-    float16 arrays out, mean then std of the encoder's diagonal Gaussian."""
+    """The VAE of a base model in diffusers layout (`<base>/vae`, a local folder, hub id or fsspec URL): images in,
+    (2, C, h, w) float16 arrays out, mean then std of the encoder's diagonal Gaussian."""
 
     name = "latents"
 
@@ -46,8 +71,9 @@ class LatentEncoder:
         self.base_model = base_model
         self.device = pick_device(device)
         try:
-            variant = weights_variant(base_model, "vae")  # an fp16 download: loaded as fp32 all the same
-            vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", variant=variant, torch_dtype=torch.float32,
+            source = vae_source(base_model)
+            variant = weights_variant(source, "vae")  # an fp16 download: loaded as fp32 all the same
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, torch_dtype=torch.float32,
                                                 **diffusers_loading())
         except (OSError, ValueError) as e:
             raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {str(e).splitlines()[0]})") \

@@ -119,6 +119,11 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
     return target
 
 
+def fetch_folder(url: str) -> Path:
+    """A remote folder (any fsspec URL) copied into the local cache once; its local path, of the same name."""
+    return _fetch_remote(url, DEFAULT_CACHE / "folders")
+
+
 def _from_hub_cache(repo_id: str, filename: str) -> Path | None:
     """The file from the Hugging Face hub cache if it is there (or downloadable when online)."""
     try:

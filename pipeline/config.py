@@ -45,7 +45,7 @@ class BuildConfig:
     weights: str | None = None
     """Folder or URL holding model weights by their published file names."""
     latents: str | None = None
-    """Base model (diffusers layout: a folder or hub id with vae/) whose VAE encodes each stored image:
+    """Base model (diffusers layout: a folder, fsspec URL or hub id with vae/) whose VAE encodes each stored image:
     <key>.latent.npy (mean and std, float16), which the trainer uses instead of encoding at every step when its
     base has the same VAE and trains at --resolution."""
     seed: int = 0

@@ -1,8 +1,10 @@
 """latents stored by the dataset job (--latents BASE): written beside each image, named by their VAE in the
 manifest, and trained on in place of the VAE encoding every image at every step; another VAE is refused"""
 import dataclasses
+import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +87,60 @@ def test_the_vae_is_fingerprinted_as_loaded_not_as_cast_for_autocast(dataset, ba
     """On a GPU the trainer casts the frozen VAE to bf16; the stored latents are checked against the VAE as loaded."""
     manifest = json.loads((dataset / "manifest.json").read_text())
     cfg = dataclasses.replace(debug(), data=[str(dataset)], base_model=str(base))
-    trainer = Trainer(cfg, 0, 1, torch.device("cpu"), fingerprint_vae=True)
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"), stored_latents=manifest["latents"])
     trainer.base.vae.to(torch.bfloat16)  # what the bf16 autocast path does to the frozen modules
     assert vae_fingerprint(trainer.base.vae) != manifest["latents"]["vae_sha256"]
     assert "stored latents" in use_stored_latents(trainer, manifest) and trainer.latents
+
+
+def fingerprint_of_whole_config(vae: AutoencoderKL) -> str:
+    """The VAE's fingerprint as manifests written before 2026-12-01 hold it: the whole config hashed, with the
+    folder the dataset job loaded it from (diffusers' `_name_or_path`)."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_same_vae_in_another_folder_is_the_same_vae(dataset, base, tmp_path):
+    """The fingerprint hashed the folder the VAE was loaded from: a base copied to another folder or node, or cached
+    from an s3:// base, was refused the latents its own VAE had made. Datasets that recorded it so still train."""
+    moved = shutil.copytree(base, tmp_path / "moved-sd")
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    cfg = dataclasses.replace(debug(), data=[str(dataset)], base_model=str(moved))
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"), stored_latents=manifest["latents"])
+    assert "stored latents" in use_stored_latents(trainer, manifest) and trainer.latents
+
+    made_before = fingerprint_of_whole_config(AutoencoderKL.from_pretrained(base, subfolder="vae"))
+    assert made_before != manifest["latents"]["vae_sha256"]
+    old = {**manifest, "latents": {**manifest["latents"], "vae_sha256": made_before}}
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"), stored_latents=old["latents"])
+    assert "stored latents" in use_stored_latents(trainer, old) and trainer.latents
+    # such a record matches with the folder it names only: here, another folder's VAE
+    other = {**old, "latents": {**old["latents"], "base_model": str(tmp_path / "elsewhere")}}
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"), stored_latents=other["latents"])
+    with pytest.raises(ValueError, match="--latents off"):
+        use_stored_latents(trainer, other)
+
+
+def test_a_base_in_object_storage_encodes_as_its_copy_here(base, s3_endpoint, tmp_path, monkeypatch):
+    """--latents s3://...: the dataset job takes a base in object storage, as the trainer does (vae/ alone is
+    copied to the node's cache), and names its VAE as any copy of it."""
+    import fsspec
+
+    from annotate.latents import LatentEncoder
+
+    monkeypatch.setattr("annotate.weights.DEFAULT_CACHE", tmp_path / "cache")
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-latents-base")
+    fs.put(str(base), "cnd-latents-base/tiny-sd", recursive=True)
+    remote, local = (LatentEncoder(url, device="cpu") for url in ("s3://cnd-latents-base/tiny-sd", str(base)))
+    assert remote.fingerprint == local.fingerprint and list((tmp_path / "cache").rglob("vae/config.json"))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(remote([image])[0], local([image])[0])
+    with pytest.raises(ValueError, match="--latents s3://cnd-latents-base/nothing: no VAE there"):
+        LatentEncoder("s3://cnd-latents-base/nothing", device="cpu")
 
 
 def test_when_stored_latents_are_used():

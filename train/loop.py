@@ -173,19 +173,20 @@ class Trainer:
     """Holds the models, optimizer and data stream of one rank; `train()` is the whole loop."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device,
-                 base: BaseModel | None = None, fingerprint_vae: bool = False):
+                 base: BaseModel | None = None, stored_latents: dict[str, Any] | None = None):
         """`base`: an already built base model (the GPU check's SD 1.5 from its configs); default: cfg.base_model.
-        `fingerprint_vae`: keep the VAE's sha256 (annotate.latents.vae_fingerprint) as loaded, before the frozen
-        modules are cast to the autocast dtype below, for checking a dataset's stored latents against."""
+        `stored_latents`: the training dataset's record of its stored latents (the manifest's "latents"), checked
+        here against the VAE as loaded (annotate.latents.made_the_latents), before the frozen modules are cast to
+        the autocast dtype below."""
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
         autotune_convolutions(device)
         self.base = base if base is not None else load_base_model(cfg.base_model)
-        self.vae_sha256 = None
-        if fingerprint_vae and self.base.vae is not None:
-            from annotate.latents import vae_fingerprint
+        self.vae_made_the_latents = False
+        if stored_latents and self.base.vae is not None:
+            from annotate.latents import made_the_latents
 
-            self.vae_sha256 = vae_fingerprint(self.base.vae)
+            self.vae_made_the_latents = made_the_latents(self.base.vae, stored_latents)
         self.controlnet = build_controlnet(self.base.unet, self.base.downsampling)
         freeze_for_training(self.base, self.controlnet, middle_only=cfg.mode == "middle")
         frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
@@ -349,12 +350,12 @@ def stored_latents_plan(stored: dict[str, Any] | None, dataset_resolution: int |
 def use_stored_latents(trainer: Trainer, manifest: dict[str, Any]) -> str:
     """Decide whether the trainer reads the training dataset's stored latents (set trainer.latents); a line for
     the log. Latents from another VAE than the base's would train on the wrong targets: an error, not a fallback.
-    The trainer must have been built with fingerprint_vae when the manifest names stored latents."""
+    The trainer must have been built with the manifest's stored_latents."""
     stored = manifest.get("latents")
     use, why_not = stored_latents_plan(stored, manifest.get("config", {}).get("resolution"), trainer.cfg,
                                        trainer.base.vae is not None)
     if use:
-        if trainer.vae_sha256 != stored.get("vae_sha256"):
+        if not trainer.vae_made_the_latents:
             raise ValueError(f"the dataset's latents were made by the VAE of {stored.get('base_model')} "
                              f"(sha256 {str(stored.get('vae_sha256'))[:12]}...), not by this base's "
                              f"({trainer.cfg.base_model}); train with --latents off to encode the images")
@@ -600,7 +601,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     source, held_out = split_validation(resolve_shards(cfg.data, cfg.condition), cfg.validation_data)
     manifest = dataset_manifest(source)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, rank, world_size, device, fingerprint_vae=bool(manifest.get("latents")))
+    trainer = Trainer(cfg, rank, world_size, device, stored_latents=manifest.get("latents"))
     restore(trainer, cfg, local)
     if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \
             and trainer.state.step >= cfg.unlock_decoder_at:

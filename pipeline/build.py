@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -18,7 +19,7 @@ import ray
 from tqdm import tqdm
 
 from pipeline import format as fmt
-from pipeline.config import BuildConfig, parse_config, settings_mismatch
+from pipeline.config import BuildConfig, parse_config, settings_mismatch, weight_hashes, weights_mismatch
 from pipeline.distributor import ModelLoadError, run_pool
 from pipeline.reader import InputShard, list_input_shards
 from pipeline.worker import input_identity
@@ -73,6 +74,20 @@ def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str,
                          f"then, {len(first.files)} from {first.files[0]} to {first.files[-1]} now, or other files "
                          "between); resuming would skip some images and repeat others: use --overwrite, or another "
                          "--output")
+
+
+def check_resume_weights(cfg: BuildConfig, models: dict[str, Any], skipped_stats: list[dict[str, Any]]) -> None:
+    """Refuse to resume onto shards made with other weights, as with other settings (check_resume_settings): the
+    same --weights folder may hold other files now. Each shard's stats keep the sha256s of the weights it was made
+    with (pipeline.config.weight_hashes); shards from before they were kept pass. Checked once the actors have
+    loaded their models, before any shard starts."""
+    current = weight_hashes(models)
+    differing = Counter(d for stats in skipped_stats if "weights" in stats
+                        for d in weights_mismatch(stats["weights"], current))
+    if differing:
+        listed = ", ".join(f"{d} ({n} shards)" for d, n in sorted(differing.items()))
+        raise ValueError(f"{cfg.output} was built with other weights: {listed}; run with those weights, another "
+                         f"--output, or --overwrite to redo those shards")
 
 
 def code_version() -> dict[str, str | None]:
@@ -243,7 +258,8 @@ def run(cfg: BuildConfig) -> int:
             def on_fail(shard: InputShard, error: str, attempt: int) -> None:
                 bar.write(f"shard {shard.name} attempt {attempt} failed: {error}")
 
-            result = run_pool(todo, cfg, on_done, on_fail, on_note=bar.write)
+            result = run_pool(todo, cfg, on_done, on_fail, on_note=bar.write,
+                              check_models=lambda models: check_resume_weights(cfg, models, skipped_stats))
     clear_staging(cfg.output)
     failed = result.failed if result else {}
     manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)

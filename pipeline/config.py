@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from annotate import NEURAL_TASKS  # the tasks whose networks run at --detect-resolution
 from annotate.resize import DETECT_RESOLUTION
@@ -162,6 +163,25 @@ def settings_mismatch(recorded: dict, current: dict) -> list[str]:
     if recorded and current.get("latents") and "latents" not in recorded:  # shards without latents beside new ones
         differences.append(f"latents (made before --latents) -> {current['latents']!r}")
     return differences
+
+
+def weight_hashes(models: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """The sha256s of the weights in the actors' model descriptions (the manifest's entries), by where they sit:
+    {'annotators.hed.weights.ControlNetHED.pth': hex, 'latents.vae_sha256': hex, ...}. A key ending in sha256
+    holds one, as does each entry of a `weights` mapping; versions and settings are not weights."""
+    hashes = {}
+    for key, value in models.items():
+        if isinstance(value, Mapping):
+            hashes.update(weight_hashes(value, f"{prefix}{key}."))
+        elif isinstance(value, str) and (key.endswith("sha256") or prefix.endswith("weights.")):
+            hashes[f"{prefix}{key}"] = value
+    return hashes
+
+
+def weights_mismatch(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    """'annotators.hed.weights.ControlNetHED.pth 1a2b3c4d5e6f -> 9f8e7d6c5b4a' for each hash that differs."""
+    return [f"{name} {recorded.get(name, 'none')[:12]} -> {current.get(name, 'none')[:12]}"
+            for name in sorted({*recorded, *current}) if recorded.get(name) != current.get(name)]
 
 
 def parse_config(cls: type, argv: list[str] | None, description: str | None = None, prog: str | None = None):

@@ -12,7 +12,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, weight_hashes, weights_mismatch
 from pipeline.format import Outage, StorageOutage, is_transient
 from pipeline.reader import InputReadError, InputShard
 from pipeline.worker import ActorFault, process_shard
@@ -50,9 +50,11 @@ class ShardActor:
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
         self.annotators, self.captioner, self.encoder = {}, None, None
         self.load_error = ""
+        self.weights: dict[str, str] = {}
         try:
             self.annotators, self.captioner = build_models(cfg)
             self.encoder = build_latent_encoder(cfg)
+            self.weights = weight_hashes(self.describe())
         except Exception as e:  # kept for describe(): the driver prints one line, not a remote traceback
             self.load_error = f"{type(e).__name__}: {e}"
         limit_torch_threads(threads)
@@ -67,10 +69,15 @@ class ShardActor:
             "latents": self.encoder.describe() if self.encoder is not None else None,
         }
 
-    def process(self, shard: InputShard) -> dict[str, Any]:
+    def process(self, shard: InputShard, job_weights: dict[str, str] | None = None) -> dict[str, Any]:
+        """`job_weights`: the weight_hashes of the job's first actor; one on a node whose weights folder holds
+        other files is unfit, as one without models is: its shards would mix two datasets."""
         if self.load_error:  # never annotate without models: every row would be a failure, committed as done
             raise ActorFault(f"this actor could not load its models: {self.load_error}")
-        return process_shard(shard, self.cfg, self.annotators, self.captioner, self.encoder)
+        if job_weights is not None and self.weights != job_weights:
+            raise ActorFault(f"this actor loaded other weights than the job's: "
+                             f"{'; '.join(weights_mismatch(job_weights, self.weights))}")
+        return process_shard(shard, self.cfg, self.annotators, self.captioner, self.encoder, self.weights)
 
 
 @dataclass
@@ -91,13 +98,17 @@ def default_num_workers(cfg: BuildConfig, num_shards: int) -> int:
 def loaded_actors(actors: list[Any]) -> tuple[list[Any], dict[str, Any], list[str]]:
     """(the actors whose models loaded, what the first of them loaded, the load errors of the others, which are
     killed). Every actor's constructor loads the models: a missing weight file or an out-of-memory GPU on one
-    node surfaces here, per actor, not as shards of failed rows."""
+    node surfaces here, per actor, not as shards of failed rows; so does a node whose weights differ from the
+    first actor's."""
     loaded, models, errors = [], {}, []
     for actor, ref in [(a, a.describe.remote()) for a in actors]:
         try:
             described = ray.get(ref)
         except RayActorError as e:
             described = {"error": _short_error(e)}
+        if models and "error" not in described and weight_hashes(described) != weight_hashes(models):
+            mismatch = weights_mismatch(weight_hashes(models), weight_hashes(described))
+            described = {"error": f"loaded other weights than the first actor: {'; '.join(mismatch)}"}
         if "error" in described:
             errors.append(described["error"])
             ray.kill(actor, no_restart=True)
@@ -113,12 +124,14 @@ def run_pool(
     on_done: Callable[[dict[str, Any]], None] = lambda stats: None,
     on_fail: Callable[[InputShard, str, int], None] = lambda shard, error, attempt: None,
     on_note: Callable[[str], None] = print,
+    check_models: Callable[[dict[str, Any]], None] = lambda models: None,
 ) -> PoolResult:
     """Process every shard on a pool of actors. A shard whose task raises (or whose actor dies, or whose actor
     is at fault) is retried up to cfg.max_retries times, on a fresh actor unless the error was the shard's own;
     after that it is reported as failed. A shard that failed on the storage (an input read or an upload cut off)
     is retried without counting while the storage is being waited for (pipeline.format.Outage): an outage fails every
-    shard in flight at once, and is waited out once for all of them."""
+    shard in flight at once, and is waited out once for all of them. `check_models` sees what the actors loaded
+    before any shard starts; what it raises ends the job."""
     num_workers = cfg.num_workers or default_num_workers(cfg, len(shards))
     options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
 
@@ -129,6 +142,13 @@ def run_pool(
     loaded, models, errors = loaded_actors(started)
     if not loaded:
         raise ModelLoadError(errors[0])
+    try:
+        check_models(models)
+    except Exception:
+        for actor in loaded:
+            ray.kill(actor)
+        raise
+    job_weights = weight_hashes(models)
     if errors:
         on_note(f"{len(errors)} of {len(started)} actors could not load their models ({errors[0]}); "
                 f"going on with {len(loaded)}")
@@ -141,7 +161,7 @@ def run_pool(
     while todo or running:
         while todo and idle:
             actor, shard = idle.popleft(), todo.popleft()
-            running[actor.process.remote(shard)] = (actor, shard)
+            running[actor.process.remote(shard, job_weights)] = (actor, shard)
         [ref], _ = ray.wait(list(running), num_returns=1)
         actor, shard = running.pop(ref)
         try:

@@ -268,12 +268,13 @@ def add_latents(encoder, kept: list[dict[str, bytes]]) -> None:
 
 def process_shard(
     shard: InputShard, cfg: BuildConfig, annotators: Annotator | Mapping[str, Annotator],
-    captioner: Captioner | None = None, encoder=None,
+    captioner: Captioner | None = None, encoder=None, weights: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Input shard -> committed output shard; returns its stats. Raises ShardUnreadable if nothing was read.
     `annotators`: {task: annotator} for every task of cfg (or the one task's annotator); each image is decoded and
     captioned once and passes through all of them. `encoder`: an annotate.latents.LatentEncoder when the job
-    stores latents (--latents)."""
+    stores latents (--latents). `weights`: the sha256s of the models' weights, kept in the stats (a resume onto
+    shards made with other weights is refused, as one with other settings is)."""
     if not isinstance(annotators, Mapping):
         annotators = {cfg.tasks[0]: annotators}
     start = time.perf_counter()
@@ -323,6 +324,7 @@ def process_shard(
             "shard": shard.name,
             "input": identity,
             "settings": cfg.output_settings(),
+            **({"weights": dict(weights)} if weights is not None else {}),  # pipeline.config.weight_hashes
             "samples": len(rows),
             "counts": {s: sum(r["status"] == s for r in rows) for s in fmt.STATUSES},
             **({"task_counts": count_by_task(rows, cfg.tasks)} if len(cfg.tasks) > 1 else {}),

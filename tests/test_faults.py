@@ -446,23 +446,35 @@ def test_the_task_choices_are_the_registered_annotators():
     assert set(TASKS) == set(ANNOTATORS)
 
 
-def test_every_actor_of_a_pool_is_checked_and_one_that_cannot_load_is_dropped(tmp_path, ray_session):
-    """The second actor cannot load its weights while the first can: the pool goes on with the first only."""
+def test_every_actor_of_a_pool_is_checked_and_one_that_cannot_load_or_loads_other_weights_is_dropped(
+        tmp_path, ray_session):
+    """The second actor cannot load its weights, and the third loads other ones (a node whose weights folder holds
+    other files), while the first loads the job's: the pool goes on with the first only. An actor started later
+    with other weights refuses every shard (an ActorFault: it is replaced, and commits no shard of mixed maps)."""
     import dataclasses
 
     import ray
 
+    from pipeline.config import weight_hashes
     from pipeline.distributor import ShardActor, loaded_actors
+    from pipeline.reader import InputShard
 
-    weights = tmp_path / "weights"
+    weights, other_weights = tmp_path / "weights", tmp_path / "other-weights"
     write_tiny_hed(weights)
+    write_tiny_hed(other_weights, seed=1)
     good = tiny_hed_job(tmp_path, tmp_path / "out", weights)
     bad = dataclasses.replace(good, weights=str(tmp_path / "no-weights-here"))
-    first, second = (ShardActor.options(num_cpus=0.5).remote(cfg) for cfg in (good, bad))
-    loaded, models, errors = loaded_actors([first, second])
-    assert loaded == [first] and models["annotator"]["name"] == "hed" and len(errors) == 1
+    other = dataclasses.replace(good, weights=str(other_weights))
+    first, second, third = (ShardActor.options(num_cpus=0.5).remote(cfg) for cfg in (good, bad, other))
+    loaded, models, errors = loaded_actors([first, second, third])
+    assert loaded == [first] and models["annotator"]["name"] == "hed" and len(errors) == 2
     assert "no-weights-here" in errors[0] or "ControlNetHED" in errors[0], errors
+    assert errors[1].startswith("loaded other weights than the first actor: annotator.weights.ControlNetHED.pth ")
+    late = ShardActor.options(num_cpus=0.5).remote(other)
+    with pytest.raises(ActorFault, match="other weights than the job's: annotator.weights.ControlNetHED.pth "):
+        ray.get(late.process.remote(InputShard("00000", str(tmp_path / "00000.tar")), weight_hashes(models)))
     ray.kill(first)
+    ray.kill(late)
 
 
 def test_neural_shards_made_before_detect_resolution_are_not_resumed_into():

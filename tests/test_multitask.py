@@ -137,11 +137,21 @@ def test_a_single_task_job_writes_what_it_did_and_the_same_maps(multi, single):
         assert members["canny.png"] == together[key]["canny.png"] and members["jpg"] == together[key]["jpg"]
 
 
-def test_resume_redoes_only_the_missing_shard_and_a_new_task_is_refused(multi, inputs, weights, tmp_path, capsys):
+def test_resume_redoes_only_the_missing_shard_and_other_weights_or_a_new_task_are_refused(multi, inputs, weights,
+                                                                                          tmp_path, capsys):
     copy = tmp_path / "resume"
     shutil.copytree(multi, copy)
     before = {p.name: p.read_bytes() for p in (copy / "shards").glob("00002.*")}
     (copy / "shards" / "00002.stats.json").unlink()  # a job killed before it committed this shard
+    # the rest made with other HED weights would mix two datasets: refused in one line, before any shard starts
+    other = tmp_path / "other-weights"
+    shutil.copytree(weights, other)
+    write_tiny_hed(other, seed=1)
+    assert build("canny,hed,midas,openpose", inputs, copy, other) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar of the actors' start
+    assert last.startswith("error: ") and "built with other weights: annotators.hed.weights.ControlNetHED.pth " in last
+    assert "(1 shards); run with those weights" in last
+    assert not (copy / "shards" / "00002.stats.json").exists()
     assert build("canny,hed,midas,openpose", inputs, copy, weights) == 0
     assert "2 input shards, 1 done, 1 to do" in capsys.readouterr().out
     after = {p.name: p.read_bytes() for p in (copy / "shards").glob("00002.*")}

@@ -74,9 +74,9 @@ class ShardActor:
         other files is unfit, as one without models is: its shards would mix two datasets."""
         if self.load_error:  # never annotate without models: every row would be a failure, committed as done
             raise ActorFault(f"this actor could not load its models: {self.load_error}")
-        if job_weights is not None and self.weights != job_weights:
-            raise ActorFault(f"this actor loaded other weights than the job's: "
-                             f"{'; '.join(weights_mismatch(job_weights, self.weights))}")
+        mismatch = weights_mismatch(job_weights, self.weights) if job_weights is not None else []
+        if mismatch:
+            raise ActorFault(f"this actor loaded other weights than the job's: {'; '.join(mismatch)}")
         return process_shard(shard, self.cfg, self.annotators, self.captioner, self.encoder, self.weights)
 
 
@@ -106,8 +106,9 @@ def loaded_actors(actors: list[Any]) -> tuple[list[Any], dict[str, Any], list[st
             described = ray.get(ref)
         except RayActorError as e:
             described = {"error": _short_error(e)}
-        if models and "error" not in described and weight_hashes(described) != weight_hashes(models):
-            mismatch = weights_mismatch(weight_hashes(models), weight_hashes(described))
+        mismatch = weights_mismatch(weight_hashes(models), weight_hashes(described)) \
+            if models and "error" not in described else []
+        if mismatch:
             described = {"error": f"loaded other weights than the first actor: {'; '.join(mismatch)}"}
         if "error" in described:
             errors.append(described["error"])

@@ -38,13 +38,23 @@ def plan(shards: list[InputShard], done: Container[str], overwrite: bool) -> tup
     return [s for s in shards if s.name not in done], [s.name for s in shards if s.name in done]
 
 
+def recorded_settings(stats: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """A committed shard's output settings, to compare with this run's. --latents names a base by its path, which
+    moves (a copy on another disk, an s3:// base cached under a hash): where the shard also kept its VAE's hash
+    (check_resume_weights compares that), the path is not compared."""
+    recorded = stats.get("settings", {})
+    if recorded.get("latents") and current.get("latents") and "latents.vae_sha256" in stats.get("weights", {}):
+        return {**recorded, "latents": current["latents"]}
+    return recorded
+
+
 def check_resume_settings(cfg: BuildConfig, skipped_stats: list[dict[str, Any]]) -> None:
     """Refuse to resume onto shards made with other output settings (one line naming them): the rerun would
     mix two datasets under one manifest. Shards from before settings were recorded pass."""
     current = cfg.output_settings()
     differing: dict[str, int] = {}
     for stats in skipped_stats:
-        for difference in settings_mismatch(stats.get("settings", {}), current):
+        for difference in settings_mismatch(recorded_settings(stats, current), current):
             differing[difference] = differing.get(difference, 0) + 1
     if differing:
         listed = ", ".join(f"{d} ({n} shards)" for d, n in sorted(differing.items()))

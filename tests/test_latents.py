@@ -124,6 +124,25 @@ def test_the_same_vae_in_another_folder_is_the_same_vae(dataset, base, tmp_path)
         use_stored_latents(trainer, other)
 
 
+def test_a_resume_takes_the_same_vae_from_another_folder_and_refuses_another_vae(dataset, base, sample_shards,
+                                                                                   tmp_path, capsys):
+    """The dataset job's resume compared the --latents path: the same base copied elsewhere (or cached from s3://)
+    was refused as "other settings". The VAE's hash, kept per shard, decides instead."""
+    copy = Path(shutil.copytree(dataset, tmp_path / "canny"))
+    before = (copy / "shards" / "00001.tar").read_bytes()
+    (copy / "shards" / "00001.stats.json").unlink()  # a job stopped before it committed this shard
+    shards = sorted(str(p) for p in sample_shards.glob("*.tar"))[:2]
+    common = ["--input", *shards, "--output", str(copy), "--resolution", "64"]
+    other_vae = build_tiny_sd(tmp_path / "other-sd", seed=1)
+    assert build_dataset([*common, "--latents", str(other_vae)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "built with other weights: latents.vae_sha256 " in error and "(1 shards)" in error
+    assert not (copy / "shards" / "00001.stats.json").exists()
+    assert build_dataset([*common, "--latents", str(shutil.copytree(base, tmp_path / "moved-sd"))]) == 0
+    assert "1 done, 1 to do" in capsys.readouterr().out
+    assert (copy / "shards" / "00001.tar").read_bytes() == before  # the same latents from the same VAE
+
+
 def test_a_base_in_object_storage_encodes_as_its_copy_here(base, s3_endpoint, tmp_path, monkeypatch):
     """--latents s3://...: the dataset job takes a base in object storage, as the trainer does (vae/ alone is
     copied to the node's cache), and names its VAE as any copy of it."""

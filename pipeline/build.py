@@ -49,8 +49,8 @@ def recorded_settings(stats: dict[str, Any], current: dict[str, Any]) -> dict[st
 
 
 def check_resume_settings(cfg: BuildConfig, skipped_stats: list[dict[str, Any]]) -> None:
-    """Refuse to resume onto shards made with other output settings (one line naming them): the rerun would
-    mix two datasets under one manifest. Shards from before settings were recorded pass."""
+    """Refuse to add to an output whose committed shards were made with other output settings (one line naming
+    them): the run would mix two datasets under one manifest. Shards from before settings were recorded pass."""
     current = cfg.output_settings()
     differing: dict[str, int] = {}
     for stats in skipped_stats:
@@ -236,10 +236,13 @@ def run(cfg: BuildConfig) -> int:
         shards = list_input_shards(cfg.input, cfg.files_per_shard)
         committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
         todo, skipped = plan(shards, committed, cfg.overwrite)
-        skipped_stats = fmt.read_stats([committed[name] for name in skipped])
-        check_resume_settings(cfg, skipped_stats)
+        redone = {shard.name for shard in todo}
+        # every shard the output keeps, this run's inputs or not: another input list under one --output is one
+        # dataset too
+        kept_stats = fmt.read_stats([shard for name, shard in committed.items() if name not in redone])
+        check_resume_settings(cfg, kept_stats)
         done = set(skipped)
-        check_resume_inputs([shard for shard in shards if shard.name in done], skipped_stats)
+        check_resume_inputs([shard for shard in shards if shard.name in done], kept_stats)
         if not cfg.dry_run:
             make_local_output(cfg.output)
             clear_staging(cfg.output)
@@ -269,7 +272,7 @@ def run(cfg: BuildConfig) -> int:
                 bar.write(f"shard {shard.name} attempt {attempt} failed: {error}")
 
             result = run_pool(todo, cfg, on_done, on_fail, on_note=bar.write,
-                              check_models=lambda models: check_resume_weights(cfg, models, skipped_stats))
+                              check_models=lambda models: check_resume_weights(cfg, models, kept_stats))
     clear_staging(cfg.output)
     failed = result.failed if result else {}
     manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)

@@ -280,6 +280,11 @@ def shard_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseExcep
                 break
 
 
+def is_meta_member(name: str) -> bool:
+    """webdataset's rule for a member that is not a sample's ('__index__'); a key may start with '__'."""
+    return "/" not in name and name.startswith("__") and name.endswith("__")
+
+
 def tar_samples(stream: IO[bytes], url: str, start: int = 0,
                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """A tar stream's samples (consecutive members sharing a key, by webdataset's naming rule), the stream read
@@ -294,7 +299,7 @@ def tar_samples(stream: IO[bytes], url: str, start: int = 0,
     sample: dict[str, Any] | None = None
     for info in tar:
         key, ext = base_plus_ext(info.name)
-        if not info.isreg() or key is None or key.startswith("__"):
+        if not info.isreg() or key is None or is_meta_member(info.name):
             continue  # folders, links, webdataset's __meta__ members
         ext = ext.lower()
         if sample is not None and (key != sample["__key__"] or ext in sample):

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import braceexpand
 import fsspec
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
+IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
+TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # a folder's shards (tarfile reads each compression)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,22 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str, files_per_shard: 
     return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard)
 
 
+def literal_path(url: str) -> bool:
+    """Whether `url` names an existing file or folder as written: a folder called 'Album [2019]' or 'set {a,b}' is
+    that folder, not a glob or a brace range."""
+    if not any(c in url for c in "*?[{"):
+        return False
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a glob's matches lie under: its path up to the first part with a wildcard."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if _has_glob(part))
+    return "/".join(parts[:fixed]) or "/"
+
+
 def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[InputShard]:
     """Expand tar URLs, brace ranges ({00000..00099}), globs and folders into input shards.
 
@@ -74,16 +91,18 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
     Missing inputs and two shards with the same name are errors (the output is named after the input).
     """
     shards: list[InputShard] = []
-    loose: dict[str, list[str]] = {}  # folder URL -> the image files named in it
+    loose: dict[str, list[str]] = {}  # folder URL -> the image files named in it (keys are paths under it)
     for spec in specs:
-        for url in braceexpand.braceexpand(spec):
+        for url in [spec] if literal_path(spec) else braceexpand.braceexpand(spec):
             fs, path = fsspec.core.url_to_fs(url)
-            if _has_glob(path):
+            root = posixpath.dirname(path)  # where a named image's key starts
+            if _has_glob(path) and not literal_path(url):
                 matches = sorted(fs.glob(path))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {url}")
+                root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
             elif fs.isdir(path):
-                tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+                tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith(TAR_EXTS))
                 if tars:
                     shards += [InputShard(_shard_name(t), fs.unstrip_protocol(t)) for t in tars]
                 else:
@@ -95,8 +114,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                 raise FileNotFoundError(f"input not found: {url}")
             for match in matches:
                 if _is_image(match):
-                    folder = fs.unstrip_protocol(posixpath.dirname(match))
-                    loose.setdefault(folder, []).append(fs.unstrip_protocol(match))
+                    loose.setdefault(fs.unstrip_protocol(root), []).append(fs.unstrip_protocol(match))
                 else:
                     shards.append(InputShard(_shard_name(match), fs.unstrip_protocol(match)))
     for folder, files in loose.items():
@@ -155,41 +173,72 @@ class _CountedStream:
         return False
 
 
-class TarSamples:
-    """Iterates a tar stream's samples (consecutive members sharing a key), in bounded memory.
+class SplitSample(RuntimeError):
+    """A sample's members are apart in the tar (GNU tar writes a folder in directory order, not sorted): read
+    that tar again with TarSamples(regroup=True)."""
 
+
+def member_name(name: str) -> str:
+    """A tar member's name as a sample path: './00001.jpg' (`tar -C folder .`) is '00001.jpg'; bytes that are not
+    UTF-8 (tarfile hands them over as surrogates) are written out (valid_utf8)."""
+    return valid_utf8(posixpath.normpath(name).lstrip("/"))
+
+
+def valid_utf8(text: str) -> str:
+    """`text` with its lone surrogates (a file name's bytes that are not UTF-8, a JSON "\\ud800") written out as
+    backslash escapes: a string every writer can store, and two such names stay two."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class TarSamples:
+    """Iterates a tar stream's samples (the members sharing a key), in bounded memory.
+
+    WebDataset keeps a sample's members adjacent; a tar that does not (made with `tar -cf x.tar -C folder .`)
+    raises SplitSample once a key comes back with other members, and `regroup=True` then reads the whole tar into
+    memory and groups its members by key. A member named again (a duplicated sample) is kept apart either way.
     Only a file whose bytes end early ends the samples quietly: the samples before the cut are yielded, a sample
     cut in half is yielded with its `error` set, `error` says what happened and `truncated` is set. A storage
     error raises InputReadError (retry the shard); an unreadable spot with bytes after it raises CorruptTar. A
-    member over `max_member_bytes` is skipped unread and its sample gets an `error`.
+    member over `max_member_bytes` is skipped unread and its sample gets an `error`; so does a link (a tar stream
+    cannot go back for its target's bytes).
     """
 
-    def __init__(self, stream, max_member_bytes: int | None = None):
+    def __init__(self, stream, max_member_bytes: int | None = None, regroup: bool = False):
         self.stream = _CountedStream(stream)
         self.max_member_bytes = max_member_bytes
+        self.regroup = regroup
         self.error = ""
         self.truncated = False
 
     def __iter__(self) -> Iterator[RawSample]:
+        groups = self._adjacent_groups()
+        return merged_by_key(groups) if self.regroup else refusing_split_samples(groups)
+
+    def _adjacent_groups(self) -> Iterator[RawSample]:
         current: RawSample | None = None
         try:
             with tarfile.open(fileobj=self.stream, mode="r|*") as tar:
                 for info in tar:
-                    if not info.isfile():
-                        continue
-                    key, ext = split_member_name(info.name)
+                    if not (info.isfile() or info.islnk() or info.issym()):
+                        continue  # folders, devices
+                    name = member_name(info.name)
+                    key, ext = split_member_name(name)
                     if current is not None and key != current.key:
                         yield current
                         current = None
                     if current is None:
                         current = RawSample(key)
+                    if not info.isfile():
+                        kind = "hard link" if info.islnk() else "symbolic link"
+                        current.error = current.error or f"member {name} is a {kind} to {info.linkname}, not a file"
+                        continue
                     if self.max_member_bytes is not None and info.size > self.max_member_bytes:
                         current.error = current.error or (
-                            f"member {info.name} is {info.size} bytes, over the cap of {self.max_member_bytes}")
+                            f"member {name} is {info.size} bytes, over the cap of {self.max_member_bytes}")
                         continue  # never read: the stream skips its data block by block
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
-                        raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+                        raise tarfile.ReadError(f"unexpected end of data in {name}")
                     if ext in current.members:
                         # the same member twice in a row: a duplicated sample; keep it apart
                         yield current
@@ -227,13 +276,41 @@ class TarSamples:
             raise tarfile.ReadError(f"the file ends at byte {self.stream.count}, before the end-of-archive marker")
 
 
+def refusing_split_samples(groups: Iterator[RawSample]) -> Iterator[RawSample]:
+    """The groups as they come, until a key comes back with a member it did not have: SplitSample. A key that
+    comes back with only members it had is a duplicated sample, passed on (the worker fails it)."""
+    members_of: dict[str, set[str]] = {}
+    for sample in groups:
+        earlier = members_of.setdefault(sample.key, set())
+        if earlier and not earlier.issuperset(sample.members):
+            raise SplitSample(f"the members of sample {sample.key!r} are apart in the tar")
+        earlier.update(sample.members)
+        yield sample
+
+
+def merged_by_key(groups: Iterator[RawSample]) -> Iterator[RawSample]:
+    """The groups' members merged by key, keys in the order they first appear; a member a key already has goes to
+    a copy of the sample, which follows after all keys (a duplicate, which the worker fails)."""
+    copies: dict[str, list[RawSample]] = {}
+    for group in groups:
+        samples = copies.setdefault(group.key, [RawSample(group.key)])
+        for ext, data in group.members.items():
+            into = next((s for s in samples if ext not in s.members), None)
+            if into is None:
+                samples.append(into := RawSample(group.key))
+            into.members[ext] = data
+        samples[0].error = samples[0].error or group.error
+    yield from (samples[0] for samples in copies.values())
+    yield from (copy for samples in copies.values() for copy in samples[1:])
+
+
 def file_key(folder: str, url: str) -> str:
     """A loose image's key: its path under the input folder, without the extension ('cats/001'), so that
     cats/001.jpg and dogs/001.jpg stay two samples."""
     folder_path = fsspec.core.url_to_fs(folder)[1].rstrip("/")
     path = fsspec.core.url_to_fs(url)[1]
     relative = path[len(folder_path) + 1:] if path.startswith(folder_path + "/") else posixpath.basename(path)
-    return split_member_name(relative)[0]
+    return valid_utf8(split_member_name(relative)[0])
 
 
 def read_file_samples(files: tuple[str, ...], folder: str | None = None,
@@ -244,18 +321,19 @@ def read_file_samples(files: tuple[str, ...], folder: str | None = None,
     for url in files:
         fs, path = fsspec.core.url_to_fs(url)
         stem, ext = split_member_name(path)
-        sample = RawSample(file_key(folder, url) if folder else posixpath.basename(stem))
+        sample = RawSample(file_key(folder, url) if folder else valid_utf8(posixpath.basename(stem)))
         try:
             size = fs.size(path)
             if max_member_bytes is not None and size is not None and size > max_member_bytes:
-                sample.error = f"{posixpath.basename(path)} is {size} bytes, over the cap of {max_member_bytes}"
+                name = valid_utf8(posixpath.basename(path))
+                sample.error = f"{name} is {size} bytes, over the cap of {max_member_bytes}"
                 yield sample
                 continue
             sample.members[ext] = fs.cat_file(path)
             if fs.exists(stem + ".txt"):
                 sample.members["txt"] = fs.cat_file(stem + ".txt")
         except FileNotFoundError as e:
-            sample.error = f"{type(e).__name__}: {e}"
+            sample.error = valid_utf8(f"{type(e).__name__}: {e}")
         except OSError as e:
             raise InputReadError(f"{url}: {type(e).__name__}: {e}") from e
         yield sample

@@ -27,7 +27,15 @@ from pipeline.preprocess import (
     encode_png,
     reject_reason,
 )
-from pipeline.reader import IMAGE_EXTS, InputShard, RawSample, TarSamples, read_file_samples
+from pipeline.reader import (
+    IMAGE_EXTS,
+    InputShard,
+    RawSample,
+    SplitSample,
+    TarSamples,
+    read_file_samples,
+    valid_utf8,
+)
 from pipeline.writer import ShardWriter
 
 
@@ -65,7 +73,7 @@ def _source_caption(members: dict[str, bytes], source_meta: dict[str, Any]) -> t
     if "txt" in members:
         return decode_caption(members["txt"])
     caption = source_meta.get("caption")
-    return (caption.strip(), "") if isinstance(caption, str) else ("", "")
+    return (valid_utf8(caption.strip()), "") if isinstance(caption, str) else ("", "")
 
 
 def _source_meta(members: dict[str, bytes]) -> tuple[dict[str, Any], str]:
@@ -104,7 +112,7 @@ def prepare(raw: RawSample, key: str, shard: str, cfg: BuildConfig) -> Prepared:
         "source_shard": shard,
         "original_width": width,
         "original_height": height,
-        "url": source_meta.get("url"),
+        "url": valid_utf8(url) if isinstance(url := source_meta.get("url"), str) else url,
         "warnings": [w for w in (meta_warning, caption_warning) if w],
     }
     return Prepared({**row, "width": cfg.resolution, "height": cfg.resolution}, image, meta)
@@ -223,20 +231,24 @@ def _prefetch(batches: Iterator[list], fn: Callable, pool: ThreadPoolExecutor | 
 
 
 def _dedupe(samples: Iterable[RawSample], shard: str) -> Iterator[tuple[RawSample, str]]:
-    """(sample, output key); a key seen before in this shard becomes a failed sample (nothing overwritten)."""
-    seen: set[str] = set()
+    """(sample, output key); a source key seen before in this shard becomes a failed sample (nothing overwritten).
+    Two source keys that output_key makes one ('photo 1' and 'photo_1') stay two samples: the later one's key
+    ends in a hash of its source key."""
+    source_of: dict[str, str] = {}  # output key -> the source key it was given to
     for raw in samples:
         key = output_key(raw.key)
-        if key in seen:
+        if source_of.get(key, raw.key) != raw.key:
+            key = f"{key}-{hashlib.sha256(raw.key.encode()).hexdigest()[:8]}"
+        if key in source_of:
             raw.error = raw.error or f"duplicate key {key!r} in shard {shard} (first occurrence kept)"
-        seen.add(key)
+        source_of.setdefault(key, raw.key)
         yield raw, key
 
 
 def input_identity(shard: InputShard) -> dict[str, Any]:
     """What the input was, so a later reader can tell if it changed: URL, size, mtime or ETag."""
     if shard.files:
-        listing = hashlib.sha256("\n".join(shard.files).encode()).hexdigest()
+        listing = hashlib.sha256("\n".join(shard.files).encode("utf-8", "surrogateescape")).hexdigest()
         return {"url": shard.url, "files": len(shard.files), "first": shard.files[0], "last": shard.files[-1],
                 "files_sha256": listing}
     fs, path = fsspec.core.url_to_fs(shard.url)
@@ -245,14 +257,15 @@ def input_identity(shard: InputShard) -> dict[str, Any]:
 
 
 @contextmanager
-def open_samples(shard: InputShard, max_member_bytes: int | None) -> Iterator[tuple[Iterable[RawSample],
-                                                                                   TarSamples | None]]:
-    """The shard's samples, and the tar reader (to ask afterwards whether the file was truncated) for a tar."""
+def open_samples(shard: InputShard, max_member_bytes: int | None,
+                 regroup: bool = False) -> Iterator[tuple[Iterable[RawSample], TarSamples | None]]:
+    """The shard's samples, and the tar reader (to ask afterwards whether the file was truncated) for a tar;
+    `regroup`: a tar whose samples' members are apart, read whole (TarSamples)."""
     if shard.files:
         yield read_file_samples(shard.files, shard.url, max_member_bytes), None
         return
     with fsspec.open(shard.url, "rb") as stream:
-        reader = TarSamples(stream, max_member_bytes)
+        reader = TarSamples(stream, max_member_bytes, regroup=regroup)
         yield reader, reader
 
 
@@ -274,9 +287,19 @@ def process_shard(
     `annotators`: {task: annotator} for every task of cfg (or the one task's annotator); each image is decoded and
     captioned once and passes through all of them. `encoder`: an annotate.latents.LatentEncoder when the job
     stores latents (--latents). `weights`: the sha256s of the models' weights, kept in the stats (a resume onto
-    shards made with other weights is refused, as one with other settings is)."""
+    shards made with other weights is refused, as one with other settings is). A tar whose samples' members are
+    apart is read a second time, whole, and its members grouped by key (its stats say `regrouped`)."""
     if not isinstance(annotators, Mapping):
         annotators = {cfg.tasks[0]: annotators}
+    try:
+        return _write_shard(shard, cfg, annotators, captioner, encoder, weights, regroup=False)
+    except SplitSample:
+        return _write_shard(shard, cfg, annotators, captioner, encoder, weights, regroup=True)
+
+
+def _write_shard(shard: InputShard, cfg: BuildConfig, annotators: Mapping[str, Annotator],
+                 captioner: Captioner | None, encoder, weights: Mapping[str, str] | None,
+                 regroup: bool) -> dict[str, Any]:
     start = time.perf_counter()
     identity = input_identity(shard)
     rows: list[dict[str, Any]] = []
@@ -296,7 +319,7 @@ def process_shard(
             writer.write(p.row["key"], members)
 
     try:
-        with open_samples(shard, cfg.max_member_mb << 20) as (samples, reader):
+        with open_samples(shard, cfg.max_member_mb << 20, regroup) as (samples, reader):
             pending: list[tuple[Prepared, Any]] = []
             for batch in _prefetch(_batches(_dedupe(samples, shard.name), cfg.batch_size), prepare_one, pool):
                 ready = [p for p in batch if p.image is not None]
@@ -330,6 +353,7 @@ def process_shard(
             **({"task_counts": count_by_task(rows, cfg.tasks)} if len(cfg.tasks) > 1 else {}),
             "read_error": read_error,
             "truncated": bool(reader is not None and reader.truncated),  # the input file's bytes end early
+            **({"regrouped": True} if regroup else {}),  # its samples' members were apart: read whole
             "seconds": round(time.perf_counter() - start, 3),
             "host": socket.gethostname(),
             "node_id": _ray_node_id(),

@@ -140,6 +140,60 @@ def test_bad_inputs_each_land_in_exactly_one_row(tmp_path, capsys):
     assert "2 to do" in plan and "todo  notatar" in plan and "done  bad" in plan
 
 
+def test_a_tar_made_by_hand_keeps_every_sample_and_the_trainer_reads_every_ok_one(tmp_path):
+    """A tar made as `tar -cf x.tar -C photos .` writes './a.jpg' in the folder's order, not sorted: keys came out
+    '__a' (kept 'ok', but skipped by the trainer's reader), a sample's members apart lost its image as a
+    'duplicate key' and its caption silently, 'photo 1' and 'photo_1' became one key, a name that is not UTF-8
+    failed the whole shard, and a hard link vanished without a row."""
+    import tarfile
+
+    from tests.corpus import add, good_jpeg
+
+    tar_path = tmp_path / "in" / "handmade.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:  # GNU: names as raw bytes
+        folder = tarfile.TarInfo("./")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in [("./b.txt", b"caption b"), ("./a.jpg", good_jpeg(1)), ("./b.jpg", good_jpeg(2)),
+                           ("./a.txt", b"caption a"), ("./photo 1.jpg", good_jpeg(3)), ("./photo_1.jpg", good_jpeg(4)),
+                           ("./caf\udce9.jpg", good_jpeg(5)), ("./caf\udce8.jpg", good_jpeg(6)),
+                           ("./j.jpg", good_jpeg(7)), ("./j.json", b'{"caption": "odd \\ud800 text"}')]:
+            add(tar, name, data)
+        link = tarfile.TarInfo("./c.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "./a.jpg"
+        tar.addfile(link)
+    out = tmp_path / "out"
+    assert main(["--input", str(tar_path), "--output", str(out), "--resolution", "64"]) == 0
+    index = rows(out)
+    by_source = {r["source_key"]: r for r in index}
+    assert len(index) == len(by_source) == 8  # one row per sample of the tar
+    assert by_source["a"]["caption"] == "caption a" and by_source["b"]["caption"] == "caption b"
+    assert by_source["c"]["status"] == "failed" and "hard link" in by_source["c"]["error"]
+    assert by_source["j"]["caption"] == "odd \\ud800 text"
+    ok = {r["key"] for r in index if r["status"] == "ok"}
+    assert len(ok) == 7 and by_source["photo 1"]["key"] != by_source["photo_1"]["key"]
+    assert not any(key.startswith("__") for key in ok)
+    assert json.loads((out / "shards" / "handmade.stats.json").read_text())["regrouped"]
+    # the trainer's reader and webdataset's read every ok sample, with its caption
+    shard = fmt.committed_shards(str(out))[0]
+    read = {s["__key__"]: s for s in fmt.shard_samples(iter([{"url": shard.tar}]))}
+    assert set(read) == ok == {s["__key__"] for s in tar_samples(out / "shards" / "handmade.tar")}
+    assert read[by_source["a"]["key"]]["txt"] == b"caption a"
+
+
+def test_other_settings_are_refused_over_shards_of_other_inputs_too(sample_shards, tmp_path, capsys):
+    """Another input shard under the same --output at another resolution made one dataset of two: the settings
+    check read only the shards this run skipped."""
+    out = tmp_path / "out"
+    assert main(["--input", str(sample_shards / "00000.tar"), "--output", str(out), "--resolution", "64"]) == 0
+    capsys.readouterr()
+    assert main(["--input", str(sample_shards / "00001.tar"), "--output", str(out), "--resolution", "128"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "built with other settings: resolution 64 -> 128 (1 shards)" in error and len(error.splitlines()) == 1
+    assert [s.name for s in fmt.committed_shards(str(out))] == ["00000"]
+
+
 def test_filters_are_recorded_as_filtered(sample_shards, tmp_path):
     out = tmp_path / "out"
     assert main(["--input", str(sample_shards / "00000.tar"), "--output", str(out), "--resolution", "64",

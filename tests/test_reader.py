@@ -2,11 +2,13 @@ import io
 import shutil
 import tarfile
 
+import fsspec
 import pytest
 
 from pipeline.reader import (
     CorruptTar,
     InputReadError,
+    SplitSample,
     TarSamples,
     list_input_shards,
     read_file_samples,
@@ -181,3 +183,41 @@ def test_loose_images_are_keyed_by_their_path_under_the_folder(tmp_path):
     samples = list(read_file_samples(shard.files, shard.url, max_member_bytes=1500))
     assert [s.key for s in samples] == ["cats/001", "dogs/001", "dogs/002"]
     assert "over the cap" in samples[2].error and not samples[0].error
+
+
+def test_a_sample_whose_members_are_apart_is_refused_streaming_and_merged_when_regrouped():
+    """GNU tar writes a folder in directory order: a.txt, b.jpg, a.jpg, b.txt. Streaming groups only adjacent
+    members, so the reader says so (SplitSample) and the worker reads the tar again, regrouped."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("./a.txt", "./b.jpg", "./a.jpg", "./b.txt", "./b.jpg"):  # the last: b's jpg again
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    with pytest.raises(SplitSample, match="'a' are apart"):
+        list(TarSamples(io.BytesIO(buffer.getvalue())))
+    regrouped = list(TarSamples(io.BytesIO(buffer.getvalue()), regroup=True))
+    assert [(s.key, sorted(s.members)) for s in regrouped] == [("a", ["jpg", "txt"]), ("b", ["jpg", "txt"]),
+                                                               ("b", ["jpg"])]  # the repeat stays a duplicate
+    assert regrouped[1].members["jpg"] == b"./b.jpg"
+
+
+def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written(tmp_path):
+    photos = tmp_path / "photos"
+    for animal in ("cats", "dogs"):
+        (photos / animal).mkdir(parents=True)
+        (photos / animal / "000.jpg").write_bytes(good_jpeg(0))
+    [shard] = list_input_shards([str(photos / "*" / "*.jpg")])
+    assert [s.key for s in read_file_samples(shard.files, shard.url)] == ["cats/000", "dogs/000"]
+    for name in ("Album [2019]", "set {a,b}"):  # a folder with glob or brace characters in its name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "p.jpg").write_bytes(good_jpeg(1))
+        [shard] = list_input_shards([str(tmp_path / name)])
+        assert len(shard.files) == 1
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    with tarfile.open(gz / "00000.tar.gz", "w:gz") as tar:
+        tar.add(photos / "cats" / "000.jpg", "k.jpg")
+    [shard] = list_input_shards([str(gz)])
+    with fsspec.open(shard.url, "rb") as f:
+        assert [s.key for s in TarSamples(f)] == ["k"]

@@ -102,7 +102,12 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                     raise FileNotFoundError(f"no input matches {url}")
                 root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
             elif fs.isdir(path):
-                tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith(TAR_EXTS))
+                listing = fs.ls(path, detail=False)
+                tars = sorted(p for p in listing if p.endswith(TAR_EXTS))
+                images = [p for p in listing if _is_image(p)]
+                if tars and images:  # taking either kind alone would leave the other out without a word
+                    raise ValueError(f"{url} holds both tar shards and images ({posixpath.basename(images[0])}): "
+                                     f"name the ones to read ('{url.rstrip('/')}/*.tar' or a folder of each)")
                 if tars:
                     shards += [InputShard(_shard_name(t), fs.unstrip_protocol(t)) for t in tars]
                 else:

@@ -79,6 +79,7 @@ def checkpoint(tmp_path_factory, controlnet) -> Path:
     ckpt = tmp_path_factory.mktemp("checkpoint")
     controlnet.save_pretrained(ckpt / "controlnet", safe_serialization=True)
     (ckpt / "train_state.json").write_text("{}")
+    (ckpt / "progress.json").write_text('{"step": 1}')  # written last: the checkpoint is complete
     return ckpt
 
 
@@ -245,6 +246,20 @@ def test_export_cli_names_a_missing_controlnet(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main([str(tmp_path), "--format", "diffusers", "--out", str(tmp_path / "out")])
     assert "controlnet" in capsys.readouterr().err
+
+
+def test_a_checkpoint_cut_short_is_never_exported(tmp_path, checkpoint, capsys):
+    """The README promised it, but a checkpoint folder without progress.json was exported, and a run folder
+    holding only such folders ended in an AttributeError traceback."""
+    run = tmp_path / "run"
+    cut = Path(shutil.copytree(checkpoint, run / "checkpoint_step00000002"))
+    (cut / "progress.json").unlink()  # its upload stopped before the end
+    for source, message in ((cut, "was cut short (no progress.json"), (run, "none of its checkpoints is complete")):
+        with pytest.raises(SystemExit):
+            export.main([str(source), "--format", "diffusers", "--out", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    shutil.copytree(checkpoint, run / "checkpoint_step00000001")  # a complete one beside it: that one is taken
+    assert export.controlnet_folder(run) == run / "checkpoint_step00000001" / "controlnet"
 
 
 def test_export_never_replaces_what_is_not_an_export(tmp_path, checkpoint, capsys):

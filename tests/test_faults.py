@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -200,12 +201,19 @@ def test_bad_values_are_refused_as_the_trainer_refuses_them(tmp_path, args, mess
 @pytest.mark.parametrize("args, message", [(["--epoch-samples", "3"], "--epoch-samples must be at least one batch"),
                                            (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
                                            (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+                                           (["--max-steps", "0"], "--max-steps must be at least 1"),
                                            (["--resolution", "100"], "--resolution must be a multiple of 8"),
                                            (["--lr", "-1"], "--lr must be positive"),
                                            (["--lr", "nan"], "--lr must be positive"),
-                                           (["--max-grad-norm", "nan"], "--max-grad-norm must not be negative"),
-                                           (["--num-workers", "-1"], "--num-workers must not be negative"),
-                                           (["--data-workers", "-1"], "--data-workers must not be negative"),
+                                           (["--lr", "inf"], "--lr must be positive and finite"),
+                                           (["--max-grad-norm", "nan"], "--max-grad-norm must be finite and not"),
+                                           (["--weight-decay", "inf"], "--weight-decay must be finite and not"),
+                                           (["--num-workers", "-1"], "--num-workers must be finite and not negative"),
+                                           (["--data-workers", "-1"], "--data-workers must be finite and not"),
+                                           (["--guidance-scales", "9", "nan"], "--guidance-scales must be finite"),
+                                           (["--run-name", ".."], "--run-name names one folder"),
+                                           (["--run-name", ""], "--run-name names one folder"),
+                                           (["--run-name", "a/b"], "--run-name names one folder"),
                                            (["--log-every", "0"], "--log-every must be at least 1"),
                                            (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
                                            (["--prompt-dropout", "1.5"], "--prompt-dropout is a fraction"),
@@ -240,7 +248,8 @@ def test_the_preset_choices_are_the_presets():
 def test_the_trainer_checks_its_data_before_ray_starts(python, tmp_path):
     run = subprocess.run([python, "train/run.py", "--data", str(tmp_path / "typo"), "--run-name", "t"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
-    assert run.returncode == 2 and run.stderr.strip().startswith("error: no committed shards"), run.stderr[-2000:]
+    assert run.returncode == 2 and run.stderr.strip() == f"error: --data {tmp_path / 'typo'}: no such dataset " \
+        "folder", run.stderr[-2000:]
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
 
 
@@ -250,6 +259,36 @@ def test_the_trainer_checks_a_local_base_model_before_ray_starts(python, tmp_pat
     assert run.returncode == 2 and run.stderr.strip().startswith(f"error: --base-model {tmp_path / 'typo'}: no "
                                                                  "model_index.json"), run.stderr[-2000:]
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
+def test_a_local_base_missing_a_part_the_trainer_loads_is_one_line(tmp_path, capsys):
+    """A base with model_index.json but no unet/ (or no weights in it) passed the check: the run failed in the
+    workers with diffusers' 'no file named config.json' for the base folder, once per restart."""
+    from train.run import main as train
+    from train.tiny_sd import build_tiny_sd
+
+    base = build_tiny_sd(tmp_path / "base")
+    capsys.readouterr()
+    for part, removed, message in (("vae", "config.json", "vae/: no config.json"),
+                                   ("unet", "diffusion_pytorch_model.safetensors", "unet/: no weights"),
+                                   ("unet", None, "no unet/ folder")):
+        shutil.rmtree(base / part) if removed is None else (base / part / removed).unlink()
+        assert train(["--base-model", str(base), "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: --base-model {base}: ") and message in error and "\n" not in error
+
+
+def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_endpoint, tmp_path, capsys):
+    """A --storage-path that is a file (or a bucket that does not exist) failed at the first checkpoint, after a
+    segment of training, in a traceback."""
+    from train.run import main as train
+
+    (tmp_path / "afile").write_text("")
+    for storage in (str(tmp_path / "afile"), "s3://cnd-no-such-bucket/runs"):
+        assert train(["--data", str(canny64), "--storage-path", storage, "--run-name", "t", "--wandb", "off"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: --storage-path {storage}: the run's folder cannot be written (")
+        assert "\n" not in error
 
 
 def test_online_wandb_without_a_key_is_refused_before_ray_starts(python, tmp_path):

@@ -80,6 +80,12 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
     assert "abl-8: finished at step 4, skipped" in out and "abl-16: finished at step 4, skipped" in out
     assert stamps == {n: (storage / n / "results.json").stat().st_mtime_ns for n in ("abl-8", "abl-16")}
     assert list((tmp_path / "wandb").rglob("offline-run-*-abl-report"))  # the table went to a W&B report run
+    # the same sweep with another learning rate reported the finished runs (trained at the first) as its own
+    assert sweep(["--dataset", str(dataset), "--sizes", "8,16", "--preset", "debug", "--run-prefix", "abl",
+                  "--storage-path", str(storage), "--", "--max-steps", "4", *TRAIN, "--lr", "1e-3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: run abl-8 was started with other settings: lr 0.0001 -> 0.001")
+    assert "another --run-prefix" in error and "\n" not in error
 
 
 def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
@@ -125,6 +131,8 @@ def test_report_table_compares_over_the_common_steps(tmp_path):
     assert [r["run"] for r in report["rows"]] == ["abl-1k", "abl-10k"]
     assert all((tmp_path / f"abl-report.{ext}").exists() for ext in ("md", "csv", "png"))
     assert not list(tmp_path.rglob("wandb"))  # the runs had W&B off: so has the report
+    with pytest.raises(FileNotFoundError, match="no run of abl has the curve 'bogus'; theirs: fidelity/"):
+        write_report("abl", str(tmp_path), curve="bogus")  # it wrote a table of dashes
 
 
 def test_report_without_fidelity_and_the_plot_helpers(tmp_path):

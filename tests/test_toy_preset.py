@@ -94,6 +94,7 @@ def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, cli
     whole = cli_run[1] / "runs" / "toy-cli"
     uninterrupted, resumed = (json.loads((run / "results.json").read_text()) for run in (whole, tmp_path / "halves"))
     assert resumed["resumed_from"] == 2 and resumed["final_step"] == 4 and uninterrupted["final_step"] == 4
+    assert resumed["samples_seen"] == uninterrupted["samples_seen"] == 4 * 4  # summed over both segments
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
     last = max(p for p in whole.glob("checkpoint_*") if p.is_dir())
     a, b = (load_file(Path(folder) / "controlnet" / "diffusion_pytorch_model.safetensors")

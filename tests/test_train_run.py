@@ -77,6 +77,7 @@ def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatc
     grids = sorted(runs[0].rglob("media/images/validation/grid_*.png"), key=lambda g: int(g.name.split("_")[1]))
     assert [g.name.split("_")[1] for g in grids] == ["0", "2", "4"]  # the starting level first
     # the condition-fidelity curves (Canny re-run on generated images, edge F1) with their detection and mAUCC
+    assert results(storage, "ddp")["samples_seen"] == 4 * cfg.batch_size * 2 * 2  # steps x batch x accum x ranks
     fidelity = results(storage, "ddp")["fidelity"]
     assert fidelity["primary"] == "fidelity/caption/cfg9/edge_f1"  # first prompt mode, first (the paper's) scale
     assert set(fidelity["curves"]) == {f"fidelity/{mode}/cfg{scale}/edge_f1" for mode in ("caption", "empty", "default")

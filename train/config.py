@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -140,19 +141,25 @@ class TrainConfig:
         """Values the run could only fail on later, in a worker after loading the base model: refused up front
         (on the command line, tyro's message and exit status 2)."""
         for flag, value in (("--batch-size", self.batch_size), ("--checkpoint-every", self.checkpoint_every),
+                            ("--max-steps", self.max_steps),  # 0 trained nothing and named no checkpoint
                             ("--grad-accum", self.grad_accum), ("--log-every", self.log_every),
                             ("--keep-checkpoints", self.keep_checkpoints), ("--cpus-per-worker", self.cpus_per_worker)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be at least 1, not {value}")
-        for flag, value in (("--max-steps", self.max_steps), ("--warmup-steps", self.warmup_steps),
+        for flag, value in (("--warmup-steps", self.warmup_steps),
                             ("--num-workers", self.num_workers), ("--data-workers", self.data_workers),
                             ("--max-failures", self.max_failures), ("--validate-every", self.validate_every),
                             ("--weight-decay", self.weight_decay), ("--max-grad-norm", self.max_grad_norm),
                             ("--decoder-lr", self.decoder_lr), ("--unlock-decoder-at", self.unlock_decoder_at)):
-            if value is not None and not value >= 0:  # `not >=`: NaN is refused too
-                raise ValueError(f"{flag} must not be negative, not {value}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, not {self.lr}")
+            if value is not None and not 0 <= value < math.inf:  # `not <=`: NaN is refused too
+                raise ValueError(f"{flag} must be finite and not negative, not {value}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be positive and finite, not {self.lr}")
+        if not all(math.isfinite(scale) for scale in self.guidance_scales):
+            raise ValueError(f"--guidance-scales must be finite numbers, not {list(self.guidance_scales)}")
+        if self.run_name.strip() in ("", ".", "..") or any(c in self.run_name for c in "/\\"):
+            # the run's folder under --storage-path: '' or '..' wrote checkpoints beside other runs or above them
+            raise ValueError(f"--run-name names one folder under --storage-path (no '/'), not {self.run_name!r}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"--prompt-dropout is a fraction of captions, from 0 to 1, not {self.prompt_dropout}")
         if self.resolution < 8 or self.resolution % 8:  # SD's VAE and the condition embedding both downsample 8x

@@ -180,6 +180,9 @@ def _from_folder(out: str, condition: str | None = None) -> DataSource:
     the samples holding a map of the one to train on."""
     shards = fmt.committed_shards(out)
     if not shards:
+        fs, path = fsspec.core.url_to_fs(out)
+        if not fs.exists(path):  # a typo: say so, rather than what a dataset folder would lack
+            raise FileNotFoundError(f"--data {out}: no such dataset folder")
         raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {out}/{fmt.SHARDS_DIR}")
     urls = [shard.tar for shard in shards]
     conditions = tuple(fmt.dataset_tasks(fmt.read_manifest(out)) or infer_tasks(urls[0]))
@@ -196,7 +199,10 @@ def _from_folder(out: str, condition: str | None = None) -> DataSource:
 def _from_json(spec: str, condition: str | None = None) -> DataSource:
     """A subset manifest (fmt.SUBSET_*), or a dataset's own manifest.json (meaning its folder)."""
     with fsspec.open(spec, "rb") as f:
-        obj = json.load(f)
+        try:
+            obj = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{spec} is not JSON ({e})") from None
     base, _, name = spec.rpartition("/")
     if isinstance(obj, dict) and fmt.SUBSET_KEYS in obj:
         urls = [_relative(base or ".", u) for u in obj[fmt.SUBSET_SHARDS]]

@@ -144,15 +144,24 @@ def to_original(
 
 
 def controlnet_folder(checkpoint: Path) -> Path:
-    """A training checkpoint holds the model in controlnet/; a bare diffusers ControlNet folder is one itself;
-    a run folder (holding checkpoint_*/) means its latest checkpoint."""
-    if not (checkpoint / "config.json").is_file() and any(checkpoint.glob("checkpoint_*")):
-        from train.checkpoints import latest_in_run
+    """A training checkpoint holds the model in controlnet/, and is complete once its progress.json is written; a
+    bare diffusers ControlNet folder is one itself; a run folder (holding checkpoint_*/) means its latest complete
+    checkpoint."""
+    from train.checkpoints import PROGRESS_FILE, latest_in_run
 
-        checkpoint = Path(latest_in_run(str(checkpoint)).removeprefix("file://"))
-    for folder in (checkpoint, checkpoint / CONTROLNET_DIR):
-        if (folder / "config.json").is_file():
-            return folder
+    if not (checkpoint / "config.json").is_file() and any(checkpoint.glob("checkpoint_*")):
+        latest = latest_in_run(str(checkpoint))
+        if latest is None:
+            raise FileNotFoundError(f"{checkpoint}: none of its checkpoints is complete (each lacks {PROGRESS_FILE}, "
+                                    "which is written last)")
+        checkpoint = Path(latest.removeprefix("file://"))
+    if (checkpoint / "config.json").is_file():
+        return checkpoint
+    if (checkpoint / CONTROLNET_DIR / "config.json").is_file():
+        if not (checkpoint / PROGRESS_FILE).is_file():
+            raise FileNotFoundError(f"{checkpoint} was cut short (no {PROGRESS_FILE}, which is written last): export "
+                                    "the run's folder for its latest complete checkpoint")
+        return checkpoint / CONTROLNET_DIR
     raise FileNotFoundError(f"{checkpoint}: neither it nor {checkpoint / CONTROLNET_DIR} holds a config.json")
 
 

@@ -49,6 +49,9 @@ class TrainState:
     # it is drawn again, identically, at every start)
     train_seconds: float = 0.0  # wall time of the run (loading, validating, training) to its last checkpoint, summed
     # over every segment (resumes)
+    samples_seen: int | None = 0  # summed over every segment, whatever its number of ranks (None: a checkpoint
+    # from before this count, estimated at the start of the segment)
+    gpu_seconds: float | None = 0.0  # train_seconds x the segment's GPUs, summed over segments (None: as above)
     timing: dict[str, Any] = field(default_factory=dict)  # this segment: started/finished (epoch s), devices
     stream: list[list[Any]] = field(default_factory=list)  # where every rank's data stream goes on, by rank, then
     # loader worker (train.data.ShardCursor.at): gathered at each checkpoint, taken up by each rank on resume
@@ -235,6 +238,8 @@ class Trainer:
             "stream": json.dumps(self.state.stream),
             "unrecorded": json.dumps(self.state.unrecorded),
             "train_seconds": self.state.train_seconds,
+            "samples_seen": self.state.samples_seen,
+            "gpu_seconds": self.state.gpu_seconds,
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -272,6 +277,7 @@ class Trainer:
                                 history=json.loads(state["history"]), resumed_from=state["step"],
                                 fidelity=json.loads(state.get("fidelity", "{}")),
                                 train_seconds=float(state.get("train_seconds", 0.0)),
+                                samples_seen=state.get("samples_seen"), gpu_seconds=state.get("gpu_seconds"),
                                 stream=json.loads(state.get("stream", "[]")),
                                 unrecorded=json.loads(state.get("unrecorded", "[]")))
         mine = self.state.stream[self.rank] if self.rank < len(self.state.stream) else []
@@ -627,12 +633,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = LossWindow()
     trainer.state.timing = {"started": segment_start, "devices": world_size, "device": device.type,
                             "samples_per_step": samples_per_step}
+    gpus = world_size if device.type == "cuda" else 0
+    if trainer.state.samples_seen is None:  # a checkpoint from before the counts: this segment's rate throughout
+        trainer.state.samples_seen = trainer.state.step * samples_per_step
+        trainer.state.gpu_seconds = trainer.state.train_seconds * gpus
     while trainer.state.step < cfg.max_steps:
         waiting = time.perf_counter()
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         window.waited_for_data(time.perf_counter() - waiting)
         loss = trainer.train_step(micro, generator)
         trainer.state.step += 1
+        trainer.state.samples_seen += samples_per_step
         step = trainer.state.step
         window.add(step, loss)
         if cfg.unlock_decoder_at is not None and step == cfg.unlock_decoder_at:
@@ -658,6 +669,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpointing:
             now = time.time()
             trainer.state.train_seconds += now - segment_start
+            trainer.state.gpu_seconds += (now - segment_start) * gpus
             segment_start = trainer.state.timing["finished"] = now
             metrics["ranks_in_sync"] = float(ranks_in_sync(trainer.controlnet))
             trainer.state.stream = every_rank(trainer.cursors, rank_zero)

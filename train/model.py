@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -111,9 +112,38 @@ def check_local_base_model(base_model: str) -> None:
     local = Path(base_model.removeprefix("file://")).expanduser()
     if local.name == "tiny-sd" or local.name in PACKAGED_MODELS:
         return
-    if (local.is_absolute() or base_model.startswith((".", "~"))) and not (local / "model_index.json").is_file():
+    if not (local.is_absolute() or base_model.startswith((".", "~"))):
+        return
+    if not (local / "model_index.json").is_file():
         raise FileNotFoundError(f"--base-model {base_model}: no model_index.json there (a local base is a folder in "
                                 "diffusers layout; hub ids and s3:// URLs also work)")
+    missing = missing_components(local)
+    if missing:
+        raise FileNotFoundError(f"--base-model {base_model}: {'; '.join(missing)} (the trainer loads the tokenizer, "
+                                "text encoder, UNet, scheduler and, for a latent model, the VAE)")
+
+
+# what load_base_model reads from each component's folder: a file it needs, and whether it holds weights
+BASE_COMPONENTS = {"tokenizer": (None, False), "text_encoder": ("config.json", True), "unet": ("config.json", True),
+                   "scheduler": ("scheduler_config.json", False), "vae": ("config.json", True)}
+
+
+def missing_components(folder: Path) -> list[str]:
+    """What a local base lacks of what load_base_model reads ('unet/: no config.json'), found before Ray starts
+    rather than in a worker's traceback once per restart. The VAE only where model_index.json names one."""
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = []
+    for name, (needed_file, has_weights) in BASE_COMPONENTS.items():
+        if name == "vae" and index.get("vae") in (None, [None, None]):
+            continue
+        component = folder / name
+        if not component.is_dir():
+            missing.append(f"no {name}/ folder")
+        elif needed_file and not (component / needed_file).is_file():
+            missing.append(f"{name}/: no {needed_file}")
+        elif has_weights and not any(p.suffix in (".safetensors", ".bin") for p in component.iterdir()):
+            missing.append(f"{name}/: no weights (.safetensors or .bin)")
+    return missing
 
 
 def plain_attention_on_cpu(device: torch.device, *modules: nn.Module) -> None:

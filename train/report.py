@@ -75,17 +75,21 @@ def table(runs: dict[str, dict[str, Any]], curve: str | None = None) -> tuple[li
 
 
 def cost_of(results: dict[str, Any]) -> dict[str, Any]:
-    """What a run cost: samples seen (steps x samples per step), its wall time over every segment (from loading
-    the models to the last checkpoint), and GPU-hours (that time x its GPUs; None on CPU). None where the run
-    predates these records."""
+    """What a run cost: samples seen, its wall time over every segment (from loading the models to the last
+    checkpoint), and GPU-hours (None on CPU), each summed over its segments, which may have had other numbers of
+    ranks. A run that predates the sums: its last segment's rate throughout; None where it predates that too."""
     timing, config = results.get("timing") or {}, results.get("config", {})
-    per_step = timing.get("samples_per_step") or (config.get("batch_size", 0) * config.get("grad_accum", 1)
-                                                  * max(config.get("num_workers", 1), 1)) or None
     seconds = results.get("train_seconds")
-    gpus = timing.get("devices", 0) if timing.get("device") == "cuda" else 0
-    return {"samples_seen": results.get("final_step", 0) * per_step if per_step else None,
+    samples, gpu_seconds = results.get("samples_seen"), results.get("gpu_seconds")
+    if samples is None:
+        per_step = timing.get("samples_per_step") or (config.get("batch_size", 0) * config.get("grad_accum", 1)
+                                                      * max(config.get("num_workers", 1), 1)) or None
+        samples = results.get("final_step", 0) * per_step if per_step else None
+    if gpu_seconds is None and seconds:
+        gpu_seconds = seconds * (timing.get("devices", 0) if timing.get("device") == "cuda" else 0)
+    return {"samples_seen": samples,
             "wall_minutes": seconds / 60 if seconds else None,
-            "gpu_hours": seconds * gpus / 3600 if seconds and gpus else None}
+            "gpu_hours": gpu_seconds / 3600 if gpu_seconds else None}
 
 
 def _finite(value: float | None) -> float | None:
@@ -224,6 +228,9 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
     runs = load_runs(storage, prefix)
     if not runs:
         raise FileNotFoundError(f"no runs named {prefix}-* with a {RESULTS} in {storage}")
+    known = sorted({name for results in runs.values() for name in curves_of(results)})
+    if curve is not None and curve not in known:  # a table of dashes said nothing of why
+        raise FileNotFoundError(f"no run of {prefix} has the curve {curve!r}; theirs: {', '.join(known) or 'none'}")
     rows, common = table(runs, curve)
     first = pick_curve(next(iter(sort_runs(runs)))[1], curve)
     curve_name = curve or (first[0] if first else None)

@@ -102,9 +102,10 @@ class ResumeMismatch(ValueError):
     """The run of this name was started with other experiment settings (train.config.EXPERIMENT_SETTINGS)."""
 
 
-def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
+def checkpoint_to_resume(cfg: TrainConfig, name_flag: str = "--run-name") -> str | None:
     """The run's last checkpoint, which a run submitted again resumes from; refused (ResumeMismatch) when the run
-    was started with other experiment settings. `cfg`'s paths are absolute (with_absolute_paths)."""
+    was started with other experiment settings. `cfg`'s paths are absolute (with_absolute_paths). `name_flag`: what
+    names the run, in the message (the sweep's --run-prefix)."""
     import json
 
     import fsspec
@@ -118,7 +119,7 @@ def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
             differences = resume_mismatch(json.load(f), cfg)
         if differences:
             raise ResumeMismatch(f"run {cfg.run_name} was started with other settings: {'; '.join(differences)}; "
-                                 "submit it with the same values to resume it, or start another --run-name")
+                                 f"submit it with the same values to resume it, or start another {name_flag}")
     return resume
 
 
@@ -185,6 +186,30 @@ def check_data(cfg: TrainConfig) -> None:
     source = resolve_shards(cfg.data, cfg.condition)
     if cfg.validation_data:
         resolve_shards(cfg.validation_data, source.task)
+    check_storage_writable(cfg)
+
+
+def check_storage_writable(cfg: TrainConfig) -> None:
+    """A file written into the run's folder and removed: a --storage-path that is a file, read-only, or a bucket
+    that does not exist failed only at the first checkpoint, after a segment of training. Storage that does not
+    answer is left to the run's own patience (pipeline.format.retried)."""
+    import fsspec
+
+    from pipeline.format import is_transient
+    from train.checkpoints import run_url
+
+    probe = f"{run_url(cfg.storage_path, cfg.run_name)}/.write-check-{os.getpid()}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        if "://" not in probe:  # a local folder is made; an object store's makedirs would create a bucket
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except Exception as e:
+        if is_transient(e):
+            return
+        raise ValueError(f"--storage-path {cfg.storage_path}: the run's folder cannot be written "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def finished_line(cfg: TrainConfig, metrics: dict | None, checkpoint: str | None, results: dict | None) -> str:

@@ -192,9 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from train.run import checkpoint_to_resume, prepare_base_model, with_absolute_paths
+
     todo = []
     for subset in subsets:
-        cfg = run_config(base, subset, args.run_prefix)
+        try:  # every size, finished ones too: a finished run of other settings would be reported as this sweep's
+            cfg = run_config(base, subset, args.run_prefix)  # a --run-prefix that is no folder name is refused
+            checkpoint_to_resume(with_absolute_paths(prepare_base_model(cfg)), name_flag="--run-prefix")
+        except ValueError as e:  # ResumeMismatch among them
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         results = read_results(cfg)
         if is_finished(results, cfg.max_steps):
             print(f"[sweep] {cfg.run_name}: finished at step {results['final_step']}, skipped", flush=True)

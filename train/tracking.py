@@ -153,7 +153,8 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
                "history": state.history, "fidelity": state.fidelity, "convergence": convergence(state.fidelity),
-               "validation": state.validation, "train_seconds": state.train_seconds, "timing": state.timing}
+               "validation": state.validation, "train_seconds": state.train_seconds,
+               "samples_seen": state.samples_seen, "gpu_seconds": state.gpu_seconds, "timing": state.timing}
     png = io.BytesIO()
     if state.fidelity.get("curves"):
         run_plot(results).save(png, format="PNG")

@@ -77,7 +77,7 @@ def test_ranking_is_by_resolution_then_key_hash_whatever_the_input_order():
         random.Random(seed).shuffle(shuffled)
         assert rank(shuffled) == ranked
     assert key_hash("000010005") == key_hash("000010005") != key_hash("000010006")
-    with pytest.raises(SubsetError, match="duplicate keys"):
+    with pytest.raises(SubsetError, match="duplicate keys across shards: 'a' is in y.tar and x.tar"):
         rank([Sample("a", 1, "x.tar"), Sample("a", 2, "y.tar")])
 
 

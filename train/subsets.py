@@ -81,9 +81,13 @@ def size_label(size: int) -> str:
 def rank(samples: Iterable[Sample]) -> list[Sample]:
     """Largest originals first; equal resolutions in key-hash order, so the order never depends on listing order."""
     ranked = sorted(samples, key=lambda s: (-s.pixels, fmt.key_hash(s.key), s.key))
-    keys = [s.key for s in ranked]
-    if len(set(keys)) != len(keys):
-        raise SubsetError("duplicate keys across shards: a key must name one sample in a dataset")
+    shard_of: dict[str, str] = {}
+    for sample in ranked:
+        if sample.key in shard_of:  # a subset names its samples by key: it could not tell these apart
+            raise SubsetError(f"duplicate keys across shards: {sample.key!r} is in {shard_of[sample.key]} and "
+                              f"{sample.shard}; a key must name one sample in a dataset (give each input shard its "
+                              "own keys, e.g. prefixed with the shard's name)")
+        shard_of[sample.key] = sample.shard
     return ranked
 
 

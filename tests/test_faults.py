@@ -291,6 +291,23 @@ def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_
         assert "\n" not in error
 
 
+def test_subsets_of_a_dataset_moved_since_are_one_line_before_training(canny64, tmp_path, capsys):
+    """A subset names its dataset's shards by path: after the dataset moved, the run passed the checks, then
+    streamed nothing and ended in the loop with a traceback."""
+    from train.run import main as train
+    from train.subsets import make_subsets
+
+    original = Path(shutil.copytree(canny64, tmp_path / "first" / "canny"))
+    [subset] = make_subsets(str(original), [8])
+    moved = shutil.move(str(original), str(tmp_path / "moved"))
+    capsys.readouterr()
+    assert train(["--data", f"{moved}/subsets/8.json", "--storage-path", str(tmp_path / "runs"), "--run-name", "t",
+                  "--wandb", "off"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: shard {original}/shards/") and "is not there" in error and "\n" not in error
+    assert subset["size"] == 8 and not original.exists()
+
+
 def test_online_wandb_without_a_key_is_refused_before_ray_starts(python, tmp_path):
     """It ended in wandb's UsageError traceback from the worker, after the base model had loaded."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}

@@ -292,3 +292,20 @@ def test_streams_from_s3(dataset, s3_endpoint):
     whole = list(fmt.shard_samples([{"url": source.urls[0]}]))  # a stream going on mid-shard: one ranged read
     rest = list(fmt.shard_samples([{"url": source.urls[0], "offset": whole[4][fmt.NEXT_OFFSET]}]))
     assert [s["__key__"] for s in rest] == [s["__key__"] for s in whole[5:]] and rest[-1][fmt.NEXT_OFFSET] is None
+
+
+def test_several_subsets_in_one_data_keep_each_their_own_keys_in_their_own_shards():
+    """`--data a.json b.json`: one subset's keys were applied to the other's shards (two datasets made from the
+    same photos share keys: samples of neither subset trained), and a shard both named streamed twice."""
+    from train.data import SkipCounter, _merge, keep_keys
+
+    first = DataSource(["a/0.tar", "a/1.tar"], "canny", keys=frozenset({"k1", "k2"}), dataset="a", weights=(1, 1))
+    nested = DataSource(["a/1.tar"], "canny", keys=frozenset({"k2"}), dataset="a", weights=(1,))
+    other = DataSource(["b/0.tar"], "canny", keys=frozenset({"k3"}), dataset="b", weights=(1,))
+    merged = _merge([first, nested, other])
+    assert merged.urls == ["a/0.tar", "a/1.tar", "b/0.tar"] and merged.weights == (1, 1, 1)
+    assert merged.counts["samples"] == 3
+    samples = [{"__key__": key, "__url__": url} for url in ("a/0.tar", "a/1.tar", "b/0.tar")
+               for key in ("k1", "k2", "k3")]
+    kept = [(s["__url__"], s["__key__"]) for s in keep_keys(samples, merged.key_filter, SkipCounter(100))]
+    assert kept == [("a/0.tar", "k1"), ("a/0.tar", "k2"), ("a/1.tar", "k1"), ("a/1.tar", "k2"), ("b/0.tar", "k3")]

@@ -142,6 +142,10 @@ def test_validation_is_held_out_of_training(dataset):
     assert train.urls == ["a.tar", "b.tar"] and held_out.urls == ["c.tar"] and held_out.task == "canny"
     only = DataSource(["a.tar"], "canny")
     assert split_validation(only, None) == (only, only)  # one shard: nothing to hold out
+    # a subset that names no held-out set (train.subsets --holdout-shards 0) trains on every sample it names: its
+    # last shard's samples were held out, a different share of each size of a sweep
+    subset = DataSource(["a.tar", "b.tar", "c.tar"], "canny", keys=frozenset({"k1", "k2", "k3"}))
+    assert split_validation(subset, None) == (subset, subset)
     train, given = split_validation(only, [str(dataset)])
     assert train is only and len(given.urls) == 4
 

@@ -61,6 +61,13 @@ class DataSource:
     validation: str | None = None  # a subset's shared held-out validation manifest, if it names one
     conditions: tuple[str, ...] = ()
     weights: tuple[int, ...] | None = None  # samples of this stream in each shard (urls' order), where known
+    url_keys: Mapping[str, frozenset[str]] | None = None  # the keys to keep in each shard, where they differ by
+    # shard (several subsets in one --data, which may share keys or shards: _merge)
+
+    @property
+    def key_filter(self) -> frozenset[str] | Mapping[str, frozenset[str]] | None:
+        """What keep_keys keeps: the keys per shard where known, else the keys, else everything (None)."""
+        return self.url_keys if self.url_keys is not None else self.keys
 
 
 def some_shards(source: DataSource, part: slice) -> DataSource:
@@ -112,17 +119,37 @@ def choose_condition(available: list[str], condition: str | None, where: str) ->
 
 
 def _merge(parts: list[DataSource]) -> DataSource:
-    """Several specs streamed as one: their shards together; a key filter only if every part has one."""
+    """Several specs streamed as one: their shards together, each once. Subsets keep each their own keys in their
+    own shards: one subset's keys applied to another's shards let in samples of neither (two datasets made from the
+    same photos share keys), and a shard two subsets name was streamed twice. A shard's weight is the larger of
+    its parts' (exact for nested subsets of one dataset)."""
     if not parts:
         raise ValueError("no shard URLs given")
     filters = [p.keys for p in parts]
     if any(k is None for k in filters) and not all(k is None for k in filters):
         raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")
-    keys = None if filters[0] is None else frozenset().union(*filters)
     conditions = tuple(dict.fromkeys(c for p in parts for c in p.conditions))
-    weights = None if any(p.weights is None for p in parts) else tuple(w for p in parts for w in p.weights)
-    merged = _tars([u for p in parts for u in p.urls], parts[0].task, keys, parts[0].dataset, conditions=conditions)
-    return dataclasses.replace(merged, weights=weights)
+    urls = list(dict.fromkeys(u for p in parts for u in p.urls))
+    weights = None
+    if all(p.weights is not None for p in parts):
+        weight_of: dict[str, int] = {}
+        for part in parts:
+            for url, weight in zip(part.urls, part.weights, strict=True):
+                weight_of[url] = max(weight_of.get(url, 0), weight)
+        weights = tuple(weight_of[u] for u in urls)
+    if filters[0] is None:
+        return dataclasses.replace(_tars(urls, parts[0].task, None, parts[0].dataset, conditions=conditions),
+                                   weights=weights)
+    url_keys: dict[str, frozenset[str]] = {}
+    for part in parts:
+        for url in part.urls:
+            url_keys[url] = url_keys.get(url, frozenset()) | part.keys
+    by_dataset: dict[str | None, frozenset[str]] = {}  # the same key in two datasets is two samples
+    for part in parts:
+        by_dataset[part.dataset] = by_dataset.get(part.dataset, frozenset()) | part.keys
+    merged = _tars(urls, parts[0].task, frozenset().union(*filters), parts[0].dataset, conditions=conditions)
+    return dataclasses.replace(merged, weights=weights, url_keys=url_keys,
+                               counts={**merged.counts, "samples": sum(map(len, by_dataset.values()))})
 
 
 def _is_pattern(spec: str) -> bool:
@@ -477,13 +504,15 @@ class ShardCursor:
 # ---------------------------------------------------------------- pipeline stages
 
 
-def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | None, counter: SkipCounter,
-              member: str | None = None) -> Iterator[dict]:
-    """Only the subset's keys pass (all when keys is None), and with `member`, only samples that hold it (the
-    condition map of a multi-task dataset: the others were filtered for that task, as the index records, and are
-    passed over like keys outside a subset, not counted as bad); a passing sample proves the shards readable."""
+def keep_keys(samples: Iterable[dict[str, Any]], keys: frozenset[str] | Mapping[str, frozenset[str]] | None,
+              counter: SkipCounter, member: str | None = None) -> Iterator[dict]:
+    """Only the subset's keys pass (all when keys is None; per shard URL for a mapping: DataSource.key_filter), and
+    with `member`, only samples that hold it (the condition map of a multi-task dataset: the others were filtered
+    for that task, as the index records, and are passed over like keys outside a subset, not counted as bad); a
+    passing sample proves the shards readable."""
     for sample in samples:
-        if (keys is None or sample["__key__"] in keys) and (member is None or member in sample):
+        wanted = keys.get(sample["__url__"], frozenset()) if isinstance(keys, Mapping) else keys
+        if (wanted is None or sample["__key__"] in wanted) and (member is None or member in sample):
             counter.passed()
             yield sample
 
@@ -638,7 +667,7 @@ class ControlNetStream(IterableDataset):
             shards,
             partial(fmt.shard_samples, handler=read_error, opened=counter.opened_shard),  # {__key__, jpg, ...}
             cursor.read,
-            partial(keep_keys, keys=self.source.keys, counter=counter, member=condition_member(self.source)),
+            partial(keep_keys, keys=self.source.key_filter, counter=counter, member=condition_member(self.source)),
             shuffle,
             partial(decoded, task=self.source.task, resolution=cfg.resolution, dropout=cfg.prompt_dropout,
                     rng=random.Random(dropout_seed), counter=counter, latents=cfg.latents),
@@ -739,7 +768,7 @@ def lowest_key_hashes(source: DataSource, count: int, resolution: int, spare: in
     stages = wds.DataPipeline(
         partial(as_shards, source.urls),
         partial(fmt.shard_samples, handler=counter.read_error, opened=counter.opened_shard),
-        partial(keep_keys, keys=source.keys, counter=counter, member=condition_member(source)),
+        partial(keep_keys, keys=source.key_filter, counter=counter, member=condition_member(source)),
     )
     kept: list[tuple[int, str]] = []  # a max-heap by hash, as (-hash, key)
     raw: dict[str, dict[str, Any]] = {}

@@ -394,15 +394,16 @@ def ranks_in_sync(module: nn.Module) -> bool:
 
 def split_validation(source, validation_data: list[str] | None):
     """(training source, validation source): the given validation data, else the held-out set a subset names
-    (shared by every size of a sweep), else the last shard held out of training (when there are several), else
-    the training data itself."""
+    (shared by every size of a sweep), else the last shard of a whole dataset held out of training (when there
+    are several), else the training data itself. A subset trains on every sample it names: one made with nothing
+    held out (train.subsets --holdout-shards 0) lost its last shard's samples, a different share at each size."""
     from train.data import resolve_shards, some_shards
 
     if validation_data:
         return source, resolve_shards(validation_data, source.task)
     if source.validation:
         return source, resolve_shards(source.validation, source.task)
-    if len(source.urls) < 2:
+    if len(source.urls) < 2 or source.keys is not None:
         return source, source
     return some_shards(source, slice(None, -1)), some_shards(source, slice(-1, None))
 

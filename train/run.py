@@ -184,9 +184,22 @@ def check_data(cfg: TrainConfig) -> None:
     check_local_base_model(cfg.base_model)
     wandb_mode(cfg.wandb)
     source = resolve_shards(cfg.data, cfg.condition)
-    if cfg.validation_data:
-        resolve_shards(cfg.validation_data, source.task)
+    check_shards_there(source.urls)
+    if cfg.validation_data or source.validation:  # a subset's own held-out set too
+        check_shards_there(resolve_shards(cfg.validation_data or source.validation, source.task).urls)
     check_storage_writable(cfg)
+
+
+def check_shards_there(urls: list[str]) -> None:
+    """The first and last shard a source names exist: a subset manifest names its dataset's shards by path, and a
+    dataset moved since streamed no sample (the run ended in the loop, "no sample in 100 shards")."""
+    import fsspec
+
+    for url in dict.fromkeys([urls[0], urls[-1]] if urls else []):
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"shard {url} is not there (a subset names its dataset's shards by path: make the "
+                                    "subsets again where the dataset is now)")
 
 
 def check_storage_writable(cfg: TrainConfig) -> None:

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -365,6 +366,25 @@ SUBSET_SHARDS: Final = "shards"  # list of tar URLs; relative ones resolve again
 SUBSET_KEYS: Final = "keys"  # list of sample keys to keep (keys are unique across one dataset's shards)
 SUBSET_TASK: Final = "task"  # the condition task, as in the dataset manifest
 SUBSET_VALIDATION: Final = "validation"  # optional: URL of the held-out validation subset manifest to score on
+
+
+def url_from(folder: str, url: str) -> str:
+    """A URL as a manifest in `folder` writes it: relative ones ('../shards/00000.tar') resolve against the folder
+    (local or an object store's, where '..' is no path of its own)."""
+    if "://" in url or url.startswith("/"):
+        return url
+    protocol, separator, path = folder.rstrip("/").rpartition("://")
+    return f"{protocol}{separator}{posixpath.normpath(f'{path}/{url}')}"
+
+
+def url_within(url: str, folder: str, root: str) -> str:
+    """`url` as a manifest in `folder` writes it: relative where both lie in `root` (a dataset and the subsets in
+    it: a copy or a move of the whole dataset keeps them readable, and never reads the original), else as it is."""
+    prefix = root.rstrip("/") + "/"
+    target, start = url.rstrip("/") + "/", folder.rstrip("/") + "/"
+    if not (target.startswith(prefix) and start.startswith(prefix)):
+        return url
+    return posixpath.relpath("/" + target[len(prefix):], "/" + start[len(prefix):])
 
 
 def subset_manifest(shards: list[str], keys: list[str], task: str) -> dict[str, object]:

@@ -107,15 +107,16 @@ def test_subsets_of_a_built_dataset_are_exact_nested_and_the_largest_originals(d
     for n in (8, 16):  # nothing left out is larger than anything taken
         assert min(pixels[k] for k in keys[n]) >= max(pixels[k] for k in set(pixels) - keys[n])
     doc = docs[8]
-    assert doc["task"] == "canny" and doc["dataset"] == str(data) and "resolution" in doc["ranking"]
+    assert doc["task"] == "canny" and doc["dataset"] == ".." and "resolution" in doc["ranking"]
     assert doc["counts"]["samples"] == 8 and doc["counts"]["ok_in_dataset"] == 36
     assert sum(doc["counts"]["per_shard"].values()) == 8 and sorted(doc["counts"]["per_shard"]) == doc["shards"]
-    assert all(Path(s).is_absolute() and s.endswith(".tar") for s in doc["shards"])
+    # relative to the manifest's folder, all in the dataset: a copy or move of the dataset keeps its subsets
+    assert all(s.startswith("../shards/") and (data / "subsets" / s).is_file() for s in doc["shards"])
     # one validation set for every size: the last shard's ok samples, in no subset
     validation = load(str(data / "subsets" / "validation.json"))
-    assert {d["validation"] for d in docs.values()} == {str(data / "subsets" / "validation.json")}
+    assert {d["validation"] for d in docs.values()} == {"validation.json"}
     assert set(validation["keys"]) == set(index_rows(data)) - set(pixels) and len(validation["keys"]) == 12
-    assert validation["shards"] == [str(sorted((data / "shards").glob("*.tar"))[-1])]
+    assert validation["shards"] == [f"../shards/{sorted((data / 'shards').glob('*.tar'))[-1].name}"]
     assert not set(validation["keys"]) & keys[36]
     again = make_subsets(str(data), [16])  # deterministic: a re-run writes the same manifest
     assert load(again[0]["url"]) == docs[16]
@@ -155,7 +156,7 @@ def test_s3_dataset(dataset, s3_endpoint):
                                            "s3://cnd-subsets/canny/subsets/16.json"]
     fs.invalidate_cache()
     doc = json.loads(fs.cat_file("cnd-subsets/canny/subsets/8.json"))
-    assert all(s.startswith("s3://cnd-subsets/canny/shards/") for s in doc["shards"])
+    assert all(s.startswith("../shards/") for s in doc["shards"])
     local = make_subsets(str(dataset), [8], out=str(Path(dataset).parent / "local-subsets"))
     assert doc["keys"] == load(local[0]["url"])["keys"]
     source = resolve_shards("s3://cnd-subsets/canny/subsets/8.json")
@@ -166,6 +167,7 @@ def test_s3_dataset(dataset, s3_endpoint):
     fs.invalidate_cache()
     doc = json.loads(fs.cat_file("cnd-subsets/small/8.json"))
     assert doc["shards"] == ["s3://cnd-subsets/small/8/shards/00000.tar", "s3://cnd-subsets/small/8/shards/00001.tar"]
+    assert doc["dataset"] == "s3://cnd-subsets/canny"  # subsets outside the dataset name it as it is
     assert fs.exists("cnd-subsets/small/8/shards/00001.stats.json") and copied["materialized"]
     stream = make_dataset(resolve_shards("s3://cnd-subsets/small/8.json"), resolution=64, batch_size=4, seed=0,
                           prompt_dropout=0.0, epoch_samples=None)
@@ -215,10 +217,10 @@ def test_materialized_subsets_are_exact_nested_copies_in_compact_shards(dataset,
         doc = load(by_size[size]["url"])
         folder = data / "subsets" / str(size)
         tars = sorted((folder / "shards").glob("*.tar"))
-        assert doc["shards"] == [str(t) for t in tars] and doc["dataset"] == str(data)
-        assert doc["materialized"]["folder"] == str(folder) and "resolution" in doc["ranking"]
+        assert doc["shards"] == [f"{size}/shards/{t.name}" for t in tars] and doc["dataset"] == ".."
+        assert doc["materialized"]["folder"] == str(size) and "resolution" in doc["ranking"]
         assert [len(tar_members(t)) for t in tars] == [4] * (size // 4) + ([size % 4] if size % 4 else [])
-        assert doc["counts"]["per_shard"] == {str(t): len(tar_members(t)) for t in tars}
+        assert doc["counts"]["per_shard"] == {f"{size}/shards/{t.name}": len(tar_members(t)) for t in tars}
         copied = {k: m for t in tars for k, m in tar_members(t).items()}
         keys[size] = set(copied)
         assert keys[size] == set(doc["keys"]) and len(copied) == size  # exactly the selection, each once

@@ -232,23 +232,20 @@ def _from_json(spec: str, condition: str | None = None) -> DataSource:
             raise ValueError(f"{spec} is not JSON ({e})") from None
     base, _, name = spec.rpartition("/")
     if isinstance(obj, dict) and fmt.SUBSET_KEYS in obj:
-        urls = [_relative(base or ".", u) for u in obj[fmt.SUBSET_SHARDS]]
+        urls = [fmt.url_from(base or ".", u) for u in obj[fmt.SUBSET_SHARDS]]
         task = obj.get(fmt.SUBSET_TASK)  # the condition the subset was chosen for: its samples all hold its map
-        source = _tars(urls, task, frozenset(obj[fmt.SUBSET_KEYS]), obj.get("dataset"), condition,
+        dataset = fmt.url_from(base or ".", obj["dataset"]) if obj.get("dataset") else None
+        source = _tars(urls, task, frozenset(obj[fmt.SUBSET_KEYS]), dataset, condition,
                        conditions=(task,) if task else None)
         per_shard = obj.get("counts", {}).get("per_shard", {})  # the subset's samples in each of its shards
         weights = tuple(per_shard[u] for u in obj[fmt.SUBSET_SHARDS]) if set(obj[fmt.SUBSET_SHARDS]) <= set(
             per_shard) else None
         validation = obj.get(fmt.SUBSET_VALIDATION)
-        return dataclasses.replace(source, validation=_relative(base or ".", validation) if validation else None,
+        return dataclasses.replace(source, validation=fmt.url_from(base or ".", validation) if validation else None,
                                    weights=weights)
     if name == fmt.MANIFEST:
         return _from_folder(base or ".", condition)
     raise ValueError(f"{spec}: neither a subset manifest (no {fmt.SUBSET_KEYS!r}) nor a dataset's {fmt.MANIFEST}")
-
-
-def _relative(base: str, url: str) -> str:
-    return url if "://" in url or url.startswith("/") else f"{base}/{url}"
 
 
 def task_of(member: str) -> str | None:

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -146,6 +147,20 @@ def subset_document(chosen: list[Sample], task: str, dataset: str, available: in
         "dataset": dataset,
         **({fmt.SUBSET_VALIDATION: validation} if validation else {}),
     }
+
+
+def portable(document: dict[str, Any], folder: str, dataset: str) -> dict[str, Any]:
+    """A subset manifest as written into `folder`: its URLs relative where they lie in the dataset, as the folder
+    does (fmt.url_within), so that the dataset copied or moved whole keeps its subsets (they named the old place)."""
+    here = partial(fmt.url_within, folder=folder, root=dataset)
+    per_shard = {here(u): n for u, n in document["counts"]["per_shard"].items()}
+    written = {**document, fmt.SUBSET_SHARDS: [here(u) for u in document[fmt.SUBSET_SHARDS]],
+               "dataset": here(document["dataset"]), "counts": {**document["counts"], "per_shard": per_shard}}
+    if document.get(fmt.SUBSET_VALIDATION):
+        written[fmt.SUBSET_VALIDATION] = here(document[fmt.SUBSET_VALIDATION])
+    if "materialized" in document:
+        written["materialized"] = {**document["materialized"], "folder": here(document["materialized"]["folder"])}
+    return written
 
 
 # ---------------------------------------------------------------- I/O: parquet in, JSON out
@@ -319,7 +334,8 @@ def already_materialized(url: str, chosen: list[Sample], per_shard: int) -> dict
     if not fs.exists(path):
         return None
     document = json.loads(fs.cat_file(path))
-    shards = document.get("counts", {}).get("per_shard", {})
+    folder = url.rpartition("/")[0]
+    shards = {fmt.url_from(folder, u): n for u, n in document.get("counts", {}).get("per_shard", {}).items()}
     same = (document.get("materialized", {}).get("samples_per_shard") == per_shard
             and set(document.get(fmt.SUBSET_KEYS, [])) == {s.key for s in chosen})
     committed = all(fs.exists(fsspec.core.url_to_fs(u.removesuffix(fmt.TAR_SUFFIX) + fmt.STATS_SUFFIX)[1])
@@ -369,7 +385,7 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
     if held:
         validation = f"{out}/{VALIDATION_NAME}"
         document = subset_document(held, task, dataset, len(ranked) + len(held))
-        write_json(validation, {**document, "role": "validation: held out of every subset"})
+        write_json(validation, {**portable(document, out, dataset), "role": "validation: held out of every subset"})
     written = []
     for size, samples in chosen.items():
         document = subset_document(samples, task, dataset, len(ranked), validation)
@@ -381,7 +397,7 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
                                         "read_amplification": round(amplification[size], 3),
                                         "samples_per_shard": samples_per_shard}
         url = f"{out}/{size_label(size)}.json"
-        write_json(url, document)
+        write_json(url, portable(document, out, dataset))
         written.append({"label": size_label(size), "size": size, "shards": document["counts"]["shards"], "url": url,
                         "validation": validation, "materialized": size in compact,
                         "read_amplification": amplification[size] if shard_samples else None})

@@ -8,6 +8,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import tyro
 from PIL import Image, ImageDraw, ImageFont
 
@@ -122,14 +123,32 @@ class PreviewArgs:
     """PNG path (default: <dataset name>-preview.png here)."""
 
 
+def check_args(args: PreviewArgs) -> str:
+    """The dataset folder to read (a manifest.json's folder), or SystemExit with one line for what cannot work."""
+    dataset = args.dataset.removesuffix(f"/{fmt.MANIFEST}")
+    if dataset.endswith(".json"):
+        raise SystemExit(f"error: {dataset}: preview reads a dataset folder (a materialized subset's folder is one), "
+                         "not a subset manifest")
+    fs, path = fsspec.core.url_to_fs(dataset)
+    if not fs.exists(path):
+        raise SystemExit(f"error: {dataset}: no such dataset folder")
+    if args.samples < 1:
+        raise SystemExit(f"error: --samples must be at least 1, not {args.samples}")
+    if args.out and "://" in args.out:
+        raise SystemExit(f"error: --out {args.out}: the sheet is written locally; copy it afterwards")
+    return dataset
+
+
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
+    args.dataset = check_args(args)
     tasks = fmt.dataset_tasks(fmt.read_manifest(args.dataset))
     counts = status_counts(args.dataset, tasks)
     samples = pick_samples(args.dataset, args.samples, args.seed)
     if not samples:
         raise SystemExit(f"error: no written samples in {args.dataset} (counts: {counts})")
     out = Path(args.out or f"{Path(args.dataset.rstrip('/')).name}-preview.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(samples, counts, args.dataset, tasks or None).save(out)
     print("  ".join(f"{k}: {v}" for k, v in counts.items()))
     print(f"wrote {out} ({len(samples)} samples)")

@@ -135,3 +135,20 @@ def test_a_canny_job_never_imports_torch(sample_shards, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     ok, torch_imported = done.stdout.split()[-2:]
     assert int(ok) > 0 and torch_imported == "False"
+
+
+def test_the_preview_cli_takes_a_manifest_path_and_refuses_what_it_cannot_show_in_one_line(dataset, tmp_path,
+                                                                                          capsys):
+    """A subset manifest or a missing folder said 'no written samples'; an --out in a new folder ended in a
+    traceback after all the reading."""
+    from pipeline.preview import main as preview
+
+    out = tmp_path / "new" / "sheet.png"
+    preview([str(dataset / "manifest.json"), "--samples", "2", "--out", str(out)])
+    assert out.is_file() and "wrote" in capsys.readouterr().out
+    for args, message in (([str(dataset / "subsets" / "8.json")], "not a subset manifest"),
+                          ([str(tmp_path / "nothing")], "no such dataset folder"),
+                          ([str(dataset), "--samples", "0"], "--samples must be at least 1"),
+                          ([str(dataset), "--out", "s3://b/x.png"], "written locally")):
+        with pytest.raises(SystemExit, match=message):
+            preview(args)

@@ -14,10 +14,11 @@ from PIL import Image
 from transformers import AutoTokenizer, BlipForConditionalGeneration
 
 from annotate.device import inference, pick_device, precision
-from annotate.weights import load_pretrained_folder, resolve_folder, sha256_folder
+from annotate.weights import load_complete_model, load_pretrained_folder, resolve_folder, sha256_folder
 
 HF_FOLDER = "blip-image-captioning-large"
 HF_REPO = "Salesforce/blip-image-captioning-large"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # BLIP's BERT tokenizer, fast or slow
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BlipImageProcessor's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -86,9 +87,12 @@ class BlipCaptioner:
     def __post_init__(self) -> None:
         self._device = pick_device(self.device)
         self._folder = resolve_folder(HF_FOLDER, source=self.weights, hub_repo=HF_REPO)
-        model = load_pretrained_folder(partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True),
-                                       self._folder, "the BLIP captioner")
+        model = load_complete_model(partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True),
+                                    self._folder, "the BLIP captioner")
         self._model = model.eval().to(self._device)
+        if not any((self._folder / name).is_file() for name in TOKENIZER_FILES):  # AutoTokenizer then makes one of
+            # 5 tokens from the config alone, and every caption is ''
+            raise ValueError(f"{self._folder} holds no tokenizer for BLIP (none of {', '.join(TOKENIZER_FILES)})")
         self._tokenizer = load_pretrained_folder(partial(AutoTokenizer.from_pretrained, local_files_only=True),
                                                  self._folder, "BLIP's tokenizer")
         self._spec = read_image_spec(self._folder, model.config.vision_config.image_size)

@@ -20,8 +20,10 @@ from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, detection_size, to_detection, to_output
 from annotate.weights import (
     MissingWeightsError,
-    load_pretrained_folder,
+    load_complete_model,
     load_state_dict_file,
+    one_line,
+    require_tensors,
     resolve_folder,
     resolve_weight,
     sha256_file,
@@ -205,16 +207,24 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def model_from_original(path: str | Path) -> DPTForDepthEstimation:
     """A transformers DPTForDepthEstimation holding the weights of an original MiDaS checkpoint."""
     original = load_original_state_dict(path)
-    with torch.device("meta"):  # no random init of 123M parameters that the file replaces anyway
-        model = DPTForDepthEstimation(config_from_original(original))
-    converted = {k: v.float() if v.is_floating_point() else v for k, v in convert_original_state_dict(original).items()}
-    model.load_state_dict(converted, strict=True, assign=True)
+    what = "the MiDaS DPT-Hybrid checkpoint (dpt_hybrid-midas-501f0c75.pt)"
+    require_tensors(original, path, what)
+    try:  # a key the layout needs, or a shape it fixes, that the file does not have
+        with torch.device("meta"):  # no random init of 123M parameters that the file replaces anyway
+            model = DPTForDepthEstimation(config_from_original(original))
+        converted = {k: v.float() if v.is_floating_point() else v
+                     for k, v in convert_original_state_dict(original).items()}
+        model.load_state_dict(converted, strict=True, assign=True)
+    except (KeyError, IndexError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not {what} ({type(err).__name__}: {one_line(err)})") from None
     return model
 
 
 def model_from_folder(folder: str | Path) -> DPTForDepthEstimation:
-    return load_pretrained_folder(partial(DPTForDepthEstimation.from_pretrained, local_files_only=True), folder,
-                                  "MiDaS DPT-Hybrid (dpt-hybrid-midas)")
+    # the first fusion layer has no coarser level to add, so transformers never runs its residual_layer1
+    return load_complete_model(partial(DPTForDepthEstimation.from_pretrained, local_files_only=True), folder,
+                               "MiDaS DPT-Hybrid (dpt-hybrid-midas)",
+                               unused=("neck.fusion_stage.layers.0.residual_layer1.",))
 
 
 def find_midas_weights(source: str | None) -> tuple[str, Path]:

@@ -16,7 +16,7 @@ from torch import nn
 from annotate.base import Annotation
 from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
-from annotate.weights import check_keys, load_state_dict_file, resolve_weight, sha256_file
+from annotate.weights import check_keys, load_state_dict_file, one_line, require_tensors, resolve_weight, sha256_file
 
 WEIGHT_FILE = "body_pose_model.pth"
 HUB_REPO = "lllyasviel/Annotators"
@@ -123,9 +123,14 @@ def load_body_pose_net(path: str | Path) -> BodyPoseNet:
         net = BodyPoseNet()
     published = load_state_dict_file(path, WEIGHT_FILE)
     to_module = {published_key(key): key for key in net.state_dict()}
-    check_keys(path, f"the CMU body pose model ({WEIGHT_FILE})", set(to_module), set(published))
+    what = f"the CMU body pose model ({WEIGHT_FILE})"
+    check_keys(path, what, set(to_module), set(published))
+    require_tensors(published, path, what)
     state = {module_key: published[key].float() for key, module_key in to_module.items()}
-    net.load_state_dict(state, strict=True, assign=True)
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # the keys are right: a shape is not
+        raise ValueError(f"{path} is not {what}: {one_line(err)}") from None
     return net.eval()
 
 

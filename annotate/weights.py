@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,16 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return state
 
 
+def require_tensors(state: dict[str, Any], path: str | os.PathLike, what: str) -> None:
+    """Every value of a published state dict is a tensor: else a one-line ValueError naming the file and the key
+    (the loaders' .float() and the like raised an AttributeError about a float)."""
+    import torch
+
+    odd = next((key for key, value in state.items() if not isinstance(value, torch.Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"{path} is not {what}: its {odd!r} holds a {type(state[odd]).__name__}, not a tensor")
+
+
 def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str) -> Any:
     """`load(folder)` (a transformers or diffusers from_pretrained), its failure a one-line ValueError naming the
     folder and `what` it should hold: safetensors' and transformers' own messages do not say which file."""
@@ -87,6 +99,19 @@ def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike
         return load(str(folder))
     except Exception as e:
         raise ValueError(f"{folder} does not load as {what} ({type(e).__name__}: {one_line(e, 200)})") from None
+
+
+def load_complete_model(load: Callable[..., Any], folder: str | os.PathLike, what: str,
+                        unused: tuple[str, ...] = ()) -> Any:
+    """load_pretrained_folder for a model, refused when its file lacks some of the model's weights: transformers
+    leaves those at their random start with a warning in the log, and the job wrote maps and captions from them.
+    `unused`: prefixes of weights the model holds but never runs, which published files may leave out."""
+    model, info = load_pretrained_folder(partial(load, output_loading_info=True), folder, what)
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(unused))
+    if missing:
+        raise ValueError(f"{folder} is not {what}: its weights lack {len(missing)} of the model's tensors "
+                         f"(e.g. {missing[:3]})")
+    return model
 
 
 def check_keys(path: str | os.PathLike, what: str, expected: set[str], found: set[str]) -> None:
@@ -100,12 +125,24 @@ def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def remote_state(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """What a remote file or folder holds, as its listing tells it (names, sizes, ETags or mtimes): it changes
+    when a file is replaced, without reading any."""
+    found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    def version(info: dict[str, Any]) -> str:
+        return str(next((info[k] for k in ("ETag", "mtime", "LastModified", "created") if info.get(k)), ""))
+
+    return json.dumps(sorted((name, info.get("size"), version(info)) for name, info in found.items()))
+
+
 def _fetch_remote(url: str, cache_dir: Path) -> Path:
-    """Copy a remote file or folder into the local cache once (keyed by its URL) and return the local path."""
+    """Copy a remote file or folder into the local cache once per version (keyed by its URL and remote_state: a
+    copy kept by URL alone went on being used after the weights there were replaced) and return the local path."""
     fs, path = fsspec.core.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(url)
-    target = cache_dir / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(path).name
+    version = hashlib.sha256(f"{url}\n{remote_state(fs, path)}".encode()).hexdigest()[:16]
+    target = cache_dir / version / Path(path).name
     if not target.exists():
         # one partial per process: workers starting together on a node never write into each other's copy
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -130,3 +130,23 @@ def test_a_damaged_weight_file_is_one_line_naming_the_folder(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="does not load as the BLIP captioner") as error:
         BlipCaptioner(weights=str(tmp_path), device="cpu")
     assert str(folder) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_folder_missing_weights_or_its_tokenizer_is_refused_not_run_random(weights_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """A safetensors lacking tensors loaded with them random ('large large large ...'); a folder without its
+    tokenizer files made a 5-token one from the config, and every caption was ''."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(weights_dir / HF_FOLDER, tmp_path / "a" / HF_FOLDER))
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "text_decoder" not in k}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="is not the BLIP captioner: its weights lack"):
+        BlipCaptioner(weights=str(tmp_path / "a"), device="cpu")
+    folder = Path(shutil.copytree(weights_dir / HF_FOLDER, tmp_path / "b" / HF_FOLDER))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="holds no tokenizer for BLIP"):
+        BlipCaptioner(weights=str(tmp_path / "b"), device="cpu")

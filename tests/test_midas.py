@@ -24,6 +24,8 @@ from annotate.midas import (
     depth_to_map,
     dpt_hybrid_config,
     load_original_state_dict,
+    model_from_folder,
+    model_from_original,
 )
 from annotate.weights import MissingWeightsError, resolve_folder, sha256_folder
 from tests.tiny_weights.midas import (
@@ -231,7 +233,34 @@ def test_resolve_folder_copies_a_remote_folder_once(hf_dir: Path, tmp_path: Path
     assert (local / "config.json").is_file()
     assert sha256_folder(local) == sha256_folder(hf_dir / HF_FOLDER)
     assert resolve_folder(HF_FOLDER, source=url, cache_dir=tmp_path / "cache") == local
+    # the weights there replaced: copied again (the copy kept by URL alone was used on, with the old weights)
+    other = write_tiny_dpt(tmp_path / "other", seed=1)
+    fs.pipe(f"/weights-{tmp_path.name}/{HF_FOLDER}/model.safetensors", (other / "model.safetensors").read_bytes())
+    fresh = resolve_folder(HF_FOLDER, source=url, cache_dir=tmp_path / "cache")
+    assert fresh != local and sha256_folder(fresh) == sha256_folder(other) != sha256_folder(local)
     fs.rm(f"/weights-{tmp_path.name}", recursive=True)
+
+
+def test_a_folder_or_checkpoint_missing_weights_is_refused_not_loaded_random(hf_dir: Path, original_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """transformers loaded a folder whose safetensors lacked tensors, leaving them random (maps from noise, with a
+    warning in an actor's log); a checkpoint with a tensor missing or not a tensor, or wrapped, was a bare
+    KeyError, AttributeError or a multi-line RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(hf_dir / HF_FOLDER, tmp_path / "hf" / HF_FOLDER))
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("neck.")}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="is not MiDaS DPT-Hybrid.*lack .* of the model's tensors"):
+        model_from_folder(folder)
+    original = load_original_state_dict(original_dir / ORIGINAL_FILE)
+    first = next(iter(original))
+    for name, state in (("missing", {k: v for k, v in original.items() if k != "scratch.layer1_rn.weight"}),
+                        ("wrapped", {"state_dict": original}), ("float", {**original, first: 1.0})):
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=f"{name}.pt is not the MiDaS DPT-Hybrid checkpoint") as err:
+            model_from_original(tmp_path / f"{name}.pt")
+        assert "\n" not in str(err.value)
 
 
 def test_resolve_folder_uses_the_hub_cache_without_network(hf_dir: Path, empty_hub_cache: Path) -> None:

@@ -217,6 +217,18 @@ def test_loader_rejects_a_file_with_a_missing_key(tiny_weights, tmp_path):
         load_body_pose_net(tmp_path / WEIGHT_FILE)
 
 
+def test_loader_names_the_file_for_a_wrong_shape_or_a_value_that_is_no_tensor(tiny_weights, tmp_path):
+    """torch's multi-line size-mismatch paragraph, or an AttributeError about a float, named no file."""
+    state = torch.load(tiny_weights, map_location="cpu", weights_only=True)
+    for name, broken in (("shape", {**state, "conv1_1.weight": state["conv1_1.weight"][:1]}),
+                         ("float", {**state, "conv1_1.bias": 0.5})):
+        (tmp_path / name).mkdir()
+        torch.save(broken, tmp_path / name / WEIGHT_FILE)
+        with pytest.raises(ValueError, match=f"{name}/{WEIGHT_FILE} is not the CMU body pose model") as err:
+            load_body_pose_net(tmp_path / name / WEIGHT_FILE)
+        assert "\n" not in str(err.value)
+
+
 def test_annotator_batch_is_deterministic_and_equals_one_at_a_time(annotator):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 64, 3), (80, 96, 3)] * 2]

@@ -40,7 +40,10 @@ def read_image_spec(folder: Path, image_size: int) -> ImageSpec:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return ImageSpec(image_size, image_size)
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
     size = config.get("size", image_size)
     height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
     return ImageSpec(

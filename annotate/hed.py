@@ -130,8 +130,8 @@ class HEDAnnotator:
         self.fp16 = fp16 and self.device.type == "cuda"  # autocast only on GPU; CPU stays fp32
         self.max_batch = max_batch
         self.weight_path = resolve_weight(WEIGHT_FILE, source=weights, hub_repo=HUB_REPO)
+        self.model = load_hed(self.weight_path).to(self.device)  # first: a folder of that name is its one line
         self.weight_sha256 = sha256_file(self.weight_path)
-        self.model = load_hed(self.weight_path).to(self.device)
 
     @torch.inference_mode()
     def logits(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -77,6 +77,14 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_folder_named_as_the_weight_file_is_one_line(tmp_path: Path) -> None:
+    """It was an IsADirectoryError from hashing, before the loader's check."""
+    (tmp_path / WEIGHT_FILE).mkdir()
+    with pytest.raises(ValueError, match=f"{WEIGHT_FILE} is not a readable") as err:
+        HEDAnnotator(weights=str(tmp_path), device="cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_fp32_files_load_too(tmp_path: Path) -> None:
     path = write_tiny_hed(tmp_path, dtype=torch.float32)
     model = load_hed(path)

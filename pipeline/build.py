@@ -48,12 +48,12 @@ def recorded_settings(stats: dict[str, Any], current: dict[str, Any]) -> dict[st
     return recorded
 
 
-def check_resume_settings(cfg: BuildConfig, skipped_stats: list[dict[str, Any]]) -> None:
+def check_resume_settings(cfg: BuildConfig, kept_stats: list[dict[str, Any]]) -> None:
     """Refuse to add to an output whose committed shards were made with other output settings (one line naming
     them): the run would mix two datasets under one manifest. Shards from before settings were recorded pass."""
     current = cfg.output_settings()
     differing: dict[str, int] = {}
-    for stats in skipped_stats:
+    for stats in kept_stats:
         for difference in settings_mismatch(recorded_settings(stats, current), current):
             differing[difference] = differing.get(difference, 0) + 1
     if differing:
@@ -86,13 +86,13 @@ def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str,
                          "--output")
 
 
-def check_resume_weights(cfg: BuildConfig, models: dict[str, Any], skipped_stats: list[dict[str, Any]]) -> None:
+def check_resume_weights(cfg: BuildConfig, models: dict[str, Any], kept_stats: list[dict[str, Any]]) -> None:
     """Refuse to resume onto shards made with other weights, as with other settings (check_resume_settings): the
     same --weights folder may hold other files now. Each shard's stats keep the sha256s of the weights it was made
     with (pipeline.config.weight_hashes); shards from before they were kept pass. Checked once the actors have
     loaded their models, before any shard starts."""
     current = weight_hashes(models)
-    differing = Counter(d for stats in skipped_stats if "weights" in stats
+    differing = Counter(d for stats in kept_stats if "weights" in stats
                         for d in weights_mismatch(stats["weights"], current))
     if differing:
         listed = ", ".join(f"{d} ({n} shards)" for d, n in sorted(differing.items()))

@@ -93,10 +93,11 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
     shards: list[InputShard] = []
     loose: dict[str, list[str]] = {}  # folder URL -> the image files named in it (keys are paths under it)
     for spec in specs:
-        for url in [spec] if literal_path(spec) else braceexpand.braceexpand(spec):
+        literal = literal_path(spec)  # once per spec: an existence check is a request on object stores
+        for url in [spec] if literal else braceexpand.braceexpand(spec):
             fs, path = fsspec.core.url_to_fs(url)
             root = posixpath.dirname(path)  # where a named image's key starts
-            if _has_glob(path) and not literal_path(url):
+            if _has_glob(path) and not literal:
                 matches = sorted(fs.glob(path))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {url}")

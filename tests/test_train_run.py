@@ -230,7 +230,7 @@ def losses(history: list[dict]) -> dict[int, float]:
 def test_a_run_rides_out_its_object_store_going_away(dataset, ray_session, s3_server, s3_endpoint, python, workers,
                                                      tmp_path):
     """The run's data and checkpoints on S3, and the endpoint gone for 8 s once the first checkpoint is
-    published: the shard being read is opened again where it broke, the checkpoint published
+    published, while the run goes on: the shard being read is opened again where it broke, the checkpoint published
     again, and a Ray Train controller that stopped on its own storage write is submitted again (train.run.fit),
     so the run finishes with the losses of a run that saw no outage. Before, the run ended in a traceback."""
     import fsspec
@@ -261,11 +261,15 @@ def test_a_run_rides_out_its_object_store_going_away(dataset, ray_session, s3_se
             fs.invalidate_cache()
         s3_server.stop()
         time.sleep(8)
+        outage_met_the_run = run.poll() is None  # it cannot finish without writing its results to the store
         s3_server.start()
         run.wait(timeout=300)
     printed = log.read_text()
-    assert run.returncode == 0, printed[-4000:]
-    assert "trying again" in printed or "Ray Train stopped on its storage" in printed, printed[-4000:]
+    assert outage_met_the_run and run.returncode == 0, printed[-4000:]
+    if workers == 0:
+        # Only the driver makes one attempt per request (AWS_MAX_ATTEMPTS): a worker of the shared cluster may ride
+        # the outage out on botocore's own retries, so the project's waits are certain to show in local mode only.
+        assert "trying again" in printed or "Ray Train stopped on its storage" in printed, printed[-4000:]
     fs.invalidate_cache()
     outcome = json.loads(fs.cat_file(f"cnd-outage-train/runs/{name}/results.json"))
     reference = json.loads(fs.cat_file("cnd-outage-train/runs/calm/results.json"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import sys
 from pathlib import Path
@@ -134,6 +135,16 @@ def python() -> str:
 
 
 RESTORE_CTRL_C = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
+RAY_FORWARDED_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\([\w.]+ pid=\d+")  # '(RayTrainWorker pid=11891) ...'
+
+
+def own_output(output: str) -> str:
+    """What a driver printed itself: its output less the lines Ray forwards from its actors' logs. A worker that Ray
+    Train aborts in the middle of a call (a stop arriving while it reports a checkpoint) may log that call's
+    traceback there, which no handling in the driver can prevent."""
+    return "\n".join(line for line in output.splitlines() if not RAY_FORWARDED_LINE.match(line))
 
 
 def with_ctrl_c(command: list[str]) -> list[str]:

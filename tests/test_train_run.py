@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, copy_dataset, with_ctrl_c
+from tests.conftest import REPO, copy_dataset, own_output, with_ctrl_c
 from train.checkpoints import latest_checkpoint
 from train.config import debug
 from train.run import build_trainer
@@ -176,7 +176,7 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
     wait_for_checkpoint(storage / name, run)
     run.send_signal(stop)
     _, stderr = run.communicate(timeout=90)
-    assert run.returncode == 128 + stop and "Traceback" not in stderr, stderr[-3000:]
+    assert run.returncode == 128 + stop and "Traceback" not in own_output(stderr), stderr[-3000:]
     last = latest_checkpoint(str(storage), name)
     assert last and stderr.strip().splitlines()[-1] == \
         f"stopped: the same command resumes {name} from its last checkpoint, {last}"

@@ -97,7 +97,8 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
         for url in [spec] if literal else braceexpand.braceexpand(spec):
             fs, path = fsspec.core.url_to_fs(url)
             root = posixpath.dirname(path)  # where a named image's key starts
-            if _has_glob(path) and not literal:
+            # a URL from a brace range may still name an existing '[...]' file as written
+            if _has_glob(path) and not (literal if url == spec else literal_path(url)):
                 matches = sorted(fs.glob(path))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {url}")

@@ -214,6 +214,12 @@ def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written
         (tmp_path / name / "p.jpg").write_bytes(good_jpeg(1))
         [shard] = list_input_shards([str(tmp_path / name)])
         assert len(shard.files) == 1
+    # each URL of a brace range, too: 'x[1].jpg' is that file (as a glob, it would match x1.jpg only)
+    for folder in ("a", "b"):
+        (tmp_path / "ranged" / folder).mkdir(parents=True)
+        (tmp_path / "ranged" / folder / "x[1].jpg").write_bytes(good_jpeg(3))
+    shards = list_input_shards([str(tmp_path / "ranged" / "{a,b}" / "x[1].jpg")])
+    assert [len(s.files) for s in shards] == [1, 1]
     gz = tmp_path / "gz"
     gz.mkdir()
     with tarfile.open(gz / "00000.tar.gz", "w:gz") as tar:

@@ -6,10 +6,13 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+# torch, diffusers and transformers are imported where a model is made: a driver that finds the tiny SD built (every
+# debug run but the first) would spend ~7 s importing them for nothing, before its first step
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 IMAGE_SIZE = 64  # pixels; the VAE downsamples 8x, so latents are 8x8, as ControlNet's hint embedding expects
 LATENT_SIZE = IMAGE_SIZE // 8
@@ -53,6 +56,8 @@ def tokenizer_files(words: list[str]) -> tuple[dict[str, int], list[tuple[str, s
 def write_tokenizer(out: Path, words: list[str] = WORDS, max_tokens: int = MAX_TOKENS) -> CLIPTokenizer:
     """vocab.json + merges.txt written here, loaded by CLIPTokenizer as the published ones are. `words` become
     single tokens; any other text still tokenizes, byte by byte."""
+    from transformers import CLIPTokenizer
+
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = tokenizer_files(words)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -63,6 +68,8 @@ def write_tokenizer(out: Path, words: list[str] = WORDS, max_tokens: int = MAX_T
 
 
 def tiny_unet() -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     # the first block has cross-attention, as in SD, so the ControlNet has every kind of layer
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
@@ -76,6 +83,8 @@ def tiny_unet() -> UNet2DConditionModel:
 
 
 def tiny_vae() -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     # 4 blocks = 3 downsamplings = 8x, like SD's VAE
     return AutoencoderKL(
         sample_size=IMAGE_SIZE,
@@ -88,6 +97,8 @@ def tiny_vae() -> AutoencoderKL:
 
 
 def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden: int = HIDDEN, intermediate: int = 37) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -104,6 +115,8 @@ def tiny_text_encoder(tokenizer: CLIPTokenizer, hidden: int = HIDDEN, intermedia
 
 def sd_scheduler() -> DDPMScheduler:
     """The noise schedule SD was trained with."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -116,6 +129,9 @@ def sd_scheduler() -> DDPMScheduler:
 
 
 def tiny_pipeline(tokenizer: CLIPTokenizer, seed: int) -> StableDiffusionPipeline:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
     with torch.random.fork_rng():  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         unet, vae, text_encoder = tiny_unet(), tiny_vae(), tiny_text_encoder(tokenizer)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, copy_dataset, own_output, with_ctrl_c
-from train.checkpoints import latest_checkpoint
+from tests.conftest import REPO, copy_dataset, own_output, wandb_logged_steps, with_ctrl_c
+from train.checkpoints import latest_checkpoint, step_of
 from train.config import debug
 from train.run import build_trainer
 
@@ -161,16 +161,18 @@ def wait_for_checkpoint(run: Path, process, timeout_s: float = 180) -> None:
                                            (1, signal.SIGTERM)],
                          ids=["ctrl-c-local-mode", "ctrl-c-ray-worker", "sigterm-local-mode", "sigterm-ray-worker"])
 def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(dataset, storage, ray_session,
-                                                                              python, workers, stop):
+                                                                              python, workers, stop, tmp_path):
     """Ctrl-C printed a traceback in local mode (KeyboardInterrupt) and, on a Ray worker, exited 1 in silence once
     Ray Train's own SIGINT handler had aborted the run (fit() ends in SystemExit(0) there); then exited 1 with the
     line, where the shell's code for Ctrl-C is 130. SIGTERM (`ray job stop`) killed a run in local mode mid-line
-    and ended one on workers with code 1; now both print the line and exit 143."""
+    and ended one on workers with code 1; now both print the line and exit 143. On a worker, the W&B run was never
+    closed: Ray killed the process before W&B wrote its file (every 15 s), so the steps before the checkpoint were
+    lost from the curve for good (the resumed run logs those after it)."""
     name = f"stop-{int(stop)}-{workers}"
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
                "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
-               "--wandb", "off", "--num-workers", str(workers), "--cpus-per-worker", "1"]
-    env = {**os.environ, "RAY_ADDRESS": ray_session}
+               "--wandb", "offline", "--log-every", "1", "--num-workers", str(workers), "--cpus-per-worker", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session, "WANDB_DIR": str(tmp_path / "wandb")}
     run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(storage / name, run)
@@ -180,6 +182,9 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
     last = latest_checkpoint(str(storage), name)
     assert last and stderr.strip().splitlines()[-1] == \
         f"stopped: the same command resumes {name} from its last checkpoint, {last}"
+    [wandb_run] = (tmp_path / "wandb").rglob("offline-run-*")
+    steps, exit_code = wandb_logged_steps(wandb_run, "train/loss")
+    assert exit_code is not None and steps[:step_of(last)] == list(range(1, step_of(last) + 1)), (steps, exit_code)
 
 
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():

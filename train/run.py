@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # `python train/run.py`: import from the repo roo
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import WorkerCallback  # a DeveloperAPI, which RunConfig passes on
 
 from train.checkpoints import latest_checkpoint
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
@@ -163,8 +164,21 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=None if local else [CloseWandbOnStop()],
         ),
     )
+
+
+class CloseWandbOnStop(WorkerCallback):
+    """Ray Train calls this on each worker before it kills it (a Ctrl-C's abort, a restart after a rank failed):
+    rank 0's W&B run is closed first, so that what it logged since W&B last wrote its file is not lost with the
+    process, a gap in the curve that the resumed run, which logs the steps after its checkpoint, never fills. A
+    run that finished has closed it already."""
+
+    def before_worker_shutdown(self) -> None:
+        from train.tracking import close_open_runs
+
+        close_open_runs()
 
 
 def quiet_local_mode_reports() -> None:
@@ -308,25 +322,41 @@ def stopped_exit_code(stop: BaseException, signals: set[int] = frozenset()) -> i
     return code if isinstance(code, int) and code != 0 else 1
 
 
-def _exit_with_signal(signum: int, _frame) -> None:
+def ray_trains_abort_handler(handler) -> bool:
+    """Whether a SIGINT handler is the one Ray Train sets while fit() runs on workers: it aborts the run, letting
+    each worker's shutdown hooks run first (CloseWandbOnStop), and the run ends in SystemExit."""
+    return "_register_sigint_handler" in getattr(handler, "__qualname__", "")
+
+
+def _exit_with_signal(signum: int, frame) -> None:
+    abort = signal.getsignal(signal.SIGINT)
+    if ray_trains_abort_handler(abort):  # on workers: stopped as Ctrl-C stops them, the W&B run closed
+        abort(signum, frame)
     sys.exit(signum)
+
+
+def _is_rays_driver_handler(handler) -> bool:
+    """ray.init's SIGTERM handler in a driver: sys.exit(signum), as ours, but the workers killed unannounced."""
+    return getattr(handler, "__module__", None) == "ray._private.worker"
 
 
 @contextlib.contextmanager
 def exit_on_sigterm():
-    """While open, SIGTERM ends the process in SystemExit(15), as Ray's driver handler does once ray.init has run:
-    a run in local mode, which never calls ray.init, then stops as one on workers does, with the line naming the
-    checkpoint it resumes from, and its W&B run closed, rather than dying mid-line. A handler someone else set is
-    kept; the default comes back on leaving, unless Ray's replaced ours meanwhile."""
+    """While open, SIGTERM ends the process in SystemExit(15): a run in local mode, which never calls ray.init, then
+    stops as one on workers does, with the line naming the checkpoint it resumes from, and its W&B run closed,
+    rather than dying mid-line. During fit() on workers it stops the run as Ctrl-C does (Ray Train's abort), so
+    that rank 0 closes its W&B run before Ray kills it: ray.init's own handler exited at once. A handler someone
+    else set is kept; the one found comes back on leaving, unless another replaced ours meanwhile."""
+    previous = signal.getsignal(signal.SIGTERM)
     ours = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        (previous is signal.SIG_DFL or _is_rays_driver_handler(previous))
     if ours:
         signal.signal(signal.SIGTERM, _exit_with_signal)
     try:
         yield
     finally:
         if ours and signal.getsignal(signal.SIGTERM) is _exit_with_signal:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:

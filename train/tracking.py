@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 from train.config import TrainConfig
@@ -61,11 +62,13 @@ def run_id(run_name: str) -> str:
 
 
 class RunLogger:
-    """Rank 0's logger. With mode 'off' it only keeps the results JSON."""
+    """Rank 0's logger. With mode 'off' it only keeps the results JSON. The W&B run may be closed from another
+    thread (close_open_runs, as Ray Train stops the worker), so every use of it holds the lock."""
 
     def __init__(self, cfg: TrainConfig, mode: str, directory: str | None):
         self.cfg = cfg
         self.run = None
+        self._lock = threading.Lock()
         if mode != "off":
             import wandb
 
@@ -74,18 +77,21 @@ class RunLogger:
                 project=cfg.wandb_project, name=cfg.run_name, id=run_id(cfg.run_name), resume="allow",
                 mode=mode, dir=directory, config=dataclasses.asdict(cfg), group=cfg.wandb_group,
             )
+            _OPEN_LOGGERS.append(self)
 
     def log(self, metrics: dict[str, Any], prefix: str = "train/") -> None:
-        if self.run is not None:
-            step = metrics["step"]
-            self.run.log({f"{prefix}{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+        with self._lock:
+            if self.run is not None:
+                step = metrics["step"]
+                self.run.log({f"{prefix}{k}": v for k, v in metrics.items() if k != "step"}, step=step)
 
     def log_images(self, name: str, images: list, captions: list[str], step: int) -> None:
-        if self.run is not None:
-            import wandb
+        with self._lock:
+            if self.run is not None:
+                import wandb
 
-            self.run.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions, strict=True)]},
-                         step=step)
+                self.run.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions, strict=True)]},
+                             step=step)
 
     def progress(self, step: int, fidelity: str, metrics: dict[str, Any] | None = None) -> None:
         """A console line per log step, whatever the W&B mode: hours of silence look like a hang."""
@@ -100,20 +106,48 @@ class RunLogger:
 
     def note(self, text: str) -> None:
         say(text)
-        if self.run is not None:
-            self.run.summary["note"] = text
+        with self._lock:
+            if self.run is not None:
+                self.run.summary["note"] = text
+
+    def close(self, exit_code: int) -> None:
+        """End the W&B run now, before the run has finished: what it logged is written out (W&B flushes its file
+        every 15 s, and a process killed in between loses the rest for good; the resumed run logs only the steps
+        after its checkpoint). Later logging is dropped."""
+        with self._lock:
+            run, self.run = self.run, None
+            if run is not None:
+                run.finish(exit_code=exit_code)
 
     def finish(self, state) -> None:
         results = write_results(self.cfg, state)
-        if self.run is not None:
-            self.run.summary.update({"final_step": state.step, "resumed_from": state.resumed_from})
-            for name, curve in state.fidelity.get("curves", {}).items():  # convergence step and mAUCC per curve
-                self.run.summary[f"{name}/convergence_step"] = curve.get("step")
-                self.run.summary[f"{name}/mauc"] = curve.get("mauc")
-            if results.get("convergence"):
-                self.run.summary["primary_curve"] = results["fidelity"]["primary"]
-                self.run.summary.update({f"convergence/{k}": v for k, v in results["convergence"].items()})
-            self.run.finish()
+        with self._lock:
+            if self.run is not None:
+                self.run.summary.update({"final_step": state.step, "resumed_from": state.resumed_from})
+                for name, curve in state.fidelity.get("curves", {}).items():  # convergence step and mAUCC per curve
+                    self.run.summary[f"{name}/convergence_step"] = curve.get("step")
+                    self.run.summary[f"{name}/mauc"] = curve.get("mauc")
+                if results.get("convergence"):
+                    self.run.summary["primary_curve"] = results["fidelity"]["primary"]
+                    self.run.summary.update({f"convergence/{k}": v for k, v in results["convergence"].items()})
+                self.run.finish()
+                self.run = None
+
+
+_OPEN_LOGGERS: list[RunLogger] = []  # this process's W&B runs (rank 0's), for close_open_runs
+
+
+def close_open_runs(exit_code: int = 1) -> None:
+    """Close this process's W&B runs that have not finished: Ray Train is stopping the worker (a Ctrl-C, a stop,
+    a restart after another rank failed) and kills it once this returns (train.run.CloseWandbOnStop)."""
+    if not _OPEN_LOGGERS:
+        return
+    while _OPEN_LOGGERS:
+        _OPEN_LOGGERS.pop().close(exit_code)
+    import wandb
+
+    # finish() returns before W&B's service has written the run's file: a process killed right after lost it all
+    wandb.teardown()
 
 
 def results_url(cfg: TrainConfig) -> str:

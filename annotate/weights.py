@@ -161,8 +161,8 @@ def fetch_folder(url: str) -> Path:
     return _fetch_remote(url, DEFAULT_CACHE / "folders")
 
 
-def _from_hub_cache(repo_id: str, filename: str) -> Path | None:
-    """The file from the Hugging Face hub cache if it is there (or downloadable when online)."""
+def _from_hub_cache(repo_id: str, filename: str, download: bool = True) -> Path | None:
+    """The file from the Hugging Face hub cache if it is there (or, if `download`, downloadable when online)."""
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
     except ImportError:
@@ -170,7 +170,7 @@ def _from_hub_cache(repo_id: str, filename: str) -> Path | None:
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
         return Path(cached)
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
         return None
     try:
         return Path(hf_hub_download(repo_id, filename))
@@ -186,7 +186,9 @@ def resolve_weight(
 ) -> Path:
     """Local path of the weight `filename` (a file, or a Hugging Face-format folder).
 
-    Looks in `source` (a local folder or fsspec URL prefix), then in the HF hub cache under `hub_repo`.
+    Looks in `source` (a local folder or fsspec URL prefix), then in the HF hub cache under `hub_repo`, and
+    downloads from the hub only when no `source` was given: weights the user's folder lacks are a mistake to name,
+    not a reason to fetch others (and offline, the hub's retries took ~46 s before the error).
     """
     looked = []
     if source:
@@ -203,7 +205,7 @@ def resolve_weight(
                 pass
     if hub_repo:
         looked.append(f"the Hugging Face hub cache ({hub_repo})")
-        found = _from_hub_cache(hub_repo, filename)
+        found = _from_hub_cache(hub_repo, filename, download=not source)
         if found is not None:
             return found
     where = f"the folder or URL given with --weights (e.g. {source or './weights'}/{filename})"

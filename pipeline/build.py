@@ -230,8 +230,16 @@ def make_local_output(output: str) -> None:
         fs.makedirs(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}", exist_ok=True)
 
 
+def check_local_weights(weights: str | None) -> None:
+    """A local --weights folder that is not there, one line before Ray starts (each actor found it missing)."""
+    if weights and ("://" not in weights or weights.startswith("file://")) \
+            and not Path(weights.removeprefix("file://")).exists():
+        raise FileNotFoundError(f"--weights {weights}: no such folder")
+
+
 def run(cfg: BuildConfig) -> int:
     """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
+    check_local_weights(cfg.weights)
     with storage_setup(cfg.output):
         shards = list_input_shards(cfg.input, cfg.files_per_shard)
         committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}

@@ -94,11 +94,18 @@ def test_fp32_files_load_too(tmp_path: Path) -> None:
 
 
 def test_missing_weight_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never go to the network from a test
+    """...without asking the hub for the published file when --weights named a folder: a folder lacking it is the
+    user's mistake to name, and offline the hub's retries took ~46 s before the error."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))  # a real cached file must not leak in
+    downloads = []  # never the network from a test: a download asked for is recorded, not made
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: downloads.append(args))
     with pytest.raises(MissingWeightsError, match=WEIGHT_FILE):
         HEDAnnotator(weights=str(tmp_path), device="cpu")
+    assert downloads == []
 
 
 def test_shapes_and_dtypes_for_mixed_sizes(hed: HEDAnnotator) -> None:

@@ -84,10 +84,15 @@ def test_make_dataset_with_blip_captions(task, weights, small_input, tmp_path, r
 
 
 def test_missing_weights_are_one_clear_line(small_input, tmp_path, python, ray_session):
-    env = {**os.environ, "RAY_ADDRESS": ray_session, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([python, "-m", "pipeline.build", "--task", "hed", "--input", str(small_input),
-                          "--output", str(tmp_path / "o"), "--weights", str(tmp_path / "empty")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "ControlNetHED.pth" in last and "--weights" in last
+    """A --weights folder without the file is one line naming it; a --weights folder that is not there is one line
+    before Ray starts (each actor found it missing)."""
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for weights, expected in ((tmp_path / "empty", "ControlNetHED.pth"), (tmp_path / "absent", "no such folder")):
+        run = subprocess.run([python, "-m", "pipeline.build", "--task", "hed", "--input", str(small_input),
+                              "--output", str(tmp_path / "o"), "--weights", str(weights)],
+                             cwd=REPO, env={**env, "RAY_ADDRESS": ray_session}, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 2, run.stderr[-3000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and expected in last and "--weights" in last, last

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,19 +124,26 @@ class PreviewArgs:
     """PNG path (default: <dataset name>-preview.png here)."""
 
 
+def refuse(message: str) -> SystemExit:
+    """One line on stderr, and the exit status 2 of the other commands' refusals (a bare SystemExit(text) is 1)."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def check_args(args: PreviewArgs) -> str:
-    """The dataset folder to read (a manifest.json's folder), or SystemExit with one line for what cannot work."""
+    """The dataset folder to read (a manifest.json's folder), or SystemExit(2) with one line for what cannot
+    work."""
     dataset = args.dataset.removesuffix(f"/{fmt.MANIFEST}")
     if dataset.endswith(".json"):
-        raise SystemExit(f"error: {dataset}: preview reads a dataset folder (a materialized subset's folder is one), "
+        raise refuse(f"{dataset}: preview reads a dataset folder (a materialized subset's folder is one), "
                          "not a subset manifest")
     fs, path = fsspec.core.url_to_fs(dataset)
     if not fs.exists(path):
-        raise SystemExit(f"error: {dataset}: no such dataset folder")
+        raise refuse(f"{dataset}: no such dataset folder")
     if args.samples < 1:
-        raise SystemExit(f"error: --samples must be at least 1, not {args.samples}")
+        raise refuse(f"--samples must be at least 1, not {args.samples}")
     if args.out and "://" in args.out:
-        raise SystemExit(f"error: --out {args.out}: the sheet is written locally; copy it afterwards")
+        raise refuse(f"--out {args.out}: the sheet is written locally; copy it afterwards")
     return dataset
 
 
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = status_counts(args.dataset, tasks)
     samples = pick_samples(args.dataset, args.samples, args.seed)
     if not samples:
-        raise SystemExit(f"error: no written samples in {args.dataset} (counts: {counts})")
+        raise refuse(f"no written samples in {args.dataset} (counts: {counts})")
     out = Path(args.out or f"{Path(args.dataset.rstrip('/')).name}-preview.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(samples, counts, args.dataset, tasks or None).save(out)

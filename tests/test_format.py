@@ -150,5 +150,6 @@ def test_the_preview_cli_takes_a_manifest_path_and_refuses_what_it_cannot_show_i
                           ([str(tmp_path / "nothing")], "no such dataset folder"),
                           ([str(dataset), "--samples", "0"], "--samples must be at least 1"),
                           ([str(dataset), "--out", "s3://b/x.png"], "written locally")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(SystemExit) as stop:
             preview(args)
+        assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -94,6 +94,12 @@ def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
         "error: size 49 is larger than the dataset's 36 ok samples (12 more are held out for validation)"
     assert sweep(["--dataset", str(dataset), "--sizes", "8", "--", "--data", "x"]) == 2
     assert "--data is set by the sweep" in capsys.readouterr().err
+    assert sweep(["--dataset", str(dataset), "--sizes", "8", "--concurrent", "-1"]) == 2  # it trained, exit 0
+    assert "--concurrent must be 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep(["--help"])
+    usage = capsys.readouterr().out
+    assert "--no-report" in usage and "--no-no-report" not in usage
 
 
 # ---------------------------------------------------------------- the report on made-up results

@@ -193,7 +193,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
-    cfg = tyro.cli(PretrainConfig, args=argv)
+    cfg = tyro.cli(PretrainConfig, args=argv, prog="python -m train.pretrain_base")
     try:
         pretrain(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -107,6 +107,8 @@ def hold_out(samples: list[Sample], shards: int) -> tuple[list[Sample], list[Sam
     """(the pool subsets are drawn from, the held-out validation samples): the last `shards` shards in URL order
     are held out, so one validation set serves every size and none of its samples is in any subset."""
     names = sorted({s.shard for s in samples})
+    if shards < 0:
+        raise SubsetError(f"--holdout-shards must not be negative, not {shards}")
     if shards and len(names) <= shards:
         raise SubsetError(f"the dataset has {len(names)} shard(s) with ok samples: holding out {shards} for "
                           "validation leaves none to train on (--holdout-shards 0 holds out nothing)")

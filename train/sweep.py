@@ -169,8 +169,8 @@ class SweepConfig:
     materialize: Materialize = "auto"
     """Copy each size's samples into compact shards of its own (python -m train.subsets --materialize): auto
     does it where streaming the size from the dataset's shards would read over 2x its samples."""
-    no_report: bool = False
-    """Train only; skip the report at the end."""
+    report: bool = True
+    """Write the report at the end (--no-report: train only)."""
 
 
 def parse(argv: list[str]) -> tuple[SweepConfig, list[str]]:
@@ -184,6 +184,8 @@ def parse(argv: list[str]) -> tuple[SweepConfig, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     try:
+        if args.concurrent < 0:
+            raise SweepError(f"--concurrent must be 0 (as many as fit) or more, not {args.concurrent}")
         check_overrides(overrides)
         base = parse_args(["--preset", args.preset, *overrides])
         if args.storage_path:
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             if slots > 1:
                 exit_leaving_threads(code)
             return code
-    if not args.no_report:
+    if args.report:
         from train.report import write_report
 
         report = write_report(args.run_prefix, base.storage_path, base.wandb)

@@ -185,6 +185,14 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
     [wandb_run] = (tmp_path / "wandb").rglob("offline-run-*")
     steps, exit_code = wandb_logged_steps(wandb_run, "train/loss")
     assert exit_code is not None and steps[:step_of(last)] == list(range(1, step_of(last) + 1)), (steps, exit_code)
+    if workers == 0 and stop == signal.SIGINT:  # resumed: the same W&B run goes on after the checkpoint
+        end = step_of(last) + 2
+        command[command.index("--max-steps") + 1] = str(end)
+        resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        [again] = set((tmp_path / "wandb").rglob("offline-run-*")) - {wandb_run}
+        assert [f.name for f in again.glob("*.wandb")] == [f.name for f in wandb_run.glob("*.wandb")]
+        assert wandb_logged_steps(again, "train/loss") == ([step_of(last) + 1, end], 0)
 
 
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
@@ -313,3 +321,15 @@ def test_sigterm_becomes_an_exit_that_the_stop_handling_sees_and_another_handler
         assert signal.getsignal(signal.SIGTERM) is someone_elses
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_run_from_step_0_logs_to_a_wandb_run_of_its_own_and_a_resume_to_the_one_it_recorded():
+    """The id was the run name alone: a run whose name was used before (its storage cleared, another
+    --storage-path, `exp.1` against `exp-1`) continued the old W&B run online, which dropped its steps."""
+    from train.tracking import run_id, wandb_run_id
+
+    fresh = {wandb_run_id("exp.1", None, resumed=False) for _ in range(3)} | {wandb_run_id("exp-1", None, False)}
+    assert len(fresh) == 4 and all(i.startswith("exp-1-") and len(i) <= 64 for i in fresh)
+    assert len(wandb_run_id("x" * 100, None, resumed=False)) <= 64
+    assert wandb_run_id("exp.1", "exp-1-0a1b2c3d", resumed=True) == "exp-1-0a1b2c3d"
+    assert wandb_run_id("exp.1", None, resumed=True) == run_id("exp.1")  # a checkpoint from before ids were kept

@@ -57,6 +57,7 @@ class TrainState:
     # loader worker (train.data.ShardCursor.at): gathered at each checkpoint, taken up by each rank on resume
     unrecorded: list[str] = field(default_factory=list)  # checkpoints on storage that Ray Train's record lacks
     # (train.checkpoints.unrecorded_checkpoints): rank 0 deletes them as they age out of --keep-checkpoints
+    wandb_id: str | None = None  # the W&B run this run logs to (train.tracking.wandb_run_id), kept for its resumes
 
 
 def segment_seed(seed: int, rank: int, step: int) -> int:
@@ -237,6 +238,7 @@ class Trainer:
             "fidelity": json.dumps(self.state.fidelity),
             "stream": json.dumps(self.state.stream),
             "unrecorded": json.dumps(self.state.unrecorded),
+            "wandb_id": self.state.wandb_id or "",
             "train_seconds": self.state.train_seconds,
             "samples_seen": self.state.samples_seen,
             "gpu_seconds": self.state.gpu_seconds,
@@ -279,7 +281,8 @@ class Trainer:
                                 train_seconds=float(state.get("train_seconds", 0.0)),
                                 samples_seen=state.get("samples_seen"), gpu_seconds=state.get("gpu_seconds"),
                                 stream=json.loads(state.get("stream", "[]")),
-                                unrecorded=json.loads(state.get("unrecorded", "[]")))
+                                unrecorded=json.loads(state.get("unrecorded", "[]")),
+                                wandb_id=state.get("wandb_id") or None)
         mine = self.state.stream[self.rank] if self.rank < len(self.state.stream) else []
         self.cursors = [tuple(at) if at else None for at in mine]
 
@@ -595,7 +598,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     secrets = apply_secrets(config.get("secrets"))
     from train.data import dataset_manifest, resolve_shards
-    from train.tracking import RunLogger
+    from train.tracking import RunLogger, wandb_run_id
 
     segment_start = time.time()  # the run's wall time from here (loading, validating, training) to each
     # checkpoint counts in train_seconds: what the run holds its devices for
@@ -615,7 +618,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.unlock_decoder()
 
     latents = use_stored_latents(trainer, manifest)
-    logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir")) if rank == 0 else None
+    trainer.state.wandb_id = wandb_run_id(cfg.run_name, trainer.state.wandb_id, resumed=trainer.state.step > 0)
+    logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir"), trainer.state.wandb_id) \
+        if rank == 0 else None
     if logger:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
                     + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")

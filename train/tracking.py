@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import threading
+import uuid
 from typing import Any
 
 from train.config import TrainConfig
@@ -57,15 +58,27 @@ def quiet_placement_group_cleaner() -> None:
 
 
 def run_id(run_name: str) -> str:
-    """A stable W&B run id from the run name, so a resumed run continues the same W&B run."""
+    """A W&B run id made of the run name (the characters W&B allows)."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
+
+
+def wandb_run_id(run_name: str, recorded: str | None, resumed: bool) -> str:
+    """The W&B run a segment logs to: the one its checkpoint recorded, so a resumed run continues it. A run from step
+    0 gets one of its own: the run name alone (as before) sent a run of a reused name (its storage cleared, another
+    --storage-path, or `exp.1` against `exp-1`) into the old W&B run, which dropped its steps up to the old one's
+    last. A checkpoint from before ids were recorded continues the run named by run_name alone."""
+    if recorded:
+        return recorded
+    if resumed:
+        return run_id(run_name)
+    return f"{run_id(run_name)[:55]}-{uuid.uuid4().hex[:8]}"
 
 
 class RunLogger:
     """Rank 0's logger. With mode 'off' it only keeps the results JSON. The W&B run may be closed from another
     thread (close_open_runs, as Ray Train stops the worker), so every use of it holds the lock."""
 
-    def __init__(self, cfg: TrainConfig, mode: str, directory: str | None):
+    def __init__(self, cfg: TrainConfig, mode: str, directory: str | None, wandb_id: str | None = None):
         self.cfg = cfg
         self.run = None
         self._lock = threading.Lock()
@@ -74,7 +87,7 @@ class RunLogger:
 
             os.makedirs(directory or "wandb", exist_ok=True)
             self.run = wandb.init(
-                project=cfg.wandb_project, name=cfg.run_name, id=run_id(cfg.run_name), resume="allow",
+                project=cfg.wandb_project, name=cfg.run_name, id=wandb_id or run_id(cfg.run_name), resume="allow",
                 mode=mode, dir=directory, config=dataclasses.asdict(cfg), group=cfg.wandb_group,
             )
             _OPEN_LOGGERS.append(self)

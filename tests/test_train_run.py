@@ -195,6 +195,31 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
         assert wandb_logged_steps(again, "train/loss") == ([step_of(last) + 1, end], 0)
 
 
+def test_sigterm_to_the_process_group_of_a_run_that_started_its_own_cluster_stops_it(dataset, storage, python):
+    """`kill -- -PGID` (a batch scheduler's stop) reaches the GCS and raylet the run started as well. Taking Ray
+    Train's graceful abort there (as a SIGTERM on a cluster's workers does, to close the W&B run) waited on the
+    dead cluster for ever."""
+    import tempfile
+
+    name = "group-stop"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
+               "--wandb", "off", "--num-workers", "1", "--cpus-per-worker", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.Popen(command, env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            wait_for_checkpoint(storage / name, run)
+            os.killpg(run.pid, signal.SIGTERM)
+            _, stderr = run.communicate(timeout=90)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"stopped: the same command resumes {name} from")
+
+
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
     """On Ray workers, Ray Train's own SIGINT handler takes Ctrl-C and fit() ends in SystemExit(1), the code of
     any failure: the run exited 1, where local mode exits 130."""

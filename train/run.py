@@ -129,11 +129,16 @@ def join_or_start_ray() -> None:
     processes cost a local run start-up time and CPU). Without the dashboard, Ray's state API is down, and Ray
     Train's placement-group cleaner, which polls it, would warn every second of the run; on a cluster this process
     starts it has nothing to do (the cluster ends with the process), so its workers quieten it."""
+    global _cluster_started_here
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
     quiet = {"worker_process_setup_hook": "train.tracking.quiet_placement_group_cleaner"}
     ray.init(address=address, include_dashboard=False, configure_logging=False, runtime_env=None if address else quiet)
+    _cluster_started_here = address is None
+
+
+_cluster_started_here = False  # join_or_start_ray started a cluster, whose processes share this one's process group
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
@@ -330,7 +335,10 @@ def ray_trains_abort_handler(handler) -> bool:
 
 def _exit_with_signal(signum: int, frame) -> None:
     abort = signal.getsignal(signal.SIGINT)
-    if ray_trains_abort_handler(abort):  # on workers: stopped as Ctrl-C stops them, the W&B run closed
+    # on a cluster's workers: stopped as Ctrl-C stops them, the W&B run closed. Not on a cluster started here: a
+    # SIGTERM sent to the process group (`kill -- -PGID`, a batch scheduler) reaches its GCS and raylet too, and the
+    # abort waited on them for ever
+    if ray_trains_abort_handler(abort) and not _cluster_started_here:
         abort(signum, frame)
     sys.exit(signum)
 

@@ -246,6 +246,9 @@ def test_export_cli_names_a_missing_controlnet(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main([str(tmp_path), "--format", "diffusers", "--out", str(tmp_path / "out")])
     assert "controlnet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a typo: said that it held no config.json
+        export.main([str(tmp_path / "norun"), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    assert "no such checkpoint or run folder" in capsys.readouterr().err
 
 
 def test_a_checkpoint_cut_short_is_never_exported(tmp_path, checkpoint, capsys):

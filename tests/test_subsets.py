@@ -143,6 +143,8 @@ def test_cli_size_too_large_is_one_line_and_exit_2(dataset, tmp_path, capsys):
     assert not (data / "subsets").exists()  # nothing written for the sizes that would fit either
     assert main(["--dataset", str(data), "--sizes", "8", "--holdout-shards", "-1"]) == 2  # held out nothing, exit 0
     assert "--holdout-shards must not be negative" in capsys.readouterr().err
+    assert main(["--dataset", str(tmp_path / "nodata"), "--sizes", "8"]) == 2  # said it had no committed shards
+    assert "no such dataset folder" in capsys.readouterr().err
     assert main(["--dataset", str(data), "--sizes", "8,16", "--json"]) == 0
     assert [w["size"] for w in json.loads(capsys.readouterr().out)] == [8, 16]
 

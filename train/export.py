@@ -162,6 +162,8 @@ def controlnet_folder(checkpoint: Path) -> Path:
             raise FileNotFoundError(f"{checkpoint} was cut short (no {PROGRESS_FILE}, which is written last): export "
                                     "the run's folder for its latest complete checkpoint")
         return checkpoint / CONTROLNET_DIR
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run folder")
     raise FileNotFoundError(f"{checkpoint}: neither it nor {checkpoint / CONTROLNET_DIR} holds a config.json")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     import tyro
 
     args = tyro.cli(ShapesArgs, args=argv, prog="python -m pipeline.toy_shapes")
+    if not 1 <= args.num_shards <= args.samples or args.size < 8:  # empty shards, or shapes too small to draw
+        print(f"error: need 1 <= --num-shards <= --samples and --size >= 8, not --samples {args.samples} "
+              f"--num-shards {args.num_shards} --size {args.size}", file=sys.stderr)
+        raise SystemExit(2)
     paths = write_shards(Path(args.output), args.samples, args.num_shards, args.seed, args.size)
     print(f"wrote {args.samples} samples in {len(paths)} shards to {args.output}")
 

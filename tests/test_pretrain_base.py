@@ -57,3 +57,13 @@ def test_pretraining_writes_a_loadable_base_and_holds_out_the_last_shard(dataset
     (tmp_path / "other" / "keep.txt").write_text("not a model")
     assert main(["--data", str(dataset), "--out", str(tmp_path / "other"), "--steps", "1"]) == 2  # never clobbered
     assert (tmp_path / "other" / "keep.txt").exists()
+
+
+def test_toy_shapes_refuses_counts_that_make_empty_shards(tmp_path, capsys):
+    from pipeline.toy_shapes import main as toy_shapes
+
+    for args in (["--samples", "0"], ["--samples", "10", "--num-shards", "20"]):  # wrote empty tars, exit 0
+        with pytest.raises(SystemExit) as stop:
+            toy_shapes([*args, "--output", str(tmp_path / "shards")])
+        assert stop.value.code == 2 and "--num-shards" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()

@@ -591,6 +591,16 @@ class LossWindow:
         return history, speed
 
 
+def results_written_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether the run's results.json is there for `step`: a run restored at --max-steps has nothing to train, and
+    writing them again said it resumed at its last step and lost its end time (a run that died between its last
+    checkpoint and its results writes them)."""
+    from train.tracking import read_results
+
+    results = read_results(cfg)
+    return bool(results) and results.get("final_step") == step
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each rank (or, in its local mode, in the driver): resume, train, checkpoint through
     ray.train.report, log on rank 0."""
@@ -613,6 +623,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, rank, world_size, device, stored_latents=manifest.get("latents"))
     restore(trainer, cfg, local)
+    if trainer.state.step >= cfg.max_steps and results_written_at(cfg, trainer.state.step):
+        return  # submitted again once finished: its results and W&B run stand as the run left them
     if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()

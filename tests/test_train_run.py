@@ -172,7 +172,10 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
                "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
                "--wandb", "offline", "--log-every", "1", "--num-workers", str(workers), "--cpus-per-worker", "1"]
-    env = {**os.environ, "RAY_ADDRESS": ray_session, "WANDB_DIR": str(tmp_path / "wandb")}
+    # a W&B service this test process started (the sweep's report run) would be shared through WANDB_SERVICE: the
+    # run's data would be written by it, whenever it next writes, and not when the run ends
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "RAY_ADDRESS": ray_session,
+           "WANDB_DIR": str(tmp_path / "wandb")}
     run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(storage / name, run)

@@ -145,6 +145,8 @@ class RunLogger:
                     self.run.summary.update({f"convergence/{k}": v for k, v in results["convergence"].items()})
                 self.run.finish()
                 self.run = None
+        if self in _OPEN_LOGGERS:  # closed: nothing for close_open_runs to wait for when Ray stops the worker
+            _OPEN_LOGGERS.remove(self)
 
 
 _OPEN_LOGGERS: list[RunLogger] = []  # this process's W&B runs (rank 0's), for close_open_runs

@@ -32,10 +32,10 @@ class BuildConfig:
     """Annotator: the condition each sample gets ({canny,hed,scribble,midas,openpose}), or several, comma-separated
     (canny,hed,midas,openpose): one job then decodes and captions each image once and stores every map."""
     input: list[str] = field(default_factory=lambda: [SAMPLE_INPUT])
-    """Input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), a folder of .tar files, or a folder
-    of images."""
+    """Input tar shards: URLs, globs, brace ranges (s3://b/{00000..00999}.tar), a folder of .tar files, a folder
+    of images, or image files by name or glob ('photos/*.jpg')."""
     output: str | None = None
-    """Output dataset folder or URL (default: data/<task>, data/canny-hed for several)."""
+    """Output dataset folder or URL (None: data/<task>, data/canny-hed for several)."""
     resolution: int = 512
     """Output side in pixels (shorter side resized, centre crop)."""
     detect_resolution: int = DETECT_RESOLUTION

@@ -136,7 +136,7 @@ def check_args(args: PreviewArgs) -> str:
     dataset = args.dataset.removesuffix(f"/{fmt.MANIFEST}")
     if dataset.endswith(".json"):
         raise refuse(f"{dataset}: preview reads a dataset folder (a materialized subset's folder is one), "
-                         "not a subset manifest")
+                     "not a subset manifest")
     fs, path = fsspec.core.url_to_fs(dataset)
     if not fs.exists(path):
         raise refuse(f"{dataset}: no such dataset folder")

@@ -121,8 +121,9 @@ def check_keys(path: str | os.PathLike, what: str, expected: set[str], found: se
         raise ValueError(f"{path} is not {what}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+def local_path(url: str) -> Path | None:
+    """The path a weights source names on this machine (a plain path or file://), or None for a remote URL."""
+    return Path(url.removeprefix("file://")) if "://" not in url or url.startswith("file://") else None
 
 
 def remote_state(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -194,8 +195,8 @@ def resolve_weight(
     if source:
         url = source.rstrip("/") + "/" + filename
         looked.append(url)
-        if _is_local(url):
-            local = Path(url.removeprefix("file://"))
+        local = local_path(url)
+        if local is not None:
             if local.exists():
                 return local
         else:
@@ -266,8 +267,8 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 def _folder_in_source(name: str, source: str, cache_dir: Path) -> Path | None:
     """`source/name` or `source` itself, whichever holds config.json; remote folders are copied to the cache."""
     for url in (source.rstrip("/") + "/" + name, source.rstrip("/")):
-        if _is_local(url):
-            local = Path(url.removeprefix("file://"))
+        local = local_path(url)
+        if local is not None:
             if (local / "config.json").is_file():
                 return local
             continue

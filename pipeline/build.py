@@ -18,6 +18,7 @@ import fsspec
 import ray
 from tqdm import tqdm
 
+from annotate.weights import local_path
 from pipeline import format as fmt
 from pipeline.config import BuildConfig, parse_config, settings_mismatch, weight_hashes, weights_mismatch
 from pipeline.distributor import ModelLoadError, run_pool
@@ -232,8 +233,8 @@ def make_local_output(output: str) -> None:
 
 def check_local_weights(weights: str | None) -> None:
     """A local --weights folder that is not there, one line before Ray starts (each actor found it missing)."""
-    if weights and ("://" not in weights or weights.startswith("file://")) \
-            and not Path(weights.removeprefix("file://")).exists():
+    local = local_path(weights) if weights else None
+    if local is not None and not local.exists():
         raise FileNotFoundError(f"--weights {weights}: no such folder")
 
 

@@ -136,6 +136,15 @@ def committed_shards(dataset: str) -> list[CommittedShard]:
     return shards
 
 
+def no_shards_error(dataset: str, named_as: str = "") -> FileNotFoundError:
+    """Why a dataset lists no committed shard: a folder that is not there (a typo) says so, rather than what a
+    dataset folder would lack. `named_as`: the flag the user gave it with, for the message."""
+    fs, path = fsspec.core.url_to_fs(dataset)
+    if not fs.exists(path):
+        return FileNotFoundError(f"{named_as}{dataset}: no such dataset folder")
+    return FileNotFoundError(f"no committed shards (*{STATS_SUFFIX}) in {dataset}/{SHARDS_DIR}")
+
+
 def read_stats(shards: list[CommittedShard]) -> list[dict[str, Any]]:
     """The shards' stats.json (in no particular order: each names its shard), fetched in one concurrent batch
     (object stores answer slowly one at a time)."""

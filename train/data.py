@@ -207,10 +207,7 @@ def _from_folder(out: str, condition: str | None = None) -> DataSource:
     the samples holding a map of the one to train on."""
     shards = fmt.committed_shards(out)
     if not shards:
-        fs, path = fsspec.core.url_to_fs(out)
-        if not fs.exists(path):  # a typo: say so, rather than what a dataset folder would lack
-            raise FileNotFoundError(f"--data {out}: no such dataset folder")
-        raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {out}/{fmt.SHARDS_DIR}")
+        raise fmt.no_shards_error(out, named_as="--data ")
     urls = [shard.tar for shard in shards]
     conditions = tuple(fmt.dataset_tasks(fmt.read_manifest(out)) or infer_tasks(urls[0]))
     task = choose_condition(list(conditions), condition, out)

@@ -180,10 +180,7 @@ def read_samples(dataset: str, task: str | None = None,
     condition), the rows ok for that task."""
     shards = fmt.committed_shards(dataset) if shards is None else shards
     if not shards:
-        fs, path = fsspec.core.url_to_fs(dataset)
-        if not fs.exists(path):  # a typo: say so, rather than what a dataset folder would lack
-            raise FileNotFoundError(f"{dataset}: no such dataset folder")
-        raise FileNotFoundError(f"no committed shards (*{fmt.STATS_SUFFIX}) in {dataset}/{fmt.SHARDS_DIR}")
+        raise fmt.no_shards_error(dataset)
 
     status = fmt.task_status_column(task) if task else "status"
 

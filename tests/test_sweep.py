@@ -165,11 +165,14 @@ def test_the_terminal_curve_spans_the_whole_run(evaluations):
     rows = [line.split() for line in text.splitlines()[2:-1]]
     assert rows[0] == ["0", f"{scores[0]:.3f}"] and rows[-1] == [str(steps[-1]), f"{scores[-1]:.3f}"]
     assert len(rows) == min(evaluations, 16)
+    assert text.splitlines()[-1] == "sudden convergence: not detected (too short), mAUCC 0.500"
     # the detected step is always a row, even where the even spread passes it by (make repro's 13 at 300)
     detected = {**curve, "converged": True, "step": steps[evaluations // 2 + 1 if evaluations > 2 else 1],
                 "start": 0.2, "plateau": 0.9}
     text = curve_text({"fidelity": {"primary": "p", "curves": {"p": detected}}})
     assert str(detected["step"]) in [line.split()[0] for line in text.splitlines()[2:-1]]
+    assert text.splitlines()[-1] == (f"sudden convergence: start 0.200, plateau 0.900, detected step "
+                                     f"{detected['step']}, mAUCC 0.500")
 
 
 def test_sizes_train_concurrently_when_the_cluster_has_room(dataset, tmp_path, capsys):

@@ -171,10 +171,10 @@ def curve_text(results: dict[str, Any], rows: int = 16) -> str:
     picks = sorted(picks)
     lines = [f"{name}  {sparkline(scores)}  (0..1, one mark per evaluation)", "   step  score"]
     lines += [f"{steps[i]:>7}  {scores[i]:.3f}" for i in picks]
-    step = curve["step"] if curve.get("converged") else f"not converged ({curve.get('reason')})"
+    step = f"detected step {curve['step']}" if curve.get("converged") else f"not detected ({curve.get('reason')})"
     start, plateau = curve.get("start"), curve.get("plateau")
     levels = f"start {start:.3f}, plateau {plateau:.3f}, " if start == start and start is not None else ""
-    lines.append(f"sudden convergence: {levels}detected step {step}, mAUCC {curve.get('mauc', 0):.3f}")
+    lines.append(f"sudden convergence: {levels}{step}, mAUCC {curve.get('mauc', 0):.3f}")
     return "\n".join(lines)
 
 

@@ -48,7 +48,11 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
 
     assert run_sweep(dataset, storage, "8,16") == 0
     out = capsys.readouterr().out
-    assert "[sweep] abl-8: 8 samples from" in out and "resuming" in out and "[sweep] abl-16: 16 samples" in out
+    plan = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("[sweep] abl-")}
+    assert plan["[sweep] abl-8"].startswith("[sweep] abl-8: 8 samples from")
+    assert plan["[sweep] abl-8"].endswith("to resume from its last checkpoint")
+    assert plan["[sweep] abl-16"].startswith("[sweep] abl-16: 16 samples") and plan["[sweep] abl-16"].endswith(
+        "to train from step 0")
     small, large = results(storage, "abl-8"), results(storage, "abl-16")
     assert small["resumed_from"] == 2 and small["final_step"] == 4
     assert large["resumed_from"] is None and large["final_step"] == 4

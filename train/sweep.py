@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_finished(results, cfg.max_steps):
             print(f"[sweep] {cfg.run_name}: finished at step {results['final_step']}, skipped", flush=True)
             continue
-        state = "resuming from its last checkpoint" if results or latest_checkpoint(cfg.storage_path, cfg.run_name) \
-            else "starting"
+        # the plan, before any size trains (in turn, or as many at once as fit)
+        state = "to resume from its last checkpoint" if results or latest_checkpoint(cfg.storage_path, cfg.run_name) \
+            else "to train from step 0"
         copied = " (copied into shards of its own)" if subset.get("materialized") else ""
         print(f"[sweep] {cfg.run_name}: {subset['size']} samples from {subset['shards']} shards{copied}, {state}",
               flush=True)

@@ -46,7 +46,8 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode == "RGB":
         return np.asarray(im)
     if im.mode in _SIXTEEN_BIT_MODES or im.mode in {"I", "F"}:
-        values = np.asarray(im, dtype=np.float32)
+        # a float TIFF may hold NaN or infinities where it has no value: black, not whatever a cast makes of them
+        values = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         if im.mode in _SIXTEEN_BIT_MODES or values.max(initial=0) > 255:
             values = values / 257.0  # 0..65535 -> 0..255
         elif im.mode == "F" and values.max(initial=0) <= 1.0:

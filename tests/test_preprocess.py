@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -29,6 +30,14 @@ def test_sixteen_bit_is_scaled_not_clipped():
     values = np.array([[0, 257 * 100, 65535]], np.uint16)
     image, _ = decode_image(encode(Image.fromarray(values), "PNG"), 1, 10**6)
     np.testing.assert_array_equal(image[0, :, 0], [0, 100, 255])
+
+
+def test_float_images_without_a_value_become_black_and_the_rest_keeps_its_scale():
+    values = np.array([[np.nan, np.inf, -np.inf, 0.5, 1.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns when it casts NaN: the value would be the platform's
+        image, _ = decode_image(encode(Image.fromarray(values), "TIFF"), 1, 10**6)
+    np.testing.assert_array_equal(image[0, :, 0], [0, 0, 0, 128, 255])
 
 
 def test_transparent_pixels_become_white():

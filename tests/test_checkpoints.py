@@ -11,6 +11,7 @@ from pipeline.format import StorageOutage
 from train.checkpoints import (
     PROGRESS_FILE,
     RAY_STORAGE_MARKER,
+    complete_checkpoints,
     fetch,
     latest_in_run,
     prune,
@@ -118,6 +119,33 @@ def test_a_checkpoint_published_again_is_incomplete_until_its_new_files_are_all_
     monkeypatch.setattr(LocalFileSystem, "put_file", put_file)
     publish(again, run, 10)
     assert (Path(latest_in_run(run).removeprefix("file://")) / "state.pt").read_bytes() == b"other state"
+
+
+def test_a_prune_cut_short_leaves_no_checkpoint_that_passes_for_complete(tmp_path, monkeypatch):
+    """A process killed while it deletes an old checkpoint (the folder's files gone in whatever order the storage
+    deletes them) must not leave a folder with progress.json but without its weights: a resume or an export that
+    took it for complete would fail on it."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    run = str(tmp_path / "runs" / "r")
+    for step in (10, 20):
+        publish(checkpoint_folder(tmp_path, step), run, step)
+
+    def killed(self, path, recursive=False, maxdepth=None):
+        raise KeyboardInterrupt  # before any file of the folder is deleted: the earliest a kill can land
+
+    monkeypatch.setattr(LocalFileSystem, "rm", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune(run, keep=1)
+    assert list(complete_checkpoints(run).values()) == [20]
+    assert (tmp_path / "runs" / "r" / "checkpoint_step00000010" / "state.pt").exists()  # for the next prune:
+    monkeypatch.undo()
+    publish(checkpoint_folder(tmp_path, 30), run, 30)
+    fs, root = fsspec.core.url_to_fs(run)
+    fs.makedirs(f"{root}/checkpoint_step00000040")  # a publish under way (or cut short) beyond the newest: kept
+    assert sorted(u.rsplit("_", 1)[1] for u in prune(run, keep=1)) == ["step00000010", "step00000020"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == ["checkpoint_step00000030",
+                                                                         "checkpoint_step00000040"]
 
 
 def test_a_checkpoint_folder_names_its_step():

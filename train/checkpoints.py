@@ -3,6 +3,7 @@ modes), finding the latest, and, for runs Ray Train keeps no record of (its loca
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 
@@ -22,8 +23,13 @@ def complete_checkpoints(run: str) -> dict[str, int]:
     """{checkpoint URL: step} of the run's complete checkpoints (Ray Train's and local mode's alike)."""
     fs, root = fsspec.core.url_to_fs(run)
     fs.invalidate_cache()
-    found = fs.glob(f"{root.rstrip('/')}/checkpoint_*/{PROGRESS_FILE}")
-    return {fs.unstrip_protocol(p.rsplit("/", 1)[0]): json.loads(fs.cat_file(p))["step"] for p in found}
+    steps = {}
+    for marker in fs.glob(f"{root.rstrip('/')}/checkpoint_*/{PROGRESS_FILE}"):
+        try:
+            steps[fs.unstrip_protocol(marker.rsplit("/", 1)[0])] = json.loads(fs.cat_file(marker))["step"]
+        except FileNotFoundError:  # pruned since the listing (by the run, while an export or a resume looks)
+            continue
+    return steps
 
 
 def latest_in_run(run: str) -> str | None:
@@ -65,8 +71,8 @@ def publish(folder: Path, run: str, step: int) -> str:
 def _publish(folder: Path, run: str, step: int) -> str:
     destination = f"{run.rstrip('/')}/{checkpoint_name(step)}"
     fs, root = fsspec.core.url_to_fs(destination)
-    if fs.exists(f"{root}/{PROGRESS_FILE}"):  # step N published again (a worker that died after its upload but
-        fs.rm_file(f"{root}/{PROGRESS_FILE}")  # before Ray recorded it): unmarked before any of its files change
+    unmark(fs, root)  # step N published again (a worker that died after its upload but before Ray recorded it):
+    # incomplete before any of its files change
     for path in upload_order(folder):
         target = f"{root}/{path.relative_to(folder).as_posix()}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
@@ -88,7 +94,8 @@ def publish_from_worker(folder: Path, run: str, step: int) -> str:
 
 
 def prune(run: str, keep: int) -> list[str]:
-    """Delete all but the `keep` newest complete checkpoints (as Ray Train's num_to_keep); the deleted URLs."""
+    """Delete all but the `keep` newest complete checkpoints (as Ray Train's num_to_keep), and incomplete ones
+    older than the newest; the deleted URLs."""
     return retried(partial(_prune, run, keep), f"pruning the checkpoints of {run}")
 
 
@@ -98,14 +105,35 @@ def newest_first(steps: dict[str, int]) -> list[str]:
 
 
 def _prune(run: str, keep: int) -> list[str]:
-    old = newest_first(complete_checkpoints(run))[keep:]
-    for url in old:
+    steps = complete_checkpoints(run)
+    old = newest_first(steps)[keep:]
+    # folders left incomplete below the newest complete step (a publish or a deletion cut short) are never
+    # completed: the run resumes from that newest one and writes only later steps
+    newest = max(steps.values(), default=-1)
+    abandoned = [url for url in checkpoint_folders(run) if url not in steps and 0 <= step_of(url) < newest]
+    for url in old + abandoned:
         _remove(url)
-    return old
+    return old + abandoned
+
+
+def checkpoint_folders(run: str) -> list[str]:
+    """The URLs of every checkpoint folder in the run, complete or not."""
+    fs, root = fsspec.core.url_to_fs(run)
+    found = fs.glob(f"{root.rstrip('/')}/checkpoint_*", detail=True)
+    return [fs.unstrip_protocol(path) for path, info in found.items() if info["type"] == "directory"]
+
+
+def unmark(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Make a checkpoint folder incomplete (its progress.json gone), before anything else in it changes."""
+    with suppress(FileNotFoundError):
+        fs.rm_file(f"{root.rstrip('/')}/{PROGRESS_FILE}")
 
 
 def _remove(url: str) -> None:
+    """Delete a checkpoint, unmarked first: one whose deletion is cut short (a process killed, the storage gone)
+    is then an incomplete folder, never one that passes for complete without its weights."""
     fs, path = fsspec.core.url_to_fs(url)
+    unmark(fs, path)
     fs.rm(path, recursive=True)
 
 

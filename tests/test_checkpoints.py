@@ -12,7 +12,9 @@ from train.checkpoints import (
     PROGRESS_FILE,
     RAY_STORAGE_MARKER,
     complete_checkpoints,
+    damaged_checkpoints,
     fetch,
+    file_sizes,
     latest_in_run,
     prune,
     publish,
@@ -78,6 +80,15 @@ def test_checkpoints_ray_never_recorded_are_deleted_once_they_age_out_and_no_oth
     left = sorted(p.name for p in Path(run).iterdir())
     assert left == [f"checkpoint_step{s:08d}" for s in (2, 4, 8, 10)]  # Ray's own (2, 4) are Ray's to delete
     assert retire_unrecorded(run, unrecorded, keep=2) == []  # gone already: forgotten, no error
+    # one damaged since it was written (resumes pass over it), Ray's or not: an unrecorded one goes once a newer
+    # checkpoint is complete, as prune deletes it in local mode
+    damaged = checkpoint_folder(tmp_path / "damaged", 12)
+    (damaged / PROGRESS_FILE).write_text(json.dumps({"step": 12, "files": {**file_sizes(damaged), "state.pt": 1}}))
+    publish(damaged, run, 12)
+    unrecorded = damaged_checkpoints(run)
+    assert retire_unrecorded(run, unrecorded, keep=2) == unrecorded  # nothing newer is complete yet
+    publish(checkpoint_folder(tmp_path, 14), run, 14)
+    assert retire_unrecorded(run, unrecorded, keep=2) == [] and not (Path(run) / "checkpoint_step00000012").exists()
 
 
 def test_a_worker_that_cannot_see_the_runs_storage_publishes_nothing(tmp_path):
@@ -146,6 +157,33 @@ def test_a_prune_cut_short_leaves_no_checkpoint_that_passes_for_complete(tmp_pat
     assert sorted(u.rsplit("_", 1)[1] for u in prune(run, keep=1)) == ["step00000010", "step00000020"]
     assert sorted(p.name for p in (tmp_path / "runs" / "r").iterdir()) == ["checkpoint_step00000030",
                                                                          "checkpoint_step00000040"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_checkpoint_damaged_after_it_was_written_is_passed_over(tmp_path, where, request):
+    """progress.json lists the checkpoint's files and sizes: one deleted or cut short since (by hand, by a storage
+    fault) leaves the checkpoint marked but not whole, and a resume or an export takes the one before it."""
+    if where == "s3":
+        request.getfixturevalue("s3_endpoint")
+        fsspec.filesystem("s3").mkdir("cnd-damaged")
+        run = "s3://cnd-damaged/runs/r"
+    else:
+        run = str(tmp_path / "runs" / "r")
+    for step in (10, 20, 30):
+        folder = checkpoint_folder(tmp_path, step)
+        (folder / PROGRESS_FILE).write_text(json.dumps({"step": step, "files": file_sizes(folder)}))
+        publish(folder, run, step)
+    fs, root = fsspec.core.url_to_fs(run)
+    assert latest_in_run(run).endswith("checkpoint_step00000030") and damaged_checkpoints(run) == []
+    fs.rm_file(f"{root}/checkpoint_step00000030/controlnet/weights.safetensors")
+    assert latest_in_run(run).endswith("checkpoint_step00000020")
+    fs.pipe_file(f"{root}/checkpoint_step00000020/state.pt", b"stat")  # cut short: another size
+    assert latest_in_run(run).endswith("checkpoint_step00000010")
+    assert [url.rsplit("_", 1)[1] for url in damaged_checkpoints(run)] == ["step00000020", "step00000030"]
+    assert sorted(complete_checkpoints(run).values()) == [10]
+    # a progress.json from before it listed files (a run of an older version) says nothing either way: whole
+    fs.pipe_file(f"{root}/checkpoint_step00000030/{PROGRESS_FILE}", json.dumps({"step": 30}).encode())
+    assert latest_in_run(run).endswith("checkpoint_step00000030")
 
 
 def test_a_checkpoint_folder_names_its_step():

@@ -1,6 +1,7 @@
 """the tiny SD base model and the ControlNet export, checked against diffusers' pipelines and its own converter"""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from train import export, tiny_sd
+from train.checkpoints import file_sizes
 from train.config import TrainConfig
 from train.loop import DECODER_FILE, Trainer
 from train.model import decoder_parameters, plain_attention_on_cpu
@@ -262,6 +264,15 @@ def test_a_checkpoint_cut_short_is_never_exported(tmp_path, checkpoint, capsys):
             export.main([str(source), "--format", "diffusers", "--out", str(tmp_path / "out")])
         assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
     shutil.copytree(checkpoint, run / "checkpoint_step00000001")  # a complete one beside it: that one is taken
+    assert export.controlnet_folder(run) == run / "checkpoint_step00000001" / "controlnet"
+    # one damaged since it was written (progress.json lists each file's size): named, refused; in a run, passed over
+    damaged = Path(shutil.copytree(checkpoint, run / "checkpoint_step00000003"))
+    (damaged / "progress.json").write_text(json.dumps({"step": 3, "files": file_sizes(damaged)}))
+    weights = damaged / "controlnet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        export.main([str(damaged), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    assert "holds one cut short, since it was written" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert export.controlnet_folder(run) == run / "checkpoint_step00000001" / "controlnet"
 
 

@@ -79,17 +79,26 @@ def config(dataset, storage, name, **overrides):
                                **{**small, **overrides})
 
 
-def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, cli_run, tmp_path):
+def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(dataset, cli_run, tmp_path, capsys):
     """Resume, for every base: the same losses, weights and optimizer state, and the same fidelity curves,
     detected step and mAUCC (the curves restored from the checkpoint, not restarted after it). The uninterrupted
     run is the command-line one above (same settings; logging and the base's folder do not change training).
     The first half runs in Ray Train's local mode (the toy's default), the second on a Ray Train worker: both
     modes write, find and resume the same checkpoints, and train the same numbers. Ray Train's num_to_keep
-    prunes only the checkpoints it recorded: the worker run deletes the local-mode one itself once it ages out."""
-    first = build_trainer(config(dataset, tmp_path, "halves", max_steps=2)).fit()  # stopped at its step-2 checkpoint
-    assert first.metrics["step"] == 2 and Path(first.checkpoint.path).parent == tmp_path / "halves"
+    prunes only the checkpoints it recorded: the worker run deletes the local-mode one itself once it ages out.
+    The first half's last checkpoint (step 3) is damaged after it was written, its weights cut short: the second
+    half resumes from the one before it (step 2), and still trains what the uninterrupted run trained."""
+    first = build_trainer(config(dataset, tmp_path, "halves", max_steps=3)).fit()  # stopped at its step-3 checkpoint
+    assert first.metrics["step"] == 3 and Path(first.checkpoint.path).parent == tmp_path / "halves"
+    weights = tmp_path / "halves" / "checkpoint_step00000003" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
     second = build_trainer(config(dataset, tmp_path, "halves", max_steps=4, num_workers=1,  # resumes
                                   keep_checkpoints=1)).fit()
+    said = {line.split(" ", 1)[0]: line for line in capsys.readouterr().out.splitlines()}
+    passed_over, resuming = said["passing"], said["resuming"]
+    assert passed_over.startswith("passing over ") and "/halves/checkpoint_step00000003: it lacks" in passed_over
+    assert resuming.startswith("resuming halves from ") and resuming.endswith("/checkpoint_step00000002")
     assert sorted(p.name for p in (tmp_path / "halves").glob("checkpoint_step*")) == ["checkpoint_step00000004"]
     whole = cli_run[1] / "runs" / "toy-cli"
     uninterrupted, resumed = (json.loads((run / "results.json").read_text()) for run in (whole, tmp_path / "halves"))

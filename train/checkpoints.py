@@ -20,16 +20,52 @@ def run_url(storage_path: str, run_name: str) -> str:
 
 
 def complete_checkpoints(run: str) -> dict[str, int]:
-    """{checkpoint URL: step} of the run's complete checkpoints (Ray Train's and local mode's alike)."""
+    """{checkpoint URL: step} of the run's complete checkpoints (Ray Train's and local mode's alike): marked
+    (progress.json, written last) and whole (every file progress.json lists, at its size). One damaged since, a
+    file deleted or cut, is passed over, and a resume or an export takes the one before it."""
+    return {url: step for url, (step, whole) in marked_checkpoints(run).items() if whole}
+
+
+def damaged_checkpoints(run: str) -> list[str]:
+    """The URLs of the run's checkpoints that are marked complete but lack a file, or hold one at another size."""
+    return sorted(url for url, (_, whole) in marked_checkpoints(run).items() if not whole)
+
+
+def marked_checkpoints(run: str) -> dict[str, tuple[int, bool]]:
+    """{checkpoint URL: (step, whole)} of the run's checkpoints with a progress.json, from one listing of the run."""
     fs, root = fsspec.core.url_to_fs(run)
     fs.invalidate_cache()
-    steps = {}
-    for marker in fs.glob(f"{root.rstrip('/')}/checkpoint_*/{PROGRESS_FILE}"):
+    root = root.rstrip("/")
+    sizes = {path: info.get("size") for path, info in fs.find(root, detail=True).items()}
+    markers = [path for path in sizes if is_marker(path[len(root) + 1:])]
+    found = {}
+    for marker in sorted(markers):
+        folder = marker.rsplit("/", 1)[0]
         try:
-            steps[fs.unstrip_protocol(marker.rsplit("/", 1)[0])] = json.loads(fs.cat_file(marker))["step"]
+            progress = json.loads(fs.cat_file(marker))
         except FileNotFoundError:  # pruned since the listing (by the run, while an export or a resume looks)
             continue
-    return steps
+        files = {path[len(folder) + 1:]: size for path, size in sizes.items() if path.startswith(f"{folder}/")}
+        found[fs.unstrip_protocol(folder)] = (progress["step"], is_whole(progress, files))
+    return found
+
+
+def is_marker(path: str) -> bool:
+    """'checkpoint_step00000010/progress.json', a path under the run's folder: a checkpoint's mark."""
+    folder, _, name = path.partition("/")
+    return folder.startswith("checkpoint_") and name == PROGRESS_FILE
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """{path under the folder: size} of every file of a checkpoint folder but progress.json, which lists them."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != PROGRESS_FILE}
+
+
+def is_whole(progress: dict, found: dict[str, int | None]) -> bool:
+    """Every file progress.json lists is in `found` (path under the folder: size) at its size. A progress.json
+    written before it listed files says nothing either way: whole."""
+    return all(found.get(name) == size for name, size in progress.get("files", {}).items())
 
 
 def latest_in_run(run: str) -> str | None:
@@ -94,8 +130,8 @@ def publish_from_worker(folder: Path, run: str, step: int) -> str:
 
 
 def prune(run: str, keep: int) -> list[str]:
-    """Delete all but the `keep` newest complete checkpoints (as Ray Train's num_to_keep), and incomplete ones
-    older than the newest; the deleted URLs."""
+    """Delete all but the `keep` newest complete checkpoints (as Ray Train's num_to_keep), and incomplete or
+    damaged ones older than the newest; the deleted URLs."""
     return retried(partial(_prune, run, keep), f"pruning the checkpoints of {run}")
 
 
@@ -107,8 +143,8 @@ def newest_first(steps: dict[str, int]) -> list[str]:
 def _prune(run: str, keep: int) -> list[str]:
     steps = complete_checkpoints(run)
     old = newest_first(steps)[keep:]
-    # folders left incomplete below the newest complete step (a publish or a deletion cut short) are never
-    # completed: the run resumes from that newest one and writes only later steps
+    # folders left incomplete (a publish or a deletion cut short) or damaged below the newest complete step are
+    # never completed: the run resumes from that newest one and writes only later steps
     newest = max(steps.values(), default=-1)
     abandoned = [url for url in checkpoint_folders(run) if url not in steps and 0 <= step_of(url) < newest]
     for url in old + abandoned:
@@ -147,18 +183,21 @@ def unrecorded_checkpoints(run: str, recorded_step: int) -> list[str]:
 
 def retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
     """Delete the checkpoints Ray Train never recorded once `keep` newer ones are complete, as its num_to_keep
-    deletes the ones it recorded (only these: deleting one Ray recorded would break its own pruning); the ones
-    still kept."""
+    deletes the ones it recorded (only these: deleting one Ray recorded would break its own pruning), and damaged
+    ones once a newer one is complete; the ones still kept."""
     return retried(partial(_retire_unrecorded, run, unrecorded, keep), f"pruning the checkpoints of {run}")
 
 
 def _retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
     steps = complete_checkpoints(run)
-    newest = set(newest_first(steps)[:keep])
-    for url in unrecorded:
-        if url in steps and url not in newest:
-            _remove(url)
-    return [url for url in unrecorded if url in newest]  # one gone already (by hand) is forgotten
+    newest, present = set(newest_first(steps)[:keep]), set(checkpoint_folders(run))
+    top = max(steps.values(), default=-1)
+    # a complete one once it ages out; a damaged one (not complete) once a newer one is complete, as prune does
+    retired = {url for url in unrecorded if url in present and (url not in newest if url in steps
+                                                                 else step_of(url) < top)}
+    for url in sorted(retired):
+        _remove(url)
+    return [url for url in unrecorded if url in present and url not in retired]  # one gone (by hand) is forgotten
 
 
 def fetch(url: str, folder: Path) -> Path:

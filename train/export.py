@@ -147,13 +147,13 @@ def controlnet_folder(checkpoint: Path) -> Path:
     """A training checkpoint holds the model in controlnet/, and is complete once its progress.json is written; a
     bare diffusers ControlNet folder is one itself; a run folder (holding checkpoint_*/) means its latest complete
     checkpoint."""
-    from train.checkpoints import PROGRESS_FILE, latest_in_run
+    from train.checkpoints import PROGRESS_FILE, file_sizes, is_whole, latest_in_run
 
     if not (checkpoint / "config.json").is_file() and any(checkpoint.glob("checkpoint_*")):
         latest = latest_in_run(str(checkpoint))
         if latest is None:
-            raise FileNotFoundError(f"{checkpoint}: none of its checkpoints is complete (each lacks {PROGRESS_FILE}, "
-                                    "which is written last)")
+            raise FileNotFoundError(f"{checkpoint}: none of its checkpoints is complete and whole ({PROGRESS_FILE}, "
+                                    "written last, marks one complete and lists its files)")
         checkpoint = Path(latest.removeprefix("file://"))
     if (checkpoint / "config.json").is_file():
         return checkpoint
@@ -161,6 +161,9 @@ def controlnet_folder(checkpoint: Path) -> Path:
         if not (checkpoint / PROGRESS_FILE).is_file():
             raise FileNotFoundError(f"{checkpoint} was cut short (no {PROGRESS_FILE}, which is written last): export "
                                     "the run's folder for its latest complete checkpoint")
+        if not is_whole(json.loads((checkpoint / PROGRESS_FILE).read_text()), file_sizes(checkpoint)):
+            raise FileNotFoundError(f"{checkpoint} lacks a file, or holds one cut short, since it was written: export "
+                                    "the run's folder for its latest whole checkpoint")
         return checkpoint / CONTROLNET_DIR
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run folder")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.checkpoints import PROGRESS_FILE
+from train.checkpoints import PROGRESS_FILE, file_sizes
 from train.config import TrainConfig
 from train.model import (
     BaseModel,
@@ -254,7 +254,8 @@ class Trainer:
             save_file({f"unet.{n}": p.detach().contiguous() for n, p in self.base.unet.named_parameters()
                        if p.requires_grad}, folder / DECODER_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
-        (folder / PROGRESS_FILE).write_text(json.dumps({"step": self.state.step}))  # last: marks it complete
+        # last: it marks the checkpoint complete, and lists its files, so that one damaged since is known
+        (folder / PROGRESS_FILE).write_text(json.dumps({"step": self.state.step, "files": file_sizes(folder)}))
 
     def load(self, folder: Path) -> None:
         from diffusers import ControlNetModel
@@ -500,24 +501,43 @@ def restore(trainer: Trainer, cfg: TrainConfig, local: bool) -> None:
     knows), unless storage holds a newer complete one, which Ray never recorded (a worker that died, or a run state
     Ray could not write, after the checkpoint was published); else the newest complete one on storage (a run of Ray
     Train's local mode, which keeps no record, or one begun in the other mode: both write the same layout).
-    On workers, the checkpoints Ray has no record of are noted, for rank 0 to delete as they age out
-    (retire_unrecorded): its num_to_keep never would."""
+    A checkpoint damaged since it was written (train.checkpoints.complete_checkpoints) is passed over for the one
+    before it, Ray's too. On workers, the checkpoints Ray has no record of are noted, for rank 0 to delete as they
+    age out (retire_unrecorded): its num_to_keep never would."""
     import ray.train
 
-    from train.checkpoints import fetch, run_url, step_of, unrecorded_checkpoints
+    from train.checkpoints import (
+        complete_checkpoints,
+        damaged_checkpoints,
+        fetch,
+        run_url,
+        step_of,
+        unrecorded_checkpoints,
+    )
 
+    run = run_url(cfg.storage_path, cfg.run_name)
     checkpoint = ray.train.get_checkpoint()
     recorded_step = step_of(checkpoint.path) if checkpoint is not None else -1
-    unrecorded = unrecorded_checkpoints(run_url(cfg.storage_path, cfg.run_name), recorded_step)
-    if unrecorded:
+    unrecorded = unrecorded_checkpoints(run, recorded_step)
+    from_storage, from_ray = (unrecorded[-1] if unrecorded else None), checkpoint is not None
+    if from_storage is None and from_ray and recorded_step >= 0:
+        steps = complete_checkpoints(run)
+        if recorded_step not in steps.values():  # Ray's is damaged (a file deleted or cut since): the one before
+            older = [url for url, step in steps.items() if step < recorded_step]
+            from_storage, from_ray = (max(older, key=steps.get) if older else None), False
+            if trainer.rank == 0:
+                print(f"[{cfg.run_name}] checkpoint {checkpoint.path} lacks a file, or holds one cut short: "
+                      f"resuming from {from_storage or 'step 0'}", flush=True)
+    if from_storage is not None:
         with tempfile.TemporaryDirectory() as folder:
-            trainer.load(fetch(unrecorded[-1], Path(folder)))
-    elif checkpoint is not None:
+            trainer.load(fetch(from_storage, Path(folder)))
+    elif from_ray:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder))
     if not local and (checkpoint is None or recorded_step >= 0):  # (a folder named otherwise, by an older
         # version: which of the run's checkpoints Ray recorded is not known, and none is deleted)
-        trainer.state.unrecorded = sorted(set(trainer.state.unrecorded) | set(unrecorded), key=step_of)
+        damaged = [url for url in damaged_checkpoints(run) if step_of(url) > recorded_step]
+        trainer.state.unrecorded = sorted({*trainer.state.unrecorded, *unrecorded, *damaged}, key=step_of)
 
 
 def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) -> None:
@@ -529,10 +549,20 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
     --keep-checkpoints itself. Both modes write the same folders, so a run resumes in either."""
     import ray.train
 
-    from train.checkpoints import checkpoint_name, prune, publish, publish_from_worker, retire_unrecorded, run_url
+    from train.checkpoints import (
+        checkpoint_name,
+        prune,
+        publish,
+        publish_from_worker,
+        retire_unrecorded,
+        run_url,
+        step_of,
+    )
 
     cfg, step = trainer.cfg, trainer.state.step
     run = run_url(cfg.storage_path, cfg.run_name)
+    if not local:  # this step's folder (a damaged one, published again now) is Ray's from here on: never retired
+        trainer.state.unrecorded = [url for url in trainer.state.unrecorded if step_of(url) != step]
     with tempfile.TemporaryDirectory() as folder:
         if trainer.rank == 0:
             trainer.save(Path(folder))

@@ -19,7 +19,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import WorkerCallback  # a DeveloperAPI, which RunConfig passes on
 
-from train.checkpoints import latest_checkpoint
+from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
 from train.loop import train_loop_per_worker
 from train.plots import curves_of
@@ -153,6 +153,10 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
         join_or_start_ray()
     use_gpu = gpu_wanted(cfg)
     cfg = dataclasses.replace(cfg, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker(cfg, use_gpu))
+    resumed_step = step_of(resume) if resume else -1
+    for damaged in damaged_checkpoints(run_url(cfg.storage_path, cfg.run_name)):
+        if step_of(damaged) > resumed_step:
+            print(f"passing over {damaged}: it lacks a file, or holds one cut short, since it was written", flush=True)
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
     if local:
@@ -228,7 +232,6 @@ def check_storage_writable(cfg: TrainConfig) -> None:
     import fsspec
 
     from pipeline.format import is_transient
-    from train.checkpoints import run_url
 
     probe = f"{run_url(cfg.storage_path, cfg.run_name)}/.write-check-{os.getpid()}"
     try:

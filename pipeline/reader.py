@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import braceexpand
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # a folder's shards (tarfile reads each compression)
@@ -96,12 +98,15 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
         literal = literal_path(spec)  # once per spec: an existence check is a request on object stores
         for url in [spec] if literal else braceexpand.braceexpand(spec):
             fs, path = fsspec.core.url_to_fs(url)
+            if isinstance(fs, LocalFileSystem):  # in/../in/A is in/A: a rerun that spells it otherwise resumes
+                path = posixpath.normpath(path)
             root = posixpath.dirname(path)  # where a named image's key starts
             # a URL from a brace range may still name an existing '[...]' file as written
             if _has_glob(path) and not (literal if url == spec else literal_path(url)):
-                matches = sorted(fs.glob(path))
+                # photos/* also matches the captions (<stem>.txt), which their images bring along
+                matches = sorted(m for m in fs.glob(path) if _is_image(m) or m.endswith(TAR_EXTS))
                 if not matches:
-                    raise FileNotFoundError(f"no input matches {url}")
+                    raise FileNotFoundError(f"no input matches {url} (tar shards or images)")
                 root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
             elif fs.isdir(path):
                 listing = fs.ls(path, detail=False)
@@ -126,6 +131,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                     shards.append(InputShard(_shard_name(match), fs.unstrip_protocol(match)))
     for folder, files in loose.items():
         shards += _loose_shards(folder, files, files_per_shard)
+    check_loose_keys(shards)
     names = [s.name for s in shards]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -309,6 +315,26 @@ def merged_by_key(groups: Iterator[RawSample]) -> Iterator[RawSample]:
         samples[0].error = samples[0].error or group.error
     yield from (samples[0] for samples in copies.values())
     yield from (copy for samples in copies.values() for copy in samples[1:])
+
+
+def output_key(source_key: str) -> str:
+    """A key safe for WebDataset: no dots (it splits member names at the first dot), no slashes."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", source_key) or "_"
+
+
+def check_loose_keys(shards: list[InputShard]) -> None:
+    """Loose images from two input folders that would get one key (keys are paths under the folder each was given
+    with: photos/cats and photos/dogs both hold 001.jpg) are refused: each shard's own samples keep their keys
+    apart, but a dataset with one key twice cannot be split into subsets. Within one folder paths differ."""
+    folder_of: dict[str, tuple[str, str]] = {}  # output key -> (folder, file)
+    for shard in shards:
+        for url in shard.files:
+            key = output_key(file_key(shard.url, url))
+            folder, file = folder_of.setdefault(key, (shard.url, url))
+            if folder != shard.url:
+                raise ValueError(f"{file} and {url} would both be sample {key!r} (a loose image's key is its path "
+                                 "under the folder it was given with): give their common folder, or a quoted glob "
+                                 "such as 'photos/*/*.jpg', whose keys start below the glob's fixed part")
 
 
 def file_key(folder: str, url: str) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,6 +32,7 @@ from pipeline.reader import (
     RawSample,
     SplitSample,
     TarSamples,
+    output_key,
     read_file_samples,
     valid_utf8,
 )
@@ -62,11 +62,6 @@ class Prepared:
     row: dict[str, Any]
     image: np.ndarray | None = None  # (R, R, 3) uint8 RGB; None when it already failed or was filtered
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def output_key(source_key: str) -> str:
-    """A key safe for WebDataset: no dots (it splits member names at the first dot), no slashes."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", source_key) or "_"
 
 
 def _source_caption(members: dict[str, bytes], source_meta: dict[str, Any]) -> tuple[str, str]:
@@ -240,7 +235,8 @@ def _dedupe(samples: Iterable[RawSample], shard: str) -> Iterator[tuple[RawSampl
         if source_of.get(key, raw.key) != raw.key:
             key = f"{key}-{hashlib.sha256(raw.key.encode()).hexdigest()[:8]}"
         if key in source_of:
-            raw.error = raw.error or f"duplicate key {key!r} in shard {shard} (first occurrence kept)"
+            files = ", ".join(f"{raw.key}.{ext}" for ext in sorted(raw.members))  # x.png beside x.jpg: which one
+            raw.error = raw.error or f"duplicate key {key!r} in shard {shard} ({files}; the first occurrence kept)"
         source_of.setdefault(key, raw.key)
         yield raw, key
 

@@ -58,6 +58,22 @@ def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     assert first[0].members["txt"] == b"a caption" and "txt" not in first[1].members
 
 
+def test_a_glob_over_a_photo_folder_takes_the_images_with_their_captions_and_dotted_paths_are_one_folder(tmp_path):
+    """'photos/*' matched the captions too, and each <stem>.txt was read as a tar shard that failed; a rerun that
+    spelled the folder another way ('in/../photos') was refused as changed input."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"p{i}.jpg").write_bytes(good_jpeg(i))
+        (photos / f"p{i}.txt").write_text("caption")
+    [shard] = list_input_shards([str(photos / "*")])
+    assert [f.rsplit("/", 1)[1] for f in shard.files] == ["p0.jpg", "p1.jpg"]
+    assert [s.members["txt"] for s in read_file_samples(shard.files, shard.url)] == [b"caption"] * 2
+    with pytest.raises(FileNotFoundError, match="no input matches"):
+        list_input_shards([str(photos / "*.txt")])
+    assert list_input_shards([str(tmp_path / "in" / ".." / "photos" / ".")]) == list_input_shards([str(photos)])
+
+
 def test_truncated_tar_yields_the_samples_before_the_cut(tmp_path):
     shards = write_bad_inputs(tmp_path)
     with open(shards["truncated"], "rb") as f:
@@ -217,9 +233,14 @@ def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written
     # each URL of a brace range, too: 'x[1].jpg' is that file (as a glob, it would match x1.jpg only)
     for folder in ("a", "b"):
         (tmp_path / "ranged" / folder).mkdir(parents=True)
-        (tmp_path / "ranged" / folder / "x[1].jpg").write_bytes(good_jpeg(3))
-    shards = list_input_shards([str(tmp_path / "ranged" / "{a,b}" / "x[1].jpg")])
-    assert [len(s.files) for s in shards] == [1, 1]
+        for name in ("x[1].jpg", "y[1].jpg"):
+            (tmp_path / "ranged" / folder / name).write_bytes(good_jpeg(3))
+    [shard] = list_input_shards([str(tmp_path / "ranged" / "a" / "{x,y}[1].jpg")])
+    assert [s.key for s in read_file_samples(shard.files, shard.url)] == ["x[1]", "y[1]"]
+    # images named in two folders are keyed under each: one key twice in the dataset, refused before any work
+    with pytest.raises(ValueError, match=r"a/x\[1\].jpg and .*b/x\[1\].jpg would both be sample 'x_1_'"):
+        list_input_shards([str(tmp_path / "ranged" / "{a,b}" / "x[1].jpg")])
+    assert len(list_input_shards([str(tmp_path / "ranged")])) == 1  # their folder: keys a/x[1] and b/x[1]
     gz = tmp_path / "gz"
     gz.mkdir()
     with tarfile.open(gz / "00000.tar.gz", "w:gz") as tar:

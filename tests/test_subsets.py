@@ -207,6 +207,26 @@ def test_a_subset_copy_refuses_a_member_over_the_read_cap(dataset, tmp_path):
         make_subsets(str(data), [every], materialize_mode="always")
 
 
+def test_a_subset_copy_takes_the_row_of_the_sample_written_not_of_a_duplicate_the_job_failed(dataset, tmp_path):
+    """A shard that named one key twice holds the first sample and a failed row for the second: the copy took the
+    last row for the key, so its index called a sample it holds failed."""
+    import pyarrow as pa
+
+    data = copy_of(dataset, tmp_path)
+    index = sorted((data / "shards").glob("*.parquet"))[0]
+    table = pq.read_table(index)
+    rows = table.to_pylist()
+    first = next(r for r in rows if r["status"] == "ok")
+    duplicate = {**first, "status": "failed", "error": f"duplicate key {first['key']!r} (the first occurrence kept)"}
+    pq.write_table(pa.Table.from_pylist([*rows, duplicate], schema=table.schema), index)
+    every = len(index_rows(data, skip_last=True))
+    [copied] = make_subsets(str(data), [every], materialize_mode="always")
+    assert copied["materialized"]
+    copied_rows = [r for path in sorted((data / "subsets" / str(every) / "shards").glob("*.parquet"))
+                   for r in pq.read_table(path).to_pylist()]
+    assert [r["status"] for r in copied_rows if r["key"] == first["key"]] == ["ok"]
+
+
 def test_materialized_subsets_are_exact_nested_copies_in_compact_shards(dataset, tmp_path):
     data = copy_of(dataset, tmp_path)
     written = make_subsets(str(data), [5, 10, 36], materialize_mode="auto", samples_per_shard=4)

@@ -305,7 +305,10 @@ def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int
     for tar in sorted(by_shard):
         wanted = {s.key for s in by_shard[tar]}
         index = fmt.read_index(index_of[tar], None)
-        rows = {key: {c: index[c][i] for c in index} for i, key in enumerate(index["key"]) if key in wanted}
+        rows: dict[str, dict[str, Any]] = {}
+        for i, key in enumerate(index["key"]):  # a key's first row: the sample written (a later one, a duplicate
+            if key in wanted:                    # the job failed, is not in the tar)
+                rows.setdefault(key, {c: index[c][i] for c in index})
         for sample in fmt.shard_samples([{"url": tar}]):
             key = sample["__key__"]
             if key not in wanted:

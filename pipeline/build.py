@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -67,6 +68,11 @@ def check_resume_settings(cfg: BuildConfig, kept_stats: list[dict[str, Any]]) ->
                          f"another --output, or --overwrite to redo those shards{hint}")
 
 
+def normalised(url: str) -> str:
+    """A local file URL with its '.' and '..' resolved, as pipeline.reader now writes them; others as they are."""
+    return "file://" + posixpath.normpath(url.removeprefix("file://")) if url.startswith("file:///") else url
+
+
 def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str, Any]]) -> None:
     """Refuse to skip a done shard of loose image files whose file list has changed since (files added to or
     removed from the folder, or another glob): its images shifted between shards, so skipping it would lose some
@@ -74,7 +80,14 @@ def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str,
     recorded = {stats.get("shard"): stats.get("input") or {} for stats in skipped_stats}
 
     def differs(then: dict[str, Any], now: dict[str, Any]) -> bool:  # shards made before files_sha256: the rest
-        return any(then[k] != now[k] for k in then.keys() & now.keys())
+        if not any(then[k] != now[k] for k in then.keys() & now.keys()):
+            return False
+        ends = ("url", "first", "last")
+        if all(normalised(str(then.get(k))) == then.get(k) for k in ends):
+            return True
+        # recorded before local input paths were normalised ('in/./A'), so its files_sha256 hashed other spellings:
+        # the same count and the same first and last file, normalised
+        return then.get("files") != now["files"] or any(normalised(str(then.get(k))) != now[k] for k in ends)
 
     changed = [shard for shard in skipped
                if shard.files and differs(recorded.get(shard.name, {}), input_identity(shard))]

@@ -131,6 +131,14 @@ def test_a_rerun_over_a_changed_folder_of_images_is_refused_until_overwrite(tmp_
     assert main([*job, "--overwrite"]) == 0
     assert sorted(r["key"] for r in rows(tmp_path / "out")) == ["0", "1b", "2"]
     assert main(job) == 0
+    # spelled another way, the same folder resumes; and so does a shard recorded before paths were normalised
+    dotted = ["--input", f"{tmp_path}/elsewhere/../photos/.", *job[2:]]
+    assert main(dotted) == 0 and "1 done, 0 to do" in capsys.readouterr().out
+    stats_file = tmp_path / "out" / "shards" / "photos-00000.stats.json"
+    stats = json.loads(stats_file.read_text())
+    spelled = {k: stats["input"][k].replace(str(photos), f"{tmp_path}/./photos") for k in ("url", "first", "last")}
+    stats_file.write_text(json.dumps({**stats, "input": {**stats["input"], **spelled, "files_sha256": "other"}}))
+    assert main(job) == 0 and "1 done, 0 to do" in capsys.readouterr().out
 
 
 def test_storage_that_refuses_the_jobs_setup_is_one_line(tmp_path, python, s3_endpoint, capsys):

@@ -10,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,30 @@ def check_resume_settings(cfg: BuildConfig, kept_stats: list[dict[str, Any]]) ->
                     "so build the new task into another --output, or all tasks together into a new one)")
         raise ValueError(f"{cfg.output} was built with other settings: {listed}; run with the same settings, "
                          f"another --output, or --overwrite to redo those shards{hint}")
+
+
+def stale_shards(shards: list[InputShard], kept_stats: list[dict[str, Any]]) -> list[str]:
+    """Committed shards made from one of these inputs that the plan no longer makes: a folder of images with
+    fewer files now, or cut with another --files-per-shard. Their images are in the shards made now, so an
+    --overwrite that kept them would hold those samples twice (and the last, held out for validation, would be
+    training samples too)."""
+    inputs, names = {normalised(shard.url) for shard in shards}, {shard.name for shard in shards}
+
+    def made_from(stats: dict[str, Any]) -> str:
+        return normalised(str((stats.get("input") or {}).get("url")))
+
+    return sorted(stats["shard"] for stats in kept_stats
+                  if stats.get("shard") not in names and made_from(stats) in inputs)
+
+
+def remove_shards(output: str, names: list[str]) -> None:
+    """Delete output shards, each stats.json first: one whose removal is cut short is no longer committed."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    for name in names:
+        paths = fmt.shard_paths(output, name)
+        for part in ("stats", "tar", "index"):
+            with suppress(FileNotFoundError):
+                fs.rm_file(fsspec.core.url_to_fs(paths[part])[1])
 
 
 def normalised(url: str) -> str:
@@ -262,6 +286,14 @@ def run(cfg: BuildConfig) -> int:
         # every shard the output keeps, this run's inputs or not: another input list under one --output is one
         # dataset too
         kept_stats = fmt.read_stats([shard for name, shard in committed.items() if name not in redone])
+        if cfg.overwrite:
+            stale = stale_shards(shards, kept_stats)
+            if stale:
+                print(f"{'would remove' if cfg.dry_run else 'removing'} {len(stale)} shard(s) these inputs made "
+                      f"before but no longer make (images removed, or another --files-per-shard): {', '.join(stale)}")
+                if not cfg.dry_run:
+                    remove_shards(cfg.output, stale)
+            kept_stats = [stats for stats in kept_stats if stats.get("shard") not in stale]
         check_resume_settings(cfg, kept_stats)
         done = set(skipped)
         check_resume_inputs([shard for shard in shards if shard.name in done], kept_stats)

@@ -114,6 +114,33 @@ def test_a_rerun_with_other_output_settings_is_refused_until_overwrite(sample_sh
     assert main([*first[:-1], "48", "--seed", "3", "--batch-size", "3"]) == 0  # batching shapes nothing
 
 
+def test_an_overwrite_after_images_were_removed_or_recut_leaves_no_shard_of_the_old_cut(tmp_path, capsys):
+    """--overwrite, which the refusal of a changed folder recommends, redid the shards the folder still makes and
+    kept the ones it no longer made: their images were in the dataset twice (the last, held out for validation,
+    trained on too). Another --files-per-shard was refused even with --overwrite."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(good_jpeg(i))
+    out = tmp_path / "out"
+    job = ["--input", str(photos), "--output", str(out), "--resolution", "32", "--files-per-shard", "1"]
+    assert main(job) == 0
+    (photos / "0.jpg").unlink()  # the folder now makes 2 shards, of 1.jpg and 2.jpg
+    assert main(job) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*job, "--overwrite"]) == 0
+    assert "removing 1 shard(s) these inputs made before but no longer make" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "shards").glob("*.stats.json")) == [
+        "photos-00000.stats.json", "photos-00001.stats.json"]
+    assert sorted(r["key"] for r in rows(out)) == ["1", "2"]
+    assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 2
+    recut = [*job[:-1], "2"]
+    assert main(recut) == 2 and "files_per_shard 1 -> 2" in capsys.readouterr().err
+    assert main([*recut, "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "photos-00000.parquet", "photos-00000.stats.json", "photos-00000.tar"]
+    assert sorted(r["key"] for r in rows(out)) == ["1", "2"]
+
+
 def test_a_rerun_over_a_changed_folder_of_images_is_refused_until_overwrite(tmp_path, capsys):
     """A folder of loose images is cut into shards by sorted name: a file added, removed or renamed since shifts
     images between shards, so skipping the done ones would lose some images and repeat others."""

@@ -34,6 +34,15 @@ def checkpoint_folder(root: Path, step: int) -> Path:
     return folder
 
 
+def run_folder(where: str, bucket: str, tmp_path: Path, request) -> str:
+    """A run's folder on local disk, or in a new bucket of the moto S3 server."""
+    if where == "local":
+        return str(tmp_path / "runs" / "r")
+    request.getfixturevalue("s3_endpoint")
+    fsspec.filesystem("s3").mkdir(bucket)
+    return f"s3://{bucket}/runs/r"
+
+
 def test_progress_is_uploaded_last(tmp_path):
     order = upload_order(checkpoint_folder(tmp_path, 1))
     assert order[-1].name == PROGRESS_FILE and len(order) == 3
@@ -41,12 +50,7 @@ def test_progress_is_uploaded_last(tmp_path):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_published_checkpoints_are_found_pruned_and_fetched(tmp_path, where, request):
-    if where == "s3":
-        request.getfixturevalue("s3_endpoint")
-        fsspec.filesystem("s3").mkdir("cnd-checkpoints")
-        run = "s3://cnd-checkpoints/runs/r"
-    else:
-        run = str(tmp_path / "runs" / "r")
+    run = run_folder(where, "cnd-checkpoints", tmp_path, request)
     for step in (10, 30, 20):
         publish(checkpoint_folder(tmp_path, step), run, step)
     fs, root = fsspec.core.url_to_fs(run)
@@ -163,12 +167,7 @@ def test_a_prune_cut_short_leaves_no_checkpoint_that_passes_for_complete(tmp_pat
 def test_a_checkpoint_damaged_after_it_was_written_is_passed_over(tmp_path, where, request):
     """progress.json lists the checkpoint's files and sizes: one deleted or cut short since (by hand, by a storage
     fault) leaves the checkpoint marked but not whole, and a resume or an export takes the one before it."""
-    if where == "s3":
-        request.getfixturevalue("s3_endpoint")
-        fsspec.filesystem("s3").mkdir("cnd-damaged")
-        run = "s3://cnd-damaged/runs/r"
-    else:
-        run = str(tmp_path / "runs" / "r")
+    run = run_folder(where, "cnd-damaged", tmp_path, request)
     for step in (10, 20, 30):
         folder = checkpoint_folder(tmp_path, step)
         (folder / PROGRESS_FILE).write_text(json.dumps({"step": step, "files": file_sizes(folder)}))

@@ -326,6 +326,8 @@ def check_loose_keys(shards: list[InputShard]) -> None:
     """Loose images from two input folders that would get one key (keys are paths under the folder each was given
     with: photos/cats and photos/dogs both hold 001.jpg) are refused: each shard's own samples keep their keys
     apart, but a dataset with one key twice cannot be split into subsets. Within one folder paths differ."""
+    if len({shard.url for shard in shards if shard.files}) < 2:  # one folder (or none): nothing to check
+        return
     folder_of: dict[str, tuple[str, str]] = {}  # output key -> (folder, file)
     for shard in shards:
         for url in shard.files:
@@ -340,9 +342,12 @@ def check_loose_keys(shards: list[InputShard]) -> None:
 def file_key(folder: str, url: str) -> str:
     """A loose image's key: its path under the input folder, without the extension ('cats/001'), so that
     cats/001.jpg and dogs/001.jpg stay two samples."""
-    folder_path = fsspec.core.url_to_fs(folder)[1].rstrip("/")
-    path = fsspec.core.url_to_fs(url)[1]
-    relative = path[len(folder_path) + 1:] if path.startswith(folder_path + "/") else posixpath.basename(path)
+    if url.startswith(folder.rstrip("/") + "/"):  # the usual case, both spelled by one filesystem: no parsing
+        relative = url[len(folder.rstrip("/")) + 1:]
+    else:
+        folder_path = fsspec.core.url_to_fs(folder)[1].rstrip("/")
+        path = fsspec.core.url_to_fs(url)[1]
+        relative = path[len(folder_path) + 1:] if path.startswith(folder_path + "/") else posixpath.basename(path)
     return valid_utf8(split_member_name(relative)[0])
 
 

@@ -142,14 +142,18 @@ def newest_first(steps: dict[str, int]) -> list[str]:
 
 def _prune(run: str, keep: int) -> list[str]:
     steps = complete_checkpoints(run)
-    old = newest_first(steps)[keep:]
-    # folders left incomplete (a publish or a deletion cut short) or damaged below the newest complete step are
-    # never completed: the run resumes from that newest one and writes only later steps
-    newest = max(steps.values(), default=-1)
-    abandoned = [url for url in checkpoint_folders(run) if url not in steps and 0 <= step_of(url) < newest]
-    for url in old + abandoned:
+    deleted = newest_first(steps)[keep:] + abandoned(steps, checkpoint_folders(run))
+    for url in deleted:
         _remove(url)
-    return old + abandoned
+    return deleted
+
+
+def abandoned(steps: dict[str, int], folders: list[str]) -> list[str]:
+    """The folders among `folders` that are not complete (a publish or a deletion cut short, or damaged since) below
+    the newest complete step of `steps`: nothing completes them, since the run resumes from that newest one and
+    writes only later steps."""
+    newest = max(steps.values(), default=-1)
+    return [url for url in folders if url not in steps and 0 <= step_of(url) < newest]
 
 
 def checkpoint_folders(run: str) -> list[str]:
@@ -190,11 +194,11 @@ def retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
 
 def _retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
     steps = complete_checkpoints(run)
-    newest, present = set(newest_first(steps)[:keep]), set(checkpoint_folders(run))
-    top = max(steps.values(), default=-1)
-    # a complete one once it ages out; a damaged one (not complete) once a newer one is complete, as prune does
-    retired = {url for url in unrecorded if url in present and (url not in newest if url in steps
-                                                                 else step_of(url) < top)}
+    present = set(checkpoint_folders(run))
+    kept = set(newest_first(steps)[:keep])
+    # a complete one once it ages out; a damaged one once a newer one is complete, as prune deletes it
+    retired = {url for url in unrecorded if url in steps and url not in kept}
+    retired |= set(abandoned(steps, [url for url in unrecorded if url in present]))
     for url in sorted(retired):
         _remove(url)
     return [url for url in unrecorded if url in present and url not in retired]  # one gone (by hand) is forgotten

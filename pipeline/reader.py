@@ -52,6 +52,15 @@ def _is_image(path: str) -> bool:
     return split_member_name(path)[1] in IMAGE_EXTS
 
 
+def _hidden(path: str, root: str) -> bool:
+    """Whether a file found under `root` is hidden there (a name or folder starting with a dot): macOS leaves a
+    `._x.jpg` beside each photo copied from its disks, which is no image, and a `.cache/` or `.thumbnails/` folder
+    holds copies; as in the Hugging Face `imagefolder` loader, such files are left out of folders and globs (a
+    hidden file named on its own is read)."""
+    relative = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
 def _loose_shards(folder: str, files: list[str], files_per_shard: int) -> list[InputShard]:
     """Loose image files (URLs) under `folder` become shards of `files_per_shard` files, in sorted order, named
     after the folder; their keys are their paths under it."""
@@ -65,7 +74,7 @@ def _loose_shards(folder: str, files: list[str], files_per_shard: int) -> list[I
 
 def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str, files_per_shard: int) -> list[InputShard]:
     """A folder of loose images becomes shards of `files_per_shard` files, in sorted order."""
-    files = [fs.unstrip_protocol(p) for p in fs.find(folder) if _is_image(p)]
+    files = [fs.unstrip_protocol(p) for p in fs.find(folder) if _is_image(p) and not _hidden(p, folder)]
     return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard)
 
 
@@ -104,12 +113,13 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
             # a URL from a brace range may still name an existing '[...]' file as written
             if _has_glob(path) and not (literal if url == spec else literal_path(url)):
                 # photos/* also matches the captions (<stem>.txt), which their images bring along
-                matches = sorted(m for m in fs.glob(path) if _is_image(m) or m.endswith(TAR_EXTS))
+                root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
+                matches = sorted(m for m in fs.glob(path)
+                                 if (_is_image(m) or m.endswith(TAR_EXTS)) and not _hidden(m, root))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {url} (tar shards or images)")
-                root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
             elif fs.isdir(path):
-                listing = fs.ls(path, detail=False)
+                listing = [p for p in fs.ls(path, detail=False) if not _hidden(p, path)]
                 tars = sorted(p for p in listing if p.endswith(TAR_EXTS))
                 images = [p for p in listing if _is_image(p)]
                 if tars and images:  # taking either kind alone would leave the other out without a word
@@ -131,10 +141,14 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                     shards.append(InputShard(_shard_name(match), fs.unstrip_protocol(match)))
     for folder, files in loose.items():
         shards += _loose_shards(folder, files, files_per_shard)
+    shards = list(dict.fromkeys(shards))  # a tar given twice (a glob and a name that both match it) is read once
     check_loose_keys(shards)
     names = [s.name for s in shards]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
+        if len({s.url for s in shards if s.name == duplicates[0]}) == 1:  # photos and 'photos/*.jpg' both given
+            raise ValueError(f"{shards[names.index(duplicates[0])].url} is given twice, by more than one --input: "
+                             "give it once")
         raise ValueError(f"input shards share output names {duplicates}: rename them or run them separately")
     if not shards:
         raise FileNotFoundError(f"no input shards in {specs}")

@@ -47,6 +47,28 @@ def test_missing_inputs_and_name_clashes_are_errors(tmp_path):
         list_input_shards([str(tmp_path / "a.tar"), str(tmp_path / "x" / "a.tar")])
 
 
+def test_hidden_files_are_left_out_of_folders_and_globs_and_a_shard_given_twice_is_read_once(tmp_path):
+    """A photo folder copied from a Mac holds a `._<name>` beside each image, which is no image: each became a
+    failed row. The same tar matched by a glob and named again was refused with "rename them"."""
+    (tmp_path / "tars").mkdir()
+    write_tar(tmp_path / "tars" / "a.tar", [("a", {"jpg": b"x"})])
+    (tmp_path / "tars" / "._a.tar").write_bytes(b"\0" * 4096)
+    photos = tmp_path / "photos"
+    (photos / ".thumbnails").mkdir(parents=True)
+    for name in ["x.jpg", "._x.jpg", ".thumbnails/x.jpg", "y.png"]:
+        (photos / name).write_bytes(good_jpeg(0))
+    assert [s.url.rsplit("/", 1)[1] for s in list_input_shards([str(tmp_path / "tars")])] == ["a.tar"]
+    assert list_input_shards([str(tmp_path / "tars" / "*.tar"), str(tmp_path / "tars" / "a.tar")]) == \
+        list_input_shards([str(tmp_path / "tars")])
+    for spec in [photos, photos / "*", tmp_path / "p*" / "*"]:
+        [shard] = list_input_shards([str(spec)])
+        assert [f.rsplit("/", 1)[1] for f in shard.files] == ["x.jpg", "y.png"], spec
+    [named] = list_input_shards([str(photos / "._x.jpg")])  # named on its own, it is read
+    assert named.files[0].endswith("/._x.jpg")
+    with pytest.raises(ValueError, match="photos is given twice"):  # two cuts of one folder into shards
+        list_input_shards([str(photos), str(photos / "x.jpg")])
+
+
 def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     for i in range(5):
         (tmp_path / f"img{i}.jpg").write_bytes(good_jpeg(i))

@@ -227,7 +227,7 @@ class TarSamples:
     cut in half is yielded with its `error` set, `error` says what happened and `truncated` is set. A storage
     error raises InputReadError (retry the shard); an unreadable spot with bytes after it raises CorruptTar. A
     member over `max_member_bytes` is skipped unread and its sample gets an `error`; so does a link (a tar stream
-    cannot go back for its target's bytes).
+    cannot go back for its target's bytes). Hidden members (`._x.jpg`, `.DS_Store`) are passed over.
     """
 
     def __init__(self, stream, max_member_bytes: int | None = None, regroup: bool = False):
@@ -249,6 +249,8 @@ class TarSamples:
                     if not (info.isfile() or info.islnk() or info.issym()):
                         continue  # folders, devices
                     name = member_name(info.name)
+                    if _hidden(name, ""):
+                        continue  # a Mac's tar adds macOS metadata as ._<name> beside each file, and .DS_Store
                     key, ext = split_member_name(name)
                     if current is not None and key != current.key:
                         yield current

@@ -48,8 +48,8 @@ def test_missing_inputs_and_name_clashes_are_errors(tmp_path):
 
 
 def test_hidden_files_are_left_out_of_folders_and_globs_and_a_shard_given_twice_is_read_once(tmp_path):
-    """A photo folder copied from a Mac holds a `._<name>` beside each image, which is no image: each became a
-    failed row. The same tar matched by a glob and named again was refused with "rename them"."""
+    """A photo folder copied from a Mac (or tarred on one) holds a `._<name>` beside each image, which is no image:
+    each became a failed row. The same tar matched by a glob and named again was refused with "rename them"."""
     (tmp_path / "tars").mkdir()
     write_tar(tmp_path / "tars" / "a.tar", [("a", {"jpg": b"x"})])
     (tmp_path / "tars" / "._a.tar").write_bytes(b"\0" * 4096)
@@ -58,6 +58,10 @@ def test_hidden_files_are_left_out_of_folders_and_globs_and_a_shard_given_twice_
     for name in ["x.jpg", "._x.jpg", ".thumbnails/x.jpg", "y.png"]:
         (photos / name).write_bytes(good_jpeg(0))
     assert [s.url.rsplit("/", 1)[1] for s in list_input_shards([str(tmp_path / "tars")])] == ["a.tar"]
+    mac_tar = write_tar(tmp_path / "mac.tar", [("photos/._x", {"jpg": b"\0\5\26\7"}), ("photos/x", {"jpg": b"x"}),
+                                               ("photos/.DS_Store", {"": b"\0"})])  # bsdtar on a Mac
+    with open(mac_tar, "rb") as f:
+        assert [s.key for s in TarSamples(f)] == ["photos/x"]
     assert list_input_shards([str(tmp_path / "tars" / "*.tar"), str(tmp_path / "tars" / "a.tar")]) == \
         list_input_shards([str(tmp_path / "tars")])
     for spec in [photos, photos / "*", tmp_path / "p*" / "*"]:

@@ -258,6 +258,11 @@ def storage_setup(output: str) -> Iterator[None]:
                                 f"{type(e).__name__}: {first_line}") from e
 
 
+class ManifestError(RuntimeError):
+    """Storage refused the manifest once the shards were done (the folder made read-only, the connection gone):
+    nothing is lost, as the manifest is made from the committed shards' stats, which a rerun reads again."""
+
+
 def make_local_output(output: str) -> None:
     """A local --output's shards folder, made before Ray starts: a file in its way or a folder without write
     permission fails here, in one line, rather than in every shard. (Object stores have no folders to make.)"""
@@ -329,7 +334,14 @@ def run(cfg: BuildConfig) -> int:
                               check_models=lambda models: check_resume_weights(cfg, models, kept_stats))
     clear_staging(cfg.output)
     failed = result.failed if result else {}
-    manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
+    try:
+        manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
+    except Exception as e:
+        if not storage_error(e):
+            raise
+        first_line = (str(e).splitlines() or [""])[0]
+        raise ManifestError(f"the shards are committed, but storage refused the manifest of {cfg.output} "
+                            f"({type(e).__name__}: {first_line}): the same command writes it") from e
     print(summary_table(result.done if result else [], manifest, time.perf_counter() - start, failed))
     return 1 if failed else 0
 
@@ -339,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     joined_here = not ray.is_initialized()
     try:
         return run(cfg)
-    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError) as e:  # bad input, config, weights or
-        # storage: one line
+    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError) as e:  # bad input,
+        # config, weights or storage: one line
         if joined_here and ray.is_initialized():
             ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)

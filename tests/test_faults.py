@@ -168,14 +168,25 @@ def test_a_rerun_over_a_changed_folder_of_images_is_refused_until_overwrite(tmp_
     assert main(job) == 0 and "1 done, 0 to do" in capsys.readouterr().out
 
 
-def test_storage_that_refuses_the_jobs_setup_is_one_line(tmp_path, python, s3_endpoint, capsys):
+def test_storage_that_refuses_the_jobs_setup_is_one_line(tmp_path, python, s3_endpoint, capsys, ray_session):
     """A file where the output folder goes, and object storage without credentials: one line and exit status 2,
-    before Ray starts, instead of a traceback (after every shard failed, for the first)."""
+    before Ray starts, instead of a traceback (after every shard failed, for the first). A manifest that storage
+    refused after the shards were done was a traceback too."""
     (tmp_path / "photo.jpg").write_bytes(good_jpeg(0))
     (tmp_path / "taken").write_text("a file, not a folder")
     assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "taken")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "NotADirectoryError" in error
+    # storage that refuses the manifest once the shards are done: one line, and the same command writes it
+    out = tmp_path / "out"
+    (out / f"{fmt.MANIFEST}.tmp").mkdir(parents=True)  # where the manifest is written first
+    assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(out), "--resolution", "32"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert "the shards are committed" in error and "the same command writes it" in error
+    assert len(fmt.committed_shards(str(out))) == 1 and not (out / fmt.MANIFEST).exists()
+    (out / f"{fmt.MANIFEST}.tmp").rmdir()
+    assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(out), "--resolution", "32"]) == 0
+    assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 1
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
                AWS_EC2_METADATA_DISABLED="true")

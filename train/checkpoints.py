@@ -23,12 +23,22 @@ def complete_checkpoints(run: str) -> dict[str, int]:
     """{checkpoint URL: step} of the run's complete checkpoints (Ray Train's and local mode's alike): marked
     (progress.json, written last) and whole (every file progress.json lists, at its size). One damaged since, a
     file deleted or cut, is passed over, and a resume or an export takes the one before it."""
-    return {url: step for url, (step, whole) in marked_checkpoints(run).items() if whole}
+    return whole_ones(marked_checkpoints(run))
 
 
 def damaged_checkpoints(run: str) -> list[str]:
     """The URLs of the run's checkpoints that are marked complete but lack a file, or hold one at another size."""
-    return sorted(url for url, (_, whole) in marked_checkpoints(run).items() if not whole)
+    return damaged_ones(marked_checkpoints(run))
+
+
+def whole_ones(marked: dict[str, tuple[int, bool]]) -> dict[str, int]:
+    """{URL: step} of the whole checkpoints among marked_checkpoints'."""
+    return {url: step for url, (step, whole) in marked.items() if whole}
+
+
+def damaged_ones(marked: dict[str, tuple[int, bool]]) -> list[str]:
+    """The URLs of the damaged checkpoints among marked_checkpoints', sorted."""
+    return sorted(url for url, (_, whole) in marked.items() if not whole)
 
 
 def marked_checkpoints(run: str) -> dict[str, tuple[int, bool]]:
@@ -181,7 +191,11 @@ def unrecorded_checkpoints(run: str, recorded_step: int) -> list[str]:
     """The run's complete checkpoints newer than the last one Ray Train recorded (`recorded_step`, -1 when it has
     none): published by an attempt that died before Ray recorded them, or by a run of Ray Train's local mode,
     which keeps no record. Ray's num_to_keep never deletes these (retire_unrecorded does)."""
-    steps = complete_checkpoints(run)
+    return newer_than(complete_checkpoints(run), recorded_step)
+
+
+def newer_than(steps: dict[str, int], recorded_step: int) -> list[str]:
+    """The URLs in `steps` ({URL: step}) of the steps after `recorded_step`, oldest first."""
     return sorted((url for url, step in steps.items() if step > recorded_step), key=steps.get)
 
 

@@ -507,27 +507,29 @@ def restore(trainer: Trainer, cfg: TrainConfig, local: bool) -> None:
     import ray.train
 
     from train.checkpoints import (
-        complete_checkpoints,
-        damaged_checkpoints,
+        damaged_ones,
         fetch,
+        marked_checkpoints,
+        newer_than,
         run_url,
         step_of,
-        unrecorded_checkpoints,
+        whole_ones,
     )
 
     run = run_url(cfg.storage_path, cfg.run_name)
     checkpoint = ray.train.get_checkpoint()
     recorded_step = step_of(checkpoint.path) if checkpoint is not None else -1
-    unrecorded = unrecorded_checkpoints(run, recorded_step)
+    marked = marked_checkpoints(run)  # one listing of the run's storage, for every question below
+    steps = whole_ones(marked)
+    unrecorded = newer_than(steps, recorded_step)
     from_storage, from_ray = (unrecorded[-1] if unrecorded else None), checkpoint is not None
-    if from_storage is None and from_ray and recorded_step >= 0:
-        steps = complete_checkpoints(run)
-        if recorded_step not in steps.values():  # Ray's is damaged (a file deleted or cut since): the one before
-            older = [url for url, step in steps.items() if step < recorded_step]
-            from_storage, from_ray = (max(older, key=steps.get) if older else None), False
-            if trainer.rank == 0:
-                print(f"[{cfg.run_name}] checkpoint {checkpoint.path} lacks a file, or holds one cut short: "
-                      f"resuming from {from_storage or 'step 0'}", flush=True)
+    if from_storage is None and from_ray and recorded_step >= 0 and recorded_step not in steps.values():
+        # Ray's is damaged (a file deleted or cut since): the one before
+        older = [url for url, step in steps.items() if step < recorded_step]
+        from_storage, from_ray = (max(older, key=steps.get) if older else None), False
+        if trainer.rank == 0:
+            print(f"[{cfg.run_name}] checkpoint {checkpoint.path} lacks a file, or holds one cut short: "
+                  f"resuming from {from_storage or 'step 0'}", flush=True)
     if from_storage is not None:
         with tempfile.TemporaryDirectory() as folder:
             trainer.load(fetch(from_storage, Path(folder)))
@@ -536,7 +538,7 @@ def restore(trainer: Trainer, cfg: TrainConfig, local: bool) -> None:
             trainer.load(Path(folder))
     if not local and (checkpoint is None or recorded_step >= 0):  # (a folder named otherwise, by an older
         # version: which of the run's checkpoints Ray recorded is not known, and none is deleted)
-        damaged = [url for url in damaged_checkpoints(run) if step_of(url) > recorded_step]
+        damaged = [url for url in damaged_ones(marked) if step_of(url) > recorded_step]
         trainer.state.unrecorded = sorted({*trainer.state.unrecorded, *unrecorded, *damaged}, key=step_of)
 
 

@@ -5,13 +5,14 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import braceexpand
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
+UNSAFE_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]")  # output_key's: compiled once, as the driver keys every loose file
 TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # a folder's shards (tarfile reads each compression)
 
 
@@ -22,6 +23,9 @@ class InputShard:
     name: str  # output shard name
     url: str  # the tar's URL, or the folder's URL for a batch of loose files
     files: tuple[str, ...] = ()  # loose image file URLs (empty for a tar)
+    # (output key, source key) of the keys that files of this shard clean to (output_key) which earlier files of
+    # the folder, in earlier shards, hold: the worker goes on from them as from a key met earlier in the shard
+    keys_taken: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -142,7 +146,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
     for folder, files in loose.items():
         shards += _loose_shards(folder, files, files_per_shard)
     shards = list(dict.fromkeys(shards))  # a tar given twice (a glob and a name that both match it) is read once
-    check_loose_keys(shards)
+    shards = settle_loose_keys(shards)
     names = [s.name for s in shards]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -335,24 +339,32 @@ def merged_by_key(groups: Iterator[RawSample]) -> Iterator[RawSample]:
 
 def output_key(source_key: str) -> str:
     """A key safe for WebDataset: no dots (it splits member names at the first dot), no slashes."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", source_key) or "_"
+    return UNSAFE_IN_KEYS.sub("_", source_key) or "_"
 
 
-def check_loose_keys(shards: list[InputShard]) -> None:
-    """Loose images from two input folders that would get one key (keys are paths under the folder each was given
-    with: photos/cats and photos/dogs both hold 001.jpg) are refused: each shard's own samples keep their keys
-    apart, but a dataset with one key twice cannot be split into subsets. Within one folder paths differ."""
-    if len({shard.url for shard in shards if shard.files}) < 2:  # one folder (or none): nothing to check
-        return
-    folder_of: dict[str, tuple[str, str]] = {}  # output key -> (folder, file)
+def settle_loose_keys(shards: list[InputShard]) -> list[InputShard]:
+    """The shards, each loose one told the keys its files clean to that earlier shards of its folder hold
+    (InputShard.keys_taken), so that the worker keeps them apart across shards as it does within one: 'photo 1'
+    and 'photo_1', or two names in another script ('猫', '犬': '_'), stay two samples, and x.png after x.jpg in
+    the next shard is the duplicate it would be in one. Loose images from two input folders that would get one key
+    (keys are paths under the folder each was given with: photos/cats and photos/dogs both hold 001.jpg) are
+    refused: a dataset with one key twice cannot be split into subsets."""
+    holder: dict[str, tuple[InputShard, str, str]] = {}  # output key -> (shard, file, source key) of its first file
+    settled = []
     for shard in shards:
+        taken = {}
         for url in shard.files:
-            key = output_key(file_key(shard.url, url))
-            folder, file = folder_of.setdefault(key, (shard.url, url))
-            if folder != shard.url:
-                raise ValueError(f"{file} and {url} would both be sample {key!r} (a loose image's key is its path "
-                                 "under the folder it was given with): give their common folder, or a quoted glob "
-                                 "such as 'photos/*/*.jpg', whose keys start below the glob's fixed part")
+            source = file_key(shard.url, url)
+            key = output_key(source)
+            first_shard, first_file, first_source = holder.setdefault(key, (shard, url, source))
+            if first_shard.url != shard.url:
+                raise ValueError(f"{first_file} and {url} would both be sample {key!r} (a loose image's key is its "
+                                 "path under the folder it was given with): give their common folder, or a quoted "
+                                 "glob such as 'photos/*/*.jpg', whose keys start below the glob's fixed part")
+            if first_shard is not shard:
+                taken[key] = first_source
+        settled.append(replace(shard, keys_taken=tuple(sorted(taken.items()))) if taken else shard)
+    return settled
 
 
 def file_key(folder: str, url: str) -> str:

@@ -225,11 +225,13 @@ def _prefetch(batches: Iterator[list], fn: Callable, pool: ThreadPoolExecutor | 
         yield [f.result() for f in pending]
 
 
-def _dedupe(samples: Iterable[RawSample], shard: str) -> Iterator[tuple[RawSample, str]]:
+def _dedupe(samples: Iterable[RawSample], shard: str,
+            keys_taken: tuple[tuple[str, str], ...] = ()) -> Iterator[tuple[RawSample, str]]:
     """(sample, output key); a source key seen before in this shard becomes a failed sample (nothing overwritten).
     Two source keys that output_key makes one ('photo 1' and 'photo_1') stay two samples: the later one's key
-    ends in a hash of its source key."""
-    source_of: dict[str, str] = {}  # output key -> the source key it was given to
+    ends in a hash of its source key. `keys_taken` (InputShard's): the keys earlier shards of the folder hold, as
+    though seen before."""
+    source_of: dict[str, str] = dict(keys_taken)  # output key -> the source key it was given to
     for raw in samples:
         key = output_key(raw.key)
         if source_of.get(key, raw.key) != raw.key:
@@ -317,7 +319,8 @@ def _write_shard(shard: InputShard, cfg: BuildConfig, annotators: Mapping[str, A
     try:
         with open_samples(shard, cfg.max_member_mb << 20, regroup) as (samples, reader):
             pending: list[tuple[Prepared, Any]] = []
-            for batch in _prefetch(_batches(_dedupe(samples, shard.name), cfg.batch_size), prepare_one, pool):
+            keyed = _dedupe(samples, shard.name, shard.keys_taken)
+            for batch in _prefetch(_batches(keyed, cfg.batch_size), prepare_one, pool):
                 ready = [p for p in batch if p.image is not None]
                 if ready:
                     caption_batch(captioner, cfg.caption, ready)

@@ -182,6 +182,33 @@ def test_a_tar_made_by_hand_keeps_every_sample_and_the_trainer_reads_every_ok_on
     assert read[by_source["a"]["key"]]["txt"] == b"caption a"
 
 
+def test_a_folder_cut_into_shards_keeps_names_that_clean_to_one_key_apart_across_shards(tmp_path):
+    """Names that clean to one key ('photo 1', 'photo_1'; two names in another script, both '_') were kept apart
+    within a shard only: in two shards they were one key twice in the dataset, which train.subsets refuses, and
+    x.png after x.jpg in the next shard was a second sample 'x' rather than the duplicate it is within one."""
+    from tests.corpus import good_jpeg
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["photo 1.jpg", "photo_1.jpg", "x.jpg", "x.png", "\u732b.jpg", "\u72ac.jpg"]  # cat, dog
+    for i, name in enumerate(names):
+        (photos / name).write_bytes(good_jpeg(i))
+    out = tmp_path / "out"
+    assert main(["--input", str(photos), "--output", str(out), "--resolution", "32", "--files-per-shard", "1"]) == 0
+    index = rows(out)
+    assert len(index) == len(names) and len({r["key"] for r in index}) == len(names) - 1  # x.png's row shares x's
+    by_key = {}
+    for row in index:
+        by_key.setdefault(row["key"], []).append(row)
+    [x, x_png] = by_key["x"]
+    assert x["status"] == "ok" and x_png["status"] == "failed" and "duplicate key 'x'" in x_png["error"]
+    ok = {r["source_key"]: r["key"] for r in index if r["status"] == "ok"}
+    assert sorted(ok) == sorted(["photo 1", "photo_1", "x", "\u732b", "\u72ac"]) and len(set(ok.values())) == 5
+    shards = fmt.committed_shards(str(out))
+    read = [sample["__key__"] for sample in fmt.shard_samples(iter({"url": shard.tar} for shard in shards))]
+    assert len(shards) == 6 and sorted(read) == sorted(ok.values())  # what the trainer reads: each sample once
+
+
 def test_other_settings_are_refused_over_shards_of_other_inputs_too(sample_shards, tmp_path, capsys):
     """Another input shard under the same --output at another resolution made one dataset of two: the settings
     check read only the shards this run skipped."""

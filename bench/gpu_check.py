@@ -586,9 +586,10 @@ def unet_steps(ctx: Context, base, checkpointing: bool, px: int) -> Callable[[in
 
     def make(batch: int) -> Callable[[], Any]:
         amp = torch.bfloat16 if ctx.device.type == "cuda" else None
-        base.unet.to(dtype=torch.float32).requires_grad_(True).train()
+        # nn.Module.to, as the trainer casts: diffusers' own warns on each cast of modules it keeps none of in fp32
+        torch.nn.Module.to(base.unet, dtype=torch.float32).requires_grad_(True).train()
         for module in (base.text_encoder, base.vae):
-            module.to(dtype=amp or torch.float32).requires_grad_(False)
+            torch.nn.Module.to(module, dtype=amp or torch.float32).requires_grad_(False)
         if checkpointing:
             base.unet.enable_gradient_checkpointing()
         else:

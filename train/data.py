@@ -342,12 +342,18 @@ def resize(array: np.ndarray, resolution: int) -> np.ndarray:
 
 def to_tensors(image: np.ndarray, condition: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, R, 3) uint8 pair -> target (3, R, R) in [-1, 1], condition (3, R, R) in [0, 1], as the paper trains."""
-    target = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    target = as_tensor(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
     return target, condition_tensor(condition)
 
 
 def condition_tensor(condition: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1).float().div(255.0)
+    return as_tensor(condition).permute(2, 0, 1).float().div(255.0)
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """The array as a tensor without a copy when it is contiguous and writable; a decoder's read-only array (PIL's
+    through np.asarray) is copied, which torch.from_numpy would take with a warning that it is not writable."""
+    return torch.from_numpy(np.require(array, requirements=("C", "W")))
 
 
 def drop_prompt(caption: str, rng: random.Random, p: float) -> str:

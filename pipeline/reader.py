@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import braceexpand
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
@@ -348,23 +349,34 @@ def settle_loose_keys(shards: list[InputShard]) -> list[InputShard]:
     and 'photo_1', or two names in another script ('猫', '犬': '_'), stay two samples, and x.png after x.jpg in
     the next shard is the duplicate it would be in one. Loose images from two input folders that would get one key
     (keys are paths under the folder each was given with: photos/cats and photos/dogs both hold 001.jpg) are
-    refused: a dataset with one key twice cannot be split into subsets."""
-    holder: dict[str, tuple[InputShard, str, str]] = {}  # output key -> (shard, file, source key) of its first file
-    settled = []
-    for shard in shards:
-        taken = {}
-        for url in shard.files:
-            source = file_key(shard.url, url)
-            key = output_key(source)
-            first_shard, first_file, first_source = holder.setdefault(key, (shard, url, source))
-            if first_shard.url != shard.url:
-                raise ValueError(f"{first_file} and {url} would both be sample {key!r} (a loose image's key is its "
-                                 "path under the folder it was given with): give their common folder, or a quoted "
-                                 "glob such as 'photos/*/*.jpg', whose keys start below the glob's fixed part")
-            if first_shard is not shard:
-                taken[key] = first_source
-        settled.append(replace(shard, keys_taken=tuple(sorted(taken.items()))) if taken else shard)
-    return settled
+    refused: a dataset with one key twice cannot be split into subsets.
+
+    Memory stays at 8 bytes a file (3M images: 24 MB, where a dict of their keys took ~700 MB): the keys are
+    hashed, and only the files whose hash another file shares are looked at again."""
+    sizes = np.array([len(shard.files) for shard in shards], dtype=np.int64)
+    hashes = np.fromiter((hash(output_key(file_key(shard.url, url))) for shard in shards for url in shard.files),
+                         dtype=np.int64, count=int(sizes.sum()))
+    order = np.argsort(hashes, kind="stable")
+    shared = hashes[order][1:] == hashes[order][:-1]
+    candidates = np.union1d(order[1:][shared], order[:-1][shared])  # file positions, in input order
+    holder: dict[str, tuple[int, str, str]] = {}  # output key -> (shard index, file, source key) of its first file
+    taken: dict[int, dict[str, str]] = {}  # shard index -> {output key: source key} that earlier shards hold
+    starts = np.cumsum(sizes) - sizes
+    for position in candidates.tolist():
+        index = int(np.searchsorted(starts, position, side="right")) - 1
+        shard = shards[index]
+        url = shard.files[position - starts[index]]
+        source = file_key(shard.url, url)
+        key = output_key(source)
+        first_index, first_file, first_source = holder.setdefault(key, (index, url, source))
+        if shards[first_index].url != shard.url:
+            raise ValueError(f"{first_file} and {url} would both be sample {key!r} (a loose image's key is its path "
+                             "under the folder it was given with): give their common folder, or a quoted glob such "
+                             "as 'photos/*/*.jpg', whose keys start below the glob's fixed part")
+        if first_index != index:
+            taken.setdefault(index, {})[key] = first_source
+    return [replace(shard, keys_taken=tuple(sorted(taken[index].items()))) if index in taken else shard
+            for index, shard in enumerate(shards)]
 
 
 def file_key(folder: str, url: str) -> str:

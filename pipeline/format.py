@@ -185,12 +185,16 @@ def is_transient(error: BaseException) -> bool:
     """Whether the storage may answer differently if asked again. OSErrors are (ConnectionError, TimeoutError,
     aiohttp's connection errors, what s3fs makes of a 5xx) but for the answers a retry would only repeat; botocore's
     connection errors are not OSErrors, and are named for what they are (EndpointConnectionError, ReadTimeoutError,
-    ConnectionClosedError)."""
+    ConnectionClosedError), as are the errors of a response cut part-way (aiohttp's ClientPayloadError, botocore's
+    ResponseStreamingError and IncompleteReadError, http.client's IncompleteRead)."""
     if isinstance(error, (*_ANSWERS_FOR_GOOD, StorageOutage)):
         return False
     if isinstance(error, OSError):
         return True
-    return any("Connection" in cls.__name__ or "Timeout" in cls.__name__ for cls in type(error).__mro__)
+    return any(word in cls.__name__ for cls in type(error).__mro__ for word in _NAMED_TRANSIENT)
+
+
+_NAMED_TRANSIENT = ("Connection", "Timeout", "Payload", "Streaming", "IncompleteRead")
 
 
 def wait_before_try(tries: int) -> float:

@@ -291,6 +291,10 @@ class TarSamples:
                 current.error = f"sample cut off: the file ends early ({self.error})"
                 yield current
             return
+        except Exception as e:  # a response cut part-way (aiohttp's ClientPayloadError) is no OSError
+            if self.stream.storage_error is None:
+                raise
+            raise InputReadError(f"{type(e).__name__}: {e} (after {self.stream.count} bytes)") from e
         if current is not None:
             yield current
 
@@ -412,6 +416,6 @@ def read_file_samples(files: tuple[str, ...], folder: str | None = None,
                 sample.members["txt"] = fs.cat_file(stem + ".txt")
         except FileNotFoundError as e:
             sample.error = valid_utf8(f"{type(e).__name__}: {e}")
-        except OSError as e:
+        except Exception as e:  # the storage's (an OSError, or a response cut part-way, which is none)
             raise InputReadError(f"{url}: {type(e).__name__}: {e}") from e
         yield sample

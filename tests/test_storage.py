@@ -21,9 +21,22 @@ def test_connection_errors_are_waited_out_and_answers_are_not():
     for error in (ConnectionResetError(), TimeoutError(), OSError(5, "Input/output error"),
                   EndpointConnectionError(endpoint_url="http://s3"), ReadTimeoutError(endpoint_url="http://s3")):
         assert is_transient(error), error
+    for error in cut_responses():  # a response cut part-way: the next sample is read from where it broke
+        assert is_transient(error), error
     for error in (FileNotFoundError("s3://b/k"), PermissionError("AccessDenied"), NoCredentialsError(),
                   tarfile.ReadError("bad header"), ValueError("a bug"), StorageOutage("waited already")):
         assert not is_transient(error), error
+
+
+def cut_responses() -> list[Exception]:
+    """What a response cut part-way raises, by client: none is an OSError or named for a connection."""
+    import http.client
+
+    from aiohttp import ClientPayloadError
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+    return [ClientPayloadError("Response payload is not completed"), ResponseStreamingError(error="cut"),
+            IncompleteReadError(actual_bytes=1, expected_bytes=2), http.client.IncompleteRead(b"", 2)]
 
 
 class FakeClock:

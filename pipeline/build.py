@@ -174,12 +174,16 @@ def truncated_inputs(stats: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dict], failed: dict[str, str]) -> dict:
-    """Rewrite <out>/manifest.json from every committed shard's stats (temp name, then rename)."""
+    """Rewrite <out>/manifest.json from every committed shard's stats (temp name, then rename). `models`: what this
+    run's actors loaded; when none ran, what the last manifest names, or else (a job stopped after its last shard,
+    before its manifest) what the newest shard's actor loaded."""
     manifest_url = f"{cfg.output.rstrip('/')}/{fmt.MANIFEST}"
     fs, path = fsspec.core.url_to_fs(manifest_url)
-    if not models and fs.exists(path):  # nothing ran this time: keep what the last run's actors loaded
+    if not models and fs.exists(path):
         previous = json.loads(fs.cat_file(path))
-        models = {k: previous[k] for k in ("annotator", "annotators", "captioner", "latents") if k in previous}
+        models = {k: previous[k] for k in MODEL_ENTRIES if k in previous}
+    if not models:
+        models = models_of(all_stats)
     tasks = list(cfg.tasks)
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
@@ -199,6 +203,17 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
     fs.pipe_file(tmp, json.dumps(manifest, indent=1).encode())
     fs.mv(tmp, path)
     return manifest
+
+
+MODEL_ENTRIES = ("annotator", "annotators", "captioner", "latents")  # what the manifest says of the models
+
+
+def models_of(all_stats: list[dict]) -> dict[str, Any]:
+    """What the actor of the newest committed shard loaded, from its stats ({} for shards made before the stats
+    kept it)."""
+    recorded = [stats for stats in all_stats if stats.get("models")]
+    newest = max(recorded, key=lambda stats: stats.get("finished_at", 0), default={"models": {}})
+    return {k: v for k, v in newest["models"].items() if k in MODEL_ENTRIES}
 
 
 def summary_table(run_stats: list[dict], manifest: dict, seconds: float, failed: dict[str, str]) -> str:

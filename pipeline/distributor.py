@@ -77,7 +77,8 @@ class ShardActor:
         mismatch = weights_mismatch(job_weights, self.weights) if job_weights is not None else []
         if mismatch:
             raise ActorFault(f"this actor loaded other weights than the job's: {'; '.join(mismatch)}")
-        return process_shard(shard, self.cfg, self.annotators, self.captioner, self.encoder, self.weights)
+        return process_shard(shard, self.cfg, self.annotators, self.captioner, self.encoder, self.weights,
+                             self.describe())
 
 
 @dataclass

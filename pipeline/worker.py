@@ -280,24 +280,26 @@ def add_latents(encoder, kept: list[dict[str, bytes]]) -> None:
 def process_shard(
     shard: InputShard, cfg: BuildConfig, annotators: Annotator | Mapping[str, Annotator],
     captioner: Captioner | None = None, encoder=None, weights: Mapping[str, str] | None = None,
+    models: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Input shard -> committed output shard; returns its stats. Raises ShardUnreadable if nothing was read.
     `annotators`: {task: annotator} for every task of cfg (or the one task's annotator); each image is decoded and
     captioned once and passes through all of them. `encoder`: an annotate.latents.LatentEncoder when the job
     stores latents (--latents). `weights`: the sha256s of the models' weights, kept in the stats (a resume onto
-    shards made with other weights is refused, as one with other settings is). A tar whose samples' members are
+    shards made with other weights is refused, as one with other settings is); `models`: what the actor loaded
+    (its describe()), kept in the stats too, for a manifest made from them alone. A tar whose samples' members are
     apart is read a second time, whole, and its members grouped by key (its stats say `regrouped`)."""
     if not isinstance(annotators, Mapping):
         annotators = {cfg.tasks[0]: annotators}
     try:
-        return _write_shard(shard, cfg, annotators, captioner, encoder, weights, regroup=False)
+        return _write_shard(shard, cfg, annotators, captioner, encoder, weights, models, regroup=False)
     except SplitSample:
-        return _write_shard(shard, cfg, annotators, captioner, encoder, weights, regroup=True)
+        return _write_shard(shard, cfg, annotators, captioner, encoder, weights, models, regroup=True)
 
 
 def _write_shard(shard: InputShard, cfg: BuildConfig, annotators: Mapping[str, Annotator],
                  captioner: Captioner | None, encoder, weights: Mapping[str, str] | None,
-                 regroup: bool) -> dict[str, Any]:
+                 models: Mapping[str, Any] | None, regroup: bool) -> dict[str, Any]:
     start = time.perf_counter()
     identity = input_identity(shard)
     rows: list[dict[str, Any]] = []
@@ -347,6 +349,7 @@ def _write_shard(shard: InputShard, cfg: BuildConfig, annotators: Mapping[str, A
             "input": identity,
             "settings": cfg.output_settings(),
             **({"weights": dict(weights)} if weights is not None else {}),  # pipeline.config.weight_hashes
+            **({"models": dict(models)} if models is not None else {}),  # the manifest's model entries
             "samples": len(rows),
             "counts": {s: sum(r["status"] == s for r in rows) for s in fmt.STATUSES},
             **({"task_counts": count_by_task(rows, cfg.tasks)} if len(cfg.tasks) > 1 else {}),

@@ -37,10 +37,21 @@ def dataset(sample_shards, base, tmp_path_factory) -> Path:
     return out
 
 
-def test_each_stored_image_has_its_vae_distribution_and_the_manifest_names_the_vae(dataset, base):
+def test_each_stored_image_has_its_vae_distribution_and_the_manifest_names_the_vae(dataset, base, sample_shards,
+                                                                                    tmp_path):
+    """A job stopped after its last shard, before its manifest, left a rerun (nothing to do) a manifest without
+    the models, so the trainer ignored the stored latents in silence: the shards' stats now say what made them."""
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["latents"]["vae_sha256"] == vae_fingerprint(vae) and manifest["config"]["latents"] == str(base)
+    stopped = shutil.copytree(dataset, tmp_path / "canny")
+    (stopped / "manifest.json").unlink()
+    shards = sorted(str(p) for p in sample_shards.glob("*.tar"))[:2]  # the dataset's
+    assert build_dataset(["--input", *shards, "--output", str(stopped), "--resolution", "64", "--latents",
+                          str(base)]) == 0
+    rewritten = json.loads((stopped / "manifest.json").read_text())
+    assert {k: rewritten[k] for k in ("annotator", "captioner", "latents")} == \
+        {k: manifest[k] for k in ("annotator", "captioner", "latents")}
     samples = [s for tar in sorted((dataset / "shards").glob("*.tar")) for s in tar_members(tar).values()]
     assert samples and all("latent.npy" in s for s in samples)
     sample = samples[0]

@@ -168,7 +168,7 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
     and ended one on workers with code 1; now both print the line and exit 143. On a worker, the W&B run was never
     closed: Ray killed the process before W&B wrote its file (every 15 s), so the steps before the checkpoint were
     lost from the curve for good (the resumed run logs those after it)."""
-    name = f"stop-{int(stop)}-{workers}"
+    name = f"stop {int(stop)}%{workers}"  # a space or a '%' broke every checkpoint (Ray parsed a file:// URL)
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
                "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
                "--wandb", "offline", "--log-every", "1", "--num-workers", str(workers), "--cpus-per-worker", "1"]

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.format import retried
 
@@ -124,6 +125,14 @@ def _publish(folder: Path, run: str, step: int) -> str:
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(path), target)
     return fs.unstrip_protocol(root)
+
+
+def for_ray(url: str) -> str:
+    """A checkpoint's URL as Ray Train's Checkpoint takes it: a local folder as its path, as pyarrow parses a
+    file:// URL as a URI, which a space or a '%' in the path breaks ('file:///runs/my runs/...'); others as they
+    are."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return path if isinstance(fs, LocalFileSystem) else url
 
 
 def publish_from_worker(folder: Path, run: str, step: int) -> str:

@@ -553,6 +553,7 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
 
     from train.checkpoints import (
         checkpoint_name,
+        for_ray,
         prune,
         publish,
         publish_from_worker,
@@ -571,13 +572,13 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
         if local:  # one rank, or several started by torchrun (which local mode also runs under): rank 0 publishes
             checkpoint = None
             if trainer.rank == 0:
-                checkpoint = ray.train.Checkpoint(publish(Path(folder), run, step))
+                checkpoint = ray.train.Checkpoint(for_ray(publish(Path(folder), run, step)))
                 prune(run, cfg.keep_checkpoints)
             ray.train.report(metrics, checkpoint=checkpoint)
         else:
             def upload(saved: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
                 # `name` is checkpoint_dir_name below, the folder publish derives from the step
-                return ray.train.Checkpoint(publish_from_worker(Path(saved.path), run, step))
+                return ray.train.Checkpoint(for_ray(publish_from_worker(Path(saved.path), run, step)))
 
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if trainer.rank == 0
                              else None, checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_fn=upload)

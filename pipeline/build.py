@@ -198,10 +198,7 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
         "shards": {"done": len(all_stats), "failed": failed, "truncated": truncated_inputs(all_stats)},
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    tmp = path + ".tmp"
-    fs.pipe_file(tmp, json.dumps(manifest, indent=1).encode())
-    fs.mv(tmp, path)
+    fmt.write_whole(manifest_url, json.dumps(manifest, indent=1).encode())
     return manifest
 
 

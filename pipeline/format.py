@@ -362,6 +362,20 @@ class SampleTarWriter:
         self.close()
 
 
+def write_whole(url: str, data: bytes) -> None:
+    """Write `data` to `url` whole or not at all: on a local disk to a temporary name, then renamed, so a process
+    killed mid-write leaves the file before (or none), never part of one; an object store's PUT is whole as it is."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(f"{path}.tmp", data)
+    fs.mv(f"{path}.tmp", path)
+
+
 def read_manifest(dataset: str) -> dict[str, Any]:
     """The dataset's manifest.json; {} when it has none (tars given without their dataset)."""
     fs, root = fsspec.core.url_to_fs(f"{dataset.rstrip('/')}/{MANIFEST}")

@@ -361,3 +361,21 @@ def test_a_run_from_step_0_logs_to_a_wandb_run_of_its_own_and_a_resume_to_the_on
     assert len(wandb_run_id("x" * 100, None, resumed=False)) <= 64
     assert wandb_run_id("exp.1", "exp-1-0a1b2c3d", resumed=True) == "exp-1-0a1b2c3d"
     assert wandb_run_id("exp.1", None, resumed=True) == run_id("exp.1")  # a checkpoint from before ids were kept
+
+
+def test_a_results_file_cut_short_is_taken_as_not_written_and_one_is_written_whole(tmp_path, capsys):
+    """results.json was written in place: a run killed mid-write left it cut short, and every later run of that
+    name (and the sweep, and its report) ended in a JSONDecodeError."""
+    from pipeline.format import write_whole
+    from train.report import load_runs
+    from train.tracking import read_results, results_url
+
+    cfg = config(tmp_path, tmp_path / "runs", "sw-8")
+    Path(results_url(cfg)).parent.mkdir(parents=True)
+    Path(results_url(cfg)).write_text('{"final_step": 4, "hist')
+    assert read_results(cfg) is None and "cut short" in capsys.readouterr().err
+    assert load_runs(str(tmp_path / "runs"), "sw") == {}
+    write_whole(results_url(cfg), b'{"final_step": 4}')
+    assert read_results(cfg) == {"final_step": 4} and load_runs(str(tmp_path / "runs"), "sw") == {"sw-8": {
+        "final_step": 4}}
+    assert sorted(p.name for p in Path(results_url(cfg)).parent.iterdir()) == ["results.json"]  # no temporary left

@@ -201,7 +201,11 @@ def load_runs(storage: str, prefix: str) -> dict[str, dict[str, Any]]:
     found = fs.glob(f"{root.rstrip('/')}/{prefix}-*/{RESULTS}")
     runs = {}
     for path in sorted(found):
-        results = json.loads(fs.cat_file(path))
+        try:
+            results = json.loads(fs.cat_file(path))
+        except json.JSONDecodeError:  # cut short (train.tracking.read_results): that run is not in the report
+            print(f"[report] {fs.unstrip_protocol(path)} is cut short: left out", file=sys.stderr, flush=True)
+            continue
         if results.get("config", {}).get("wandb_group") in (prefix, None):  # `abl` must not take `abl-2`'s runs
             runs[path.rsplit("/", 2)[-2]] = results
     return runs

@@ -170,12 +170,19 @@ def results_url(cfg: TrainConfig) -> str:
 
 
 def read_results(cfg: TrainConfig) -> dict[str, Any] | None:
-    """A run's results.json, or None before it has written one."""
+    """A run's results.json, or None before it has written one, or when the one there is cut short (written in
+    place by a version before write_whole, by a run killed mid-write): the run writes it again when it ends."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(results_url(cfg))
     fs.invalidate_cache()
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        print(f"[{cfg.run_name}] {results_url(cfg)} is cut short: taken as not written", file=sys.stderr, flush=True)
+        return None
 
 
 def plot_url(cfg: TrainConfig) -> str:
@@ -195,9 +202,7 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
     curves with the primary one's convergence), and the curves as fidelity.png."""
     import io
 
-    import fsspec
-
-    from pipeline.format import retried
+    from pipeline.format import retried, write_whole
     from train.plots import run_plot
 
     results = {"config": dataclasses.asdict(cfg), "final_step": state.step, "resumed_from": state.resumed_from,
@@ -208,12 +213,10 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
     if state.fidelity.get("curves"):
         run_plot(results).save(png, format="PNG")
 
-    def write() -> None:
-        with fsspec.open(results_url(cfg), "w") as f:
-            json.dump(results, f, indent=1)
+    def write() -> None:  # each whole or not at all: a run killed mid-write left a results.json cut short
+        write_whole(results_url(cfg), json.dumps(results, indent=1).encode())
         if png.getvalue():
-            with fsspec.open(plot_url(cfg), "wb") as f:
-                f.write(png.getvalue())
+            write_whole(plot_url(cfg), png.getvalue())
 
     retried(write, f"writing the results of {cfg.run_name}")  # storage that fails for a while is waited out
     return results

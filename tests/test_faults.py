@@ -307,7 +307,7 @@ def test_the_trainer_checks_a_local_base_model_before_ray_starts(python, tmp_pat
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
 
 
-def test_a_local_base_missing_a_part_the_trainer_loads_is_one_line(tmp_path, capsys):
+def test_a_local_base_missing_a_part_the_trainer_loads_is_one_line(tmp_path, capsys, monkeypatch):
     """A base with model_index.json but no unet/ (or no weights in it) passed the check: the run failed in the
     workers with diffusers' 'no file named config.json' for the base folder, once per restart."""
     from train.run import main as train
@@ -322,6 +322,13 @@ def test_a_local_base_missing_a_part_the_trainer_loads_is_one_line(tmp_path, cap
         assert train(["--base-model", str(base), "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith(f"error: --base-model {base}: ") and message in error and "\n" not in error
+    # given relative to here without ./ (it was taken for a hub id), and with a model_index.json that is no JSON
+    monkeypatch.chdir(tmp_path)
+    assert train(["--base-model", "base", "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --base-model base: no unet/ folder")
+    (base / "model_index.json").write_text("{'unet': ")
+    assert train(["--base-model", "base", "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --base-model base: model_index.json is not JSON (")
 
 
 def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_endpoint, tmp_path, capsys):

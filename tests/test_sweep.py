@@ -100,6 +100,15 @@ def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
     assert "--data is set by the sweep" in capsys.readouterr().err
     assert sweep(["--dataset", str(dataset), "--sizes", "8", "--concurrent", "-1"]) == 2  # it trained, exit 0
     assert "--concurrent must be 0" in capsys.readouterr().err
+    # the trainer's own checks, before any size trains: a size trained up to its first checkpoint, or loaded the base
+    # model, and the sweep then ended in a traceback from its report of no runs
+    (tmp_path / "a file").write_text("")
+    for overrides, message in ((["--base-model", str(tmp_path)], "no model_index.json"),
+                               (["--storage-path", str(tmp_path / "a file")], "NotADirectoryError")):
+        assert sweep(["--dataset", str(dataset), "--sizes", "8", "--subsets-out", str(tmp_path / "subsets"), "--",
+                      *overrides]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and message in error and "\n" not in error, error
     with pytest.raises(SystemExit):
         sweep(["--help"])
     usage = capsys.readouterr().out

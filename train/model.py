@@ -104,20 +104,24 @@ def local_model_folder(base_model: str) -> str:
 
 
 def check_local_base_model(base_model: str) -> None:
-    """A --base-model given as a local path (absolute, ./, ../, ~ or file://) must be a diffusers model folder: a
-    typo is one line on the driver, not a hub lookup in every worker after Ray starts. Hub ids ("org/name") and
-    other URLs are left to the loader, as are the models local_model_folder builds or ships (tiny-sd, toy_base)."""
+    """A --base-model given as a local path (absolute, ./, ../, ~, file://, or a folder here) must be a diffusers
+    model folder: a typo is one line on the driver, not a hub lookup in every worker after Ray starts. Hub ids
+    ("org/name") and other URLs are left to the loader, as are the models local_model_folder builds or ships
+    (tiny-sd, toy_base)."""
     if "://" in base_model and not base_model.startswith("file://"):
         return
     local = Path(base_model.removeprefix("file://")).expanduser()
     if local.name == "tiny-sd" or local.name in PACKAGED_MODELS:
         return
-    if not (local.is_absolute() or base_model.startswith((".", "~"))):
-        return
+    if not (local.is_absolute() or base_model.startswith((".", "~")) or local.exists()):
+        return  # a hub id ('org/name'); a folder of that name here is what diffusers would load, and is checked
     if not (local / "model_index.json").is_file():
         raise FileNotFoundError(f"--base-model {base_model}: no model_index.json there (a local base is a folder in "
                                 "diffusers layout; hub ids and s3:// URLs also work)")
-    missing = missing_components(local)
+    try:
+        missing = missing_components(local)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--base-model {base_model}: model_index.json is not JSON ({e})") from None
     if missing:
         raise FileNotFoundError(f"--base-model {base_model}: {'; '.join(missing)} (the trainer loads the tokenizer, "
                                 "text encoder, UNet, scheduler and, for a latent model, the VAE)")

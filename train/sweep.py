@@ -194,17 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.run import checkpoint_to_resume, prepare_base_model, with_absolute_paths
+    from train.run import check_data, checkpoint_to_resume, prepare_base_model, with_absolute_paths
 
     todo = []
     for subset in subsets:
         try:  # every size, finished ones too: a finished run of other settings would be reported as this sweep's
             cfg = run_config(base, subset, args.run_prefix)  # a --run-prefix that is no folder name is refused
             checkpoint_to_resume(with_absolute_paths(prepare_base_model(cfg)), name_flag="--run-prefix")
-        except ValueError as e:  # ResumeMismatch among them
+            results = read_results(cfg)
+            if not is_finished(results, cfg.max_steps):
+                check_data(cfg)  # the trainer's checks (base model, data, storage), before any size trains
+        except (FileNotFoundError, ValueError) as e:  # ResumeMismatch among them
             print(f"error: {e}", file=sys.stderr)
             return 2
-        results = read_results(cfg)
         if is_finished(results, cfg.max_steps):
             print(f"[sweep] {cfg.run_name}: finished at step {results['final_step']}, skipped", flush=True)
             continue
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             if slots > 1:
                 exit_leaving_threads(code)
             return code
-    if args.report:
+    if args.report and len(failed) < len(subsets):  # a size has results to report
         from train.report import write_report
 
         report = write_report(args.run_prefix, base.storage_path, base.wandb)

@@ -178,7 +178,7 @@ def read_results(cfg: TrainConfig) -> dict[str, Any] | None:
     fs.invalidate_cache()
     try:
         return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a --storage-path that is a file: check_data says so)
         return None
     except json.JSONDecodeError:
         print(f"[{cfg.run_name}] {results_url(cfg)} is cut short: taken as not written", file=sys.stderr, flush=True)

@@ -299,6 +299,23 @@ def test_the_trainer_checks_its_data_before_ray_starts(python, tmp_path):
     assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
 
 
+def test_data_that_is_no_dataset_and_a_missing_validation_folder_are_named_before_training(sample_shards, canny64,
+                                                                                          tmp_path, capsys):
+    """The dataset job's input shards (no condition maps) loaded the model, then failed in the loop ("no usable
+    validation sample", or 1000 bad samples in a row); a missing --validation-data was named as --data."""
+    from train.run import main as train
+
+    for condition in ([], ["--condition", "canny"]):
+        assert train(["--data", str(sample_shards / "*.tar"), *condition, "--run-name", "t",
+                      "--storage-path", str(tmp_path)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.endswith("its shards hold no condition maps (<key>.<task>.png); train on a dataset that "
+                              "python -m pipeline.build made") and "\n" not in error, error
+    assert train(["--data", str(canny64), "--validation-data", str(tmp_path / "typo"), "--run-name", "t",
+                  "--storage-path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --validation-data {tmp_path / 'typo'}: no such dataset folder"
+
+
 def test_the_trainer_checks_a_local_base_model_before_ray_starts(python, tmp_path):
     run = subprocess.run([python, "train/run.py", "--base-model", str(tmp_path / "typo"), "--run-name", "t"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)

@@ -76,18 +76,19 @@ def some_shards(source: DataSource, part: slice) -> DataSource:
     return dataclasses.replace(source, urls=source.urls[part], weights=weights)
 
 
-def resolve_shards(spec: str | list[str], condition: str | None = None) -> DataSource:
+def resolve_shards(spec: str | list[str], condition: str | None = None, flag: str = "--data") -> DataSource:
     """A dataset folder/URL, its manifest.json, a subset manifest (.json), or tar URLs (list, glob, braces).
-    `condition`: the condition to train on, for data holding several (default: the data's only one)."""
+    `condition`: the condition to train on, for data holding several (default: the data's only one); `flag`: what
+    gave the data, for the messages."""
     if isinstance(spec, list | tuple):
         if len(spec) == 1:
-            return resolve_shards(spec[0], condition)
-        return _merge([resolve_shards(s, condition) for s in spec])
+            return resolve_shards(spec[0], condition, flag)
+        return _merge([resolve_shards(s, condition, flag) for s in spec])
     if spec.endswith(".json"):
         return _from_json(spec, condition)
     if spec.endswith(fmt.TAR_SUFFIX) or _is_pattern(spec):
         return _tars(expand(spec), condition=condition)
-    return _from_folder(spec, condition)
+    return _from_folder(spec, condition, flag)
 
 
 class SeveralConditions(ValueError):
@@ -202,12 +203,12 @@ def dataset_of(shard_url: str) -> str | None:
     return dataset if fs.exists(path) else None
 
 
-def _from_folder(out: str, condition: str | None = None) -> DataSource:
+def _from_folder(out: str, condition: str | None = None, flag: str = "--data") -> DataSource:
     """A dataset written by the dataset job: its committed shards (those with a stats.json), its conditions, and
     the samples holding a map of the one to train on."""
     shards = fmt.committed_shards(out)
     if not shards:
-        raise fmt.no_shards_error(out, named_as="--data ")
+        raise fmt.no_shards_error(out, named_as=f"{flag} ")
     urls = [shard.tar for shard in shards]
     conditions = tuple(fmt.dataset_tasks(fmt.read_manifest(out)) or infer_tasks(urls[0]))
     task = choose_condition(list(conditions), condition, out)

@@ -207,9 +207,14 @@ def check_data(cfg: TrainConfig) -> None:
     check_local_base_model(cfg.base_model)
     wandb_mode(cfg.wandb)
     source = resolve_shards(cfg.data, cfg.condition)
+    if not source.conditions:  # the input shards of the dataset job, say: they stream, and every sample is bad
+        raise ValueError(f"--data {' '.join(cfg.data)}: its shards hold no condition maps (<key>.<task>.png); "
+                         "train on a dataset that python -m pipeline.build made")
     check_shards_there(source.urls)
-    if cfg.validation_data or source.validation:  # a subset's own held-out set too
-        check_shards_there(resolve_shards(cfg.validation_data or source.validation, source.task).urls)
+    if cfg.validation_data:
+        check_shards_there(resolve_shards(cfg.validation_data, source.task, "--validation-data").urls)
+    elif source.validation:  # a subset's own held-out set
+        check_shards_there(resolve_shards(source.validation, source.task).urls)
     check_storage_writable(cfg)
 
 

@@ -291,6 +291,10 @@ def test_export_never_replaces_what_is_not_an_export(tmp_path, checkpoint, capsy
     with pytest.raises(SystemExit):
         export.main([str(checkpoint), "--format", "diffusers", "--out", "s3://bucket/controlnet"])
     assert "written locally" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a file where --out's folder goes: a FileExistsError traceback
+        export.main([str(checkpoint), "--format", "diffusers", "--out", str(model / "sub")])
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and str(model) in error and "\n" not in error, error
 
     out = tmp_path / "export"
     for _ in range(2):  # a previous export is replaced

@@ -145,6 +145,12 @@ def test_cli_size_too_large_is_one_line_and_exit_2(dataset, tmp_path, capsys):
     assert "--holdout-shards must not be negative" in capsys.readouterr().err
     assert main(["--dataset", str(tmp_path / "nodata"), "--sizes", "8"]) == 2  # said it had no committed shards
     assert "no such dataset folder" in capsys.readouterr().err
+    assert main(["--dataset", str(data), "--sizes", "8", "--materialize", "always", "--samples-per-shard", "0"]) == 2
+    assert "--samples-per-shard must be 1 or more, not 0" in capsys.readouterr().err  # it wrote one shard, exit 0
+    (tmp_path / "a file").write_text("")
+    assert main(["--dataset", str(data), "--sizes", "8", "--out", str(tmp_path / "a file")]) == 2  # a traceback
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "a file" in error and "\n" not in error, error
     assert main(["--dataset", str(data), "--sizes", "8,16", "--json"]) == 0
     assert [w["size"] for w in json.loads(capsys.readouterr().out)] == [8, 16]
 

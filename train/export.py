@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         folder = controlnet_folder(args.checkpoint)
         check_targets(folder, out, args.format, args.force)
-    except (FileNotFoundError, FileExistsError) as e:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:  # (mkdir: a file where a folder goes)
         refuse(str(e))
     for path in export(folder, args.format, out, DTYPES[args.dtype]):
         print(path)

@@ -369,6 +369,8 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
 
     Returns one {label, size, shards, url, validation, materialized, read_amplification} per size; nothing is
     written when any size is too large."""
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be 1 or more, not {samples_per_shard}")
     dataset = absolute(dataset)
     task, several = read_condition(dataset, condition)
     out = absolute(out) if out else f"{dataset}/{SUBSETS_DIR}" + (f"/{task}" if several else "")
@@ -442,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards,
                                args.condition, args.materialize, args.samples_per_shard)
-    except (FileNotFoundError, ValueError) as e:  # bad sizes, a size too large, no dataset: one line
+    except (FileNotFoundError, ValueError, FileExistsError, NotADirectoryError) as e:  # bad sizes, a size too
+        # large, no dataset, a file where --out's folder goes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

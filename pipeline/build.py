@@ -316,6 +316,10 @@ def run(cfg: BuildConfig) -> int:
         check_resume_inputs([shard for shard in shards if shard.name in done], kept_stats)
         if not cfg.dry_run:
             make_local_output(cfg.output)
+            refusal = fmt.write_refusal(cfg.output)  # a bucket that is not there, a read-only key: each shard
+            # failed --max-retries times after its work, and the manifest's write then made the bucket
+            if refusal:
+                raise StorageSetupError(f"--output {cfg.output} cannot be written ({refusal})")
             clear_staging(cfg.output)
     print(f"{cfg.task}: {len(shards)} input shards, {len(skipped)} done, {len(todo)} to do -> {cfg.output}")
     if "://" in cfg.output and not cfg.output.startswith("file://"):
@@ -346,8 +350,11 @@ def run(cfg: BuildConfig) -> int:
                               check_models=lambda models: check_resume_weights(cfg, models, kept_stats))
     clear_staging(cfg.output)
     failed = result.failed if result else {}
-    try:
-        manifest = write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
+    def manifest_from_stats() -> dict[str, Any]:
+        return write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
+
+    try:  # storage that fails for a while is waited out (pipeline.format.retried), as for the shards
+        manifest = fmt.retried(manifest_from_stats, f"writing the manifest of {cfg.output}")
     except Exception as e:
         if not storage_error(e):
             raise

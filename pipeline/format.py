@@ -362,6 +362,26 @@ class SampleTarWriter:
         self.close()
 
 
+def write_refusal(folder: str) -> str | None:
+    """Why storage refuses a file in `folder` (one written there and removed), in a line: a bucket that does not
+    exist, a read-only key, a file where the folder goes; None when it takes it, or does not answer (left to the
+    caller's own patience). A local folder is made (an object store's makedirs would create a bucket)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    probe = f"{folder.rstrip('/')}/.write-check-{os.getpid()}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except Exception as e:
+        if is_transient(e):
+            return None
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def write_whole(url: str, data: bytes) -> None:
     """Write `data` to `url` whole or not at all: on a local disk to a temporary name, then renamed, so a process
     killed mid-write leaves the file before (or none), never part of one; an object store's PUT is whole as it is."""

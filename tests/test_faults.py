@@ -177,6 +177,13 @@ def test_storage_that_refuses_the_jobs_setup_is_one_line(tmp_path, python, s3_en
     assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "taken")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "NotADirectoryError" in error
+    # an output bucket that is not there: each shard failed after its work, and the manifest's write made the bucket
+    assert main(["--input", str(tmp_path / "photo.jpg"), "--output", "s3://cnd-no-such-bucket/out"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --output s3://cnd-no-such-bucket/out cannot be written (") and "\n" not in error
+    import fsspec
+
+    assert not fsspec.filesystem("s3").exists("cnd-no-such-bucket")
     # storage that refuses the manifest once the shards are done: one line, and the same command writes it
     out = tmp_path / "out"
     (out / f"{fmt.MANIFEST}.tmp").mkdir(parents=True)  # where the manifest is written first

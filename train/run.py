@@ -234,22 +234,11 @@ def check_storage_writable(cfg: TrainConfig) -> None:
     """A file written into the run's folder and removed: a --storage-path that is a file, read-only, or a bucket
     that does not exist failed only at the first checkpoint, after a segment of training. Storage that does not
     answer is left to the run's own patience (pipeline.format.retried)."""
-    import fsspec
+    from pipeline.format import write_refusal
 
-    from pipeline.format import is_transient
-
-    probe = f"{run_url(cfg.storage_path, cfg.run_name)}/.write-check-{os.getpid()}"
-    try:
-        fs, path = fsspec.core.url_to_fs(probe)
-        if "://" not in probe:  # a local folder is made; an object store's makedirs would create a bucket
-            fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.pipe_file(path, b"")
-        fs.rm_file(path)
-    except Exception as e:
-        if is_transient(e):
-            return
-        raise ValueError(f"--storage-path {cfg.storage_path}: the run's folder cannot be written "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    refusal = write_refusal(run_url(cfg.storage_path, cfg.run_name))
+    if refusal:
+        raise ValueError(f"--storage-path {cfg.storage_path}: the run's folder cannot be written ({refusal})")
 
 
 def finished_line(cfg: TrainConfig, metrics: dict | None, checkpoint: str | None, results: dict | None) -> str:

@@ -124,6 +124,20 @@ def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str,
                          "--output")
 
 
+def regrown_inputs(skipped: list[InputShard], skipped_stats: list[dict[str, Any]]) -> list[InputShard]:
+    """The done tar shards whose input was cut short when they were made (committed with the samples before the cut)
+    and has changed since (another size or ETag: uploaded again whole, say), which a rerun makes again; a HEAD
+    request for each of these only."""
+    truncated = {stats.get("shard"): stats.get("input") or {} for stats in skipped_stats if stats.get("truncated")}
+    return [shard for shard in skipped if shard.name in truncated and not shard.files
+            and identity_changed(truncated[shard.name], input_identity(shard))]
+
+
+def identity_changed(then: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a tar's size, ETag or mtime (what both record) differ."""
+    return any(then.get(k) != now.get(k) for k in ("size", "etag", "mtime") if then.get(k) is not None)
+
+
 def check_resume_weights(cfg: BuildConfig, models: dict[str, Any], kept_stats: list[dict[str, Any]]) -> None:
     """Refuse to resume onto shards made with other weights, as with other settings (check_resume_settings): the
     same --weights folder may hold other files now. Each shard's stats keep the sha256s of the weights it was made
@@ -314,6 +328,12 @@ def run(cfg: BuildConfig) -> int:
         check_resume_settings(cfg, kept_stats)
         done = set(skipped)
         check_resume_inputs([shard for shard in shards if shard.name in done], kept_stats)
+        regrown = regrown_inputs([shard for shard in shards if shard.name in done], kept_stats)
+        if regrown:
+            print(f"{'would redo' if cfg.dry_run else 'redoing'} {len(regrown)} shard(s) whose input tar was cut short "
+                  f"when they were made and has changed since: {', '.join(shard.name for shard in regrown)}")
+            todo += regrown
+            skipped = [name for name in skipped if name not in {shard.name for shard in regrown}]
         if not cfg.dry_run:
             make_local_output(cfg.output)
             refusal = fmt.write_refusal(cfg.output)  # a bucket that is not there, a read-only key: each shard

@@ -138,6 +138,14 @@ def test_bad_inputs_each_land_in_exactly_one_row(tmp_path, capsys):
     assert code == 0
     plan = capsys.readouterr().out
     assert "2 to do" in plan and "todo  notatar" in plan and "done  bad" in plan
+    # the truncated input given again whole (uploaded again, say): made again, where it was skipped for good
+    shutil.copy(tmp_path / "in" / "dup.tar", tmp_path / "in" / "truncated.tar")
+    assert main(["--input", str(tmp_path / "in"), "--output", str(out), "--resolution", "64",
+                 "--max-retries", "0"]) == 1  # notatar and zerobytes fail again
+    assert "redoing 1 shard(s) whose input tar was cut short when they were made and has changed since: " \
+        "truncated" in capsys.readouterr().out
+    assert not json.loads((out / "shards" / "truncated.stats.json").read_text())["truncated"]
+    assert "truncated" not in json.loads((out / fmt.MANIFEST).read_text())["shards"]["truncated"]
 
 
 def test_a_tar_made_by_hand_keeps_every_sample_and_the_trainer_reads_every_ok_one(tmp_path):

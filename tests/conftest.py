@@ -135,6 +135,22 @@ def python() -> str:
     return sys.executable
 
 
+def own_ray_processes(title: bytes) -> list[int]:
+    """The pids of the processes Ray titled `title`... (b"ray::ShardActor", b"ray::RayTrainWorker") in this suite's
+    Ray session, told apart by the RAY_TMPDIR its processes inherit: a test that kills one must not kill another
+    Ray's on the same machine (a second suite's, a user's)."""
+    own = f"RAY_TMPDIR={os.environ.get('RAY_TMPDIR')}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title)
+                    and own in (entry / "environ").read_bytes().split(b"\0")):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
 RESTORE_CTRL_C = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
 
 

@@ -17,6 +17,7 @@ from pipeline.config import BuildConfig
 from pipeline.reader import list_input_shards
 from pipeline.worker import ActorFault, batch_fault, process_shard
 from pipeline.writer import ShardWriter
+from tests.conftest import own_ray_processes
 from tests.corpus import good_jpeg
 from tests.tiny_weights.hed import write_tiny_hed
 
@@ -55,15 +56,8 @@ def tiny_hed_job(inputs: Path, out: Path, weights: Path) -> BuildConfig:
 
 
 def shard_actor_pids() -> list[int]:
-    """The processes of this pool's actors (Ray titles them ray::ShardActor...)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::ShardActor"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    """The processes of this pool's actors (Ray titles them ray::ShardActor...), in this suite's Ray only."""
+    return own_ray_processes(b"ray::ShardActor")
 
 
 def test_replacement_actors_that_cannot_load_commit_nothing_and_a_rerun_finishes(sample_shards, tmp_path,

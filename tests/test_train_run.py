@@ -9,12 +9,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, copy_dataset, own_output, wandb_logged_steps, with_ctrl_c
+from tests.conftest import REPO, copy_dataset, own_output, own_ray_processes, wandb_logged_steps, with_ctrl_c
 from train.checkpoints import latest_checkpoint, step_of
 from train.config import debug
 from train.run import build_trainer
@@ -87,11 +86,6 @@ def test_two_workers_on_gloo_stay_in_sync(dataset, storage, tmp_path, monkeypatc
         assert curve["converged"] is False and "too few evaluations" in curve["reason"] and curve["mauc"] is not None
 
 
-def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def _registered_checkpoints(fs, run: str) -> int:
     """Checkpoints Ray Train has registered (a checkpoint folder alone may still be mid-upload)."""
     fs.invalidate_cache()
@@ -112,10 +106,10 @@ def test_a_killed_worker_is_restarted_from_its_last_checkpoint_on_s3(dataset, s3
         deadline = time.time() + 240
         while time.time() < deadline:
             if _registered_checkpoints(fs, f"cnd-runs/runs/{name}"):
-                workers = _train_workers()
+                workers = own_ray_processes(b"ray::RayTrainWorker")  # in this suite's Ray only
                 if workers:
-                    os.kill(workers[0].pid, signal.SIGKILL)  # a real signal to a real training process
-                    killed.append(workers[0].pid)
+                    os.kill(workers[0], signal.SIGKILL)  # a real signal to a real training process
+                    killed.append(workers[0])
                     return
             time.sleep(0.1)
 

@@ -357,7 +357,7 @@ def test_a_run_from_step_0_logs_to_a_wandb_run_of_its_own_and_a_resume_to_the_on
     assert wandb_run_id("exp.1", None, resumed=True) == run_id("exp.1")  # a checkpoint from before ids were kept
 
 
-def test_a_results_file_cut_short_is_taken_as_not_written_and_one_is_written_whole(tmp_path, capsys):
+def test_a_results_file_cut_short_is_taken_as_not_written_and_one_is_written_whole_and_strict(tmp_path, capsys):
     """results.json was written in place: a run killed mid-write left it cut short, and every later run of that
     name (and the sweep, and its report) ended in a JSONDecodeError."""
     from pipeline.format import write_whole
@@ -373,3 +373,8 @@ def test_a_results_file_cut_short_is_taken_as_not_written_and_one_is_written_who
     assert read_results(cfg) == {"final_step": 4} and load_runs(str(tmp_path / "runs"), "sw") == {"sw-8": {
         "final_step": 4}}
     assert sorted(p.name for p in Path(results_url(cfg)).parent.iterdir()) == ["results.json"]  # no temporary left
+    # and strict JSON: a curve's start before enough evaluations was written as a bare NaN, which jq refuses
+    from train.tracking import strict_json
+
+    assert json.dumps(strict_json({"start": float("nan"), "history": [{"loss": float("inf")}, {"loss": 0.5}]}),
+                      allow_nan=False) == '{"start": null, "history": [{"loss": null}, {"loss": 0.5}]}'

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -169,6 +170,19 @@ def results_url(cfg: TrainConfig) -> str:
     return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}/results.json"
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with each NaN or infinite float as None: Python writes them as bare NaN and Infinity, which is no
+    JSON to other readers (jq, JavaScript, a browser); a curve's start and plateau are NaN before enough
+    evaluations, a diverged run's loss too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def read_results(cfg: TrainConfig) -> dict[str, Any] | None:
     """A run's results.json, or None before it has written one, or when the one there is cut short (written in
     place by a version before write_whole, by a run killed mid-write): the run writes it again when it ends."""
@@ -214,7 +228,7 @@ def write_results(cfg: TrainConfig, state) -> dict[str, Any]:
         run_plot(results).save(png, format="PNG")
 
     def write() -> None:  # each whole or not at all: a run killed mid-write left a results.json cut short
-        write_whole(results_url(cfg), json.dumps(results, indent=1).encode())
+        write_whole(results_url(cfg), json.dumps(strict_json(results), indent=1, allow_nan=False).encode())
         if png.getvalue():
             write_whole(plot_url(cfg), png.getvalue())
 

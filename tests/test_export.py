@@ -416,3 +416,27 @@ def test_re_export_replaces_both_parts_and_nothing_else(tmp_path, large_scale, c
     with pytest.raises(SystemExit):
         export.main([str(ckpt), "--format", "original", "--out", str(sd_unet)])
     assert list(load_file(sd_unet)) == ["model.diffusion_model.out.2.bias"]
+
+
+def test_a_run_on_object_storage_is_exported_from_its_latest_complete_checkpoint(tmp_path, checkpoint, controlnet,
+                                                                                  s3_endpoint, capsys):
+    """The README's runs keep their checkpoints on s3://, which export took for a local path ('s3:/b/...': no such
+    folder): it had to be downloaded by hand first."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-export")
+    fs.put(str(checkpoint), "cnd-export/runs/r/checkpoint_step00000001", recursive=True)
+    fs.put(str(checkpoint / "controlnet"), "cnd-export/runs/r/checkpoint_step00000002/controlnet", recursive=True)
+    # step 2 has no progress.json (cut short): step 1 is the latest complete checkpoint
+    out = tmp_path / "out"
+    export.main(["s3://cnd-export/runs/r", "--format", "diffusers", "--out", str(out)])
+    assert "downloading s3://cnd-export/runs/r/checkpoint_step00000001" in capsys.readouterr().err
+    exported = ControlNetModel.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), controlnet.state_dict().values(),
+                                                 strict=True))
+    for missing, message in (("s3://cnd-export/nothing", "no such checkpoint or run folder"),
+                             ("s3://cnd-export/runs/r/checkpoint_step00000002", "was cut short")):
+        with pytest.raises(SystemExit):
+            export.main([missing, "--format", "diffusers", "--out", str(tmp_path / "other")])
+        assert message in capsys.readouterr().err

@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -170,6 +172,30 @@ def controlnet_folder(checkpoint: Path) -> Path:
     raise FileNotFoundError(f"{checkpoint}: neither it nor {checkpoint / CONTROLNET_DIR} holds a config.json")
 
 
+@contextmanager
+def local_copy(source: str) -> Iterator[Path]:
+    """`source` as a local folder: a path as it is; on object storage (a run's --storage-path on s3://), the run's
+    latest complete checkpoint, or the checkpoint or ControlNet folder named, downloaded into a temporary folder
+    for the export's length."""
+    import fsspec
+
+    from train.checkpoints import checkpoint_folders, fetch, latest_in_run
+
+    if "://" not in source or source.startswith("file://"):
+        yield Path(source.removeprefix("file://"))
+        return
+    fs, path = fsspec.core.url_to_fs(source)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{source}: no such checkpoint or run folder")
+    chosen = latest_in_run(source)
+    if chosen is None and checkpoint_folders(source):
+        raise FileNotFoundError(f"{source}: none of its checkpoints is complete and whole")
+    with tempfile.TemporaryDirectory(prefix="export-") as folder:
+        chosen = chosen or source
+        print(f"downloading {chosen}", file=sys.stderr, flush=True)
+        yield fetch(chosen, Path(folder) / chosen.rstrip("/").rsplit("/", 1)[-1])
+
+
 def decoder_file(controlnet: Path) -> Path | None:
     """The SD decoder a large-scale run (--unlock-decoder-at) trained: train.loop saves it beside controlnet/ in
     the checkpoint. None for a locked base, and for a bare ControlNet folder."""
@@ -311,8 +337,9 @@ def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.flo
 class ExportArgs:
     """Export a trained ControlNet for inference."""
 
-    checkpoint: tyro.conf.Positional[Path]
-    """A training checkpoint (with controlnet/), a run folder (its latest checkpoint) or a diffusers folder."""
+    checkpoint: tyro.conf.Positional[str]
+    """A training checkpoint (with controlnet/), a run folder (its latest checkpoint) or a diffusers folder; a local
+    path, or a URL (s3://...: what it names is downloaded first)."""
     format: Literal["diffusers", "original"]
     """diffusers: a ControlNetModel folder for StableDiffusionControlNetPipeline (and OUT-unet/, the UNet, when the
     run trained the SD decoder); original: one .safetensors file with control_model.* keys, as A1111 and ComfyUI
@@ -338,14 +365,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if args.format == "original" and out.suffix != ".safetensors":
         refuse("--format original writes one file: give --out a .safetensors name")
-    try:
-        folder = controlnet_folder(args.checkpoint)
-        check_targets(folder, out, args.format, args.force)
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:  # (mkdir: a file where a folder goes)
-        refuse(str(e))
-    for path in export(folder, args.format, out, DTYPES[args.dtype]):
-        print(path)
+    with ExitStack() as stack:
+        try:
+            folder = controlnet_folder(stack.enter_context(local_copy(args.checkpoint)))
+            check_targets(folder, out, args.format, args.force)
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:  # (mkdir: a file where a folder goes)
+            refuse(str(e))
+        for path in export(folder, args.format, out, DTYPES[args.dtype]):
+            print(path)
 
 
 if __name__ == "__main__":

@@ -260,14 +260,6 @@ class StorageSetupError(RuntimeError):
     file where the output folder goes): one line, not a traceback."""
 
 
-STORAGE_LIBRARIES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "fsspec", "google", "azure", "aiohttp"}
-
-
-def storage_error(error: BaseException) -> bool:
-    """Whether storage raised it (the OS, or an object store's client library), as opposed to a bug of ours."""
-    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in STORAGE_LIBRARIES
-
-
 @contextmanager
 def storage_setup(output: str) -> Iterator[None]:
     """Around the plan's listing of --input and reading of --output: bad input keeps its own one-line error
@@ -277,7 +269,7 @@ def storage_setup(output: str) -> Iterator[None]:
     except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # botocore's NoCredentialsError, PermissionError, FileExistsError, ...
-        if not storage_error(e):
+        if not fmt.storage_error(e):
             raise
         first_line = (str(e).splitlines() or [""])[0]
         raise StorageSetupError(f"storage refused the job's setup (listing --input, opening --output {output}): "
@@ -370,13 +362,14 @@ def run(cfg: BuildConfig) -> int:
                               check_models=lambda models: check_resume_weights(cfg, models, kept_stats))
     clear_staging(cfg.output)
     failed = result.failed if result else {}
+
     def manifest_from_stats() -> dict[str, Any]:
         return write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
 
     try:  # storage that fails for a while is waited out (pipeline.format.retried), as for the shards
         manifest = fmt.retried(manifest_from_stats, f"writing the manifest of {cfg.output}")
     except Exception as e:
-        if not storage_error(e):
+        if not fmt.storage_error(e):
             raise
         first_line = (str(e).splitlines() or [""])[0]
         raise ManifestError(f"the shards are committed, but storage refused the manifest of {cfg.output} "

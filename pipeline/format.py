@@ -195,6 +195,13 @@ def is_transient(error: BaseException) -> bool:
 
 
 _NAMED_TRANSIENT = ("Connection", "Timeout", "Payload", "Streaming", "IncompleteRead")
+STORAGE_LIBRARIES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "fsspec", "google", "azure", "aiohttp",
+                     "http", "urllib3"}
+
+
+def storage_error(error: BaseException) -> bool:
+    """Whether storage raised it (the OS, or an object store's client library), as opposed to a bug of ours."""
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in STORAGE_LIBRARIES
 
 
 def wait_before_try(tries: int) -> float:

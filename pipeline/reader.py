@@ -12,6 +12,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.format import storage_error
+
 IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
 UNSAFE_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]")  # output_key's: compiled once, as the driver keys every loose file
 TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # a folder's shards (tarfile reads each compression)
@@ -417,5 +419,7 @@ def read_file_samples(files: tuple[str, ...], folder: str | None = None,
         except FileNotFoundError as e:
             sample.error = valid_utf8(f"{type(e).__name__}: {e}")
         except Exception as e:  # the storage's (an OSError, or a response cut part-way, which is none)
+            if not storage_error(e):
+                raise
             raise InputReadError(f"{url}: {type(e).__name__}: {e}") from e
         yield sample

@@ -7,6 +7,7 @@ import posixpath
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
@@ -253,6 +254,11 @@ def init_ray() -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
+        if threading.current_thread() is threading.main_thread():
+            # ray.init leaves its core worker's C++ failure handler on SIGTERM, which logs and aborts (exit 134, no
+            # line; a stop of the whole process group met it): Python's handler (ray.init's own, sys.exit) set
+            # again takes the signal back, and the job ends with the interrupted line and 143
+            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 class StorageSetupError(RuntimeError):

@@ -1,6 +1,7 @@
 """the dataset job's typed configuration; its field docs are the command line's --help"""
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ Task = Literal["canny", "hed", "scribble", "midas", "openpose"]  # annotate.ANNO
 CaptionSource = Literal["source", "blip", "auto", "none"]
 TASKS: tuple[str, ...] = typing.get_args(Task)
 CAPTION_SOURCES: tuple[str, ...] = typing.get_args(CaptionSource)
+
+
+def absolute_if_local(path: str) -> str:
+    """A local path made absolute, as the driver sees it ('~' expanded); a URL (s3://, file://) as it is."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 @dataclass
@@ -93,8 +99,10 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.task = ",".join(parse_tasks(self.task))
-        if not self.output:
-            self.output = f"data/{self.task.replace(',', '-')}"
+        # local paths as absolute ones: the actors open them, and they may run in another working directory (on a
+        # cluster joined through RAY_ADDRESS, a relative --output put the shards where the driver never looked)
+        self.output = absolute_if_local(self.output or f"data/{self.task.replace(',', '-')}")
+        self.weights = absolute_if_local(self.weights) if self.weights else self.weights
         if self.caption not in CAPTION_SOURCES:
             raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
         if self.resolution < 8:

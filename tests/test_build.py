@@ -12,6 +12,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+import ray
 import webdataset as wds
 
 from pipeline import format as fmt
@@ -241,7 +242,7 @@ def test_filters_are_recorded_as_filtered(sample_shards, tmp_path):
                > 1.2 for r in filtered)
 
 
-def test_folder_of_images(tmp_path):
+def test_folder_of_images(tmp_path, monkeypatch):
     from tests.corpus import good_jpeg
 
     images = tmp_path / "photos"
@@ -250,10 +251,15 @@ def test_folder_of_images(tmp_path):
         (images / f"p{i}.jpg").write_bytes(good_jpeg(i))
     (images / "p1.txt").write_text("caption one")
     out = tmp_path / "out"
-    assert main(["--input", str(images), "--output", str(out), "--resolution", "64", "--files-per-shard", "2"]) == 0
+    # relative paths, from a folder other than the one the cluster's actors run in: the actors wrote the shards
+    # under their own working directory, where the driver never looked (it wrote a manifest of 0 samples)
+    monkeypatch.chdir(tmp_path)
+    assert Path(ray.get(ray.remote(lambda: os.getcwd()).remote())) != tmp_path
+    assert main(["--input", "photos", "--output", "out", "--resolution", "64", "--files-per-shard", "2"]) == 0
     index = {r["key"]: r for r in rows(out)}
     assert sorted(index) == [f"p{i}" for i in range(5)]
     assert index["p1"]["caption"] == "caption one" and index["p0"]["caption_source"] == "none"
+    assert json.loads((out / fmt.MANIFEST).read_text())["samples"] == 5
 
 
 def test_s3_input_and_output(sample_shards, tmp_path, s3_endpoint):

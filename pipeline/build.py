@@ -194,9 +194,13 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
     before its manifest) what the newest shard's actor loaded."""
     manifest_url = f"{cfg.output.rstrip('/')}/{fmt.MANIFEST}"
     fs, path = fsspec.core.url_to_fs(manifest_url)
+    config = asdict(cfg)
     if not models and fs.exists(path):
         previous = json.loads(fs.cat_file(path))
         models = {k: previous[k] for k in MODEL_ENTRIES if k in previous}
+        # and its config: this run's --weights, which no actor loaded, would name other files than the shards' hashes
+        # (the trainer's fidelity annotator loads from the manifest's config)
+        config = previous.get("config", config)
     if not models:
         models = models_of(all_stats)
     tasks = list(cfg.tasks)
@@ -204,7 +208,7 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
         "format_version": fmt.FORMAT_VERSION,
         **({"task": cfg.task} if len(tasks) == 1 else {}),  # what version 1 readers look for
         "tasks": tasks,
-        "config": asdict(cfg),
+        "config": config,
         "code_version": code_version(),
         **models,
         "totals": totals(all_stats),

@@ -159,6 +159,10 @@ def test_resume_redoes_only_the_missing_shard_and_other_weights_or_a_new_task_ar
     assert pq.read_table(copy / "shards" / "00002.parquet").equals(pq.read_table(multi / "shards" / "00002.parquet"))
     manifest = json.loads((copy / fmt.MANIFEST).read_text())
     assert manifest["totals_by_task"] == json.loads((multi / fmt.MANIFEST).read_text())["totals_by_task"]
+    # with nothing left to do no actor loads the other weights to compare: the manifest named them all the same, and
+    # the trainer's fidelity annotator would load them
+    assert build("canny,hed,midas,openpose", inputs, copy, other) == 0
+    assert json.loads((copy / fmt.MANIFEST).read_text())["config"]["weights"] == str(weights)
     # adding a task to written shards is refused in one line (it would rewrite every tar)
     assert build("canny,hed,midas,openpose,scribble", inputs, copy, weights) == 2
     error = capsys.readouterr().err.strip()

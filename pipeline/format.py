@@ -390,17 +390,20 @@ def write_refusal(folder: str) -> str | None:
 
 
 def write_whole(url: str, data: bytes) -> None:
-    """Write `data` to `url` whole or not at all: on a local disk to a temporary name, then renamed, so a process
-    killed mid-write leaves the file before (or none), never part of one; an object store's PUT is whole as it is."""
+    """Write `data` to `url` whole or not at all: on a local disk to a temporary name of this process's, then
+    renamed (atomic on one disk), so a process killed mid-write leaves the file before (or none), never part of
+    one, and two writers never share a temporary file; an object store's PUT is whole as it is."""
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = fsspec.core.url_to_fs(url)
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)
         return
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(f"{path}.tmp", data)
-    fs.mv(f"{path}.tmp", path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
 
 
 def read_manifest(dataset: str) -> dict[str, Any]:

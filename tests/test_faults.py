@@ -180,12 +180,12 @@ def test_storage_that_refuses_the_jobs_setup_is_one_line(tmp_path, python, s3_en
     assert not fsspec.filesystem("s3").exists("cnd-no-such-bucket")
     # storage that refuses the manifest once the shards are done: one line, and the same command writes it
     out = tmp_path / "out"
-    (out / f"{fmt.MANIFEST}.tmp").mkdir(parents=True)  # where the manifest is written first
+    (out / f"{fmt.MANIFEST}.tmp-{os.getpid()}").mkdir(parents=True)  # where the manifest is written first
     assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(out), "--resolution", "32"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert "the shards are committed" in error and "the same command writes it" in error
     assert len(fmt.committed_shards(str(out))) == 1 and not (out / fmt.MANIFEST).exists()
-    (out / f"{fmt.MANIFEST}.tmp").rmdir()
+    (out / f"{fmt.MANIFEST}.tmp-{os.getpid()}").rmdir()
     assert main(["--input", str(tmp_path / "photo.jpg"), "--output", str(out), "--resolution", "32"]) == 0
     assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 1
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}

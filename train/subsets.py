@@ -203,16 +203,8 @@ def read_condition(dataset: str, condition: str | None) -> tuple[str | None, boo
 
 
 def write_json(url: str, document: dict[str, object]) -> None:
-    """Local: temp name then rename (atomic on one disk); object stores: one PUT, which is atomic there."""
-    fs, path = fsspec.core.url_to_fs(url)
-    data = json.dumps(document, indent=1).encode()
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    """The document written whole or not at all (pipeline.format.write_whole)."""
+    fmt.write_whole(url, json.dumps(document, indent=1).encode())
 
 
 def shard_sample_counts(shards: list[fmt.CommittedShard]) -> dict[str, int]:

@@ -12,6 +12,9 @@ from annotate import NEURAL_TASKS  # the tasks whose networks run at --detect-re
 from annotate.resize import DETECT_RESOLUTION
 
 SAMPLE_INPUT = "data/sample/shards"
+# the largest --resolution or --detect-resolution: ControlNets train at 512-1024 px; a 4096 px RGB sample is already
+# 50 MB in an actor's memory, and a batch holds --batch-size of them (at 100000 px every shard failed, retried)
+MAX_SIDE = 4096
 # the settings that shape a dataset's bytes: a resume with other values would mix two datasets in one
 OUTPUT_SETTINGS = ("task", "resolution", "detect_resolution", "caption", "seed", "canny_low", "canny_high_gap",
                    "min_keypoint_fraction",
@@ -43,10 +46,10 @@ class BuildConfig:
     output: str | None = None
     """Output dataset folder or URL (None: data/<task>, data/canny-hed for several)."""
     resolution: int = 512
-    """Output side in pixels (shorter side resized, centre crop)."""
+    """Output side in pixels (shorter side resized, centre crop), 8 to 4096."""
     detect_resolution: int = DETECT_RESOLUTION
     """hed, scribble, midas, openpose: the shorter side the network sees, rounded to a multiple of 64; maps are
-    resized back to --resolution (ControlNet 1.1 / controlnet_aux: 512)."""
+    resized back to --resolution (ControlNet 1.1 / controlnet_aux: 512); 64 to 4096."""
     caption: CaptionSource = "source"
     """Caption source: source (from the input shard), blip, auto (source, else blip), none."""
     weights: str | None = None
@@ -105,12 +108,12 @@ class BuildConfig:
         self.weights = absolute_if_local(self.weights) if self.weights else self.weights
         if self.caption not in CAPTION_SOURCES:
             raise ValueError(f"--caption must be one of {', '.join(CAPTION_SOURCES)}, not {self.caption!r}")
-        if self.resolution < 8:
-            raise ValueError(f"--resolution must be at least 8, not {self.resolution}")
+        if not 8 <= self.resolution <= MAX_SIDE:
+            raise ValueError(f"--resolution must be from 8 to {MAX_SIDE}, not {self.resolution}")
         if self.latents and "://" not in self.latents and Path(self.latents).is_dir():
             self.latents = str(Path(self.latents).resolve())  # actors may run in another working directory
-        if self.detect_resolution < 64:  # sides are rounded to multiples of 64: below 32 that is 0
-            raise ValueError(f"--detect-resolution must be at least 64, not {self.detect_resolution}")
+        if not 64 <= self.detect_resolution <= MAX_SIDE:  # sides are rounded to multiples of 64: below 32 that is 0
+            raise ValueError(f"--detect-resolution must be from 64 to {MAX_SIDE}, not {self.detect_resolution}")
         if self.latents and self.resolution % 8:  # the VAE maps 8 px to a latent; the trainer needs the same
             raise ValueError(f"--resolution must be a multiple of 8 with --latents, not {self.resolution}")
         self._check_ranges()

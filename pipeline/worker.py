@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import cv2
 import fsspec
 import numpy as np
 
 from annotate import Annotation, Annotator, Captioner
+from annotate.weights import one_line
 from pipeline import format as fmt
 from pipeline.config import BuildConfig
 from pipeline.preprocess import (
@@ -100,7 +102,10 @@ def prepare(raw: RawSample, key: str, shard: str, cfg: BuildConfig) -> Prepared:
     reason = reject_reason(width, height, cfg.min_size, cfg.max_aspect)
     if reason:
         return Prepared({**row, "status": fmt.FILTERED, "error": reason})
-    image = center_crop_resize(image, cfg.resolution)
+    try:
+        image = center_crop_resize(image, cfg.resolution)
+    except (cv2.error, MemoryError) as e:  # OpenCV failing to allocate the output: this sample's failure alone
+        return Prepared({**row, "error": f"{type(e).__name__}: {one_line(e)}"})
     meta = {
         "key": key,
         "source_key": raw.key,

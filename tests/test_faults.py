@@ -217,9 +217,25 @@ def test_overwrite_uncommits_the_old_shard_before_publishing_the_new_one(sample_
     assert "00000" not in done_shards(str(out))  # ... but the shard no longer counts as done: a rerun redoes it
 
 
+def test_a_sample_whose_resize_cannot_be_allocated_is_its_own_failed_row():
+    """prepare's contract: every outcome is a row. OpenCV failing to allocate the resized image (the cap on
+    --resolution keeps a job from asking; a node short of memory may still refuse) fails that sample alone."""
+    from pipeline.reader import RawSample
+    from pipeline.worker import prepare
+
+    cfg = BuildConfig(output="unused", resolution=64)
+    object.__setattr__(cfg, "resolution", 1_000_000)  # past the cap: 3 TB, which no node has
+    prepared = prepare(RawSample("a", {"jpg": good_jpeg()}), "a", "00000", cfg)
+    assert prepared.row["status"] == fmt.FAILED and prepared.image is None
+    assert "Insufficient memory" in prepared.row["error"] and "\n" not in prepared.row["error"]
+
+
 @pytest.mark.parametrize("args, message", [(["--task", "cany", "--dry-run"], "invalid choice 'cany'"),
                                            (["--caption", "foo"], "invalid choice 'foo'"),
-                                           (["--resolution", "4"], "--resolution must be at least 8"),
+                                           (["--resolution", "4"], "--resolution must be from 8 to 4096"),
+                                           (["--resolution", "100000"], "--resolution must be from 8 to 4096"),
+                                           (["--detect-resolution", "100000"],
+                                            "--detect-resolution must be from 64 to 4096"),
                                            (["--jpeg-quality", "101"], "--jpeg-quality must be from 0 to 100"),
                                            (["--canny-low", "150", "50"], "--canny-low is a range LOW HIGH"),
                                            (["--batch-size", "0"], "--batch-size must be at least 1"),

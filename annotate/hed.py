@@ -13,7 +13,7 @@ from torch import nn
 from annotate.base import Annotation
 from annotate.device import inference, pick_device
 from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
-from annotate.weights import check_keys, load_state_dict_file, one_line, resolve_weight, sha256_file
+from annotate.weights import check_keys, load_state_dict_file, one_line, require_finite, resolve_weight, sha256_file
 
 WEIGHT_FILE = "ControlNetHED.pth"
 HUB_REPO = "lllyasviel/Annotators"
@@ -71,6 +71,7 @@ def load_hed(path: str | os.PathLike) -> ControlNetHED_Apache2:
         model.load_state_dict(state, strict=True)  # casts the published fp16 tensors into fp32 parameters
     except RuntimeError as err:  # the keys are right: a shape is not
         raise ValueError(f"{path} does not hold the {WEIGHT_FILE} state dict: {one_line(err)}") from None
+    require_finite(model, path, f"the {WEIGHT_FILE} state dict")
     return model.eval().requires_grad_(False)
 
 

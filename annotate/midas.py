@@ -23,6 +23,7 @@ from annotate.weights import (
     load_complete_model,
     load_state_dict_file,
     one_line,
+    require_finite,
     require_tensors,
     resolve_folder,
     resolve_weight,
@@ -217,6 +218,7 @@ def model_from_original(path: str | Path) -> DPTForDepthEstimation:
         model.load_state_dict(converted, strict=True, assign=True)
     except (KeyError, IndexError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path} is not {what} ({type(err).__name__}: {one_line(err)})") from None
+    require_finite(model, path, what)
     return model
 
 

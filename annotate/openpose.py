@@ -16,7 +16,15 @@ from torch import nn
 from annotate.base import Annotation
 from annotate.device import inference, pick_device, precision
 from annotate.resize import DETECT_RESOLUTION, to_detection, to_output
-from annotate.weights import check_keys, load_state_dict_file, one_line, require_tensors, resolve_weight, sha256_file
+from annotate.weights import (
+    check_keys,
+    load_state_dict_file,
+    one_line,
+    require_finite,
+    require_tensors,
+    resolve_weight,
+    sha256_file,
+)
 
 WEIGHT_FILE = "body_pose_model.pth"
 HUB_REPO = "lllyasviel/Annotators"
@@ -131,6 +139,7 @@ def load_body_pose_net(path: str | Path) -> BodyPoseNet:
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:  # the keys are right: a shape is not
         raise ValueError(f"{path} is not {what}: {one_line(err)}") from None
+    require_finite(net, path, what)
     return net.eval()
 
 

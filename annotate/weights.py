@@ -92,6 +92,20 @@ def require_tensors(state: dict[str, Any], path: str | os.PathLike, what: str) -
         raise ValueError(f"{path} is not {what}: its {odd!r} holds a {type(state[odd]).__name__}, not a tensor")
 
 
+def require_finite(model: Any, path: str | os.PathLike, what: str) -> None:
+    """Every floating-point parameter and buffer of a loaded `model` (a torch Module) is finite: else a one-line
+    ValueError naming the file and how many tensors hold NaN or inf. Such a file loads without complaint, and the
+    job wrote blank maps marked ok (HED, MiDaS), filtered every sample (OpenPose) or wrote empty captions (BLIP).
+    One pass, no copy of a tensor beyond isfinite's boolean mask of it."""
+    import torch
+
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path} is not {what}: NaN or inf in {len(bad)} of its {len(tensors)} tensors "
+                         f"(e.g. {bad[:3]})")
+
+
 def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str) -> Any:
     """`load(folder)` (a transformers or diffusers from_pretrained), its failure a one-line ValueError naming the
     folder and `what` it should hold: safetensors' and transformers' own messages do not say which file."""
@@ -105,12 +119,14 @@ def load_complete_model(load: Callable[..., Any], folder: str | os.PathLike, wha
                         unused: tuple[str, ...] = ()) -> Any:
     """load_pretrained_folder for a model, refused when its file lacks some of the model's weights: transformers
     leaves those at their random start with a warning in the log, and the job wrote maps and captions from them.
+    A file holding NaN or inf is refused too (require_finite).
     `unused`: prefixes of weights the model holds but never runs, which published files may leave out."""
     model, info = load_pretrained_folder(partial(load, output_loading_info=True), folder, what)
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(unused))
     if missing:
         raise ValueError(f"{folder} is not {what}: its weights lack {len(missing)} of the model's tensors "
                          f"(e.g. {missing[:3]})")
+    require_finite(model, folder, what)
     return model
 
 

@@ -132,6 +132,22 @@ def test_a_damaged_weight_file_is_one_line_naming_the_folder(tmp_path: Path) -> 
     assert str(folder) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_nan_or_inf_weights_are_refused_in_one_line(weights_dir: Path, tmp_path: Path) -> None:
+    """They loaded, and every caption came out ''."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(weights_dir / HF_FOLDER, tmp_path / HF_FOLDER))
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if k.startswith("vision_model.") and k.endswith(".weight"))
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="is not the BLIP captioner: NaN or inf in 1 of") as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    assert str(folder) in str(error.value) and name in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_folder_missing_weights_or_its_tokenizer_is_refused_not_run_random(weights_dir: Path,
                                                                            tmp_path: Path) -> None:
     """A safetensors lacking tensors loaded with them random ('large large large ...'); a folder without its

@@ -77,6 +77,18 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_refused_in_one_line(tmp_path: Path, value: float) -> None:
+    """They loaded, and every map came out blank yet marked ok."""
+    state = tiny_hed_state_dict()
+    state["block2.convs.1.weight"][0, 0, 0, 0] = value
+    path = tmp_path / WEIGHT_FILE
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"NaN or inf in 1 of its 37 tensors.*block2\.convs\.1\.weight") as err:
+        load_hed(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_folder_named_as_the_weight_file_is_one_line(tmp_path: Path) -> None:
     """It was an IsADirectoryError from hashing, before the loader's check."""
     (tmp_path / WEIGHT_FILE).mkdir()

@@ -263,6 +263,24 @@ def test_a_folder_or_checkpoint_missing_weights_is_refused_not_loaded_random(hf_
         assert "\n" not in str(err.value)
 
 
+def test_nan_or_inf_weights_are_refused_in_either_layout(hf_dir: Path, original_dir: Path, tmp_path: Path) -> None:
+    """They loaded, and every map came out blank (depth_to_map's all-zeros for no information) yet marked ok."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(hf_dir / HF_FOLDER, tmp_path / "hf" / HF_FOLDER))
+    weights = load_file(folder / "model.safetensors")
+    weights["head.head.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"is not MiDaS DPT-Hybrid.*NaN or inf in 1 of.*head\.head\.0\.weight") as err:
+        model_from_folder(folder)
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    original = load_original_state_dict(original_dir / ORIGINAL_FILE)
+    original["scratch.output_conv.0.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(original, tmp_path / ORIGINAL_FILE)
+    with pytest.raises(ValueError, match=f"{ORIGINAL_FILE} is not the MiDaS DPT-Hybrid checkpoint.*NaN or inf in 1 of"):
+        MidasAnnotator(weights=str(tmp_path), device="cpu")
+
+
 def test_resolve_folder_uses_the_hub_cache_without_network(hf_dir: Path, empty_hub_cache: Path) -> None:
     repo = empty_hub_cache / ("models--" + HF_REPO.replace("/", "--"))
     commit = "0" * 40

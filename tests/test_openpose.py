@@ -229,6 +229,17 @@ def test_loader_names_the_file_for_a_wrong_shape_or_a_value_that_is_no_tensor(ti
         assert "\n" not in str(err.value)
 
 
+def test_loader_refuses_nan_or_inf_weights_in_one_line(tiny_weights, tmp_path):
+    """They loaded, and every sample came out filtered (no person found)."""
+    state = torch.load(tiny_weights, map_location="cpu", weights_only=True)
+    state["conv1_1.weight"][0, 0, 0, 0] = float("nan")
+    state["Mconv7_stage6_L2.bias"][0] = float("-inf")
+    torch.save(state, tmp_path / WEIGHT_FILE)
+    with pytest.raises(ValueError, match=f"{WEIGHT_FILE} is not the CMU body pose model.*NaN or inf in 2 of") as err:
+        load_body_pose_net(tmp_path / WEIGHT_FILE)
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_annotator_batch_is_deterministic_and_equals_one_at_a_time(annotator):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 64, 3), (80, 96, 3)] * 2]

@@ -33,6 +33,7 @@ from annotate.weights import (
 
 HF_FOLDER = "dpt-hybrid-midas"  # the transformers conversion, published as Intel/dpt-hybrid-midas
 HF_REPO = "Intel/dpt-hybrid-midas"
+HF_MODEL_TYPE = "dpt"  # its config.json's model_type
 ORIGINAL_FILE = "dpt_hybrid-midas-501f0c75.pt"  # isl-org MiDaS v3 DPTDepthModel, as ControlNet ships it
 ORIGINAL_REPO = "lllyasviel/Annotators"
 
@@ -236,8 +237,9 @@ def find_midas_weights(source: str | None) -> tuple[str, Path]:
         if source.endswith((".pt", ".pth")):  # the checkpoint file itself
             parent, _, filename = source.rpartition("/")
             return "original", resolve_weight(filename, parent or ".")
-        try:
-            return "hf", resolve_folder(HF_FOLDER, source)
+        try:  # a --weights folder that is itself a Hugging Face folder counts only if its config is DPT's: it may be
+            # BLIP's files beside the .pt
+            return "hf", resolve_folder(HF_FOLDER, source, model_type=HF_MODEL_TYPE)
         except MissingWeightsError:
             looked.append(f"{source}/{HF_FOLDER}/")
         try:

@@ -280,16 +280,35 @@ def _hub_snapshot(repo_id: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def _folder_in_source(name: str, source: str, cache_dir: Path) -> Path | None:
-    """`source/name` or `source` itself, whichever holds config.json; remote folders are copied to the cache."""
-    for url in (source.rstrip("/") + "/" + name, source.rstrip("/")):
+def config_names(text: str | bytes, model_type: str) -> bool:
+    """A config.json's text names `model_type` ("dpt"): as its model_type, or as the start of an architecture's
+    class name (DPTForDepthEstimation), for a config written without model_type. Not JSON: it names nothing."""
+    try:
+        config = json.loads(text)
+    except ValueError:  # UnicodeDecodeError is one too
+        return False
+    if not isinstance(config, dict):
+        return False
+    architectures = config.get("architectures") or []
+    return config.get("model_type") == model_type or any(
+        isinstance(a, str) and a.lower().startswith(model_type) for a in architectures)
+
+
+def _folder_in_source(name: str, source: str, cache_dir: Path, model_type: str | None = None) -> Path | None:
+    """`source/name` or `source` itself, whichever holds config.json; remote folders are copied to the cache.
+    With `model_type`, `source` itself counts only where its config.json names that model: a --weights folder may
+    hold another model's Hugging Face files at its top level (BLIP's beside MiDaS's .pt), not this one's."""
+    for url, wanted in ((source.rstrip("/") + "/" + name, None), (source.rstrip("/"), model_type)):
         local = local_path(url)
         if local is not None:
-            if (local / "config.json").is_file():
+            config = local / "config.json"
+            if config.is_file() and (wanted is None or config_names(config.read_bytes(), wanted)):
                 return local
             continue
         fs, path = fsspec.core.url_to_fs(url)
-        if fs.exists(path.rstrip("/") + "/config.json"):
+        config_url = path.rstrip("/") + "/config.json"
+        # read before copying: the folder may be a whole --weights folder
+        if fs.exists(config_url) and (wanted is None or config_names(fs.cat_file(config_url), wanted)):
             return _fetch_remote(url, cache_dir / "folders")
     return None
 
@@ -299,17 +318,19 @@ def resolve_folder(
     source: str | None = None,
     hub_repo: str | None = None,
     cache_dir: Path = DEFAULT_CACHE,
+    model_type: str | None = None,
 ) -> Path:
     """Local path of the Hugging Face-format model folder `name` (a folder holding config.json).
 
-    Looks in `source/name`, then `source` itself (a local folder or fsspec URL), then the HF hub cache
-    snapshot of `hub_repo` (cache only: nothing is downloaded here).
+    Looks in `source/name`, then `source` itself (a local folder or fsspec URL; with `model_type`, only if its
+    config.json names that model), then the HF hub cache snapshot of `hub_repo` (cache only: nothing is
+    downloaded here).
     """
     looked = []
     if source:
         looked.append(f"{source.rstrip('/')}/{name}/config.json")
-        looked.append(f"{source.rstrip('/')}/config.json")
-        found = _folder_in_source(name, source, cache_dir)
+        looked.append(f"{source.rstrip('/')}/config.json" + (f" (of a {model_type} model)" if model_type else ""))
+        found = _folder_in_source(name, source, cache_dir, model_type)
         if found is not None:
             return found
     if hub_repo:

@@ -23,11 +23,13 @@ from annotate.midas import (
     convert_original_state_dict,
     depth_to_map,
     dpt_hybrid_config,
+    find_midas_weights,
     load_original_state_dict,
     model_from_folder,
     model_from_original,
 )
 from annotate.weights import MissingWeightsError, resolve_folder, sha256_folder
+from tests.tiny_weights.blip import write_tiny_blip
 from tests.tiny_weights.midas import (
     original_state_dict,
     tiny_dpt_config,
@@ -222,6 +224,28 @@ def test_missing_weights_name_both_published_forms(tmp_path: Path) -> None:
 def test_resolve_folder_finds_source_name_or_source_itself(hf_dir: Path) -> None:
     assert resolve_folder(HF_FOLDER, source=str(hf_dir)) == hf_dir / HF_FOLDER
     assert resolve_folder(HF_FOLDER, source=str(hf_dir / HF_FOLDER)) == hf_dir / HF_FOLDER
+
+
+def test_a_flat_folder_with_another_models_config_loads_the_checkpoint(hf_dir: Path, original_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """BLIP's files at the top of a --weights folder, beside the MiDaS .pt: its config.json was taken for the
+    dpt-hybrid-midas folder's, and the job refused the folder. The config's model_type decides now; a remote folder's
+    config is read, not the folder copied."""
+    flat = Path(shutil.copytree(write_tiny_blip(tmp_path / "blip"), tmp_path / "weights"))  # BLIP's files at the top
+    shutil.copy(original_dir / ORIGINAL_FILE, flat)
+    annotator = MidasAnnotator(weights=str(flat), device="cpu", detect_resolution=64)
+    assert annotator.describe()["weights_format"] == "original"
+    assert annotator.describe()["weights_file"] == ORIGINAL_FILE
+    # a folder whose own config is DPT's is still the Hugging Face folder
+    assert find_midas_weights(str(hf_dir / HF_FOLDER)) == ("hf", hf_dir / HF_FOLDER)
+    fs = fsspec.filesystem("memory")
+    for path in flat.iterdir():
+        fs.pipe(f"/flat-{tmp_path.name}/{path.name}", path.read_bytes())
+    with pytest.raises(MissingWeightsError):
+        resolve_folder(HF_FOLDER, f"memory://flat-{tmp_path.name}", cache_dir=tmp_path / "cache",
+                       model_type="dpt")
+    assert not (tmp_path / "cache").exists()
+    fs.rm(f"/flat-{tmp_path.name}", recursive=True)
 
 
 def test_resolve_folder_copies_a_remote_folder_once(hf_dir: Path, tmp_path: Path) -> None:

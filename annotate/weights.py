@@ -7,7 +7,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,50 @@ def require_finite(model: Any, path: str | os.PathLike, what: str) -> None:
                          f"(e.g. {bad[:3]})")
 
 
-def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str) -> Any:
-    """`load(folder)` (a transformers or diffusers from_pretrained), its failure a one-line ValueError naming the
-    folder and `what` it should hold: safetensors' and transformers' own messages do not say which file."""
+@contextmanager
+def quiet_transformers() -> Iterator[list[str]]:
+    """transformers' log messages kept in the yielded list, not printed, then its logging as it was: a folder holding
+    another model's weights printed its load report (~100 lines of missing and unexpected keys, as a warning)
+    before our one line, which says the same."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    library = hf_logging.get_logger()  # "transformers", whose handler prints
+    handlers, propagate = library.handlers[:], library.propagate
+    library.handlers, library.propagate = [Keep()], False
     try:
-        return load(str(folder))
-    except Exception as e:
-        raise ValueError(f"{folder} does not load as {what} ({type(e).__name__}: {one_line(e, 200)})") from None
+        yield kept
+    finally:
+        library.handlers, library.propagate = handlers, propagate
+
+
+def report_row(report: str, status: str) -> str | None:
+    """The first row of transformers' load report (`key | status | details`) with `status`, as "key: details"."""
+    for line in report.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) >= 3 and cells[1] == status:
+            return f"{cells[0]}: {cells[2]}"
+    return None
+
+
+def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str) -> Any:
+    """`load(folder)` (a transformers from_pretrained, its log kept quiet), its failure a one-line ValueError naming
+    the folder and `what` it should hold: safetensors' and transformers' own messages do not say which file."""
+    with quiet_transformers() as log:
+        try:
+            return load(str(folder))
+        except Exception as e:
+            # transformers refuses other shapes with "look at the above report", which we kept from the terminal
+            mismatch = report_row("\n".join(log), "MISMATCH")
+            detail = f"shapes differ from its config's, e.g. {mismatch}" if mismatch else one_line(e, 200)
+            raise ValueError(f"{folder} does not load as {what} ({type(e).__name__}: {detail})") from None
 
 
 def load_complete_model(load: Callable[..., Any], folder: str | os.PathLike, what: str,

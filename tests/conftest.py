@@ -7,6 +7,7 @@ import platform
 import re
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,24 @@ def tar_members(tar: Path) -> dict[str, dict[str, bytes]]:
             key, ext = member.name.split(".", 1)
             samples.setdefault(key, {})[ext] = f.extractfile(member).read()
     return samples
+
+
+@pytest.fixture
+def transformers_log() -> Iterator[list[str]]:
+    """The lines transformers' logging would print while the test runs (its own handler writes to the stderr of the
+    first import, which capfd does not see)."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.extend(record.getMessage().splitlines())
+
+    library, keep = logging.getLogger("transformers"), Keep()
+    library.addHandler(keep)
+    yield lines
+    library.removeHandler(keep)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from annotate import build_captioner
 from annotate.blip import HF_FOLDER, BlipCaptioner, ImageSpec, preprocess, read_image_spec
 from annotate.weights import MissingWeightsError
 from tests.tiny_weights.blip import IMAGE_SIZE, write_tiny_blip
+from tests.tiny_weights.midas import write_tiny_dpt
 
 
 def images() -> list[np.ndarray]:
@@ -146,6 +147,15 @@ def test_nan_or_inf_weights_are_refused_in_one_line(weights_dir: Path, tmp_path:
     with pytest.raises(ValueError, match="is not the BLIP captioner: NaN or inf in 1 of") as error:
         BlipCaptioner(weights=str(tmp_path), device="cpu")
     assert str(folder) in str(error.value) and name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_folder_of_other_weights_is_our_one_line_without_transformers_report(tmp_path: Path,
+                                                                               transformers_log: list[str]) -> None:
+    """transformers printed its load report (~100 lines of missing and unexpected keys) before our one line."""
+    write_tiny_dpt(tmp_path / "dpt").rename(tmp_path / HF_FOLDER)  # MiDaS's files under BLIP's name
+    with pytest.raises(ValueError, match="is not the BLIP captioner: its weights lack") as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    assert "\n" not in str(error.value) and transformers_log == []
 
 
 def test_a_folder_missing_weights_or_its_tokenizer_is_refused_not_run_random(weights_dir: Path,

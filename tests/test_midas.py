@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -303,6 +305,27 @@ def test_nan_or_inf_weights_are_refused_in_either_layout(hf_dir: Path, original_
     torch.save(original, tmp_path / ORIGINAL_FILE)
     with pytest.raises(ValueError, match=f"{ORIGINAL_FILE} is not the MiDaS DPT-Hybrid checkpoint.*NaN or inf in 1 of"):
         MidasAnnotator(weights=str(tmp_path), device="cpu")
+
+
+def test_a_folder_of_other_weights_is_our_one_line_without_transformers_report(hf_dir: Path, tmp_path: Path,
+                                                                               transformers_log: list[str]) -> None:
+    """transformers printed its load report (~100 lines of missing and unexpected keys) before our one line; its
+    logging is as it was after."""
+    shutil.copytree(write_tiny_blip(tmp_path / "blip"), tmp_path / "w" / HF_FOLDER)  # BLIP's files, MiDaS's name
+    library = logging.getLogger("transformers")
+    before = (library.handlers[:], library.propagate)
+    with pytest.raises(ValueError, match="is not MiDaS DPT-Hybrid.*lack") as err:
+        MidasAnnotator(weights=str(tmp_path / "w"), device="cpu")
+    assert "\n" not in str(err.value)
+    assert transformers_log == []
+    assert (library.handlers, library.propagate) == before
+    # other shapes than its config's: transformers' error pointed at "the above report", which is not printed now
+    folder = Path(shutil.copytree(hf_dir / HF_FOLDER, tmp_path / "m" / HF_FOLDER))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "fusion_hidden_size": 32}))
+    with pytest.raises(ValueError, match=r"shapes differ from its config's, e\.g\. .+: .*ckpt: torch\.Size") as err:
+        model_from_folder(folder)
+    assert "\n" not in str(err.value) and transformers_log == []
 
 
 def test_resolve_folder_uses_the_hub_cache_without_network(hf_dir: Path, empty_hub_cache: Path) -> None:

@@ -302,10 +302,14 @@ def make_local_output(output: str) -> None:
 
 
 def check_local_weights(weights: str | None) -> None:
-    """A local --weights folder that is not there, one line before Ray starts (each actor found it missing)."""
+    """A local --weights that is not there, or is a file, one line before Ray starts (each actor found the published
+    file names missing in it)."""
     local = local_path(weights) if weights else None
     if local is not None and not local.exists():
         raise FileNotFoundError(f"--weights {weights}: no such folder")
+    if local is not None and not local.is_dir():
+        raise ValueError(f"--weights {weights}: not a folder; pass the folder holding the weights by their "
+                         f"published file names")
 
 
 def run(cfg: BuildConfig) -> int:

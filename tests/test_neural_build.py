@@ -83,6 +83,16 @@ def test_make_dataset_with_blip_captions(task, weights, small_input, tmp_path, r
         assert manifest["totals"]["ok"] == 12
 
 
+def test_weights_naming_a_file_is_one_line_before_ray(weights, small_input, tmp_path, capsys):
+    """--weights takes a folder: a file there passed the driver's check, and each actor found no published file
+    under it."""
+    assert build_dataset(["--task", "hed", "--input", str(small_input), "--output", str(tmp_path / "o"),
+                          "--weights", str(weights / "ControlNetHED.pth")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --weights") and "ControlNetHED.pth: not a folder" in last, last
+    assert not (tmp_path / "o").exists()  # refused before the job made its output, let alone started actors
+
+
 def test_missing_weights_are_one_clear_line(small_input, tmp_path, python, ray_session):
     """A --weights folder without the file is one line naming it; a --weights folder that is not there is one line
     before Ray starts (each actor found it missing)."""

@@ -301,20 +301,24 @@ def make_local_output(output: str) -> None:
         fs.makedirs(f"{path.rstrip('/')}/{fmt.SHARDS_DIR}", exist_ok=True)
 
 
-def check_local_weights(weights: str | None) -> None:
+def check_local_weights(cfg: BuildConfig) -> None:
     """A local --weights that is not there, or is a file, one line before Ray starts (each actor found the published
-    file names missing in it)."""
-    local = local_path(weights) if weights else None
-    if local is not None and not local.exists():
-        raise FileNotFoundError(f"--weights {weights}: no such folder")
-    if local is not None and not local.is_dir():
-        raise ValueError(f"--weights {weights}: not a folder; pass the folder holding the weights by their "
+    file names missing in it). MiDaS alone also loads its original checkpoint named as a file, as before."""
+    local = local_path(cfg.weights) if cfg.weights else None
+    if local is None:
+        return
+    if not local.exists():
+        raise FileNotFoundError(f"--weights {cfg.weights}: no such folder")
+    midas_checkpoint = (cfg.tasks == ("midas",) and cfg.caption not in {"blip", "auto"}
+                        and local.suffix in {".pt", ".pth"})
+    if not local.is_dir() and not midas_checkpoint:
+        raise ValueError(f"--weights {cfg.weights}: not a folder; pass the folder holding the weights by their "
                          f"published file names")
 
 
 def run(cfg: BuildConfig) -> int:
     """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
-    check_local_weights(cfg.weights)
+    check_local_weights(cfg)
     with storage_setup(cfg.output):
         shards = list_input_shards(cfg.input, cfg.files_per_shard)
         committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}

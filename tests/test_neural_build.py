@@ -93,6 +93,20 @@ def test_weights_naming_a_file_is_one_line_before_ray(weights, small_input, tmp_
     assert not (tmp_path / "o").exists()  # refused before the job made its output, let alone started actors
 
 
+def test_the_midas_checkpoint_named_as_a_file_is_still_taken_alone(tmp_path):
+    """MiDaS's loader takes its original checkpoint named as a file: a midas-only job given one passes the driver's
+    check; with HED or BLIP beside it, which look up files in a folder, it is refused."""
+    from pipeline.build import check_local_weights
+    from pipeline.config import BuildConfig
+
+    checkpoint = tmp_path / "dpt_hybrid-midas-501f0c75.pt"
+    checkpoint.write_bytes(b"")
+    check_local_weights(BuildConfig(task="midas", weights=str(checkpoint), caption="none"))
+    for task, caption in (("hed,midas", "none"), ("midas", "blip")):
+        with pytest.raises(ValueError, match="not a folder"):
+            check_local_weights(BuildConfig(task=task, weights=str(checkpoint), caption=caption))
+
+
 def test_missing_weights_are_one_clear_line(small_input, tmp_path, python, ray_session):
     """A --weights folder without the file is one line naming it; a --weights folder that is not there is one line
     before Ray starts (each actor found it missing)."""

@@ -256,8 +256,8 @@ def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS if set, else start a local one without the dashboard (the job prints its own
     progress; the dashboard's processes add ~2 s to a local start on 2 cores); a caller's session is reused."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
-                 configure_logging=False)
+        fmt.join_ray(os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
+                     configure_logging=False)
         if threading.current_thread() is threading.main_thread():
             # ray.init leaves its core worker's C++ failure handler on SIGTERM, which logs and aborts (exit 134, no
             # line; a stop of the whole process group met it): Python's handler (ray.init's own, sys.exit) set
@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     joined_here = not ray.is_initialized()
     try:
         return run(cfg)
-    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError) as e:  # bad input,
-        # config, weights or storage: one line
+    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError,
+            fmt.ClusterUnreachable) as e:  # bad input, config, weights, storage or cluster: one line
         if joined_here and ray.is_initialized():
             ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)

@@ -447,3 +447,40 @@ def url_within(url: str, folder: str, root: str) -> str:
 def subset_manifest(shards: list[str], keys: list[str], task: str) -> dict[str, object]:
     """The JSON object of a subset manifest."""
     return {SUBSET_TASK: task, SUBSET_SHARDS: list(shards), SUBSET_KEYS: sorted(keys)}
+
+
+class ClusterUnreachable(RuntimeError):
+    """RAY_ADDRESS names a cluster this driver cannot reach: one line, where ray.init waited without end (a
+    HOST:PORT nothing listens on) or raised a traceback ('auto' with no cluster)."""
+
+
+def ray_address_refusal(address: str | None, timeout_s: float = 10.0) -> str | None:
+    """Why the cluster RAY_ADDRESS names does not answer, in a line; None when its head's port takes a connection,
+    or when ray.init answers the address itself ('auto', 'local', ray:// through Ray Client's own timeout).
+    Shared by the dataset job's and the trainer's drivers, as write_refusal is."""
+    if not address or address in {"auto", "local"} or "://" in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return f"RAY_ADDRESS={address!r} is not HOST:PORT (a cluster head's GCS address), 'auto' or ray://"
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        return (f"RAY_ADDRESS={address}: no Ray cluster answers there ({type(e).__name__}: {e}); start its head "
+                f"(ray start --head) or unset RAY_ADDRESS to start a cluster in this process")
+    return None
+
+
+def join_ray(address: str | None, **init_kwargs: Any) -> None:
+    """ray.init(address, ...), an address no cluster answers at raised as ClusterUnreachable (one line) first."""
+    import ray
+
+    refusal = ray_address_refusal(address)
+    if refusal:
+        raise ClusterUnreachable(refusal)
+    try:
+        ray.init(address=address, **init_kwargs)
+    except ConnectionError as e:  # 'auto' with no cluster on this node
+        raise ClusterUnreachable(f"RAY_ADDRESS={address}: {(str(e).splitlines() or [''])[0]}") from None

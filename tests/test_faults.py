@@ -299,6 +299,46 @@ def test_the_trainer_refuses_values_it_could_only_fail_on_later(args, message, c
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_addresses_that_name_no_cluster_are_told_apart():
+    import socket
+
+    from pipeline.format import ray_address_refusal
+
+    assert "Connection refused" in ray_address_refusal(f"127.0.0.1:{closed_port()}")
+    assert "is not HOST:PORT" in ray_address_refusal("head-node")
+    with socket.socket() as listening:  # a head's port that takes connections: ray.init is left to it
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert ray_address_refusal(f"127.0.0.1:{listening.getsockname()[1]}") is None
+    assert all(ray_address_refusal(a) is None for a in (None, "", "auto", "local", "ray://head:10001"))
+
+
+def test_an_unreachable_ray_address_is_one_line_from_each_driver(python, sample_shards, canny64, tmp_path):
+    """RAY_ADDRESS naming a port nothing listens on: ray.init waited on it for good (over 5 minutes here, its GCS
+    client logging a warning every 30 s); now both drivers say so in one line, exit 2, before any work."""
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{closed_port()}"}
+    commands = {"dataset job": [python, "-m", "pipeline.build", "--input", str(sample_shards),
+                                "--output", str(tmp_path / "o")],
+                "trainer": [python, "train/run.py", "--data", str(canny64), "--num-workers", "1", "--run-name", "t",
+                            "--storage-path", str(tmp_path / "runs")]}
+    for driver, command in commands.items():
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
+                             cwd=Path(__file__).resolve().parent.parent)
+        last = run.stderr.strip().splitlines()[-1]
+        assert run.returncode == 2 and last.startswith(f"error: RAY_ADDRESS={env['RAY_ADDRESS']}: "), \
+            (driver, run.stderr[-2000:])
+        assert "no Ray cluster answers there" in last and "Traceback" not in run.stderr, (driver, run.stderr[-2000:])
+
+
 def test_the_preset_choices_are_the_presets():
     import typing
 

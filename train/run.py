@@ -19,6 +19,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import WorkerCallback  # a DeveloperAPI, which RunConfig passes on
 
+from pipeline.format import ClusterUnreachable, join_ray
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
 from train.loop import train_loop_per_worker
@@ -134,7 +135,7 @@ def join_or_start_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or None
     quiet = {"worker_process_setup_hook": "train.tracking.quiet_placement_group_cleaner"}
-    ray.init(address=address, include_dashboard=False, configure_logging=False, runtime_env=None if address else quiet)
+    join_ray(address, include_dashboard=False, configure_logging=False, runtime_env=None if address else quiet)
     _cluster_started_here = address is None
 
 
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer = build_trainer(cfg)  # refuses a mismatched resume before it starts Ray
-    except ResumeMismatch as e:
+    except (ResumeMismatch, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with exit_on_sigterm(), SignalLog() as signals:

@@ -218,12 +218,18 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         todo.append(cfg)
     slots = 1
+    if todo and base.num_workers > 0:  # RAY_ADDRESS checked once, before any size trains
+        from pipeline.format import ClusterUnreachable
+        from train.run import join_or_start_ray
+
+        try:
+            join_or_start_ray()
+        except ClusterUnreachable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if todo and base.num_workers > 0 and args.concurrent != 1:
         import ray
 
-        from train.run import join_or_start_ray
-
-        join_or_start_ray()
         per_run = run_resources(base)
         slots = concurrent_runs(per_run, ray.available_resources(), len(todo), args.concurrent)
         print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "

@@ -1,7 +1,8 @@
 """the output shard format: the one contract between the dataset job and the trainer. It names the files and
 members, and it is the one place that lists a dataset's committed shards and reads their stats, indexes and the
-manifest (the dataset job, the trainer, the preview and the subsets all read through it), and how both sides ride
-out an outage of the storage they share."""
+manifest (the dataset job, the trainer, the preview and the subsets all read through it), how both sides ride
+out an outage of the storage they share and find the cluster they share, and the command line both sides' jobs
+parse."""
 from __future__ import annotations
 
 import hashlib
@@ -484,3 +485,36 @@ def join_ray(address: str | None, **init_kwargs: Any) -> None:
         ray.init(address=address, **init_kwargs)
     except ConnectionError as e:  # 'auto' with no cluster on this node
         raise ClusterUnreachable(f"RAY_ADDRESS={address}: {(str(e).splitlines() or [''])[0]}") from None
+
+
+def help_paragraphs(docstring: str) -> str:
+    """A field's or class's docstring as --help shows it: the lines of a paragraph joined, a list item ('- ', '* ')
+    on a line of its own, paragraphs apart."""
+    out: list[str] = []
+    for line in (line.strip() for line in docstring.strip().splitlines()):
+        if not line:
+            if out and out[-1] != "\n\n":
+                out.append("\n\n")
+        elif out and out[-1] != "\n\n":
+            out.append(("\n" if line.startswith(("- ", "* ")) else " ") + line)
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def cli(cls: type, args: list[str] | None = None, **kwargs: Any) -> Any:
+    """tyro.cli, each flag's help its field docstring as paragraphs: tyro 1.0 kept the docstring's line breaks
+    (docstring_parser leaves the continuation lines indented, and tyro keeps a break before a line that does not
+    start with a letter), so --help cut its sentences where the source wraps them. Only the field docstrings'
+    reader is given help_paragraphs; the description above keeps its lines, which argparse prints as they are."""
+    import types
+
+    import tyro
+    from tyro import _docstrings
+
+    tyro_own = _docstrings._strings
+    _docstrings._strings = types.SimpleNamespace(**{**vars(tyro_own), "remove_single_line_breaks": help_paragraphs})
+    try:
+        return tyro.cli(cls, args=args, **kwargs)
+    finally:
+        _docstrings._strings = tyro_own

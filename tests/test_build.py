@@ -335,6 +335,28 @@ def test_resume_after_the_driver_is_killed(sample_shards, tmp_path, ray_session,
     assert not list((out / "shards").glob("*.tmp*")) and not (out / "shards" / "_staging").exists()
 
 
+@pytest.mark.parametrize("command, config", [("-m pipeline.build", "pipeline.config:BuildConfig"),
+                                             ("train/run.py", "train.config:TrainConfig"),
+                                             ("train/sweep.py", "train.sweep:SweepConfig")])
+def test_help_flows_a_flags_docstring_as_one_paragraph(command, config, python):
+    """tyro 1.0 kept each line break of a field's docstring (its continuation lines, indented, start with a space),
+    so --help cut sentences where the source wraps them: 'a folder' and 'of images' on two lines."""
+    import importlib
+
+    import docstring_parser
+
+    module, name = config.split(":")
+    docs = [p.description for p in docstring_parser.parse_from_object(getattr(importlib.import_module(module), name))
+            .params if p.description and "\n" in p.description.strip()]
+    run = subprocess.run([python, *command.split(), "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "1000"}, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0 and docs, run.stderr[-2000:]
+    for doc in docs:  # the words either side of the docstring's first line break, on one line of the help
+        first, second = doc.strip().splitlines()[:2]
+        joint = f"{first.split()[-1]} {second.split()[0]}"
+        assert any(joint in line for line in run.stdout.splitlines()), (joint, doc)
+
+
 def test_cli_help_and_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

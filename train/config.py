@@ -241,13 +241,13 @@ PRESETS = {"debug": debug, "toy": toy, "sd15": sd15, "sd21": sd21}
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """--preset picks the defaults; every other flag overrides a field (see --help)."""
-    import tyro  # here, not at the top: the trainer's workers and the GPU check need the config, not the CLI
+    from pipeline.format import cli  # here, not at the top: the trainer's workers and the GPU check need the config
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="debug")
     known, _ = pre.parse_known_args(argv)
     preset = known.preset if known.preset in PRESETS else "debug"  # a bad --preset: tyro's message, below
-    return tyro.cli(
+    return cli(
         TrainConfig,
         default=dataclasses.replace(PRESETS[preset](), preset=preset),
         args=argv,

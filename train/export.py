@@ -358,7 +358,9 @@ def refuse(message: str) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(ExportArgs, args=argv, prog="python -m train.export")
+    from pipeline.format import cli
+
+    args = cli(ExportArgs, args=argv, prog="python -m train.export")
     if "://" in args.out:
         refuse(f"--out {args.out}: exports are written locally; copy them to object storage afterwards "
                "(e.g. aws s3 cp --recursive)")

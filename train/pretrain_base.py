@@ -191,9 +191,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tyro
+    from pipeline.format import cli
 
-    cfg = tyro.cli(PretrainConfig, args=argv, prog="python -m train.pretrain_base")
+    cfg = cli(PretrainConfig, args=argv, prog="python -m train.pretrain_base")
     try:
         pretrain(cfg)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -282,9 +282,9 @@ class ReportArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tyro
+    from pipeline.format import cli
 
-    args = tyro.cli(ReportArgs, args=argv, prog="python -m train.report")
+    args = cli(ReportArgs, args=argv, prog="python -m train.report")
     try:
         report = write_report(args.runs, args.storage_path, args.wandb, args.curve)
     except FileNotFoundError as e:

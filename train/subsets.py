@@ -430,9 +430,9 @@ class SubsetsArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tyro
+    from pipeline.format import cli
 
-    args = tyro.cli(SubsetsArgs, args=argv, prog="python -m train.subsets")
+    args = cli(SubsetsArgs, args=argv, prog="python -m train.subsets")
     try:
         written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards,
                                args.condition, args.materialize, args.samples_per_shard)

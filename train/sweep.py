@@ -175,10 +175,10 @@ class SweepConfig:
 
 def parse(argv: list[str]) -> tuple[SweepConfig, list[str]]:
     """The sweep's own flags (tyro, as the trainer's), and the trainer overrides after `--`."""
-    import tyro
+    from pipeline.format import cli
 
     own, overrides = split_overrides(argv)
-    return tyro.cli(SweepConfig, args=own, prog="python train/sweep.py"), overrides
+    return cli(SweepConfig, args=own, prog="python train/sweep.py"), overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,6 +403,9 @@ def test_a_local_base_missing_a_part_the_trainer_loads_is_one_line(tmp_path, cap
     (base / "model_index.json").write_text("{'unet': ")
     assert train(["--base-model", "base", "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --base-model base: model_index.json is not JSON (")
+    # a typo in a folder that is here: 'org/name' to the loader, which asked the hub for ~30 s, then a traceback
+    assert train(["--base-model", "base/typo", "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --base-model base/typo: no model_index.json there")
 
 
 def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_endpoint, tmp_path, capsys):

@@ -104,7 +104,7 @@ def local_model_folder(base_model: str) -> str:
 
 
 def check_local_base_model(base_model: str) -> None:
-    """A --base-model given as a local path (absolute, ./, ../, ~, file://, or a folder here) must be a diffusers
+    """A --base-model given as a local path (absolute, ./, ../, ~, file://, or in a folder here) must be a diffusers
     model folder: a typo is one line on the driver, not a hub lookup in every worker after Ray starts. Hub ids
     ("org/name") and other URLs are left to the loader, as are the models local_model_folder builds or ships
     (tiny-sd, toy_base)."""
@@ -113,7 +113,8 @@ def check_local_base_model(base_model: str) -> None:
     local = Path(base_model.removeprefix("file://")).expanduser()
     if local.name == "tiny-sd" or local.name in PACKAGED_MODELS:
         return
-    if not (local.is_absolute() or base_model.startswith((".", "~")) or local.exists()):
+    in_a_folder_here = len(local.parts) > 1 and local.parent.is_dir()  # 'data/nope': a typo, not the hub's org 'data'
+    if not (local.is_absolute() or base_model.startswith((".", "~")) or local.exists() or in_a_folder_here):
         return  # a hub id ('org/name'); a folder of that name here is what diffusers would load, and is checked
     if not (local / "model_index.json").is_file():
         raise FileNotFoundError(f"--base-model {base_model}: no model_index.json there (a local base is a folder in "

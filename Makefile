@@ -55,7 +55,7 @@ export WANDB_MODE ?= offline
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: help setup sample-data dataset demo train test lint bench preview subsets sweep cluster-up cluster-down \
-	submit-dataset submit-train cluster-local image repro toy-sweep clean gpu-wheels gpu-check constraints
+	submit-dataset submit-train cluster-local image repro toy-sweep clean gpu-wheels gpu-check constraints tiny-weights
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -87,6 +87,9 @@ sample-data: data/sample/shards/00000.tar ## build input shards from the photos 
 dataset: $(STAMP) $(if $(filter $(SAMPLE_INPUT),$(INPUT)),sample-data) ## build a dataset: make dataset TASK=canny (or canny,hed,midas,openpose) INPUT=... OUTPUT=... CAPTION=source WEIGHTS=...
 	$(PY) -m pipeline.build --task $(TASK) --input '$(INPUT)' --output $(OUTPUT) --caption $(CAPTION) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+tiny-weights: $(STAMP) ## tiny random HED, OpenPose, MiDaS and BLIP weights in data/tiny-weights, to run the neural tasks offline (noise maps)
+	$(PY) -m tests.tiny_weights data/tiny-weights
 
 demo: $(STAMP) sample-data ## the main jobs on the embedded defaults: photos -> Canny dataset; toy shapes -> a ControlNet that visibly learns
 	$(PY) -m pipeline.build --task canny --input data/sample/shards --output data/demo/canny

@@ -120,3 +120,16 @@ def test_missing_weights_are_one_clear_line(small_input, tmp_path, python, ray_s
         assert run.returncode == 2, run.stderr[-3000:]
         last = run.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and expected in last and "--weights" in last, last
+
+
+def test_tiny_weights_command_writes_what_each_model_looks_up(tmp_path, python):
+    """`make tiny-weights` (python -m tests.tiny_weights OUT), which the README gives for running the neural tasks
+    offline: every file the annotators and BLIP look up by its published name."""
+    from annotate import blip, hed, midas, openpose
+
+    run = subprocess.run([python, "-m", "tests.tiny_weights", str(tmp_path / "w")], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for name in (hed.WEIGHT_FILE, openpose.WEIGHT_FILE, f"{midas.HF_FOLDER}/config.json",
+                 f"{blip.HF_FOLDER}/config.json"):
+        assert (tmp_path / "w" / name).is_file(), name

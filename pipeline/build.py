@@ -399,8 +399,10 @@ def run(cfg: BuildConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BuildConfig, argv, prog="python -m pipeline.build")
     joined_here = not ray.is_initialized()
+    signals = fmt.SignalLog()
     try:
-        return run(cfg)
+        with signals:
+            return run(cfg)
     except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError,
             fmt.ClusterUnreachable) as e:  # bad input, config, weights, storage or cluster: one line
         if joined_here and ray.is_initialized():
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit) as stop:
-        signum = stop_signal(stop)
+        signum = stop_signal(stop, signals.seen)
         if signum is None:
             raise
         if joined_here and ray.is_initialized():
@@ -417,12 +419,16 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum  # the shell's code for a command ended by that signal
 
 
-def stop_signal(stop: BaseException) -> int | None:
+def stop_signal(stop: BaseException, signals: set[int] = frozenset()) -> int | None:
     """The signal behind a stop: SIGINT for Ctrl-C, SIGTERM (`ray job stop`, a pod's eviction) for the
-    SystemExit(15) that Ray's driver handler makes of it; None for any other exit."""
-    if isinstance(stop, KeyboardInterrupt):
+    SystemExit(15) that Ray's driver handler makes of it, or either among the `signals` received (SignalLog): a
+    SIGTERM to the process group of a job that started its own cluster stopped the raylet too, and ray.wait's
+    SystemExit(1) came first. None for any other exit."""
+    if isinstance(stop, KeyboardInterrupt) or signal.SIGINT in signals:
         return signal.SIGINT
-    return signal.SIGTERM if isinstance(stop, SystemExit) and stop.code == signal.SIGTERM else None
+    if signal.SIGTERM in signals or (isinstance(stop, SystemExit) and stop.code == signal.SIGTERM):
+        return signal.SIGTERM
+    return None
 
 
 def interrupted_line(output: str) -> str:

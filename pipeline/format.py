@@ -5,13 +5,16 @@ out an outage of the storage they share and find the cluster they share, and the
 parse."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import posixpath
+import signal
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -518,3 +521,36 @@ def cli(cls: type, args: list[str] | None = None, **kwargs: Any) -> Any:
         return tyro.cli(cls, args=args, **kwargs)
     finally:
         _docstrings._strings = tyro_own
+
+
+class SignalLog:
+    """The signals this process receives while it is open, whichever Python handler takes them, or none yet: a
+    driver's stop is told from a failure by it. During the trainer's fit() on Ray workers, Ctrl-C goes to Ray
+    Train's own SIGINT handler: it aborts the run and calls sys.exit(0), which Ray's get() turns into
+    SystemExit(1), the code of any failure; SIGTERM to the process group of a dataset job that started its own
+    cluster stops the raylet too, and ray.wait raised SystemExit(1) before the driver's handler had run. The
+    interpreter writes each signal's number to its wakeup fd before a handler runs, so this log holds the signal
+    all the same. It logs nothing outside the main thread, where no handler runs."""
+
+    def __enter__(self) -> SignalLog:
+        self.seen: set[int] = set()
+        self._pipe, self._previous = None, -1
+        if threading.current_thread() is threading.main_thread():
+            self._pipe = os.pipe()
+            for end in self._pipe:
+                os.set_blocking(end, False)  # set_wakeup_fd requires it; a full pipe drops a number, not the process
+            self._previous = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        return self
+
+    def received(self) -> set[int]:
+        if self._pipe:
+            with contextlib.suppress(BlockingIOError):
+                self.seen.update(os.read(self._pipe[0], 1024))
+        return self.seen
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pipe:
+            self.received()  # `seen` keeps what came in while open
+            signal.set_wakeup_fd(self._previous)
+            for end in self._pipe:
+                os.close(end)

@@ -19,7 +19,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import WorkerCallback  # a DeveloperAPI, which RunConfig passes on
 
-from pipeline.format import ClusterUnreachable, join_ray
+from pipeline.format import ClusterUnreachable, SignalLog, join_ray
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
 from train.loop import train_loop_per_worker
@@ -280,36 +280,6 @@ def failure_cause(error: BaseException) -> str:
     error = getattr(error, "cause", None) or error  # a RayTaskError's own exception
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
-
-
-class SignalLog:
-    """The signals this process receives while it is open, whichever Python handler takes them. During fit() on
-    Ray workers, Ctrl-C goes to Ray Train's own SIGINT handler: it aborts the run and calls sys.exit(0), which
-    Ray's get() turns into SystemExit(1), the code of any failure. The interpreter writes each signal's number
-    to its wakeup fd before a handler runs, so this log holds the SIGINT all the same. It logs nothing outside the
-    main thread, where no handler runs."""
-
-    def __enter__(self) -> SignalLog:
-        self.seen: set[int] = set()
-        self._pipe, self._previous = None, -1
-        if threading.current_thread() is threading.main_thread():
-            self._pipe = os.pipe()
-            for end in self._pipe:
-                os.set_blocking(end, False)  # set_wakeup_fd requires it; a full pipe drops a number, not the process
-            self._previous = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
-        return self
-
-    def received(self) -> set[int]:
-        if self._pipe:
-            with contextlib.suppress(BlockingIOError):
-                self.seen.update(os.read(self._pipe[0], 1024))
-        return self.seen
-
-    def __exit__(self, *exc_info) -> None:
-        if self._pipe:
-            signal.set_wakeup_fd(self._previous)
-            for end in self._pipe:
-                os.close(end)
 
 
 def stopped_exit_code(stop: BaseException, signals: set[int] = frozenset()) -> int:

@@ -29,7 +29,8 @@ IMAGE ?= ghcr.io/OWNER/controlnet-data:latest
 GPUS ?= 16
 STORAGE ?= s3://BUCKET/controlnet/runs
 SIZES ?= 8,16,32
-SUBMIT = $(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . --
+# .git stays behind (Ray uploads the working dir, skipping what .gitignore names: .venv, data/)
+SUBMIT = $(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . --runtime-env-json '{"excludes": [".git"]}' --
 # the toy shapes: 32 px, Canny ranges that find the shapes' outlines only, lossless targets
 TOY_CANNY = --resolution 32 --canny-low 80 120 --canny-high-gap 60 100 --jpeg-quality 100
 BASE_ARGS ?=

@@ -315,7 +315,9 @@ def test_large_scale_export_reproduces_the_trainers_validation_sample(tmp_path, 
     out = tmp_path / "controlnet"
     export.main([str(ckpt), "--format", "diffusers", "--out", str(out)])
     unet_out = tmp_path / "controlnet-unet"
-    assert capsys.readouterr().out.split() == [str(out), str(unet_out)]
+    printed = capsys.readouterr()
+    assert printed.out.split() == [str(out), str(unet_out)]
+    assert printed.err.strip() == f"exporting {ckpt.name} of {ckpt} as diffusers (float32)", printed.err
 
     exported, trained = UNet2DConditionModel.from_pretrained(unet_out), trainer.base.unet.state_dict()
     original = UNet2DConditionModel.from_pretrained(base, subfolder="unet").state_dict()

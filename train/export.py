@@ -374,8 +374,10 @@ def main(argv: list[str] | None = None) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:  # (mkdir: a file where a folder goes)
             refuse(str(e))
+        exported = folder.parent.name if folder.name == CONTROLNET_DIR else folder.name
+        print(f"exporting {exported} of {args.checkpoint} as {args.format} ({args.dtype})", file=sys.stderr)
         for path in export(folder, args.format, out, DTYPES[args.dtype]):
-            print(path)
+            print(path)  # stdout: what was written, a line each (the ControlNet, the UNet when trained)
 
 
 if __name__ == "__main__":

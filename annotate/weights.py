@@ -68,6 +68,17 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def load_failure(error: BaseException) -> str:
+    """torch.load's failure in a line. For a file holding more than tensors, weights_only's refusal is a paragraph
+    advising weights_only=False, which would run the file's code: only what it found is kept."""
+    text = str(error)
+    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
+        found = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        found = found.split(" Please use ")[0]  # the allowlisting advice, for a file one trusts
+        return f"holds more than tensors, refused unread: {found}"[:200]
+    return one_line(error, 200)
+
+
 def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """A published .pth/.pt's tensors, read without running pickled code (weights_only). A file that is not one
     (cut short, another format, pickled objects) is a one-line ValueError naming the file and `what` it should
@@ -77,7 +88,7 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # RuntimeError (zip), UnpicklingError (weights_only), EOFError, ...
-        raise ValueError(f"{path} is not a readable {what} file ({type(e).__name__}: {one_line(e, 200)})") from None
+        raise ValueError(f"{path} is not a readable {what} file ({type(e).__name__}: {load_failure(e)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not the {what} state dict")
     return state

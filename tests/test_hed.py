@@ -60,9 +60,10 @@ def test_a_missing_or_extra_key_fails_loudly(tmp_path: Path, change: str) -> Non
     assert str(path) in str(err.value) and "\n" not in str(err.value)  # one line, as the job prints it
 
 
-@pytest.mark.parametrize("damage", ["cut short", "wrong shape", "not a dict"])
+@pytest.mark.parametrize("damage", ["cut short", "wrong shape", "not a dict", "pickled object"])
 def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
-    """torch's own messages run over many lines (load_state_dict lists every key); the job prints one."""
+    """torch's own messages run over many lines (load_state_dict lists every key); the job prints one. A file
+    holding more than tensors is refused unread, without torch's advice to load it with weights_only=False."""
     path = write_tiny_hed(tmp_path)
     if damage == "cut short":
         path.write_bytes(path.read_bytes()[:1000])
@@ -70,11 +71,16 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str
         state = tiny_hed_state_dict()
         state["block1.projection.weight"] = torch.zeros(1, 3, 1, 1)
         torch.save(state, path)
+    elif damage == "pickled object":
+        torch.save({**tiny_hed_state_dict(), "extra": Path("x")}, path)
     else:
         torch.save([torch.zeros(1)], path)
     with pytest.raises(ValueError) as err:
         load_hed(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+    if damage == "pickled object":
+        assert "holds more than tensors, refused unread: Unsupported global" in str(err.value)
+        assert "weights_only" not in str(err.value)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -148,11 +148,14 @@ def check_args(args: PreviewArgs) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
+    args = fmt.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
     args.dataset = check_args(args)
     tasks = fmt.dataset_tasks(fmt.read_manifest(args.dataset))
     counts = status_counts(args.dataset, tasks)
     samples = pick_samples(args.dataset, args.samples, args.seed)
+    if not samples and not fmt.committed_shards(args.dataset):
+        raise refuse(f"{args.dataset}: not a dataset (no committed shards/<name>.stats.json): preview reads what "
+                     "python -m pipeline.build wrote")
     if not samples:
         raise refuse(f"no written samples in {args.dataset} (counts: {counts})")
     out = Path(args.out or f"{Path(args.dataset.rstrip('/')).name}-preview.png")

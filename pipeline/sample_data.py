@@ -89,9 +89,9 @@ class SampleArgs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
+    from pipeline.format import cli
 
-    args = tyro.cli(SampleArgs, args=argv, prog="python -m pipeline.sample_data")
+    args = cli(SampleArgs, args=argv, prog="python -m pipeline.sample_data")
     paths = write_shards(Path(args.output), args.num_shards)
     print(f"wrote {len(PHOTOS) * 4} samples in {len(paths)} shards to {args.output}")
 

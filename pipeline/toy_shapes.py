@@ -98,9 +98,9 @@ class ShapesArgs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tyro
+    from pipeline.format import cli
 
-    args = tyro.cli(ShapesArgs, args=argv, prog="python -m pipeline.toy_shapes")
+    args = cli(ShapesArgs, args=argv, prog="python -m pipeline.toy_shapes")
     if not 1 <= args.num_shards <= args.samples or args.size < 8:  # empty shards, or shapes too small to draw
         print(f"error: need 1 <= --num-shards <= --samples and --size >= 8, not --samples {args.samples} "
               f"--num-shards {args.num_shards} --size {args.size}", file=sys.stderr)

@@ -148,6 +148,7 @@ def test_the_preview_cli_takes_a_manifest_path_and_refuses_what_it_cannot_show_i
     assert out.is_file() and "wrote" in capsys.readouterr().out
     for args, message in (([str(dataset / "subsets" / "8.json")], "not a subset manifest"),
                           ([str(tmp_path / "nothing")], "no such dataset folder"),
+                          ([str(dataset / "shards")], "not a dataset (no committed shards"),  # it said 'no samples'
                           ([str(dataset), "--samples", "0"], "--samples must be at least 1"),
                           ([str(dataset), "--out", "s3://b/x.png"], "written locally")):
         with pytest.raises(SystemExit) as stop:

@@ -51,11 +51,17 @@ def say(text: str) -> None:
 
 
 def quiet_placement_group_cleaner() -> None:
-    """Ray's worker_process_setup_hook for a cluster without the dashboard (train.run.join_or_start_ray): Ray
-    Train's placement-group cleaner warns there each second that the state API is down."""
+    """Ray's worker_process_setup_hook for the cluster a run starts itself (train.run.join_or_start_ray), which has
+    no dashboard: Ray Train's placement-group cleaner warns there each second that the state API is down. Its
+    state API also looks for 'the' cluster on the machine when RAY_ADDRESS is unset: beside another Ray instance
+    (another user's, a test session's) its thread died in a 30-line traceback, so each worker is told its own."""
     import logging
 
+    import ray
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    if ray.is_initialized():
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def run_id(run_name: str) -> str:

@@ -122,7 +122,8 @@ def require_finite(model: Any, path: str | os.PathLike, what: str) -> None:
 def quiet_transformers() -> Iterator[list[str]]:
     """transformers' log messages kept in the yielded list, not printed, then its logging as it was: a folder holding
     another model's weights printed its load report (~100 lines of missing and unexpected keys, as a warning)
-    before our one line, which says the same."""
+    before our one line, which says the same. Its 'Loading weights' bar is off too: each actor's reached the
+    terminal through Ray's log stream, often after the job's summary."""
     import logging
 
     from transformers.utils import logging as hf_logging
@@ -134,12 +135,15 @@ def quiet_transformers() -> Iterator[list[str]]:
             kept.append(record.getMessage())
 
     library = hf_logging.get_logger()  # "transformers", whose handler prints
-    handlers, propagate = library.handlers[:], library.propagate
+    handlers, propagate, bars = library.handlers[:], library.propagate, hf_logging.is_progress_bar_enabled()
     library.handlers, library.propagate = [Keep()], False
+    hf_logging.disable_progress_bar()
     try:
         yield kept
     finally:
         library.handlers, library.propagate = handlers, propagate
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def report_row(report: str, status: str) -> str | None:

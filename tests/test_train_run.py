@@ -380,3 +380,25 @@ def test_a_results_file_cut_short_is_taken_as_not_written_and_one_is_written_who
 
     assert json.dumps(strict_json({"start": float("nan"), "history": [{"loss": float("inf")}, {"loss": 0.5}]}),
                       allow_nan=False) == '{"start": null, "history": [{"loss": null}, {"loss": 0.5}]}'
+
+
+def test_a_resume_whose_held_out_samples_changed_is_refused(canny64, tmp_path_factory, tmp_path, capsys):
+    """The dataset grew by a shard between two segments (the dataset job resumed with more input, or subsets were
+    made again): the last shard, which a whole dataset holds out, was another, and the resumed run scored its
+    curves on other samples from there on, under the same run, with nothing said."""
+    from train.run import main as train
+
+    data = copy_dataset(canny64, tmp_path_factory, "grows")
+    last = sorted((data / "shards").glob("*.stats.json"))[-1]
+    aside = tmp_path / last.name
+    last.rename(aside)  # not committed yet: the dataset as the first segment saw it
+    args = ["--data", str(data), "--storage-path", str(tmp_path / "runs"), "--run-name", "grows", "--wandb", "off",
+            "--validate-every", "2", "--checkpoint-every", "2", "--validation-samples", "2", "--validation-steps", "2"]
+    assert train([*args, "--max-steps", "2"]) == 0
+    aside.rename(last)  # the shard committed since
+    assert train([*args, "--max-steps", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "run grows's held-out samples changed since step 2" in err.strip().splitlines()[-1], err[-2000:]
+    assert step_of(latest_checkpoint(str(tmp_path / "runs"), "grows")) == 2  # nothing trained on the other set
+    last.rename(aside)
+    assert train([*args, "--max-steps", "4"]) == 0  # on the data it started on, it resumes

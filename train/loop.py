@@ -45,8 +45,9 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # (step, loss, ...) of every logged step
     resumed_from: int | None = None
     fidelity: dict[str, Any] = field(default_factory=dict)  # curves with their detected convergence and mAUCC
-    validation: dict[str, Any] = field(default_factory=dict)  # the held-out set: its shards and keys (not saved:
-    # it is drawn again, identically, at every start)
+    validation: dict[str, Any] = field(default_factory=dict)  # the held-out set: its shards and keys (drawn again,
+    # identically, at every start from the same data; checkpoints keep its keys' hash, which a resume compares)
+    validation_sha256: str = ""  # of the keys the run's curves were scored on ("": none yet, or an older checkpoint)
     train_seconds: float = 0.0  # wall time of the run (loading, validating, training) to its last checkpoint, summed
     # over every segment (resumes)
     samples_seen: int | None = 0  # summed over every segment, whatever its number of ranks (None: a checkpoint
@@ -239,6 +240,7 @@ class Trainer:
             "stream": json.dumps(self.state.stream),
             "unrecorded": json.dumps(self.state.unrecorded),
             "wandb_id": self.state.wandb_id or "",
+            "validation_sha256": self.state.validation_sha256,
             "train_seconds": self.state.train_seconds,
             "samples_seen": self.state.samples_seen,
             "gpu_seconds": self.state.gpu_seconds,
@@ -283,7 +285,8 @@ class Trainer:
                                 samples_seen=state.get("samples_seen"), gpu_seconds=state.get("gpu_seconds"),
                                 stream=json.loads(state.get("stream", "[]")),
                                 unrecorded=json.loads(state.get("unrecorded", "[]")),
-                                wandb_id=state.get("wandb_id") or None)
+                                wandb_id=state.get("wandb_id") or None,
+                                validation_sha256=state.get("validation_sha256", ""))
         mine = self.state.stream[self.rank] if self.rank < len(self.state.stream) else []
         self.cursors = [tuple(at) if at else None for at in mine]
 
@@ -424,6 +427,16 @@ class Validation:
         return f"{self.tracker.primary} {point[1]:.3f} (step {point[0]})" if point else ""
 
 
+class ValidationChanged(ValueError):
+    """A resumed run drew other held-out samples than its checkpoint's curves were scored on."""
+
+
+def keys_sha256(keys: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
 def start_validation(trainer: Trainer, source) -> Validation:
     """Draw the validation set (distinct keys, one pass, chosen by key hash) and build the fidelity annotator
     from the validation data's own dataset settings; the tracker continues the curves the state restored."""
@@ -435,6 +448,13 @@ def start_validation(trainer: Trainer, source) -> Validation:
     cfg = trainer.cfg
     vset = ValidationSet.of(lowest_key_hashes(source, cfg.validation_samples, cfg.resolution))
     trainer.state.validation = {"shards": source.urls, "keys": vset.keys}
+    drawn = keys_sha256(vset.keys)
+    if trainer.state.validation_sha256 and trainer.state.validation_sha256 != drawn:
+        raise ValidationChanged(f"run {cfg.run_name}'s held-out samples changed since step {trainer.state.step} "
+                                f"(its data changed: a dataset grown by shards, subsets made again): its curves "
+                                f"would join scores on two validation sets; resume it on the data it started on, "
+                                f"or start another --run-name")
+    trainer.state.validation_sha256 = drawn
     if len(vset.keys) < cfg.validation_samples:
         say(f"validation: only {len(vset.keys)} distinct usable samples in the held-out data "
             f"({cfg.validation_samples} asked for)")

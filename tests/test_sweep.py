@@ -90,6 +90,12 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: run abl-8 was started with other settings: lr 0.0001 -> 0.001")
     assert "another --run-prefix" in error and "\n" not in error
+    # ... and a size added to the group at another rate trained, and was reported beside them as one experiment
+    assert sweep(["--dataset", str(dataset), "--sizes", "24", "--preset", "debug", "--run-prefix", "abl",
+                  "--storage-path", str(storage), "--", "--max-steps", "4", *TRAIN, "--lr", "1e-3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: run abl-16 of the sweep abl was trained with other settings: lr 0.0001 -> 0.001")
+    assert not (storage / "abl-24").exists() and "\n" not in error
 
 
 def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):

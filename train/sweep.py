@@ -51,6 +51,21 @@ def run_config(base: TrainConfig, subset: dict, prefix: str) -> TrainConfig:
                                dataset_size=subset["size"], validation_data=validation)
 
 
+def group_mismatch(cfg: TrainConfig, prefix: str, these_sizes: set[str]) -> str | None:
+    """Why the sweep's other sizes on storage (runs of its group that this --sizes leaves out) would not compare
+    with these: their experiment settings but the data (train.config.resume_mismatch). A size added later with
+    another learning rate was trained, and reported beside the others as one experiment."""
+    from train.config import resume_mismatch
+    from train.report import load_runs
+
+    for name, results in load_runs(cfg.storage_path, prefix).items():
+        differences = [d for d in resume_mismatch(results.get("config") or {}, cfg) if not d.startswith("data ")]
+        if name not in these_sizes and differences:
+            return (f"run {name} of the sweep {prefix} was trained with other settings: {'; '.join(differences)}; "
+                    f"its report would mix two experiments: use the same values, or another --run-prefix")
+    return None
+
+
 def is_finished(results: dict | None, max_steps: int) -> bool:
     return results is not None and results.get("final_step", 0) >= max_steps
 
@@ -196,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from train.run import check_data, checkpoint_to_resume, prepare_base_model, with_absolute_paths
 
+    try:
+        these = [run_config(base, subset, args.run_prefix) for subset in subsets]
+        mixed = group_mismatch(with_absolute_paths(prepare_base_model(these[0])), args.run_prefix,
+                               {cfg.run_name for cfg in these})
+    except (FileNotFoundError, ValueError) as e:  # a --run-prefix that is no folder name, a base that is not one
+        mixed = str(e)
+    if mixed:
+        print(f"error: {mixed}", file=sys.stderr)
+        return 2
     todo = []
     for subset in subsets:
         try:  # every size, finished ones too: a finished run of other settings would be reported as this sweep's

@@ -60,6 +60,7 @@ def test_sizes_parse_in_the_papers_forms():
     assert [parse_size(s) for s in ("500", "1k", "10K", "50k", "500k", "3m", "1.5k")] == \
         [500, 1000, 10_000, 50_000, 500_000, 3_000_000, 1500]
     assert parse_sizes("3m,1k, 10k,1000") == [1000, 10_000, 3_000_000]
+    assert [parse_size(s) for s in ("1.001k", "1.003k", "2.3k", "1.0001m")] == [1001, 1003, 2300, 1_000_100]  # exact
     assert [size_label(n) for n in (500, 1000, 1500, 3_000_000, 2_500_000)] == ["500", "1k", "1500", "3m", "2500k"]
     for bad in ("", "k", "0", "-5", "1.2345k", "1g", "ten"):
         with pytest.raises(ValueError):

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -57,8 +58,8 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"bad size {text!r}: expected a count such as 500, 1k, 10k, 3m")
     number, unit = match.groups()
-    value = float(number) * _UNITS[unit]
-    if value != int(value) or value < 1:
+    value = Fraction(number) * _UNITS[unit]  # exact: 1.001k is 1001, where 1.001 * 1000 is 1000.9999999999999
+    if value.denominator != 1 or value < 1:
         raise ValueError(f"bad size {text!r}: not a positive whole number of samples")
     return int(value)
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,7 +186,7 @@ DEFAULT_VARIANTS = sorted(name for name in VARIANTS if "compiled" not in name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m bench.trainer_speed", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-script", type=Path, help="diffusers' examples/controlnet/train_controlnet.py")
     parser.add_argument("--peer-venv", type=Path, default=REPO / "bench" / "results" / "peer-venv",
@@ -195,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of each trainer, alternating (default: %(default)s)")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=DEFAULT_VARIANTS,
                         help="which of our variants to time (default: all but the compiled one)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "trainer_speed.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "trainer_speed.json",
+                        help="the JSON written beside the printed table (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.steps < WARMUP_STEPS + 2:  # the median is over the steps after the warm-up: there must be one
+        parser.error(f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.peer_script and not args.peer_script.is_file():
         parser.error(f"--peer-script {args.peer_script}: no such file")
     work = Path(tempfile.mkdtemp(prefix="trainer-speed-"))
@@ -237,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats, "cpus": len(os.sched_getaffinity(0))}
     args.out.write_text(json.dumps({"settings": settings, "dataset_job": job, "rows": rows,
                                     "runs": {k: [asdict(t) for t in v] for k, v in RUNS.items()}}, indent=1))
+    for made in work.iterdir():  # the base, datasets and checkpoints (~50 MB a run): the logs alone are kept
+        if made.suffix != ".log":
+            shutil.rmtree(made) if made.is_dir() else made.unlink()
     print(f"wrote {args.out} (logs in {work})")
     return 0
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.trainer_speed import Timing, summarize, to_markdown, with_bytecode
 
 
@@ -26,3 +28,12 @@ def test_the_runs_write_bytecode_whatever_the_callers_environment_says():
     env = with_bytecode({**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     probe = [sys.executable, "-c", "import sys; print(sys.dont_write_bytecode)"]
     assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_too_few_steps_to_time_are_refused_before_any_work(capsys):
+    """--steps 1 ran every variant, then divided by zero (no step after the warm-up), and wrote no JSON."""
+    from bench.trainer_speed import WARMUP_STEPS, main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--steps", "1"])
+    assert exit_.value.code == 2 and f"--steps must be at least {WARMUP_STEPS + 2}" in capsys.readouterr().err

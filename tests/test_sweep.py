@@ -137,13 +137,15 @@ def fake_run(storage: Path, name: str, size: int | None, group: str | None, step
         {"config": config, "final_step": steps[-1], "history": [], "fidelity": fidelity}))
 
 
-def test_report_table_compares_over_the_common_steps(tmp_path):
+def test_report_table_compares_over_the_common_steps(tmp_path, capsys):
     fake_run(tmp_path, "abl-10k", 10_000, "abl", [0, 100, 200, 300], [0.1, 0.6, 0.7, 0.7], converged_at=100)
+    (tmp_path / "abl-100k" / "checkpoint_000001").mkdir(parents=True)  # still training: no results.json yet
     fake_run(tmp_path, "abl-1k", 1000, "abl", [0, 100, 200, 300, 400, 500], [0.1, 0.1, 0.1, 0.5, 0.7, 0.7],
              converged_at=300)
     fake_run(tmp_path, "abl-2-1k", 1000, "abl-2", [0, 100], [0.1, 0.2])  # another sweep's run: not ours
     runs = load_runs(str(tmp_path), "abl")
     assert sorted(runs) == ["abl-10k", "abl-1k"]
+    assert capsys.readouterr().err.strip() == f"[report] {tmp_path / 'abl-100k'} has no results.json yet: left out"
     rows, common = table(runs)
     assert common == 300  # the last step both runs reached
     assert [(r["size"], r["steps"], r["convergence_step"], r["final_fidelity"]) for r in rows] == \

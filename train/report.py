@@ -199,6 +199,11 @@ def load_runs(storage: str, prefix: str) -> dict[str, dict[str, Any]]:
     fs, root = fsspec.core.url_to_fs(storage)
     fs.invalidate_cache()
     found = fs.glob(f"{root.rstrip('/')}/{prefix}-*/{RESULTS}")
+    without = sorted(set(fs.glob(f"{root.rstrip('/')}/{prefix}-*/")) - {path.rsplit("/", 1)[0] for path in found})
+    for folder in without:  # a size still training, or whose results.json was lost: say so, not a row less
+        if fs.isdir(folder) and not folder.rstrip("/").endswith("-report"):
+            print(f"[report] {storage.rstrip('/')}/{folder.rstrip('/').rsplit('/', 1)[-1]} has no {RESULTS} yet: "
+                  "left out", file=sys.stderr, flush=True)
     runs = {}
     for path in sorted(found):
         try:
@@ -247,9 +252,10 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
     image.save(png, format="PNG")
     files = {f"{base}.md": markdown.encode(), f"{base}.csv": to_csv(rows, common, costs).encode(),
              f"{base}.png": png.getvalue()}
+    from pipeline.format import write_whole
+
     for url, data in files.items():
-        with fsspec.open(url, "wb") as f:
-            f.write(data)
+        write_whole(url, data)  # a report killed mid-write leaves the one before, not one cut short
     from train.tracking import wandb_mode
 
     config = next(iter(runs.values())).get("config", {})

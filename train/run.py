@@ -22,7 +22,7 @@ from ray.train.v2._internal.execution.callback import WorkerCallback  # a Develo
 from pipeline.format import ClusterUnreachable, SignalLog, join_ray
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
-from train.loop import train_loop_per_worker
+from train.loop import ValidationChanged, train_loop_per_worker
 from train.plots import curves_of
 from train.report import curve_text
 from train.tracking import plot_url, read_results, results_url, wandb_mode
@@ -270,14 +270,19 @@ def stopped_line(cfg: TrainConfig) -> str:
     return f"stopped: {resume_hint(cfg)}"
 
 
-def failure_cause(error: BaseException) -> str:
-    """The error that ended a run, in one line: the first failed rank's own error rather than Ray Train's wrapper
-    (WorkerGroupError, ControllerError), which repeats the worker's whole traceback."""
+def root_error(error: BaseException) -> BaseException:
+    """The first failed rank's own error rather than Ray Train's wrapper (WorkerGroupError, ControllerError), which
+    repeats the worker's whole traceback."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         error = failures[min(failures)]
     error = getattr(error, "controller_failure", None) or error
-    error = getattr(error, "cause", None) or error  # a RayTaskError's own exception
+    return getattr(error, "cause", None) or error  # a RayTaskError's own exception
+
+
+def failure_cause(error: BaseException) -> str:
+    """The error that ended a run, in one line (root_error's)."""
+    error = root_error(error)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
@@ -379,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             print(stopped_line(cfg), file=sys.stderr)
             return stopped_exit_code(stop, signals.received())
         except Exception as error:  # the traceback in full, then what it means for the run
+            if isinstance(root_error(error), ValidationChanged):  # a refusal, found once the worker drew the set
+                if ray.is_initialized():
+                    ray.shutdown()
+                print(f"error: {root_error(error)}", file=sys.stderr)
+                return 2
             traceback.print_exc()
             if ray.is_initialized():
                 ray.shutdown()

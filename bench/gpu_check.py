@@ -230,7 +230,8 @@ def environment(ctx: Context) -> dict[str, Any]:
                  "gpu_memory_gb": round(props.total_memory / 2**30, 1), "multiprocessors": props.multi_processor_count,
                  "bf16": torch.cuda.is_bf16_supported()}
     info["matmul_dtype"] = str(dtype).removeprefix("torch.")
-    info["matmul_tflops"] = round(matmul_tflops(ctx.device, ctx.sizes.matmul_n, dtype), 2)
+    # three significant figures, not two decimals: a loaded CPU's ~0.004 TFLOP/s rounded to 0.0, and the check failed
+    info["matmul_tflops"] = float(f"{matmul_tflops(ctx.device, ctx.sizes.matmul_n, dtype):.3g}")
     ctx.results["matmul_tflops"] = info["matmul_tflops"]
     return {"info": info, "checks": [check("matrix rate measured", info["matmul_tflops"] > 0,
                                            f"{info['matmul_tflops']} TFLOP/s ({info['matmul_dtype']})")]}

@@ -1,4 +1,4 @@
-"""our MiDaS and OpenPose maps equal those of the ControlNet 1.1 annotators users run at inference (controlnet_aux
+"""our HED, MiDaS and OpenPose maps equal those of the ControlNet 1.1 annotators users run at inference (controlnet_aux
 0.0.10), stage by stage: network input, raw outputs, keypoints, final map; on pseudo-random weights in the official
 layouts, and through the dataset job. Fixtures: tests/parity/make_fixtures.py, run in a separate virtualenv."""
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tests.parity.weights import openpose_state, pseudo_random_state, write_stat
 FIXTURES = Path(__file__).parent / "parity"
 MIDAS_IMAGES = (("coffee", 640),)  # the fixture's astronaut (512) runs through the dataset job below; MiDaS is slow
 OPENPOSE_IMAGES = (("astronaut", 512), ("chelsea", 512), ("coffee", 640))
+HED_IMAGES = ("astronaut", "camera", "rocket", "coffee")  # 512, 512 (grey), 384, 640 px: make_fixtures.HED_IMAGES
 
 
 def fixture(task: str) -> dict[str, np.ndarray]:
@@ -65,7 +66,31 @@ def weights(tmp_path_factory) -> Path:
                   if not k.startswith("pretrained.model.head.")]  # timm's classifier: unused, not loaded
     write_state(pseudo_random_state(midas_keys), folder / ORIGINAL_FILE)
     write_state(openpose_state([(published_key(k), tuple(v.shape)) for k, v in pose.items()]), folder / WEIGHT_FILE)
+    from annotate.hed import WEIGHT_FILE as HED_FILE
+    from annotate.hed import ControlNetHED_Apache2
+
+    hed = [(k, tuple(v.shape)) for k, v in ControlNetHED_Apache2().state_dict().items()]
+    write_state(pseudo_random_state(hed), folder / HED_FILE)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------------- HED
+
+
+@pytest.mark.parametrize("name", HED_IMAGES)
+def test_hed_matches_controlnet_aux(weights, one_thread, name):
+    """The soft edges (safe=False, as ControlNet 1.1's HED) on a grey photo and at sides below and above the detect
+    resolution: what the reference drew from the same photo, at most one grey level apart where the network's
+    float sums round the other way."""
+    from annotate.hed import HEDAnnotator
+
+    ref = fixture("hed")
+    image, theirs = ref[f"{name}_image"], ref[f"{name}_map"]
+    ours = HEDAnnotator(weights=str(weights), device="cpu")([image], ["k"])[0].condition
+    ours = ours if ours.ndim == 2 else ours[:, :, 0]
+    diff = np.abs(ours.astype(int) - theirs.astype(int))
+    assert ours.shape == theirs.shape and theirs.std() > 10  # a map with edges, not a blank one
+    assert (diff == 0).mean() >= 0.999 and diff.max() <= 1, ((diff == 0).mean(), diff.max())
 
 
 # ----------------------------------------------------------------------------------------------------- MiDaS

@@ -11,11 +11,11 @@ the A1111 extension's code). It is not a project dependency: make a separate vir
     #   _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     #   _lib.define("qnms(Tensor qdets, Tensor qscores, float dets_scale, float scores_scale, "
     #               "float iou_threshold) -> Tensor")
-    PYTHONPATH=. /tmp/ref/bin/python tests/parity/make_fixtures.py [midas] [openpose]
+    PYTHONPATH=. /tmp/ref/bin/python tests/parity/make_fixtures.py [hed] [midas] [openpose]
 
 It writes pseudo-random weights in the official file layouts (tests/parity/weights.py: each tensor a function of
-its name), runs controlnet_aux's MiDaS and OpenPose on photos, one thread, and records every stage: the network's
-input (sha256), its raw outputs, the decoded keypoints, and the final map.
+its name), runs controlnet_aux's HED, MiDaS and OpenPose on photos, one thread, and records every stage: the
+network's input (sha256), its raw outputs, the decoded keypoints, and the final map (HED: the photo and the map).
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ OUT = Path(__file__).resolve().parent
 # (photo, side): the dataset job hands the annotators square crops at the dataset's resolution
 MIDAS_IMAGES = (("astronaut", 512), ("coffee", 640))
 OPENPOSE_IMAGES = (("astronaut", 512), ("chelsea", 512), ("coffee", 640))
+# HED: a grey photo, a side below and one above the detect resolution, one that is no multiple of 64's rounding
+HED_IMAGES = (("astronaut", 512), ("camera", 512), ("rocket", 384), ("coffee", 640))
 DETECT_RESOLUTION = 512  # controlnet_aux's default
 SEED = 0
 
@@ -75,6 +77,22 @@ def midas_fixture(folder: Path) -> dict[str, np.ndarray]:
         out[f"{name}_input_sha256"] = np.array(tensor_sha256(recorder.input))
         out[f"{name}_raw"] = recorder.output[0].float().numpy()  # (h, w) relative inverse depth
         out[f"{name}_map"] = depth_map[:, :, 0]  # the three channels are equal
+    return out
+
+
+def hed_fixture(folder: Path) -> dict[str, np.ndarray]:
+    from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
+
+    shapes = [(k, tuple(v.shape)) for k, v in ControlNetHED_Apache2().state_dict().items()]
+    write_state(pseudo_random_state(shapes, SEED), folder / "ControlNetHED.pth")
+    detector = HEDdetector.from_pretrained(str(folder))
+    out: dict[str, np.ndarray] = {}
+    for name, side in HED_IMAGES:
+        image = center_crop_resize(load_photo(name), side)
+        edges = detector(image, detect_resolution=DETECT_RESOLUTION, image_resolution=side, safe=False,
+                         output_type="np")
+        out[f"{name}_image"] = image
+        out[f"{name}_map"] = edges[:, :, 0]  # the three channels are equal
     return out
 
 
@@ -119,8 +137,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # one thread: the parity tests compare at 1e-4 and below
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = sys.argv[1:] or ["midas", "openpose"]
-        for task, make in (("midas", midas_fixture), ("openpose", openpose_fixture)):
+        tasks = sys.argv[1:] or ["hed", "midas", "openpose"]
+        for task, make in (("hed", hed_fixture), ("midas", midas_fixture), ("openpose", openpose_fixture)):
             if task not in tasks:
                 continue
             arrays = make(Path(tmp))

@@ -199,11 +199,6 @@ def load_runs(storage: str, prefix: str) -> dict[str, dict[str, Any]]:
     fs, root = fsspec.core.url_to_fs(storage)
     fs.invalidate_cache()
     found = fs.glob(f"{root.rstrip('/')}/{prefix}-*/{RESULTS}")
-    without = sorted(set(fs.glob(f"{root.rstrip('/')}/{prefix}-*/")) - {path.rsplit("/", 1)[0] for path in found})
-    for folder in without:  # a size still training, or whose results.json was lost: say so, not a row less
-        if fs.isdir(folder) and not folder.rstrip("/").endswith("-report"):
-            print(f"[report] {storage.rstrip('/')}/{folder.rstrip('/').rsplit('/', 1)[-1]} has no {RESULTS} yet: "
-                  "left out", file=sys.stderr, flush=True)
     runs = {}
     for path in sorted(found):
         try:
@@ -214,6 +209,16 @@ def load_runs(storage: str, prefix: str) -> dict[str, dict[str, Any]]:
         if results.get("config", {}).get("wandb_group") in (prefix, None):  # `abl` must not take `abl-2`'s runs
             runs[path.rsplit("/", 2)[-2]] = results
     return runs
+
+
+def runs_without_results(storage: str, prefix: str) -> list[str]:
+    """The `<prefix>-*` run folders that have no results.json (a size still training, or one whose file was lost),
+    which a report would otherwise leave out without a word."""
+    fs, root = fsspec.core.url_to_fs(storage)
+    folders = fs.glob(f"{root.rstrip('/')}/{prefix}-*", detail=True)  # types come with the listing
+    with_results = {path.rsplit("/", 2)[-2] for path in fs.glob(f"{root.rstrip('/')}/{prefix}-*/{RESULTS}")}
+    return sorted(name for name in (path.rsplit("/", 1)[-1] for path, info in folders.items()
+                                    if info.get("type") == "directory") if name not in with_results)
 
 
 def log_to_wandb(prefix: str, rows: list[dict[str, Any]], image: Image.Image, mode: str, project: str) -> None:
@@ -235,6 +240,8 @@ def write_report(prefix: str, storage: str, wandb: str | None = None, curve: str
     """Writes <storage>/<prefix>-report.{md,csv,png}, logs to W&B (mode from `wandb` or the runs' config).
     Returns {rows, markdown, files}."""
     runs = load_runs(storage, prefix)
+    for name in runs_without_results(storage, prefix):
+        print(f"[report] {storage.rstrip('/')}/{name} has no {RESULTS} yet: left out", file=sys.stderr, flush=True)
     if not runs:
         raise FileNotFoundError(f"no runs named {prefix}-* with a {RESULTS} in {storage}")
     known = sorted({name for results in runs.values() for name in curves_of(results)})

@@ -384,10 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             print(stopped_line(cfg), file=sys.stderr)
             return stopped_exit_code(stop, signals.received())
         except Exception as error:  # the traceback in full, then what it means for the run
-            if isinstance(root_error(error), ValidationChanged):  # a refusal, found once the worker drew the set
+            refusal = root_error(error)
+            if isinstance(refusal, ValidationChanged):  # a refusal, found once the worker drew the set
                 if ray.is_initialized():
                     ray.shutdown()
-                print(f"error: {root_error(error)}", file=sys.stderr)
+                print(f"error: {refusal}", file=sys.stderr)
                 return 2
             traceback.print_exc()
             if ray.is_initialized():

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from train.run import check_data, checkpoint_to_resume, prepare_base_model, with_absolute_paths
 
-    try:
+    try:  # a --run-prefix that is no folder name is refused here
         these = [run_config(base, subset, args.run_prefix) for subset in subsets]
         mixed = group_mismatch(with_absolute_paths(prepare_base_model(these[0])), args.run_prefix,
                                {cfg.run_name for cfg in these})
@@ -221,9 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {mixed}", file=sys.stderr)
         return 2
     todo = []
-    for subset in subsets:
+    for subset, cfg in zip(subsets, these, strict=True):
         try:  # every size, finished ones too: a finished run of other settings would be reported as this sweep's
-            cfg = run_config(base, subset, args.run_prefix)  # a --run-prefix that is no folder name is refused
             checkpoint_to_resume(with_absolute_paths(prepare_base_model(cfg)), name_flag="--run-prefix")
             results = read_results(cfg)
             if not is_finished(results, cfg.max_steps):

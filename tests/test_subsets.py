@@ -198,9 +198,14 @@ def test_the_trainer_streams_exactly_the_selected_keys(dataset, tmp_path):
 # ---------------------------------------------------------------- materialized subsets (compact shards of their own)
 
 
-def test_a_subset_copy_refuses_a_member_over_the_read_cap(dataset, tmp_path):
+def test_a_subset_copy_refuses_a_member_over_the_read_cap(dataset, tmp_path, monkeypatch):
     """A copy must hold every member: a sample whose image is over the shard reader's cap is refused by name, not
-    copied without its image."""
+    copied without its image; the refused copy leaves no staging folder behind in the temp dir."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     data = copy_of(dataset, tmp_path)
     tar = sorted((data / "shards").glob("*.tar"))[0]
     samples = tar_members(tar)
@@ -212,6 +217,7 @@ def test_a_subset_copy_refuses_a_member_over_the_read_cap(dataset, tmp_path):
     every = len(index_rows(data, skip_last=True))  # the whole pool (the last shard is held out): the key is chosen
     with pytest.raises(SubsetError, match=f"{first}'s members {{'jpg': {fmt.MAX_MEMBER_BYTES + 1}}}"):
         make_subsets(str(data), [every], materialize_mode="always")
+    assert list(temp.iterdir()) == []
 
 
 def test_a_subset_copy_takes_the_row_of_the_sample_written_not_of_a_duplicate_the_job_failed(dataset, tmp_path):

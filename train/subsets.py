@@ -266,14 +266,17 @@ class CompactWriter:
 
     def close(self) -> dict[str, int]:
         """Publish the last, shorter shard; the tar URLs with their sample counts."""
-        import shutil
-
         if self.rows:
             self._publish()
-        else:
-            self._tar.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.discard()
         return self.tars
+
+    def discard(self) -> None:
+        """Remove the local staging folder (what is published stays; a failed copy is redone whole on rerun)."""
+        import shutil
+
+        self._file.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int, list[Sample]],
@@ -294,7 +297,20 @@ def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int
         by_shard.setdefault(s.shard, []).append(s)
     index_of = {sh.tar: sh for sh in shards}
     schema = _schema_of(index_of[min(by_shard)])
-    writers = {size: CompactWriter(folders[size], per_shard, tasks, dataset, schema) for size in sizes}
+    writers: dict[int, CompactWriter] = {}
+    try:
+        for size in sizes:
+            writers[size] = CompactWriter(folders[size], per_shard, tasks, dataset, schema)
+        copy_chosen(by_shard, index_of, position, writers)
+        return {size: writer.close() for size, writer in writers.items()}
+    finally:  # a copy that failed (a shard short of its samples, storage gone) leaves no staging folder in /tmp
+        for writer in writers.values():
+            writer.discard()
+
+
+def copy_chosen(by_shard: dict[str, list[Sample]], index_of: dict[str, fmt.CommittedShard],
+                position: dict[str, int], writers: dict[int, CompactWriter]) -> None:
+    """Each chosen sample, read from its source shard once, added to every size's writer whose ranking holds it."""
     for tar in sorted(by_shard):
         wanted = {s.key for s in by_shard[tar]}
         index = fmt.read_index(index_of[tar], None)
@@ -310,12 +326,11 @@ def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int
             if fmt.OVERSIZED in sample:  # a copy must hold every member: refused rather than copied without it
                 raise SubsetError(f"{tar}: {key}'s members {sample[fmt.OVERSIZED]} (bytes) are over the "
                                   f"{fmt.MAX_MEMBER_BYTES}-byte read cap")
-            for size in sizes:
+            for size, writer in writers.items():
                 if position[key] < size:
-                    writers[size].add(sample, rows[key])
+                    writer.add(sample, rows[key])
         if wanted:
             raise SubsetError(f"{tar} lacks {len(wanted)} samples its index calls ok (e.g. {sorted(wanted)[0]})")
-    return {size: writer.close() for size, writer in writers.items()}
 
 
 def _schema_of(shard: fmt.CommittedShard):

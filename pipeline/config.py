@@ -6,7 +6,9 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from annotate import NEURAL_TASKS  # the tasks whose networks run at --detect-resolution
 from annotate.resize import DETECT_RESOLUTION
@@ -37,7 +39,7 @@ def absolute_if_local(path: str) -> str:
 class BuildConfig:
     """Build a ControlNet dataset: input shards -> condition maps (and captions) -> WebDataset shards, on Ray."""
 
-    task: str = "canny"
+    task: Annotated[str, tyro.conf.arg(metavar="TASK[,TASK...]")] = "canny"
     """Annotator: the condition each sample gets ({canny,hed,scribble,midas,openpose}), or several, comma-separated
     (canny,hed,midas,openpose): one job then decodes and captions each image once and stores every map."""
     input: list[str] = field(default_factory=lambda: [SAMPLE_INPUT])

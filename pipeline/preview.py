@@ -8,6 +8,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import fsspec
 import tyro
@@ -114,7 +115,7 @@ def contact_sheet(samples: list[dict], counts: dict[str, int], title: str, tasks
 class PreviewArgs:
     """A contact sheet of random samples (image | each condition map | caption) and the dataset's status counts."""
 
-    dataset: tyro.conf.Positional[str]
+    dataset: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="DATASET")]
     """Dataset folder or URL (what pipeline.build wrote)."""
     samples: int = 8
     """Rows in the sheet."""

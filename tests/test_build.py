@@ -357,6 +357,17 @@ def test_help_flows_a_flags_docstring_as_one_paragraph(command, config, python):
         assert any(joint in line for line in run.stdout.splitlines()), (joint, doc)
 
 
+@pytest.mark.parametrize("command, usage", [("-m pipeline.build", "--task TASK[,TASK...]"),
+                                            ("-m train.export", "[OPTIONS] CHECKPOINT"),
+                                            ("-m pipeline.preview", "[-h] DATASET")])
+def test_help_names_what_a_value_is(command, usage, python):
+    """tyro names a str value STR: the positional of export and preview, and --task's comma-separated list, are
+    named for what they take."""
+    run = subprocess.run([python, *command.split(), "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "1000"}, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0 and usage in run.stdout, run.stdout[-2000:]
+
+
 def test_cli_help_and_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])

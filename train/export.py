@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import torch
 import tyro
@@ -337,7 +337,7 @@ def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.flo
 class ExportArgs:
     """Export a trained ControlNet for inference."""
 
-    checkpoint: tyro.conf.Positional[str]
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
     """A training checkpoint (with controlnet/), a run folder (its latest checkpoint) or a diffusers folder; a local
     path, or a URL (s3://...: what it names is downloaded first)."""
     format: Literal["diffusers", "original"]

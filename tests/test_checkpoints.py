@@ -16,10 +16,12 @@ from train.checkpoints import (
     fetch,
     file_sizes,
     latest_in_run,
+    loadable,
     prune,
     publish,
     publish_from_worker,
     retire_unrecorded,
+    scratch_folder,
     unrecorded_checkpoints,
     upload_order,
 )
@@ -65,6 +67,49 @@ def test_published_checkpoints_are_found_pruned_and_fetched(tmp_path, where, req
     back = fetch(latest_in_run(run), tmp_path / "back")
     assert (back / "controlnet" / "weights.safetensors").read_bytes() == bytes([30]) * 100
     assert json.loads((back / PROGRESS_FILE).read_text()) == {"step": 30}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_checkpoint_loads_in_place_or_from_a_scratch_folder_that_a_killed_load_leaves_to_the_next(
+        tmp_path, where, request, monkeypatch):
+    """A resume downloaded the checkpoint into a temp folder of a new name: a process killed while loading (a stop
+    mid-resume, a preemption) left it in /tmp, gigabytes at SD scale, each time. A local one loads in place; a
+    remote one goes to the rank's scratch folder, which its next load empties first and every load removes."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    run = run_folder(where, "cnd-loadable", tmp_path, request)
+    url = publish(checkpoint_folder(tmp_path, 10), run, 10)
+    with scratch_folder("fetch", f"{run} rank 0") as scratch:
+        pass
+    scratch.mkdir(parents=True)  # what a load killed part-way leaves (kill -9: no finally runs)
+    (scratch / "state.pt").write_bytes(b"a copy of step 5, cut short")
+    with loadable(url, f"{run} rank 0") as folder:
+        assert (folder / "controlnet" / "weights.safetensors").read_bytes() == bytes([10]) * 100
+        assert (folder / "state.pt").read_bytes() == b"state"
+        assert folder == (Path(fsspec.core.url_to_fs(url)[1]) if where == "local" else scratch)  # local: no copy
+    files_left = [p for p in temp.rglob("*") if p.is_file()]
+    assert files_left == ([scratch / "state.pt"] if where == "local" else [])  # a remote load empties the scratch
+
+
+def test_a_scratch_folder_is_emptied_before_use_and_removed_after_a_failure(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with scratch_folder("save", "run rank 0") as folder:
+        (folder / "state.pt").write_bytes(b"left by a process killed mid-save")
+    first = folder
+    first.mkdir(parents=True)
+    (first / "state.pt").write_bytes(b"what a kill -9 leaves: the finally never ran")
+    with pytest.raises(RuntimeError), scratch_folder("save", "run rank 0") as folder:
+        assert folder == first and list(folder.iterdir()) == []  # the same owner's folder, emptied
+        (folder / "state.pt").write_bytes(b"half")
+        raise RuntimeError("the save failed")
+    assert not folder.exists()
+    with scratch_folder("save", "run rank 1") as other:
+        assert other != first  # each rank (and run) has its own
 
 
 def test_checkpoints_ray_never_recorded_are_deleted_once_they_age_out_and_no_other(tmp_path):

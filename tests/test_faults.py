@@ -591,7 +591,7 @@ def test_two_drivers_on_one_output_corrupt_nothing_and_count_nothing_twice(twelv
     assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 144
 
 
-def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, python, ray_session, s3_server):
+def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, tmp_path, python, ray_session, s3_server):
     """The endpoint gone for 20 s mid-job, longer than botocore's own retries in the actors: the shards in flight
     fail on the storage, and the driver waits the outage out once for all of them (pipeline.format.Outage) instead of
     spending their --max-retries, so the run itself finishes. Before, it ended with failed shards for a rerun."""
@@ -618,7 +618,7 @@ def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, python, 
     printed, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0 and "the job's storage" in printed and "trying again" in printed, printed[-3000:]
 
-    local = Path(tempfile.mkdtemp()) / "out"
+    local = tmp_path / "out"
     (local / "shards").mkdir(parents=True)
     fs.invalidate_cache()
     for path in fs.find("cnd-outage/out/shards"):

@@ -2,8 +2,12 @@
 modes), finding the latest, and, for runs Ray Train keeps no record of (its local mode), pruning and fetching them"""
 from __future__ import annotations
 
+import hashlib
 import json
-from contextlib import suppress
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -231,6 +235,33 @@ def fetch(url: str, folder: Path) -> Path:
     """Download a checkpoint into a local folder (for loading: a resume, an export); the folder. Storage that fails
     for a while is waited out, and the download made again whole."""
     return retried(partial(_fetch, url, folder), f"fetching {url}")
+
+
+@contextmanager
+def scratch_folder(purpose: str, owner: str) -> Iterator[Path]:
+    """An empty local folder of `owner`'s (a run's rank) for `purpose` (a checkpoint being saved or loaded), under
+    `<temp>/controlnet-<purpose>/`, emptied before and after. A checkpoint is gigabytes at SD scale: a temp folder
+    of a new name each time stayed in /tmp whenever the process died in it (a stop, a preemption, a kill -9),
+    where the owner's next use of the same folder on that node replaces what it left."""
+    folder = Path(tempfile.gettempdir()) / f"controlnet-{purpose}" / hashlib.sha256(owner.encode()).hexdigest()[:16]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def loadable(url: str, owner: str) -> Iterator[Path]:
+    """A checkpoint as a local folder to load from: a local one in place (a copy is gigabytes of disk and minutes
+    for nothing), another downloaded into `owner`'s scratch_folder."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        yield Path(path)
+        return
+    with scratch_folder("fetch", owner) as folder:
+        yield fetch(url, folder)
 
 
 def _fetch(url: str, folder: Path) -> Path:

@@ -5,7 +5,6 @@ import dataclasses
 import datetime
 import json
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -528,7 +527,7 @@ def restore(trainer: Trainer, cfg: TrainConfig, local: bool) -> None:
 
     from train.checkpoints import (
         damaged_ones,
-        fetch,
+        loadable,
         marked_checkpoints,
         newer_than,
         run_url,
@@ -551,8 +550,8 @@ def restore(trainer: Trainer, cfg: TrainConfig, local: bool) -> None:
             print(f"[{cfg.run_name}] checkpoint {checkpoint.path} lacks a file, or holds one cut short: "
                   f"resuming from {from_storage or 'step 0'}", flush=True)
     if from_storage is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            trainer.load(fetch(from_storage, Path(folder)))
+        with loadable(from_storage, f"{run} rank {trainer.rank}") as folder:
+            trainer.load(folder)
     elif from_ray:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder))
@@ -579,6 +578,7 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
         publish_from_worker,
         retire_unrecorded,
         run_url,
+        scratch_folder,
         step_of,
     )
 
@@ -586,9 +586,9 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
     run = run_url(cfg.storage_path, cfg.run_name)
     if not local:  # this step's folder (a damaged one, published again now) is Ray's from here on: never retired
         trainer.state.unrecorded = [url for url in trainer.state.unrecorded if step_of(url) != step]
-    with tempfile.TemporaryDirectory() as folder:
+    with scratch_folder("save", f"{run} rank {trainer.rank}") as folder:
         if trainer.rank == 0:
-            trainer.save(Path(folder))
+            trainer.save(folder)
         if local:  # one rank, or several started by torchrun (which local mode also runs under): rank 0 publishes
             checkpoint = None
             if trainer.rank == 0:

@@ -28,7 +28,8 @@ def open_images_up_to(max_pixels: int) -> None:
 
 
 def displayed_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) as a viewer shows it, after EXIF orientation; read from the header only."""
+    """(width, height) as a viewer shows it, after EXIF orientation. Read from the header, except for a PNG whose
+    eXIf chunk is not before its pixel data (or that has none): PIL decodes it whole to look further."""
     orientation = im.getexif().get(0x0112, 1)
     w, h = im.size
     return (h, w) if orientation in _TRANSPOSING_ORIENTATIONS else (w, h)
@@ -87,9 +88,13 @@ def decode_image(data: bytes, resolution: int, max_pixels: int) -> tuple[np.ndar
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # PIL's own, coarser cap, checked at open
         raise ImageTooLarge(f"{e} (over the cap)") from None
+    # the cap from the stored size: a rotation keeps the pixel count, and reading the orientation of a PNG without
+    # an eXIf chunk before its pixel data decodes the whole image (PIL loads it to look for one further on)
+    stored_width, stored_height = im.size
+    if stored_width * stored_height > max_pixels:
+        raise ImageTooLarge(f"image is {stored_width}x{stored_height} = {stored_width * stored_height} pixels, "
+                            f"over the cap of {max_pixels}")
     width, height = displayed_size(im)
-    if width * height > max_pixels:
-        raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, over the cap of {max_pixels}")
     if width == 0 or height == 0:
         raise ValueError(f"image has an empty side ({width}x{height})")
     reduction = _jpeg_reduction(im.size, resolution)

@@ -118,3 +118,16 @@ def test_encoders_round_trip():
     rgb = photo(16, 16)
     back = cv2.cvtColor(cv2.imdecode(np.frombuffer(encode_png(rgb), np.uint8), 1), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(back, rgb)
+
+
+def test_a_png_over_the_cap_is_refused_before_its_pixels_are_decoded():
+    """Reading a PNG's EXIF orientation decodes the whole image when no eXIf chunk precedes its pixel data (PIL
+    loads it to look further on): the cap was checked after that, so a 170 Mpx PNG under PIL's own cap was decoded
+    in full, whatever the --max-pixels. A PNG cut right after its first pixel bytes stands in for the pixels: were
+    they decoded, it would fail as truncated, not as over the cap."""
+    png = encode(Image.fromarray(photo(3000, 2000)), "PNG")
+    header_and_a_little = png[: png.index(b"IDAT") + 64]
+    with pytest.raises(ImageTooLarge, match="image is 3000x2000 = 6000000 pixels, over the cap of 1000000"):
+        decode_image(header_and_a_little, resolution=64, max_pixels=10**6)
+    with pytest.raises(OSError, match="truncated"):  # under the cap, its pixels are read
+        decode_image(header_and_a_little, resolution=64, max_pixels=10**7)

@@ -1,6 +1,7 @@
 """decode any image to RGB, apply EXIF orientation, cap pixels, centre-crop and resize; encode outputs"""
 from __future__ import annotations
 
+import codecs
 import io
 
 import cv2
@@ -149,8 +150,16 @@ def encode_png(condition: np.ndarray) -> bytes:
 
 
 def decode_caption(data: bytes) -> tuple[str, str]:
-    """Caption bytes -> (text, warning). Invalid UTF-8 is kept with replacement characters and flagged."""
+    """Caption bytes -> (text, warning). Invalid UTF-8 is kept with replacement characters and flagged.
+
+    A byte-order mark is no part of the caption: Windows editors start UTF-8 files with one (str.strip keeps it,
+    and it went on into the caption as an invisible first character), and save "Unicode" as UTF-16 behind one."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16").strip(), ""
+        except UnicodeDecodeError:
+            pass  # no UTF-16 after all: read as below
     try:
-        return data.decode("utf-8").strip(), ""
+        return data.decode("utf-8-sig").strip(), ""
     except UnicodeDecodeError as e:
-        return data.decode("utf-8", errors="replace").strip(), f"caption is not valid UTF-8 ({e.reason})"
+        return data.decode("utf-8-sig", errors="replace").strip(), f"caption is not valid UTF-8 ({e.reason})"

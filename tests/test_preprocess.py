@@ -1,3 +1,4 @@
+import codecs
 import io
 import warnings
 
@@ -105,6 +106,16 @@ def test_captions_keep_invalid_utf8_and_say_so():
     assert decode_caption(b" a cat \n") == ("a cat", "")
     text, warning = decode_caption("café".encode("latin-1"))
     assert text.startswith("caf") and "\ufffd" in text and "UTF-8" in warning
+
+
+def test_a_captions_byte_order_mark_is_dropped_and_utf16_is_read():
+    """Notepad's UTF-8 starts with a byte-order mark, which went into the caption as an invisible first character;
+    its "Unicode" is UTF-16 behind one, which was kept as replacement characters and NULs."""
+    assert decode_caption(codecs.BOM_UTF8 + "a red café\r\n".encode()) == ("a red café", "")
+    assert decode_caption("a red café\r\n".encode("utf-16")) == ("a red café", "")  # BOM first, little-endian
+    assert decode_caption(codecs.BOM_UTF16_BE + "猫".encode("utf-16-be")) == ("猫", "")
+    text, warning = decode_caption(codecs.BOM_UTF8 + "café".encode("latin-1"))
+    assert text.startswith("caf") and "\ufeff" not in text and "UTF-8" in warning
 
 
 def test_encoders_round_trip():

@@ -303,9 +303,10 @@ class TarSamples:
     def _check_archive_end(self, tar: tarfile.TarFile) -> None:
         """tarfile stops quietly at a header it cannot read once past the first: a cut at a member boundary (no
         end-of-archive marker) is a truncated file; data after the stop is a corrupt one."""
-        if getattr(tar.fileobj, "comptype", "tar") != "tar":
-            return  # compressed: offsets are not file positions, and gzip/bz2 report their own early end
         end = tar.offset  # where tarfile met the zero block, or the header it could not read
+        if getattr(tar.fileobj, "comptype", "tar") != "tar":
+            _check_decompressed_end(tar.fileobj, end)  # offsets are positions in the decompressed data
+            return
         if not self.stream.at_end():
             if self.stream.storage_error is not None:
                 raise self.stream.storage_error  # reported as a storage error above
@@ -314,6 +315,19 @@ class TarSamples:
             raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end} of {self.stream.count}")
         if self.stream.count < end + 2 * tarfile.BLOCKSIZE:
             raise tarfile.ReadError(f"the file ends at byte {self.stream.count}, before the end-of-archive marker")
+
+
+def _check_decompressed_end(stream, end: int, limit: int = 1 << 20) -> None:
+    """TarSamples._check_archive_end for a compressed tar, whose bytes say nothing of where tarfile stopped: the
+    decompressed data is read on from there (tarfile's _Stream, `pos` counting it). After the end-of-archive marker
+    only zeros follow; data means the header there was unreadable; less than the marker's two blocks, a cut."""
+    while limit > 0 and (chunk := stream.read(min(limit, 1 << 16))):
+        if chunk.strip(b"\0"):
+            raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end} of the decompressed data, "
+                             "and data follows")
+        limit -= len(chunk)
+    if stream.pos < end + 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"the decompressed data ends at byte {stream.pos}, before the end-of-archive marker")
 
 
 def refusing_split_samples(groups: Iterator[RawSample]) -> Iterator[RawSample]:

@@ -1,4 +1,7 @@
+import bz2
+import gzip
 import io
+import lzma
 import shutil
 import tarfile
 
@@ -164,6 +167,21 @@ def test_a_corrupt_header_with_bytes_after_it_fails_the_shard_instead_of_droppin
     data[3 * SAMPLE_BYTES: 3 * SAMPLE_BYTES + 100] = b"x" * 100  # s3's header
     with pytest.raises(CorruptTar, match="unreadable header"):
         read(bytes(data))
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_a_compressed_tar_with_a_corrupt_header_or_cut_between_members_is_told_from_a_whole_one(compress):
+    """In a .tar.gz (.bz2, .xz) tarfile stops as quietly at an unreadable header, or where the data ends between
+    members, and the checks of the file's bytes do not apply (its offsets are positions in the decompressed data):
+    the samples after a bad header were dropped without a word, and a cut one committed as complete."""
+    data = bytearray(six_samples())
+    data[3 * SAMPLE_BYTES: 3 * SAMPLE_BYTES + 100] = b"x" * 100  # s3's header
+    with pytest.raises(CorruptTar, match="unreadable header"):
+        read(compress(bytes(data)))
+    samples, reader = read(compress(six_samples()[: 2 * SAMPLE_BYTES]))
+    assert samples == [("s0", False), ("s1", True)] and reader.truncated and "end-of-archive" in reader.error
+    whole, reader = read(compress(six_samples()))
+    assert [k for k, _ in whole] == [f"s{i}" for i in range(6)] and not reader.truncated and not reader.error
 
 
 class ResetAfter(io.BytesIO):

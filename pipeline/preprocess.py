@@ -78,6 +78,12 @@ def _decode_plain_jpeg(data: bytes, reduction: int) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def _unidentified(data: bytes) -> str:
+    """Why PIL could not open `data`, the same in every run (a parquet row's error), with what the bytes begin with
+    (an HTML error page saved as .jpg, a HEIC photo)."""
+    return "empty file (0 bytes)" if not data else f"no image format PIL reads ({len(data)} bytes: {data[:12]!r}...)"
+
+
 def decode_image(data: bytes, resolution: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> ((H, W, 3) uint8 RGB, displayed (width, height) of the original).
 
@@ -89,6 +95,8 @@ def decode_image(data: bytes, resolution: int, max_pixels: int) -> tuple[np.ndar
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # PIL's own, coarser cap, checked at open
         raise ImageTooLarge(f"{e} (over the cap)") from None
+    except Image.UnidentifiedImageError:  # its message names the BytesIO, at an address new in every process
+        raise Image.UnidentifiedImageError(_unidentified(data)) from None
     # the cap from the stored size: a rotation keeps the pixel count, and reading the orientation of a PNG without
     # an eXIf chunk before its pixel data decodes the whole image (PIL loads it to look for one further on)
     stored_width, stored_height = im.size

@@ -142,3 +142,13 @@ def test_a_png_over_the_cap_is_refused_before_its_pixels_are_decoded():
         decode_image(header_and_a_little, resolution=64, max_pixels=10**6)
     with pytest.raises(OSError, match="truncated"):  # under the cap, its pixels are read
         decode_image(header_and_a_little, resolution=64, max_pixels=10**7)
+
+
+def test_bytes_that_are_no_image_fail_with_the_same_words_in_every_run():
+    """PIL's message named the BytesIO object at its address, so each run's parquet said it otherwise."""
+    with pytest.raises(Image.UnidentifiedImageError, match=r"^empty file \(0 bytes\)$"):
+        decode_image(b"", resolution=64, max_pixels=10**6)
+    html = b"<html><body>404 Not Found</body></html>"
+    with pytest.raises(Image.UnidentifiedImageError) as error:
+        decode_image(html, resolution=64, max_pixels=10**6)
+    assert str(error.value) == f"no image format PIL reads ({len(html)} bytes: b'<html><body>'...)"

@@ -14,7 +14,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.format import storage_error
 
-IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
+# what PIL decodes (its wheels carry libavif); a folder's files of other kinds are passed over, so a kind missing
+# here is a folder's images left out without a word
+IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "avif", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
 UNSAFE_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]")  # output_key's: compiled once, as the driver keys every loose file
 TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # a folder's shards (tarfile reads each compression)
 

@@ -87,6 +87,29 @@ def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     assert first[0].members["txt"] == b"a caption" and "txt" not in first[1].members
 
 
+def test_avif_images_in_a_folder_or_a_tar_are_read(tmp_path):
+    """AVIF (what browsers and phones save now) was no image extension: a folder's .avif files were left out of
+    the job without a word, and a tar's were failed as samples without an image, though PIL decodes them."""
+    from PIL import Image, features
+
+    from pipeline.config import BuildConfig
+    from pipeline.preprocess import decode_image
+    from pipeline.worker import prepare
+    from tests.corpus import encode, photo
+
+    if not features.check("avif"):
+        pytest.skip("this PIL is built without AVIF")
+    (tmp_path / "a.jpg").write_bytes(good_jpeg(0))
+    (tmp_path / "b.avif").write_bytes(encode(Image.fromarray(photo(96, 64)), "AVIF"))
+    [shard] = list_input_shards([str(tmp_path)])
+    [_, avif] = read_file_samples(shard.files, shard.url)
+    assert avif.key == "b" and list(avif.members) == ["avif"]
+    image, size = decode_image(avif.members["avif"], resolution=32, max_pixels=10**6)
+    assert size == (96, 64) and image.shape == (64, 96, 3)
+    prepared = prepare(avif, "b", shard.name, BuildConfig(resolution=32))  # a tar's sample, as a folder's
+    assert prepared.image is not None and not prepared.row["error"]
+
+
 def test_a_glob_over_a_photo_folder_takes_the_images_with_their_captions_and_dotted_paths_are_one_folder(tmp_path):
     """'photos/*' matched the captions too, and each <stem>.txt was read as a tar shard that failed; a rerun that
     spelled the folder another way ('in/../photos') was refused as changed input."""

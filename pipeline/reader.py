@@ -61,6 +61,11 @@ def _is_image(path: str) -> bool:
     return split_member_name(path)[1] in IMAGE_EXTS
 
 
+def _is_tar(path: str) -> bool:
+    """A shard by its name, in either case: cameras' and Windows' tools write 00000.TAR as they write IMG_1.JPG."""
+    return path.lower().endswith(TAR_EXTS)
+
+
 def _hidden(path: str, root: str) -> bool:
     """Whether a file found under `root` is hidden there (a name or folder starting with a dot): macOS leaves a
     `._x.jpg` beside each photo copied from its disks, which is no image, and a `.cache/` or `.thumbnails/` folder
@@ -124,12 +129,12 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                 # photos/* also matches the captions (<stem>.txt), which their images bring along
                 root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
                 matches = sorted(m for m in fs.glob(path)
-                                 if (_is_image(m) or m.endswith(TAR_EXTS)) and not _hidden(m, root))
+                                 if (_is_image(m) or _is_tar(m)) and not _hidden(m, root))
                 if not matches:
                     raise FileNotFoundError(f"no input matches {url} (tar shards or images)")
             elif fs.isdir(path):
                 listing = [p for p in fs.ls(path, detail=False) if not _hidden(p, path)]
-                tars = sorted(p for p in listing if p.endswith(TAR_EXTS))
+                tars = sorted(p for p in listing if _is_tar(p))
                 images = [p for p in listing if _is_image(p)]
                 if tars and images:  # taking either kind alone would leave the other out without a word
                     raise ValueError(f"{url} holds both tar shards and images ({posixpath.basename(images[0])}): "

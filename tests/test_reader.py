@@ -321,6 +321,9 @@ def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written
     [shard] = list_input_shards([str(gz)])
     with fsspec.open(shard.url, "rb") as f:
         assert [s.key for s in TarSamples(f)] == ["k"]
+    shutil.copy(gz / "00000.tar.gz", gz / "00001.TAR")  # a name in capitals is a shard too, in a folder or a glob
+    assert [s.url.rsplit("/", 1)[1] for s in list_input_shards([str(gz)])] == ["00000.tar.gz", "00001.TAR"]
+    assert len(list_input_shards([str(gz / "*")])) == 2
     (gz / "stray.jpg").write_bytes(good_jpeg(2))  # taking the tars alone dropped it without a word
     with pytest.raises(ValueError, match="holds both tar shards and images"):
         list_input_shards([str(gz)])

@@ -92,7 +92,10 @@ def prepare(raw: RawSample, key: str, shard: str, cfg: BuildConfig) -> Prepared:
     if image_ext is None:
         return Prepared({**row, "error": f"no image member (members: {', '.join(sorted(raw.members)) or 'none'})"})
     source_meta, meta_warning = _source_meta(raw.members)
-    caption, caption_warning = _source_caption(raw.members, source_meta)
+    # the source's caption only where --caption may keep it: with none or blip, a row that fails before captioning
+    # kept it (and an ok row the warning about it) though the dataset holds none of it
+    caption, caption_warning = _source_caption(raw.members, source_meta) if cfg.caption in {"source", "auto"} \
+        else ("", "")
     row.update(caption=caption, caption_source="source" if caption else "none")
     try:
         image, (width, height) = decode_image(raw.members[image_ext], cfg.resolution, cfg.max_pixels)
@@ -135,9 +138,6 @@ def annotate_batch(annotator: Annotator, images: list[np.ndarray], keys: list[st
 def caption_batch(captioner: Captioner | None, mode: str, batch: list[Prepared]) -> None:
     """Fill captions by the --caption rule: blip always, auto only where the source has none."""
     if captioner is None or mode in {"source", "none"}:
-        if mode == "none":
-            for p in batch:
-                p.row.update(caption="", caption_source="none")
         return
     todo = [p for p in batch if mode == "blip" or not p.row["caption"]]
     if todo:

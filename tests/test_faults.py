@@ -230,6 +230,21 @@ def test_a_sample_whose_resize_cannot_be_allocated_is_its_own_failed_row():
     assert "Insufficient memory" in prepared.row["error"] and "\n" not in prepared.row["error"]
 
 
+@pytest.mark.parametrize("mode, kept", [("source", True), ("auto", True), ("none", False), ("blip", False)])
+def test_a_source_caption_is_recorded_only_where_the_caption_rule_may_keep_it(mode, kept):
+    """--caption none (or blip): a row that failed before captioning kept the source's caption, marked 'source',
+    and an ok row the warning about a caption the dataset does not hold."""
+    from pipeline.reader import RawSample
+    from pipeline.worker import prepare
+
+    cfg = BuildConfig(output="unused", resolution=64, caption=mode)
+    broken = prepare(RawSample("a", {"jpg": b"no jpeg", "txt": b"a red car"}), "a", "00000", cfg)
+    assert broken.row["status"] == fmt.FAILED
+    assert (broken.row["caption"], broken.row["caption_source"]) == (("a red car", "source") if kept else ("", "none"))
+    ok = prepare(RawSample("b", {"jpg": good_jpeg(), "txt": b"caf\xe9"}), "b", "00000", cfg)
+    assert ok.image is not None and bool(ok.meta["warnings"]) == kept  # the latin-1 caption's warning
+
+
 @pytest.mark.parametrize("args, message", [(["--task", "cany", "--dry-run"], "invalid choice 'cany'"),
                                            (["--caption", "foo"], "invalid choice 'foo'"),
                                            (["--resolution", "4"], "--resolution must be from 8 to 4096"),

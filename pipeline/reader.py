@@ -1,6 +1,7 @@
 """reader lists input shards (tar URLs, globs, brace ranges, image folders) and streams their samples"""
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import tarfile
@@ -88,8 +89,28 @@ def _loose_shards(folder: str, files: list[str], files_per_shard: int) -> list[I
 
 def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str, files_per_shard: int) -> list[InputShard]:
     """A folder of loose images becomes shards of `files_per_shard` files, in sorted order."""
-    files = [fs.unstrip_protocol(p) for p in fs.find(folder) if _is_image(p) and not _hidden(p, folder)]
+    files = [fs.unstrip_protocol(p) for p in _files_under(fs, folder) if _is_image(p) and not _hidden(p, folder)]
     return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard)
+
+
+def _files_under(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """Every file under `folder`, sorted. On local disk the folders linked in are walked too: fsspec's find lists a
+    link to a folder as one entry, no image, so a dataset put together from links to other disks lost those images
+    without a word. A link to a folder above `folder` is passed over (it holds the whole tree again), and a folder
+    linked twice is walked once, at its first path in sorted order."""
+    if not isinstance(fs, LocalFileSystem):
+        return fs.find(folder)
+    root = os.path.realpath(folder)
+    walked, files = set(), []
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in walked or (real != root and root.startswith(real.rstrip("/") + "/")):
+            folders.clear()
+            continue
+        walked.add(real)
+        folders.sort()  # the walk's order decides which path a folder linked twice is read under
+        files += [posixpath.join(top, name) for name in names]
+    return sorted(files)
 
 
 def literal_path(url: str) -> bool:

@@ -87,6 +87,20 @@ def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     assert first[0].members["txt"] == b"a caption" and "txt" not in first[1].members
 
 
+def test_folders_linked_into_an_image_folder_are_read_and_a_link_up_the_tree_is_not_followed(tmp_path):
+    """fsspec's find lists a link to a folder as one entry, no image: a dataset put together from links to other
+    disks lost those images without a word. A link above the folder would hold the whole tree again."""
+    (tmp_path / "disk2" / "dogs").mkdir(parents=True)
+    (tmp_path / "disk2" / "dogs" / "001.jpg").write_bytes(good_jpeg(1))
+    photos = tmp_path / "photos"
+    (photos / "cats").mkdir(parents=True)
+    (photos / "cats" / "001.jpg").write_bytes(good_jpeg(0))
+    (photos / "dogs").symlink_to(tmp_path / "disk2" / "dogs")
+    (photos / "loop").symlink_to(tmp_path)  # holds photos/ again, and disk2/ once more
+    [shard] = list_input_shards([str(photos)])
+    assert [s.key for s in read_file_samples(shard.files, shard.url)] == ["cats/001", "dogs/001"]
+
+
 def test_avif_images_in_a_folder_or_a_tar_are_read(tmp_path):
     """AVIF (what browsers and phones save now) was no image extension: a folder's .avif files were left out of
     the job without a word, and a tar's were failed as samples without an image, though PIL decodes them."""

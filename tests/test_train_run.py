@@ -219,6 +219,36 @@ def test_sigterm_to_the_process_group_of_a_run_that_started_its_own_cluster_stop
     assert "Found multiple active Ray instances" not in stderr, stderr[-3000:]
 
 
+def test_sigterm_to_the_driver_of_a_run_that_started_its_own_cluster_closes_its_wandb_run(dataset, storage, python,
+                                                                                         tmp_path):
+    """`kill PID` (a container's stop) on `python train/run.py --num-workers N` without RAY_ADDRESS: the driver exited
+    without Ray Train's abort, Ray killed rank 0 with its W&B service, and the W&B run held nothing of the steps it
+    had logged (a gap in the curve: the resumed run logs only the steps after its checkpoint)."""
+    import tempfile
+
+    name = "driver-stop"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
+               "--wandb", "offline", "--log-every", "1", "--num-workers", "1", "--cpus-per-worker", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_SERVICE")}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.Popen(command, env={**env, "RAY_TMPDIR": ray_tmp, "WANDB_DIR": str(tmp_path / "wandb")},
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            wait_for_checkpoint(storage / name, run)
+            run.send_signal(signal.SIGTERM)  # the driver alone: its cluster stays up
+            _, stderr = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 143, stderr[-3000:]
+    last = latest_checkpoint(str(storage), name)
+    [wandb_run] = (tmp_path / "wandb").rglob("offline-run-*")
+    steps, exit_code = wandb_logged_steps(wandb_run, "train/loss")
+    assert exit_code is not None and steps[:step_of(last)] == list(range(1, step_of(last) + 1)), (steps, exit_code)
+
+
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
     """On Ray workers, Ray Train's own SIGINT handler takes Ctrl-C and fit() ends in SystemExit(1), the code of
     any failure: the run exited 1, where local mode exits 130."""

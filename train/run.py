@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from functools import partial
 from pathlib import Path
@@ -306,14 +307,39 @@ def ray_trains_abort_handler(handler) -> bool:
     return "_register_sigint_handler" in getattr(handler, "__qualname__", "")
 
 
+ABORT_PATIENCE_S = 30  # how long a SIGTERM waits for Ray Train's abort on a cluster this process started: under
+# the 60 s after which Ray's driver, its GCS gone, ends the process itself (exit 1, without the stopped line)
+
+
 def _exit_with_signal(signum: int, frame) -> None:
     abort = signal.getsignal(signal.SIGINT)
-    # on a cluster's workers: stopped as Ctrl-C stops them, the W&B run closed. Not on a cluster started here: a
-    # SIGTERM sent to the process group (`kill -- -PGID`, a batch scheduler) reaches its GCS and raylet too, and the
-    # abort waited on them for ever
-    if ray_trains_abort_handler(abort) and not _cluster_started_here:
-        abort(signum, frame)
+    # on workers: stopped as Ctrl-C stops them, the W&B run closed. On a cluster started here too (`kill PID`, a
+    # container's stop: skipping the abort there let Ray kill rank 0 with its W&B service, and every step logged
+    # since W&B last wrote was lost), while that cluster lives: a SIGTERM sent to the process group (`kill -- -PGID`,
+    # a batch scheduler) reaches its GCS and raylet as well, and the abort waited on them for ever
+    if ray_trains_abort_handler(abort):
+        if _cluster_started_here:
+            while_cluster_lives(abort, signum, frame)
+        else:
+            abort(signum, frame)
     sys.exit(signum)
+
+
+def while_cluster_lives(call, *args) -> None:
+    """call(*args), given up on once a process of the cluster started here has died, or after ABORT_PATIENCE_S (it
+    goes on in a daemon thread, which the exit ends)."""
+    worker = threading.Thread(target=call, args=args, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + ABORT_PATIENCE_S
+    while worker.is_alive() and time.monotonic() < deadline and own_cluster_alive():
+        worker.join(0.2)
+
+
+def own_cluster_alive() -> bool:
+    """Whether every process of the cluster this process started (GCS, raylet, ...) still runs (Ray's node record,
+    private: there is no public one)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node is None or node.remaining_processes_alive()
 
 
 def _is_rays_driver_handler(handler) -> bool:

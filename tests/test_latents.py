@@ -94,6 +94,17 @@ def test_latents_of_another_vae_are_refused(dataset, tmp_path):
         train(dataset, other, tmp_path, "other")
 
 
+def test_a_run_on_latents_of_another_vae_is_refused_in_one_line(dataset, tmp_path, capsys):
+    """The refusal came as a traceback, exit 1 and "the same command starts it again", which would fail again."""
+    from train.run import main
+
+    other = build_tiny_sd(tmp_path / "other-sd", seed=1)
+    assert main(["--preset", "debug", "--data", str(dataset), "--base-model", str(other), "--storage-path",
+                 str(tmp_path / "runs"), "--run-name", "other", "--wandb", "off", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: the dataset's latents were made")
+
+
 def test_the_vae_is_fingerprinted_as_loaded_not_as_cast_for_autocast(dataset, base):
     """On a GPU the trainer casts the frozen VAE to bf16; the stored latents are checked against the VAE as loaded."""
     manifest = json.loads((dataset / "manifest.json").read_text())

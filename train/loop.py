@@ -368,7 +368,7 @@ def use_stored_latents(trainer: Trainer, manifest: dict[str, Any]) -> str:
                                        trainer.base.vae is not None)
     if use:
         if not trainer.vae_made_the_latents:
-            raise ValueError(f"the dataset's latents were made by the VAE of {stored.get('base_model')} "
+            raise StoredLatentsMismatch(f"the dataset's latents were made by the VAE of {stored.get('base_model')} "
                              f"(sha256 {str(stored.get('vae_sha256'))[:12]}...), not by this base's "
                              f"({trainer.cfg.base_model}); train with --latents off to encode the images")
         trainer.latents = True
@@ -426,8 +426,17 @@ class Validation:
         return f"{self.tracker.primary} {point[1]:.3f} (step {point[0]})" if point else ""
 
 
-class ValidationChanged(ValueError):
+class RunRefused(ValueError):
+    """A setting the run cannot train with, found on a worker: the driver says so in one line and exits 2, as for the
+    refusals it finds itself (a traceback and "the same command starts it again" promised a run that fails again)."""
+
+
+class ValidationChanged(RunRefused):
     """A resumed run drew other held-out samples than its checkpoint's curves were scored on."""
+
+
+class StoredLatentsMismatch(RunRefused):
+    """The dataset's stored latents were made by another VAE than the base's."""
 
 
 def keys_sha256(keys: list[str]) -> str:

@@ -23,7 +23,7 @@ from ray.train.v2._internal.execution.callback import WorkerCallback  # a Develo
 from pipeline.format import ClusterUnreachable, SignalLog, join_ray
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
-from train.loop import ValidationChanged, train_loop_per_worker
+from train.loop import RunRefused, train_loop_per_worker
 from train.plots import curves_of
 from train.report import curve_text
 from train.tracking import plot_url, read_results, results_url, wandb_mode
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             return stopped_exit_code(stop, signals.received())
         except Exception as error:  # the traceback in full, then what it means for the run
             refusal = root_error(error)
-            if isinstance(refusal, ValidationChanged):  # a refusal, found once the worker drew the set
+            if isinstance(refusal, RunRefused):  # found on the worker (the held-out set drawn, the VAE loaded)
                 if ray.is_initialized():
                     ray.shutdown()
                 print(f"error: {refusal}", file=sys.stderr)

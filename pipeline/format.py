@@ -6,6 +6,7 @@ parse."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -177,6 +178,8 @@ log = logging.getLogger(__name__)
 PATIENCE_S = float(os.environ.get("CONTROLNET_STORAGE_PATIENCE_S", "120"))
 FIRST_WAIT_S, LONGEST_WAIT_S = 1.0, 15.0
 _ANSWERS_FOR_GOOD = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# a disk that is full, over its quota or read-only answers the same until someone acts: no outage to wait out
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 _T = TypeVar("_T")
 
@@ -191,7 +194,7 @@ def is_transient(error: BaseException) -> bool:
     connection errors are not OSErrors, and are named for what they are (EndpointConnectionError, ReadTimeoutError,
     ConnectionClosedError), as are the errors of a response cut part-way (aiohttp's ClientPayloadError, botocore's
     ResponseStreamingError and IncompleteReadError, http.client's IncompleteRead)."""
-    if isinstance(error, (*_ANSWERS_FOR_GOOD, StorageOutage)):
+    if isinstance(error, (*_ANSWERS_FOR_GOOD, StorageOutage)) or getattr(error, "errno", None) in _FULL_OR_READ_ONLY:
         return False
     if isinstance(error, OSError):
         return True

@@ -1,6 +1,7 @@
 """storage outages: which errors are waited out and for how long, and a real cut (the moto S3 server stopped and
 started again) in the middle of reading a shard"""
 import contextlib
+import errno
 import io
 import logging
 import tarfile
@@ -24,7 +25,9 @@ def test_connection_errors_are_waited_out_and_answers_are_not():
     for error in cut_responses():  # a response cut part-way: the next sample is read from where it broke
         assert is_transient(error), error
     for error in (FileNotFoundError("s3://b/k"), PermissionError("AccessDenied"), NoCredentialsError(),
-                  tarfile.ReadError("bad header"), ValueError("a bug"), StorageOutage("waited already")):
+                  tarfile.ReadError("bad header"), ValueError("a bug"), StorageOutage("waited already"),
+                  OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EROFS, "Read-only file system"),
+                  OSError(errno.EDQUOT, "Disk quota exceeded")):  # (each waited out 120 s, then failed all the same)
         assert not is_transient(error), error
 
 

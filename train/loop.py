@@ -369,8 +369,8 @@ def use_stored_latents(trainer: Trainer, manifest: dict[str, Any]) -> str:
     if use:
         if not trainer.vae_made_the_latents:
             raise StoredLatentsMismatch(f"the dataset's latents were made by the VAE of {stored.get('base_model')} "
-                             f"(sha256 {str(stored.get('vae_sha256'))[:12]}...), not by this base's "
-                             f"({trainer.cfg.base_model}); train with --latents off to encode the images")
+                                        f"(sha256 {str(stored.get('vae_sha256'))[:12]}...), not by this base's "
+                                        f"({trainer.cfg.base_model}); train with --latents off to encode the images")
         trainer.latents = True
         return f"training on the dataset's stored latents (VAE of {stored.get('base_model')})"
     return why_not

@@ -437,8 +437,15 @@ def test_a_run_on_object_storage_is_exported_from_its_latest_complete_checkpoint
     exported = ControlNetModel.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), controlnet.state_dict().values(),
                                                  strict=True))
+    step3 = "cnd-export/runs/r/checkpoint_step00000003"
+    fs.put(str(checkpoint / "controlnet"), f"{step3}/controlnet", recursive=True)
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in checkpoint.rglob("controlnet/*")}
+    fs.pipe_file(f"{step3}/progress.json", json.dumps({"step": 3, "files": files}).encode())
+    fs.pipe_file(f"{step3}/controlnet/config.json", b"{}")  # damaged since it was written: a file at another size
     for missing, message in (("s3://cnd-export/nothing", "no such checkpoint or run folder"),
-                             ("s3://cnd-export/runs/r/checkpoint_step00000002", "was cut short")):
+                             ("s3://cnd-export/runs/r/checkpoint_step00000002", "was cut short"),
+                             ("s3://cnd-export/runs/r/checkpoint_step00000003", "holds one cut short")):
         with pytest.raises(SystemExit):
             export.main([missing, "--format", "diffusers", "--out", str(tmp_path / "other")])
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err  # named as given, refused before any download (it named the temp copy)
+        assert err.startswith(f"error: {missing}") and message in err and "downloading" not in err, err

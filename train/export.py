@@ -161,15 +161,44 @@ def controlnet_folder(checkpoint: Path) -> Path:
         return checkpoint
     if (checkpoint / CONTROLNET_DIR / "config.json").is_file():
         if not (checkpoint / PROGRESS_FILE).is_file():
-            raise FileNotFoundError(f"{checkpoint} was cut short (no {PROGRESS_FILE}, which is written last): export "
-                                    "the run's folder for its latest complete checkpoint")
+            raise FileNotFoundError(cut_short(checkpoint))
         if not is_whole(json.loads((checkpoint / PROGRESS_FILE).read_text()), file_sizes(checkpoint)):
-            raise FileNotFoundError(f"{checkpoint} lacks a file, or holds one cut short, since it was written: export "
-                                    "the run's folder for its latest whole checkpoint")
+            raise FileNotFoundError(damaged(checkpoint))
         return checkpoint / CONTROLNET_DIR
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint or run folder")
     raise FileNotFoundError(f"{checkpoint}: neither it nor {checkpoint / CONTROLNET_DIR} holds a config.json")
+
+
+def cut_short(checkpoint: Path | str) -> str:
+    from train.checkpoints import PROGRESS_FILE
+
+    return (f"{checkpoint} was cut short (no {PROGRESS_FILE}, which is written last): export the run's folder for its "
+            "latest complete checkpoint")
+
+
+def damaged(checkpoint: Path | str) -> str:
+    return (f"{checkpoint} lacks a file, or holds one cut short, since it was written: export the run's folder for "
+            "its latest whole checkpoint")
+
+
+def refuse_partial_checkpoint(source: str) -> None:
+    """controlnet_folder's checks of a training checkpoint, made on object storage before the download: they named
+    the local temporary copy, and came after gigabytes were downloaded for nothing."""
+    import fsspec
+
+    from train.checkpoints import PROGRESS_FILE, marked_checkpoints
+
+    fs, path = fsspec.core.url_to_fs(source)
+    path = path.rstrip("/")
+    if fs.exists(f"{path}/config.json") or not fs.exists(f"{path}/{CONTROLNET_DIR}/config.json"):
+        return  # a diffusers folder, or no checkpoint: controlnet_folder says which
+    if not fs.exists(f"{path}/{PROGRESS_FILE}"):
+        raise FileNotFoundError(cut_short(source))
+    run = fs.unstrip_protocol(path.rsplit("/", 1)[0])
+    whole = {url.rstrip("/"): whole for url, (_, whole) in marked_checkpoints(run).items()}
+    if not whole.get(fs.unstrip_protocol(path), True):
+        raise FileNotFoundError(damaged(source))
 
 
 @contextmanager
@@ -190,6 +219,8 @@ def local_copy(source: str) -> Iterator[Path]:
     chosen = latest_in_run(source)
     if chosen is None and checkpoint_folders(source):
         raise FileNotFoundError(f"{source}: none of its checkpoints is complete and whole")
+    if chosen is None:
+        refuse_partial_checkpoint(source)
     with tempfile.TemporaryDirectory(prefix="export-") as folder:
         chosen = chosen or source
         print(f"downloading {chosen}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from train.model import (
     encode_prompts,
     freeze_for_training,
     load_base_model,
+    to_model_space,
     unlock_decoder,
     zero_convolutions,
 )
@@ -124,6 +125,31 @@ def test_middle_only_mode_feeds_no_skip_connection(sd):
     trainable = {n for n, p in controlnet.named_parameters() if p.requires_grad}
     assert not any(n.startswith("controlnet_down_blocks") for n in trainable)
     assert any(n.startswith("controlnet_mid_block") for n in trainable)
+
+
+def test_latents_of_a_half_precision_vae_are_noised_in_fp32(sd):
+    """On a GPU the trainer casts the frozen VAE to its autocast dtype (bf16 on A100/H100), and its latents were
+    noised in bf16, where the scheduler's alphas_cumprod rounds to 1 at t = 0: those steps trained on latents with no
+    noise in them. Two train timesteps here, so that some rows draw t = 0."""
+    from diffusers import DDPMScheduler
+
+    torch.nn.Module.to(sd.vae, dtype=torch.bfloat16)  # as Trainer casts the frozen modules under bf16 autocast
+    sd.noise_scheduler = DDPMScheduler.from_config(sd.noise_scheduler.config, num_train_timesteps=2)
+    seen = {}
+
+    def model(noisy, timesteps, text, condition):
+        seen.update(noisy=noisy, t=timesteps)
+        return noisy
+
+    pixels = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    diffusion_loss(sd, model, pixels, None, None, torch.Generator().manual_seed(0))
+    clean = to_model_space(sd, pixels, torch.Generator().manual_seed(0)).double()  # the loss's first draw
+    alpha = sd.noise_scheduler.alphas_cumprod.double()[seen["t"]].view(-1, 1, 1, 1)
+    noise = (seen["noisy"].double() - alpha.sqrt() * clean) / (1 - alpha).sqrt()  # unit Gaussian, row by row
+    assert (seen["t"] == 0).any()
+    stds = noise.flatten(1).std(dim=1)
+    assert ((stds > 0.8) & (stds < 1.2)).all(), stds  # bf16: 0 where t = 0
+    assert seen["noisy"].dtype == torch.float32
 
 
 def test_a_base_downloaded_as_its_fp16_variant_loads_as_fp32(tiny_sd_path, sd, tmp_path):

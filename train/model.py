@@ -311,7 +311,10 @@ def diffusion_loss(
     snr_gamma: Min-SNR loss weighting (Hang et al. 2023), which speeds up pretraining a base; the ControlNet
     trains on the paper's plain loss (None).
     """
-    samples = to_model_space(base, pixel_values, generator, latent_dist)
+    # noised in fp32: under autocast the frozen VAE (cast to bf16/fp16) returns half-precision latents, and the
+    # scheduler casts its alphas_cumprod to their dtype, where bf16 rounds 0.99915 (t = 0) and 0.9983 (t = 1) to 1:
+    # those steps got no noise at all, and the next ones a noise level 10-20% off the one their t says
+    samples = to_model_space(base, pixel_values, generator, latent_dist).float()
     noise = torch.randn(samples.shape, generator=generator, device=samples.device, dtype=samples.dtype)
     steps = base.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (samples.shape[0],), generator=generator, device=samples.device)

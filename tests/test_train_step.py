@@ -81,6 +81,20 @@ def test_compiled_training_computes_what_eager_training_does(tiny_sd, monkeypatc
     assert compiled.model._orig_mod is compiled.module
 
 
+def test_a_checkpoint_of_a_run_without_the_grad_scaler_resumes_under_fp16(tiny_sd, tmp_path):
+    """A run that trained without the grad scaler (on the CPU, or under bf16) saves its disabled scaler's empty
+    state; a resume under fp16 (--mixed-precision fp16, or auto on a GPU without bf16) loaded it into its enabled
+    scaler, which refuses an empty state: every restart failed the same way. A CPU scaler stands in for CUDA's."""
+    saved = trainer(tiny_sd)
+    saved.train_step([batch(0)], torch.Generator().manual_seed(0))
+    saved.state.step = 1
+    saved.save(tmp_path)
+    resumed = trainer(tiny_sd)
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what --mixed-precision fp16 makes on a GPU
+    resumed.load(tmp_path)
+    assert resumed.state.step == 1 and resumed.scaler.get_scale() == 2.0**16
+
+
 def test_the_log_window_reports_the_share_of_its_time_spent_waiting_for_data():
     now = [0.0]
     window = LossWindow(clock=lambda: now[0])

@@ -274,7 +274,9 @@ class Trainer:
             self.base.unet.load_state_dict(decoder, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # a run without the grad scaler (CPU, bf16) saved its empty state, which an fp16 resume's
+            # enabled scaler refuses: it starts at its initial scale instead
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuples(json.loads(state["rng"]["python"])))
         self.state = TrainState(step=state["step"], decoder_unlocked=state["decoder_unlocked"],

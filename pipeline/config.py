@@ -92,7 +92,7 @@ class BuildConfig:
     gpus_per_worker: float = 0.0
     """GPUs per actor (fractions share a GPU)."""
     device: str | None = None
-    """Annotator device: cpu, cuda, cuda:1, ... (None: cuda when the actor has a GPU, else cpu)."""
+    """Annotator device: cpu, cuda, cuda:1, ... (None: the GPU the actor reserved with --gpus-per-worker, else cpu)."""
     max_retries: int = 2
     """Retries of a shard that fails as a whole."""
     files_per_shard: int = 1000

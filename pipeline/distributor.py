@@ -6,7 +6,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -39,13 +39,14 @@ class ShardActor:
     def __init__(self, cfg: BuildConfig):
         import cv2
 
-        from pipeline.models import build_latent_encoder, build_models
+        from pipeline.models import build_latent_encoder, build_models, models_device
         from pipeline.preprocess import open_images_up_to
 
         # one thread pool per reserved CPU: OpenCV and torch would otherwise each start one per core
         threads = max(1, int(cfg.cpus_per_worker))
         cv2.setNumThreads(threads)
         open_images_up_to(cfg.max_pixels)
+        cfg = replace(cfg, device=models_device(cfg, ray.get_gpu_ids()))
         self.cfg = cfg
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)
         self.annotators, self.captioner, self.encoder = {}, None, None

@@ -8,6 +8,14 @@ from annotate import annotator_params, build_annotator, build_captioner
 from pipeline.config import BuildConfig
 
 
+def models_device(cfg: BuildConfig, gpu_ids: list) -> str:
+    """Where an actor's models run: --device, else the GPU the actor reserved (`gpu_ids`: ray.get_gpu_ids(); Ray
+    narrows the actor's CUDA_VISIBLE_DEVICES to it, so "cuda" is that GPU), else the CPU. An actor that reserved no
+    GPU (--gpus-per-worker 0) still sees every GPU of its node: "cuda when there is one" put the models of all such
+    actors, one per CPU, on the node's first GPU, which Ray had not given to any of them."""
+    return cfg.device or ("cuda" if gpu_ids else "cpu")
+
+
 def build_models(cfg: BuildConfig):
     """{task: annotator} for every requested task and (when captions come from a model) the captioner, as each
     actor holds them: every image of a multi-task job passes through all of them."""

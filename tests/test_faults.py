@@ -682,6 +682,24 @@ def test_every_actor_of_a_pool_is_checked_and_one_that_cannot_load_or_loads_othe
     ray.kill(late)
 
 
+def test_an_actor_that_reserved_no_gpu_runs_its_models_on_the_cpu(tmp_path, ray_session):
+    """Ray narrows CUDA_VISIBLE_DEVICES to the GPU an actor reserved, and leaves it alone for one that reserved none
+    (--gpus-per-worker 0, the default): that one sees every GPU of its node, and "cuda when there is one" put the
+    models of every such actor on the node's first GPU. --device still decides where it is given."""
+    import ray
+
+    from pipeline.distributor import ShardActor
+    from pipeline.models import models_device
+
+    write_tiny_hed(tmp_path / "weights")
+    cfg = dataclasses.replace(tiny_hed_job(tmp_path, tmp_path / "out", tmp_path / "weights"), device=None)
+    assert models_device(cfg, []) == "cpu" and models_device(cfg, ["3"]) == "cuda"
+    assert models_device(dataclasses.replace(cfg, device="cuda:1"), []) == "cuda:1"
+    actor = ShardActor.options(num_cpus=0.5).remote(cfg)
+    assert ray.get(actor.describe.remote())["annotator"]["device"] == "cpu"
+    ray.kill(actor)
+
+
 def test_neural_shards_made_before_detect_resolution_are_not_resumed_into():
     """Their maps came from the older annotators: mixing them with ControlNet 1.1 maps is refused."""
     from pipeline.config import settings_mismatch

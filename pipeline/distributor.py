@@ -12,6 +12,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from annotate import NEURAL_TASKS
 from pipeline.config import BuildConfig, weight_hashes, weights_mismatch
 from pipeline.format import Outage, StorageOutage, is_transient
 from pipeline.reader import InputReadError, InputShard
@@ -97,6 +98,18 @@ def default_num_workers(cfg: BuildConfig, num_shards: int) -> int:
     return max(1, min(num_shards, by_cpu, by_gpu))
 
 
+def idle_gpus_note(cfg: BuildConfig, resources: dict[str, float]) -> str | None:
+    """What to say when the cluster has GPUs that this job's networks will not use: an actor runs its models on the
+    GPU it reserved, and with --gpus-per-worker 0 (the default) it reserves none and runs them on the CPU."""
+    gpus = int(resources.get("GPU", 0))
+    networks = [t for t in cfg.tasks if t in NEURAL_TASKS] + (["blip"] if cfg.caption in {"blip", "auto"} else []) \
+        + (["the VAE (--latents)"] if cfg.latents else [])
+    if not gpus or cfg.gpus_per_worker or cfg.device or not networks:
+        return None
+    return (f"the cluster has {gpus} GPU(s), which this job leaves idle: {', '.join(networks)} run on the CPU; "
+            "give --gpus-per-worker (e.g. 0.25: four actors per GPU) to run them there")
+
+
 def loaded_actors(actors: list[Any]) -> tuple[list[Any], dict[str, Any], list[str]]:
     """(the actors whose models loaded, what the first of them loaded, the load errors of the others, which are
     killed). Every actor's constructor loads the models: a missing weight file or an out-of-memory GPU on one
@@ -137,6 +150,8 @@ def run_pool(
     before any shard starts; what it raises ends the job."""
     num_workers = cfg.num_workers or default_num_workers(cfg, len(shards))
     options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
+    if note := idle_gpus_note(cfg, ray.cluster_resources()):
+        on_note(note)
 
     def new_actor():
         return ShardActor.options(**options).remote(cfg)

@@ -698,6 +698,14 @@ def test_an_actor_that_reserved_no_gpu_runs_its_models_on_the_cpu(tmp_path, ray_
     actor = ShardActor.options(num_cpus=0.5).remote(cfg)
     assert ray.get(actor.describe.remote())["annotator"]["device"] == "cpu"
     ray.kill(actor)
+    # the driver says so where the cluster has GPUs the job's networks leave idle
+    from pipeline.distributor import idle_gpus_note
+
+    note = idle_gpus_note(dataclasses.replace(cfg, caption="blip"), {"CPU": 64, "GPU": 8})
+    assert note.startswith("the cluster has 8 GPU(s)") and "hed, blip run on the CPU" in note and "--gpus-per" in note
+    assert idle_gpus_note(cfg, {"CPU": 64}) is None
+    assert idle_gpus_note(dataclasses.replace(cfg, gpus_per_worker=0.25), {"CPU": 64, "GPU": 8}) is None
+    assert idle_gpus_note(dataclasses.replace(cfg, task="canny"), {"CPU": 64, "GPU": 8}) is None
 
 
 def test_neural_shards_made_before_detect_resolution_are_not_resumed_into():

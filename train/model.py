@@ -248,7 +248,8 @@ def encode_prompts(base: BaseModel, captions: list[str], device: torch.device, g
     ids = base.tokenizer(
         captions, padding="max_length", max_length=base.tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
-    ).input_ids.to(device)
+    ).input_ids.to(device, non_blocking=True)  # a fresh tensor: without it the copy waits for the previous step's
+    # kernels to finish on a GPU, a host sync every step
     with torch.set_grad_enabled(grad):
         return base.text_encoder(ids)[0]
 

@@ -435,8 +435,30 @@ def interrupted_line(output: str) -> str:
     """What Ctrl-C or SIGTERM leaves: the shards committed so far, complete (a shard is committed by its stats.json,
     written last), and the staging of those cut short cleared; the same command does the rest."""
     clear_staging(output)
-    committed = len(fmt.committed_shards(output))
-    return f"interrupted: {committed} shard(s) committed in {output}; the same command resumes with the rest"
+    committed = committed_count(output)
+    counted = (f"{committed} shard(s) committed" if committed is not None
+               else "the shards committed so far kept (the storage did not answer to count them)")
+    return f"interrupted: {counted} in {output}; the same command resumes with the rest"
+
+
+STOP_COUNT_S = 10.0  # a stop is often the answer to a storage outage, and SIGTERM's sender SIGKILLs ~30 s later
+
+
+def committed_count(output: str, timeout_s: float = STOP_COUNT_S) -> int | None:
+    """The output's committed shards, or None when the storage fails or does not answer within `timeout_s`: a stop
+    counted them however long the storage took (7 min on an endpoint that accepts and never answers: s3fs's and
+    botocore's retries of its 15 s read timeout), and one that failed ended in its traceback, not the stop's line.
+    A daemon thread, so that one still waiting does not hold the process at exit."""
+    counted: list[int] = []
+
+    def count() -> None:
+        with suppress(Exception):
+            counted.append(len(fmt.committed_shards(output)))
+
+    counter = threading.Thread(target=count, daemon=True)
+    counter.start()
+    counter.join(timeout_s)
+    return counted[0] if counted else None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pipeline.config import BuildConfig
 from pipeline.reader import list_input_shards
 from pipeline.worker import ActorFault, batch_fault, process_shard
 from pipeline.writer import ShardWriter
-from tests.conftest import own_ray_processes
+from tests.conftest import own_ray_processes, with_ctrl_c
 from tests.corpus import good_jpeg
 from tests.tiny_weights.hed import write_tiny_hed
 
@@ -642,6 +642,43 @@ def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, tmp_path
     assert_every_sample_once(rows(local), sorted((local / "shards").glob("*.tar")))
     staging = Path(tempfile.gettempdir()) / "controlnet-data-staging"
     assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_ctrl_c_during_an_outage_is_the_stop_line_not_the_storage_error(twelve_shards, python, ray_session, s3_server):
+    """The stop's line counted the committed shards on the storage: stopped in an outage (often why a user stops),
+    the count's connection error ended the job in a traceback and exit 1, and an endpoint that accepts and never
+    answers held the stop for 7 min (past the SIGKILL that follows a pod's SIGTERM)."""
+    import re
+    import time
+
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-stop-outage")
+    out = "s3://cnd-stop-outage/out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    driver = subprocess.Popen(with_ctrl_c(job(python, twelve_shards, out)), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+
+    def committed() -> int:
+        fs.invalidate_cache()
+        return len(fs.glob("cnd-stop-outage/out/shards/*.stats.json"))
+
+    wait_for(lambda: committed() >= 1, every=0.2)
+    s3_server.stop()
+    try:
+        time.sleep(1)
+        stopped = time.monotonic()
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        s3_server.start()
+    assert driver.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert re.fullmatch(r"interrupted: the shards committed so far kept \(the storage did not answer to count them\) "
+                        rf"in {re.escape(out)}; the same command resumes with the rest",
+                        stderr.strip().splitlines()[-1]), stderr[-1000:]
+    assert took < 60
 
 
 def test_the_task_choices_are_the_registered_annotators():

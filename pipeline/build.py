@@ -409,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except fmt.StorageOutage as e:  # mid-job, past its patience (run_pool): the committed shards stand
+        if joined_here and ray.is_initialized():
+            ray.shutdown()
+        first_line = (str(e).splitlines() or [""])[0]
+        print(f"error: {first_line}; the shards committed before it are kept, and the same command resumes with the "
+              f"rest once the storage answers", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, SystemExit) as stop:
         signum = stop_signal(stop, signals.seen)
         if signum is None:

@@ -191,7 +191,13 @@ def run_pool(
             continue
         except Exception as e:
             idle.append(actor)
-            if waited_for_storage(outage, e):
+            try:
+                waited = waited_for_storage(outage, e)
+            except StorageOutage:  # the storage is down, not the shards: the job ends, its shards in flight too
+                for stopped in [*idle, *(busy for busy, _ in running.values())]:
+                    ray.kill(stopped)
+                raise
+            if waited:
                 todo.append(shard)
             else:
                 _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
@@ -206,15 +212,14 @@ def run_pool(
 
 
 def waited_for_storage(outage: Outage, error: BaseException) -> bool:
-    """Whether `error` is the storage failing and, having waited before the next try, the outage is still within
-    its patience; False: the error counts as a failed attempt of its shard."""
+    """Whether `error` is the storage failing, having waited before the next try; False: the error counts as a
+    failed attempt of its shard. Raises StorageOutage once the outage has outlasted its patience: each shard left,
+    tried --max-retries times more through a storage that is down, cost each try's own retries (~10 s refused,
+    ~7 min from an endpoint that never answers), and a job of many shards took hours to end."""
     cause = getattr(error, "cause", None) or error  # a task's RayTaskError wraps the actor's exception
     if not (isinstance(cause, InputReadError) or is_transient(cause)):
         return False
-    try:
-        outage.wait(cause)
-    except StorageOutage:
-        return False
+    outage.wait(cause)
     return True
 
 

@@ -644,6 +644,51 @@ def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, tmp_path
     assert not staging.exists() or not any(staging.iterdir())
 
 
+def test_object_storage_down_past_the_patience_ends_the_job_in_one_line(twelve_shards, python, ray_session,
+                                                                        s3_server):
+    """Past CONTROLNET_STORAGE_PATIENCE_S the storage is down, not the shards: the job ends in one line. Before, every
+    shard left was tried --max-retries times more through it, each try paying botocore's own retries: 24 shards took
+    12 min to end against a refused endpoint, and a try took ~7 min against one that never answers."""
+    import time
+
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-down")
+    out = "s3://cnd-down/out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session, "CONTROLNET_STORAGE_PATIENCE_S": "5"}
+    driver = subprocess.Popen(job(python, twelve_shards, out), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+
+    def committed() -> int:
+        fs.invalidate_cache()
+        return len(fs.glob("cnd-down/out/shards/*.stats.json"))
+
+    wait_for(lambda: committed() >= 1, every=0.2)
+    s3_server.stop()
+    try:
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        s3_server.start()
+    last = stderr.strip().splitlines()[-1]
+    assert driver.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert last.startswith("error: the job's storage: the storage failed for ") and last.endswith(
+        "the shards committed before it are kept, and the same command resumes with the rest once the storage "
+        "answers"), last
+    assert "attempt 2 failed" not in stderr  # no shard's retries spent on the outage
+
+    time.sleep(1)
+    rerun = subprocess.run(job(python, twelve_shards, out), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    local = Path(tempfile.mkdtemp()) / "out"
+    (local / "shards").mkdir(parents=True)
+    fs.invalidate_cache()
+    for path in fs.find("cnd-down/out/shards"):
+        fs.get_file(path, str(local / "shards" / path.rsplit("/", 1)[1]))
+    assert len(list((local / "shards").glob("*.stats.json"))) == 12
+    assert_every_sample_once(rows(local), sorted((local / "shards").glob("*.tar")))
+
+
 def test_ctrl_c_during_an_outage_is_the_stop_line_not_the_storage_error(twelve_shards, python, ray_session, s3_server):
     """The stop's line counted the committed shards on the storage: stopped in an outage (often why a user stops),
     the count's connection error ended the job in a traceback and exit 1, and an endpoint that accepts and never

@@ -141,7 +141,30 @@ def test_validation_is_held_out_of_training(dataset):
     subset = DataSource(["a.tar", "b.tar", "c.tar"], "canny", keys=frozenset({"k1", "k2", "k3"}))
     assert split_validation(subset, None) == (subset, subset)
     train, given = split_validation(only, [str(dataset)])
-    assert train is only and len(given.urls) == 4
+    assert train.urls == only.urls and len(given.urls) == 4
+
+
+def test_validation_data_that_training_data_holds_is_held_out_of_it(dataset, tmp_path, monkeypatch, capsys):
+    """--validation-data naming shards --data holds too (the dataset and its last shard) trained on the samples its
+    curve scores; they are held out, however the shard is written, and a run left nothing to train on is one line."""
+    from train.data import resolve_shards
+    from train.loop import split_validation, validation_note
+    from train.run import main as train_main
+
+    whole = resolve_shards(str(dataset))
+    monkeypatch.chdir(dataset.parent)
+    last = os.path.relpath(whole.urls[-1])  # the dataset lists it absolute
+    train, held_out = split_validation(whole, [last])
+    assert train.urls == whole.urls[:-1] and train.weights == whole.weights[:-1] and held_out.urls == [last]
+    assert validation_note(train, held_out) == ""
+    only = resolve_shards(whole.urls[0])  # one shard: scored on what it trains on, and the run's first line says so
+    assert "drawn from the training data" in validation_note(*split_validation(only, None))
+    storage = tmp_path / "runs"
+    assert train_main(["--preset", "debug", "--data", str(dataset), "--validation-data", str(dataset),
+                       "--storage-path", str(storage), "--wandb", "off"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: every shard of --data is in --validation-data") and len(error.splitlines()) == 1
+    assert not storage.exists()  # refused before anything was written
 
 
 def wait_for_checkpoint(run: Path, process, timeout_s: float = 180) -> None:

@@ -98,7 +98,8 @@ class TrainConfig:
     validate_every: int = 500
     """Steps between validation grids (condition | generated | target) logged to W&B (0: off)."""
     validation_data: list[str] | None = None
-    """Validation shards (same forms as --data); default: the last training shard, held out of training."""
+    """Validation shards (same forms as --data), held out of training where --data holds them too; default: the last
+    training shard, held out of training."""
     validation_samples: int = 4
     """Fixed validation conditions sampled at every validation."""
     validation_steps: int = 20

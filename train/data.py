@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import random
 import tarfile
 from collections import Counter
@@ -74,6 +75,30 @@ def some_shards(source: DataSource, part: slice) -> DataSource:
     """The source over a slice of its shards (their weights with them)."""
     weights = source.weights[part] if source.weights is not None else None
     return dataclasses.replace(source, urls=source.urls[part], weights=weights)
+
+
+def without_shards(source: DataSource, held: DataSource) -> DataSource:
+    """The source less the shards `held` names: validation data named apart from --data but inside it (the dataset
+    and its last shard, or the same dataset twice) was trained on, and its curve scored memorised samples. A
+    source left with no shard is refused: there would be nothing to train on."""
+    named = {shard_identity(url) for url in held.urls}
+    kept = [i for i, url in enumerate(source.urls) if shard_identity(url) not in named]
+    if not kept:
+        raise ValueError(f"every shard of --data is in --validation-data ({len(held.urls)} shards): nothing is left "
+                         "to train on once they are held out; give --data without them")
+    urls = [source.urls[i] for i in kept]
+    weights = tuple(source.weights[i] for i in kept) if source.weights is not None else None
+    url_keys = {url: source.url_keys[url] for url in urls} if source.url_keys is not None else None
+    return dataclasses.replace(source, urls=urls, weights=weights, url_keys=url_keys,
+                               counts={**source.counts, "shards": len(urls)})
+
+
+def shard_identity(url: str) -> str:
+    """A shard URL as one string however it was written: a local path resolved (a tar named relative to the working
+    directory is the one its dataset lists absolute), other URLs as they are."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return os.path.realpath(url.removeprefix("file://"))
 
 
 def resolve_shards(spec: str | list[str], condition: str | None = None, flag: str = "--data") -> DataSource:

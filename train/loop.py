@@ -401,19 +401,30 @@ def ranks_in_sync(module: nn.Module) -> bool:
 
 
 def split_validation(source, validation_data: list[str] | None):
-    """(training source, validation source): the given validation data, else the held-out set a subset names
+    """(training source, validation source): the given validation data (its shards held out of training, where
+    --data names them too), else the held-out set a subset names
     (shared by every size of a sweep), else the last shard of a whole dataset held out of training (when there
     are several), else the training data itself. A subset trains on every sample it names: one made with nothing
     held out (train.subsets --holdout-shards 0) lost its last shard's samples, a different share at each size."""
-    from train.data import resolve_shards, some_shards
+    from train.data import resolve_shards, some_shards, without_shards
 
     if validation_data:
-        return source, resolve_shards(validation_data, source.task)
+        held_out = resolve_shards(validation_data, source.task, "--validation-data")
+        return without_shards(source, held_out), held_out
     if source.validation:
         return source, resolve_shards(source.validation, source.task)
     if len(source.urls) < 2 or source.keys is not None:
         return source, source
     return some_shards(source, slice(None, -1)), some_shards(source, slice(-1, None))
+
+
+def validation_note(trained, held_out) -> str:
+    """What the run's first line adds where its validation samples are not held out of training: a curve scored on
+    samples the run trains on rises with memorising, not with following the condition."""
+    if held_out is not trained:
+        return ""
+    return ("; validation samples are drawn from the training data (nothing held out: one shard, or a subset "
+            "without a held-out set; --validation-data names held-out data)")
 
 
 @dataclass
@@ -701,6 +712,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.note(f"{cfg.run_name}: {world_size} rank(s) on {device}, {threads} thread(s) each"
                     + (f"; resumed from step {trainer.state.resumed_from}" if trainer.state.resumed_from else "")
                     + (f"; {latents}" if latents else "")
+                    + (validation_note(source, held_out) if cfg.validate_every else "")
                     + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
     # rank 0 alone sets up W&B and validation and validates; the others wait for it on a group of their own
     rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)

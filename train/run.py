@@ -203,7 +203,7 @@ def check_data(cfg: TrainConfig) -> None:
     """Resolve --data and --validation-data, find a local --base-model and W&B's key for --wandb online, on the
     driver before Ray starts: a typo is one line here, not a worker failure that Ray retries --max-failures
     times after loading the base model."""
-    from train.data import resolve_shards
+    from train.data import resolve_shards, without_shards
     from train.model import check_local_base_model
 
     check_local_base_model(cfg.base_model)
@@ -214,7 +214,9 @@ def check_data(cfg: TrainConfig) -> None:
                          "train on a dataset that python -m pipeline.build made")
     check_shards_there(source.urls)
     if cfg.validation_data:
-        check_shards_there(resolve_shards(cfg.validation_data, source.task, "--validation-data").urls)
+        held_out = resolve_shards(cfg.validation_data, source.task, "--validation-data")
+        check_shards_there(held_out.urls)
+        without_shards(source, held_out)  # refused here when it would leave nothing to train on
     elif source.validation:  # a subset's own held-out set
         check_shards_there(resolve_shards(source.validation, source.task).urls)
     check_storage_writable(cfg)

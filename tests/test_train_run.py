@@ -167,6 +167,42 @@ def test_validation_data_that_training_data_holds_is_held_out_of_it(dataset, tmp
     assert not storage.exists()  # refused before anything was written
 
 
+def test_a_condition_that_only_the_held_out_shard_kept_is_refused_before_training(tmp_path, capsys):
+    """Every image of the first input shard is under --min-size, so the last shard, held out for validation, holds
+    every usable sample: the stream drew empty shards until "100 shards in a row gave no sample", on the worker after
+    loading the base, with a traceback and "the same command starts it again". Now one line on the driver."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.build import main as build_dataset
+    from train.run import main as train_main
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for shard, side in (("00000", 16), ("00001", 64)):
+        with tarfile.open(inputs / f"{shard}.tar", "w") as tar:
+            for i in range(3):
+                jpg = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(jpg, format="JPEG")
+                for ext, data in (("jpg", jpg.getvalue()), ("txt", b"noise")):
+                    info = tarfile.TarInfo(f"s{shard}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    data = tmp_path / "data"
+    assert build_dataset(["--input", str(inputs), "--output", str(data), "--resolution", "64", "--min-size", "32"]) == 0
+    assert json.loads((data / "shards" / "00000.stats.json").read_text())["counts"]["ok"] == 0
+    capsys.readouterr()
+    assert train_main(["--preset", "debug", "--data", str(data), "--storage-path", str(tmp_path / "runs"),
+                       "--wandb", "off"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: no usable canny sample is left to train on: the last shard, held out")
+    assert len(error.splitlines()) == 1
+
+
 def wait_for_checkpoint(run: Path, process, timeout_s: float = 180) -> None:
     deadline = time.time() + timeout_s
     while not list(run.glob("checkpoint_*/progress.json")) and process.poll() is None and time.time() < deadline:

@@ -410,12 +410,23 @@ def split_validation(source, validation_data: list[str] | None):
 
     if validation_data:
         held_out = resolve_shards(validation_data, source.task, "--validation-data")
-        return without_shards(source, held_out), held_out
+        return left_to_train(without_shards(source, held_out), "--validation-data's shards"), held_out
     if source.validation:
         return source, resolve_shards(source.validation, source.task)
     if len(source.urls) < 2 or source.keys is not None:
         return source, source
-    return some_shards(source, slice(None, -1)), some_shards(source, slice(-1, None))
+    return left_to_train(some_shards(source, slice(None, -1)), "the last shard"), some_shards(source, slice(-1, None))
+
+
+def left_to_train(train, held: str):
+    """The training source, refused where the shards it kept hold no sample of its condition by their index (a
+    multi-task dataset whose OpenPose kept samples in the last shard alone): its stream drew shard after shard for
+    nothing and ended the run in "no sample in 100 shards", blaming missing or broken shards."""
+    if train.weights is not None and not any(train.weights):
+        raise ValueError(f"no usable {train.task} sample is left to train on: {held}, held out for validation, holds "
+                         f"every one (the index says why the others are not: status and error columns); give "
+                         f"--validation-data other data")
+    return train
 
 
 def validation_note(trained, held_out) -> str:

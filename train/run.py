@@ -23,7 +23,7 @@ from ray.train.v2._internal.execution.callback import WorkerCallback  # a Develo
 from pipeline.format import ClusterUnreachable, SignalLog, join_ray
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
-from train.loop import RunRefused, train_loop_per_worker
+from train.loop import RunRefused, split_validation, train_loop_per_worker
 from train.plots import curves_of
 from train.report import curve_text
 from train.tracking import plot_url, read_results, results_url, wandb_mode
@@ -203,7 +203,7 @@ def check_data(cfg: TrainConfig) -> None:
     """Resolve --data and --validation-data, find a local --base-model and W&B's key for --wandb online, on the
     driver before Ray starts: a typo is one line here, not a worker failure that Ray retries --max-failures
     times after loading the base model."""
-    from train.data import resolve_shards, without_shards
+    from train.data import resolve_shards
     from train.model import check_local_base_model
 
     check_local_base_model(cfg.base_model)
@@ -213,12 +213,8 @@ def check_data(cfg: TrainConfig) -> None:
         raise ValueError(f"--data {' '.join(cfg.data)}: its shards hold no condition maps (<key>.<task>.png); "
                          "train on a dataset that python -m pipeline.build made")
     check_shards_there(source.urls)
-    if cfg.validation_data:
-        held_out = resolve_shards(cfg.validation_data, source.task, "--validation-data")
-        check_shards_there(held_out.urls)
-        without_shards(source, held_out)  # refused here when it would leave nothing to train on
-    elif source.validation:  # a subset's own held-out set
-        check_shards_there(resolve_shards(source.validation, source.task).urls)
+    _, held_out = split_validation(source, cfg.validation_data)  # refused here when it leaves nothing to train on
+    check_shards_there(held_out.urls)  # --validation-data, or a subset's own held-out set
     check_storage_writable(cfg)
 
 

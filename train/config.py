@@ -84,7 +84,9 @@ class TrainConfig:
     trains at the dataset's resolution; off: always encode the images."""
     data_workers: int = 0
     """DataLoader worker processes per rank: decoding beside the training step (they run outside the CPUs Ray
-    reserves for the worker; on a CPU-only run they compete with training for the same cores)."""
+    reserves for the worker; on a CPU-only run they compete with training for the same cores). Each loader worker
+    draws and shuffles shards of its own, seeded by its index, so the samples trained on depend on this number (0 and
+    1 give the same stream): compare runs, and resume them, at one value."""
     epoch_samples: int = 10_000
     """Samples per rank per data epoch (the stream is resampled to this length)."""
     checkpoint_every: int = 500

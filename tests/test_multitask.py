@@ -228,7 +228,7 @@ def test_subsets_rank_per_condition_and_old_datasets_still_read(multi, single, t
     assert small["task"] == "hed" and set(small["keys"]) <= set(large["keys"]) <= hed_ok
     source = resolve_shards(written[1]["url"])
     assert source.task == "hed" and source.keys == frozenset(large["keys"])
-    with pytest.raises(SubsetError, match="larger than the dataset's 0 ok samples"):
+    with pytest.raises(SubsetError, match="larger than the dataset.s 0 ok samples for openpose"):
         make_subsets(str(multi), [1], holdout_shards=0, condition="openpose")
     with pytest.raises(ValueError, match="choose one with --condition"):
         make_subsets(str(multi), [1])

@@ -93,14 +93,17 @@ def rank(samples: Iterable[Sample]) -> list[Sample]:
     return ranked
 
 
-def select(ranked: list[Sample], sizes: list[int], held_out: int = 0) -> dict[int, list[Sample]]:
-    """The top-n of one ranking per size: nested by construction. A size past the ok samples is an error."""
+def select(ranked: list[Sample], sizes: list[int], held_out: int = 0, condition: str | None = None
+           ) -> dict[int, list[Sample]]:
+    """The top-n of one ranking per size: nested by construction. A size past the ok samples is an error.
+    `condition`: the one a multi-task dataset's samples were counted for (ok for it), named in that error."""
     too_large = [s for s in sizes if s > len(ranked)]
     if too_large:
         largest = max(too_large)
         named = str(largest) if size_label(largest) == str(largest) else f"{size_label(largest)} ({largest})"
         held = f" ({held_out} more are held out for validation)" if held_out else ""
-        raise SubsetError(f"size {named} is larger than the dataset's {len(ranked)} ok samples{held}")
+        which = f" ok samples for {condition}" if condition else " ok samples"
+        raise SubsetError(f"size {named} is larger than the dataset's {len(ranked)}{which}{held}")
     return {size: ranked[:size] for size in sizes}
 
 
@@ -385,7 +388,7 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
     shards = fmt.committed_shards(dataset)
     pool, held = hold_out(read_samples(dataset, task if several else None, shards), holdout_shards)
     ranked = rank(pool)
-    chosen = select(ranked, sizes, len(held))
+    chosen = select(ranked, sizes, len(held), task if several else None)
     shard_samples = shard_sample_counts(shards) if materialize_mode != "never" else {}
     amplification = {size: read_amplification(samples, shard_samples) for size, samples in chosen.items()}
     copy = {size: samples for size, samples in chosen.items()

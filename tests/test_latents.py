@@ -94,8 +94,12 @@ def test_latents_of_another_vae_are_refused(dataset, tmp_path):
         train(dataset, other, tmp_path, "other")
 
 
-def test_a_run_on_latents_of_another_vae_is_refused_in_one_line(dataset, tmp_path, capsys):
-    """The refusal came as a traceback, exit 1 and "the same command starts it again", which would fail again."""
+def test_a_run_on_latents_of_another_vae_is_refused_in_one_line(dataset, tmp_path, capsys, ray_session):
+    """The refusal came as a traceback, exit 1 and "the same command starts it again", which would fail again.
+    main() leaves up the Ray its caller had started: on its way out it shut down this test session's cluster,
+    and every later test that used it failed."""
+    import ray
+
     from train.run import main
 
     other = build_tiny_sd(tmp_path / "other-sd", seed=1)
@@ -103,6 +107,7 @@ def test_a_run_on_latents_of_another_vae_is_refused_in_one_line(dataset, tmp_pat
                  str(tmp_path / "runs"), "--run-name", "other", "--wandb", "off", "--max-steps", "2"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: the dataset's latents were made")
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
 
 
 def test_the_vae_is_fingerprinted_as_loaded_not_as_cast_for_autocast(dataset, base):

@@ -131,16 +131,27 @@ def join_or_start_ray() -> None:
     processes cost a local run start-up time and CPU). Without the dashboard, Ray's state API is down, and Ray
     Train's placement-group cleaner, which polls it, would warn every second of the run; on a cluster this process
     starts it has nothing to do (the cluster ends with the process), so its workers quieten it."""
-    global _cluster_started_here
+    global _cluster_started_here, _joined_here
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
     quiet = {"worker_process_setup_hook": "train.tracking.quiet_placement_group_cleaner"}
     join_ray(address, include_dashboard=False, configure_logging=False, runtime_env=None if address else quiet)
-    _cluster_started_here = address is None
+    _cluster_started_here, _joined_here = address is None, True
 
 
 _cluster_started_here = False  # join_or_start_ray started a cluster, whose processes share this one's process group
+_joined_here = False  # join_or_start_ray joined or started Ray (not the caller: a test's or a notebook's session)
+
+
+def leave_ray() -> None:
+    """Leave the Ray that join_or_start_ray joined or started, now, while the run's last line is still to come
+    (its detached actors log until then). A Ray the caller had initialized stays up: main() called in a process
+    that started its cluster (a test session, a notebook) stopped that cluster on its way out."""
+    global _joined_here
+    if _joined_here and ray.is_initialized():
+        ray.shutdown()
+    _joined_here = False
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
@@ -403,20 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
             # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in
             # SystemExit, as it does when the driver is sent SIGTERM (`ray job stop`) in either mode
-            if ray.is_initialized():
-                ray.shutdown()  # now, while the line below is the last one: its detached actors log until then
+            leave_ray()
             print(stopped_line(cfg), file=sys.stderr)
             return stopped_exit_code(stop, signals.received())
         except Exception as error:  # the traceback in full, then what it means for the run
             refusal = root_error(error)
             if isinstance(refusal, RunRefused):  # found on the worker (the held-out set drawn, the VAE loaded)
-                if ray.is_initialized():
-                    ray.shutdown()
+                leave_ray()
                 print(f"error: {refusal}", file=sys.stderr)
                 return 2
             traceback.print_exc()
-            if ray.is_initialized():
-                ray.shutdown()
+            leave_ray()
             print(f"failed: {failure_cause(error)}; {resume_hint(cfg)}", file=sys.stderr)
             return 1
     results = read_results(cfg)

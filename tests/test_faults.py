@@ -644,7 +644,7 @@ def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, tmp_path
     assert not staging.exists() or not any(staging.iterdir())
 
 
-def test_object_storage_down_past_the_patience_ends_the_job_in_one_line(twelve_shards, python, ray_session,
+def test_object_storage_down_past_the_patience_ends_the_job_in_one_line(twelve_shards, tmp_path, python, ray_session,
                                                                         s3_server):
     """Past CONTROLNET_STORAGE_PATIENCE_S the storage is down, not the shards: the job ends in one line. Before, every
     shard left was tried --max-retries times more through it, each try paying botocore's own retries: 24 shards took
@@ -680,7 +680,7 @@ def test_object_storage_down_past_the_patience_ends_the_job_in_one_line(twelve_s
     time.sleep(1)
     rerun = subprocess.run(job(python, twelve_shards, out), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    local = Path(tempfile.mkdtemp()) / "out"
+    local = tmp_path / "out"
     (local / "shards").mkdir(parents=True)
     fs.invalidate_cache()
     for path in fs.find("cnd-down/out/shards"):

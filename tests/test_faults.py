@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -606,6 +607,35 @@ def test_two_drivers_on_one_output_corrupt_nothing_and_count_nothing_twice(twelv
     assert json.loads((out / fmt.MANIFEST).read_text())["totals"]["ok"] == 144
 
 
+def started_on_s3(bucket: str, command_for, env: dict[str, str], **streams) -> subprocess.Popen:
+    """A dataset job writing s3://<bucket>/out (a new bucket on the moto server), once its first shard is committed:
+    command_for(out) is its command line."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(bucket)
+    driver = subprocess.Popen(command_for(f"s3://{bucket}/out"), env=env, text=True, **streams)
+
+    def committed() -> int:
+        fs.invalidate_cache()
+        return len(fs.glob(f"{bucket}/out/shards/*.stats.json"))
+
+    wait_for(lambda: committed() >= 1, every=0.2)
+    return driver
+
+
+def shards_from_s3(bucket: str, local: Path) -> Path:
+    """s3://<bucket>/out's shards copied into local/shards/, to read back as a local dataset; `local`."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    (local / "shards").mkdir(parents=True)
+    for path in fs.find(f"{bucket}/out/shards"):
+        fs.get_file(path, str(local / "shards" / path.rsplit("/", 1)[1]))
+    return local
+
+
 def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, tmp_path, python, ray_session, s3_server):
     """The endpoint gone for 20 s mid-job, longer than botocore's own retries in the actors: the shards in flight
     fail on the storage, and the driver waits the outage out once for all of them (pipeline.format.Outage) instead of
@@ -613,31 +643,16 @@ def test_object_storage_going_away_mid_job_is_waited_out(twelve_shards, tmp_path
     import tempfile
     import time
 
-    import fsspec
-
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("cnd-outage")
-    out = "s3://cnd-outage/out"
     env = {**os.environ, "RAY_ADDRESS": ray_session}
-    command = job(python, twelve_shards, out, "--max-retries", "0")  # no retry left to spend on an outage
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def committed() -> int:
-        fs.invalidate_cache()
-        return len(fs.glob("cnd-outage/out/shards/*.stats.json"))
-
-    wait_for(lambda: committed() >= 1, every=0.2)
+    driver = started_on_s3("cnd-outage", lambda out: job(python, twelve_shards, out, "--max-retries", "0"), env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # no retry left to spend on an outage
     s3_server.stop()  # the endpoint goes away mid-job: uploads and reads fail
     time.sleep(20)
     s3_server.start()
     printed, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0 and "the job's storage" in printed and "trying again" in printed, printed[-3000:]
 
-    local = tmp_path / "out"
-    (local / "shards").mkdir(parents=True)
-    fs.invalidate_cache()
-    for path in fs.find("cnd-outage/out/shards"):
-        fs.get_file(path, str(local / "shards" / path.rsplit("/", 1)[1]))
+    local = shards_from_s3("cnd-outage", tmp_path / "out")
     assert len(list((local / "shards").glob("*.stats.json"))) == 12
     assert_every_sample_once(rows(local), sorted((local / "shards").glob("*.tar")))
     staging = Path(tempfile.gettempdir()) / "controlnet-data-staging"
@@ -651,20 +666,10 @@ def test_object_storage_down_past_the_patience_ends_the_job_in_one_line(twelve_s
     12 min to end against a refused endpoint, and a try took ~7 min against one that never answers."""
     import time
 
-    import fsspec
-
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("cnd-down")
     out = "s3://cnd-down/out"
     env = {**os.environ, "RAY_ADDRESS": ray_session, "CONTROLNET_STORAGE_PATIENCE_S": "5"}
-    driver = subprocess.Popen(job(python, twelve_shards, out), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-
-    def committed() -> int:
-        fs.invalidate_cache()
-        return len(fs.glob("cnd-down/out/shards/*.stats.json"))
-
-    wait_for(lambda: committed() >= 1, every=0.2)
+    driver = started_on_s3("cnd-down", partial(job, python, twelve_shards), env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
     s3_server.stop()
     try:
         _, stderr = driver.communicate(timeout=120)
@@ -680,11 +685,7 @@ def test_object_storage_down_past_the_patience_ends_the_job_in_one_line(twelve_s
     time.sleep(1)
     rerun = subprocess.run(job(python, twelve_shards, out), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    local = tmp_path / "out"
-    (local / "shards").mkdir(parents=True)
-    fs.invalidate_cache()
-    for path in fs.find("cnd-down/out/shards"):
-        fs.get_file(path, str(local / "shards" / path.rsplit("/", 1)[1]))
+    local = shards_from_s3("cnd-down", tmp_path / "out")
     assert len(list((local / "shards").glob("*.stats.json"))) == 12
     assert_every_sample_once(rows(local), sorted((local / "shards").glob("*.tar")))
 
@@ -696,20 +697,10 @@ def test_ctrl_c_during_an_outage_is_the_stop_line_not_the_storage_error(twelve_s
     import re
     import time
 
-    import fsspec
-
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("cnd-stop-outage")
     out = "s3://cnd-stop-outage/out"
     env = {**os.environ, "RAY_ADDRESS": ray_session}
-    driver = subprocess.Popen(with_ctrl_c(job(python, twelve_shards, out)), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-
-    def committed() -> int:
-        fs.invalidate_cache()
-        return len(fs.glob("cnd-stop-outage/out/shards/*.stats.json"))
-
-    wait_for(lambda: committed() >= 1, every=0.2)
+    driver = started_on_s3("cnd-stop-outage", lambda out: with_ctrl_c(job(python, twelve_shards, out)), env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     s3_server.stop()
     try:
         time.sleep(1)

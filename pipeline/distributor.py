@@ -1,6 +1,7 @@
 """distributor maps the per-shard worker over shards with a pool of Ray actors, retrying failed shards"""
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -32,6 +33,15 @@ def limit_torch_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def drop_broken_connection_reports(record: logging.LogRecord) -> bool:
+    """asyncio's filter for an actor's log: its "Task exception was never retrieved" for a storage connection that
+    broke (aiohttp's write of a request an outage cut, in s3fs's loop) reached the job's terminal as a traceback,
+    beside the driver's one line about the outage; the error itself reaches the shard's read or upload, which retries
+    or waits."""
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or not is_transient(error)
+
+
 @ray.remote
 class ShardActor:
     """Holds the job's models (each requested task's annotator, the captioner, the VAE; weights loaded once per
@@ -47,6 +57,7 @@ class ShardActor:
         threads = max(1, int(cfg.cpus_per_worker))
         cv2.setNumThreads(threads)
         open_images_up_to(cfg.max_pixels)
+        logging.getLogger("asyncio").addFilter(drop_broken_connection_reports)
         cfg = replace(cfg, device=models_device(cfg, ray.get_gpu_ids()))
         self.cfg = cfg
         clear_staging(cfg.output)  # what actors killed on this node left (an object store's staging is local)

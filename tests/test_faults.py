@@ -717,6 +717,29 @@ def test_ctrl_c_during_an_outage_is_the_stop_line_not_the_storage_error(twelve_s
     assert took < 60
 
 
+def test_an_actors_report_of_a_connection_an_outage_broke_is_dropped_and_other_errors_are_kept(caplog):
+    """aiohttp's write of a request an outage cut, in s3fs's loop, ended in asyncio's "Task exception was never
+    retrieved" with its traceback, forwarded from the actor to the job's terminal (a fresh-clone CI run here): the
+    error itself reaches the shard's read or upload, which the driver retries or waits out in one line."""
+    import asyncio
+    import logging
+
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    from pipeline.distributor import drop_broken_connection_reports
+
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(drop_broken_connection_reports)
+    loop = asyncio.new_event_loop()
+    try:
+        for error in (ClientConnectionResetError("Cannot write to closing transport"), ValueError("a bug")):
+            loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": error})
+    finally:
+        loop.close()
+        asyncio_log.removeFilter(drop_broken_connection_reports)
+    assert [r.exc_info[0] for r in caplog.records if r.name == "asyncio"] == [ValueError]
+
+
 def test_the_task_choices_are_the_registered_annotators():
     from annotate import ANNOTATORS
     from pipeline.config import TASKS

@@ -437,6 +437,22 @@ def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_
         assert "\n" not in error
 
 
+def test_a_shard_deleted_from_the_middle_of_a_dataset_is_one_line_before_training(canny64, tmp_path, capsys):
+    """Only the first and last shard were looked for: a tar deleted from the middle was read as errors for the
+    whole run (or, its stats gone too, passed over on a resume)."""
+    from train.run import main as train
+
+    data = Path(shutil.copytree(canny64, tmp_path / "canny"))
+    tars = sorted((data / "shards").glob("*.tar"))
+    assert len(tars) >= 3
+    tars[1].unlink()
+    assert train(["--data", str(data), "--storage-path", str(tmp_path / "runs"), "--run-name", "t",
+                  "--wandb", "off"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: shard {tars[1]} is not there: 1 of the {len(tars)} shards it names are missing (a "
+                     "subset names its dataset's shards by path: make the subsets again where the dataset is now)")
+
+
 def test_subsets_move_with_their_dataset_and_one_left_behind_is_one_line_before_training(canny64, tmp_path, capsys):
     """Subsets named their dataset's shards by absolute path: a dataset moved (or copied) whole read nothing (or
     the original's shards), and the run passed the checks, streamed nothing and ended in a traceback."""

@@ -230,15 +230,32 @@ def check_data(cfg: TrainConfig) -> None:
 
 
 def check_shards_there(urls: list[str]) -> None:
-    """The first and last shard a source names exist: a subset manifest names its dataset's shards by path, and a
-    dataset moved since streamed no sample (the run ended in the loop, "no sample in 100 shards")."""
+    """Every shard a source names exists, by one listing of each folder they are in: a subset manifest names its
+    dataset's shards by path, so a dataset moved since streamed no sample (the run ended in the loop, "no sample in
+    100 shards"); a shard deleted from the middle of a dataset was read as errors, or passed over, for the whole run."""
+    missing = missing_shards(urls)
+    if missing:
+        some = f"{len(missing)} of the {len(urls)} shards it names are" if len(urls) > 1 else "it is"
+        raise FileNotFoundError(f"shard {missing[0]} is not there: {some} missing (a subset names its dataset's "
+                                "shards by path: make the subsets again where the dataset is now)")
+
+
+def missing_shards(urls: list[str]) -> list[str]:
+    """The URLs among `urls` whose folder does not list them."""
     import fsspec
 
-    for url in dict.fromkeys([urls[0], urls[-1]] if urls else []):
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"shard {url} is not there (a subset names its dataset's shards by path: make the "
-                                    "subsets again where the dataset is now)")
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
+    missing = []
+    for folder, named in by_folder.items():
+        fs, path = fsspec.core.url_to_fs(folder)
+        try:
+            listed = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            listed = set()
+        missing += [url for url in named if url.rsplit("/", 1)[-1] not in listed]
+    return missing
 
 
 def check_storage_writable(cfg: TrainConfig) -> None:

@@ -405,13 +405,11 @@ def main(argv: list[str] | None = None) -> int:
             return run(cfg)
     except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError,
             fmt.ClusterUnreachable) as e:  # bad input, config, weights, storage or cluster: one line
-        if joined_here and ray.is_initialized():
-            ray.shutdown()  # stop streaming the cluster's logs first, so that the error is the last line
+        leave_ray(joined_here)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except fmt.StorageOutage as e:  # mid-job, past its patience (run_pool): the committed shards stand
-        if joined_here and ray.is_initialized():
-            ray.shutdown()
+        leave_ray(joined_here)
         first_line = (str(e).splitlines() or [""])[0]
         print(f"error: {first_line}; the shards committed before it are kept, and the same command resumes with the "
               f"rest once the storage answers", file=sys.stderr)
@@ -420,10 +418,16 @@ def main(argv: list[str] | None = None) -> int:
         signum = stop_signal(stop, signals.seen)
         if signum is None:
             raise
-        if joined_here and ray.is_initialized():
-            ray.shutdown()  # its actors die with it, so their staging is anyone's to clear
+        leave_ray(joined_here)  # its actors die with it, so their staging is anyone's to clear
         print(interrupted_line(cfg.output), file=sys.stderr)
         return 128 + signum  # the shell's code for a command ended by that signal
+
+
+def leave_ray(joined_here: bool) -> None:
+    """Shut down the Ray this job joined or started (not a caller's session) before its last line: the cluster's
+    log stream stops, so that line is the last one."""
+    if joined_here and ray.is_initialized():
+        ray.shutdown()
 
 
 def stop_signal(stop: BaseException, signals: set[int] = frozenset()) -> int | None:

@@ -200,6 +200,6 @@ def weights_mismatch(recorded: Mapping[str, str], current: Mapping[str, str]) ->
 def parse_config(cls: type, argv: list[str] | None, description: str | None = None, prog: str | None = None):
     """The command line as a `cls`, with tyro (as the trainer's): --help from the field docs, typed choices, and
     tyro's message and exit status 2 for a bad value, or for a value a field check refuses (__post_init__)."""
-    from pipeline.format import cli  # here, not at the top: actors and tests build configs without the CLI
+    from pipeline.format import cli
 
     return cli(cls, args=argv, description=description, prog=prog)

@@ -223,9 +223,9 @@ def check_data(cfg: TrainConfig) -> None:
     if not source.conditions:  # the input shards of the dataset job, say: they stream, and every sample is bad
         raise ValueError(f"--data {' '.join(cfg.data)}: its shards hold no condition maps (<key>.<task>.png); "
                          "train on a dataset that python -m pipeline.build made")
-    check_shards_there(source.urls)
     _, held_out = split_validation(source, cfg.validation_data)  # refused here when it leaves nothing to train on
-    check_shards_there(held_out.urls)  # --validation-data, or a subset's own held-out set
+    # --validation-data, or a subset's own held-out set, with the training shards: one listing of a shared folder
+    check_shards_there(list(dict.fromkeys([*source.urls, *held_out.urls])))
     check_storage_writable(cfg)
 
 

@@ -268,10 +268,9 @@ class CompactWriter:
         self.tars[paths["tar"]] = len(self.rows)
 
     def close(self) -> dict[str, int]:
-        """Publish the last, shorter shard; the tar URLs with their sample counts."""
+        """Publish the last, shorter shard; the tar URLs with their sample counts (discard removes the staging)."""
         if self.rows:
             self._publish()
-        self.discard()
         return self.tars
 
     def discard(self) -> None:
@@ -306,7 +305,7 @@ def materialize(dataset: str, shards: list[fmt.CommittedShard], chosen: dict[int
             writers[size] = CompactWriter(folders[size], per_shard, tasks, dataset, schema)
         copy_chosen(by_shard, index_of, position, writers)
         return {size: writer.close() for size, writer in writers.items()}
-    finally:  # a copy that failed (a shard short of its samples, storage gone) leaves no staging folder in /tmp
+    finally:  # done, or failed (a shard short of its samples, storage gone): no staging folder stays in /tmp
         for writer in writers.values():
             writer.discard()
 

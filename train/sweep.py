@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from train.run import check_data, checkpoint_to_resume, prepare_base_model, with_absolute_paths
 
-    try:  # a --run-prefix that is no folder name is refused here
+    try:
         these = [run_config(base, subset, args.run_prefix) for subset in subsets]
         mixed = group_mismatch(with_absolute_paths(prepare_base_model(these[0])), args.run_prefix,
                                {cfg.run_name for cfg in these})

@@ -5,7 +5,8 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import braceexpand
@@ -87,10 +88,31 @@ def _loose_shards(folder: str, files: list[str], files_per_shard: int) -> list[I
     ]
 
 
-def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str, files_per_shard: int) -> list[InputShard]:
-    """A folder of loose images becomes shards of `files_per_shard` files, in sorted order."""
-    files = [fs.unstrip_protocol(p) for p in _files_under(fs, folder) if _is_image(p) and not _hidden(p, folder)]
-    return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard)
+def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str,
+                   files_per_shard: int) -> tuple[list[InputShard], list[str]]:
+    """A folder of loose images becomes shards of `files_per_shard` files, in sorted order; and the folder's files
+    passed over (no image of a kind read here, no caption)."""
+    found = [p for p in _files_under(fs, folder) if not _hidden(p, folder)]
+    files = [fs.unstrip_protocol(p) for p in found if _is_image(p)]
+    return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard), [p for p in found if _passed_over(p)]
+
+
+def _passed_over(path: str) -> bool:
+    """A file an input folder or glob holds that the job does not read: no image of a kind PIL decodes here, no
+    caption beside one, no tar shard (an iPhone's .HEIC photos, a camera's .CR2 raws, a .json of metadata)."""
+    return not (_is_image(path) or _is_tar(path) or split_member_name(path)[1] == "txt")
+
+
+def passed_over_line(paths: list[str]) -> str:
+    """'' for none; else one line naming how many files of which kinds the job leaves out, and one of them, so
+    that photos of a kind not read here are not left out without a word."""
+    if not paths:
+        return ""
+    kinds = Counter("." + (split_member_name(p)[1] or "(no extension)") for p in paths)
+    listed = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common(5))
+    return (f"passed over {len(paths)} input file(s) that are neither images of a kind read here "
+            f"({', '.join(IMAGE_EXTS)}), captions nor tar shards: {listed}{', ...' if len(kinds) > 5 else ''} "
+            f"(e.g. {paths[0]})")
 
 
 def _files_under(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
@@ -129,14 +151,17 @@ def glob_root(pattern: str) -> str:
     return "/".join(parts[:fixed]) or "/"
 
 
-def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[InputShard]:
+def list_input_shards(specs: list[str], files_per_shard: int = 1000,
+                      say: Callable[[str], None] = print) -> list[InputShard]:
     """Expand tar URLs, brace ranges ({00000..00099}), globs and folders into input shards.
 
     A folder holding .tar files means those shards; a folder of images means loose files; image files named
     directly (or matched by a glob) are loose files too, sharded by their folder.
-    Missing inputs and two shards with the same name are errors (the output is named after the input).
+    Missing inputs and two shards with the same name are errors (the output is named after the input). The files
+    a folder or a glob holds that are none of these are passed over, in one line given to `say`.
     """
     shards: list[InputShard] = []
+    passed_over: list[str] = []
     loose: dict[str, list[str]] = {}  # folder URL -> the image files named in it (keys are paths under it)
     for spec in specs:
         literal = literal_path(spec)  # once per spec: an existence check is a request on object stores
@@ -149,12 +174,17 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
             if _has_glob(path) and not (literal if url == spec else literal_path(url)):
                 # photos/* also matches the captions (<stem>.txt), which their images bring along
                 root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
-                matches = sorted(m for m in fs.glob(path)
-                                 if (_is_image(m) or _is_tar(m)) and not _hidden(m, root))
+                globbed = {m: info for m, info in fs.glob(path, detail=True).items() if not _hidden(m, root)}
+                matches = sorted(m for m in globbed if _is_image(m) or _is_tar(m))
+                passed_over += [fs.unstrip_protocol(m) for m, info in globbed.items()
+                                if info.get("type") == "file" and _passed_over(m)]
                 if not matches:
+                    if passed_over:  # a glob of .HEIC photos alone: the error says why none of them counts
+                        say(passed_over_line(sorted(set(passed_over))))
                     raise FileNotFoundError(f"no input matches {url} (tar shards or images)")
             elif fs.isdir(path):
-                listing = [p for p in fs.ls(path, detail=False) if not _hidden(p, path)]
+                entries = [e for e in fs.ls(path, detail=True) if not _hidden(e["name"], path)]
+                listing = [e["name"] for e in entries]
                 tars = sorted(p for p in listing if _is_tar(p))
                 images = [p for p in listing if _is_image(p)]
                 if tars and images:  # taking either kind alone would leave the other out without a word
@@ -162,8 +192,12 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
                                      f"name the ones to read ('{url.rstrip('/')}/*.tar' or a folder of each)")
                 if tars:
                     shards += [InputShard(_shard_name(t), fs.unstrip_protocol(t)) for t in tars]
+                    passed_over += [fs.unstrip_protocol(e["name"]) for e in entries
+                                    if e.get("type") == "file" and _passed_over(e["name"])]
                 else:
-                    shards += _folder_shards(fs, path, files_per_shard)
+                    folder_shards, folder_passed_over = _folder_shards(fs, path, files_per_shard)
+                    shards += folder_shards
+                    passed_over += [fs.unstrip_protocol(p) for p in folder_passed_over]
                 continue
             elif fs.exists(path):
                 matches = [path]
@@ -185,6 +219,8 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000) -> list[Inp
             raise ValueError(f"{shards[names.index(duplicates[0])].url} is given twice, by more than one --input: "
                              "give it once")
         raise ValueError(f"input shards share output names {duplicates}: rename them or run them separately")
+    if passed_over:
+        say(passed_over_line(sorted(set(passed_over))))
     if not shards:
         raise FileNotFoundError(f"no input shards in {specs}")
     return shards

@@ -87,6 +87,42 @@ def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     assert first[0].members["txt"] == b"a caption" and "txt" not in first[1].members
 
 
+def test_files_of_kinds_not_read_are_named_in_one_line_not_passed_over_without_a_word(tmp_path):
+    """An iPhone's export holds .HEIC photos, a camera's card .CR2 raws: PIL reads neither here, and the folder
+    reader left them out without a word (or, with nothing else there, said only 'no input shards')."""
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(good_jpeg(0))
+    (photos / "a.txt").write_text("a caption")  # a caption: read with its image, not passed over
+    for name in ["IMG_1.HEIC", "trip/IMG_2.HEIC", "trip/raw.cr2", ".hidden.heic"]:
+        (photos / name).write_bytes(b"\0" * 16)
+    said = []
+    [shard] = list_input_shards([str(photos)], say=said.append)
+    assert [f.rsplit("/", 1)[1] for f in shard.files] == ["a.jpg"]
+    [line] = said
+    assert "passed over 3 input file(s)" in line and ".heic 2" in line and ".cr2 1" in line, line
+    said.clear()
+    list_input_shards([str(photos / "*")], say=said.append)  # a glob: the folder 'trip' is no file passed over
+    assert len(said) == 1 and "passed over 1 input file(s)" in said[0] and ".heic 1" in said[0], said
+    said.clear()
+    list_input_shards([str(photos / "a.jpg")], say=said.append)  # an image named on its own: nothing to say
+    assert said == []
+    (tmp_path / "iphone").mkdir()
+    (tmp_path / "iphone" / "IMG_3.HEIC").write_bytes(b"\0" * 16)
+    for spec in [tmp_path / "iphone", tmp_path / "iphone" / "*"]:
+        said.clear()
+        with pytest.raises(FileNotFoundError):
+            list_input_shards([str(spec)], say=said.append)
+        assert len(said) == 1 and ".heic 1" in said[0], (spec, said)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    write_tar(tars / "00000.tar", [("a", {"jpg": good_jpeg(0)})])
+    (tars / "00001.tar.zst").write_bytes(b"\0" * 16)  # a compression tarfile does not read
+    said.clear()
+    assert [s.name for s in list_input_shards([str(tars)], say=said.append)] == ["00000"]
+    assert len(said) == 1 and ".zst 1" in said[0], said
+
+
 def test_folders_linked_into_an_image_folder_are_read_and_a_link_up_the_tree_is_not_followed(tmp_path):
     """fsspec's find lists a link to a folder as one entry, no image: a dataset put together from links to other
     disks lost those images without a word. A link above the folder would hold the whole tree again."""

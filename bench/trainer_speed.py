@@ -31,6 +31,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES, BATCH, RESOLUTION, LR, WARMUP_STEPS = 256, 4, 64, 1e-5, 5
+PER_SHARD = 64  # the dataset's last shard is one more, held out: ours holds it out of training, the peer never sees it
 OUR_STEP = re.compile(rb"\] step (\d+)/(\d+)")  # train.tracking's progress line
 PEER_STEP = re.compile(rb"Steps: +\d+%\|[^|]*\| *(\d+)/(\d+) \[")  # its tqdm bar, not the loading bars
 
@@ -107,14 +108,14 @@ def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: 
 
 
 def prepare(work: Path) -> tuple[Path, dict[str, Path], dict]:
-    """The tiny debug SD and the same 256 photos as a 64 px Canny dataset made by the dataset job, twice: plain,
-    and with the VAE's latents stored (--latents); what storing them cost the job."""
+    """The tiny debug SD and the same 256 photos, and a shard more held out, as a 64 px Canny dataset made by the
+    dataset job, twice: plain, and with the VAE's latents stored (--latents); what storing them cost the job."""
     from bench.canny_throughput import make_inputs
     from pipeline.build import main as build_dataset
     from train.tiny_sd import build_tiny_sd
 
     base = build_tiny_sd(work / "tiny-sd")
-    make_inputs(work / "photos", SAMPLES, per_shard=64)
+    make_inputs(work / "photos", SAMPLES + PER_SHARD, per_shard=PER_SHARD)
     datasets, seconds = {"plain": work / "canny", "latents": work / "canny-latents"}, {}
     for name, folder in datasets.items():
         started = time.perf_counter()
@@ -156,8 +157,10 @@ def encode_ms_per_sample(base: Path, dataset: Path, batch: int = 16) -> float:
 
 def ours(base: Path, dataset: Path, work: Path, steps: int, run: str, extra: list[str]) -> tuple[list[str], dict]:
     """Our trainer's command: the debug preset on the tiny SD, the benchmark's settings."""
+    # without --validation-data the trainer holds the dataset's last shard out, as a user's run does: it trains on
+    # the 256 samples of the others, which the peer is given
     argv = [sys.executable, "train/run.py", "--preset", "debug", "--base-model", str(base), "--data", str(dataset),
-            "--validation-data", str(dataset), "--resolution", str(RESOLUTION), "--batch-size", str(BATCH),
+            "--resolution", str(RESOLUTION), "--batch-size", str(BATCH),
             "--lr", str(LR), "--max-steps", str(steps), "--validate-every", "0", "--checkpoint-every", str(steps),
             "--log-every", "1", "--epoch-samples", str(SAMPLES), "--wandb", "off",
             "--storage-path", str(work / "runs"), "--run-name", run, *extra]
@@ -215,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peer import build_peer_venv, peer_command, write_peer_dataset
 
         python = build_peer_venv(args.peer_venv)
-        write_peer_dataset(sorted(str(p) for p in (datasets["plain"] / "shards").glob("*.tar")), work / "peer-data")
+        # the shards ours trains on: all but the last, which it holds out
+        trained_shards = sorted(str(p) for p in (datasets["plain"] / "shards").glob("*.tar"))[:-1]
+        write_peer_dataset(trained_shards, work / "peer-data")
     for repeat in range(args.repeats):
         if args.peer_script:
             peer_argv, peer_env = peer_command(python, args.peer_script, base, work / "peer-data",

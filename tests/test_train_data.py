@@ -90,6 +90,31 @@ def test_resolve_folder_manifest_glob_list_and_braces(dataset):
     assert len(keys(stream(folder))) == SAMPLES
 
 
+def test_datasets_streamed_as_one_must_be_made_alike_where_the_trainer_reads_one_manifest(dataset, tmp_path):
+    """`--data A B` took the Canny settings and stored latents of A's manifest for both: B's held-out samples were
+    scored with A's thresholds, and latents stored in A alone had every B sample skipped as missing one."""
+    import shutil
+
+    def another(name: str, change) -> str:
+        copy = Path(shutil.copytree(dataset, tmp_path / name))
+        manifest = json.loads((copy / fmt.MANIFEST).read_text())
+        change(manifest)
+        (copy / fmt.MANIFEST).write_text(json.dumps(manifest))
+        return str(copy)
+
+    alike = another("alike", lambda m: m["config"].update(weights="/elsewhere", output="/elsewhere"))
+    merged = resolve_shards([str(dataset), alike])
+    assert len(merged.urls) == 8 and merged.task == "canny"
+    thresholds = another("thresholds", lambda m: m["config"].update(canny_low=[100, 200]))
+    with pytest.raises(ValueError, match=r"--data's datasets .*canny.* were made with other canny settings"):
+        resolve_shards([str(dataset), thresholds])
+    latents = another("latents", lambda m: m.update(latents={"vae_sha256": "ab" * 32}))
+    with pytest.raises(ValueError, match="other stored latents \\(none; the VAE sha256 abababababab"):
+        resolve_shards([str(dataset), latents])
+    with pytest.raises(ValueError, match="--validation-data's datasets"):
+        resolve_shards([latents, str(dataset)], flag="--validation-data")
+
+
 def test_a_subset_manifest_passes_only_its_keys(dataset):
     all_keys = sorted(keys(stream(str(dataset))))
     chosen = all_keys[::10]  # 5 keys, spread over the shards

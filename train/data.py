@@ -108,7 +108,7 @@ def resolve_shards(spec: str | list[str], condition: str | None = None, flag: st
     if isinstance(spec, list | tuple):
         if len(spec) == 1:
             return resolve_shards(spec[0], condition, flag)
-        return _merge([resolve_shards(s, condition, flag) for s in spec])
+        return _merge([resolve_shards(s, condition, flag) for s in spec], flag)
     if spec.endswith(".json"):
         return _from_json(spec, condition)
     if spec.endswith(fmt.TAR_SUFFIX) or _is_pattern(spec):
@@ -144,13 +144,48 @@ def choose_condition(available: list[str], condition: str | None, where: str) ->
     return condition
 
 
-def _merge(parts: list[DataSource]) -> DataSource:
+def made_with(manifest: Mapping[str, Any], task: str | None) -> dict[str, str]:
+    """What the trainer reads from one dataset's manifest for all the data it streams: the condition's settings (the
+    fidelity scorer annotates with them) and the stored latents (whose VAE, at what size), as words for a message.
+    The weights' path is left out: the same weights in two places are the same settings."""
+    from annotate import annotator_params
+
+    config = manifest.get("config", {})
+    latents = manifest.get("latents") or {}
+    params = {k: v for k, v in annotator_params(task, config).items() if k != "weights"} if task else {}
+    stored = (f"the VAE sha256 {str(latents.get('vae_sha256'))[:12]}... at {config.get('resolution')} px"
+              if latents else "none")
+    return {f"{task} settings": ", ".join(f"{k} {v}" for k, v in sorted(params.items())), "stored latents": stored}
+
+
+def check_made_alike(parts: list[DataSource], flag: str) -> None:
+    """Several datasets in one --data must agree on what the trainer takes from the first one's manifest for all:
+    the condition's settings scored held-out samples of the others with the first's Canny thresholds or seed, and
+    stored latents in the first alone had every sample of the others skipped for a missing latent (or latents of
+    another VAE or size trained on). One line naming the setting instead."""
+    datasets = list(dict.fromkeys(part.dataset for part in parts if part.dataset is not None))
+    if len(datasets) < 2:
+        return
+    first, *others = datasets
+    expected = made_with(fmt.read_manifest(first), parts[0].task)
+    for other in others:
+        found = made_with(fmt.read_manifest(other), parts[0].task)
+        for setting, value in expected.items():
+            if found[setting] != value:
+                raise ValueError(f"{flag}'s datasets {first} and {other} were made with other {setting} ({value}; "
+                                 f"{found[setting]}): the trainer reads one for both; give datasets made alike, or "
+                                 f"make one again with the other's settings")
+
+
+def _merge(parts: list[DataSource], flag: str = "--data") -> DataSource:
     """Several specs streamed as one: their shards together, each once. Subsets keep each their own keys in their
     own shards: one subset's keys applied to another's shards let in samples of neither (two datasets made from the
     same photos share keys), and a shard two subsets name was streamed twice. A shard's weight is the larger of
-    its parts' (exact for nested subsets of one dataset)."""
+    its parts' (exact for nested subsets of one dataset). The datasets must have been made alike where the trainer
+    reads one manifest for all (check_made_alike)."""
     if not parts:
         raise ValueError("no shard URLs given")
+    check_made_alike(parts, flag)
     filters = [p.keys for p in parts]
     if any(k is None for k in filters) and not all(k is None for k in filters):
         raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")

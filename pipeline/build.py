@@ -98,6 +98,16 @@ def normalised(url: str) -> str:
     return "file://" + posixpath.normpath(url.removeprefix("file://")) if url.startswith("file:///") else url
 
 
+def inputs_in_output(shards: list[InputShard], output: str) -> list[str]:
+    """The input files that lie in the output's shards folder (--input data/x/shards --output data/x): the job
+    writes <out>/shards/<name>.tar for each input shard, named after it, so an input tar there was replaced by its
+    own output, and the input was lost. URLs compared as the reader writes them (fsspec's, '..' resolved)."""
+    fs, path = fsspec.core.url_to_fs(f"{output.rstrip('/')}/{fmt.SHARDS_DIR}")
+    folder = normalised(fs.unstrip_protocol(path)).rstrip("/") + "/"
+    return [url for shard in shards for url in (shard.url, *shard.files)
+            if normalised(url).rstrip("/") + "/" == folder or normalised(url).startswith(folder)]
+
+
 def check_resume_inputs(skipped: list[InputShard], skipped_stats: list[dict[str, Any]]) -> None:
     """Refuse to skip a done shard of loose image files whose file list has changed since (files added to or
     removed from the folder, or another glob): its images shifted between shards, so skipping it would lose some
@@ -321,6 +331,11 @@ def run(cfg: BuildConfig) -> int:
     check_local_weights(cfg)
     with storage_setup(cfg.output):
         shards = list_input_shards(cfg.input, cfg.files_per_shard)
+        overlap = inputs_in_output(shards, cfg.output)
+        if overlap:
+            raise ValueError(f"--input {overlap[0]} lies in the folder where --output {cfg.output} writes its shards "
+                             f"({fmt.SHARDS_DIR}/<input name>.tar): the job would overwrite its own input; give "
+                             "another --output")
         committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
         todo, skipped = plan(shards, committed, cfg.overwrite)
         redone = {shard.name for shard in todo}

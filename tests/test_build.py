@@ -377,3 +377,18 @@ def test_cli_help_and_clear_errors(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "none.tar"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.strip().startswith("error: input not found") and "Traceback" not in err
+
+
+def test_an_output_whose_shards_folder_holds_the_input_is_refused_before_it_overwrites_it(sample_shards, tmp_path,
+                                                                                       capsys):
+    """--input data/x/shards --output data/x: each input tar's output shard is <out>/shards/<its name>.tar, the input
+    itself, which the job replaced with its own output (the input was lost, and a rerun read the output as input)."""
+    inputs = tmp_path / "x" / "shards"
+    shutil.copytree(sample_shards, inputs)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    for spec, out in ((inputs, tmp_path / "x"), (inputs / "00001.tar", tmp_path / "x" / ".." / "x")):
+        assert main(["--input", str(spec), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --input ") and "would overwrite its own input" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # untouched, nothing added beside them
+    assert main(["--input", str(inputs), "--output", str(inputs), "--dry-run"]) == 0  # <out>/shards/ is below them

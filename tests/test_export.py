@@ -276,6 +276,24 @@ def test_a_checkpoint_cut_short_is_never_exported(tmp_path, checkpoint, capsys):
     assert export.controlnet_folder(run) == run / "checkpoint_step00000001" / "controlnet"
 
 
+def test_a_folder_of_another_model_or_of_weights_cut_short_is_refused_not_exported_as_random(tmp_path, base,
+                                                                                            checkpoint, capsys):
+    """A diffusers folder of another model (the base's UNet or VAE) loaded as a ControlNet of random weights, which
+    was written out as the trained one, exit 0; a ControlNet folder whose weights were cut short (no progress.json
+    beside it to tell) ended in diffusers' OSError traceback."""
+    cut = Path(shutil.copytree(checkpoint / "controlnet", tmp_path / "cut"))
+    weights = cut / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for source, message in ((base / "unet", "holds UNet2DConditionModel weights, not a ControlNetModel's"),
+                            (base / "vae", "holds AutoencoderKL weights, not a ControlNetModel's"),
+                            (cut, f"{cut} does not load as a ControlNetModel")):
+        with pytest.raises(SystemExit) as stop:
+            export.main([str(source), "--format", "diffusers", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
+
+
 def test_export_never_replaces_what_is_not_an_export(tmp_path, checkpoint, capsys):
     dataset = tmp_path / "dataset"
     (dataset / "shards").mkdir(parents=True)

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
@@ -352,11 +353,25 @@ def write_original(controlnet: ControlNetModel, unet: UNet2DConditionModel | Non
     return [out]
 
 
+def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> ControlNetModel:
+    """The ControlNet in a diffusers folder, refused in one line (ValueError) when the folder holds another model
+    (a UNet, a VAE) or weights that lack some of its tensors or do not read (a file cut short): from_pretrained
+    built a ControlNet of random weights from the former, which the export wrote out as a trained one, exit 0."""
+    from annotate.weights import load_complete_model
+
+    kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if kind not in (None, CONTROLNET_CLASS):
+        raise ValueError(f"{folder} holds {kind} weights, not a {CONTROLNET_CLASS}'s: export a training checkpoint, "
+                         "a run folder or an exported ControlNet")
+    load = partial(ControlNetModel.from_pretrained, torch_dtype=dtype, **diffusers_loading())
+    return load_complete_model(load, folder, f"a {CONTROLNET_CLASS}")
+
+
 def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
     """Write the ControlNet of `checkpoint`, and the UNet when the run trained its decoder, to `out` as diffusers
     folders or one original .safetensors file. Returns the paths written."""
     folder = controlnet_folder(Path(checkpoint))
-    controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype, **diffusers_loading())
+    controlnet = load_controlnet(folder, dtype)
     decoder = decoder_file(folder)
     unet = trained_unet(decoder, dtype) if decoder else None
     out = Path(out)
@@ -407,7 +422,11 @@ def main(argv: list[str] | None = None) -> None:
             refuse(str(e))
         exported = folder.parent.name if folder.name == CONTROLNET_DIR else folder.name
         print(f"exporting {exported} of {args.checkpoint} as {args.format} ({args.dtype})", file=sys.stderr)
-        for path in export(folder, args.format, out, DTYPES[args.dtype]):
+        try:
+            written = export(folder, args.format, out, DTYPES[args.dtype])
+        except ValueError as e:  # not a ControlNet, or weights that do not load (load_controlnet)
+            refuse(str(e))
+        for path in written:
             print(path)  # stdout: what was written, a line each (the ControlNet, the UNet when trained)
 
 

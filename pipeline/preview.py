@@ -145,7 +145,15 @@ def check_args(args: PreviewArgs) -> str:
         raise refuse(f"--samples must be at least 1, not {args.samples}")
     if args.out and "://" in args.out:
         raise refuse(f"--out {args.out}: the sheet is written locally; copy it afterwards")
+    if args.out and (Path(args.out).is_dir() or not writes_images(args.out)):  # PIL's ValueError, after the reading
+        raise refuse(f"--out {args.out}: give the sheet a file name with an image extension (sheet.png)")
     return dataset
+
+
+def writes_images(path: str) -> bool:
+    """Whether PIL saves an image to `path` by its extension (.png, .jpg, ...)."""
+    Image.init()
+    return Image.registered_extensions().get(Path(path).suffix.lower()) in Image.SAVE
 
 
 def main(argv: list[str] | None = None) -> None:

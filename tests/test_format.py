@@ -156,6 +156,20 @@ def test_the_preview_cli_takes_a_manifest_path_and_refuses_what_it_cannot_show_i
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_preview_refuses_an_out_it_cannot_write_an_image_to_before_reading(dataset, tmp_path, capsys):
+    """An --out without an image extension, or a folder, ended in PIL's ValueError traceback ('unknown file
+    extension') once every index and sample had been read."""
+    from pipeline.preview import main as preview
+
+    (tmp_path / "sheets").mkdir()
+    for out in ("sheet", "sheets", "sheets/", "sheet.txt"):
+        with pytest.raises(SystemExit) as stop:
+            preview([str(dataset), "--samples", "1", "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "give the sheet a file name with an image extension" in err, err
+    preview([str(dataset), "--samples", "1", "--out", str(tmp_path / "sheets" / "sheet.JPG")])
+    assert (tmp_path / "sheets" / "sheet.JPG").is_file()
+
 def test_a_process_that_read_indexes_exits_with_its_own_code(dataset):
     """pyarrow's read_table of a Python file object left the file's last buffer to an Arrow pool thread, which aborted
     the interpreter's exit when it released it then ("terminate called without an active exception", exit 134): about

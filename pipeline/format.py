@@ -215,6 +215,14 @@ def storage_error(error: BaseException) -> bool:
     return isinstance(error, OSError) or type(error).__module__.split(".")[0] in STORAGE_LIBRARIES
 
 
+def storage_refusal(error: BaseException) -> str | None:
+    """An error the storage raised (an endpoint that refuses, a bucket that is not there), as a command's one line
+    says it: its type and first line; None for any other error, a bug, which keeps its traceback."""
+    if not storage_error(error):
+        return None
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def wait_before_try(tries: int) -> float:
     """Seconds to wait before retry number `tries` (1, 2, ...): doubling from FIRST_WAIT_S, at most LONGEST_WAIT_S."""
     return min(FIRST_WAIT_S * 2 ** (tries - 1), LONGEST_WAIT_S)

@@ -158,6 +158,15 @@ def writes_images(path: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = fmt.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
+    try:
+        preview(args)
+    except Exception as e:  # an endpoint that refuses, storage gone: botocore's traceback before
+        if (refusal := fmt.storage_refusal(e)) is None:
+            raise
+        raise refuse(f"storage failed: {refusal}") from None
+
+
+def preview(args: PreviewArgs) -> None:
     args.dataset = check_args(args)
     tasks = fmt.dataset_tasks(fmt.read_manifest(args.dataset))
     counts = status_counts(args.dataset, tasks)

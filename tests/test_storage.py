@@ -4,6 +4,7 @@ import contextlib
 import errno
 import io
 import logging
+import re
 import tarfile
 import threading
 import time
@@ -155,3 +156,28 @@ def test_a_storage_that_stays_down_ends_the_read_with_one_error_not_skipped_shar
 @pytest.fixture(autouse=True)
 def storage_warnings(caplog):
     caplog.set_level(logging.WARNING, logger="pipeline.format")
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "pipeline.preview", "s3://cnd-refused/canny"],
+    ["-m", "train.subsets", "--dataset", "s3://cnd-refused/canny", "--sizes", "8"],
+    ["-m", "train.report", "--runs", "sweep", "--storage-path", "s3://cnd-refused/runs"],
+    ["-m", "train.export", "s3://cnd-refused/runs/x", "--format", "diffusers", "--out", "OUT"],
+    ["train/run.py", "--data", "s3://cnd-refused/canny", "--run-name", "x", "--wandb", "off"],
+])
+def test_an_endpoint_that_refuses_is_one_line_in_every_command(command, python, tmp_path):
+    """An endpoint nothing answers at (a wrong AWS_ENDPOINT_URL, no network) ended these commands in botocore's
+    EndpointConnectionError traceback, from their first listing; the dataset job said it in one line."""
+    import os
+    import subprocess
+
+    from tests.conftest import REPO, _free_port
+
+    closed = f"http://127.0.0.1:{_free_port()}"  # bound and let go: nothing listens there
+    env = {**os.environ, "AWS_ENDPOINT_URL": closed, "FSSPEC_S3_ENDPOINT_URL": closed, "AWS_MAX_ATTEMPTS": "1",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
+    done = subprocess.run([python, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.fullmatch(r"error: .*failed: EndpointConnectionError: Could not connect to the endpoint URL: .*",
+                        done.stderr.strip().splitlines()[-1]), done.stderr[-1000:]

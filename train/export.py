@@ -420,6 +420,12 @@ def main(argv: list[str] | None = None) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:  # (mkdir: a file where a folder goes)
             refuse(str(e))
+        except Exception as e:  # an endpoint that refuses: botocore's traceback before
+            from pipeline.format import storage_refusal
+
+            if (refusal := storage_refusal(e)) is None:
+                raise
+            refuse(f"the storage of {args.checkpoint} failed: {refusal}")
         exported = folder.parent.name if folder.name == CONTROLNET_DIR else folder.name
         print(f"exporting {exported} of {args.checkpoint} as {args.format} ({args.dtype})", file=sys.stderr)
         try:

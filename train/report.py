@@ -303,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # an endpoint that refuses, storage gone: botocore's traceback before
+        from pipeline.format import storage_refusal
+
+        if (refusal := storage_refusal(e)) is None:
+            raise
+        print(f"error: the storage of --storage-path {args.storage_path} failed: {refusal}", file=sys.stderr)
+        return 2
     print(report["markdown"])
     print("\n".join(f"wrote {f}" for f in report["files"]))
     return 0

@@ -458,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         # large, no dataset, a file where --out's folder goes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # an endpoint that refuses, storage gone: botocore's traceback before
+        if (refusal := fmt.storage_refusal(e)) is None:
+            raise
+        print(f"error: the storage of {args.dataset} or --out failed: {refusal}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(written))
     else:

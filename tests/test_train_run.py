@@ -492,3 +492,15 @@ def test_a_resume_whose_held_out_samples_changed_is_refused(canny64, tmp_path_fa
     assert step_of(latest_checkpoint(str(tmp_path / "runs"), "grows")) == 2  # nothing trained on the other set
     last.rename(aside)
     assert train([*args, "--max-steps", "4"]) == 0  # on the data it started on, it resumes
+
+
+def test_a_brace_range_past_the_datasets_shards_is_not_told_to_make_its_subsets_again(canny64, tmp_path, capsys):
+    """--data 'ds/shards/{00000..00009}.tar' on a dataset of 4 shards was refused, rightly, but told to "make the
+    subsets again where the dataset is now", of data that names no subset."""
+    from train.run import main
+
+    spec = f"{canny64}/shards/{{00000..00009}}.tar"
+    assert main(["--data", spec, "--storage-path", str(tmp_path), "--run-name", "x", "--wandb", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: shard {canny64}/shards/00004.tar is not there: 6 of the 10 shards it names are "
+                          "missing") and "subset" not in err, err

@@ -225,19 +225,23 @@ def check_data(cfg: TrainConfig) -> None:
                          "train on a dataset that python -m pipeline.build made")
     _, held_out = split_validation(source, cfg.validation_data)  # refused here when it leaves nothing to train on
     # --validation-data, or a subset's own held-out set, with the training shards: one listing of a shared folder
-    check_shards_there(list(dict.fromkeys([*source.urls, *held_out.urls])))
+    check_shards_there(list(dict.fromkeys([*source.urls, *held_out.urls])),
+                       subset=source.keys is not None or held_out.keys is not None)
     check_storage_writable(cfg)
 
 
-def check_shards_there(urls: list[str]) -> None:
+def check_shards_there(urls: list[str], subset: bool = True) -> None:
     """Every shard a source names exists, by one listing of each folder they are in: a subset manifest names its
     dataset's shards by path, so a dataset moved since streamed no sample (the run ended in the loop, "no sample in
     100 shards"); a shard deleted from the middle of a dataset was read as errors, or passed over, for the whole run."""
     missing = missing_shards(urls)
     if missing:
         some = f"{len(missing)} of the {len(urls)} shards it names are" if len(urls) > 1 else "it is"
-        raise FileNotFoundError(f"shard {missing[0]} is not there: {some} missing (a subset names its dataset's "
-                                "shards by path: make the subsets again where the dataset is now)")
+        # the hint where a subset names them (a brace range that names shards past a dataset's end was told to
+        # make its subsets again)
+        hint = (" (a subset names its dataset's shards by path: make the subsets again where the dataset is now)"
+                if subset else "")
+        raise FileNotFoundError(f"shard {missing[0]} is not there: {some} missing{hint}")
 
 
 def missing_shards(urls: list[str]) -> list[str]:

@@ -294,6 +294,23 @@ def test_a_folder_of_another_model_or_of_weights_cut_short_is_refused_not_export
         assert not (tmp_path / "out").exists()
 
 
+def test_an_out_inside_the_checkpoint_it_exports_is_refused_and_leaves_it_whole(tmp_path, checkpoint, capsys):
+    """--out RUN/checkpoint_x/controlnet, the checkpoint's own ControlNet folder, looked like a previous export and
+    was replaced (in float16 here): the run's checkpoint no longer matched its progress.json, and resume and export
+    passed it over (a run with one checkpoint lost it)."""
+    run = tmp_path / "run"
+    ckpt = Path(shutil.copytree(checkpoint, run / "checkpoint_step00000001"))
+    (ckpt / "progress.json").write_text(json.dumps({"step": 1, "files": file_sizes(ckpt)}))
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    for out in (ckpt / "controlnet", ckpt / "export", ckpt / ".." / ckpt.name / "controlnet"):
+        with pytest.raises(SystemExit) as stop:
+            export.main([str(run), "--format", "diffusers", "--out", str(out), "--dtype", "float16", "--force"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "lies in the checkpoint it exports" in err, err
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+    assert export.controlnet_folder(run) == ckpt / "controlnet"
+
+
 def test_export_never_replaces_what_is_not_an_export(tmp_path, checkpoint, capsys):
     dataset = tmp_path / "dataset"
     (dataset / "shards").mkdir(parents=True)

@@ -291,7 +291,14 @@ def check_target(out: Path, fmt: str, force: bool, model: str = CONTROLNET_CLASS
 
 
 def check_targets(controlnet: Path, out: Path, fmt: str, force: bool) -> None:
-    """check_target for every path the export of `controlnet` will write, before it writes any."""
+    """check_target for every path the export of `controlnet` will write, before it writes any; none in the training
+    checkpoint it exports (--force or not)."""
+    checkpoint = controlnet.parent.resolve() if controlnet.name == CONTROLNET_DIR else None
+    if checkpoint and (out.resolve() == checkpoint or checkpoint in out.resolve().parents):
+        # its controlnet/ replaced (in float16, say) no longer matched the sizes progress.json lists: the run's
+        # checkpoint was damaged, and resume and export passed it over
+        raise FileExistsError(f"--out {out} lies in the checkpoint it exports ({checkpoint}): an export there "
+                              "would damage it; choose another --out")
     check_target(out, fmt, force)
     if fmt == "diffusers" and decoder_file(controlnet):
         check_target(unet_folder(out), fmt, force, UNET_CLASS)

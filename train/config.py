@@ -158,6 +158,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be finite and not negative, not {value}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"--lr must be positive and finite, not {self.lr}")
+        if not 0 < self.validation_timeout_min < math.inf:  # 0 timed out the ranks' first barrier (DistStoreError)
+            raise ValueError(f"--validation-timeout-min must be positive and finite, not {self.validation_timeout_min}")
         if not all(math.isfinite(scale) for scale in self.guidance_scales):
             raise ValueError(f"--guidance-scales must be finite numbers, not {list(self.guidance_scales)}")
         if self.run_name.strip() in ("", ".", "..") or any(c in self.run_name for c in "/\\"):

@@ -14,12 +14,16 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import format as fmt
+from pipeline.config import TASKS
 from pipeline.format import storage_error
 
 # what PIL decodes (its wheels carry libavif); a folder's files of other kinds are passed over, so a kind missing
 # here is a folder's images left out without a word
 IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "avif", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
 UNSAFE_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]")  # output_key's: compiled once, as the driver keys every loose file
+# what an output shard holds beside <key>.jpg (pipeline.format): never images of their own
+DATASET_MEMBERS = (*(fmt.condition_ext(task) for task in TASKS), fmt.LATENT_EXT)
 TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # a folder's shards (tarfile reads each compression)
 
 
@@ -49,6 +53,16 @@ def split_member_name(name: str) -> tuple[str, str]:
     'img.v2.jpg' keeps its members together (WebDataset's first-dot rule would make key 'img')."""
     stem, dot, ext = name.rpartition(".")
     return (stem, ext.lower()) if dot and "/" not in ext else (name, "")
+
+
+def split_tar_member(name: str) -> tuple[str, str]:
+    """split_member_name, but what a dataset's own shards hold beside each image (<key>.canny.png, <key>.latent.npy)
+    stays with <key>: a dataset's shards given as input (to make another task's maps of its images) read each map
+    as a photo of its own, key '<key>.canny' without a caption, and the new dataset held twice the samples."""
+    for ext in DATASET_MEMBERS:
+        if name.lower().endswith(f".{ext}") and len(name) > len(ext) + 1:
+            return name[: -len(ext) - 1], ext
+    return split_member_name(name)
 
 
 def _has_glob(path: str) -> bool:
@@ -322,7 +336,7 @@ class TarSamples:
                     name = member_name(info.name)
                     if _hidden(name, ""):
                         continue  # a Mac's tar adds macOS metadata as ._<name> beside each file, and .DS_Store
-                    key, ext = split_member_name(name)
+                    key, ext = split_tar_member(name)
                     if current is not None and key != current.key:
                         yield current
                         current = None

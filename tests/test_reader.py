@@ -26,6 +26,18 @@ def test_member_names_split_at_the_last_dot():
     assert split_member_name("dir.d/file") == ("dir.d/file", "")
 
 
+
+def test_a_datasets_own_shard_as_input_keeps_its_maps_and_latents_with_their_image(tmp_path):
+    """A dataset's shards given as --input (another task's maps of the same images) read <key>.canny.png as a photo
+    of its own, key '<key>.canny' without a caption: the new dataset held every sample twice, half of them maps."""
+    own = {"jpg": good_jpeg(), "canny.png": b"map", "hed.png": b"map", "latent.npy": b"npy", "txt": b"a cat",
+           "json": b"{}"}
+    tar = write_tar(tmp_path / "00000.tar", [("000000000", own), ("000000001", own), ("img.v2", {"jpg": good_jpeg()})])
+    with open(tar, "rb") as f:
+        samples = list(TarSamples(f))
+    assert [s.key for s in samples] == ["000000000", "000000001", "img.v2"]  # dotted keys still split at the last dot
+    assert set(samples[0].members) == set(own) and not samples[0].error
+
 def test_inputs_expand_from_lists_globs_braces_and_folders(tmp_path):
     for i in range(3):
         write_tar(tmp_path / f"{i:05d}.tar", [("a", {"jpg": b"x"})])

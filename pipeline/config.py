@@ -122,6 +122,8 @@ class BuildConfig:
 
     def _check_ranges(self) -> None:
         """Values that would fail every sample, or the job part-way, refused before it starts (one line)."""
+        if any(not spec.strip() for spec in self.input):  # '' is the working directory: --input "$UNSET" read it
+            raise ValueError(f"--input must name shards, folders or images, not an empty string: {self.input}")
         for flag, value in (("--batch-size", self.batch_size), ("--files-per-shard", self.files_per_shard),
                             ("--caption-beams", self.caption_beams), ("--max-pixels", self.max_pixels),
                             ("--max-member-mb", self.max_member_mb)):

@@ -392,3 +392,17 @@ def test_an_output_whose_shards_folder_holds_the_input_is_refused_before_it_over
         assert err.startswith("error: --input ") and "would overwrite its own input" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # untouched, nothing added beside them
     assert main(["--input", str(inputs), "--output", str(inputs), "--dry-run"]) == 0  # <out>/shards/ is below them
+
+
+def test_an_empty_input_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch, capsys):
+    """--input "$INPUT" with INPUT unset named '', which the reader took for the working directory: the job made a
+    dataset of whatever images and tars lay there."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "screenshot.png")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", "", "--output", str(tmp_path / "out"), "--dry-run"])
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro wraps its message in a box
+    assert exit_.value.code == 2 and "--input must name shards, folders or images, not an empty string" in err

@@ -113,8 +113,10 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str,
 
 def _passed_over(path: str) -> bool:
     """A file an input folder or glob holds that the job does not read: no image of a kind PIL decodes here, no
-    caption beside one, no tar shard (an iPhone's .HEIC photos, a camera's .CR2 raws, a .json of metadata)."""
-    return not (_is_image(path) or _is_tar(path) or split_member_name(path)[1] == "txt")
+    caption beside one, no tar shard, no index or stats beside a dataset's own shards (given as input to make another
+    task's maps): an iPhone's .HEIC photos, a camera's .CR2 raws, a .json of metadata."""
+    beside_shards = path.endswith((fmt.INDEX_SUFFIX, fmt.STATS_SUFFIX))
+    return not (_is_image(path) or _is_tar(path) or split_member_name(path)[1] == "txt" or beside_shards)
 
 
 def passed_over_line(paths: list[str]) -> str:

@@ -130,6 +130,8 @@ def test_files_of_kinds_not_read_are_named_in_one_line_not_passed_over_without_a
     tars.mkdir()
     write_tar(tars / "00000.tar", [("a", {"jpg": good_jpeg(0)})])
     (tars / "00001.tar.zst").write_bytes(b"\0" * 16)  # a compression tarfile does not read
+    for beside in ["00000.parquet", "00000.stats.json"]:  # a dataset's own shards, given as input: no notice
+        (tars / beside).write_bytes(b"{}")
     said.clear()
     assert [s.name for s in list_input_shards([str(tars)], say=said.append)] == ["00000"]
     assert len(said) == 1 and ".zst 1" in said[0], said

@@ -218,6 +218,55 @@ def test_overwrite_uncommits_the_old_shard_before_publishing_the_new_one(sample_
     assert "00000" not in done_shards(str(out))  # ... but the shard no longer counts as done: a rerun redoes it
 
 
+BIG_BUFFER = 1 << 17  # open()'s buffer on Python 3.14 (128 KiB); st_blksize where a disk reports more (CephFS: 4 MiB)
+
+
+def photo_samples() -> dict[str, dict[str, bytes]]:
+    return {f"k{i}": {"jpg": good_jpeg(i, 256, 256)} for i in range(8)}  # ~100 KB of tar
+
+
+def whole_tar(samples: dict[str, dict[str, bytes]]) -> bytes:
+    """The bytes of the tar that holds `samples`, end-of-archive marker included (the writer's are the same)."""
+    import io
+
+    buffer = io.BytesIO()
+    with fmt.SampleTarWriter(buffer) as tar:
+        for key, members in samples.items():
+            tar.write(key, members)
+    return buffer.getvalue()
+
+
+def test_a_committed_tar_is_whole_whatever_the_buffer_of_its_staged_file(tmp_path, python, s3_endpoint, monkeypatch):
+    """The staged tar was published while still open: its tail (the last samples, the end-of-archive marker) sat in
+    Python's write buffer, 4 KiB here but 128 KiB on Python 3.14 and more on disks with a big st_blksize. An object
+    store was sent the tar without it under a stats.json; a local shard was short until the file was closed, for
+    good when the actor was killed first."""
+    import fsspec
+
+    import pipeline.writer
+
+    # local: an actor SIGKILLed as its commit returns (the writer not yet collected, so its file not yet closed)
+    out = tmp_path / "out"
+    child = ("import functools, os, signal, sys; import pipeline.writer as w; "
+             "from tests.test_faults import photo_samples; "
+             f"w.open = functools.partial(open, buffering={BIG_BUFFER}); "
+             "writer = w.ShardWriter(sys.argv[1], 's'); "
+             "[writer.write(k, m) for k, m in photo_samples().items()]; writer.commit([], {'shard': 's'}); "
+             "os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([python, "-c", child, str(out)], cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert killed.returncode == -signal.SIGKILL and done_shards(str(out)) == {"s": str(out / "shards/s.stats.json")}
+    assert (out / "shards" / "s.tar").read_bytes() == whole_tar(photo_samples())
+
+    # an object store: what is uploaded is the staged file as the disk holds it
+    fsspec.filesystem("s3").mkdir("cnd-whole-tar")
+    monkeypatch.setattr(pipeline.writer, "open", partial(open, buffering=BIG_BUFFER), raising=False)
+    writer = ShardWriter("s3://cnd-whole-tar/out", "s")
+    for key, members in photo_samples().items():
+        writer.write(key, members)
+    writer.commit([], {"shard": "s"})
+    assert fsspec.filesystem("s3").cat_file("cnd-whole-tar/out/shards/s.tar") == whole_tar(photo_samples())
+
+
 def test_a_sample_whose_resize_cannot_be_allocated_is_its_own_failed_row():
     """prepare's contract: every outcome is a row. OpenCV failing to allocate the resized image (the cap on
     --resolution keeps a job from asking; a node short of memory may still refuse) fails that sample alone."""

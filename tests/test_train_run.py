@@ -308,6 +308,33 @@ def test_sigterm_to_the_driver_of_a_run_that_started_its_own_cluster_closes_its_
     assert exit_code is not None and steps[:step_of(last)] == list(range(1, step_of(last) + 1)), (steps, exit_code)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_run_starts_its_cluster_is_the_stopped_line(dataset, storage, python, stop):
+    """A stop right at the start, while the command started its Ray cluster (before fit()): Ctrl-C ended it in a
+    KeyboardInterrupt traceback and exit 1, SIGTERM (Ray's driver handler: sys.exit(15)) with code 15 and no line."""
+    import tempfile
+
+    name = f"start-stop-{int(stop)}"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "4", "--checkpoint-every", "2", "--validate-every", "0",
+               "--wandb", "off", "--num-workers", "1", "--cpus-per-worker", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.Popen(with_ctrl_c(command), env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            for line in run.stdout:  # printed just before the cluster starts, which takes seconds
+                if line.startswith("W&B:"):
+                    break
+            run.send_signal(stop)
+            _, stderr = run.communicate(timeout=120)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + stop and "Traceback" not in own_output(stderr), stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"stopped: {name} has no checkpoint yet; the same command starts it again"
+
+
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
     """On Ray workers, Ray Train's own SIGINT handler takes Ctrl-C and fit() ends in SystemExit(1), the code of
     any failure: the run exited 1, where local mode exits 130."""

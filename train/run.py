@@ -419,6 +419,18 @@ def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    with exit_on_sigterm(), SignalLog() as signals:
+        try:
+            return checked_and_trained(cfg)
+        except (KeyboardInterrupt, SystemExit) as stop:  # before fit(): while the data is checked, or Ray starts
+            # (a Ctrl-C ended the command in a KeyboardInterrupt traceback there, a SIGTERM with code 15 and no line)
+            leave_ray()
+            print(stopped_line(cfg), file=sys.stderr)
+            return stopped_exit_code(stop, signals.received())
+
+
+def checked_and_trained(cfg: TrainConfig) -> int:
+    """The command's work once its arguments parse: the checks, then the run; its exit code."""
     try:
         check_data(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -248,7 +248,9 @@ def test_a_stop_ends_a_run_with_one_line_naming_the_checkpoint_it_resumes_from(d
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         [again] = set((tmp_path / "wandb").rglob("offline-run-*")) - {wandb_run}
         assert [f.name for f in again.glob("*.wandb")] == [f.name for f in wandb_run.glob("*.wandb")]
-        assert wandb_logged_steps(again, "train/loss") == ([step_of(last) + 1, end], 0)
+        # the steps after the checkpoint that the stopped segment logged (and W&B wrote, closed) are not logged twice
+        assert wandb_logged_steps(again, "train/loss") == ([s for s in range(step_of(last) + 1, end + 1)
+                                                            if s > max(steps)], 0)
 
 
 def test_sigterm_to_the_process_group_of_a_run_that_started_its_own_cluster_stops_it(dataset, storage, python):
@@ -333,6 +335,57 @@ def test_a_stop_while_the_run_starts_its_cluster_is_the_stopped_line(dataset, st
                 os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 128 + stop and "Traceback" not in own_output(stderr), stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == f"stopped: {name} has no checkpoint yet; the same command starts it again"
+
+
+def test_a_stopped_run_resumed_logs_each_step_to_its_wandb_run_once(dataset, storage, ray_session, python,
+                                                                     tmp_path):
+    """A stop after the checkpoint at step 5, at step 7: the W&B run held steps 6 and 7 from the stopped segment (it
+    was closed, so they were written) and again from the resumed one, which logs every step after its checkpoint:
+    two points per step in the curve, as results.json and an uninterrupted run have one."""
+    name = "wandb-once"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "10", "--checkpoint-every", "5", "--validate-every", "0",
+               "--wandb", "offline", "--log-every", "1", "--num-workers", "0", "--cpus-per-worker", "1"]
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "RAY_ADDRESS": ray_session,
+           "WANDB_DIR": str(tmp_path / "wandb")}
+    run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # rank 0's progress line, printed once the step is logged
+        if f"[{name}] step 7/10" in line:
+            break
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=90)
+    assert run.returncode == 130 and step_of(latest_checkpoint(str(storage), name)) == 5, stderr[-3000:]
+    resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, resumed
+    logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
+    assert all(code is not None for _, code in logged) and \
+        sorted(step for steps, _ in logged for step in steps) == list(range(1, 11)), logged
+
+
+def test_a_step_logged_in_part_before_a_stop_is_completed_by_the_resumed_run(tmp_path):
+    """A validation step is logged in parts (its scores, then the training metrics): a stop between them left the
+    step half held, and the resumed run, dropping what its W&B run holds, must log the other half once."""
+    from train.tracking import RunLogger
+
+    cfg = config(tmp_path, tmp_path / "runs", "parts")
+    stopped = RunLogger(cfg, "offline", str(tmp_path / "wandb"), "parts-1")
+    stopped.log({"step": 1, "loss": 1.0})
+    stopped.log({"step": 2, "edge_f1": 0.5}, prefix="fidelity/")  # stopped before step 2's training metrics
+    stopped.close(1)
+    time.sleep(1.1)  # W&B names a run's offline folder by the second it started in
+    resumed = RunLogger(cfg, "offline", str(tmp_path / "wandb"), "parts-1")  # from the checkpoint before step 1
+    resumed.log({"step": 1, "loss": 1.0})
+    resumed.log({"step": 2, "edge_f1": 0.5}, prefix="fidelity/")
+    resumed.log({"step": 2, "loss": 2.0})
+    resumed.log({"step": 3, "loss": 3.0})
+    resumed.close(0)
+    segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(segments) == 2
+    for key, steps in (("train/loss", [1, 2, 3]), ("fidelity/edge_f1", [2])):
+        assert sorted(s for segment in segments for s in wandb_logged_steps(segment, key)[0]) == steps, key
 
 
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():

@@ -26,7 +26,7 @@ from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_ar
 from train.loop import RunRefused, split_validation, train_loop_per_worker
 from train.plots import curves_of
 from train.report import curve_text
-from train.tracking import plot_url, read_results, results_url, wandb_mode
+from train.tracking import close_open_runs, plot_url, read_results, results_url, wandb_mode
 
 
 def prepare_base_model(cfg: TrainConfig) -> TrainConfig:
@@ -452,6 +452,7 @@ def checked_and_trained(cfg: TrainConfig) -> int:
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
             # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in
             # SystemExit, as it does when the driver is sent SIGTERM (`ray job stop`) in either mode
+            close_open_runs()  # local mode: rank 0's W&B run is this process's (on workers CloseWandbOnStop closed it)
             leave_ray()
             print(stopped_line(cfg), file=sys.stderr)
             return stopped_exit_code(stop, signals.received())
@@ -462,6 +463,7 @@ def checked_and_trained(cfg: TrainConfig) -> int:
                 print(f"error: {refusal}", file=sys.stderr)
                 return 2
             traceback.print_exc()
+            close_open_runs()
             leave_ray()
             print(f"failed: {failure_cause(error)}; {resume_hint(cfg)}", file=sys.stderr)
             return 1

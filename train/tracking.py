@@ -1,6 +1,7 @@
 """W&B logging on rank 0 (online with an API key, offline otherwise, or off), and the run's results JSON"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -89,6 +90,8 @@ class RunLogger:
         self.cfg = cfg
         self.run = None
         self._lock = threading.Lock()
+        # what the W&B run holds (its last step, and the keys logged at that step): a resumed run drops it
+        self.held: tuple[int, set[str]] = (-1, set())
         if mode != "off":
             import wandb
 
@@ -97,17 +100,31 @@ class RunLogger:
                 project=cfg.wandb_project, name=cfg.run_name, id=wandb_id or run_id(cfg.run_name), resume="allow",
                 mode=mode, dir=directory, config=dataclasses.asdict(cfg), group=cfg.wandb_group,
             )
+            self.held = logged_through(cfg, self.run.id)
             _OPEN_LOGGERS.append(self)
+
+    def _new(self, step: int, keys: list[str]) -> list[str]:
+        """The keys of a row at `step` that go to the W&B run: not those it holds already, from a segment stopped
+        after its checkpoint (the resumed run trains those steps again, to the same values). A step is logged in
+        parts (validation's scores and images, then the training metrics), and a stop may fall between them."""
+        held_step, held_keys = self.held
+        if self.run is None or step < held_step:
+            return []
+        new = [k for k in keys if step > held_step or k not in held_keys]
+        if new:
+            self.held = (step, (held_keys if step == held_step else set()) | set(new))
+        return new
 
     def log(self, metrics: dict[str, Any], prefix: str = "train/") -> None:
         with self._lock:
-            if self.run is not None:
-                step = metrics["step"]
-                self.run.log({f"{prefix}{k}": v for k, v in metrics.items() if k != "step"}, step=step)
+            row = {f"{prefix}{k}": v for k, v in metrics.items() if k != "step"}
+            new = self._new(metrics["step"], list(row))
+            if new:
+                self.run.log({k: row[k] for k in new}, step=metrics["step"])
 
     def log_images(self, name: str, images: list, captions: list[str], step: int) -> None:
         with self._lock:
-            if self.run is not None:
+            if self._new(step, [name]):
                 import wandb
 
                 self.run.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions, strict=True)]},
@@ -138,6 +155,7 @@ class RunLogger:
             run, self.run = self.run, None
             if run is not None:
                 run.finish(exit_code=exit_code)
+                record_logged_through(self.cfg, run.id, *self.held)
 
     def finish(self, state) -> None:
         results = write_results(self.cfg, state)
@@ -154,6 +172,37 @@ class RunLogger:
                 self.run = None
         if self in _OPEN_LOGGERS:  # closed: nothing for close_open_runs to wait for when Ray stops the worker
             _OPEN_LOGGERS.remove(self)
+
+
+def logged_url(cfg: TrainConfig) -> str:
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}/wandb_logged.json"
+
+
+def logged_through(cfg: TrainConfig, wandb_id: str) -> tuple[int, set[str]]:
+    """The last step that the W&B run `wandb_id` holds, and the keys it holds at that step, by the record of its last
+    stop (record_logged_through); (-1, none) when there is none (a run from step 0 has a W&B run of its own, which no
+    record names)."""
+    import fsspec
+
+    try:
+        with fsspec.open(logged_url(cfg), "rb") as f:
+            record = json.load(f)
+        if record.get("id") == wandb_id:
+            return int(record["step"]), set(record["keys"])
+    except Exception:  # none, or unreadable: the resumed run logs the steps after its checkpoint, as before
+        pass
+    return -1, set()
+
+
+def record_logged_through(cfg: TrainConfig, wandb_id: str, step: int, keys: set[str]) -> None:
+    """Note beside the run's checkpoints the last step its W&B run holds, once W&B has written it (the run closed
+    on a stop): the resumed run, which trains the steps after its checkpoint again, logs only the steps after this
+    one, so that the W&B curve holds each step once, as results.json does. After a kill -9 there is no record, and
+    the W&B run holds what W&B had written."""
+    from pipeline.format import write_whole
+
+    with contextlib.suppress(Exception):  # the storage that failed: at worst the steps are logged twice
+        write_whole(logged_url(cfg), json.dumps({"id": wandb_id, "step": step, "keys": sorted(keys)}).encode())
 
 
 _OPEN_LOGGERS: list[RunLogger] = []  # this process's W&B runs (rank 0's), for close_open_runs

@@ -26,6 +26,7 @@ from train.data import (
     DataSource,
     make_dataset,
     make_loader,
+    resolve_images,
     resolve_shards,
     shard_split,
 )
@@ -108,6 +109,7 @@ def test_datasets_streamed_as_one_must_be_made_alike_where_the_trainer_reads_one
     thresholds = another("thresholds", lambda m: m["config"].update(canny_low=[100, 200]))
     with pytest.raises(ValueError, match=r"--data's datasets .*canny.* were made with other canny settings"):
         resolve_shards([str(dataset), thresholds])
+    assert len(resolve_images([str(dataset), thresholds]).urls) == 8  # base pretraining reads the images alone
     latents = another("latents", lambda m: m.update(latents={"vae_sha256": "ab" * 32}))
     with pytest.raises(ValueError, match="other stored latents \\(none; the VAE sha256 abababababab"):
         resolve_shards([str(dataset), latents])

@@ -101,14 +101,19 @@ def shard_identity(url: str) -> str:
     return os.path.realpath(url.removeprefix("file://"))
 
 
-def resolve_shards(spec: str | list[str], condition: str | None = None, flag: str = "--data") -> DataSource:
+def resolve_shards(spec: str | list[str], condition: str | None = None, flag: str = "--data",
+                   alike: bool = True) -> DataSource:
     """A dataset folder/URL, its manifest.json, a subset manifest (.json), or tar URLs (list, glob, braces).
     `condition`: the condition to train on, for data holding several (default: the data's only one); `flag`: what
-    gave the data, for the messages."""
+    gave the data, for the messages; `alike`: several datasets must be made alike (check_made_alike), which readers
+    of the images alone need not ask."""
     if isinstance(spec, list | tuple):
         if len(spec) == 1:
             return resolve_shards(spec[0], condition, flag)
-        return _merge([resolve_shards(s, condition, flag) for s in spec], flag)
+        parts = [resolve_shards(s, condition, flag) for s in spec]
+        if alike:
+            check_made_alike(parts, flag)
+        return _merge(parts)
     if spec.endswith(".json"):
         return _from_json(spec, condition)
     if spec.endswith(fmt.TAR_SUFFIX) or _is_pattern(spec):
@@ -128,9 +133,9 @@ def resolve_images(spec: str | list[str]) -> DataSource:
     """For readers of the images and captions alone (base pretraining): any condition the data holds will do, so
     the first (in a multi-task dataset, Canny's keeps every image it could read)."""
     try:
-        return resolve_shards(spec)
+        return resolve_shards(spec, alike=False)
     except SeveralConditions as e:
-        return resolve_shards(spec, e.conditions[0])
+        return resolve_shards(spec, e.conditions[0], alike=False)
 
 
 def choose_condition(available: list[str], condition: str | None, where: str) -> str | None:
@@ -177,15 +182,13 @@ def check_made_alike(parts: list[DataSource], flag: str) -> None:
                                  f"make one again with the other's settings")
 
 
-def _merge(parts: list[DataSource], flag: str = "--data") -> DataSource:
+def _merge(parts: list[DataSource]) -> DataSource:
     """Several specs streamed as one: their shards together, each once. Subsets keep each their own keys in their
     own shards: one subset's keys applied to another's shards let in samples of neither (two datasets made from the
     same photos share keys), and a shard two subsets name was streamed twice. A shard's weight is the larger of
-    its parts' (exact for nested subsets of one dataset). The datasets must have been made alike where the trainer
-    reads one manifest for all (check_made_alike)."""
+    its parts' (exact for nested subsets of one dataset)."""
     if not parts:
         raise ValueError("no shard URLs given")
-    check_made_alike(parts, flag)
     filters = [p.keys for p in parts]
     if any(k is None for k in filters) and not all(k is None for k in filters):
         raise ValueError("cannot mix subset manifests with whole datasets or shard lists in one --data")

@@ -59,8 +59,9 @@ def split_tar_member(name: str) -> tuple[str, str]:
     """split_member_name, but what a dataset's own shards hold beside each image (<key>.canny.png, <key>.latent.npy)
     stays with <key>: a dataset's shards given as input (to make another task's maps of its images) read each map
     as a photo of its own, key '<key>.canny' without a caption, and the new dataset held twice the samples."""
+    lowered = name.lower()  # once: this runs for every member of every input tar
     for ext in DATASET_MEMBERS:
-        if name.lower().endswith(f".{ext}") and len(name) > len(ext) + 1:
+        if lowered.endswith(f".{ext}") and len(name) > len(ext) + 1:
             return name[: -len(ext) - 1], ext
     return split_member_name(name)
 
@@ -104,11 +105,11 @@ def _loose_shards(folder: str, files: list[str], files_per_shard: int) -> list[I
 
 def _folder_shards(fs: fsspec.AbstractFileSystem, folder: str,
                    files_per_shard: int) -> tuple[list[InputShard], list[str]]:
-    """A folder of loose images becomes shards of `files_per_shard` files, in sorted order; and the folder's files
-    passed over (no image of a kind read here, no caption)."""
-    found = [p for p in _files_under(fs, folder) if not _hidden(p, folder)]
-    files = [fs.unstrip_protocol(p) for p in found if _is_image(p)]
-    return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard), [p for p in found if _passed_over(p)]
+    """A folder of loose images becomes shards of `files_per_shard` files, in sorted order; and the URLs of the
+    folder's files passed over (no image of a kind read here, no caption)."""
+    found = [fs.unstrip_protocol(p) for p in _files_under(fs, folder) if not _hidden(p, folder)]
+    files = [url for url in found if _is_image(url)]
+    return _loose_shards(fs.unstrip_protocol(folder), files, files_per_shard), [u for u in found if _passed_over(u)]
 
 
 def _passed_over(path: str) -> bool:
@@ -119,11 +120,15 @@ def _passed_over(path: str) -> bool:
     return not (_is_image(path) or _is_tar(path) or split_member_name(path)[1] == "txt" or beside_shards)
 
 
+def say_passed_over(paths: list[str], say: Callable[[str], None]) -> None:
+    """One line naming how many files of which kinds the job leaves out, and one of them, so that photos of a kind
+    not read here are not left out without a word; nothing when none is."""
+    if paths:
+        say(passed_over_line(sorted(set(paths))))
+
+
 def passed_over_line(paths: list[str]) -> str:
-    """'' for none; else one line naming how many files of which kinds the job leaves out, and one of them, so
-    that photos of a kind not read here are not left out without a word."""
-    if not paths:
-        return ""
+    """The line of say_passed_over for these (sorted, distinct) paths."""
     kinds = Counter("." + (split_member_name(p)[1] or "(no extension)") for p in paths)
     listed = ", ".join(f"{kind} {count}" for kind, count in kinds.most_common(5))
     return (f"passed over {len(paths)} input file(s) that are neither images of a kind read here "
@@ -195,8 +200,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000,
                 passed_over += [fs.unstrip_protocol(m) for m, info in globbed.items()
                                 if info.get("type") == "file" and _passed_over(m)]
                 if not matches:
-                    if passed_over:  # a glob of .HEIC photos alone: the error says why none of them counts
-                        say(passed_over_line(sorted(set(passed_over))))
+                    say_passed_over(passed_over, say)  # a glob of .HEIC photos alone: why none of them counts
                     raise FileNotFoundError(f"no input matches {url} (tar shards or images)")
             elif fs.isdir(path):
                 entries = [e for e in fs.ls(path, detail=True) if not _hidden(e["name"], path)]
@@ -213,7 +217,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000,
                 else:
                     folder_shards, folder_passed_over = _folder_shards(fs, path, files_per_shard)
                     shards += folder_shards
-                    passed_over += [fs.unstrip_protocol(p) for p in folder_passed_over]
+                    passed_over += folder_passed_over
                 continue
             elif fs.exists(path):
                 matches = [path]
@@ -235,8 +239,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000,
             raise ValueError(f"{shards[names.index(duplicates[0])].url} is given twice, by more than one --input: "
                              "give it once")
         raise ValueError(f"input shards share output names {duplicates}: rename them or run them separately")
-    if passed_over:
-        say(passed_over_line(sorted(set(passed_over))))
+    say_passed_over(passed_over, say)
     if not shards:
         raise FileNotFoundError(f"no input shards in {specs}")
     return shards

@@ -11,12 +11,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import ray
 from tqdm import tqdm
 
@@ -180,10 +182,6 @@ def code_version() -> dict[str, str | None]:
     return {"package": package, "git": sha}
 
 
-def read_all_stats(out: str) -> list[dict[str, Any]]:
-    return fmt.read_stats(fmt.committed_shards(out))
-
-
 def totals(stats: list[dict[str, Any]]) -> dict[str, int]:
     return {s: sum(st["counts"][s] for st in stats) for s in fmt.STATUSES}
 
@@ -198,7 +196,63 @@ def truncated_inputs(stats: list[dict[str, Any]]) -> dict[str, str]:
     return {st["shard"]: st["read_error"] for st in stats if st.get("truncated")}
 
 
-def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dict], failed: dict[str, str]) -> dict:
+INDEX_READ_THREADS = 16  # parquet indexes fetched concurrently (object stores answer slowly one at a time)
+
+
+@dataclass(frozen=True)
+class SharedKeys:
+    """Keys of written samples that more than one shard holds, and one of them with two of its shards."""
+
+    count: int
+    example: tuple[str, str, str] | None = None  # (key, shard, another shard)
+
+    def warning(self) -> str:
+        key, first, second = self.example
+        return (f"warning: {self.count} key(s) name a sample in more than one shard (e.g. {key!r} in {first} and "
+                f"{second}: two input tars hold that key): both samples are kept, but train.subsets, which names "
+                "samples by key, refuses the dataset; give each input tar its own keys (e.g. prefixed with its name)")
+
+
+def shards_sharing_keys(hashes_by_shard: list[np.ndarray]) -> dict[int, list[int]]:
+    """{key hash: [positions of the shards holding it]} for the hashes in more than one shard (each array unique)."""
+    hashes = np.concatenate(hashes_by_shard) if hashes_by_shard else np.empty(0, np.int64)
+    owners = np.repeat(np.arange(len(hashes_by_shard)), [len(h) for h in hashes_by_shard])
+    order = np.argsort(hashes, kind="stable")
+    hashes, owners = hashes[order], owners[order]
+    repeated = np.flatnonzero(hashes[1:] == hashes[:-1])
+    shared: dict[int, list[int]] = {}
+    for i in repeated.tolist():
+        holders = shared.setdefault(int(hashes[i]), [int(owners[i])])
+        holders.append(int(owners[i + 1]))
+    return shared
+
+
+def keys_in_several_shards(shards: list[fmt.CommittedShard]) -> SharedKeys:
+    """The written samples' keys that two shards share: input tars made apart (two cameras' IMG_0001.jpg, tars
+    packed from two folders) hold the same keys, the job writes both samples (its actors never see each other's
+    shards), and the dataset then cannot be split into subsets; the job says so at its end, not the sweep later.
+    The folders' loose images are settled before the job (settle_loose_keys); another input list written into
+    one --output is checked here too. Memory stays at ~16 bytes a sample (the keys are hashed)."""
+    def ok_keys(shard: fmt.CommittedShard) -> list[str]:
+        index = fmt.read_index(shard, ["key", "status"])
+        return [key for key, status in zip(index["key"], index["status"], strict=True) if status == fmt.OK]
+
+    def hashed(shard: fmt.CommittedShard) -> np.ndarray:
+        return np.unique(np.fromiter((hash(key) for key in ok_keys(shard)), dtype=np.int64))
+
+    if len(shards) < 2:
+        return SharedKeys(0)
+    with ThreadPoolExecutor(min(INDEX_READ_THREADS, len(shards))) as pool:
+        shared = shards_sharing_keys(list(pool.map(hashed, shards)))
+    if not shared:
+        return SharedKeys(0)
+    first_hash, holders = next(iter(shared.items()))
+    key = next(key for key in ok_keys(shards[holders[0]]) if hash(key) == first_hash)
+    return SharedKeys(len(shared), (key, shards[holders[0]].name, shards[holders[1]].name))
+
+
+def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dict], failed: dict[str, str],
+                   shared_keys: SharedKeys = SharedKeys(0)) -> dict:
     """Rewrite <out>/manifest.json from every committed shard's stats (temp name, then rename). `models`: what this
     run's actors loaded; when none ran, what the last manifest names, or else (a job stopped after its last shard,
     before its manifest) what the newest shard's actor loaded."""
@@ -225,6 +279,7 @@ def write_manifest(cfg: BuildConfig, models: dict[str, Any], all_stats: list[dic
         **({"totals_by_task": totals_by_task(all_stats, tasks)} if len(tasks) > 1 else {}),
         "samples": sum(st["samples"] for st in all_stats),
         "shards": {"done": len(all_stats), "failed": failed, "truncated": truncated_inputs(all_stats)},
+        "keys_in_several_shards": shared_keys.count,
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     fmt.write_whole(manifest_url, json.dumps(manifest, indent=1).encode())
@@ -396,8 +451,13 @@ def run(cfg: BuildConfig) -> int:
     clear_staging(cfg.output)
     failed = result.failed if result else {}
 
+    shared_keys = SharedKeys(0)
+
     def manifest_from_stats() -> dict[str, Any]:
-        return write_manifest(cfg, result.models if result else {}, read_all_stats(cfg.output), failed)
+        nonlocal shared_keys
+        shards = fmt.committed_shards(cfg.output)
+        shared_keys = keys_in_several_shards(shards)
+        return write_manifest(cfg, result.models if result else {}, fmt.read_stats(shards), failed, shared_keys)
 
     try:  # storage that fails for a while is waited out (pipeline.format.retried), as for the shards
         manifest = fmt.retried(manifest_from_stats, f"writing the manifest of {cfg.output}")
@@ -408,6 +468,8 @@ def run(cfg: BuildConfig) -> int:
         raise ManifestError(f"the shards are committed, but storage refused the manifest of {cfg.output} "
                             f"({type(e).__name__}: {first_line}): the same command writes it") from e
     print(summary_table(result.done if result else [], manifest, time.perf_counter() - start, failed))
+    if shared_keys.count:
+        print(shared_keys.warning())
     return 1 if failed else 0
 
 

@@ -192,6 +192,42 @@ def test_a_tar_made_by_hand_keeps_every_sample_and_the_trainer_reads_every_ok_on
     assert read[by_source["a"]["key"]]["txt"] == b"caption a"
 
 
+def test_a_key_two_input_tars_hold_is_written_twice_and_the_job_ends_saying_so(tmp_path, capsys):
+    """Tars packed apart (two cameras' IMG_0001.jpg) hold the same key: the job wrote both samples without a word,
+    and train.subsets, which names samples by key, refused the dataset only later. Both are kept (nothing lost);
+    the job ends with a warning naming the key, and the manifest counts such keys."""
+    import tarfile
+
+    from tests.corpus import add, good_jpeg
+
+    (tmp_path / "in").mkdir()
+    for tar_name, keys in [("camera_a", ["IMG_0001", "IMG_0002"]), ("camera_b", ["IMG_0001", "IMG_0003"]),
+                           ("camera_c", ["IMG_0004"])]:
+        with tarfile.open(tmp_path / "in" / f"{tar_name}.tar", "w") as tar:
+            for i, key in enumerate(keys):
+                add(tar, f"{key}.jpg", good_jpeg(i + len(tar_name)))
+    out = tmp_path / "out"
+    assert main(["--input", str(tmp_path / "in"), "--output", str(out), "--resolution", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: 1 key(s) name a sample in more than one shard (e.g. 'IMG_0001' in camera_a and camera_b" \
+        in printed
+    assert json.loads((out / fmt.MANIFEST).read_text())["keys_in_several_shards"] == 1
+    written = sorted(s["__key__"] for tar in sorted((out / "shards").glob("*.tar")) for s in tar_samples(tar))
+    assert written == ["IMG_0001", "IMG_0001", "IMG_0002", "IMG_0003", "IMG_0004"]
+    from train.subsets import SubsetError, rank, read_samples
+    with pytest.raises(SubsetError, match="duplicate keys across shards: 'IMG_0001'"):
+        rank(read_samples(str(out)))
+    # a failed row's key is no sample: a tar whose IMG_0004 is unreadable shares no written sample's key
+    with tarfile.open(tmp_path / "in" / "camera_d.tar", "w") as tar:
+        add(tar, "IMG_0004.jpg", b"not a jpeg")
+    (tmp_path / "in" / "camera_b.tar").unlink()
+    for part in fmt.shard_paths(str(out), "camera_b").values():
+        Path(part).unlink()
+    assert main(["--input", str(tmp_path / "in"), "--output", str(out), "--resolution", "64"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads((out / fmt.MANIFEST).read_text())["keys_in_several_shards"] == 0
+
+
 def test_a_folder_cut_into_shards_keeps_names_that_clean_to_one_key_apart_across_shards(tmp_path):
     """Names that clean to one key ('photo 1', 'photo_1'; two names in another script, both '_') were kept apart
     within a shard only: in two shards they were one key twice in the dataset, which train.subsets refuses, and

@@ -1,6 +1,7 @@
 """the tiny SD base model and the ControlNet export, checked against diffusers' pipelines and its own converter"""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -292,6 +293,20 @@ def test_a_folder_of_another_model_or_of_weights_cut_short_is_refused_not_export
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_controlnet_folder_holding_only_its_fp16_variant_is_exported(tmp_path, controlnet):
+    """A published ControlNet downloaded with variant="fp16" holds diffusion_pytorch_model.fp16.safetensors alone:
+    export refused it (diffusers looked for the plain files), as it would any folder without weights."""
+    folder = tmp_path / "control_fp16"
+    copy.deepcopy(controlnet).half().save_pretrained(folder, variant="fp16")
+    assert [p.name for p in folder.glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    export.main([str(folder), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    exported = ControlNetModel.from_pretrained(tmp_path / "out")
+    assert exported.dtype == torch.float32
+    expected = {k: v.half().float() for k, v in controlnet.state_dict().items()}
+    got = exported.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_an_out_inside_the_checkpoint_it_exports_is_refused_and_leaves_it_whole(tmp_path, checkpoint, capsys):

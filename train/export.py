@@ -363,14 +363,18 @@ def write_original(controlnet: ControlNetModel, unet: UNet2DConditionModel | Non
 def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> ControlNetModel:
     """The ControlNet in a diffusers folder, refused in one line (ValueError) when the folder holds another model
     (a UNet, a VAE) or weights that lack some of its tensors or do not read (a file cut short): from_pretrained
-    built a ControlNet of random weights from the former, which the export wrote out as a trained one, exit 0."""
+    built a ControlNet of random weights from the former, which the export wrote out as a trained one, exit 0.
+    A folder holding only a variant's weights (fp16) loads as `dtype` too."""
     from annotate.weights import load_complete_model
 
     kind = json.loads((folder / "config.json").read_text()).get("_class_name")
     if kind not in (None, CONTROLNET_CLASS):
         raise ValueError(f"{folder} holds {kind} weights, not a {CONTROLNET_CLASS}'s: export a training checkpoint, "
                          "a run folder or an exported ControlNet")
-    load = partial(ControlNetModel.from_pretrained, torch_dtype=dtype, **diffusers_loading())
+    # a ControlNet downloaded as its fp16 variant only (diffusion_pytorch_model.fp16.safetensors), as the published
+    # ones are offered: from_pretrained looks for the plain files unless told the variant
+    load = partial(ControlNetModel.from_pretrained, variant=weights_variant(str(folder), ""), torch_dtype=dtype,
+                   **diffusers_loading())
     return load_complete_model(load, folder, f"a {CONTROLNET_CLASS}")
 
 

@@ -1,4 +1,6 @@
 """the paper's model properties (Sec. 3, Eqs. 3-10) on the tiny SD: zero convolutions, locking, modes"""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -219,3 +221,22 @@ def test_loading_the_models_warns_about_nothing_missing(tiny_sd_path, tmp_path):
     finally:
         library.removeHandler(seen)
     assert not [w for w in warnings if "accelerate" in w]
+
+
+@pytest.mark.parametrize("component, dropped", [("unet", "mid_block."), ("text_encoder", "layers.1."),
+                                                ("vae", "decoder.")])
+def test_a_base_whose_weights_lack_tensors_is_refused_not_trained_on_random_ones(tiny_sd_path, tmp_path, component,
+                                                                                 dropped):
+    """diffusers and transformers filled the tensors a component's file lacks with their random init, with a warning
+    in the log, and the run trained its ControlNet on that base."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = Path(shutil.copytree(tiny_sd_path, tmp_path / "base"))
+    [weights] = (base / component).glob("*.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if dropped not in k}, weights)
+    with pytest.raises(ValueError, match=rf"{base} is not the {component}/ \(\w+\) of a base model: its weights lack "
+                                         rf"\d+ of the model's tensors") as err:
+        load_base_model(str(base))
+    assert "\n" not in str(err.value)

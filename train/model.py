@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,24 @@ def load_base_model(base_model: str) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from annotate.weights import diffusers_loading
+    from annotate.weights import diffusers_loading, load_complete_model
 
     source = local_model_folder(base_model)
     components = DiffusionPipeline.load_config(source)
     has_vae = components.get("vae") not in (None, [None, None])
+
+    def complete(model_class: Any, subfolder: str, dtype_arg: str = "torch_dtype", **kwargs: Any) -> nn.Module:
+        # a file lacking some of the component's tensors is refused in one line: diffusers and transformers leave
+        # those at their random init with a warning in the log, and the run trained on that base
+        load = partial(model_class.from_pretrained, **component_weights(source, subfolder, dtype_arg), **kwargs)
+        return load_complete_model(load, source, f"the {subfolder}/ ({model_class.__name__}) of a base model")
+
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(source, **component_weights(source, "text_encoder", "dtype")),
-        unet=UNet2DConditionModel.from_pretrained(source, **component_weights(source, "unet"), **diffusers_loading()),
+        text_encoder=complete(CLIPTextModel, "text_encoder", dtype_arg="dtype"),
+        unet=complete(UNet2DConditionModel, "unet", **diffusers_loading()),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
-        vae=AutoencoderKL.from_pretrained(source, **component_weights(source, "vae"), **diffusers_loading())
-        if has_vae else None,
+        vae=complete(AutoencoderKL, "vae", **diffusers_loading()) if has_vae else None,
     )
 
 

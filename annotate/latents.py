@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from annotate.device import pick_device
-from annotate.weights import diffusers_loading, fetch_folder, weights_variant
+from annotate.weights import diffusers_loading, fetch_folder, require_finite, weights_variant
 
 LATENT_DTYPE = np.float16  # mean and std: finer than the bf16 the trainer's autocast encodes in on GPUs
 
@@ -73,11 +73,18 @@ class LatentEncoder:
         try:
             source = vae_source(base_model)
             variant = weights_variant(source, "vae")  # an fp16 download: loaded as fp32 all the same
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, torch_dtype=torch.float32,
-                                                **diffusers_loading())
+            vae, info = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant,
+                                                      torch_dtype=torch.float32, output_loading_info=True,
+                                                      **diffusers_loading())
         except (OSError, ValueError) as e:
             raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {str(e).splitlines()[0]})") \
                 from None
+        # tensors its file lacks: diffusers leaves them at a random init (a warning in the log), which encoded every
+        # image, and differed from one actor to the next
+        if missing := sorted(info["missing_keys"]):
+            raise ValueError(f"--latents {base_model}: its vae/ weights lack {len(missing)} of the VAE's tensors "
+                             f"(e.g. {missing[:3]})")
+        require_finite(vae, f"--latents {base_model}", "a VAE")
         self.fingerprint = vae_fingerprint(vae)
         self.vae = vae.to(self.device).eval()  # fp32: these latents serve every later run
 

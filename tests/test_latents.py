@@ -189,6 +189,21 @@ def test_a_base_in_object_storage_encodes_as_its_copy_here(base, s3_endpoint, tm
         LatentEncoder("s3://cnd-latents-base/nothing", device="cpu")
 
 
+def test_a_vae_whose_weights_lack_tensors_is_refused_not_encoded_with_random_ones(base, tmp_path):
+    """diffusers filled the tensors the VAE's file lacks with its random init, with a warning in the log: the job
+    stored latents of a partly random encoder, another one in each actor (their fingerprints differed)."""
+    from safetensors.torch import load_file, save_file
+
+    from annotate.latents import LatentEncoder
+
+    copy = Path(shutil.copytree(base, tmp_path / "tiny-sd"))
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("encoder.mid_block.")}, weights)
+    with pytest.raises(ValueError, match=f"--latents {copy}: its vae/ weights lack .* of the VAE's tensors") as err:
+        LatentEncoder(str(copy), device="cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_when_stored_latents_are_used():
     cfg = dataclasses.replace(debug(), resolution=64)
     stored = {"vae_sha256": "x"}

@@ -36,14 +36,22 @@ class ImageSpec:
 
 
 def read_image_spec(folder: Path, image_size: int) -> ImageSpec:
-    """The preprocessing of a BLIP folder; `image_size` (the vision config's) when it has no processor file."""
-    path = folder / "preprocessor_config.json"
+    """The preprocessing of a BLIP folder: its preprocessor_config.json, or the image_processor entry of its
+    processor_config.json (what BlipProcessor.save_pretrained writes since transformers 5, and transformers reads);
+    `image_size` (the vision config's) when it has neither."""
+    path, nested = folder / "preprocessor_config.json", False
+    if not path.is_file():
+        path, nested = folder / "processor_config.json", True
     if not path.is_file():
         return ImageSpec(image_size, image_size)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not JSON ({e})") from None
+    if nested:
+        config = config.get("image_processor") if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return ImageSpec(image_size, image_size)
     size = config.get("size", image_size)
     height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size, size)
     return ImageSpec(

@@ -103,6 +103,22 @@ def test_preprocessing_follows_the_processor_config(weights_dir: Path) -> None:
     np.testing.assert_allclose(x[2, :, 0, 0].numpy(), (1 - np.array(spec.mean)) / np.array(spec.std), rtol=1e-5)
 
 
+def test_preprocessing_follows_a_processor_config_as_transformers_5_saves_it(tmp_path: Path) -> None:
+    """BlipProcessor.save_pretrained writes processor_config.json (the image processor nested in it), no
+    preprocessor_config.json: its mean, std and size were ignored for the defaults, while transformers reads them."""
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    from tests.tiny_weights.blip import write_tokenizer
+
+    processor = BlipImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2] * 3)
+    BlipProcessor(image_processor=processor, tokenizer=write_tokenizer(tmp_path / "tok")).save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    spec = read_image_spec(tmp_path, image_size=384)
+    assert spec == ImageSpec(24, 24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    expected = BlipImageProcessor.from_pretrained(tmp_path)(images(), return_tensors="pt").pixel_values
+    np.testing.assert_allclose(preprocess(images(), spec).numpy(), expected.numpy(), atol=1e-5)
+
+
 def test_image_spec_without_a_processor_file_uses_the_vision_size(tmp_path: Path) -> None:
     assert read_image_spec(tmp_path, image_size=384) == ImageSpec(384, 384)
 

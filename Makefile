@@ -40,8 +40,8 @@ DEMO_TRAIN = --max-steps 200 --lr 3e-4 --validate-every 25 --checkpoint-every 10
 	--prompt-modes caption --guidance-scales 1
 # make repro: the toy preset, stopped at 500 steps (its curve has levelled off by then) to fit 35 min here
 REPRO_TRAIN ?= --max-steps 500
-# make toy-sweep: three sizes a decade apart, 400 steps each, the primary curve only (~30 min here: a small
-# subset trains slower, its samples being spread over every shard, which the stream reads whole)
+# make toy-sweep: three sizes a decade apart, 400 steps each, the primary curve only (~30 min here, measured before
+# the sweep copied small sizes into shards of their own: the 300 subset, streamed from every shard, trained slower)
 TOY_SIZES ?= 300,3k,30k
 TOY_SWEEP_TRAIN ?= --max-steps 400 --validate-every 50 --prompt-modes caption --guidance-scales 1
 

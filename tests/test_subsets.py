@@ -265,7 +265,10 @@ def test_materialized_subsets_are_exact_nested_copies_in_compact_shards(dataset,
         rows = [r for p in sorted((folder / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
         assert sorted(r["key"] for r in rows) == sorted(copied) and all(r == source_rows[r["key"]] for r in rows)
         assert len(list((folder / "shards").glob("*.stats.json"))) == len(tars)
-        assert json.loads((folder / "manifest.json").read_text())["subset"]["of"] == str(data)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["subset"]["of"] == str(data)
+        # its shard counts are its own, not the source's (which named 4 shards done, this folder holding 2 or 3)
+        assert manifest["shards"] == {"done": len(tars), "failed": {}, "truncated": {}}
         # webdataset reads the compact shards back, and the subset folder reads as a dataset
         assert sum(1 for _ in wds.WebDataset([str(t) for t in tars], shardshuffle=False)) == size
         assert resolve_shards(str(folder)).counts["samples"] == size

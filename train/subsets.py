@@ -358,11 +358,13 @@ def already_materialized(url: str, chosen: list[Sample], per_shard: int) -> dict
     return dict(shards) if same and shards and committed else None
 
 
-def write_subset_folder_manifest(folder: str, dataset: str, size: int, task: str | None) -> None:
+def write_subset_folder_manifest(folder: str, dataset: str, size: int, task: str | None, shards: int) -> None:
     """The materialized subset's manifest.json: the source's (settings, models), with this subset's counts, so the
-    folder reads as a dataset (preview, resolve_shards) and names what it was cut from."""
+    folder reads as a dataset (preview, resolve_shards) and names what it was cut from. Its shard counts are its
+    own: the source's named shards this folder does not hold (and failed or truncated ones it never copied)."""
     manifest = fmt.read_manifest(dataset)
     manifest.update(samples=size, totals={fmt.OK: size, fmt.FILTERED: 0, fmt.FAILED: 0},
+                    shards={"done": shards, "failed": {}, "truncated": {}},
                     subset={"of": dataset, "size": size, "condition": task, "ranking": RANKING_RULE})
     manifest.pop("totals_by_task", None)
     write_json(f"{folder.rstrip('/')}/{fmt.MANIFEST}", manifest)
@@ -407,7 +409,7 @@ def make_subsets(dataset: str, sizes: list[int], out: str | None = None, holdout
     for size, samples in chosen.items():
         document = subset_document(samples, task, dataset, len(ranked), validation)
         if size in compact:
-            write_subset_folder_manifest(folders[size], dataset, size, task)
+            write_subset_folder_manifest(folders[size], dataset, size, task, len(compact[size]))
             document.update(shards=list(compact[size]))
             document["counts"].update(shards=len(compact[size]), per_shard=compact[size])
             document["materialized"] = {"folder": folders[size], "source_shards": len({s.shard for s in samples}),

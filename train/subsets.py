@@ -434,7 +434,8 @@ class SubsetsArgs:
     sizes: str
     """Comma-separated counts: 500, 1k, 10k, 1.5k, 3m."""
     out: str | None = None
-    """Folder/URL for the manifests (default: <dataset>/subsets)."""
+    """Folder/URL for the manifests (default: <dataset>/subsets; <dataset>/subsets/<condition> for a dataset of several
+    conditions)."""
     holdout_shards: int = 1
     """Last shards held out of every subset as their shared validation set."""
     condition: str | None = None

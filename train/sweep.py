@@ -176,7 +176,8 @@ class SweepConfig:
     storage_path: str | None = None
     """Where runs and the report go (default: the preset's)."""
     subsets_out: str | None = None
-    """Folder/URL for the subset manifests (default: <dataset>/subsets)."""
+    """Folder/URL for the subset manifests (default: <dataset>/subsets; <dataset>/subsets/<condition> for a dataset of
+    several conditions)."""
     concurrent: int = 0
     """Sizes trained at once: 0 fits as many as the cluster's free CPUs and GPUs hold (each run reserves
     --num-workers x --cpus-per-worker CPUs and a GPU per worker), 1 trains them in turn. Runs in local mode

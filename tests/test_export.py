@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -171,6 +173,21 @@ def test_export_diffusers_runs_in_the_controlnet_pipeline(tmp_path, python, base
     expected, got = controlnet.state_dict(), pipe.controlnet.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_exported_files_are_readable_as_the_umask_says_not_by_their_owner_alone(tmp_path, checkpoint):
+    """safetensors' save_file creates its files 0o600: an export served by another account (a web UI) could not
+    read its weights, while its config.json was readable."""
+    previous = os.umask(0o022)
+    try:
+        export.main([str(checkpoint), "--format", "diffusers", "--out", str(tmp_path / "diffusers")])
+        export.main([str(checkpoint), "--format", "original", "--out", str(tmp_path / "control.safetensors")])
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "control.safetensors", *(tmp_path / "diffusers").iterdir()]
+    assert len(written) == 3
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in written} == {
+        path.name: 0o644 for path in written}
 
 
 def test_export_original_round_trips_through_diffusers_converter(tmp_path, checkpoint, controlnet):

@@ -308,8 +308,26 @@ def temp_sibling(out: Path) -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0o644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def readable_as_umask_says(tmp: Path) -> None:
+    """Each file of an export gets the umask's mode: safetensors' save_file creates its files 0o600, so a
+    ControlNet exported for a web UI or an inference server running under another account could not be read by
+    it, while the config.json beside it could."""
+    mode = new_file_mode()
+    for path in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+        if path.is_file():
+            path.chmod(mode)
+
+
 def replace(tmp: Path, out: Path) -> None:
     """Move a finished tmp into place; a previous export at `out` goes only once the new one is whole."""
+    readable_as_umask_says(tmp)
     if out.is_dir():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)

@@ -4,7 +4,8 @@ users would pick instead), alternating runs, medians. Without --peer-script it t
 Both train a ControlNet on the project's tiny debug SD, on the same 256 image/condition/caption triplets, at batch
 4, 64 px, fp32, lr 1e-5, 50% empty prompts, gradient clipping at 1.0, no validation, on this machine's cores. Each
 run is watched from outside: the time its console first reports step 1 (command to first step), the median step
-time after the first few steps (from the times steps are reported), the time from the last step to the process's
+time after the first few steps (from the times the peer reports its steps; ours, from the rate each of its step
+lines reports, since Ray forwards a worker's output in batches), the time from the last step to the process's
 exit, and the peak PSS of its whole process tree (Ray's processes included).
 
     python -m bench.trainer_speed [--peer-script PATH/train_controlnet.py] [--steps 60] [--repeats 3]
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES, BATCH, RESOLUTION, LR, WARMUP_STEPS = 256, 4, 64, 1e-5, 5
 PER_SHARD = 64  # the dataset's last shard is one more, held out: ours holds it out of training, the peer never sees it
 OUR_STEP = re.compile(rb"\] step (\d+)/(\d+)")  # train.tracking's progress line
+OUR_RATE = re.compile(rb"\] step (\d+)/\d+  loss \S+  ([\d.]+) samples/s")  # its rate over the steps since the last
 PEER_STEP = re.compile(rb"Steps: +\d+%\|[^|]*\| *(\d+)/(\d+) \[")  # its tqdm bar, not the loading bars
 
 
@@ -58,10 +60,24 @@ def step_times(chunks: list[tuple[float, bytes]], pattern: re.Pattern) -> dict[i
     return seen
 
 
-def timing_of(started: float, ended: float, steps: dict[int, float], max_steps: int, peak_pss: float) -> Timing:
+def reported_step_seconds(chunks: list[tuple[float, bytes]], rate: re.Pattern) -> dict[int, float]:
+    """{step: seconds} from the rate (samples/s, at BATCH samples a step, logged every step) each step line of
+    ours reports, timed in the training process: a Ray worker's lines reach the console in batches, many with one
+    timestamp (two of three runs of the Ray worker variant read 0.0-0.3 ms/step from their arrival times). In local
+    mode the two agree (0.0408 s/step both ways in one run)."""
+    text = b"".join(data for _, data in chunks)
+    return {int(step): BATCH / float(samples_per_s) for step, samples_per_s in rate.findall(text)
+            if float(samples_per_s) > 0}
+
+
+def timing_of(started: float, ended: float, steps: dict[int, float], max_steps: int, peak_pss: float,
+              reported: dict[int, float] | None = None) -> Timing:
+    """`reported`: each step's seconds as the run measured them, used for the median step time when given."""
     if 1 not in steps or max_steps not in steps:
         raise RuntimeError(f"the run did not report steps 1 and {max_steps} (saw {sorted(steps)[:5]}...)")
     later = [steps[s] - steps[s - 1] for s in range(WARMUP_STEPS + 1, max_steps + 1) if s in steps and s - 1 in steps]
+    if reported:
+        later = [seconds for step, seconds in reported.items() if WARMUP_STEPS < step <= max_steps]
     per_step = statistics.median(later) if later else (steps[max_steps] - steps[1]) / max(max_steps - 1, 1)
     return Timing(first_step_s=steps[1] - started, s_per_step=per_step, after_last_s=ended - steps[max_steps],
                   total_s=ended - started, peak_pss_gb=peak_pss / 2**30)
@@ -78,8 +94,10 @@ def tree_pss(process: psutil.Process) -> int:
     return total
 
 
-def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: int, log: Path) -> Timing:
-    """Run a command to its end, timestamping its console output and sampling its tree's memory."""
+def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: int, log: Path,
+          rate: re.Pattern | None = None) -> Timing:
+    """Run a command to its end, timestamping its console output and sampling its tree's memory. `rate`: the
+    pattern of the step lines' own rates, when the run reports them."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks: list[tuple[float, bytes]] = []
@@ -101,7 +119,8 @@ def watch(argv: list[str], env: dict[str, str], pattern: re.Pattern, max_steps: 
     log.write_bytes(b"".join(text for _, text in chunks))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} ... exited {proc.returncode}; see {log}")
-    return timing_of(started, ended, step_times(chunks, pattern), max_steps, peak)
+    reported = reported_step_seconds(chunks, rate) if rate else None
+    return timing_of(started, ended, step_times(chunks, pattern), max_steps, peak, reported)
 
 
 # ---------------------------------------------------------------- the runs
@@ -213,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset job: {job['job_s_plain']:.1f} s plain, {job['job_s_latents']:.1f} s storing latents; the latents "
           f"cost {job['encode_ms_per_sample']:.2f} ms/sample ({job['latent_bytes_per_sample']:.0f} B/sample here, "
           f"{job['latent_bytes_per_sample_at_512px'] / 1024:.0f} KiB at 512 px)", flush=True)
-    commands: dict[str, tuple[list[str], dict, re.Pattern]] = {}
+    commands: dict[str, tuple[list[str], dict, re.Pattern, re.Pattern | None]] = {}
     if args.peer_script:
         from bench.peer import build_peer_venv, peer_command, write_peer_dataset
 
@@ -227,17 +246,17 @@ def main(argv: list[str] | None = None) -> int:
                                                work / f"peer-out-{repeat}", steps=args.steps, batch_size=BATCH,
                                                resolution=RESOLUTION, lr=LR, seed=0,
                                                threads=len(os.sched_getaffinity(0)))
-            commands["diffusers train_controlnet.py"] = (peer_argv, peer_env, PEER_STEP)
+            commands["diffusers train_controlnet.py"] = (peer_argv, peer_env, PEER_STEP, None)
         for name in args.variants:
             flags, data = VARIANTS[name]
             run_argv, env = ours(base, datasets[data], work, args.steps, f"r{repeat}-{slug(name)}", flags)
-            commands[name] = (run_argv, env, OUR_STEP)
+            commands[name] = (run_argv, env, OUR_STEP, OUR_RATE)
         order = list(commands)
         order = order[repeat % len(order):] + order[: repeat % len(order)]  # alternate who goes first
         for name in order:
-            command, env, pattern = commands[name]
+            command, env, pattern, rate = commands[name]
             log = work / f"{len(results_of(name))}-{slug(name)}.log"
-            timing = watch(command, with_bytecode(env), pattern, args.steps, log)
+            timing = watch(command, with_bytecode(env), pattern, args.steps, log, rate)
             results_of(name).append(timing)
             print(f"  {name}: {timing.s_per_step * 1000:.1f} ms/step, first step at {timing.first_step_s:.1f} s, "
                   f"{timing.after_last_s:.1f} s after the last, {timing.peak_pss_gb:.2f} GB", flush=True)

@@ -6,7 +6,19 @@ import sys
 
 import pytest
 
-from bench.trainer_speed import Timing, summarize, to_markdown, with_bytecode
+from bench.trainer_speed import (
+    BATCH,
+    OUR_RATE,
+    OUR_STEP,
+    WARMUP_STEPS,
+    Timing,
+    reported_step_seconds,
+    step_times,
+    summarize,
+    timing_of,
+    to_markdown,
+    with_bytecode,
+)
 
 
 def timing(s_per_step: float) -> Timing:
@@ -32,8 +44,25 @@ def test_the_runs_write_bytecode_whatever_the_callers_environment_says():
 
 def test_too_few_steps_to_time_are_refused_before_any_work(capsys):
     """--steps 1 ran every variant, then divided by zero (no step after the warm-up), and wrote no JSON."""
-    from bench.trainer_speed import WARMUP_STEPS, main
+    from bench.trainer_speed import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--steps", "1"])
     assert exit_.value.code == 2 and f"--steps must be at least {WARMUP_STEPS + 2}" in capsys.readouterr().err
+
+
+def test_our_step_time_is_the_rate_each_step_line_reports_not_when_ray_forwards_the_lines():
+    """A Ray worker's output reaches the console in batches: ten step lines with one timestamp read as 0 s/step
+    (two of three Ray worker runs said 0.0-0.3 ms/step, 137x the peer's speed)."""
+    lines = b"".join(b"(RayTrainWorker pid=1) [r0-ours-ray-worker] step %d/10  loss 1.0%d  %.1f samples/s "
+                     b"(5%% waiting for data)\n" % (step, step, BATCH / (0.05 if step % 2 else 0.07))
+                     for step in range(1, 11))
+    chunks = [(100.0, lines[: len(lines) // 2]), (100.0, lines[len(lines) // 2:])]  # one arrival time for all
+    steps = step_times(chunks, OUR_STEP)
+    assert sorted(steps) == list(range(1, 11))
+    assert timing_of(90.0, 101.0, steps, 10, 0).s_per_step == 0.0  # what the arrival times say
+    reported = reported_step_seconds(chunks, OUR_RATE)
+    assert [round(reported[step], 3) for step in (1, 2, 10)] == [0.05, 0.07, 0.07]
+    timing = timing_of(90.0, 101.0, steps, 10, 0, reported)
+    assert timing.s_per_step == pytest.approx(0.07, rel=1e-2)  # steps 6-10: 0.07, 0.05, 0.07, 0.05, 0.07
+    assert timing.first_step_s == 10.0 and timing.after_last_s == 1.0  # these stay the console's

@@ -75,9 +75,11 @@ def timing_of(started: float, ended: float, steps: dict[int, float], max_steps: 
     """`reported`: each step's seconds as the run measured them, used for the median step time when given."""
     if 1 not in steps or max_steps not in steps:
         raise RuntimeError(f"the run did not report steps 1 and {max_steps} (saw {sorted(steps)[:5]}...)")
-    later = [steps[s] - steps[s - 1] for s in range(WARMUP_STEPS + 1, max_steps + 1) if s in steps and s - 1 in steps]
     if reported:
         later = [seconds for step, seconds in reported.items() if WARMUP_STEPS < step <= max_steps]
+    else:
+        later = [steps[s] - steps[s - 1] for s in range(WARMUP_STEPS + 1, max_steps + 1)
+                 if s in steps and s - 1 in steps]
     per_step = statistics.median(later) if later else (steps[max_steps] - steps[1]) / max(max_steps - 1, 1)
     return Timing(first_step_s=steps[1] - started, s_per_step=per_step, after_last_s=ended - steps[max_steps],
                   total_s=ended - started, peak_pss_gb=peak_pss / 2**30)

@@ -11,7 +11,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -196,9 +195,6 @@ def truncated_inputs(stats: list[dict[str, Any]]) -> dict[str, str]:
     return {st["shard"]: st["read_error"] for st in stats if st.get("truncated")}
 
 
-INDEX_READ_THREADS = 16  # parquet indexes fetched concurrently (object stores answer slowly one at a time)
-
-
 @dataclass(frozen=True)
 class SharedKeys:
     """Keys of written samples that more than one shard holds, and one of them with two of its shards."""
@@ -233,21 +229,21 @@ def keys_in_several_shards(shards: list[fmt.CommittedShard]) -> SharedKeys:
     shards), and the dataset then cannot be split into subsets; the job says so at its end, not the sweep later.
     The folders' loose images are settled before the job (settle_loose_keys); another input list written into
     one --output is checked here too. Memory stays at ~16 bytes a sample (the keys are hashed)."""
-    def ok_keys(shard: fmt.CommittedShard) -> list[str]:
-        index = fmt.read_index(shard, ["key", "status"])
+    def ok_keys(index: dict[str, list]) -> list[str]:
         return [key for key, status in zip(index["key"], index["status"], strict=True) if status == fmt.OK]
 
-    def hashed(shard: fmt.CommittedShard) -> np.ndarray:
-        return np.unique(np.fromiter((hash(key) for key in ok_keys(shard)), dtype=np.int64))
+    def hashed(_: fmt.CommittedShard, index: dict[str, list]) -> np.ndarray:
+        return np.unique(np.fromiter((hash(key) for key in ok_keys(index)), dtype=np.int64))
 
     if len(shards) < 2:
         return SharedKeys(0)
-    with ThreadPoolExecutor(min(INDEX_READ_THREADS, len(shards))) as pool:
-        shared = shards_sharing_keys(list(pool.map(hashed, shards)))
+    shared = shards_sharing_keys(fmt.each_index(shards, ["key", "status"], hashed))
     if not shared:
         return SharedKeys(0)
     first_hash, holders = next(iter(shared.items()))
-    key = next(key for key in ok_keys(shards[holders[0]]) if hash(key) == first_hash)
+    # the example's own string: the hashes kept no keys, and one index is read again to name it
+    key = next(key for key in ok_keys(fmt.read_index(shards[holders[0]], ["key", "status"]))
+               if hash(key) == first_hash)
     return SharedKeys(len(shared), (key, shards[holders[0]].name, shards[holders[1]].name))
 
 

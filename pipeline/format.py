@@ -18,6 +18,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Final, TypeVar
 
@@ -172,6 +173,20 @@ def read_index(shard: CommittedShard, columns: list[str] | None) -> dict[str, li
         return index.read(columns=columns, use_threads=False).to_pydict()
 
 
+_T = TypeVar("_T")
+INDEX_READ_THREADS: Final = 16  # parquet indexes fetched concurrently (object stores answer slowly one at a time)
+
+
+def each_index(shards: list[CommittedShard], columns: list[str],
+               reduce: Callable[[CommittedShard, dict[str, list]], _T]) -> list[_T]:
+    """`reduce(shard, its index columns)` for each shard, the indexes read concurrently, in the shards' order:
+    only what `reduce` keeps of each index stays in memory."""
+    if not shards:
+        return []
+    with ThreadPoolExecutor(min(INDEX_READ_THREADS, len(shards))) as pool:
+        return list(pool.map(lambda shard: reduce(shard, read_index(shard, columns)), shards))
+
+
 # ---------------------------------------------------------------- riding out storage outages
 # Both sides read and write shards, checkpoints and results on the same object stores: an error of the connection
 # (refused, reset, timed out, a 5xx) is retried with backoff for a bounded time, so a blip of the store costs a long
@@ -185,7 +200,6 @@ _ANSWERS_FOR_GOOD = (FileNotFoundError, PermissionError, IsADirectoryError, NotA
 # a disk that is full, over its quota or read-only answers the same until someone acts: no outage to wait out
 _FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
-_T = TypeVar("_T")
 
 
 class StorageOutage(OSError):

@@ -10,7 +10,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
@@ -24,7 +23,6 @@ from pipeline import format as fmt
 
 SUBSETS_DIR = "subsets"
 VALIDATION_NAME = "validation.json"
-READ_THREADS = 16  # parquet indexes fetched concurrently (object stores answer slowly one at a time)
 COLUMNS = ["key", "status", "original_width", "original_height"]
 RANKING_RULE = (
     "ok samples by original resolution (original_width * original_height, descending), ties by the blake2b-64 "
@@ -188,13 +186,12 @@ def read_samples(dataset: str, task: str | None = None,
 
     status = fmt.task_status_column(task) if task else "status"
 
-    def one(shard: fmt.CommittedShard) -> list[Sample]:
-        table = fmt.read_index(shard, [c if c != "status" else status for c in COLUMNS])
+    def ok_samples(shard: fmt.CommittedShard, table: dict[str, list]) -> list[Sample]:
         rows = zip(table["key"], table[status], table["original_width"], table["original_height"], strict=True)
         return [Sample(k, (w or 0) * (h or 0), shard.tar) for k, status, w, h in rows if status == fmt.OK]
 
-    with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
-        return [s for part in pool.map(one, shards) for s in part]
+    columns = [c if c != "status" else status for c in COLUMNS]
+    return [s for part in fmt.each_index(shards, columns, ok_samples) for s in part]
 
 
 def read_condition(dataset: str, condition: str | None) -> tuple[str | None, bool]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from annotate.device import pick_device
-from annotate.weights import diffusers_loading, fetch_folder, require_finite, weights_variant
+from annotate.weights import diffusers_loading, fetch_folder, offline_hub_folder, require_finite, weights_variant
 
 LATENT_DTYPE = np.float16  # mean and std: finer than the bf16 the trainer's autocast encodes in on GPUs
 
@@ -52,10 +52,11 @@ def pixels_of_jpeg(data: bytes) -> np.ndarray:
 
 
 def vae_source(base_model: str) -> str:
-    """Where from_pretrained finds the base's vae/: a local folder or hub id as given; of a remote base (s3://...,
-    as the trainer also takes one) only vae/ is copied, to the local cache, once per node."""
+    """Where from_pretrained finds the base's vae/: a local folder or hub id as given (offline, the id's cached
+    snapshot: offline_hub_folder); of a remote base (s3://..., as the trainer also takes one) only vae/ is copied,
+    to the local cache, once per node."""
     if "://" not in base_model or base_model.startswith("file://"):
-        return base_model.removeprefix("file://")
+        return offline_hub_folder(base_model.removeprefix("file://"), "--latents")
     return str(fetch_folder(base_model.rstrip("/") + "/vae").parent)
 
 

@@ -320,17 +320,41 @@ def sha256_folder(path: str | os.PathLike) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot folder of a hub repo, without touching the network; None if it is not cached."""
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub repo (its refs/main), without touching the network; None if it is not
+    cached, or `repo_id` is no repo id."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         return None
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError) or a broken cache: the caller raises one clear error
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), not an id (HFValidationError) or a broken cache: the
+        # caller raises one clear error
         return None
-    return folder if (folder / "config.json").is_file() else None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """hub_snapshot, where it holds a Hugging Face model folder (config.json)."""
+    folder = hub_snapshot(repo_id)
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def offline_hub_folder(model: str, flag: str) -> str:
+    """A diffusers model named by hub id ("org/name") while the hub is off (HF_HUB_OFFLINE=1): its cached snapshot
+    folder, loaded from then on as a local folder is, so that weights_variant sees an fp16-only download (given the
+    id, from_pretrained looked for the plain weights and failed). Not cached: a one-line MissingWeightsError naming
+    `flag` (the user's option) and the cache. Local paths, URLs, and every id while online pass unchanged: the
+    libraries resolve them as they always have."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE or "://" in model or Path(model).exists():
+        return model
+    folder = hub_snapshot(model)
+    if folder is None:
+        raise MissingWeightsError(f"{flag} {model}: not a local folder, nor in the Hugging Face hub cache "
+                                  f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it")
+    return str(folder)
 
 
 def config_names(text: str | bytes, model_type: str) -> bool:

@@ -154,20 +154,25 @@ def test_latents_of_a_half_precision_vae_are_noised_in_fp32(sd):
     assert seen["noisy"].dtype == torch.float32
 
 
+def save_fp16_only(sd, tiny_sd_path, folder):
+    """The tiny SD as `from_pretrained(..., variant="fp16")` downloads it: only `<name>.fp16.safetensors`."""
+    import shutil
+
+    shutil.copytree(tiny_sd_path, folder)
+    for name in ("text_encoder", "unet", "vae"):
+        for weights in (folder / name).glob("*.safetensors"):
+            weights.unlink()
+        getattr(sd, name).to(torch.float16).save_pretrained(folder / name, variant="fp16")
+    return folder
+
+
 def test_a_base_downloaded_as_its_fp16_variant_loads_as_fp32(tiny_sd_path, sd, tmp_path):
     """`from_pretrained(..., variant="fp16")` downloads only `<name>.fp16.safetensors`: the trainer and the dataset
     job's --latents load such a folder (the fp16 weights, as fp32), where from_pretrained alone finds no weights."""
-    import shutil
-
     from annotate.latents import LatentEncoder
     from annotate.weights import weights_variant
 
-    fp16 = tmp_path / "fp16-base"
-    shutil.copytree(tiny_sd_path, fp16)
-    for name in ("text_encoder", "unet", "vae"):
-        for weights in (fp16 / name).glob("*.safetensors"):
-            weights.unlink()
-        getattr(sd, name).to(torch.float16).save_pretrained(fp16 / name, variant="fp16")
+    fp16 = save_fp16_only(sd, tiny_sd_path, tmp_path / "fp16-base")
     assert weights_variant(str(fp16), "unet") == "fp16" and weights_variant(str(tiny_sd_path), "unet") is None
     assert weights_variant("stable-diffusion-v1-5/stable-diffusion-v1-5", "unet") is None  # hub ids: the library's
 
@@ -179,6 +184,42 @@ def test_a_base_downloaded_as_its_fp16_variant_loads_as_fp32(tiny_sd_path, sd, t
         assert all(torch.equal(v, rounded[k]) for k, v in module.state_dict().items())  # fp16 weights, upcast
     encoder = LatentEncoder(str(fp16), device="cpu")
     assert encoder.vae.dtype == torch.float32
+
+
+def test_a_hub_id_whose_cache_holds_only_the_fp16_variant_loads_offline(tiny_sd_path, sd, tmp_path, monkeypatch):
+    """`--base-model org/name` (and `--latents org/name`) with HF_HUB_OFFLINE=1 and a hub cache holding only the fp16
+    files: loaded from the cached snapshot as a local folder, the variant as fp32. Given the id, from_pretrained
+    looked for the plain weights, and the run ended in 'does not appear to have a file named model.safetensors'.
+    An id that is not cached is one line naming the option and the cache."""
+    from huggingface_hub import constants
+
+    from annotate.latents import LatentEncoder
+    from annotate.weights import MissingWeightsError
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--tiny-fp16"  # huggingface_hub's cache layout
+    save_fp16_only(sd, tiny_sd_path, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no folder org/tiny-fp16 here: the id is a hub id
+
+    loaded = load_base_model("org/tiny-fp16")
+    rounded = {k: v.to(torch.float16).float() for k, v in sd.unet.to(torch.float32).state_dict().items()}
+    assert loaded.unet.dtype == torch.float32
+    assert all(torch.equal(v, rounded[k]) for k, v in loaded.unet.state_dict().items())
+    assert LatentEncoder("org/tiny-fp16", device="cpu").vae.dtype == torch.float32
+
+    with pytest.raises(MissingWeightsError, match=r"^--base-model org/absent: not a local folder, nor in the Hugging "
+                       r"Face hub cache \(.*hub\), and HF_HUB_OFFLINE=1 forbids downloading it$"):
+        load_base_model("org/absent")
+    with pytest.raises(ValueError, match=r"^--latents org/absent: .*HF_HUB_OFFLINE=1 forbids downloading it"):
+        LatentEncoder("org/absent", device="cpu")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, an id is left to the libraries, as before
+    from train.model import local_model_folder
+
+    assert local_model_folder("org/tiny-fp16") == "org/tiny-fp16"
 
 
 def test_a_folder_with_several_variants_and_no_plain_weights_is_left_to_the_library(tmp_path):

@@ -82,11 +82,14 @@ def component_weights(source: str, subfolder: str, dtype_arg: str = "torch_dtype
 
 
 def local_model_folder(base_model: str) -> str:
-    """Hub ids and local folders pass through; other URLs (s3://...) are copied to a local cache once.
+    """Hub ids and local folders pass through (offline, a hub id is its cached snapshot: offline_hub_folder); other
+    URLs (s3://...) are copied to a local cache once.
 
     The debug preset's tiny SD is rebuilt where it is missing (on another node of a cluster): it is
     deterministic, so every node gets the same weights.
     """
+    from annotate.weights import offline_hub_folder
+
     if "://" not in base_model or base_model.startswith("file://"):
         local = base_model.removeprefix("file://")
         packaged = PACKAGED / Path(local).name
@@ -96,7 +99,7 @@ def local_model_folder(base_model: str) -> str:
             from train.tiny_sd import build_tiny_sd
 
             build_tiny_sd(Path(local))
-        return local
+        return offline_hub_folder(local, "--base-model")
     fs, path = fsspec.core.url_to_fs(base_model)
     target = Path(tempfile.gettempdir()) / "controlnet-base" / hashlib.sha256(base_model.encode()).hexdigest()[:16]
     if not (target / "model_index.json").exists():

@@ -18,6 +18,8 @@ from annotate.weights import load_complete_model, load_pretrained_folder, resolv
 
 HF_FOLDER = "blip-image-captioning-large"
 HF_REPO = "Salesforce/blip-image-captioning-large"
+# the smaller checkpoint users also run (ViT-B): the same model class and files, found when the large is not there
+OTHER_CHECKPOINTS = (("blip-image-captioning-base", "Salesforce/blip-image-captioning-base"),)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # BLIP's BERT tokenizer, fast or slow
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BlipImageProcessor's defaults
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -80,7 +82,7 @@ class BlipCaptioner:
     With a `prompt` ("a photography of"), BLIP continues it and the caption starts with the prompt.
     """
 
-    weights: str | None = None  # folder/URL holding blip-image-captioning-large/ (or the folder itself)
+    weights: str | None = None  # folder/URL holding blip-image-captioning-large/ or -base/ (or the folder itself)
     device: str | None = None
     num_beams: int = 1  # 1 = greedy
     max_new_tokens: int = 30
@@ -97,7 +99,7 @@ class BlipCaptioner:
 
     def __post_init__(self) -> None:
         self._device = pick_device(self.device)
-        self._folder = resolve_folder(HF_FOLDER, source=self.weights, hub_repo=HF_REPO)
+        self._folder = resolve_folder(HF_FOLDER, source=self.weights, hub_repo=HF_REPO, others=OTHER_CHECKPOINTS)
         model = load_complete_model(partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True),
                                     self._folder, "the BLIP captioner")
         self._model = model.eval().to(self._device)

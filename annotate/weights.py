@@ -371,11 +371,13 @@ def config_names(text: str | bytes, model_type: str) -> bool:
         isinstance(a, str) and a.lower().startswith(model_type) for a in architectures)
 
 
-def _folder_in_source(name: str, source: str, cache_dir: Path, model_type: str | None = None) -> Path | None:
-    """`source/name` or `source` itself, whichever holds config.json; remote folders are copied to the cache.
-    With `model_type`, `source` itself counts only where its config.json names that model: a --weights folder may
-    hold another model's Hugging Face files at its top level (BLIP's beside MiDaS's .pt), not this one's."""
-    for url, wanted in ((source.rstrip("/") + "/" + name, None), (source.rstrip("/"), model_type)):
+def _folder_in_source(names: tuple[str, ...], source: str, cache_dir: Path,
+                      model_type: str | None = None) -> Path | None:
+    """The first `source/name` of `names`, or `source` itself, that holds config.json; remote folders are copied to
+    the cache. With `model_type`, `source` itself counts only where its config.json names that model: a --weights
+    folder may hold another model's Hugging Face files at its top level (BLIP's beside MiDaS's .pt), not this one's."""
+    candidates = [(source.rstrip("/") + "/" + name, None) for name in names] + [(source.rstrip("/"), model_type)]
+    for url, wanted in candidates:
         local = local_path(url)
         if local is not None:
             config = local / "config.json"
@@ -396,28 +398,34 @@ def resolve_folder(
     hub_repo: str | None = None,
     cache_dir: Path = DEFAULT_CACHE,
     model_type: str | None = None,
+    others: tuple[tuple[str, str], ...] = (),
 ) -> Path:
     """Local path of the Hugging Face-format model folder `name` (a folder holding config.json).
 
     Looks in `source/name`, then `source` itself (a local folder or fsspec URL; with `model_type`, only if its
     config.json names that model), then the HF hub cache snapshot of `hub_repo` (cache only: nothing is
-    downloaded here).
+    downloaded here). `others`: (name, hub_repo) of other published checkpoints that serve as well (BLIP's base
+    beside its large), looked for after `name` in each place.
     """
+    names = (name, *(other for other, _ in others))
+    repos = [repo for repo in (hub_repo, *(repo for _, repo in others)) if repo]
     looked = []
     if source:
-        looked.append(f"{source.rstrip('/')}/{name}/config.json")
+        looked.extend(f"{source.rstrip('/')}/{n}/config.json" for n in names)
         looked.append(f"{source.rstrip('/')}/config.json" + (f" (of a {model_type} model)" if model_type else ""))
-        found = _folder_in_source(name, source, cache_dir, model_type)
+        found = _folder_in_source(names, source, cache_dir, model_type)
         if found is not None:
             return found
-    if hub_repo:
-        looked.append(f"the Hugging Face hub cache ({hub_repo})")
-        found = _hub_snapshot(hub_repo)
+    for repo in repos:
+        looked.append(f"the Hugging Face hub cache ({repo})")
+        found = _hub_snapshot(repo)
         if found is not None:
             return found
     fetch = f" (e.g. `hf download {hub_repo} --local-dir <weights>/{name}`)" if hub_repo else ""
+    wanted = " or ".join(repr(n) for n in names)
+    where = " or ".join(f"<weights>/{n}" for n in names)
     raise MissingWeightsError(
-        f"model folder {name!r} not found; looked in: {', '.join(looked) or 'nowhere'}. "
-        f"Put the Hugging Face-format folder (config.json + weights) at <weights>/{name}{fetch} "
+        f"model folder {wanted} not found; looked in: {', '.join(looked) or 'nowhere'}. "
+        f"Put the Hugging Face-format folder (config.json + weights) at {where}{fetch} "
         f"and pass --weights <weights>."
     )

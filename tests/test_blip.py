@@ -139,6 +139,31 @@ def test_missing_weights_name_the_folder(tmp_path: Path) -> None:
     assert "\n" not in message
 
 
+def test_the_base_checkpoint_serves_where_the_large_is_not_there(tmp_path: Path) -> None:
+    """Users also run Salesforce/blip-image-captioning-base: a --weights folder holding it (and not the large) was
+    'model folder not found'. With both there, the large is used, as before."""
+    base = write_tiny_blip(tmp_path, seed=1, name="blip-image-captioning-base")
+    captioner = BlipCaptioner(weights=str(tmp_path), device="cpu", max_new_tokens=4)
+    assert captioner.describe()["weights_file"] == "blip-image-captioning-base"
+    assert captioner.sha256 == hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    assert len(captioner(images()[:2])) == 2
+    write_tiny_blip(tmp_path, seed=0)
+    assert BlipCaptioner(weights=str(tmp_path), device="cpu").describe()["weights_file"] == HF_FOLDER
+
+
+def test_neither_checkpoint_is_one_line_naming_both(tmp_path: Path) -> None:
+    with pytest.raises(MissingWeightsError) as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    message = str(error.value)
+    assert message.startswith("model folder 'blip-image-captioning-large' or 'blip-image-captioning-base' not found")
+    for looked in (f"{tmp_path}/blip-image-captioning-large/config.json",
+                   f"{tmp_path}/blip-image-captioning-base/config.json",
+                   "hub cache (Salesforce/blip-image-captioning-large)",
+                   "hub cache (Salesforce/blip-image-captioning-base)"):
+        assert looked in message, looked
+    assert "\n" not in message
+
+
 def test_a_damaged_weight_file_is_one_line_naming_the_folder(tmp_path: Path) -> None:
     """safetensors' own message ('invalid header length') says nothing of which file."""
     folder = write_tiny_blip(tmp_path)

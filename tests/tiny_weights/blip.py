@@ -56,9 +56,9 @@ def tiny_blip_config(tokenizer: BertTokenizer) -> BlipConfig:
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=32, image_text_hidden_size=32)
 
 
-def write_tiny_blip(folder: Path, seed: int = 0) -> Path:
-    """`folder`/blip-image-captioning-large: config, weights, tokenizer, preprocessor_config.json."""
-    out = Path(folder) / HF_FOLDER
+def write_tiny_blip(folder: Path, seed: int = 0, name: str = HF_FOLDER) -> Path:
+    """`folder`/`name` (blip-image-captioning-large): config, weights, tokenizer, preprocessor_config.json."""
+    out = Path(folder) / name
     tokenizer = write_tokenizer(out)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(tiny_blip_config(tokenizer))

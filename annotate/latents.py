@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,15 @@ import torch
 from PIL import Image
 
 from annotate.device import pick_device
-from annotate.weights import diffusers_loading, fetch_folder, offline_hub_folder, require_finite, weights_variant
+from annotate.weights import (
+    MissingWeightsError,
+    diffusers_loading,
+    fetch_folder,
+    load_complete_model,
+    offline_hub_folder,
+    one_line,
+    weights_variant,
+)
 
 LATENT_DTYPE = np.float16  # mean and std: finer than the bf16 the trainer's autocast encodes in on GPUs
 
@@ -73,19 +82,17 @@ class LatentEncoder:
         self.device = pick_device(device)
         try:
             source = vae_source(base_model)
-            variant = weights_variant(source, "vae")  # an fp16 download: loaded as fp32 all the same
-            vae, info = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant,
-                                                      torch_dtype=torch.float32, output_loading_info=True,
-                                                      **diffusers_loading())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {str(e).splitlines()[0]})") \
+        except MissingWeightsError:  # an id not cached offline: one line naming --latents already
+            raise
+        except OSError as e:  # a remote base without vae/
+            raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {one_line(e, 200)})") \
                 from None
-        # tensors its file lacks: diffusers leaves them at a random init (a warning in the log), which encoded every
-        # image, and differed from one actor to the next
-        if missing := sorted(info["missing_keys"]):
-            raise ValueError(f"--latents {base_model}: its vae/ weights lack {len(missing)} of the VAE's tensors "
-                             f"(e.g. {missing[:3]})")
-        require_finite(vae, f"--latents {base_model}", "a VAE")
+        # an fp16 download loads as fp32 all the same; a file lacking some of the VAE's tensors is refused: diffusers
+        # left them at a random init (a warning in the log), which encoded every image, another one in each actor
+        load = partial(AutoencoderKL.from_pretrained, subfolder="vae", variant=weights_variant(source, "vae"),
+                       torch_dtype=torch.float32, **diffusers_loading())
+        vae = load_complete_model(load, source, "the vae/ (AutoencoderKL) of a base model",
+                                  label=f"--latents {base_model}")
         self.fingerprint = vae_fingerprint(vae)
         self.vae = vae.to(self.device).eval()  # fp32: these latents serve every later run
 

@@ -155,9 +155,12 @@ def report_row(report: str, status: str) -> str | None:
     return None
 
 
-def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str) -> Any:
+def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike, what: str,
+                           label: str | None = None) -> Any:
     """`load(folder)` (a transformers from_pretrained, its log kept quiet), its failure a one-line ValueError naming
-    the folder and `what` it should hold: safetensors' and transformers' own messages do not say which file."""
+    the folder and `what` it should hold: safetensors' and transformers' own messages do not say which file.
+    `label`: how the message names the folder, where the user gave another name for it (`--latents s3://...`,
+    copied to a local cache)."""
     with quiet_transformers() as log:
         try:
             return load(str(folder))
@@ -165,21 +168,22 @@ def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike
             # transformers refuses other shapes with "look at the above report", which we kept from the terminal
             mismatch = report_row("\n".join(log), "MISMATCH")
             detail = f"shapes differ from its config's, e.g. {mismatch}" if mismatch else one_line(e, 200)
-            raise ValueError(f"{folder} does not load as {what} ({type(e).__name__}: {detail})") from None
+            raise ValueError(f"{label or folder} does not load as {what} ({type(e).__name__}: {detail})") from None
 
 
 def load_complete_model(load: Callable[..., Any], folder: str | os.PathLike, what: str,
-                        unused: tuple[str, ...] = ()) -> Any:
+                        unused: tuple[str, ...] = (), label: str | None = None) -> Any:
     """load_pretrained_folder for a model, refused when its file lacks some of the model's weights: transformers
-    leaves those at their random start with a warning in the log, and the job wrote maps and captions from them.
-    A file holding NaN or inf is refused too (require_finite).
-    `unused`: prefixes of weights the model holds but never runs, which published files may leave out."""
-    model, info = load_pretrained_folder(partial(load, output_loading_info=True), folder, what)
+    and diffusers leave those at their random start with a warning in the log, and the job wrote maps, captions and
+    latents from them. A file holding NaN or inf is refused too (require_finite).
+    `unused`: prefixes of weights the model holds but never runs, which published files may leave out.
+    `label`: how the messages name the folder (load_pretrained_folder)."""
+    model, info = load_pretrained_folder(partial(load, output_loading_info=True), folder, what, label)
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(unused))
     if missing:
-        raise ValueError(f"{folder} is not {what}: its weights lack {len(missing)} of the model's tensors "
+        raise ValueError(f"{label or folder} is not {what}: its weights lack {len(missing)} of the model's tensors "
                          f"(e.g. {missing[:3]})")
-    require_finite(model, folder, what)
+    require_finite(model, label or folder, what)
     return model
 
 

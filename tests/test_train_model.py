@@ -214,7 +214,7 @@ def test_a_hub_id_whose_cache_holds_only_the_fp16_variant_loads_offline(tiny_sd_
     with pytest.raises(MissingWeightsError, match=r"^--base-model org/absent: not a local folder, nor in the Hugging "
                        r"Face hub cache \(.*hub\), and HF_HUB_OFFLINE=1 forbids downloading it$"):
         load_base_model("org/absent")
-    with pytest.raises(ValueError, match=r"^--latents org/absent: .*HF_HUB_OFFLINE=1 forbids downloading it"):
+    with pytest.raises(MissingWeightsError, match=r"^--latents org/absent: not a local folder, .* forbids"):
         LatentEncoder("org/absent", device="cpu")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, an id is left to the libraries, as before
     from train.model import local_model_folder

@@ -237,6 +237,26 @@ def storage_refusal(error: BaseException) -> str | None:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
+class StorageFailed(Exception):
+    """A storage error as a command says it in one line: "<what> failed: <type>: <first line>"."""
+
+
+@contextlib.contextmanager
+def refusing_storage_failures(what: str, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """An error the storage raises in the block (storage_refusal) comes out as StorageFailed naming `what` failed,
+    from None: botocore's traceback, from a command's first listing, said it in forty lines. `keep`: the errors
+    (OSErrors) a command says in its own words, such as a dataset that is not there, which pass unchanged, as does
+    any error not the storage's (a bug, with its traceback)."""
+    try:
+        yield
+    except keep:
+        raise
+    except Exception as e:
+        if (refusal := storage_refusal(e)) is None:
+            raise
+        raise StorageFailed(f"{what} failed: {refusal}") from None
+
+
 def wait_before_try(tries: int) -> float:
     """Seconds to wait before retry number `tries` (1, 2, ...): doubling from FIRST_WAIT_S, at most LONGEST_WAIT_S."""
     return min(FIRST_WAIT_S * 2 ** (tries - 1), LONGEST_WAIT_S)

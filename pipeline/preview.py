@@ -159,11 +159,10 @@ def writes_images(path: str) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args = fmt.cli(PreviewArgs, args=argv, prog="python -m pipeline.preview")
     try:
-        preview(args)
-    except Exception as e:  # an endpoint that refuses, storage gone: botocore's traceback before
-        if (refusal := fmt.storage_refusal(e)) is None:
-            raise
-        raise refuse(f"storage failed: {refusal}") from None
+        with fmt.refusing_storage_failures("storage"):  # an endpoint that refuses, storage gone
+            preview(args)
+    except fmt.StorageFailed as e:
+        raise refuse(str(e)) from None
 
 
 def preview(args: PreviewArgs) -> None:

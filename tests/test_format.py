@@ -183,3 +183,18 @@ def test_a_process_that_read_indexes_exits_with_its_own_code(dataset):
         done = subprocess.run([sys.executable, "-c", job, str(dataset)], env={**os.environ, "PYTHONPATH": str(REPO)},
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_storage_error_in_the_block_is_one_line_naming_what_failed_and_others_pass():
+    """The five commands' except-blocks, said once: a storage error (any OSError, or one of a storage library) is
+    StorageFailed with its first line, without its traceback (from None); the errors a command says in its own
+    words (`keep`) and a bug of ours pass unchanged."""
+    with pytest.raises(fmt.StorageFailed) as refused, fmt.refusing_storage_failures("the storage of s3://b/d"):
+        raise ConnectionRefusedError("Could not connect\nthe rest of the report")
+    assert str(refused.value) == "the storage of s3://b/d failed: ConnectionRefusedError: Could not connect"
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+    kept = fmt.refusing_storage_failures("storage", keep=(FileNotFoundError,))
+    with pytest.raises(FileNotFoundError, match="no dataset"), kept:
+        raise FileNotFoundError("no dataset")
+    with pytest.raises(KeyError), fmt.refusing_storage_failures("storage"):
+        raise KeyError("a bug")

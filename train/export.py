@@ -433,7 +433,7 @@ def refuse(message: str) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.format import cli
+    from pipeline.format import StorageFailed, cli, refusing_storage_failures
 
     args = cli(ExportArgs, args=argv, prog="python -m train.export")
     if "://" in args.out:
@@ -443,18 +443,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.format == "original" and out.suffix != ".safetensors":
         refuse("--format original writes one file: give --out a .safetensors name")
     with ExitStack() as stack:
+        own_words = (FileNotFoundError, FileExistsError, NotADirectoryError)  # (mkdir: a file where a folder goes)
         try:
-            folder = controlnet_folder(stack.enter_context(local_copy(args.checkpoint)))
-            check_targets(folder, out, args.format, args.force)
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except (FileNotFoundError, FileExistsError, NotADirectoryError) as e:  # (mkdir: a file where a folder goes)
+            with refusing_storage_failures(f"the storage of {args.checkpoint}", keep=own_words):
+                folder = controlnet_folder(stack.enter_context(local_copy(args.checkpoint)))
+                check_targets(folder, out, args.format, args.force)
+                out.parent.mkdir(parents=True, exist_ok=True)
+        except (*own_words, StorageFailed) as e:  # StorageFailed: an endpoint that refuses
             refuse(str(e))
-        except Exception as e:  # an endpoint that refuses: botocore's traceback before
-            from pipeline.format import storage_refusal
-
-            if (refusal := storage_refusal(e)) is None:
-                raise
-            refuse(f"the storage of {args.checkpoint} failed: {refusal}")
         exported = folder.parent.name if folder.name == CONTROLNET_DIR else folder.name
         print(f"exporting {exported} of {args.checkpoint} as {args.format} ({args.dtype})", file=sys.stderr)
         try:

@@ -295,20 +295,14 @@ class ReportArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.format import cli
+    from pipeline.format import StorageFailed, cli, refusing_storage_failures
 
     args = cli(ReportArgs, args=argv, prog="python -m train.report")
     try:
-        report = write_report(args.runs, args.storage_path, args.wandb, args.curve)
-    except FileNotFoundError as e:
+        with refusing_storage_failures(f"the storage of --storage-path {args.storage_path}", keep=(FileNotFoundError,)):
+            report = write_report(args.runs, args.storage_path, args.wandb, args.curve)
+    except (FileNotFoundError, StorageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # an endpoint that refuses, storage gone: botocore's traceback before
-        from pipeline.format import storage_refusal
-
-        if (refusal := storage_refusal(e)) is None:
-            raise
-        print(f"error: the storage of --storage-path {args.storage_path} failed: {refusal}", file=sys.stderr)
         return 2
     print(report["markdown"])
     print("\n".join(f"wrote {f}" for f in report["files"]))

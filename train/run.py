@@ -20,7 +20,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import WorkerCallback  # a DeveloperAPI, which RunConfig passes on
 
-from pipeline.format import ClusterUnreachable, SignalLog, join_ray, storage_refusal
+from pipeline.format import ClusterUnreachable, SignalLog, StorageFailed, join_ray, refusing_storage_failures
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
 from train.loop import RunRefused, split_validation, train_loop_per_worker
@@ -432,14 +432,11 @@ def main(argv: list[str] | None = None) -> int:
 def checked_and_trained(cfg: TrainConfig) -> int:
     """The command's work once its arguments parse: the checks, then the run; its exit code."""
     try:
-        check_data(cfg)
-    except (FileNotFoundError, ValueError) as e:
+        with refusing_storage_failures("the storage of --data, --validation-data or --storage-path",
+                                       keep=(FileNotFoundError, ValueError)):
+            check_data(cfg)
+    except (FileNotFoundError, ValueError, StorageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # an endpoint that refuses: botocore's traceback before, from the first listing
-        if (refusal := storage_refusal(e)) is None:
-            raise
-        print(f"error: the storage of --data, --validation-data or --storage-path failed: {refusal}", file=sys.stderr)
         return 2
     try:
         trainer = build_trainer(cfg)  # refuses a mismatched resume before it starts Ray

@@ -451,17 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.format import cli
 
     args = cli(SubsetsArgs, args=argv, prog="python -m train.subsets")
+    # bad sizes, a size too large, no dataset, a file where --out's folder goes: one line, in their own words
+    own_words = (FileNotFoundError, ValueError, FileExistsError, NotADirectoryError)
     try:
-        written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards,
-                               args.condition, args.materialize, args.samples_per_shard)
-    except (FileNotFoundError, ValueError, FileExistsError, NotADirectoryError) as e:  # bad sizes, a size too
-        # large, no dataset, a file where --out's folder goes: one line
+        with fmt.refusing_storage_failures(f"the storage of {args.dataset} or --out", keep=own_words):
+            written = make_subsets(args.dataset, parse_sizes(args.sizes), args.out, args.holdout_shards,
+                                   args.condition, args.materialize, args.samples_per_shard)
+    except (*own_words, fmt.StorageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # an endpoint that refuses, storage gone: botocore's traceback before
-        if (refusal := fmt.storage_refusal(e)) is None:
-            raise
-        print(f"error: the storage of {args.dataset} or --out failed: {refusal}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(written))

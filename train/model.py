@@ -123,8 +123,7 @@ def check_local_base_model(base_model: str) -> None:
     local = Path(base_model.removeprefix("file://")).expanduser()
     if local.name == "tiny-sd" or local.name in PACKAGED_MODELS:
         return
-    in_a_folder_here = len(local.parts) > 1 and local.parent.is_dir()  # 'data/nope': a typo, not the hub's org 'data'
-    if not (local.is_absolute() or base_model.startswith((".", "~")) or local.exists() or in_a_folder_here):
+    if not names_local_path(base_model):
         return  # a hub id ('org/name'); a folder of that name here is what diffusers would load, and is checked
     if not (local / "model_index.json").is_file():
         raise FileNotFoundError(f"--base-model {base_model}: no model_index.json there (a local base is a folder in "
@@ -136,6 +135,16 @@ def check_local_base_model(base_model: str) -> None:
     if missing:
         raise FileNotFoundError(f"--base-model {base_model}: {'; '.join(missing)} (the trainer loads the tokenizer, "
                                 "text encoder, UNet, scheduler and, for a latent model, the VAE)")
+
+
+def names_local_path(model: str) -> bool:
+    """Whether a model argument names a local path (absolute, ./, ../, ~, file://, a path here, or one in a folder
+    here: 'data/nope' is a typo, not the hub's org 'data') rather than a hub id ('org/name') or a remote URL."""
+    if "://" in model:
+        return model.startswith("file://")
+    local = Path(model).expanduser()
+    in_a_folder_here = len(local.parts) > 1 and local.parent.is_dir()
+    return local.is_absolute() or model.startswith((".", "~")) or local.exists() or in_a_folder_here
 
 
 # what load_base_model reads from each component's folder: a file it needs, and whether it holds weights

@@ -11,7 +11,6 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
@@ -22,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from annotate.weights import diffusers_loading, weights_variant
 from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
-from train.model import local_model_folder
+from train.model import NotAControlNet, local_model_folder
+from train.model import load_controlnet as load_checked_controlnet
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFIX = "control_model."  # lllyasviel's cldm.ControlLDM keeps the ControlNet under this name; A1111/ComfyUI expect it
@@ -379,21 +379,13 @@ def write_original(controlnet: ControlNetModel, unet: UNet2DConditionModel | Non
 
 
 def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> ControlNetModel:
-    """The ControlNet in a diffusers folder, refused in one line (ValueError) when the folder holds another model
-    (a UNet, a VAE) or weights that lack some of its tensors or do not read (a file cut short): from_pretrained
-    built a ControlNet of random weights from the former, which the export wrote out as a trained one, exit 0.
-    A folder holding only a variant's weights (fp16) loads as `dtype` too."""
-    from annotate.weights import load_complete_model
-
-    kind = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if kind not in (None, CONTROLNET_CLASS):
-        raise ValueError(f"{folder} holds {kind} weights, not a {CONTROLNET_CLASS}'s: export a training checkpoint, "
-                         "a run folder or an exported ControlNet")
-    # a ControlNet downloaded as its fp16 variant only (diffusion_pytorch_model.fp16.safetensors), as the published
-    # ones are offered: from_pretrained looks for the plain files unless told the variant
-    load = partial(ControlNetModel.from_pretrained, variant=weights_variant(str(folder), ""), torch_dtype=dtype,
-                   **diffusers_loading())
-    return load_complete_model(load, folder, f"a {CONTROLNET_CLASS}")
+    """train.model.load_controlnet (another model's folder, missing tensors, NaN or unreadable weights refused in one
+    line; an fp16-only folder loads as `dtype`): from_pretrained built a ControlNet of random weights from a UNet's
+    folder, which the export wrote out as a trained one, exit 0."""
+    try:
+        return load_checked_controlnet(folder, dtype)
+    except NotAControlNet as e:
+        raise ValueError(f"{e}: export a training checkpoint, a run folder or an exported ControlNet") from None
 
 
 def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:

@@ -219,17 +219,161 @@ def condition_embedding_channels(downsampling: int) -> tuple[int, ...]:
     return LATENT_EMBEDDING_CHANNELS[: stages + 1]
 
 
-def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | Path | None = None) -> nn.Module:
+def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | None = None) -> nn.Module:
     """The trainable copy: encoder + middle block copied from the UNet, zero convolutions initialised to 0, and a
-    condition embedding that brings the map to the UNet's sample size (`downsampling`: BaseModel.downsampling)."""
+    condition embedding that brings the map to the UNet's sample size (`downsampling`: BaseModel.downsampling).
+    `pretrained` (--controlnet): start from that ControlNet's weights instead (load_pretrained_controlnet)."""
     from diffusers import ControlNetModel
 
-    from annotate.weights import diffusers_loading
-
     if pretrained is not None:
-        return ControlNetModel.from_pretrained(pretrained, **diffusers_loading())
+        return load_pretrained_controlnet(pretrained, unet.config, downsampling)
     channels = condition_embedding_channels(downsampling)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+
+
+CONDITION_CHANNELS = 3  # the condition maps reach the ControlNet as RGB (train.data repeats a 1-channel map)
+# a ControlNet's settings that must be its base UNet's: it denoises the UNet's input, attends to the same text
+# states, and its residuals are added to the UNet's skip connections and middle block, block by block
+FITS_THE_UNET = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+                 "class_embed_type", "addition_embed_type")
+
+
+class NotAControlNet(ValueError):
+    """A diffusers folder of another model (a UNet, a VAE): from_pretrained would build a random ControlNet of it."""
+
+
+def with_defaults(model_class: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json's settings with the class's defaults for those it leaves out (as from_pretrained fills them)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(model_class.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **config}
+
+
+def controlnet_misfit(controlnet: dict[str, Any], unet: dict[str, Any], downsampling: int) -> list[str]:
+    """Why a ControlNet's config cannot train on a base whose UNet has `unet` config and whose samples are
+    1/`downsampling` of the image: 'block_out_channels [4, 8] (the base UNet's: [32, 64])', one per setting;
+    empty when it fits. Both configs complete (with_defaults, or a loaded model's .config)."""
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value  # JSON's lists, a model's tuples
+
+    misfit = [f"{name} {plain(controlnet.get(name))} (the base UNet's: {plain(unet.get(name))})"
+              for name in FITS_THE_UNET if plain(controlnet.get(name)) != plain(unet.get(name))]
+    if controlnet.get("conditioning_channels") != CONDITION_CHANNELS:
+        misfit.append(f"conditioning_channels {controlnet.get('conditioning_channels')} (the condition maps train as "
+                      f"{CONDITION_CHANNELS}-channel RGB)")
+    embedding = controlnet.get("conditioning_embedding_out_channels") or ()
+    if 2 ** max(len(embedding) - 1, 0) != downsampling:  # one stride-2 conv per entry after the first
+        misfit.append(f"conditioning_embedding_out_channels {plain(embedding)} bring the condition map down "
+                      f"{2 ** max(len(embedding) - 1, 0)}x (the base's samples are 1/{downsampling} of the image: "
+                      f"{len(condition_embedding_channels(downsampling))} entries)")
+    return misfit
+
+
+def controlnet_class_refusal(config: dict[str, Any], folder: str | Path) -> None:
+    """A config.json of another model's folder refused (NotAControlNet)."""
+    kind = config.get("_class_name")
+    if kind not in (None, "ControlNetModel"):
+        raise NotAControlNet(f"{folder} holds {kind} weights, not a ControlNetModel's")
+
+
+def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The ControlNet in a diffusers folder, refused in one line (ValueError) when the folder holds another model
+    (NotAControlNet) or weights that lack some of its tensors, hold NaN or inf, or do not read (a file cut short):
+    from_pretrained built a ControlNet of random weights from the former. A folder holding only a variant's
+    weights (fp16, as the published ControlNets are offered) loads as `dtype` too."""
+    from diffusers import ControlNetModel
+
+    from annotate.weights import diffusers_loading, load_complete_model, weights_variant
+
+    controlnet_class_refusal(json.loads((Path(folder) / "config.json").read_text()), folder)
+    # from_pretrained looks for the plain files unless told the variant
+    load = partial(ControlNetModel.from_pretrained, variant=weights_variant(str(folder), ""), torch_dtype=dtype,
+                   **diffusers_loading())
+    return load_complete_model(load, folder, "a ControlNetModel")
+
+
+def local_controlnet_folder(controlnet: str) -> Path:
+    """--controlnet as a local folder holding config.json: a path as it is (or file://), a URL (s3://...) copied to
+    a local cache once, as a remote --base-model is, a hub id ('lllyasviel/sd-controlnet-canny') from the Hugging
+    Face hub's local cache only (the trainer never downloads weights); else a one-line FileNotFoundError."""
+    if "://" in controlnet and not controlnet.startswith("file://"):
+        return Path(fetched_folder(controlnet, "config.json"))
+    local = Path(controlnet.removeprefix("file://")).expanduser()
+    if not names_local_path(controlnet):
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(controlnet, local_files_only=True))
+        except Exception:  # not cached (LocalEntryNotFoundError), or not a repo id at all (HFValidationError)
+            raise FileNotFoundError(f"{controlnet} is neither a folder here nor in the Hugging Face hub's local cache "
+                                    f"(the trainer downloads nothing: `hf download {controlnet}` first)") from None
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{controlnet}: no config.json there (a ControlNet is a diffusers ControlNetModel "
+                                "folder, as python -m train.export --format diffusers writes)")
+    return local
+
+
+def load_pretrained_controlnet(controlnet: str, unet: dict[str, Any], downsampling: int) -> nn.Module:
+    """The ControlNet a run starts from (--controlnet), checked whole and finite (load_controlnet) and fitting the
+    base (controlnet_misfit), in fp32 master weights; else a one-line ValueError or FileNotFoundError."""
+    from diffusers import ControlNetModel
+
+    model = load_controlnet(local_controlnet_folder(controlnet))
+    refuse_misfit(controlnet, with_defaults(ControlNetModel, dict(model.config)), dict(unet), downsampling)
+    return model
+
+
+def refuse_misfit(controlnet: str, config: dict[str, Any], unet: dict[str, Any], downsampling: int) -> None:
+    misfit = controlnet_misfit(config, unet, downsampling)
+    if misfit:
+        raise ValueError(f"{controlnet} does not fit the base model: {'; '.join(misfit)}")
+
+
+def base_architecture(base_model: str) -> tuple[dict[str, Any], int] | None:
+    """The base's UNet config (complete) and its downsampling, read from its config files where they are on this
+    machine (a local folder, the debug and toy bases); None for a hub id or a URL, whose files only a worker
+    fetches."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if "://" in base_model and not base_model.startswith("file://"):
+        return None
+    if Path(base_model).name not in ("tiny-sd", *PACKAGED_MODELS) and not names_local_path(base_model):
+        return None  # a hub id
+    folder = Path(local_model_folder(base_model)).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text()) if (folder / "vae").is_dir() else None
+    except (OSError, ValueError):  # no such base, or broken configs: check_local_base_model's to say
+        return None
+    downsampling = 1 if vae is None else 2 ** (len(with_defaults(AutoencoderKL, vae)["block_out_channels"]) - 1)
+    return with_defaults(UNet2DConditionModel, unet), downsampling
+
+
+def check_controlnet(controlnet: str, base_model: str) -> None:
+    """--controlnet checked on the driver before Ray starts, each refusal a line: a folder (or URL) holding a
+    ControlNet's config.json, fitting a base whose config is here; a local one (or one in the hub cache) is loaded
+    too, so missing tensors or NaN weights are found here rather than by every worker after Ray starts. A remote
+    one's weights are checked where the workers load them."""
+    from diffusers import ControlNetModel
+
+    architecture = base_architecture(base_model)
+    if "://" in controlnet and not controlnet.startswith("file://"):
+        fs, path = fsspec.core.url_to_fs(controlnet)
+        try:
+            config = json.loads(fs.cat_file(path.rstrip("/") + "/config.json"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{controlnet}: no config.json there (a ControlNet is a diffusers ControlNetModel "
+                                    "folder)") from None
+        controlnet_class_refusal(config, controlnet)
+        if architecture:
+            refuse_misfit(controlnet, with_defaults(ControlNetModel, config), *architecture)
+        return
+    if architecture:
+        load_pretrained_controlnet(controlnet, *architecture)
+    else:
+        load_controlnet(local_controlnet_folder(controlnet))
 
 
 def zero_convolutions(controlnet: nn.Module) -> list[nn.Module]:

@@ -36,6 +36,12 @@ class TrainConfig:
     base_model: str = TINY_SD
     """Base model in diffusers layout (a hub id or a local/S3 folder): a latent Stable Diffusion, or a pixel-space
     base without a VAE (the toy's)."""
+    controlnet: str | None = None
+    """Start from this ControlNet's weights instead of a copy of the base's UNet (diffusers' example's
+    --controlnet_model_name_or_path: fine-tune a published one, or go on from an export of ours): a diffusers
+    ControlNetModel folder, local, file:// or s3://, or a hub id from the local hub cache (fp16-only ones load as
+    fp32). It must fit the base (its UNet's channels, blocks and text width; a 3-channel condition). A resumed run
+    starts from its checkpoint instead."""
     resolution: int = 512
     """Training image side in pixels."""
     batch_size: int = 4
@@ -187,7 +193,7 @@ class TrainConfig:
 # experiments into one history and one curve (the optimizer's saved state would also override a new --lr unseen).
 # The others (steps, workers, threads, checkpoints, logging, precision, latents) may change between submissions.
 EXPERIMENT_SETTINGS = (
-    "data", "condition", "base_model", "resolution", "batch_size", "grad_accum", "lr", "warmup_steps",
+    "data", "condition", "base_model", "controlnet", "resolution", "batch_size", "grad_accum", "lr", "warmup_steps",
     "weight_decay", "max_grad_norm", "prompt_dropout", "mode", "unlock_decoder_at", "decoder_lr", "seed",
     "epoch_samples", "validation_data", "validation_samples", "validation_steps", "validation_sampler",
     "guidance_scales", "prompt_modes", "control_branches", "fidelity", "annotator_weights",

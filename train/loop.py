@@ -173,6 +173,18 @@ def wait_for_rank_zero(group: Any) -> None:
         torch.distributed.barrier(group=group)
 
 
+def initial_controlnet(cfg: TrainConfig, base: BaseModel) -> nn.Module:
+    """The ControlNet a run starts from: a copy of the base's UNet, or the --controlnet given, refused in one line
+    (RunRefused) when it is not a whole ControlNet that fits the base (the driver checked a local one already; a
+    remote one is first read here). A resume then loads its checkpoint's weights over it (Trainer.load)."""
+    if cfg.controlnet is None:
+        return build_controlnet(base.unet, base.downsampling)
+    try:
+        return build_controlnet(base.unet, base.downsampling, pretrained=cfg.controlnet)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunRefused(f"--controlnet {e}") from None
+
+
 class Trainer:
     """Holds the models, optimizer and data stream of one rank; `train()` is the whole loop."""
 
@@ -191,7 +203,7 @@ class Trainer:
             from annotate.latents import made_the_latents
 
             self.vae_made_the_latents = made_the_latents(self.base.vae, stored_latents)
-        self.controlnet = build_controlnet(self.base.unet, self.base.downsampling)
+        self.controlnet = initial_controlnet(cfg, self.base)
         freeze_for_training(self.base, self.controlnet, middle_only=cfg.mode == "middle")
         frozen_dtype = self.amp_dtype if self.amp_dtype and cfg.unlock_decoder_at is None else torch.float32
         # nn.Module.to itself: diffusers' override warns on every cast that modules "should be kept in float32",

@@ -96,6 +96,7 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The run's paths as its workers (and its checkpoints' train_config.json) see them."""
     return dataclasses.replace(cfg, storage_path=absolute_local(cfg.storage_path),
                                base_model=absolute_base_model(cfg.base_model),
+                               controlnet=absolute_base_model(cfg.controlnet) if cfg.controlnet else None,
                                data=[absolute_local(d) for d in cfg.data],
                                validation_data=[absolute_local(d) for d in cfg.validation_data]
                                if cfg.validation_data else None)
@@ -211,13 +212,18 @@ def quiet_local_mode_reports() -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """Resolve --data and --validation-data, find a local --base-model and W&B's key for --wandb online, on the
-    driver before Ray starts: a typo is one line here, not a worker failure that Ray retries --max-failures
-    times after loading the base model."""
+    """Resolve --data and --validation-data, find a local --base-model, check --controlnet against it
+    (train.model.check_controlnet) and find W&B's key for --wandb online, on the driver before Ray starts: a
+    typo is one line here, not a worker failure that Ray retries --max-failures times after loading the base model."""
     from train.data import resolve_shards
-    from train.model import check_local_base_model
+    from train.model import check_controlnet, check_local_base_model
 
     check_local_base_model(cfg.base_model)
+    if cfg.controlnet:
+        try:
+            check_controlnet(cfg.controlnet, cfg.base_model)
+        except (FileNotFoundError, ValueError) as e:  # (each message names the folder)
+            raise ValueError(f"--controlnet {e}") from None
     wandb_mode(cfg.wandb)
     source = resolve_shards(cfg.data, cfg.condition)
     if not source.conditions:  # the input shards of the dataset job, say: they stream, and every sample is bad

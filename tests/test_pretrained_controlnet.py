@@ -169,3 +169,31 @@ def test_a_resume_with_another_controlnet_is_refused_and_one_with_the_same_loads
     resumed = Trainer(cfg, 0, 1, CPU)
     resumed.load(checkpoint)
     assert_same(weights(resumed.controlnet), weights(trainer.controlnet))
+
+
+def test_a_controlnet_on_object_storage_is_checked_on_the_driver_and_loaded_by_the_trainer(tiny_sd, exported, tmp_path,
+                                                                                          s3_endpoint, monkeypatch,
+                                                                                          capsys):
+    """s3://, as a run's exports may be kept: the driver reads its config.json (a misfit is refused before Ray
+    starts, its weights not downloaded), the trainer a copy per version of the folder (one replaced at the same URL
+    is copied again, not taken from the old copy)."""
+    import fsspec
+
+    monkeypatch.setattr("annotate.weights.DEFAULT_CACHE", tmp_path / "cache")
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-pretrained")
+    fs.put(str(exported), "cnd-pretrained/tuned", recursive=True)
+    trainer = Trainer(config(tiny_sd, controlnet="s3://cnd-pretrained/tuned"), 0, 1, CPU)
+    assert_same(weights(trainer.controlnet), weights(ControlNetModel.from_pretrained(exported)))
+
+    other = mismatched(tiny_sd, tmp_path / "other", block_out_channels=(16, 64), norm_num_groups=16)
+    fs.put(str(other), "cnd-pretrained/other", recursive=True)
+    error = refusal(["--base-model", tiny_sd, "--data", str(tmp_path / "no-data"), "--run-name", "t",
+                     "--storage-path", str(tmp_path / "runs"), "--controlnet", "s3://cnd-pretrained/other"], capsys)
+    assert error.startswith("error: --controlnet s3://cnd-pretrained/other does not fit the base model: ")
+    assert len(list((tmp_path / "cache").glob("folders/*"))) == 1  # the first one's copy only
+
+    fs.rm("cnd-pretrained/tuned", recursive=True)  # replaced: the next run starts from the new weights
+    fs.put(str(other), "cnd-pretrained/tuned", recursive=True)
+    with pytest.raises(RunRefused, match="does not fit the base model"):
+        Trainer(config(tiny_sd, controlnet="s3://cnd-pretrained/tuned"), 0, 1, CPU)

@@ -296,10 +296,15 @@ def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
 
 def local_controlnet_folder(controlnet: str) -> Path:
     """--controlnet as a local folder holding config.json: a path as it is (or file://), a URL (s3://...) copied to
-    a local cache once, as a remote --base-model is, a hub id ('lllyasviel/sd-controlnet-canny') from the Hugging
-    Face hub's local cache only (the trainer never downloads weights); else a one-line FileNotFoundError."""
+    a local cache (annotate.weights.fetch_folder, as a remote --weights folder is), a hub id
+    ('lllyasviel/sd-controlnet-canny') from the Hugging Face hub's local cache only (the trainer never downloads
+    weights); else a one-line FileNotFoundError."""
     if "://" in controlnet and not controlnet.startswith("file://"):
-        return Path(fetched_folder(controlnet, "config.json"))
+        from annotate.weights import fetch_folder
+
+        # a copy per version of the folder (its listing's sizes and ETags), not per URL as a remote base's: an
+        # export replaced at the same URL would otherwise start the next run from the old weights
+        return fetch_folder(controlnet)
     local = Path(controlnet.removeprefix("file://")).expanduser()
     if not names_local_path(controlnet):
         from huggingface_hub import snapshot_download

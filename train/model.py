@@ -338,19 +338,22 @@ def refuse_misfit(controlnet: str, config: dict[str, Any], unet: dict[str, Any],
 
 def base_architecture(base_model: str) -> tuple[dict[str, Any], int] | None:
     """The base's UNet config (complete) and its downsampling, read from its config files where they are on this
-    machine (a local folder, the debug and toy bases); None for a hub id or a URL, whose files only a worker
-    fetches."""
+    machine (a local folder, the packaged toy base); None for a hub id or a URL, whose files only a worker fetches,
+    and for the debug preset's tiny SD before it is built (building it here printed the build's output above the
+    check's one line)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if "://" in base_model and not base_model.startswith("file://"):
         return None
-    if Path(base_model).name not in ("tiny-sd", *PACKAGED_MODELS) and not names_local_path(base_model):
+    folder = Path(base_model.removeprefix("file://")).expanduser()
+    if folder.name in PACKAGED_MODELS and not folder.exists():
+        folder = PACKAGED / folder.name  # as local_model_folder finds it
+    elif not names_local_path(base_model):
         return None  # a hub id
-    folder = Path(local_model_folder(base_model)).expanduser()
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text()) if (folder / "vae").is_dir() else None
-    except (OSError, ValueError):  # no such base, or broken configs: check_local_base_model's to say
+    except (OSError, ValueError):  # not built yet, or broken configs: check_local_base_model's to say
         return None
     downsampling = 1 if vae is None else 2 ** (len(with_defaults(AutoencoderKL, vae)["block_out_channels"]) - 1)
     return with_defaults(UNet2DConditionModel, unet), downsampling

@@ -110,6 +110,7 @@ def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
     # model, and the sweep then ended in a traceback from its report of no runs
     (tmp_path / "a file").write_text("")
     for overrides, message in ((["--base-model", str(tmp_path)], "no model_index.json"),
+                               (["--controlnet", str(tmp_path)], "--controlnet"),  # passed through to each size
                                (["--storage-path", str(tmp_path / "a file")], "NotADirectoryError")):
         assert sweep(["--dataset", str(dataset), "--sizes", "8", "--subsets-out", str(tmp_path / "subsets"), "--",
                       *overrides]) == 2

@@ -94,6 +94,36 @@ def ray_session(tmp_path_factory, s3_endpoint):
     ray.shutdown()
 
 
+@pytest.fixture
+def worker_errors(monkeypatch, tmp_path) -> Path:
+    """A file to which Ray Train's controller adds a line (rank:error ...) each time the workers of a run that
+    train.run builds raise: an attempt that failed, which Ray Train retries (--max-failures) before the driver
+    hears of it. Through a UserCallback, which Ray Train calls on its controller."""
+    import ray.train
+
+    import train.run
+
+    path = tmp_path / "worker-errors.txt"
+
+    class WorkerErrors(ray.train.UserCallback):  # defined here, pickled by value: the controller needs no tests/
+        def __init__(self, to: str):
+            self.to = to
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            with open(self.to, "a") as f:
+                f.write(" ".join(f"{rank}:{type(e).__name__}" for rank, e in sorted(worker_exceptions.items())) + "\n")
+
+    build = train.run.build_trainer
+
+    def with_callback(cfg):
+        trainer = build(cfg)
+        trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), WorkerErrors(str(path))]
+        return trainer
+
+    monkeypatch.setattr(train.run, "build_trainer", with_callback)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory) -> Path:
     from pipeline.sample_data import write_shards

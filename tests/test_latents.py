@@ -17,8 +17,8 @@ from annotate.latents import vae_fingerprint
 from pipeline.build import main as build_dataset
 from tests.conftest import tar_members
 from train.config import debug
-from train.loop import Trainer, stored_latents_plan, use_stored_latents
-from train.run import build_trainer
+from train.loop import StoredLatentsMismatch, Trainer, stored_latents_plan, use_stored_latents
+from train.run import build_trainer, fit
 from train.tiny_sd import build_tiny_sd
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -69,7 +69,7 @@ def train(dataset: Path, base: Path, storage: Path, name: str, **overrides):
     cfg = dataclasses.replace(debug(), data=[str(dataset)], base_model=str(base), storage_path=str(storage),
                               run_name=name, max_steps=3, checkpoint_every=3, validate_every=0, wandb="off",
                               **overrides)
-    return build_trainer(cfg).fit()
+    return fit(cfg, build_trainer(cfg))
 
 
 def test_training_on_stored_latents_skips_the_vae_and_matches_encoding(dataset, base, tmp_path, monkeypatch,
@@ -90,23 +90,28 @@ def test_training_on_stored_latents_skips_the_vae_and_matches_encoding(dataset, 
 
 def test_latents_of_another_vae_are_refused(dataset, tmp_path):
     other = build_tiny_sd(tmp_path / "other-sd", seed=1)
-    with pytest.raises(Exception, match="--latents off"):
+    with pytest.raises(StoredLatentsMismatch, match="--latents off"):
         train(dataset, other, tmp_path, "other")
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())  # nothing written
 
 
-def test_a_run_on_latents_of_another_vae_is_refused_in_one_line(dataset, tmp_path, capsys, ray_session):
+def test_a_run_on_latents_of_another_vae_is_refused_in_one_line_at_its_first_attempt(dataset, tmp_path, capsys,
+                                                                                    ray_session, worker_errors):
     """The refusal came as a traceback, exit 1 and "the same command starts it again", which would fail again.
     main() leaves up the Ray its caller had started: on its way out it shut down this test session's cluster,
-    and every later test that used it failed."""
+    and every later test that used it failed. On Ray workers, it came only after Ray Train had restarted the
+    worker group --max-failures times (2), each loading the base model again: a worker's error is retried."""
     import ray
 
     from train.run import main
 
     other = build_tiny_sd(tmp_path / "other-sd", seed=1)
     assert main(["--preset", "debug", "--data", str(dataset), "--base-model", str(other), "--storage-path",
-                 str(tmp_path / "runs"), "--run-name", "other", "--wandb", "off", "--max-steps", "2"]) == 2
+                 str(tmp_path / "runs"), "--run-name", "other", "--wandb", "off", "--max-steps", "2",
+                 "--num-workers", "1", "--max-failures", "2"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: the dataset's latents were made")
+    assert not worker_errors.exists(), worker_errors.read_text()  # no attempt failed: none was retried
     assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
 
 

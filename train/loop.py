@@ -463,8 +463,9 @@ class Validation:
 
 
 class RunRefused(ValueError):
-    """A setting the run cannot train with, found on a worker: the driver says so in one line and exits 2, as for the
-    refusals it finds itself (a traceback and "the same command starts it again" promised a run that fails again)."""
+    """A setting the run cannot train with, found on a worker: every rank returns it (agreed_refusal, never raised),
+    and the driver says so in one line and exits 2, as for the refusals it finds itself (a traceback and "the same
+    command starts it again" promised a run that fails again)."""
 
 
 class ValidationChanged(RunRefused):
@@ -473,6 +474,15 @@ class ValidationChanged(RunRefused):
 
 class StoredLatentsMismatch(RunRefused):
     """The dataset's stored latents were made by another VAE than the base's."""
+
+
+def agreed_refusal(refusal: RunRefused | None, group: Any) -> RunRefused | None:
+    """The refusal any rank found (the lowest rank's), on every rank: a collective on the gloo `group`
+    (rank_zero_wait_group), where the other ranks wait while rank 0 draws the held-out set. Every rank then returns
+    it, and the run ends at its first attempt. Raised instead, it failed the worker group, which Ray Train restarts
+    --max-failures times (its failure policy retries every worker error, and has no public way to mark one final),
+    loading the base model again each time, for the same refusal."""
+    return next((found for found in every_rank(refusal, group) if found is not None), None)
 
 
 def keys_sha256(keys: list[str]) -> str:
@@ -699,9 +709,10 @@ def results_written_at(cfg: TrainConfig, step: int) -> bool:
     return bool(results) and results.get("final_step") == step
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
     """Ray Train's entry on each rank (or, in its local mode, in the driver): resume, train, checkpoint through
-    ray.train.report, log on rank 0."""
+    ray.train.report, log on rank 0. Returns a setting the run cannot train with (agreed_refusal), which Ray Train
+    hands the driver as its result's return_value (rank 0's), having trained nothing."""
     import ray.train
 
     secrets = apply_secrets(config.get("secrets"))
@@ -727,7 +738,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()
 
-    latents = use_stored_latents(trainer, manifest)
+    # rank 0 alone draws the held-out set and validates; the others wait for it on a group of their own
+    rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
+    latents, validation, refusal = "", None, None
+    try:
+        latents = use_stored_latents(trainer, manifest)
+        validation = start_validation(trainer, held_out) if rank == 0 and cfg.validate_every else None
+    except RunRefused as found:
+        refusal = found
+    refusal = agreed_refusal(refusal, rank_zero)
+    if refusal is not None:
+        return refusal  # before W&B opens or anything is written: the last checkpoint stands, for a resume once fixed
     trainer.state.wandb_id = wandb_run_id(cfg.run_name, trainer.state.wandb_id, resumed=trainer.state.step > 0)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir"), trainer.state.wandb_id) \
         if rank == 0 else None
@@ -737,9 +758,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     + (f"; {latents}" if latents else "")
                     + (validation_note(source, held_out) if cfg.validate_every else "")
                     + (f"; from the driver: {', '.join(secrets)}" if secrets else ""))
-    # rank 0 alone sets up W&B and validation and validates; the others wait for it on a group of their own
-    rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
-    validation = start_validation(trainer, held_out) if logger and cfg.validate_every else None
     if validation is not None and trainer.state.step == 0 and not (validation.tracker and validation.tracker.has(0)):
         validate(trainer, validation, logger, 0)  # the starting level, which the convergence detector needs
         logger.progress(0, validation.latest())

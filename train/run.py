@@ -406,13 +406,18 @@ def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
     """trainer.fit(), submitted again when Ray Train's controller stopped on its storage failing: Ray restarts
     failed workers itself (--max-failures), but a write of its own run state that fails ends the run, where the
     workers ride out the same outage (pipeline.format.retried). Once the storage answers, the run goes on from its last
-    checkpoint, up to --max-failures times."""
+    checkpoint, up to --max-failures times. A setting the run cannot train with, which its ranks returned (Ray Train
+    finished the run, having trained nothing: train.loop.agreed_refusal), is raised here, RunRefused, so that no
+    caller (the command, a sweep) takes the run for finished."""
     from pipeline.format import is_transient, retried
 
     refits = 0
     while True:
         try:
-            return trainer.fit()
+            result = trainer.fit()
+            if isinstance(result.return_value, RunRefused):
+                raise result.return_value
+            return result
         except ray.train.ControllerError as error:
             if refits >= cfg.max_failures or not is_transient(error.controller_failure):
                 raise
@@ -461,7 +466,7 @@ def checked_and_trained(cfg: TrainConfig) -> int:
             return stopped_exit_code(stop, signals.received())
         except Exception as error:  # the traceback in full, then what it means for the run
             refusal = root_error(error)
-            if isinstance(refusal, RunRefused):  # found on the worker (the held-out set drawn, the VAE loaded)
+            if isinstance(refusal, RunRefused):  # found on the workers (the held-out set drawn, the VAE loaded)
                 leave_ray()
                 print(f"error: {refusal}", file=sys.stderr)
                 return 2

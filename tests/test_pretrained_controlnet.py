@@ -197,3 +197,28 @@ def test_a_controlnet_on_object_storage_is_checked_on_the_driver_and_loaded_by_t
     fs.put(str(other), "cnd-pretrained/tuned", recursive=True)
     with pytest.raises(RunRefused, match="does not fit the base model"):
         Trainer(config(tiny_sd, controlnet="s3://cnd-pretrained/tuned"), 0, 1, CPU)
+
+
+def test_a_remote_controlnet_found_wanting_on_the_workers_ends_the_run_at_its_first_attempt(
+        tiny_sd, exported, canny64, tmp_path, s3_endpoint, capsys, worker_errors):
+    """An s3:// ControlNet whose config fits but whose weights lack tensors: the driver reads its config.json alone,
+    the workers find the rest. Raised there, the refusal failed the worker group, which Ray Train restarted
+    --max-failures times, each loading the base again; now every rank returns it, and the command says it in one
+    line, exit 2, with no failed attempt and nothing written."""
+    import fsspec
+
+    cut = tmp_path / "cut"
+    ControlNetModel.from_pretrained(exported).save_pretrained(cut)
+    tensors = load_file(cut / "diffusion_pytorch_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("controlnet_down_blocks.0.")},
+              cut / "diffusion_pytorch_model.safetensors")
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-pretrained-cut")
+    fs.put(str(cut), "cnd-pretrained-cut/cut", recursive=True)
+    error = refusal(["--preset", "debug", "--base-model", tiny_sd, "--data", str(canny64), "--run-name", "cut",
+                     "--storage-path", str(tmp_path / "runs"), "--wandb", "off", "--max-steps", "2",
+                     "--controlnet", "s3://cnd-pretrained-cut/cut", "--num-workers", "1", "--max-failures", "2"],
+                    capsys)
+    assert error.startswith("error: --controlnet ") and "its weights lack 2 of the model's tensors" in error, error
+    assert not worker_errors.exists(), worker_errors.read_text()  # no attempt failed: none was retried
+    assert not (tmp_path / "runs" / "cut").exists() or not any((tmp_path / "runs" / "cut").rglob("checkpoint*"))

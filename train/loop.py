@@ -730,7 +730,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
     source, held_out = split_validation(resolve_shards(cfg.data, cfg.condition), cfg.validation_data)
     manifest = dataset_manifest(source)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, rank, world_size, device, stored_latents=manifest.get("latents"))
+    # rank 0 alone draws the held-out set and validates; the others wait for it on a group of their own, which also
+    # tells every rank of a refusal any rank found (agreed_refusal)
+    rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
+    trainer, refusal = None, None
+    try:
+        trainer = Trainer(cfg, rank, world_size, device, stored_latents=manifest.get("latents"))
+    except RunRefused as found:  # a remote --controlnet, first read here, that is not whole or does not fit the base
+        refusal = found
+    if (refusal := agreed_refusal(refusal, rank_zero)) is not None:
+        return refusal
     restore(trainer, cfg, local)
     if trainer.state.step >= cfg.max_steps and results_written_at(cfg, trainer.state.step):
         return  # submitted again once finished: its results and W&B run stand as the run left them
@@ -738,9 +747,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
             and trainer.state.step >= cfg.unlock_decoder_at:
         trainer.unlock_decoder()
 
-    # rank 0 alone draws the held-out set and validates; the others wait for it on a group of their own
-    rank_zero = rank_zero_wait_group(cfg.validation_timeout_min * 60)
-    latents, validation, refusal = "", None, None
+    latents, validation = "", None
     try:
         latents = use_stored_latents(trainer, manifest)
         validation = start_validation(trainer, held_out) if rank == 0 and cfg.validate_every else None

@@ -307,13 +307,12 @@ def local_controlnet_folder(controlnet: str) -> Path:
         return fetch_folder(controlnet)
     local = Path(controlnet.removeprefix("file://")).expanduser()
     if not names_local_path(controlnet):
-        from huggingface_hub import snapshot_download
+        from annotate.weights import hub_snapshot
 
-        try:
-            local = Path(snapshot_download(controlnet, local_files_only=True))
-        except Exception:  # not cached (LocalEntryNotFoundError), or not a repo id at all (HFValidationError)
+        local = hub_snapshot(controlnet)
+        if local is None:
             raise FileNotFoundError(f"{controlnet} is neither a folder here nor in the Hugging Face hub's local cache "
-                                    f"(the trainer downloads nothing: `hf download {controlnet}` first)") from None
+                                    f"(the trainer downloads nothing: `hf download {controlnet}` first)")
     if not (local / "config.json").is_file():
         raise FileNotFoundError(f"{controlnet}: no config.json there (a ControlNet is a diffusers ControlNetModel "
                                 "folder, as python -m train.export --format diffusers writes)")

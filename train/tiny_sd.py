@@ -152,12 +152,17 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
+    from annotate.weights import quiet_transformers
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # per process: concurrent builders never share one
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipe = tiny_pipeline(write_tokenizer(tmp / "tokenizer"), seed)
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # transformers' notes (no torchvision for CLIP's image processor, which the pipeline never uses) and its
+        # 'Writing model shards' bar printed above the first line of a debug run, or of its one-line refusal
+        with quiet_transformers():
+            pipe = tiny_pipeline(write_tokenizer(tmp / "tokenizer"), seed)
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
         try:
             tmp.rename(path)  # atomic: `path` is either absent or a whole model
         except OSError:

@@ -115,6 +115,21 @@ def test_a_run_on_latents_of_another_vae_is_refused_in_one_line_at_its_first_att
     assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
 
 
+def test_a_sweep_whose_sizes_are_refused_says_so_not_that_they_failed(dataset, tmp_path, capsys):
+    """Each size of a sweep on latents of another VAE was reported "failed" (with the exception's class), and the
+    sweep ended "run the same command again to resume them", exit 1: run again, it is refused again."""
+    from train.sweep import main as sweep
+
+    other = build_tiny_sd(tmp_path / "other-sd", seed=1)
+    assert sweep(["--dataset", str(dataset), "--sizes", "4", "--preset", "debug", "--run-prefix", "vae",
+                  "--storage-path", str(tmp_path / "runs"), "--subsets-out", str(tmp_path / "subsets"), "--no-report",
+                  "--", "--base-model", str(other), "--max-steps", "2", "--wandb", "off", "--validate-every", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("[sweep] vae-4 refused: the dataset's latents were made by the VAE of "), err
+    assert err[-1] == "[sweep] refused: vae-4; put right what each says above, then run the same command"
+    assert not any("failed" in line for line in err), err
+
+
 def test_the_vae_is_fingerprinted_as_loaded_not_as_cast_for_autocast(dataset, base):
     """On a GPU the trainer casts the frozen VAE to bf16; the stored latents are checked against the VAE as loaded."""
     manifest = json.loads((dataset / "manifest.json").read_text())

@@ -100,24 +100,30 @@ def run_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": cfg.num_workers * cpus_per_worker(cfg, use_gpu), "GPU": cfg.num_workers * float(use_gpu)}
 
 
-def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
+def train_all(configs: list[TrainConfig], slots: int) -> dict[str, str]:
     """Train the runs, `slots` at a time (each in a thread of this driver: Ray Train schedules its workers on the
-    cluster); the names of the runs that failed."""
+    cluster); the runs that did not finish, each "failed" (the same command resumes it) or "refused" (a setting
+    it cannot train with, train.loop.RunRefused: the same command would be refused again until that is put right)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from train.loop import RunRefused
+    from train.run import root_error
 
     stopping = threading.Event()
 
-    def one(cfg: TrainConfig) -> str | None:
+    def one(cfg: TrainConfig) -> tuple[str, str] | None:
         try:
             train(cfg)
             return None
         except Exception as e:  # one failed size must not cost the others; re-running resumes it
+            outcome = "refused" if isinstance(root_error(e), RunRefused) else "failed"
             if not stopping.is_set():
-                print(f"[sweep] {cfg.run_name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            return cfg.run_name
+                said = str(e) if outcome == "refused" else f"{type(e).__name__}: {e}"
+                print(f"[sweep] {cfg.run_name} {outcome}: {said}", file=sys.stderr, flush=True)
+            return cfg.run_name, outcome
 
     if slots <= 1:
-        return [name for name in map(one, configs) if name]
+        return dict(outcome for outcome in map(one, configs) if outcome)
     pool = ThreadPoolExecutor(slots, thread_name_prefix="sweep")
     try:
         outcomes = list(pool.map(one, configs))
@@ -127,7 +133,7 @@ def train_all(configs: list[TrainConfig], slots: int) -> list[str]:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    return [name for name in outcomes if name]
+    return dict(outcome for outcome in outcomes if outcome)
 
 
 def exit_leaving_threads(code: int) -> NoReturn:
@@ -263,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with exit_on_sigterm(), SignalLog() as signals:  # as train/run.py: SIGTERM stops the sweep as Ctrl-C does
         try:
-            failed = train_all(todo, slots)
+            unfinished = train_all(todo, slots)
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
             # handler ends fit() in SystemExit), or SIGTERM
             import ray  # imported already: train.run, which every run goes through, imports it
@@ -276,16 +282,21 @@ def main(argv: list[str] | None = None) -> int:
             if slots > 1:
                 exit_leaving_threads(code)
             return code
-    if args.report and len(failed) < len(subsets):  # a size has results to report
+    if args.report and len(unfinished) < len(subsets):  # a size has results to report
         from train.report import write_report
 
         report = write_report(args.run_prefix, base.storage_path, base.wandb)
         print(report["markdown"], flush=True)
         print("\n".join(f"wrote {f}" for f in report["files"]), flush=True)
+    failed = [name for name, outcome in unfinished.items() if outcome == "failed"]
+    refused = [name for name, outcome in unfinished.items() if outcome == "refused"]
+    if refused:  # "run it again" would be refused again: each size's line above says what to put right
+        print(f"[sweep] refused: {', '.join(refused)}; put right what each says above, then run the same command",
+              file=sys.stderr)
     if failed:
         print(f"[sweep] failed: {', '.join(failed)}; run the same command again to resume them", file=sys.stderr)
         return 1
-    return 0
+    return 2 if refused else 0
 
 
 if __name__ == "__main__":

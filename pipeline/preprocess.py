@@ -44,8 +44,10 @@ def _white_background(im: Image.Image) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> (H, W, 3) uint8 RGB. 16-bit and float images are scaled, not clipped."""
-    if im.mode == "RGB":
+    """Any PIL mode -> (H, W, 3) uint8 RGB. 16-bit and float images are scaled, not clipped. Transparent pixels
+    are white: an alpha channel's, and a PNG's colour key (its tRNS chunk) in palette, grey or RGB images, which
+    PNG optimisers (oxipng, optipng, pngcrush) write in place of an alpha channel that is only ever 0 or 255."""
+    if im.mode == "RGB" and "transparency" not in im.info:
         return np.asarray(im)
     if im.mode in _SIXTEEN_BIT_MODES or im.mode in {"I", "F"}:
         # a float TIFF may hold NaN or infinities where it has no value: black, not whatever a cast makes of them
@@ -56,7 +58,7 @@ def to_rgb(im: Image.Image) -> np.ndarray:
             values = values * 255.0
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if im.mode in {"RGBA", "LA", "PA"} or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in {"RGBA", "LA", "PA"} or (im.mode in {"P", "L", "1", "RGB"} and "transparency" in im.info):
         return np.asarray(_white_background(im))
     return np.asarray(im.convert("RGB"))  # L, 1, P, CMYK, YCbCr, LAB, HSV
 

@@ -47,6 +47,19 @@ def test_transparent_pixels_become_white():
     assert (image == 255).all()
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_pngs_colour_key_is_transparent_as_an_alpha_channel_is(mode):
+    # PNG optimisers store an alpha of only 0 and 255 as a tRNS colour key in an RGB or grey PNG: its transparent
+    # pixels (black ones here) stayed black, where the same image with alpha or a palette came out white
+    pixels = np.full((4, 4, 3), 90, np.uint8)
+    pixels[:, :2] = 0
+    image = Image.fromarray(pixels).convert(mode)
+    key = (0, 0, 0) if mode == "RGB" else 0
+    decoded, _ = decode_image(encode(image, "PNG", transparency=key), 4, 10**6)
+    assert (decoded[:, :2] == 255).all()
+    assert (decoded[:, 2:] == 90).all()
+
+
 def test_exif_orientation_is_applied():
     image, size = decode_image(exif_rotated_jpeg(), resolution=64, max_pixels=10**6)
     assert size == (64, 96)  # displayed width x height

@@ -494,9 +494,21 @@ def file_key(folder: str, url: str) -> str:
     return valid_utf8(split_member_name(relative)[0])
 
 
+def _caption_file(fs: fsspec.AbstractFileSystem, stem: str, image: str) -> str | None:
+    """The caption file beside a loose image: <stem>.txt, or <stem>.TXT beside an image whose extension is upper
+    case (IMG_0001.JPG and IMG_0001.TXT, as cameras and Windows tools name them; a tar's members and the listing of
+    passed-over files take either case). Looked for by name, one request each, not by listing the folder."""
+    names = [stem + ".txt"] + ([stem + ".TXT"] if image.rpartition(".")[2].isupper() else [])
+    for caption in names:
+        if fs.exists(caption):
+            return caption
+    return None
+
+
 def read_file_samples(files: tuple[str, ...], folder: str | None = None,
                       max_member_bytes: int | None = None) -> Iterator[RawSample]:
-    """Loose images as samples, keyed by their path under `folder`; a sibling <stem>.txt (if any) is the caption.
+    """Loose images as samples, keyed by their path under `folder`; a sibling <stem>.txt (if any) is the caption
+    (<stem>.TXT beside an image with an upper-case extension).
     A file that vanished or is over `max_member_bytes` is a failed sample; other storage errors raise
     InputReadError (the shard is retried)."""
     for url in files:
@@ -511,8 +523,9 @@ def read_file_samples(files: tuple[str, ...], folder: str | None = None,
                 yield sample
                 continue
             sample.members[ext] = fs.cat_file(path)
-            if fs.exists(stem + ".txt"):
-                sample.members["txt"] = fs.cat_file(stem + ".txt")
+            caption = _caption_file(fs, stem, path)
+            if caption is not None:
+                sample.members["txt"] = fs.cat_file(caption)
         except FileNotFoundError as e:
             sample.error = valid_utf8(f"{type(e).__name__}: {e}")
         except Exception as e:  # the storage's (an OSError, or a response cut part-way, which is none)

@@ -99,6 +99,19 @@ def test_a_folder_of_images_becomes_shards_of_n_files(tmp_path):
     assert first[0].members["txt"] == b"a caption" and "txt" not in first[1].members
 
 
+
+def test_an_upper_case_caption_beside_an_upper_case_image_is_its_caption(tmp_path):
+    """IMG_0001.JPG and IMG_0001.TXT (a camera's or Windows' names): a tar's members of either case were one sample,
+    but in a folder the .TXT was neither read as the caption nor named among the files passed over."""
+    (tmp_path / "IMG_0001.JPG").write_bytes(good_jpeg(1))
+    (tmp_path / "IMG_0001.TXT").write_text("upper caption")
+    (tmp_path / "img_0002.jpg").write_bytes(good_jpeg(2))
+    (tmp_path / "img_0002.txt").write_text("lower caption")
+    [shard] = list_input_shards([str(tmp_path)], say=pytest.fail)
+    samples = list(read_file_samples(shard.files, shard.url))
+    assert [(s.key, s.members.get("txt")) for s in samples] == [("IMG_0001", b"upper caption"),
+                                                               ("img_0002", b"lower caption")]
+
 def test_files_of_kinds_not_read_are_named_in_one_line_not_passed_over_without_a_word(tmp_path):
     """An iPhone's export holds .HEIC photos, a camera's card .CR2 raws: PIL reads neither here, and the folder
     reader left them out without a word (or, with nothing else there, said only 'no input shards')."""

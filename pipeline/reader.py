@@ -358,8 +358,9 @@ class TarSamples:
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"unexpected end of data in {name}")
-                    if ext in current.members:
-                        # the same member twice in a row: a duplicated sample; keep it apart
+                    if ext in current.members or _second_image(current, ext):
+                        # the same member twice in a row (a duplicated sample), or a second image under the key
+                        # (x.jpg and x.png, two photos of a folder packed by hand): keep it apart
                         yield current
                         current = RawSample(key)
                     current.members[ext] = data
@@ -413,26 +414,35 @@ def _check_decompressed_end(stream, end: int, limit: int = 1 << 20) -> None:
         raise tarfile.ReadError(f"the decompressed data ends at byte {stream.pos}, before the end-of-archive marker")
 
 
+def _second_image(sample: RawSample, ext: str) -> bool:
+    """Whether a member `ext` would be a second image of `sample`: one sample holds one image, and x.png beside
+    x.jpg is a photo of its own, which the worker fails as a duplicate key (as in a folder) rather than drop."""
+    return ext in IMAGE_EXTS and any(e in IMAGE_EXTS for e in sample.members)
+
+
 def refusing_split_samples(groups: Iterator[RawSample]) -> Iterator[RawSample]:
     """The groups as they come, until a key comes back with a member it did not have: SplitSample. A key that
-    comes back with only members it had is a duplicated sample, passed on (the worker fails it)."""
+    comes back with only members it had, or with another image alone (x.png after x.jpg), is a duplicated sample,
+    passed on (the worker fails it)."""
     members_of: dict[str, set[str]] = {}
     for sample in groups:
         earlier = members_of.setdefault(sample.key, set())
-        if earlier and not earlier.issuperset(sample.members):
+        new = set(sample.members) - earlier
+        another_image = bool(new) and new.issubset(IMAGE_EXTS) and not earlier.isdisjoint(IMAGE_EXTS)
+        if earlier and new and not another_image:
             raise SplitSample(f"the members of sample {sample.key!r} are apart in the tar")
         earlier.update(sample.members)
         yield sample
 
 
 def merged_by_key(groups: Iterator[RawSample]) -> Iterator[RawSample]:
-    """The groups' members merged by key, keys in the order they first appear; a member a key already has goes to
-    a copy of the sample, which follows after all keys (a duplicate, which the worker fails)."""
+    """The groups' members merged by key, keys in the order they first appear; a member a key already has (or a
+    second image) goes to a copy of the sample, which follows after all keys (a duplicate, which the worker fails)."""
     copies: dict[str, list[RawSample]] = {}
     for group in groups:
         samples = copies.setdefault(group.key, [RawSample(group.key)])
         for ext, data in group.members.items():
-            into = next((s for s in samples if ext not in s.members), None)
+            into = next((s for s in samples if ext not in s.members and not _second_image(s, ext)), None)
             if into is None:
                 samples.append(into := RawSample(group.key))
             into.members[ext] = data

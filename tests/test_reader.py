@@ -368,6 +368,28 @@ def test_a_sample_whose_members_are_apart_is_refused_streaming_and_merged_when_r
     assert regrouped[1].members["jpg"] == b"./b.jpg"
 
 
+
+def test_a_second_image_under_one_key_is_a_sample_of_its_own_not_dropped():
+    """x.jpg and x.png in a tar (a folder of photos packed by hand) were one sample whose png was never read nor
+    recorded; in a folder the png is a duplicate key that the worker fails, and in a tar it is now the same."""
+    def tar_of(names):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = len(name)
+                tar.addfile(info, io.BytesIO(name.encode()))
+        return buffer.getvalue()
+
+    def samples(data, **kwargs):
+        return [(s.key, sorted(s.members)) for s in TarSamples(io.BytesIO(data), **kwargs)]
+
+    assert samples(tar_of(["x.jpg", "x.png", "y.jpg"])) == [("x", ["jpg"]), ("x", ["png"]), ("y", ["jpg"])]
+    with_caption = tar_of(["x.jpg", "x.png", "x.txt", "y.jpg"])  # sorted: the caption comes after the png
+    with pytest.raises(SplitSample):
+        samples(with_caption)
+    assert samples(with_caption, regroup=True) == [("x", ["jpg", "txt"]), ("y", ["jpg"]), ("x", ["png"])]
+
 def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written(tmp_path):
     photos = tmp_path / "photos"
     for animal in ("cats", "dogs"):

@@ -296,9 +296,14 @@ class SplitSample(RuntimeError):
 
 
 def member_name(name: str) -> str:
-    """A tar member's name as a sample path: './00001.jpg' (`tar -C folder .`) is '00001.jpg'; bytes that are not
-    UTF-8 (tarfile hands them over as surrogates) are written out (valid_utf8)."""
-    return valid_utf8(posixpath.normpath(name).lstrip("/"))
+    """A tar member's name as a sample path: './00001.jpg' (`tar -C folder .`) is '00001.jpg', and a leading '../'
+    is dropped as tar does when it extracts ('../x.jpg' read as hidden, a name starting with a dot, and its sample
+    was left out without a row); bytes that are not UTF-8 (tarfile hands them over as surrogates) are written out
+    (valid_utf8)."""
+    path = posixpath.normpath(name).lstrip("/")
+    while path.startswith("../"):
+        path = path[3:]
+    return valid_utf8(path)
 
 
 def valid_utf8(text: str) -> str:

@@ -390,6 +390,18 @@ def test_a_second_image_under_one_key_is_a_sample_of_its_own_not_dropped():
         samples(with_caption)
     assert samples(with_caption, regroup=True) == [("x", ["jpg", "txt"]), ("y", ["jpg"]), ("x", ["png"])]
 
+
+def test_a_member_named_above_the_tar_is_read_not_taken_for_a_hidden_one():
+    """'../up.jpg' (a tar written by a script from a relative path) began with a dot, as a Mac's '._x.jpg' does: its
+    sample was passed over without a row. tar drops a leading '../' when it extracts; so does the reader."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("../up.jpg", "../../two/up.jpg", "._up.jpg", "a/../b.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    assert [s.key for s in TarSamples(io.BytesIO(buffer.getvalue()))] == ["up", "two/up", "b"]
+
 def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written(tmp_path):
     photos = tmp_path / "photos"
     for animal in ("cats", "dogs"):

@@ -196,7 +196,10 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000,
                 # photos/* also matches the captions (<stem>.txt), which their images bring along
                 root = glob_root(path)  # photos/*/*.jpg: keys cats/001 and dogs/001, as for the folder photos
                 globbed = {m: info for m, info in fs.glob(path, detail=True).items() if not _hidden(m, root)}
-                matches = sorted(m for m in globbed if _is_image(m) or _is_tar(m))
+                # a folder the glob matches is no image nor tar, whatever its name ('photos/*.jpg' over an album.jpg/
+                # folder): read as a file, it failed as a storage error the driver waited out, then ended the job
+                matches = sorted(m for m, info in globbed.items()
+                                 if (_is_image(m) or _is_tar(m)) and info.get("type") != "directory")
                 passed_over += [fs.unstrip_protocol(m) for m, info in globbed.items()
                                 if info.get("type") == "file" and _passed_over(m)]
                 if not matches:
@@ -204,7 +207,7 @@ def list_input_shards(specs: list[str], files_per_shard: int = 1000,
                     raise FileNotFoundError(f"no input matches {url} (tar shards or images)")
             elif fs.isdir(path):
                 entries = [e for e in fs.ls(path, detail=True) if not _hidden(e["name"], path)]
-                listing = [e["name"] for e in entries]
+                listing = [e["name"] for e in entries if e.get("type") != "directory"]  # a folder old.tar/ is none
                 tars = sorted(p for p in listing if _is_tar(p))
                 images = [p for p in listing if _is_image(p)]
                 if tars and images:  # taking either kind alone would leave the other out without a word

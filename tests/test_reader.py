@@ -402,6 +402,27 @@ def test_a_member_named_above_the_tar_is_read_not_taken_for_a_hidden_one():
             tar.addfile(info, io.BytesIO(name.encode()))
     assert [s.key for s in TarSamples(io.BytesIO(buffer.getvalue()))] == ["up", "two/up", "b"]
 
+
+def test_a_folder_a_glob_matches_is_not_read_as_an_image_or_a_tar(tmp_path):
+    """'photos/*.jpg' over a folder named album.jpg (or 'in/*.tar', or a folder of tars, over a folder x.tar) took the
+    folder for a file: reading it failed as a storage error, which the job waited out for two minutes and then ended
+    on (a folder of tars beside a folder album.jpg was refused as holding both tars and images)."""
+    (tmp_path / "a.jpg").write_bytes(good_jpeg(1))
+    (tmp_path / "album.jpg").mkdir()
+    (tmp_path / "album.jpg" / "b.jpg").write_bytes(good_jpeg(2))
+    (tmp_path / "x.tar").mkdir()
+    [shard] = list_input_shards([str(tmp_path / "*.jpg")], say=pytest.fail)
+    assert [s.key for s in read_file_samples(shard.files, shard.url)] == ["a"]
+    with pytest.raises(FileNotFoundError, match="no input matches"):
+        list_input_shards([str(tmp_path / "*.tar")])
+    shards = tmp_path / "shards"  # a folder of tars beside a folder named like one
+    shards.mkdir()
+    write_tar(shards / "a.tar", [("k", {"jpg": good_jpeg(3)})])
+    (shards / "old.tar").mkdir()
+    (shards / "album.jpg").mkdir()
+    assert [s.name for s in list_input_shards([str(shards)], say=pytest.fail)] == ["a"]
+
+
 def test_globs_key_by_their_fixed_folder_and_existing_paths_are_taken_as_written(tmp_path):
     photos = tmp_path / "photos"
     for animal in ("cats", "dogs"):

@@ -28,10 +28,19 @@ def open_images_up_to(max_pixels: int) -> None:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1: as stored). EXIF that PIL cannot parse (a PNG's eXIf chunk of garbage: 'not a TIFF
+    file') says none, as in viewers, which show such a photo: it failed the sample for metadata nothing else reads."""
+    try:
+        return im.getexif().get(0x0112, 1)
+    except Exception:
+        return 1
+
+
 def displayed_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) as a viewer shows it, after EXIF orientation. Read from the header, except for a PNG whose
     eXIf chunk is not before its pixel data (or that has none): PIL decodes it whole to look further."""
-    orientation = im.getexif().get(0x0112, 1)
+    orientation = exif_orientation(im)
     w, h = im.size
     return (h, w) if orientation in _TRANSPOSING_ORIENTATIONS else (w, h)
 
@@ -109,12 +118,14 @@ def decode_image(data: bytes, resolution: int, max_pixels: int) -> tuple[np.ndar
     if width == 0 or height == 0:
         raise ValueError(f"image has an empty side ({width}x{height})")
     reduction = _jpeg_reduction(im.size, resolution)
-    if im.format == "JPEG" and im.mode == "RGB" and im.getexif().get(0x0112, 1) == 1:
+    orientation = exif_orientation(im)
+    if im.format == "JPEG" and im.mode == "RGB" and orientation == 1:
         image = _decode_plain_jpeg(data, reduction)
         if image is not None:
             return image, (width, height)
     im.draft(None, (im.size[0] // reduction, im.size[1] // reduction))
-    ImageOps.exif_transpose(im, in_place=True)
+    if orientation != 1:  # exif_transpose reads the EXIF again, and raises where exif_orientation said 1
+        ImageOps.exif_transpose(im, in_place=True)
     return to_rgb(im), (width, height)
 
 

@@ -66,6 +66,15 @@ def test_exif_orientation_is_applied():
     assert image.shape[:2] == (96, 64)
 
 
+
+def test_a_png_whose_exif_is_unreadable_is_decoded_as_stored():
+    """A PNG whose eXIf chunk PIL cannot parse failed with 'SyntaxError: not a TIFF file', though viewers show it."""
+    pixels = np.zeros((6, 4, 3), np.uint8)
+    pixels[0] = 255  # the top row white: as stored, not turned
+    data = encode(Image.fromarray(pixels), "PNG", exif=b"Exif\x00\x00" + bytes(range(7, 107)))
+    image, size = decode_image(data, 4, 10**6)
+    assert size == (4, 6) and image.shape == (6, 4, 3) and (image[0] == 255).all() and (image[1:] == 0).all()
+
 def test_decompression_bomb_is_refused_from_the_header():
     with pytest.raises(ImageTooLarge, match="over the cap"):
         decode_image(bomb_png(20000), resolution=512, max_pixels=89_478_485)

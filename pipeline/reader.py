@@ -518,7 +518,7 @@ def _caption_file(fs: fsspec.AbstractFileSystem, stem: str, image: str) -> str |
     passed-over files take either case). Looked for by name, one request each, not by listing the folder."""
     names = [stem + ".txt"] + ([stem + ".TXT"] if image.rpartition(".")[2].isupper() else [])
     for caption in names:
-        if fs.exists(caption):
+        if fs.isfile(caption):  # a folder named a.txt beside a.jpg is no caption (read, it failed as the storage's)
             return caption
     return None
 

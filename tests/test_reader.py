@@ -413,6 +413,8 @@ def test_a_folder_a_glob_matches_is_not_read_as_an_image_or_a_tar(tmp_path):
     (tmp_path / "x.tar").mkdir()
     [shard] = list_input_shards([str(tmp_path / "*.jpg")], say=pytest.fail)
     assert [s.key for s in read_file_samples(shard.files, shard.url)] == ["a"]
+    (tmp_path / "a.txt").mkdir()  # nor is a folder named like a.jpg's caption its caption
+    assert [s.members for s in read_file_samples(shard.files, shard.url)] == [{"jpg": good_jpeg(1)}]
     with pytest.raises(FileNotFoundError, match="no input matches"):
         list_input_shards([str(tmp_path / "*.tar")])
     shards = tmp_path / "shards"  # a folder of tars beside a folder named like one

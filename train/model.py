@@ -219,14 +219,14 @@ def condition_embedding_channels(downsampling: int) -> tuple[int, ...]:
     return LATENT_EMBEDDING_CHANNELS[: stages + 1]
 
 
-def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | None = None) -> nn.Module:
+def build_controlnet(unet: nn.Module, downsampling: int = 8, pretrained: str | Path | None = None) -> nn.Module:
     """The trainable copy: encoder + middle block copied from the UNet, zero convolutions initialised to 0, and a
     condition embedding that brings the map to the UNet's sample size (`downsampling`: BaseModel.downsampling).
     `pretrained` (--controlnet): start from that ControlNet's weights instead (load_pretrained_controlnet)."""
     from diffusers import ControlNetModel
 
     if pretrained is not None:
-        return load_pretrained_controlnet(pretrained, unet.config, downsampling)
+        return load_pretrained_controlnet(str(pretrained), unet.config, downsampling)
     channels = condition_embedding_channels(downsampling)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
 

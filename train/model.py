@@ -37,7 +37,7 @@ class BaseModel:
     @property
     def downsampling(self) -> int:
         """Image pixels per UNet sample along a side: 8 for SD's VAE, 1 in pixel space."""
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config if self.vae is not None else None)
 
     @property
     def frozen_modules(self) -> list[nn.Module]:
@@ -210,6 +210,12 @@ class ControlledUNet(nn.Module):
         ).sample
 
 
+def vae_downsampling(vae_config: Any) -> int:
+    """Image pixels per latent along a side, from a VAE's (complete) config: one halving per encoder block after
+    the first (8 for SD's); 1 without a VAE (pixel space)."""
+    return 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def condition_embedding_channels(downsampling: int) -> tuple[int, ...]:
     """diffusers' condition embedding downsamples 2x per entry after the first: SD's (16, 32, 96, 256) for 8x
     latents, (16,) at full resolution for a pixel-space base."""
@@ -264,9 +270,10 @@ def controlnet_misfit(controlnet: dict[str, Any], unet: dict[str, Any], downsamp
         misfit.append(f"conditioning_channels {controlnet.get('conditioning_channels')} (the condition maps train as "
                       f"{CONDITION_CHANNELS}-channel RGB)")
     embedding = controlnet.get("conditioning_embedding_out_channels") or ()
-    if 2 ** max(len(embedding) - 1, 0) != downsampling:  # one stride-2 conv per entry after the first
+    brought_down = 2 ** max(len(embedding) - 1, 0)  # one stride-2 conv per entry after the first
+    if brought_down != downsampling:
         misfit.append(f"conditioning_embedding_out_channels {plain(embedding)} bring the condition map down "
-                      f"{2 ** max(len(embedding) - 1, 0)}x (the base's samples are 1/{downsampling} of the image: "
+                      f"{brought_down}x (the base's samples are 1/{downsampling} of the image: "
                       f"{len(condition_embedding_channels(downsampling))} entries)")
     return misfit
 
@@ -354,7 +361,7 @@ def base_architecture(base_model: str) -> tuple[dict[str, Any], int] | None:
         vae = json.loads((folder / "vae" / "config.json").read_text()) if (folder / "vae").is_dir() else None
     except (OSError, ValueError):  # not built yet, or broken configs: check_local_base_model's to say
         return None
-    downsampling = 1 if vae is None else 2 ** (len(with_defaults(AutoencoderKL, vae)["block_out_channels"]) - 1)
+    downsampling = vae_downsampling(with_defaults(AutoencoderKL, vae) if vae is not None else None)
     return with_defaults(UNet2DConditionModel, unet), downsampling
 
 

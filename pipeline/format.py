@@ -533,10 +533,82 @@ def join_ray(address: str | None, **init_kwargs: Any) -> None:
     refusal = ray_address_refusal(address)
     if refusal:
         raise ClusterUnreachable(refusal)
+    before = set(descendants())
     try:
         ray.init(address=address, **init_kwargs)
     except ConnectionError as e:  # 'auto' with no cluster on this node
         raise ClusterUnreachable(f"RAY_ADDRESS={address}: {(str(e).splitlines() or [''])[0]}") from None
+    except BaseException:  # a stop (Ctrl-C; SIGTERM, ray.init's SystemExit(15)) while ray.init starts a cluster here
+        leave_half_started_ray(before)
+        raise
+
+
+def leave_half_started_ray(before: set[int]) -> None:
+    """Leave Ray, then kill what an interrupted ray.init started that is left (this process's descendants, less
+    those `before` it). Most of ray.init's seconds go into Node(), which starts the GCS and the raylet, the raylet
+    its dashboard and runtime-env agents, and waits for the raylet to register: until Node() returns, Ray's global
+    node is unset, so neither ray.shutdown() nor Ray's atexit hook knows of those processes. The GCS and raylet
+    died with this process (PR_SET_PDEATHSIG), but the agents, waiting on a GCS that was gone, lived on for good."""
+    import ray
+
+    started = [pid for pid in descendants() if pid not in before]  # listed now: the agents outlive their raylet
+    try:
+        ray.shutdown()  # Ray's node once Node() returned (a core worker whose raylet was killed under it crashed)
+    finally:
+        kill_stopped_first(started, before)
+
+
+def kill_stopped_first(pids: list[int], spare: set[int]) -> None:
+    """SIGKILL `pids` and this process's descendants not in `spare`, each stopped (SIGSTOP) before any is killed: a
+    raylet that saw an agent die, or that was forking one as the list was read, started another, which the list
+    missed."""
+    frozen: list[int] = []
+    while pids:
+        for pid in pids:
+            with contextlib.suppress(OSError):  # gone already
+                os.kill(pid, signal.SIGSTOP)
+        for pid in pids:
+            wait_stopped(pid)  # a fork under way when the signal came has its child listed by then
+        frozen += pids
+        pids = [pid for pid in descendants() if pid not in spare and pid not in frozen]
+    for pid in frozen:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
+    """Wait until every thread of `pid` is stopped (or dead), `timeout_s` at most (from /proc: at once without)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            states = set()
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with open(f"{task.path}/stat", "rb") as f:
+                    states.add(f.read().rsplit(b")", 1)[1].split()[0])
+        except (OSError, IndexError):  # gone
+            return
+        if states <= {b"T", b"t", b"Z", b"X"}:
+            return
+        time.sleep(0.001)
+
+
+def descendants() -> list[int]:
+    """The pids of this process's children, theirs, and so on, each after its parent (from /proc: none where there
+    is none)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/stat", "rb") as f:  # 'pid (comm) state ppid ...'
+                        parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):  # gone meanwhile
+                    continue
+                children.setdefault(parent, []).append(int(entry.name))
+    found = [os.getpid()]
+    for pid in found:  # grows as it goes: breadth first
+        found += children.get(pid, [])
+    return found[1:]
 
 
 def help_paragraphs(docstring: str) -> str:

@@ -1,6 +1,7 @@
 """shared fixtures: one Ray session, a moto S3 server on loopback, the sample shards"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -198,6 +199,54 @@ def own_ray_processes(title: bytes) -> list[int]:
         except OSError:  # gone, or not ours to read
             continue
     return pids
+
+
+def processes_with_ray_tmpdir(ray_tmp: str) -> dict[int, list[bytes]]:
+    """pid -> command line of each process that Ray started with RAY_TMPDIR=ray_tmp (a command's own cluster): its
+    GCS, raylet, agents and workers inherit the driver's environment."""
+    own, found = f"RAY_TMPDIR={ray_tmp}".encode(), {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and own in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+RAY_AGENTS = (b"dashboard/agent.py", b"runtime_env/agent/main.py", b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
+def stopped_while_ray_starts(command: list[str], env: dict[str, str], stop: int) -> tuple[int, str, list[bytes]]:
+    """Run `command` (a driver that starts its own cluster: no RAY_ADDRESS in `env`) with a RAY_TMPDIR of its own,
+    send it `stop` once its raylet has started an agent, while ray.init waits for the raylet to register (seconds
+    on 2 cores); (its exit code, its stderr, the command lines of its cluster's processes still running 5 s after
+    it exited, which are then killed)."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.Popen(with_ctrl_c(command), env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while run.poll() is None and time.monotonic() < deadline and not any(
+                    arg.endswith(RAY_AGENTS) for argv in processes_with_ray_tmpdir(ray_tmp).values() for arg in argv):
+                time.sleep(0.01)
+            run.send_signal(stop)
+            _, stderr = run.communicate(timeout=60)
+            deadline = time.monotonic() + 5
+            while (left := processes_with_ray_tmpdir(ray_tmp)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+            for pid in processes_with_ray_tmpdir(ray_tmp):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+    return run.returncode, stderr, [b" ".join(argv)[:100] for argv in left.values()]
 
 
 RESTORE_CTRL_C = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "

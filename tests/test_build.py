@@ -17,7 +17,7 @@ import webdataset as wds
 
 from pipeline import format as fmt
 from pipeline.build import main
-from tests.conftest import with_ctrl_c
+from tests.conftest import stopped_while_ray_starts, with_ctrl_c
 from tests.corpus import bad_corpus, write_bad_inputs
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -390,6 +390,19 @@ def test_a_stop_as_the_finished_job_exits_is_no_traceback(sample_shards, tmp_pat
     assert driver.returncode in (0, -stop), (driver.returncode, stderr[-2000:])
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
     assert len(list((tmp_path / "out" / "shards").glob("*.stats.json"))) == 1
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_job_starts_its_cluster_leaves_none_of_it_running(sample_shards, tmp_path, python, stop):
+    """Stopped inside ray.init (its Node() waiting for the raylet to register, which Ray's global node is not yet),
+    the job said its line and exited, and its cluster's dashboard and runtime-env agents ran on for good."""
+    command = [python, "-m", "pipeline.build", "--input", str(sample_shards / "00000.tar"), "--output",
+               str(tmp_path / "out"), "--resolution", "32", "--num-workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code, stderr, left = stopped_while_ray_starts(command, env, stop)
+    assert code == 128 + stop and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: 0 shard(s) committed")
+    assert not left, left
 
 
 @pytest.mark.parametrize("command, config", [("-m pipeline.build", "pipeline.config:BuildConfig"),

@@ -13,7 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, copy_dataset, own_output, own_ray_processes, wandb_logged_steps, with_ctrl_c
+from tests.conftest import (
+    REPO,
+    copy_dataset,
+    own_output,
+    own_ray_processes,
+    stopped_while_ray_starts,
+    wandb_logged_steps,
+    with_ctrl_c,
+)
 from train.checkpoints import latest_checkpoint, step_of
 from train.config import debug
 from train.run import build_trainer
@@ -335,6 +343,21 @@ def test_a_stop_while_the_run_starts_its_cluster_is_the_stopped_line(dataset, st
                 os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 128 + stop and "Traceback" not in own_output(stderr), stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == f"stopped: {name} has no checkpoint yet; the same command starts it again"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_ray_init_starts_the_runs_cluster_leaves_none_of_it_running(dataset, storage, python, stop):
+    """Stopped inside ray.init (its Node() waiting for the raylet to register, which Ray's global node is not yet),
+    the run said its line and exited, and its cluster's dashboard and runtime-env agents ran on for good."""
+    name = f"init-stop-{int(stop)}"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "4", "--validate-every", "0", "--wandb", "off", "--num-workers", "1",
+               "--cpus-per-worker", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code, stderr, left = stopped_while_ray_starts(command, env, stop)
+    assert code == 128 + stop and "Traceback" not in own_output(stderr), stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"stopped: {name} has no checkpoint yet; the same command starts it again"
+    assert not left, left
 
 
 def test_a_stopped_run_resumed_logs_each_step_to_its_wandb_run_once(dataset, storage, ray_session, python,

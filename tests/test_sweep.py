@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, copy_dataset, own_output, with_ctrl_c
+from tests.conftest import REPO, copy_dataset, own_output, stopped_while_ray_starts, with_ctrl_c
 from train.plots import nice_ticks, plot_curves
 from train.report import curve_text, load_runs, table, to_markdown, write_report
 from train.sweep import main as sweep
@@ -245,6 +245,24 @@ def test_a_stop_ends_sizes_training_concurrently_or_in_turn(dataset, tmp_path, r
     assert sweep_process.returncode == 128 + stop and "Traceback" not in own_output(err), err[-3000:]
     assert err.strip().splitlines()[-1] == \
         "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_sweep_starts_its_cluster_is_its_stopped_line_and_leaves_none_of_it(dataset, tmp_path, python,
+                                                                                             stop):
+    """Stopped inside ray.init (the sweep starts its own cluster when RAY_ADDRESS is unset), Ctrl-C ended the sweep
+    in a KeyboardInterrupt traceback (exit 1), SIGTERM with code 15 and no line: Ray was started outside the sweep's
+    stop handling. And its cluster's agents ran on for good (pipeline.format.join_ray)."""
+    command = [python, "train/sweep.py", "--dataset", str(dataset), "--sizes", "8", "--preset", "debug",
+               "--run-prefix", "init-stop", "--storage-path", str(tmp_path / "runs"), "--subsets-out",
+               str(tmp_path / "subsets"), "--no-report", "--", "--max-steps", "4", "--num-workers", "1",
+               "--cpus-per-worker", "1", "--validate-every", "0", "--wandb", "off"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code, stderr, left = stopped_while_ray_starts(command, env, stop)
+    assert code == 128 + stop and "Traceback" not in own_output(stderr), stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == \
+        "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"
+    assert not left, left
 
 
 def test_concurrent_runs_fit_the_free_resources():

@@ -203,6 +203,24 @@ def parse(argv: list[str]) -> tuple[SweepConfig, list[str]]:
     return cli(SweepConfig, args=own, prog="python train/sweep.py"), overrides
 
 
+def sizes_at_once(base: TrainConfig, runs: int, concurrent: int) -> int:
+    """Ray joined (RAY_ADDRESS, checked once before any size trains) or started here, then how many of the `runs`
+    sizes train at once."""
+    from train.run import join_or_start_ray
+
+    join_or_start_ray()
+    if concurrent == 1:
+        return 1
+    import ray
+
+    per_run = run_resources(base)
+    slots = concurrent_runs(per_run, ray.available_resources(), runs, concurrent)
+    print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "
+          f"free now: {ray.available_resources().get('CPU', 0):g} CPU, "
+          f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
+    return slots
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     try:
@@ -247,31 +265,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {cfg.run_name}: {subset['size']} samples from {subset['shards']} shards{copied}, {state}",
               flush=True)
         todo.append(cfg)
-    slots = 1
-    if todo and base.num_workers > 0:  # RAY_ADDRESS checked once, before any size trains
-        from pipeline.format import ClusterUnreachable
-        from train.run import join_or_start_ray
+    from pipeline.format import ClusterUnreachable
+    from train.run import SignalLog, exit_on_sigterm, stopped_exit_code
 
+    slots = 1
+    with exit_on_sigterm(), SignalLog() as signals:  # as train/run.py: SIGTERM stops the sweep as Ctrl-C does
         try:
-            join_or_start_ray()
+            if todo and base.num_workers > 0:
+                slots = sizes_at_once(base, len(todo), args.concurrent)
+            unfinished = train_all(todo, slots)
         except ClusterUnreachable as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    if todo and base.num_workers > 0 and args.concurrent != 1:
-        import ray
-
-        per_run = run_resources(base)
-        slots = concurrent_runs(per_run, ray.available_resources(), len(todo), args.concurrent)
-        print(f"[sweep] {slots} size(s) at once: each run reserves {per_run['CPU']:g} CPU, {per_run['GPU']:g} GPU; "
-              f"free now: {ray.available_resources().get('CPU', 0):g} CPU, "
-              f"{ray.available_resources().get('GPU', 0):g} GPU", flush=True)
-    from train.run import SignalLog, exit_on_sigterm, stopped_exit_code
-
-    with exit_on_sigterm(), SignalLog() as signals:  # as train/run.py: SIGTERM stops the sweep as Ctrl-C does
-        try:
-            unfinished = train_all(todo, slots)
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
-            # handler ends fit() in SystemExit), or SIGTERM
+            # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
             import ray  # imported already: train.run, which every run goes through, imports it
 
             if slots <= 1 and ray.is_initialized():

@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # a Ctrl-C while the imports below load (seconds): one line, not their traceback
+    from pipeline.format import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
+
 import fsspec
 import numpy as np
 import ray
@@ -471,6 +476,7 @@ def run(cfg: BuildConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BuildConfig, argv, prog="python -m pipeline.build")
+    fmt.ctrl_c_as_usual()
     joined_here = not ray.is_initialized()
     signals = fmt.SignalLog()
     try:

@@ -14,6 +14,7 @@ import logging
 import os
 import posixpath
 import signal
+import sys
 import tarfile
 import threading
 import time
@@ -642,6 +643,30 @@ def cli(cls: type, args: list[str] | None = None, **kwargs: Any) -> Any:
         return tyro.cli(cls, args=args, **kwargs)
     finally:
         _docstrings._strings = tyro_own
+
+
+STOPPED_STARTING: Final = "stopped: Ctrl-C while the command started; the same command starts it again"
+
+
+def quiet_ctrl_c_while_starting() -> None:
+    """Until ctrl_c_as_usual(), Ctrl-C ends the command at once, with STOPPED_STARTING and exit 130: for the imports
+    an entry module runs before its main() (torch, Ray, diffusers: seconds), which a Ctrl-C ended in the traceback
+    of the one it cut short. Only where nothing was started or written yet. A SIGINT the command was started with
+    ignored (a background job of a shell without job control) stays ignored."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _stopped_while_starting)
+
+
+def _stopped_while_starting(signum: int, frame: Any) -> None:
+    print(STOPPED_STARTING, file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def ctrl_c_as_usual() -> None:
+    """Ctrl-C raises KeyboardInterrupt again, which the command's own handling turns into its stopped line."""
+    if signal.getsignal(signal.SIGINT) is _stopped_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class SignalLog:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import format as fmt
 from pipeline.preview import TILE, contact_sheet, status_counts
-from tests.conftest import copy_dataset, tar_members
+from tests.conftest import copy_dataset, tar_members, with_ctrl_c
 from tests.corpus import bomb_png
 from train.data import resolve_shards
 from train.subsets import read_samples
@@ -114,6 +114,33 @@ def test_the_preview_shows_a_damaged_sample_as_a_note_instead_of_failing(dataset
     corner = [[sheet.getpixel((col * TILE + 200, 28 + row * TILE + 200)) for col in (0, 1)] for row in range(4)]
     assert corner[0][0] == grey and corner[1][1] == grey and corner[2][0] == grey  # the three damaged members
     assert corner[0][1] != grey and corner[1][0] != grey and corner[3] != [grey, grey]  # the intact ones drawn
+
+
+@pytest.mark.parametrize("command", ["-m pipeline.build", "train/run.py", "train/sweep.py"])
+def test_ctrl_c_while_a_command_imports_is_one_line(command, canny64, tmp_path):
+    """Ctrl-C in a command's first seconds, while it imports Ray, torch and diffusers (the sweep: the trainer's
+    modules, once it has read its arguments), ended it in the traceback of the import it cut short."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = {"-m pipeline.build": ["--input", str(canny64), "--output", str(tmp_path / "out")],
+            "train/run.py": ["--data", str(canny64), "--storage-path", str(tmp_path / "runs"), "--run-name", "r"],
+            "train/sweep.py": ["--dataset", str(canny64), "--sizes", "8", "--storage-path", str(tmp_path / "runs"),
+                               "--subsets-out", str(tmp_path / "subsets")]}[command]
+    run = subprocess.Popen(with_ctrl_c([sys.executable, *command.split(), *args]), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while run.poll() is None and time.monotonic() < deadline and b"_raylet" not in Path(
+                f"/proc/{run.pid}/maps").read_bytes():  # Ray's core library loaded: torch's and diffusers' to come
+            time.sleep(0.005)
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and stderr.strip() == fmt.STOPPED_STARTING, (run.returncode, stderr[-3000:])
 
 
 def test_a_canny_job_never_imports_torch(sample_shards, tmp_path):

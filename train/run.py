@@ -14,13 +14,24 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/run.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __name__ == "__main__":  # a Ctrl-C while the imports below load (seconds): one line, not their traceback
+    from pipeline.format import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import WorkerCallback  # a DeveloperAPI, which RunConfig passes on
 
-from pipeline.format import ClusterUnreachable, SignalLog, StorageFailed, join_ray, refusing_storage_failures
+from pipeline.format import (
+    ClusterUnreachable,
+    SignalLog,
+    StorageFailed,
+    ctrl_c_as_usual,
+    join_ray,
+    refusing_storage_failures,
+)
 from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
 from train.loop import RunRefused, split_validation, train_loop_per_worker
@@ -430,6 +441,7 @@ def fit(cfg: TrainConfig, trainer: TorchTrainer) -> ray.train.Result:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    ctrl_c_as_usual()
     with exit_on_sigterm(), SignalLog() as signals:
         try:
             return checked_and_trained(cfg)

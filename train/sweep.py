@@ -10,7 +10,10 @@ from typing import NoReturn
 
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __name__ == "__main__":  # a Ctrl-C while the imports below load (seconds): one line, not their traceback
+    from pipeline.format import quiet_ctrl_c_while_starting
 
+    quiet_ctrl_c_while_starting()
 
 from train.checkpoints import latest_checkpoint
 from train.config import PresetName, TrainConfig, exit_without_collecting, parse_args
@@ -222,7 +225,10 @@ def sizes_at_once(base: TrainConfig, runs: int, concurrent: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.format import ctrl_c_as_usual, quiet_ctrl_c_while_starting
+
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    ctrl_c_as_usual()
     try:
         if args.concurrent < 0:
             raise SweepError(f"--concurrent must be 0 (as many as fit) or more, not {args.concurrent}")
@@ -234,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    quiet_ctrl_c_while_starting()  # the trainer's imports (torch, Ray, diffusers): seconds, in which Ctrl-C is one line
     from train.run import check_data, checkpoint_to_resume, prepare_base_model, with_absolute_paths
+
+    ctrl_c_as_usual()
 
     try:
         these = [run_config(base, subset, args.run_prefix) for subset in subsets]

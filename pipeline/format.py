@@ -19,7 +19,6 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Final, TypeVar
 
@@ -164,13 +163,16 @@ def read_stats(shards: list[CommittedShard]) -> list[dict[str, Any]]:
 
 def read_index(shard: CommittedShard, columns: list[str] | None) -> dict[str, list]:
     """Columns of a shard's parquet index (one row per input sample; None: every column), as lists."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # ParquetFile.read on this thread alone: read_table, or its column threads, let an Arrow pool thread release the
-    # Python file's last buffer, which aborted the process when that came as the interpreter exited ("terminate called
-    # without an active exception", exit 134: train.subsets in about one run in ten, after its output). An index is
-    # one row per input sample: one thread reads it quickly
-    with fsspec.open(shard.index, "rb") as f, pq.ParquetFile(f) as index:
+    # the file whole, in one request (an index is one row per input sample: small), then parsed from memory on this
+    # thread alone: no Python file under Arrow, whose reads called back into Python from C++ (a thread still
+    # waiting on the storage when a stopped process exits is then in Python alone, which the interpreter ends
+    # cleanly), and whose last buffer, released by an Arrow pool thread as the interpreter exited, aborted the
+    # process ("terminate called without an active exception", exit 134: train.subsets in about one run in ten)
+    fs, path = fsspec.core.url_to_fs(shard.index)
+    with pq.ParquetFile(pa.BufferReader(fs.cat_file(path))) as index:
         return index.read(columns=columns, use_threads=False).to_pydict()
 
 
@@ -182,10 +184,55 @@ def each_index(shards: list[CommittedShard], columns: list[str],
                reduce: Callable[[CommittedShard, dict[str, list]], _T]) -> list[_T]:
     """`reduce(shard, its index columns)` for each shard, the indexes read concurrently, in the shards' order:
     only what `reduce` keeps of each index stays in memory."""
-    if not shards:
+    return concurrently(lambda shard: reduce(shard, read_index(shard, columns)), shards, INDEX_READ_THREADS)
+
+
+_I = TypeVar("_I")
+
+
+def concurrently(call: Callable[[_I], _T], items: list[_I], threads: int) -> list[_T]:
+    """call(item) for each item on up to `threads` daemon threads, the results in the items' order. The first error,
+    in a call or in the caller (Ctrl-C, SIGTERM), ends it at once: no item is started after it, and the calls
+    under way are left to their threads, which neither this nor the process's exit waits for. (A
+    ThreadPoolExecutor joins its threads on the way out and at exit: a Ctrl-C while 3,000 indexes were read from
+    an S3 endpoint that had stopped answering ended the process after 225 s, its requests' timeouts and retries.)
+    Of the calls that failed before it ended, the error of the first in the items' order is raised."""
+    results: list[Any] = [None] * len(items)
+    lock = threading.Lock()
+    pending = iter(range(len(items)))
+    errors: dict[int, BaseException] = {}
+    left = [len(items)]
+    over = threading.Event()
+
+    def work() -> None:
+        while not over.is_set():
+            with lock:
+                i = next(pending, None)
+            if i is None:
+                return
+            try:
+                results[i] = call(items[i])
+            except BaseException as error:  # raised in the caller's thread
+                with lock:
+                    errors[i] = error
+                over.set()
+                return
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    over.set()
+
+    if not items:
         return []
-    with ThreadPoolExecutor(min(INDEX_READ_THREADS, len(shards))) as pool:
-        return list(pool.map(lambda shard: reduce(shard, read_index(shard, columns)), shards))
+    for n in range(min(threads, len(items))):
+        threading.Thread(target=work, daemon=True, name=f"concurrently-{n}").start()
+    try:
+        over.wait()
+    finally:
+        over.set()  # a stop in the caller: no thread takes another item
+    if errors:
+        raise errors[min(errors)]
+    return results
 
 
 # ---------------------------------------------------------------- riding out storage outages

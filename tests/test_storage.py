@@ -5,6 +5,7 @@ import errno
 import io
 import logging
 import re
+import signal
 import tarfile
 import threading
 import time
@@ -181,3 +182,49 @@ def test_an_endpoint_that_refuses_is_one_line_in_every_command(command, python, 
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert re.fullmatch(r"error: .*failed: EndpointConnectionError: Could not connect to the endpoint URL: .*",
                         done.stderr.strip().splitlines()[-1]), done.stderr[-1000:]
+
+
+def test_ctrl_c_while_indexes_are_read_from_an_endpoint_that_never_answers_ends_the_process_at_once(python):
+    """each_index read the indexes in a ThreadPoolExecutor, whose `with` block, and then the interpreter's exit,
+    joined its threads: a Ctrl-C while the dataset job's key check read 3,000 indexes from an S3 endpoint that had
+    stopped answering (a moto server under SIGSTOP) ended the process after 225 s of its requests' timeouts and
+    retries (bench/manifest_scale.py). The threads are left to themselves now: the stop ends the process in well
+    under a second, its own way."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import REPO
+
+    reader = r"""
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with it ignored
+from pipeline import format as fmt
+shards = [fmt.CommittedShard(f"{i:05d}", "", f"s3://silent/shards/{i:05d}.parquet", "") for i in range(64)]
+print("reading", flush=True)
+try:
+    fmt.each_index(shards, ["key", "status"], lambda shard, index: None)
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+    sys.exit(130)
+"""
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        process = subprocess.Popen([python, "-c", reader], cwd=REPO, env=env,
+                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert process.stdout.readline() == "reading\n"
+            time.sleep(1.5)  # its 16 threads are waiting for answers
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)
+            took = time.monotonic() - stopped
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130 and out == "stopped\n" and "Traceback" not in err, err[-3000:]
+    assert took < 5, took

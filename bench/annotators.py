@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -16,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench import write_report
 from pipeline.sample_data import PHOTOS, load_photo
 
 TASKS = ("canny", "hed", "midas", "openpose", "blip")
@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(rows))
     for note in report["notes"]:
         print(f"note: {note}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+    write_report(report, args.json)
     return report
 
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import write_report
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "manifest_scale.json"
 
@@ -190,9 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{step['keys_s']:.2f} | {step['manifest_s']:.2f} | {step['total_s']:.2f} | "
                   f"{row['peak_rss_gb']:.2f} | "
                   f"{stop if run == 'first' else ''} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from bench import write_report
 from bench.annotators import write_weights
 from bench.canny_throughput import make_inputs
 from pipeline import format as fmt
@@ -131,9 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "weights": "random, published sizes (bench.annotators)"}
     print(f"\nDataset jobs on {args.images} photos at {args.resolution} px, {report['environment']['cpus']} CPUs:\n")
     print(to_markdown(report))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out}")
+    print()
+    write_report(report, args.out)
     return report
 
 

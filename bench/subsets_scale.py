@@ -4,7 +4,6 @@ timed, with its peak memory (goal: under 2 minutes and 2 GB on 2 cores)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -13,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import write_report
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "subsets_scale.json"
@@ -69,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n| rows | files | sizes | wall (s) | peak memory (GB) |\n|---:|---:|---|---:|---:|\n"
           f"| {args.rows:,} | {args.files:,} | {args.sizes} | {report['seconds']:.1f} | {report['peak_rss_gb']:.2f} |")
     print("goal: under 120 s and 2 GB")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -539,6 +539,36 @@ def test_sigterm_becomes_an_exit_that_the_stop_handling_sees_and_another_handler
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_run_that_fails_after_a_stop_reached_it_ends_as_stopped(monkeypatch, capsys):
+    """`kill -- -PGID` on a run that started its own cluster stops its raylet and GCS too, and fit() can fail on the
+    dead controller before this process's SIGTERM handler runs: the command ended 'failed: ...', exit 1, for a run
+    that was stopped (test_sigterm_to_the_process_group_..., now and then under load)."""
+    import train.run as run
+
+    def fit_failing_on_the_stopped_cluster(cfg, trainer):
+        took = signal.signal(signal.SIGTERM, lambda *_: None)  # its SystemExit not raised yet, as in the race
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # Python runs handlers between bytecodes
+        finally:
+            signal.signal(signal.SIGTERM, took)
+        raise RuntimeError("the Ray Train controller died")
+
+    monkeypatch.setattr(run, "check_data", lambda cfg: None)
+    monkeypatch.setattr(run, "build_trainer", lambda cfg: None)
+    monkeypatch.setattr(run, "fit", fit_failing_on_the_stopped_cluster)
+    cfg = dataclasses.replace(debug(), data=["unused"], run_name="stopped-then-failed", wandb="off")
+    assert run.checked_and_trained(cfg) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == run.stopped_line(cfg)
+
+    def fit_failing(cfg, trainer):
+        raise RuntimeError("a failure of its own")
+
+    monkeypatch.setattr(run, "fit", fit_failing)  # no stop: the failure stands
+    assert run.checked_and_trained(cfg) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("failed: RuntimeError: a failure of its own")
+
+
 def test_a_run_from_step_0_logs_to_a_wandb_run_of_its_own_and_a_resume_to_the_one_it_recorded():
     """The id was the run name alone: a run whose name was used before (its storage cleared, another
     --storage-path, `exp.1` against `exp-1`) continued the old W&B run online, which dropped its steps."""

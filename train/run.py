@@ -348,6 +348,11 @@ def stopped_exit_code(stop: BaseException, signals: set[int] = frozenset()) -> i
     return code if isinstance(code, int) and code != 0 else 1
 
 
+def stop_signals(signals: set[int]) -> set[int]:
+    """The stops (Ctrl-C, SIGTERM) among the signals a process received."""
+    return signals & {signal.SIGINT, signal.SIGTERM}
+
+
 def ray_trains_abort_handler(handler) -> bool:
     """Whether a SIGINT handler is the one Ray Train sets while fit() runs on workers: it aborts the run, letting
     each worker's shutdown hooks run first (CloseWandbOnStop), and the run ends in SystemExit."""
@@ -482,6 +487,13 @@ def checked_and_trained(cfg: TrainConfig) -> int:
                 leave_ray()
                 print(f"error: {refusal}", file=sys.stderr)
                 return 2
+            if stop_signals(signals.received()):  # a stop that reached the cluster first: `kill -- -PGID` on a
+                # run that started its own cluster stops its raylet too, and fit() can fail on the dead controller
+                # before this process's handler runs (then exit 1 and 'failed: ...', where the run was stopped)
+                close_open_runs()
+                leave_ray()
+                print(stopped_line(cfg), file=sys.stderr)
+                return stopped_exit_code(error, signals.received())
             traceback.print_exc()
             close_open_runs()
             leave_ray()

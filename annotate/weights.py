@@ -72,9 +72,13 @@ def load_failure(error: BaseException) -> str:
     """torch.load's failure in a line. For a file holding more than tensors, weights_only's refusal is a paragraph
     advising weights_only=False, which would run the file's code: only what it found is kept."""
     text = str(error)
-    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
-        found = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
-        found = found.split(" Please use ")[0]  # the allowlisting advice, for a file one trusts
+    if "Weights only load failed" in text:
+        body = text.split("Check the documentation")[0]
+        # an unsafe global follows "WeightsUnpickler error:"; a blocked module's function (os.system, what a
+        # malicious file calls) comes after the advice, in torch's last paragraph, which one_line cut off at 200
+        found = body.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in body else \
+            body.strip().rsplit("\n\n", 1)[-1]
+        found = " ".join(found.split()).split(" Please use ")[0]  # the allowlisting advice, for a file one trusts
         return f"holds more than tensors, refused unread: {found}"[:200]
     return one_line(error, 200)
 

@@ -60,7 +60,17 @@ def test_a_missing_or_extra_key_fails_loudly(tmp_path: Path, change: str) -> Non
     assert str(path) in str(err.value) and "\n" not in str(err.value)  # one line, as the job prints it
 
 
-@pytest.mark.parametrize("damage", ["cut short", "wrong shape", "not a dict", "pickled object"])
+class RunsCode:
+    """A pickled call of a blocked module's function (os.getpid: harmless, were it ever run), as a malicious .pth
+    holds os.system."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getpid, ())
+
+
+@pytest.mark.parametrize("damage", ["cut short", "wrong shape", "not a dict", "pickled object", "pickled code"])
 def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
     """torch's own messages run over many lines (load_state_dict lists every key); the job prints one. A file
     holding more than tensors is refused unread, without torch's advice to load it with weights_only=False."""
@@ -73,6 +83,8 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str
         torch.save(state, path)
     elif damage == "pickled object":
         torch.save({**tiny_hed_state_dict(), "extra": Path("x")}, path)
+    elif damage == "pickled code":
+        torch.save({**tiny_hed_state_dict(), "extra": RunsCode()}, path)
     else:
         torch.save([torch.zeros(1)], path)
     with pytest.raises(ValueError) as err:
@@ -80,6 +92,10 @@ def test_a_damaged_weight_file_is_one_line_naming_it(tmp_path: Path, damage: str
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     if damage == "pickled object":
         assert "holds more than tensors, refused unread: Unsupported global" in str(err.value)
+        assert "weights_only" not in str(err.value)
+    if damage == "pickled code":  # torch words this refusal otherwise: its advice first, what it found last
+        assert "holds more than tensors, refused unread: Trying to load unsupported GLOBAL" in str(err.value)
+        assert "getpid" in str(err.value)  # posix.getpid (nt. on Windows)
         assert "weights_only" not in str(err.value)
 
 

@@ -171,7 +171,8 @@ def load_pretrained_folder(load: Callable[[str], Any], folder: str | os.PathLike
         except Exception as e:
             # transformers refuses other shapes with "look at the above report", which we kept from the terminal
             mismatch = report_row("\n".join(log), "MISMATCH")
-            detail = f"shapes differ from its config's, e.g. {mismatch}" if mismatch else one_line(e, 200)
+            # load_failure: a pytorch_model.bin holding code is torch's weights-only refusal, as for a .pth
+            detail = f"shapes differ from its config's, e.g. {mismatch}" if mismatch else load_failure(e)
             raise ValueError(f"{label or folder} does not load as {what} ({type(e).__name__}: {detail})") from None
 
 

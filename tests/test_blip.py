@@ -174,6 +174,32 @@ def test_a_damaged_weight_file_is_one_line_naming_the_folder(tmp_path: Path) -> 
     assert str(folder) in str(error.value) and "\n" not in str(error.value)
 
 
+class RunsCode:
+    """A pickled call of a blocked module's function (os.getpid: harmless, were it ever run), as a malicious
+    pytorch_model.bin holds os.system."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getpid, ())
+
+
+def test_a_bin_that_pickles_code_is_refused_naming_what_it_holds(tmp_path: Path) -> None:
+    """Older hub folders hold pytorch_model.bin; transformers reads it weights-only and refuses code, in torch's
+    paragraph that opens with its advice to load it with weights_only=False (cut at 200 characters, before what
+    it found)."""
+    import torch
+
+    folder = write_tiny_blip(tmp_path)
+    (folder / "model.safetensors").unlink()
+    torch.save({"vision_model.embeddings.class_embedding": RunsCode()}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="does not load as the BLIP captioner") as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    message = str(error.value)
+    assert "refused unread: Trying to load unsupported GLOBAL" in message and "getpid" in message
+    assert "weights_only" not in message and str(folder) in message and "\n" not in message
+
+
 def test_nan_or_inf_weights_are_refused_in_one_line(weights_dir: Path, tmp_path: Path) -> None:
     """They loaded, and every caption came out ''."""
     import shutil

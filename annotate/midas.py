@@ -225,9 +225,16 @@ def model_from_original(path: str | Path) -> DPTForDepthEstimation:
 
 def model_from_folder(folder: str | Path) -> DPTForDepthEstimation:
     # the first fusion layer has no coarser level to add, so transformers never runs its residual_layer1
-    return load_complete_model(partial(DPTForDepthEstimation.from_pretrained, local_files_only=True), folder,
-                               "MiDaS DPT-Hybrid (dpt-hybrid-midas)",
-                               unused=("neck.fusion_stage.layers.0.residual_layer1.",))
+    model = load_complete_model(partial(DPTForDepthEstimation.from_pretrained, local_files_only=True), folder,
+                                "MiDaS DPT-Hybrid (dpt-hybrid-midas)",
+                                unused=("neck.fusion_stage.layers.0.residual_layer1.",))
+    # Intel/dpt-large (a DPT-BEiT too) is a whole DPT of its own config: it loaded, and the job wrote its depth maps,
+    # not those ControlNet's depth model was trained on, under the name DPT-Hybrid
+    if not model.config.is_hybrid:
+        raise ValueError(f"{folder} is not MiDaS DPT-Hybrid (dpt-hybrid-midas): its config.json is a DPT that is not "
+                         "hybrid (no ResNet stem: Intel/dpt-large's or a DPT-BEiT's), whose depth maps are not "
+                         "ControlNet's")
+    return model
 
 
 def find_midas_weights(source: str | None) -> tuple[str, Path]:

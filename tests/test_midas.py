@@ -36,6 +36,7 @@ from tests.tiny_weights.midas import (
     original_state_dict,
     tiny_dpt_config,
     write_tiny_dpt,
+    write_tiny_dpt_large,
     write_tiny_midas_original,
 )
 
@@ -287,6 +288,18 @@ def test_a_folder_or_checkpoint_missing_weights_is_refused_not_loaded_random(hf_
         with pytest.raises(ValueError, match=f"{name}.pt is not the MiDaS DPT-Hybrid checkpoint") as err:
             model_from_original(tmp_path / f"{name}.pt")
         assert "\n" not in str(err.value)
+
+
+def test_a_dpt_without_the_hybrid_backbone_is_refused_not_run_as_dpt_hybrid(tmp_path: Path) -> None:
+    """Intel/dpt-large (or a DPT-BEiT) is a DPT too, and loaded under dpt-hybrid-midas/ or as --weights itself: the
+    job wrote its depth maps, other than the ones ControlNet's depth model was trained on, and the manifest named
+    them DPT-Hybrid."""
+    large = write_tiny_dpt_large(tmp_path / "w")
+    shutil.copytree(large, tmp_path / "named" / HF_FOLDER)
+    for weights, folder in ((large, large), (tmp_path / "named", tmp_path / "named" / HF_FOLDER)):
+        with pytest.raises(ValueError, match="is not MiDaS DPT-Hybrid.*not hybrid") as err:
+            MidasAnnotator(weights=str(weights), device="cpu")
+        assert str(folder) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_nan_or_inf_weights_are_refused_in_either_layout(hf_dir: Path, original_dir: Path, tmp_path: Path) -> None:

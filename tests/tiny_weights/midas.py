@@ -52,6 +52,18 @@ def write_tiny_dpt(folder: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_tiny_dpt_large(folder: Path, seed: int = 0) -> Path:
+    """`folder`/dpt-large: a tiny DPT without the hybrid's ResNet stem (is_hybrid false: a plain ViT), as
+    Intel/dpt-large (and MiDaS's dpt_large) is laid out: another depth model users download."""
+    torch.manual_seed(seed)
+    config = DPTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                       image_size=64, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 32, 64, 64],
+                       fusion_hidden_size=32)
+    out = Path(folder) / "dpt-large"
+    DPTForDepthEstimation(config).save_pretrained(out)
+    return out
+
+
 def original_state_dict(hf: dict[str, torch.Tensor], config: DPTConfig) -> dict[str, torch.Tensor]:
     """The same tensors under the isl-org MiDaS DPTDepthModel(backbone="vitb_rn50_384") names.
 

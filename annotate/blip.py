@@ -75,6 +75,21 @@ def preprocess(images: list[np.ndarray], spec: ImageSpec) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
+def refuse_other_blip(folder: Path) -> None:
+    """A folder whose config.json names another BLIP head (Salesforce/blip-vqa-base's BlipForQuestionAnswering) is
+    refused in one line: the VQA checkpoint holds the captioner's vision model and text decoder by name, so it
+    loaded whole, and its answer decoder wrote the captions. Other models' folders lack the captioner's tensors,
+    which the load refuses; a config naming no architecture is left to it too."""
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # unreadable or not an object: the load says so
+        return
+    blip_heads = [a for a in architectures if isinstance(a, str) and a.startswith("Blip")]
+    if blip_heads and "BlipForConditionalGeneration" not in blip_heads:
+        raise ValueError(f"{folder} holds {', '.join(blip_heads)}, not BlipForConditionalGeneration (the "
+                         "captioner: Salesforce/blip-image-captioning-large or -base)")
+
+
 @dataclass
 class BlipCaptioner:
     """Batched BLIP captioning: greedy (num_beams=1) or beam search, fp16 autocast on CUDA.
@@ -100,6 +115,7 @@ class BlipCaptioner:
     def __post_init__(self) -> None:
         self._device = pick_device(self.device)
         self._folder = resolve_folder(HF_FOLDER, source=self.weights, hub_repo=HF_REPO, others=OTHER_CHECKPOINTS)
+        refuse_other_blip(self._folder)
         model = load_complete_model(partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True),
                                     self._folder, "the BLIP captioner")
         self._model = model.eval().to(self._device)

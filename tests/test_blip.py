@@ -200,6 +200,21 @@ def test_a_bin_that_pickles_code_is_refused_naming_what_it_holds(tmp_path: Path)
     assert "weights_only" not in message and str(folder) in message and "\n" not in message
 
 
+def test_a_vqa_checkpoint_is_refused_not_run_as_the_captioner(tmp_path: Path) -> None:
+    """Salesforce/blip-vqa-base holds a vision model and a text decoder under the captioner's names (beside a
+    question encoder): it loaded whole, and its answer decoder wrote every caption."""
+    from transformers import BertTokenizer, BlipForQuestionAnswering
+
+    from tests.tiny_weights.blip import tiny_blip_config
+
+    folder = write_tiny_blip(tmp_path)
+    (folder / "model.safetensors").unlink()
+    BlipForQuestionAnswering(tiny_blip_config(BertTokenizer.from_pretrained(folder))).save_pretrained(folder)
+    with pytest.raises(ValueError, match="holds BlipForQuestionAnswering, not BlipForConditionalGeneration") as error:
+        BlipCaptioner(weights=str(tmp_path), device="cpu")
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)
+
+
 def test_nan_or_inf_weights_are_refused_in_one_line(weights_dir: Path, tmp_path: Path) -> None:
     """They loaded, and every caption came out ''."""
     import shutil

@@ -477,6 +477,20 @@ def test_a_local_base_missing_a_part_the_trainer_loads_is_one_line(tmp_path, cap
     assert capsys.readouterr().err.strip().startswith("error: --base-model base/typo: no model_index.json there")
 
 
+def test_a_local_base_predicting_another_target_is_one_line_before_ray_starts(tmp_path, capsys):
+    """prediction_type "sample" (x0) trained against the noise; refused in the workers, after Ray started."""
+    from train.run import main as train
+    from train.tiny_sd import build_tiny_sd
+
+    base = build_tiny_sd(tmp_path / "base")
+    config = base / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    capsys.readouterr()
+    assert train(["--base-model", str(base), "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: --base-model {base}: its scheduler/ predicts 'sample'") and "\n" not in error
+
+
 def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_endpoint, tmp_path, capsys):
     """A --storage-path that is a file (or a bucket that does not exist) failed at the first checkpoint, after a
     segment of training, in a traceback."""

@@ -281,3 +281,18 @@ def test_a_base_whose_weights_lack_tensors_is_refused_not_trained_on_random_ones
                                          rf"\d+ of the model's tensors") as err:
         load_base_model(str(base))
     assert "\n" not in str(err.value)
+
+
+def test_a_base_predicting_another_target_is_refused_not_trained_against_the_noise(tiny_sd_path, tmp_path):
+    """A scheduler may say prediction_type "sample" (x0): the loss took every type but v_prediction for epsilon and
+    trained the ControlNet against the noise, which that base does not predict (diffusers' training scripts refuse
+    it, as validation's sampler, reading the same config, then decodes x0)."""
+    import json
+    import shutil
+
+    base = Path(shutil.copytree(tiny_sd_path, tmp_path / "base"))
+    config = base / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match=r"scheduler/ predicts 'sample'.*epsilon or v_prediction") as err:
+        load_base_model(str(base))
+    assert str(base) in str(err.value) and "\n" not in str(err.value)

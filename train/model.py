@@ -62,13 +62,26 @@ def load_base_model(base_model: str) -> BaseModel:
         load = partial(model_class.from_pretrained, **component_weights(source, subfolder, dtype_arg), **kwargs)
         return load_complete_model(load, source, f"the {subfolder}/ ({model_class.__name__}) of a base model")
 
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    refuse_prediction_type(noise_scheduler.config.prediction_type, source)
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         text_encoder=complete(CLIPTextModel, "text_encoder", dtype_arg="dtype"),
         unet=complete(UNet2DConditionModel, "unet", **diffusers_loading()),
-        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        noise_scheduler=noise_scheduler,
         vae=complete(AutoencoderKL, "vae", **diffusers_loading()) if has_vae else None,
     )
+
+
+TRAINED_PREDICTIONS = ("epsilon", "v_prediction")  # the targets diffusion_loss trains against
+
+
+def refuse_prediction_type(prediction_type: str, source: str) -> None:
+    """A base whose UNet predicts another target (diffusers' "sample", x0) is refused in one line, as diffusers'
+    training scripts refuse it: the loss trained it against the noise."""
+    if prediction_type not in TRAINED_PREDICTIONS:
+        raise ValueError(f"{source}: its scheduler/ predicts {prediction_type!r}; the trainer trains bases that "
+                         f"predict {' or '.join(TRAINED_PREDICTIONS)}")
 
 
 def component_weights(source: str, subfolder: str, dtype_arg: str = "torch_dtype") -> dict[str, Any]:
@@ -135,6 +148,11 @@ def check_local_base_model(base_model: str) -> None:
     if missing:
         raise FileNotFoundError(f"--base-model {base_model}: {'; '.join(missing)} (the trainer loads the tokenizer, "
                                 "text encoder, UNet, scheduler and, for a latent model, the VAE)")
+    try:  # diffusers' default, where the config leaves it out, is epsilon
+        scheduler = json.loads((local / "scheduler" / "scheduler_config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"--base-model {base_model}: scheduler/scheduler_config.json is not JSON ({e})") from None
+    refuse_prediction_type(scheduler.get("prediction_type", "epsilon"), f"--base-model {base_model}")
 
 
 def names_local_path(model: str) -> bool:

@@ -116,8 +116,9 @@ class BlipCaptioner:
         self._device = pick_device(self.device)
         self._folder = resolve_folder(HF_FOLDER, source=self.weights, hub_repo=HF_REPO, others=OTHER_CHECKPOINTS)
         refuse_other_blip(self._folder)
-        model = load_complete_model(partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True),
-                                    self._folder, "the BLIP captioner")
+        # fp32 whatever the file's dtype (transformers 5 keeps a file's fp16): autocast runs it in fp16 on CUDA
+        load = partial(BlipForConditionalGeneration.from_pretrained, local_files_only=True, dtype=torch.float32)
+        model = load_complete_model(load, self._folder, "the BLIP captioner")
         self._model = model.eval().to(self._device)
         if not any((self._folder / name).is_file() for name in TOKENIZER_FILES):  # AutoTokenizer then makes one of
             # 5 tokens from the config alone, and every caption is ''

@@ -224,8 +224,10 @@ def model_from_original(path: str | Path) -> DPTForDepthEstimation:
 
 
 def model_from_folder(folder: str | Path) -> DPTForDepthEstimation:
-    # the first fusion layer has no coarser level to add, so transformers never runs its residual_layer1
-    model = load_complete_model(partial(DPTForDepthEstimation.from_pretrained, local_files_only=True), folder,
+    # the first fusion layer has no coarser level to add, so transformers never runs its residual_layer1; fp32
+    # whatever the file's dtype, as the original checkpoint (transformers 5 keeps a file's fp16, and CPU batches failed)
+    load = partial(DPTForDepthEstimation.from_pretrained, local_files_only=True, dtype=torch.float32)
+    model = load_complete_model(load, folder,
                                 "MiDaS DPT-Hybrid (dpt-hybrid-midas)",
                                 unused=("neck.fusion_stage.layers.0.residual_layer1.",))
     # Intel/dpt-large (a DPT-BEiT too) is a whole DPT of its own config: it loaded, and the job wrote its depth maps,

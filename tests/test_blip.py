@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import huggingface_hub
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from annotate import build_captioner
@@ -198,6 +200,17 @@ def test_a_bin_that_pickles_code_is_refused_naming_what_it_holds(tmp_path: Path)
     message = str(error.value)
     assert "refused unread: Trying to load unsupported GLOBAL" in message and "getpid" in message
     assert "weights_only" not in message and str(folder) in message and "\n" not in message
+
+
+def test_a_folder_saved_in_fp16_loads_as_fp32(weights_dir: Path, tmp_path: Path) -> None:
+    """transformers 5 loads a checkpoint in the dtype it was saved in: a folder saved in fp16 captioned in fp16 on
+    the CPU, and on CUDA without autocast's fp32 master copy; the captioner holds fp32 weights, as from fp32 files."""
+    from transformers import BlipForConditionalGeneration
+
+    shutil.copytree(weights_dir / HF_FOLDER, tmp_path / HF_FOLDER)
+    BlipForConditionalGeneration.from_pretrained(tmp_path / HF_FOLDER).half().save_pretrained(tmp_path / HF_FOLDER)
+    half = BlipCaptioner(weights=str(tmp_path), device="cpu", max_new_tokens=4)
+    assert {p.dtype for p in half._model.parameters()} == {torch.float32}
 
 
 def test_a_vqa_checkpoint_is_refused_not_run_as_the_captioner(tmp_path: Path) -> None:

@@ -148,6 +148,18 @@ def test_original_checkpoint_gives_the_same_maps_as_the_hf_folder(
         assert np.abs(a.condition.astype(int) - b.condition.astype(int)).max() <= 1
 
 
+def test_a_folder_saved_in_fp16_loads_as_fp32_as_the_original_checkpoint_does(hf_dir: Path, tmp_path: Path) -> None:
+    """transformers 5 loads a checkpoint in the dtype it was saved in: a dpt-hybrid-midas/ saved in fp16 (half the
+    disk) loaded as fp16, and every batch failed on the CPU (float input, half weights); the original .pt is cast to
+    fp32 when loaded, and so is the folder now (CUDA runs it under autocast, as the fp32 files)."""
+    model = DPTForDepthEstimation.from_pretrained(hf_dir / HF_FOLDER).half()
+    model.save_pretrained(tmp_path / HF_FOLDER)
+    half = MidasAnnotator(weights=str(tmp_path), device="cpu", detect_resolution=64)
+    assert {p.dtype for p in half._model.parameters()} == {torch.float32}
+    [annotation] = half([scene()], ["a"])
+    assert annotation.condition.shape == (64, 64) and annotation.condition.max() == 255
+
+
 def test_checkpoint_file_itself_can_be_the_weights_argument(original_dir: Path) -> None:
     annotator = MidasAnnotator(weights=str(original_dir / ORIGINAL_FILE), device="cpu", detect_resolution=64)
     assert annotator.describe()["weights_format"] == "original"

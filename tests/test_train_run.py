@@ -136,6 +136,24 @@ def test_a_killed_worker_is_restarted_from_its_last_checkpoint_on_s3(dataset, s3
     assert run["final_step"] == 40 and run["resumed_from"] is not None and run["resumed_from"] % 5 == 0
 
 
+def test_a_run_resumed_in_local_mode_resumes_on_workers_again(dataset, storage, capsys):
+    """Local mode prunes the run's checkpoints itself, those Ray Train recorded too: its record
+    (checkpoint_manager_snapshot.json) then named a folder that was gone, and Ray Train refused to start the run on
+    workers again ("a corrupted run directory"): the command failed, saying that the same command resumes it, for
+    good."""
+    name = "modes"
+    cfg = config(dataset, storage, name, validate_every=0, checkpoint_every=1, keep_checkpoints=1)
+    build_trainer(dataclasses.replace(cfg, num_workers=1, max_steps=2)).fit()  # Ray Train records step 2
+    build_trainer(dataclasses.replace(cfg, max_steps=3)).fit()  # local mode: step 3, and step 2 pruned
+    assert not (storage / name / "checkpoint_step00000002").exists()
+    assert "checkpoint_step00000002" in (storage / name / "checkpoint_manager_snapshot.json").read_text()
+    capsys.readouterr()
+    result = build_trainer(dataclasses.replace(cfg, num_workers=1, max_steps=4)).fit()
+    assert result.metrics["step"] == 4 and results(storage, name)["resumed_from"] == 3
+    assert "Ray Train's record of the run names checkpoint_step00000002, deleted since" in capsys.readouterr().out
+    assert sorted(p.name for p in (storage / name).glob("checkpoint_step*")) == ["checkpoint_step00000004"]
+
+
 def test_validation_is_held_out_of_training(dataset):
     from train.data import DataSource
     from train.loop import split_validation

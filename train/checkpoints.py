@@ -18,6 +18,7 @@ from pipeline.format import retried
 
 PROGRESS_FILE = "progress.json"  # written last into a checkpoint: a checkpoint without it is incomplete
 RAY_STORAGE_MARKER = ".validate_storage_marker"  # Ray Train's controller writes it into the run's folder
+RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it was reported, in the run
 
 
 def run_url(storage_path: str, run_name: str) -> str:
@@ -229,6 +230,31 @@ def _retire_unrecorded(run: str, unrecorded: list[str], keep: int) -> list[str]:
     for url in sorted(retired):
         _remove(url)
     return [url for url in unrecorded if url in present and url not in retired]  # one gone (by hand) is forgotten
+
+
+def recorded_names(record: dict) -> set[str]:
+    """The checkpoint folders Ray Train's record (RAY_RECORD, as parsed) names: those it keeps, and its latest."""
+    results = [*record.get("checkpoint_results", []), record.get("latest_checkpoint_result") or {}]
+    return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+
+
+def forget_stale_ray_record(run: str) -> list[str]:
+    """Delete Ray Train's record of the run's checkpoints where it names a folder that is gone (local mode prunes the
+    run's checkpoints itself, those Ray recorded too): Ray Train refuses to start a run whose record names a missing
+    checkpoint ("a corrupted run directory"), so a run resumed once in local mode could never go on on workers.
+    Without the record, train.loop.restore resumes from the newest complete checkpoint on storage, and retires the
+    ones Ray had recorded as they age out. The missing folders' names."""
+    fs, root = fsspec.core.url_to_fs(run)
+    record = f"{root.rstrip('/')}/{RAY_RECORD}"
+    try:
+        names = recorded_names(json.loads(fs.cat_file(record)))
+    except FileNotFoundError:
+        return []
+    present = {url.rstrip("/").rsplit("/", 1)[-1] for url in checkpoint_folders(run)}
+    missing = sorted(names - present)
+    if missing:
+        fs.rm_file(record)
+    return missing
 
 
 def fetch(url: str, folder: Path) -> Path:

@@ -32,7 +32,7 @@ from pipeline.format import (
     join_ray,
     refusing_storage_failures,
 )
-from train.checkpoints import damaged_checkpoints, latest_checkpoint, run_url, step_of
+from train.checkpoints import damaged_checkpoints, forget_stale_ray_record, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
 from train.loop import RunRefused, split_validation, train_loop_per_worker
 from train.plots import curves_of
@@ -184,6 +184,11 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             print(f"passing over {damaged}: it lacks a file, or holds one cut short, since it was written", flush=True)
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
+    if not local:
+        gone = forget_stale_ray_record(run_url(cfg.storage_path, cfg.run_name))
+        if gone:
+            print(f"Ray Train's record of the run names {', '.join(gone)}, deleted since (pruned by a run in local "
+                  "mode): it is dropped, and the run goes on from its newest complete checkpoint", flush=True)
     if local:
         quiet_local_mode_reports()
     return TorchTrainer(

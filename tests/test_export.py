@@ -190,6 +190,30 @@ def test_exported_files_are_readable_as_the_umask_says_not_by_their_owner_alone(
         path.name: 0o644 for path in written}
 
 
+def test_what_a_killed_export_left_beside_its_out_is_cleared_and_a_live_ones_kept(tmp_path, python, checkpoint):
+    """An export writes into a sibling of --out (.<out>.tmp-...) and then moves it into place: a kill -9 meanwhile
+    left that sibling, a whole copy of the weights (1.4 GB for SD 1.5's ControlNet), and no later export of the same
+    --out removed it, each killed one adding its own."""
+    import signal
+    import socket
+    import time
+
+    out = tmp_path / "diffusers"
+    command = [python, "-m", "train.export", str(checkpoint), "--format", "diffusers", "--out", str(out)]
+    killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".diffusers.*")) and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [left] = tmp_path.glob(".diffusers.*")  # what the kill left, as it was
+    live = tmp_path / f".diffusers.tmp-{socket.gethostname()}-{os.getppid()}"  # an export running now
+    live.mkdir()
+    export.main([str(checkpoint), "--format", "diffusers", "--out", str(out)])
+    assert not left.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "diffusers"])
+
+
 def test_export_original_round_trips_through_diffusers_converter(tmp_path, checkpoint, controlnet):
     out = tmp_path / "control_tiny.safetensors"
     export.main([str(checkpoint), "--format", "original", "--out", str(out)])

@@ -2,10 +2,12 @@
 with the SD UNet whose decoder the large-scale mode trained beside it"""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -304,8 +306,34 @@ def check_targets(controlnet: Path, out: Path, fmt: str, force: bool) -> None:
         check_target(unet_folder(out), fmt, force, UNET_CLASS)
 
 
-def temp_sibling(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+def temp_sibling(out: Path, kind: str = "tmp") -> Path:
+    """Where `out` is written before it moves into place (tmp), or where the export it replaces waits meanwhile (old):
+    named for this host and process, so that a later export clears what a killed one left (clear_left_siblings)."""
+    return out.with_name(f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def clear_left_siblings(out: Path) -> list[Path]:
+    """Remove the temp siblings of `out` that exports killed on this host left (each a whole copy of the weights,
+    which nothing else removes); a live export's stay. The paths removed."""
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = temp_sibling(out, kind).name.rsplit("-", 1)[0] + "-"
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = path.name.removeprefix(prefix)
+            if pid.isdigit() and not alive(int(pid)):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another account's
+        return True
+    return True
 
 
 def new_file_mode() -> int:
@@ -329,7 +357,7 @@ def replace(tmp: Path, out: Path) -> None:
     """Move a finished tmp into place; a previous export at `out` goes only once the new one is whole."""
     readable_as_umask_says(tmp)
     if out.is_dir():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = temp_sibling(out, "old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old)
@@ -397,6 +425,8 @@ def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.flo
     unet = trained_unet(decoder, dtype) if decoder else None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for target in (out, unet_folder(out)):
+        clear_left_siblings(target)
     return {"diffusers": write_diffusers, "original": write_original}[fmt](controlnet, unet, out)
 
 

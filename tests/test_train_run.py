@@ -154,6 +154,23 @@ def test_a_run_resumed_in_local_mode_resumes_on_workers_again(dataset, storage, 
     assert sorted(p.name for p in (storage / name).glob("checkpoint_step*")) == ["checkpoint_step00000004"]
 
 
+def test_a_run_run_again_at_its_last_step_keeps_no_more_checkpoints_than_asked(dataset, storage):
+    """Checkpoints are pruned as each new one is published: a run restored at --max-steps publishes none, so what a
+    stop had left past --keep-checkpoints stayed for good once the same command finished the run (a stop after the
+    last checkpoint, before Ray Train recorded the checkpoints it was reported: 3, 6, 9 and 12 kept at 2). Here a
+    lowered --keep-checkpoints leaves the same excess, on workers (the checkpoints Ray never recorded) and in local
+    mode."""
+    name = "kept"
+    cfg = config(dataset, storage, name, validate_every=0, checkpoint_every=1, max_steps=3, keep_checkpoints=3)
+    build_trainer(cfg).fit()
+    kept = lambda: sorted(p.name for p in (storage / name).glob("checkpoint_step*"))  # noqa: E731
+    assert kept() == [f"checkpoint_step0000000{s}" for s in (1, 2, 3)]
+    build_trainer(dataclasses.replace(cfg, num_workers=1, keep_checkpoints=2)).fit()
+    assert kept() == ["checkpoint_step00000002", "checkpoint_step00000003"]
+    build_trainer(dataclasses.replace(cfg, keep_checkpoints=1)).fit()
+    assert kept() == ["checkpoint_step00000003"] and results(storage, name)["final_step"] == 3
+
+
 def test_validation_is_held_out_of_training(dataset):
     from train.data import DataSource
     from train.loop import split_validation

@@ -661,6 +661,23 @@ def report_checkpoint(trainer: Trainer, metrics: dict[str, Any], local: bool) ->
                 trainer.state.unrecorded = retire_unrecorded(run, trainer.state.unrecorded, cfg.keep_checkpoints)
 
 
+def prune_when_nothing_to_train(trainer: Trainer, local: bool) -> None:
+    """Prune the run's checkpoints to --keep-checkpoints as a new one would (report_checkpoint), on rank 0: a run
+    restored at --max-steps publishes none, so what a stop had left past the number (on workers, the checkpoints Ray
+    Train was reported but had not recorded yet; in local mode, one published but not pruned yet) stayed for good
+    once the same command had finished the run."""
+    from train.checkpoints import prune, retire_unrecorded, run_url
+
+    cfg = trainer.cfg
+    run = run_url(cfg.storage_path, cfg.run_name)
+    if trainer.rank != 0:
+        return
+    if local:
+        prune(run, cfg.keep_checkpoints)
+    elif trainer.state.unrecorded:  # (Ray Train's own are Ray's to prune)
+        trainer.state.unrecorded = retire_unrecorded(run, trainer.state.unrecorded, cfg.keep_checkpoints)
+
+
 def pick_device(cfg: TrainConfig, local: bool) -> torch.device:
     """Ray Train's device for this worker; in local mode it takes CUDA whenever there is one, so --use-gpu False
     is honoured here."""
@@ -741,6 +758,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
     if (refusal := agreed_refusal(refusal, rank_zero)) is not None:
         return refusal
     restore(trainer, cfg, local)
+    if trainer.state.step >= cfg.max_steps:
+        prune_when_nothing_to_train(trainer, local)
     if trainer.state.step >= cfg.max_steps and results_written_at(cfg, trainer.state.step):
         return  # submitted again once finished: its results and W&B run stand as the run left them
     if cfg.unlock_decoder_at is not None and not trainer.state.decoder_unlocked \

@@ -136,7 +136,7 @@ def test_a_killed_worker_is_restarted_from_its_last_checkpoint_on_s3(dataset, s3
     assert run["final_step"] == 40 and run["resumed_from"] is not None and run["resumed_from"] % 5 == 0
 
 
-def test_a_run_resumed_in_local_mode_resumes_on_workers_again(dataset, storage, capsys):
+def test_a_run_resumed_in_local_mode_or_whose_ray_record_was_cut_short_resumes_on_workers(dataset, storage, capsys):
     """Local mode prunes the run's checkpoints itself, those Ray Train recorded too: its record
     (checkpoint_manager_snapshot.json) then named a folder that was gone, and Ray Train refused to start the run on
     workers again ("a corrupted run directory"): the command failed, saying that the same command resumes it, for
@@ -152,6 +152,11 @@ def test_a_run_resumed_in_local_mode_resumes_on_workers_again(dataset, storage, 
     assert result.metrics["step"] == 4 and results(storage, name)["resumed_from"] == 3
     assert "Ray Train's record of the run names checkpoint_step00000002, deleted since" in capsys.readouterr().out
     assert sorted(p.name for p in (storage / name).glob("checkpoint_step*")) == ["checkpoint_step00000004"]
+    (storage / name / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_results": [{"checkpoint_d')
+    capsys.readouterr()  # a kill cut Ray's write of its record short (it writes it in place): Ray refused the run
+    result = build_trainer(dataclasses.replace(cfg, num_workers=1, max_steps=5)).fit()
+    assert result.metrics["step"] == 5 and results(storage, name)["resumed_from"] == 4
+    assert "Ray Train's record of the run cannot be read" in capsys.readouterr().out
 
 
 def test_a_run_run_again_at_its_last_step_keeps_no_more_checkpoints_than_asked(dataset, storage):

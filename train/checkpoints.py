@@ -238,23 +238,28 @@ def recorded_names(record: dict) -> set[str]:
     return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
 
 
-def forget_stale_ray_record(run: str) -> list[str]:
+def forget_stale_ray_record(run: str) -> str | None:
     """Delete Ray Train's record of the run's checkpoints where it names a folder that is gone (local mode prunes the
-    run's checkpoints itself, those Ray recorded too): Ray Train refuses to start a run whose record names a missing
-    checkpoint ("a corrupted run directory"), so a run resumed once in local mode could never go on on workers.
+    run's checkpoints itself, those Ray recorded too), or cannot be read (Ray writes it in place: on local disk a kill
+    in that write leaves it empty or cut short): Ray Train refuses to start a run whose record names a missing
+    checkpoint or does not parse ("a corrupted run directory"), so such a run could never go on on workers.
     Without the record, train.loop.restore resumes from the newest complete checkpoint on storage, and retires the
-    ones Ray had recorded as they age out. The missing folders' names."""
+    ones Ray had recorded as they age out. What was wrong with the record it deleted, if it did."""
     fs, root = fsspec.core.url_to_fs(run)
     record = f"{root.rstrip('/')}/{RAY_RECORD}"
     try:
         names = recorded_names(json.loads(fs.cat_file(record)))
     except FileNotFoundError:
-        return []
+        return None
+    except (ValueError, AttributeError, TypeError, KeyError):  # not JSON (UnicodeDecodeError too), or not a record
+        fs.rm_file(record)
+        return "cannot be read (a kill cut its write short)"
     present = {url.rstrip("/").rsplit("/", 1)[-1] for url in checkpoint_folders(run)}
     missing = sorted(names - present)
-    if missing:
-        fs.rm_file(record)
-    return missing
+    if not missing:
+        return None
+    fs.rm_file(record)
+    return f"names {', '.join(missing)}, deleted since (pruned by a run in local mode)"
 
 
 def fetch(url: str, folder: Path) -> Path:

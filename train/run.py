@@ -185,10 +185,10 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     if resume:
         print(f"resuming {cfg.run_name} from {resume}", flush=True)
     if not local:
-        gone = forget_stale_ray_record(run_url(cfg.storage_path, cfg.run_name))
-        if gone:
-            print(f"Ray Train's record of the run names {', '.join(gone)}, deleted since (pruned by a run in local "
-                  "mode): it is dropped, and the run goes on from its newest complete checkpoint", flush=True)
+        stale = forget_stale_ray_record(run_url(cfg.storage_path, cfg.run_name))
+        if stale:
+            print(f"Ray Train's record of the run {stale}: it is dropped, and the run goes on from its newest complete "
+                  "checkpoint", flush=True)
     if local:
         quiet_local_mode_reports()
     return TorchTrainer(

@@ -98,6 +98,35 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
     assert not (storage / "abl-24").exists() and "\n" not in error
 
 
+def test_a_size_that_fails_after_a_stop_reached_it_ends_the_sweep_as_stopped(dataset, tmp_path, monkeypatch,
+                                                                               capsys):
+    """SIGTERM to the process group of a sweep that started its own cluster stops its raylet too: a size's run
+    could fail before the sweep's handler ran, and the sweep said it failed, then started the next size."""
+    import os
+    import signal
+    import time
+
+    import train.sweep as sweep_module
+
+    trained = []
+
+    def failing_on_the_stopped_cluster(cfg):
+        trained.append(cfg.run_name)
+        took = signal.signal(signal.SIGTERM, lambda *_: None)  # its SystemExit not raised yet, as in the race
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # Python runs handlers between bytecodes
+        finally:
+            signal.signal(signal.SIGTERM, took)
+        raise RuntimeError("the Ray Train controller died")
+
+    monkeypatch.setattr(sweep_module, "train", failing_on_the_stopped_cluster)
+    assert run_sweep(dataset, tmp_path / "runs", "8,16", "--no-report") == 143
+    err = capsys.readouterr().err
+    assert trained == ["abl-8"] and "failed" not in err, err
+    assert err.strip().splitlines()[-1].startswith("[sweep] stopped: the same command resumes")
+
+
 def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
     assert run_sweep(dataset, tmp_path, "8,49") == 2
     assert capsys.readouterr().err.strip() == \

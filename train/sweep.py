@@ -103,10 +103,12 @@ def run_resources(cfg: TrainConfig) -> dict[str, float]:
     return {"CPU": cfg.num_workers * cpus_per_worker(cfg, use_gpu), "GPU": cfg.num_workers * float(use_gpu)}
 
 
-def train_all(configs: list[TrainConfig], slots: int) -> dict[str, str]:
+def train_all(configs: list[TrainConfig], slots: int, stopped=lambda: False) -> dict[str, str]:
     """Train the runs, `slots` at a time (each in a thread of this driver: Ray Train schedules its workers on the
     cluster); the runs that did not finish, each "failed" (the same command resumes it) or "refused" (a setting
-    it cannot train with, train.loop.RunRefused: the same command would be refused again until that is put right)."""
+    it cannot train with, train.loop.RunRefused: the same command would be refused again until that is put right).
+    A run that fails once `stopped()` (a stop signal came) ends the sweep as that stop: SIGTERM to the process group
+    of a sweep that started its own cluster stops its raylet too, and the run fails before the handler runs."""
     from concurrent.futures import ThreadPoolExecutor
 
     from train.loop import RunRefused
@@ -119,6 +121,8 @@ def train_all(configs: list[TrainConfig], slots: int) -> dict[str, str]:
             train(cfg)
             return None
         except Exception as e:  # one failed size must not cost the others; re-running resumes it
+            if stopped():  # not failed (nor the next size started): main takes the stop's line and code
+                raise SystemExit(1) from e
             outcome = "refused" if isinstance(root_error(e), RunRefused) else "failed"
             if not stopping.is_set():
                 said = str(e) if outcome == "refused" else f"{type(e).__name__}: {e}"
@@ -275,23 +279,23 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         todo.append(cfg)
     from pipeline.format import ClusterUnreachable
-    from train.run import SignalLog, exit_on_sigterm, stopped_exit_code
+    from train.run import SignalLog, exit_on_sigterm, stop_signals, stopped_exit_code
 
     slots = 1
     with exit_on_sigterm(), SignalLog() as signals:  # as train/run.py: SIGTERM stops the sweep as Ctrl-C does
         try:
             if todo and base.num_workers > 0:
                 slots = sizes_at_once(base, len(todo), args.concurrent)
-            unfinished = train_all(todo, slots)
+            unfinished = train_all(todo, slots, stopped=lambda: bool(stop_signals(signals.received())))
         except ClusterUnreachable as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
             # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
-            import ray  # imported already: train.run, which every run goes through, imports it
+            from train.run import leave_ray
 
-            if slots <= 1 and ray.is_initialized():
-                ray.shutdown()  # now, so that the line below is the last one
+            if slots <= 1:
+                leave_ray()  # now, so that the line below is the last one (a caller's own Ray, a notebook's, stays)
             print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
                   file=sys.stderr, flush=True)
             code = stopped_exit_code(stop, signals.received())

@@ -491,6 +491,87 @@ def test_a_local_base_predicting_another_target_is_one_line_before_ray_starts(tm
     assert error.startswith(f"error: --base-model {base}: its scheduler/ predicts 'sample'") and "\n" not in error
 
 
+def test_a_local_base_with_a_weight_file_cut_short_is_one_line_before_ray_starts(python, tmp_path):
+    """A UNet file cut short (a download stopped) passed the check, which looks at the folders: the workers failed
+    loading it, in a traceback, and Ray Train loaded the base again --max-failures times before the failed line."""
+    from train.tiny_sd import build_tiny_sd
+
+    base = build_tiny_sd(tmp_path / "base")
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    run = subprocess.run([python, "train/run.py", "--base-model", str(base), "--run-name", "t", "--storage-path",
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2 and run.stderr.strip().startswith(
+        f"error: --base-model {base}: unet/diffusion_pytorch_model.safetensors does not read ("), run.stderr[-2000:]
+    assert run.stderr.strip().count("\n") == 0 and "Ray" not in run.stdout + run.stderr
+
+
+def test_a_local_base_whose_weights_lack_tensors_or_do_not_read_is_one_line(tmp_path, capsys):
+    """Found from the files' headers (safetensors) or their zip index (a .bin), against the tensors of a model built
+    from the component's config.json on the meta device: nothing of the weights is read."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from train.run import main as train
+    from train.tiny_sd import build_tiny_sd
+
+    def refused(base: Path) -> str:
+        assert train(["--base-model", str(base), "--run-name", "t", "--storage-path", str(tmp_path / "runs")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: --base-model {base}: ") and "\n" not in error, error
+        return error
+
+    base = build_tiny_sd(tmp_path / "base")
+    capsys.readouterr()
+    vae = base / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(vae)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("decoder.conv_out.")}, vae)
+    assert "vae/: its weights lack 2 of the AutoencoderKL's tensors (e.g. ['decoder.conv_out.bias', " \
+           "'decoder.conv_out.weight'])" in refused(base)
+    save_file(tensors, vae)
+    # a text encoder saved as pytorch_model.bin: its zip index read (mmap, on the meta device), its tensors not
+    encoder = base / "text_encoder" / "model.safetensors"
+    tensors = load_file(encoder)
+    encoder.unlink()
+    bin_file = base / "text_encoder" / "pytorch_model.bin"
+    torch.save({k: v for k, v in tensors.items() if "final_layer_norm" not in k}, bin_file)
+    assert "text_encoder/: its weights lack 2 of the CLIPTextModel's tensors" in refused(base)
+    torch.save(tensors, bin_file)
+    bin_file.write_bytes(bin_file.read_bytes()[:-100])
+    assert "text_encoder/pytorch_model.bin does not read (" in refused(base)
+    torch.save(tensors, bin_file)
+    # the whole base, with its text encoder as .bin, passes the check (the run then stops at the missing --data)
+    assert train(["--base-model", str(base), "--data", str(tmp_path / "typo"), "--run-name", "t",
+                  "--storage-path", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --data {tmp_path / 'typo'}: no such dataset folder"
+
+
+def test_a_local_base_holding_nan_ends_the_run_at_its_first_attempt(canny64, tmp_path, capsys, worker_errors):
+    """NaN is found where the workers load the base (the driver reads no tensor): raised there, the refusal failed
+    the worker group, which Ray Train restarted --max-failures times, each loading the base again, then a traceback
+    and a failed line; now every rank returns it, and the command says it in one line, exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    from train.run import main as train
+    from train.tiny_sd import build_tiny_sd
+
+    base = build_tiny_sd(tmp_path / "base")
+    unet = base / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(unet)
+    tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, unet)
+    capsys.readouterr()
+    assert train(["--preset", "debug", "--base-model", str(base), "--data", str(canny64), "--run-name", "nan",
+                  "--storage-path", str(tmp_path / "runs"), "--wandb", "off", "--max-steps", "2",
+                  "--num-workers", "1", "--max-failures", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "Traceback" not in error and error.splitlines()[-1].startswith(f"error: --base-model {base} is not the "
+                                                                          "unet/ (UNet2DConditionModel)"), error
+    assert "NaN or inf in 1 of its" in error
+    assert not worker_errors.exists(), worker_errors.read_text()  # no attempt failed: none was retried
+
+
 def test_storage_that_cannot_be_written_is_one_line_before_training(canny64, s3_endpoint, tmp_path, capsys):
     """A --storage-path that is a file (or a bucket that does not exist) failed at the first checkpoint, after a
     segment of training, in a traceback."""

@@ -185,6 +185,18 @@ def initial_controlnet(cfg: TrainConfig, base: BaseModel) -> nn.Module:
         raise RunRefused(f"--controlnet {e}") from None
 
 
+def base_model_or_refusal(base_model: str) -> BaseModel:
+    """load_base_model, whose one-line refusals (ValueError: a component holding NaN, which the driver's check
+    reads no tensor to find; a hub id's or a remote base's weights cut short or lacking tensors) are a RunRefused:
+    raised as they were, they failed the worker group, which Ray Train restarted --max-failures times, each
+    loading the base again, for the same refusal. Other errors (a hub or bucket that does not answer) stay
+    failures, which a restart may get past."""
+    try:
+        return load_base_model(base_model)
+    except ValueError as e:
+        raise RunRefused(f"--base-model {e}") from None
+
+
 class Trainer:
     """Holds the models, optimizer and data stream of one rank; `train()` is the whole loop."""
 
@@ -197,7 +209,7 @@ class Trainer:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
         autotune_convolutions(device)
-        self.base = base if base is not None else load_base_model(cfg.base_model)
+        self.base = base if base is not None else base_model_or_refusal(cfg.base_model)
         self.vae_made_the_latents = False
         if stored_latents and self.base.vae is not None:
             from annotate.latents import made_the_latents
@@ -753,7 +765,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
     trainer, refusal = None, None
     try:
         trainer = Trainer(cfg, rank, world_size, device, stored_latents=manifest.get("latents"))
-    except RunRefused as found:  # a remote --controlnet, first read here, that is not whole or does not fit the base
+    except RunRefused as found:  # a base that does not load whole, a remote --controlnet that does not fit it, ...
         refusal = found
     if (refusal := agreed_refusal(refusal, rank_zero)) is not None:
         return refusal

@@ -148,6 +148,9 @@ def check_local_base_model(base_model: str) -> None:
     if missing:
         raise FileNotFoundError(f"--base-model {base_model}: {'; '.join(missing)} (the trainer loads the tokenizer, "
                                 "text encoder, UNet, scheduler and, for a latent model, the VAE)")
+    unfit = [refusal for name in weighted_components(local) if (refusal := weights_refusal(local, name))]
+    if unfit:
+        raise ValueError(f"--base-model {base_model}: {'; '.join(unfit)}")
     try:  # diffusers' default, where the config leaves it out, is epsilon
         scheduler = json.loads((local / "scheduler" / "scheduler_config.json").read_text())
     except ValueError as e:
@@ -186,6 +189,106 @@ def missing_components(folder: Path) -> list[str]:
         elif has_weights and not any(p.suffix in (".safetensors", ".bin") for p in component.iterdir()):
             missing.append(f"{name}/: no weights (.safetensors or .bin)")
     return missing
+
+
+# the class load_base_model builds each weighted component as, whatever model_index.json names
+BASE_CLASSES = {"text_encoder": ("transformers", "CLIPTextModel"), "unet": ("diffusers", "UNet2DConditionModel"),
+                "vae": ("diffusers", "AutoencoderKL")}
+
+
+def weighted_components(folder: Path) -> list[str]:
+    """The components of a (structurally whole: missing_components) local base whose weights load_base_model loads."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return [name for name in BASE_CLASSES if name != "vae" or index.get("vae") not in (None, [None, None])]
+
+
+def weights_refusal(folder: Path, name: str) -> str | None:
+    """Why a local base's component would not load whole ('unet/diffusion_pytorch_model.safetensors does not read
+    (...)', 'vae/: its weights lack 2 of the AutoencoderKL's tensors (...)'), or None, from the files' indexes alone:
+    the tensor names a model built from its config.json on the meta device holds (no memory, ~0.1 s for SD 1.5's
+    UNet) against those its weight files name (safetensors' headers; a .bin's zip index). The workers load the
+    base after Ray starts: a file cut short or lacking tensors failed there, in a traceback, and each of Ray
+    Train's --max-failures restarts loaded the base again. NaN needs the tensors read: the workers find it
+    (load_complete_model) and end the run at its first attempt (RunRefused)."""
+    import importlib
+
+    from annotate.weights import load_failure, one_line
+
+    library, class_name = BASE_CLASSES[name]
+    model_class = getattr(importlib.import_module(library), class_name)
+    try:
+        with torch.device("meta"):
+            if library == "transformers":
+                model = model_class._from_config(model_class.config_class.from_pretrained(folder / name))
+            else:
+                model = model_class.from_config(model_class.load_config(folder / name))
+    except Exception as e:
+        return f"{name}/config.json does not build a {class_name} ({type(e).__name__}: {one_line(e)})"
+    files = component_weight_files(folder, name)
+    if not files:
+        return f"{name}/: no weight file of the names from_pretrained reads (e.g. diffusion_pytorch_model.safetensors)"
+    found: set[str] = set()
+    for path in files:
+        try:
+            names = tensor_names(path)
+        except Exception as e:  # SafetensorError, RuntimeError (a zip cut short), UnpicklingError (code in a .bin)
+            return f"{name}/{path.name} does not read ({type(e).__name__}: {load_failure(e)})"
+        if names is None:
+            return None  # a legacy .bin: the workers read it
+        found |= names
+    missing = sorted(set(model.state_dict()) - loaded_names(model, found))
+    if missing:
+        return f"{name}/: its weights lack {len(missing)} of the {class_name}'s tensors (e.g. {missing[:3]})"
+    return None
+
+
+def component_weight_files(folder: Path, name: str) -> list[Path]:
+    """The weight files from_pretrained reads for a component: its variant's where it holds only those
+    (weights_variant), its safetensors where it has any (diffusers and transformers prefer them), else its .bin;
+    every shard of a sharded one."""
+    from annotate.weights import _PLAIN_WEIGHTS, _VARIANT_WEIGHTS, weights_variant
+
+    variant = weights_variant(str(folder), name)
+
+    def read(file: str) -> bool:
+        match = _VARIANT_WEIGHTS.fullmatch(file) if variant else _PLAIN_WEIGHTS.fullmatch(file)
+        return bool(match) and (not variant or match.group(2) == variant)
+
+    files = sorted(p for p in (folder / name).iterdir() if read(p.name))
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    return safetensors or files
+
+
+def tensor_names(path: Path) -> set[str] | None:
+    """The names of the tensors a weight file holds, without reading them. safetensors' safe_open refuses a file
+    shorter than its header's last tensor ends (cut short); a .bin (torch's zip) is read as its index, mmapped, its
+    tensors on the meta device: one cut short has no central directory, one holding code is refused unrun
+    (weights_only). None for a .bin in torch's legacy format (before 1.6), which cannot be mmapped: reading it whole
+    here would load a multi-GB UNet twice, so the workers check it."""
+    from safetensors import safe_open
+
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # a zip's first bytes; a legacy file is a pickle
+            return None
+    return set(torch.load(path, map_location="meta", mmap=True, weights_only=True))
+
+
+def loaded_names(model: nn.Module, found: set[str]) -> set[str]:
+    """The model's tensor names that a file naming `found` fills, as from_pretrained maps them: diffusers renames a
+    VAE's attention weights saved under their old names (query -> to_q, ...); transformers fills a model from a
+    file saved with its base model's prefix ('clip.') or without the one it has."""
+    renamed = dict.fromkeys(found)
+    fix = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if fix is not None:
+        fix(renamed)
+    names = set(renamed)
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix:
+        names |= {n.removeprefix(f"{prefix}.") for n in names} | {f"{prefix}.{n}" for n in names}
+    return names
 
 
 def plain_attention_on_cpu(device: torch.device, *modules: nn.Module) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,21 @@ def vae_source(base_model: str) -> str:
     return str(fetch_folder(base_model.rstrip("/") + "/vae").parent)
 
 
+def no_vae_refusal(source: str) -> str | None:
+    """Why a local base folder has no VAE to encode with, or None: from_pretrained(subfolder="vae") of a base without
+    vae/ (the pixel-space toy base) said 'no file named config.json found in directory <base>', which names the base
+    folder, not the vae/ it lacks. A hub id (not a folder here) is left to the loader."""
+    folder = Path(source)
+    if not folder.is_dir() or (folder / "vae").is_dir():
+        return None
+    try:
+        pixel_space = json.loads((folder / "model_index.json").read_text()).get("vae") in (None, [None, None])
+    except (OSError, ValueError, AttributeError):  # no model_index.json, or not a JSON object: not a base at all
+        pixel_space = False
+    kind = "a pixel-space base: its model_index.json names no VAE; " if pixel_space else ""
+    return f"no vae/ folder there ({kind}--latents encodes the images with a latent base's VAE)"
+
+
 class LatentEncoder:
     """The VAE of a base model in diffusers layout (`<base>/vae`, a local folder, hub id or fsspec URL): images in,
     (2, C, h, w) float16 arrays out, mean then std of the encoder's diagonal Gaussian."""
@@ -87,6 +103,9 @@ class LatentEncoder:
         except OSError as e:  # a remote base without vae/
             raise ValueError(f"--latents {base_model}: no VAE there ({type(e).__name__}: {one_line(e, 200)})") \
                 from None
+        refusal = no_vae_refusal(source)
+        if refusal:
+            raise ValueError(f"--latents {base_model}: {refusal}")
         # an fp16 download loads as fp32 all the same; a file lacking some of the VAE's tensors is refused: diffusers
         # left them at a random init (a warning in the log), which encoded every image, another one in each actor
         load = partial(AutoencoderKL.from_pretrained, subfolder="vae", variant=weights_variant(source, "vae"),

@@ -238,3 +238,18 @@ def test_when_stored_latents_are_used():
     assert "pixel-space" in stored_latents_plan(stored, 64, cfg, base_has_vae=False)[1]
     assert "128 px" in stored_latents_plan(stored, 128, cfg, base_has_vae=True)[1]
     assert "--latents off" in stored_latents_plan(stored, 64, dataclasses.replace(cfg, latents="off"), True)[1]
+
+
+def test_a_pixel_space_base_is_refused_naming_the_vae_folder_it_lacks(sample_shards, tmp_path, capsys):
+    """--latents train/toy_base (a base without a VAE) was refused in diffusers' words, 'no file named config.json
+    found in directory <base>': it named the base folder, not the vae/ that --latents needs."""
+    from train.model import PACKAGED
+
+    toy = PACKAGED / "toy_base"
+    shards = sorted(str(p) for p in sample_shards.glob("*.tar"))[:1]
+    assert build_dataset(["--input", *shards, "--output", str(tmp_path / "out"), "--resolution", "64",
+                          "--latents", str(toy)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--latents {toy}: no vae/ folder there (a pixel-space base: its model_index.json names no VAE; " \
+           "--latents encodes the images with a latent base's VAE)" in error, error
+    assert "config.json" not in error, error

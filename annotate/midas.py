@@ -351,10 +351,10 @@ class MidasAnnotator:
     def predict_depth(self, images: list[np.ndarray]) -> np.ndarray:
         """Same-size RGB uint8 images -> (B, h, w) float32 relative inverse depth at the detection size."""
         x = preprocess(images, self.detect_resolution).to(self._device)
-        if self._model.config.is_hybrid:
-            # the hybrid embeddings reject sizes other than config.image_size, but interpolate their position
-            # embeddings to any grid, as the original MiDaS does
-            self._model.dpt.embeddings.image_size = tuple(x.shape[-2:])
+        # the hybrid embeddings reject sizes other than config.image_size, but interpolate their position embeddings
+        # to any grid, as the original MiDaS does. Every model here is hybrid: model_from_folder refuses another DPT,
+        # and model_from_original builds the hybrid's config (a .pt without its ResNet stem does not load)
+        self._model.dpt.embeddings.image_size = tuple(x.shape[-2:])
         with inference(self._device, self.autocast):
             depth = self._model(pixel_values=x).predicted_depth  # (B, h, w)
         return depth.float().cpu().numpy()

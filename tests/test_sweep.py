@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, copy_dataset, own_output, stopped_while_ray_starts, with_ctrl_c
+from tests.conftest import (
+    REPO,
+    copy_dataset,
+    own_output,
+    sigterm_whose_handler_has_not_run,
+    stopped_while_ray_starts,
+    with_ctrl_c,
+)
 from train.plots import nice_ticks, plot_curves
 from train.report import curve_text, load_runs, table, to_markdown, write_report
 from train.sweep import main as sweep
@@ -102,22 +109,13 @@ def test_a_size_that_fails_after_a_stop_reached_it_ends_the_sweep_as_stopped(dat
                                                                                capsys):
     """SIGTERM to the process group of a sweep that started its own cluster stops its raylet too: a size's run
     could fail before the sweep's handler ran, and the sweep said it failed, then started the next size."""
-    import os
-    import signal
-    import time
-
     import train.sweep as sweep_module
 
     trained = []
 
     def failing_on_the_stopped_cluster(cfg):
         trained.append(cfg.run_name)
-        took = signal.signal(signal.SIGTERM, lambda *_: None)  # its SystemExit not raised yet, as in the race
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # Python runs handlers between bytecodes
-        finally:
-            signal.signal(signal.SIGTERM, took)
+        sigterm_whose_handler_has_not_run()
         raise RuntimeError("the Ray Train controller died")
 
     monkeypatch.setattr(sweep_module, "train", failing_on_the_stopped_cluster)

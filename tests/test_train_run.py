@@ -18,6 +18,7 @@ from tests.conftest import (
     copy_dataset,
     own_output,
     own_ray_processes,
+    sigterm_whose_handler_has_not_run,
     stopped_while_ray_starts,
     wandb_logged_steps,
     with_ctrl_c,
@@ -586,12 +587,7 @@ def test_a_run_that_fails_after_a_stop_reached_it_ends_as_stopped(monkeypatch, c
     import train.run as run
 
     def fit_failing_on_the_stopped_cluster(cfg, trainer):
-        took = signal.signal(signal.SIGTERM, lambda *_: None)  # its SystemExit not raised yet, as in the race
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # Python runs handlers between bytecodes
-        finally:
-            signal.signal(signal.SIGTERM, took)
+        sigterm_whose_handler_has_not_run()
         raise RuntimeError("the Ray Train controller died")
 
     monkeypatch.setattr(run, "check_data", lambda cfg: None)

@@ -429,6 +429,60 @@ def test_a_stopped_run_resumed_logs_each_step_to_its_wandb_run_once(dataset, sto
         sorted(step for steps, _ in logged for step in steps) == list(range(1, 11)), logged
 
 
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["local-mode", "ray-worker"])
+def test_a_run_stopped_before_its_first_checkpoint_continues_its_wandb_run_when_run_again(dataset, storage, workers,
+                                                                                       ray_session, python, tmp_path):
+    """A run stopped before its first checkpoint starts from step 0 again: it got a new W&B id, and the project held
+    two runs of its name, the stopped one with its first steps. The same command now continues the same W&B run,
+    each step once, as a resume from a checkpoint does."""
+    name = f"wandb-no-checkpoint-{workers}"
+    command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "20", "--checkpoint-every", "100", "--validate-every", "0",
+               "--wandb", "offline", "--log-every", "1", "--num-workers", str(workers), "--cpus-per-worker", "1"]
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "RAY_ADDRESS": ray_session,
+           "WANDB_DIR": str(tmp_path / "wandb")}
+    run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # rank 0's progress line, printed once the step is logged
+        if f"[{name}] step 3/20" in line:  # (on a worker, forwarded by Ray: a few steps late)
+            break
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=90)
+    assert run.returncode == 143 and latest_checkpoint(str(storage), name) is None, stderr[-3000:]
+    again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, continued
+    logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
+    assert logged[0][0][:3] == [1, 2, 3] and \
+        sorted(step for steps, _ in logged for step in steps) == list(range(1, 21)), logged
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_from_step_0_continues_the_wandb_run_its_name_started_only_with_the_same_experiment_settings(
+        where, s3_endpoint, tmp_path):
+    """The W&B id a run from step 0 records in its storage folder is taken again by the same run started again (a
+    stop before its first checkpoint), not by one with other experiment settings (the same name reused for another
+    experiment: its steps would land in the old W&B run), nor once that folder is cleared."""
+    import fsspec
+
+    from train.tracking import started_wandb_id
+
+    storage = str(tmp_path / "runs") if where == "local" else "s3://cnd-wandb-ids/runs"
+    fs, folder = fsspec.core.url_to_fs(f"{storage}/again")
+    if where == "s3" and not fs.exists("cnd-wandb-ids"):
+        fs.mkdir("cnd-wandb-ids")
+    cfg = config(tmp_path, storage, "again")
+    first = started_wandb_id(cfg)
+    assert first.startswith("again-") and started_wandb_id(cfg) == first
+    assert started_wandb_id(dataclasses.replace(cfg, max_steps=cfg.max_steps + 5, log_every=2)) == first
+    other = started_wandb_id(dataclasses.replace(cfg, lr=cfg.lr * 10))
+    assert other not in {first, None} and started_wandb_id(cfg) not in {first, other}  # each start recorded anew
+    fs.rm(folder, recursive=True)
+    fs.invalidate_cache()
+    assert started_wandb_id(cfg) not in {first, other}
+
 def test_a_step_logged_in_part_before_a_stop_is_completed_by_the_resumed_run(tmp_path):
     """A validation step is logged in parts (its scores, then the training metrics): a stop between them left the
     step half held, and the resumed run, dropping what its W&B run holds, must log the other half once."""

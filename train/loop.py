@@ -746,7 +746,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
 
     secrets = apply_secrets(config.get("secrets"))
     from train.data import dataset_manifest, resolve_shards
-    from train.tracking import RunLogger, wandb_run_id
+    from train.tracking import RunLogger, started_wandb_id, wandb_run_id
 
     segment_start = time.time()  # the run's wall time from here (loading, validating, training) to each
     # checkpoint counts in train_seconds: what the run holds its devices for
@@ -787,6 +787,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> RunRefused | None:
     refusal = agreed_refusal(refusal, rank_zero)
     if refusal is not None:
         return refusal  # before W&B opens or anything is written: the last checkpoint stands, for a resume once fixed
+    if rank == 0 and trainer.state.step == 0 and config.get("wandb_mode", "off") != "off":
+        trainer.state.wandb_id = started_wandb_id(cfg)  # the same run started again continues its W&B run
     trainer.state.wandb_id = wandb_run_id(cfg.run_name, trainer.state.wandb_id, resumed=trainer.state.step > 0)
     logger = RunLogger(cfg, config.get("wandb_mode", "off"), config.get("wandb_dir"), trainer.state.wandb_id) \
         if rank == 0 else None

@@ -74,12 +74,48 @@ def wandb_run_id(run_name: str, recorded: str | None, resumed: bool) -> str:
     """The W&B run a segment logs to: the one its checkpoint recorded, so a resumed run continues it. A run from step
     0 gets one of its own: the run name alone (as before) sent a run of a reused name (its storage cleared, another
     --storage-path, or `exp.1` against `exp-1`) into the old W&B run, which dropped its steps up to the old one's
-    last. A checkpoint from before ids were recorded continues the run named by run_name alone."""
+    last. A checkpoint from before ids were recorded continues the run named by run_name alone. (A run from step 0
+    that its name started before with the same settings is given that one's: started_wandb_id.)"""
     if recorded:
         return recorded
     if resumed:
         return run_id(run_name)
     return f"{run_id(run_name)[:55]}-{uuid.uuid4().hex[:8]}"
+
+
+def started_url(cfg: TrainConfig) -> str:
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}/wandb_run.json"
+
+
+def started_wandb_id(cfg: TrainConfig) -> str:
+    """The W&B run of a run from step 0 (rank 0's, before W&B opens): the one its name recorded at its last start from
+    step 0 with the same experiment settings, else a new one (wandb_run_id), recorded here with this run's settings.
+    A run stopped before its first checkpoint has no checkpoint to name its W&B run, and the same command run again
+    started a second W&B run of that name beside the stopped one's first steps. A name reused for another
+    experiment (other settings: a resume of it would be refused) gets a W&B run of its own, as does a run whose
+    storage was cleared, which holds no record."""
+    import fsspec
+
+    from pipeline.format import retried, write_whole
+    from train.config import resume_mismatch
+
+    def read() -> dict | None:
+        fs, path = fsspec.core.url_to_fs(started_url(cfg))
+        fs.invalidate_cache()
+        try:
+            return json.loads(fs.cat_file(path))
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # none, or not ours: a new W&B run
+            return None
+
+    record = retried(read, f"reading the W&B run of {cfg.run_name}")  # storage that fails for a while is waited out
+    if isinstance(record, dict) and record.get("id") and isinstance(record.get("config"), dict) \
+            and not resume_mismatch(record["config"], cfg):
+        return record["id"]
+    wandb_id = wandb_run_id(cfg.run_name, None, resumed=False)
+    record = {"id": wandb_id, "config": dataclasses.asdict(cfg)}
+    retried(lambda: write_whole(started_url(cfg), json.dumps(record).encode()),
+            f"recording the W&B run of {cfg.run_name}")
+    return wandb_id
 
 
 class RunLogger:

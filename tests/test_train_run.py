@@ -438,25 +438,29 @@ def test_a_run_stopped_before_its_first_checkpoint_continues_its_wandb_run_when_
     each step once, as a resume from a checkpoint does."""
     name = f"wandb-no-checkpoint-{workers}"
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
-               "--run-name", name, "--max-steps", "20", "--checkpoint-every", "100", "--validate-every", "0",
+               "--run-name", name, "--max-steps", "100000", "--checkpoint-every", "100000", "--validate-every", "0",
                "--wandb", "offline", "--log-every", "1", "--num-workers", str(workers), "--cpus-per-worker", "1"]
     env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "RAY_ADDRESS": ray_session,
            "WANDB_DIR": str(tmp_path / "wandb")}
     run = subprocess.Popen(with_ctrl_c(command), env=env, cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     for line in run.stdout:  # rank 0's progress line, printed once the step is logged
-        if f"[{name}] step 3/20" in line:  # (on a worker, forwarded by Ray: a few steps late)
+        if f"[{name}] step 3/" in line:  # (on a worker, forwarded by Ray: a few steps late; the run is long enough)
             break
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=90)
     assert run.returncode == 143 and latest_checkpoint(str(storage), name) is None, stderr[-3000:]
+    [stopped] = (tmp_path / "wandb").rglob("offline-run-*")
+    last_logged = max(wandb_logged_steps(stopped, "train/loss")[0])
+    # the same run again (--max-steps is no experiment setting): a few steps past what the stopped one logged
+    command[command.index("--max-steps") + 1] = str(last_logged + 5)
     again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
     assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, continued
     logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
     assert logged[0][0][:3] == [1, 2, 3] and \
-        sorted(step for steps, _ in logged for step in steps) == list(range(1, 21)), logged
+        sorted(step for steps, _ in logged for step in steps) == list(range(1, last_logged + 6)), logged
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -214,6 +214,24 @@ def test_what_a_killed_export_left_beside_its_out_is_cleared_and_a_live_ones_kep
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "diffusers"])
 
 
+def test_a_previous_export_a_kill_left_set_aside_is_put_back_not_removed(tmp_path, checkpoint):
+    """An export replacing another moves the previous one aside (.<out>.old-...), then its own into place: a kill
+    between the two renames left no --out, and clearing the dead process's siblings removed the previous export."""
+    import socket
+
+    out = tmp_path / "diffusers"
+    export.main([str(checkpoint), "--format", "diffusers", "--out", str(out)])
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that has ended: the killed export
+    host = socket.gethostname()
+    out.rename(tmp_path / f".diffusers.old-{host}-{gone.pid}")
+    (tmp_path / f".diffusers.tmp-{host}-{gone.pid}").mkdir()  # its new export, not yet moved into place
+    export.clear_left_siblings(out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusers"]
+
+
 def test_export_original_round_trips_through_diffusers_converter(tmp_path, checkpoint, controlnet):
     out = tmp_path / "control_tiny.safetensors"
     export.main([str(checkpoint), "--format", "original", "--out", str(out)])

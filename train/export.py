@@ -314,15 +314,21 @@ def temp_sibling(out: Path, kind: str = "tmp") -> Path:
 
 def clear_left_siblings(out: Path) -> list[Path]:
     """Remove the temp siblings of `out` that exports killed on this host left (each a whole copy of the weights,
-    which nothing else removes); a live export's stay. The paths removed."""
+    which nothing else removes); a live export's stay. A previous export that a kill left set aside (between the two
+    renames of `replace`, `out` gone) is moved back to `out`, not removed: it is whole, and the user's. The paths
+    removed."""
     removed = []
-    for kind in ("tmp", "old"):
+    for kind in ("old", "tmp"):
         prefix = temp_sibling(out, kind).name.rsplit("-", 1)[0] + "-"
         for path in out.parent.glob(f"{glob.escape(prefix)}*"):
             pid = path.name.removeprefix(prefix)
-            if pid.isdigit() and not alive(int(pid)):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                removed.append(path)
+            if not pid.isdigit() or alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                path.rename(out)
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 

@@ -624,6 +624,17 @@ def kill_stopped_first(pids: list[int], spare: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host runs under `pid` (another account's counts: signalling it is refused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
     """Wait until every thread of `pid` is stopped (or dead), `timeout_s` at most (from /proc: at once without)."""
     deadline = time.monotonic() + timeout_s

@@ -74,16 +74,6 @@ def _staging_owner(folder: str) -> tuple[str, int] | None:
     return (parts[1], int(parts[2])) if len(parts) == 4 and parts[2].isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clear_stale_staging(root: Path) -> list[str]:
     """Remove what killed processes of this host left in `root` (a live one, say another driver's actor on the
     same output, keeps its folder); the folders removed."""
@@ -91,7 +81,7 @@ def clear_stale_staging(root: Path) -> list[str]:
     removed = []
     for folder in root.iterdir() if root.is_dir() else []:
         owner = _staging_owner(folder.name)
-        if owner is None or (owner[0] == host and not _alive(owner[1])):
+        if owner is None or (owner[0] == host and not fmt.process_alive(owner[1])):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
     with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from annotate.weights import diffusers_loading, weights_variant
+from pipeline.format import process_alive
 from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 from train.model import NotAControlNet, local_model_folder
 from train.model import load_controlnet as load_checked_controlnet
@@ -322,7 +323,7 @@ def clear_left_siblings(out: Path) -> list[Path]:
         prefix = temp_sibling(out, kind).name.rsplit("-", 1)[0] + "-"
         for path in out.parent.glob(f"{glob.escape(prefix)}*"):
             pid = path.name.removeprefix(prefix)
-            if not pid.isdigit() or alive(int(pid)):
+            if not pid.isdigit() or process_alive(int(pid)):
                 continue
             if kind == "old" and not out.exists():
                 path.rename(out)
@@ -330,16 +331,6 @@ def clear_left_siblings(out: Path) -> list[Path]:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another account's
-        return True
-    return True
 
 
 def new_file_mode() -> int:

@@ -462,6 +462,15 @@ def main(argv: list[str] | None = None) -> int:
             return stopped_exit_code(stop, signals.received())
 
 
+def ended_stopped(cfg: TrainConfig, stop: BaseException, signals: set[int]) -> int:
+    """A stopped fit() ended: its W&B run closed (in local mode rank 0's is this process's; on workers
+    CloseWandbOnStop closed it), Ray left, the line naming the checkpoint it resumes from; the exit code."""
+    close_open_runs()
+    leave_ray()
+    print(stopped_line(cfg), file=sys.stderr)
+    return stopped_exit_code(stop, signals)
+
+
 def checked_and_trained(cfg: TrainConfig) -> int:
     """The command's work once its arguments parse: the checks, then the run; its exit code."""
     try:
@@ -482,10 +491,7 @@ def checked_and_trained(cfg: TrainConfig) -> int:
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises
             # KeyboardInterrupt; on workers, Ray Train's own SIGINT handler aborts the run and fit() ends in
             # SystemExit, as it does when the driver is sent SIGTERM (`ray job stop`) in either mode
-            close_open_runs()  # local mode: rank 0's W&B run is this process's (on workers CloseWandbOnStop closed it)
-            leave_ray()
-            print(stopped_line(cfg), file=sys.stderr)
-            return stopped_exit_code(stop, signals.received())
+            return ended_stopped(cfg, stop, signals.received())
         except Exception as error:  # the traceback in full, then what it means for the run
             refusal = root_error(error)
             if isinstance(refusal, RunRefused):  # found on the workers (the held-out set drawn, the VAE loaded)
@@ -495,10 +501,7 @@ def checked_and_trained(cfg: TrainConfig) -> int:
             if stop_signals(signals.received()):  # a stop that reached the cluster first: `kill -- -PGID` on a
                 # run that started its own cluster stops its raylet too, and fit() can fail on the dead controller
                 # before this process's handler runs (then exit 1 and 'failed: ...', where the run was stopped)
-                close_open_runs()
-                leave_ray()
-                print(stopped_line(cfg), file=sys.stderr)
-                return stopped_exit_code(error, signals.received())
+                return ended_stopped(cfg, error, signals.received())
             traceback.print_exc()
             close_open_runs()
             leave_ray()

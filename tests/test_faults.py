@@ -637,8 +637,8 @@ def test_a_run_submitted_again_with_other_experiment_settings_is_refused_before_
     """Resuming spliced two experiments into one history and curve, and the optimizer's saved state overrode a new
     --lr without a word; operational settings (steps, workers, logging) may change."""
     from train.config import debug, parse_args, resume_mismatch
+    from train.run import checkpoint_to_resume, prepare_base_model, with_absolute_paths
     from train.run import main as train
-    from train.run import prepare_base_model, with_absolute_paths
 
     common = ["--data", str(canny64), "--storage-path", str(tmp_path), "--run-name", "r", "--wandb", "off"]
     started = with_absolute_paths(prepare_base_model(parse_args(common)))  # as build_trainer saves it
@@ -652,6 +652,12 @@ def test_a_run_submitted_again_with_other_experiment_settings_is_refused_before_
     operational = parse_args([*common, "--max-steps", "9", "--num-workers", "2", "--log-every", "5"])
     assert resume_mismatch(dataclasses.asdict(started), with_absolute_paths(prepare_base_model(operational))) == []
     assert resume_mismatch({"lr": 0.5}, debug()) == ["lr 0.5 -> 0.0001"] and resume_mismatch({}, debug()) == []
+    # other ranks or loader workers draw other samples: allowed, said (0 and 1 of either are one stream)
+    assert checkpoint_to_resume(with_absolute_paths(prepare_base_model(operational))) is not None
+    assert capsys.readouterr().err.startswith("note: --num-workers 0 -> 2 since the checkpoint of step 2: ")
+    same_stream = parse_args([*common, "--num-workers", "1", "--data-workers", "1"])
+    assert checkpoint_to_resume(with_absolute_paths(prepare_base_model(same_stream))) is not None
+    assert capsys.readouterr().err == ""
 
 
 def test_a_validation_free_run_takes_any_validation_settings():

@@ -92,7 +92,7 @@ class TrainConfig:
     """DataLoader worker processes per rank: decoding beside the training step (they run outside the CPUs Ray
     reserves for the worker; on a CPU-only run they compete with training for the same cores). Each loader worker
     draws and shuffles shards of its own, seeded by its index, so the samples trained on depend on this number (0 and
-    1 give the same stream): compare runs, and resume them, at one value."""
+    1 give the same stream): compare runs, and resume them, at one value (a resume at another says so)."""
     epoch_samples: int = 10_000
     """Samples per rank per data epoch (the stream is resampled to this length)."""
     checkpoint_every: int = 500
@@ -206,6 +206,17 @@ def resume_mismatch(saved: dict, current: TrainConfig) -> list[str]:
     now = dataclasses.asdict(current)
     return [f"{name} {saved[name]!r} -> {now[name]!r}" for name in EXPERIMENT_SETTINGS
             if name in saved and saved[name] != now[name]]
+
+
+def stream_changes(saved: dict, current: TrainConfig) -> list[str]:
+    """'--data-workers 0 -> 2' for each setting that decides which samples the steps draw, where a resume changes
+    it: each rank and each of its loader workers draws shards of its own (0 and 1 of either are one stream). These
+    may change (another cluster), unlike the experiment settings, but the samples from then on are not the
+    uninterrupted run's."""
+    now = dataclasses.asdict(current)
+    return [f"{flag} {saved[name]} -> {now[name]}" for name, flag in (("num_workers", "--num-workers"),
+                                                                      ("data_workers", "--data-workers"))
+            if name in saved and max(saved[name], 1) != max(now[name], 1)]
 
 
 def debug() -> TrainConfig:

@@ -117,24 +117,31 @@ class ResumeMismatch(ValueError):
     """The run of this name was started with other experiment settings (train.config.EXPERIMENT_SETTINGS)."""
 
 
-def checkpoint_to_resume(cfg: TrainConfig, name_flag: str = "--run-name") -> str | None:
+def checkpoint_to_resume(cfg: TrainConfig, name_flag: str = "--run-name", say: bool = True) -> str | None:
     """The run's last checkpoint, which a run submitted again resumes from; refused (ResumeMismatch) when the run
-    was started with other experiment settings. `cfg`'s paths are absolute (with_absolute_paths). `name_flag`: what
-    names the run, in the message (the sweep's --run-prefix)."""
+    was started with other experiment settings, and a note (`say`) where it goes on with other ranks or loader
+    workers. `cfg`'s paths are absolute (with_absolute_paths). `name_flag`: what names the run, in the message (the
+    sweep's --run-prefix)."""
     import json
 
     import fsspec
 
-    from train.config import resume_mismatch
+    from train.config import resume_mismatch, stream_changes
     from train.loop import CONFIG_FILE
 
     resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume is not None:
         with fsspec.open(f"{resume}/{CONFIG_FILE}", "rb") as f:
-            differences = resume_mismatch(json.load(f), cfg)
+            saved = json.load(f)
+        differences = resume_mismatch(saved, cfg)
         if differences:
             raise ResumeMismatch(f"run {cfg.run_name} was started with other settings: {'; '.join(differences)}; "
                                  f"submit it with the same values to resume it, or start another {name_flag}")
+        changes = stream_changes(saved, cfg)
+        if changes and say:
+            print(f"note: {'; '.join(changes)} since the checkpoint of step {step_of(resume)}: from here on the run "
+                  "draws other samples than an uninterrupted one would (each rank and loader worker draws shards of "
+                  "its own)", file=sys.stderr, flush=True)
     return resume
 
 

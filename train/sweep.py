@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = []
     for subset, cfg in zip(subsets, these, strict=True):
         try:  # every size, finished ones too: a finished run of other settings would be reported as this sweep's
-            checkpoint_to_resume(with_absolute_paths(prepare_base_model(cfg)), name_flag="--run-prefix")
+            checkpoint_to_resume(with_absolute_paths(prepare_base_model(cfg)), name_flag="--run-prefix",
+                                 say=False)
             results = read_results(cfg)
             if not is_finished(results, cfg.max_steps):
                 check_data(cfg)  # the trainer's checks (base model, data, storage), before any size trains

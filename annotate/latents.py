@@ -21,6 +21,7 @@ from annotate.weights import (
     load_complete_model,
     offline_hub_folder,
     one_line,
+    pickle_only,
     weights_variant,
 )
 
@@ -109,7 +110,7 @@ class LatentEncoder:
         # an fp16 download loads as fp32 all the same; a file lacking some of the VAE's tensors is refused: diffusers
         # left them at a random init (a warning in the log), which encoded every image, another one in each actor
         load = partial(AutoencoderKL.from_pretrained, subfolder="vae", variant=weights_variant(source, "vae"),
-                       torch_dtype=torch.float32, **diffusers_loading())
+                       torch_dtype=torch.float32, **diffusers_loading(), **pickle_only(source, "vae"))
         vae = load_complete_model(load, source, "the vae/ (AutoencoderKL) of a base model",
                                   label=f"--latents {base_model}")
         self.fingerprint = vae_fingerprint(vae)

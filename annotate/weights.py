@@ -53,6 +53,19 @@ def weights_variant(model_folder: str, subfolder: str) -> str | None:
     return variants.pop() if len(variants) == 1 else None
 
 
+def pickle_only(model_folder: str, subfolder: str) -> dict[str, bool]:
+    """from_pretrained's `use_safetensors=False` for a diffusers component of a local folder that holds its weights
+    as .bin files only (an older save): told nothing, diffusers looks for the .safetensors first and logs its
+    absence as an error and 'Defaulting to unsafe serialization' for each component. It reads the .bin
+    weights-only either way."""
+    folder = Path(model_folder.removeprefix("file://")) / subfolder
+    if "://" in model_folder.removeprefix("file://") or not folder.is_dir():
+        return {}
+    names = [f.name for f in folder.iterdir()]
+    weights = [n for n in names if _PLAIN_WEIGHTS.fullmatch(n) or _VARIANT_WEIGHTS.fullmatch(n)]
+    return {"use_safetensors": False} if weights and not any(n.endswith(".safetensors") for n in weights) else {}
+
+
 def diffusers_loading() -> dict[str, bool]:
     """from_pretrained's memory mode for diffusers models, said outright. diffusers asks for low-memory loading by
     default, which needs `accelerate` (not one of this project's dependencies); without it every load prints a

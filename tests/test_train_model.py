@@ -1,4 +1,5 @@
 """the paper's model properties (Sec. 3, Eqs. 3-10) on the tiny SD: zero convolutions, locking, modes"""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,6 @@ def test_latents_of_a_half_precision_vae_are_noised_in_fp32(sd):
 
 def save_fp16_only(sd, tiny_sd_path, folder):
     """The tiny SD as `from_pretrained(..., variant="fp16")` downloads it: only `<name>.fp16.safetensors`."""
-    import shutil
 
     shutil.copytree(tiny_sd_path, folder)
     for name in ("text_encoder", "unet", "vae"):
@@ -241,15 +241,22 @@ def test_a_folder_with_several_variants_and_no_plain_weights_is_left_to_the_libr
     assert weights_variant(str(tmp_path), "text_encoder") == "fp16"
 
 
-def test_loading_the_models_warns_about_nothing_missing(tiny_sd_path, tmp_path):
+def test_loading_the_models_warns_about_nothing_missing(tiny_sd_path, sd, tmp_path):
     """diffusers asks for `accelerate` (not a dependency) on every load unless told which loading to use: six
-    lines each, twice per training run, per dataset worker with --latents, per export."""
+    lines each, twice per training run, per dataset worker with --latents, per export. A base saved as .bin files
+    only (an older save) loaded with an error line and 'Defaulting to unsafe serialization' for each component."""
     import logging
 
     from annotate.latents import LatentEncoder
 
     loaded = load_base_model(str(tiny_sd_path))
     build_controlnet(loaded.unet).save_pretrained(tmp_path / "controlnet")
+    pickled = tmp_path / "bin-only-base"
+    shutil.copytree(tiny_sd_path, pickled)
+    for name in ("unet", "vae"):
+        for weights in (pickled / name).glob("*.safetensors"):
+            weights.unlink()
+        getattr(sd, name).save_pretrained(pickled / name, safe_serialization=False)
     warnings: list[str] = []
     seen = logging.Handler(logging.WARNING)
     seen.emit = lambda record: warnings.append(record.getMessage())
@@ -259,9 +266,11 @@ def test_loading_the_models_warns_about_nothing_missing(tiny_sd_path, tmp_path):
         build_controlnet(loaded.unet, pretrained=tmp_path / "controlnet")
         load_base_model(str(tiny_sd_path))
         LatentEncoder(str(tiny_sd_path), device="cpu")
+        assert torch.equal(load_base_model(str(pickled)).unet.conv_in.weight, sd.unet.conv_in.weight)
+        LatentEncoder(str(pickled), device="cpu")
     finally:
         library.removeHandler(seen)
-    assert not [w for w in warnings if "accelerate" in w]
+    assert warnings == []
 
 
 @pytest.mark.parametrize("component, dropped", [("unet", "mid_block."), ("text_encoder", "layers.1."),

@@ -21,7 +21,7 @@ import tyro
 from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from annotate.weights import diffusers_loading, weights_variant
+from annotate.weights import diffusers_loading, pickle_only, weights_variant
 from pipeline.format import process_alive
 from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 from train.model import NotAControlNet, local_model_folder
@@ -244,7 +244,7 @@ def trained_unet(decoder: Path, dtype: torch.dtype = torch.float32) -> UNet2DCon
     base_model = json.loads((decoder.parent / CONFIG_FILE).read_text())["base_model"]
     source = local_model_folder(base_model)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=weights_variant(source, "unet"),
-                                                torch_dtype=dtype, **diffusers_loading())
+                                                torch_dtype=dtype, **diffusers_loading(), **pickle_only(source, "unet"))
     weights = {k.removeprefix("unet."): v for k, v in load_file(decoder).items()}
     # strict=False: the file holds the decoder only. Shapes are checked even so, and the trained fp32 weights are
     # cast to `dtype` as they are copied in

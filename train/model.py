@@ -50,7 +50,7 @@ def load_base_model(base_model: str) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from annotate.weights import diffusers_loading, load_complete_model
+    from annotate.weights import diffusers_loading, load_complete_model, pickle_only
 
     source = local_model_folder(base_model)
     components = DiffusionPipeline.load_config(source)
@@ -67,9 +67,9 @@ def load_base_model(base_model: str) -> BaseModel:
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
         text_encoder=complete(CLIPTextModel, "text_encoder", dtype_arg="dtype"),
-        unet=complete(UNet2DConditionModel, "unet", **diffusers_loading()),
+            unet=complete(UNet2DConditionModel, "unet", **diffusers_loading(), **pickle_only(source, "unet")),
         noise_scheduler=noise_scheduler,
-        vae=complete(AutoencoderKL, "vae", **diffusers_loading()) if has_vae else None,
+        vae=complete(AutoencoderKL, "vae", **diffusers_loading(), **pickle_only(source, "vae")) if has_vae else None,
     )
 
 
@@ -413,12 +413,12 @@ def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     weights (fp16, as the published ControlNets are offered) loads as `dtype` too."""
     from diffusers import ControlNetModel
 
-    from annotate.weights import diffusers_loading, load_complete_model, weights_variant
+    from annotate.weights import diffusers_loading, load_complete_model, pickle_only, weights_variant
 
     controlnet_class_refusal(json.loads((Path(folder) / "config.json").read_text()), folder)
     # from_pretrained looks for the plain files unless told the variant
     load = partial(ControlNetModel.from_pretrained, variant=weights_variant(str(folder), ""), torch_dtype=dtype,
-                   **diffusers_loading())
+                   **diffusers_loading(), **pickle_only(str(folder), ""))
     return load_complete_model(load, folder, "a ControlNetModel")
 
 

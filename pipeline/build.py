@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from annotate.weights import local_path
 from pipeline import format as fmt
 from pipeline.config import BuildConfig, parse_config, settings_mismatch, weight_hashes, weights_mismatch
 from pipeline.distributor import ModelLoadError, run_pool
+from pipeline.lease import OutputBusy, output_lease
 from pipeline.reader import InputShard, list_input_shards
 from pipeline.worker import input_identity
 from pipeline.writer import clear_staging, staging_root
@@ -418,6 +419,13 @@ def check_local_weights(cfg: BuildConfig) -> None:
 def run(cfg: BuildConfig) -> int:
     """The job: plan, process the shards on Ray, rewrite the manifest, print a summary. Returns the exit code."""
     check_local_weights(cfg)
+    with ExitStack() as held:  # the output's lease, once taken, until the job ends however it ends
+        return run_on_output(cfg, held)
+
+
+def run_on_output(cfg: BuildConfig, held: ExitStack) -> int:
+    """run, from the plan on: the job's lease on the output (pipeline.lease) goes into `held` before the job removes
+    or writes anything there (a dry run takes none: it writes nothing)."""
     with storage_setup(cfg.output):
         shards = list_input_shards(cfg.input, cfg.files_per_shard)
         overlap = inputs_in_output(shards, cfg.output)
@@ -425,6 +433,16 @@ def run(cfg: BuildConfig) -> int:
             raise ValueError(f"--input {overlap[0]} lies in the folder where --output {cfg.output} writes its shards "
                              f"({fmt.SHARDS_DIR}/<input name>.tar): the job would overwrite its own input; give "
                              "another --output")
+        if not cfg.dry_run:
+            make_local_output(cfg.output)
+            refusal = fmt.write_refusal(cfg.output)  # a bucket that is not there, a read-only key: each shard
+            # failed --max-retries times after its work, and the manifest's write then made the bucket
+            if refusal:
+                raise StorageSetupError(f"--output {cfg.output} cannot be written ({refusal})")
+            # before anything is removed or written; the weights' path stands for their hashes, which only the
+            # actors know
+            held.enter_context(output_lease(cfg.output, {**cfg.output_settings(), "weights": cfg.weights}))
+            clear_staging(cfg.output)
         committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
         todo, skipped = plan(shards, committed, cfg.overwrite)
         redone = {shard.name for shard in todo}
@@ -448,13 +466,6 @@ def run(cfg: BuildConfig) -> int:
                   f"when they were made and has changed since: {', '.join(shard.name for shard in regrown)}")
             todo += regrown
             skipped = [name for name in skipped if name not in {shard.name for shard in regrown}]
-        if not cfg.dry_run:
-            make_local_output(cfg.output)
-            refusal = fmt.write_refusal(cfg.output)  # a bucket that is not there, a read-only key: each shard
-            # failed --max-retries times after its work, and the manifest's write then made the bucket
-            if refusal:
-                raise StorageSetupError(f"--output {cfg.output} cannot be written ({refusal})")
-            clear_staging(cfg.output)
     print(f"{cfg.task}: {len(shards)} input shards, {len(skipped)} done, {len(todo)} to do -> {cfg.output}")
     if "://" in cfg.output and not cfg.output.startswith("file://"):
         print(f"shards are staged on each node in {staging_root(cfg.output)} before upload")
@@ -516,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals:
             return run(cfg)
-    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError,
+    except (FileNotFoundError, ValueError, ModelLoadError, StorageSetupError, ManifestError, OutputBusy,
             fmt.ClusterUnreachable) as e:  # bad input, config, weights, storage or cluster: one line
         leave_ray(joined_here)
         print(f"error: {e}", file=sys.stderr)

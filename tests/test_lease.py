@@ -1,0 +1,83 @@
+"""jobs that share an output make the same dataset: a job with other settings than a live one writing the output is
+refused; a gone job's lease does not count (two drivers of one job: test_faults)"""
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from pipeline import lease
+from pipeline.build import main
+from pipeline.config import BuildConfig, parse_config
+from pipeline.lease import STALE_S, OutputBusy, gone, output_lease, read_leases, rival
+
+HOST = socket.gethostname()
+
+
+def lease_of(pid: int, settings: dict, host: str = HOST, renewed_s_ago: float = 0.0, token: str = "theirs") -> dict:
+    now = time.time()
+    return {"host": host, "pid": pid, "token": token, "started_at": now - 100, "renewed_at": now - renewed_s_ago,
+            "settings": settings}
+
+
+def gone_pid() -> int:
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
+    now, mine = time.time(), {"token": "mine", "settings": {"seed": 1}}
+    assert gone(lease_of(gone_pid(), {}), now, HOST)  # killed on this host: gone at once
+    assert not gone(lease_of(os.getpid(), {}), now, HOST)
+    assert not gone(lease_of(12345, {}, host="other-node", renewed_s_ago=5), now, HOST)  # cannot be looked up
+    assert gone(lease_of(12345, {}, host="other-node", renewed_s_ago=STALE_S + 1), now, HOST)
+    same, other = lease_of(os.getpid(), {"seed": 1}), lease_of(os.getpid(), {"seed": 2})
+    assert rival(mine, [same], now, HOST) is None and rival(mine, [same, other], now, HOST) is other
+    assert rival(mine, [lease_of(gone_pid(), {"seed": 2})], now, HOST) is None
+
+
+def test_a_lease_is_renewed_while_held_and_removed_however_the_job_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    output = str(tmp_path)
+    with output_lease(output, {"seed": 1}):
+        (held,) = read_leases(output).values()
+        with output_lease(output, {"seed": 1}):  # a second driver of the same job shares the output
+            assert len(read_leases(output)) == 2
+        refused = (rf"^another dataset job is writing {tmp_path} with other settings \(seed 1 -> 2\): "
+                   rf"pid {os.getpid()} on {HOST}, started ")
+        with pytest.raises(OutputBusy, match=refused), output_lease(output, {"seed": 2}):
+            pass
+        time.sleep(0.3)
+        assert [lease["token"] for lease in read_leases(output).values()] == [held["token"]]  # the refused one's gone
+        assert next(iter(read_leases(output).values()))["renewed_at"] > held["renewed_at"]
+    assert read_leases(output) == {}
+    with pytest.raises(KeyboardInterrupt), output_lease(output, {}):
+        raise KeyboardInterrupt
+    assert read_leases(output) == {}
+    (tmp_path / "job-cut.json").write_text('{"host": "vm", "pid"')  # cut short by a kill: passed over
+    with output_lease(output, {"seed": 3}):
+        pass
+
+
+def test_a_job_with_other_settings_than_a_live_one_on_its_output_is_refused_and_a_killed_ones_passed_over(
+        sample_shards, tmp_path, capsys, ray_session):
+    """Started together, --seed 1 and --seed 2 on one output each wrote every shard: the output held shards of both
+    under the last one's manifest (the settings reach the shards with a job's first commit, minutes in)."""
+    output = tmp_path / "canny"
+    output.mkdir()
+    args = ["--task", "canny", "--input", str(sample_shards / "00000.tar"), "--output", str(output),
+            "--resolution", "64"]
+    cfg = parse_config(BuildConfig, [*args, "--seed", "1"], prog="test")
+    settings = {**cfg.output_settings(), "weights": cfg.weights}
+    (output / "job-live.json").write_text(json.dumps(lease_of(os.getpid(), settings, token="live")))
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: another dataset job is writing {output} with other settings (seed 1 -> 0): "
+                            f"pid {os.getpid()} on {HOST}, started ")
+    assert error.count("\n") == 0 and not list((output / "shards").glob("*"))
+    (output / "job-live.json").write_text(json.dumps(lease_of(gone_pid(), settings, token="live")))  # kill -9'd
+    assert main(args) == 0
+    assert (output / "shards" / "00000.stats.json").exists() and read_leases(str(output)) == {}

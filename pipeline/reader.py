@@ -6,7 +6,8 @@ import posixpath
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 
 import braceexpand
@@ -295,7 +296,7 @@ class _CountedStream:
 
 class SplitSample(RuntimeError):
     """A sample's members are apart in the tar (GNU tar writes a folder in directory order, not sorted): read
-    that tar again with TarSamples(regroup=True)."""
+    that tar again with TarSamples(reopen=...), which groups its members by key."""
 
 
 def member_name(name: str) -> str:
@@ -315,12 +316,50 @@ def valid_utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class InputChanged(RuntimeError):
+    """The tar changed between a regroup's two reads (another size, ETag or mtime, or other headers): its samples
+    would mix two files, so the shard fails (a retry reads it twice again)."""
+
+
+# a regroup's first pass keeps the members up to this size that are no image (captions, json: a few hundred bytes a
+# sample), so that its second pass hands out each image as it reads it; a larger one holds its image until it comes
+SMALL_MEMBER_BYTES = 1 << 20
+
+
+@dataclass
+class _Member:
+    """A file member of a tar as its header names it, before its bytes are read."""
+
+    index: int  # its place among the tar's headers (folders and hidden files counted)
+    key: str
+    ext: str
+    name: str
+    size: int
+    error: str = ""  # a link or over the cap (never read); or, `cut`, the file ending early
+    cut: bool = False
+
+
+@dataclass
+class _Pending:
+    """A sample of a regroup: the members it holds or will hold, and how many the second pass has still to read."""
+
+    sample: RawSample
+    exts: set[str] = field(default_factory=set)
+    to_read: int = 0
+
+
 class TarSamples:
     """Iterates a tar stream's samples (the members sharing a key), in bounded memory.
 
     WebDataset keeps a sample's members adjacent; a tar that does not (made with `tar -cf x.tar -C folder .`)
-    raises SplitSample once a key comes back with other members, and `regroup=True` then reads the whole tar into
-    memory and groups its members by key. A member named again (a duplicated sample) is kept apart either way.
+    raises SplitSample once a key comes back with other members. Given `reopen` (the same tar opened again, as a
+    context manager), the tar is read twice instead and its members grouped by key: the first pass reads the
+    headers and the small members that are no image (SMALL_MEMBER_BYTES: captions, json), the second hands out
+    each sample as soon as it has read its image (and any larger member), holding only the members of samples
+    that wait for another. Regrouped samples come in that order: those the first pass read whole (no image) first,
+    then as the second pass completes them, not in the order keys first appear. The second pass must meet the
+    headers the first met, else InputChanged. A member named again (a duplicated sample), or a second image under a
+    key, is a sample of its own either way, after the one it repeats.
     Only a file whose bytes end early ends the samples quietly: the samples before the cut are yielded, a sample
     cut in half is yielded with its `error` set, `error` says what happened and `truncated` is set. A storage
     error raises InputReadError (retry the shard); an unreadable spot with bytes after it raises CorruptTar. A
@@ -328,85 +367,168 @@ class TarSamples:
     cannot go back for its target's bytes). Hidden members (`._x.jpg`, `.DS_Store`) are passed over.
     """
 
-    def __init__(self, stream, max_member_bytes: int | None = None, regroup: bool = False):
+    def __init__(self, stream, max_member_bytes: int | None = None,
+                 reopen: Callable[[], AbstractContextManager] | None = None):
         self.stream = _CountedStream(stream)
         self.max_member_bytes = max_member_bytes
-        self.regroup = regroup
+        self.reopen = reopen
         self.error = ""
         self.truncated = False
 
     def __iter__(self) -> Iterator[RawSample]:
-        groups = self._adjacent_groups()
-        return merged_by_key(groups) if self.regroup else refusing_split_samples(groups)
+        return self._regrouped() if self.reopen is not None else refusing_split_samples(self._adjacent_groups())
 
     def _adjacent_groups(self) -> Iterator[RawSample]:
         current: RawSample | None = None
+        for member, data in self._members(self.stream, wanted=lambda member: True):
+            if current is not None and member.key != current.key:
+                yield current
+                current = None
+            if current is None:
+                current = RawSample(member.key)
+            if member.error:
+                current.error = member.error if member.cut else current.error or member.error
+                continue
+            if not _takes(current.members, member.ext):
+                # the same member twice in a row (a duplicated sample), or a second image under the key
+                # (x.jpg and x.png, two photos of a folder packed by hand): keep it apart
+                yield current
+                current = RawSample(member.key)
+            current.members[member.ext] = data
+        if current is not None:
+            yield current
+
+    def _regrouped(self) -> Iterator[RawSample]:
+        samples_of, read_into, listed = self._first_pass()
+        for samples in samples_of.values():
+            yield from _completed(samples)
+        error, truncated = self.error, self.truncated
+        self.error, self.truncated = "", False
+        met: list[tuple] = []
+        with self.reopen() as stream:
+            for member, data in self._members(_CountedStream(stream), lambda m: m.index in read_into, met):
+                if member.cut:
+                    continue  # the first pass gave the cut to its sample
+                if len(met) > len(listed) or met[-1] != listed[len(met) - 1]:
+                    raise InputChanged(f"the tar changed between the two reads of its regroup: its member "
+                                       f"{member.name} ({member.size} bytes, header {member.index}) is not the one "
+                                       "the first read met there")
+                pending = read_into.pop(member.index, None)
+                if pending is not None:
+                    pending.sample.members[member.ext] = data
+                    pending.to_read -= 1
+                    yield from _completed(samples_of[member.key])
+        if met != listed or self.truncated != truncated:  # also the header a cut fell in, which was not yielded
+            raise InputChanged(f"the tar changed between the two reads of its regroup: {len(met)} members "
+                               f"{'to a cut' if self.truncated else 'to its end'} now, {len(listed)} "
+                               f"{'to a cut' if truncated else 'to its end'} before")
+        self.error = error  # the first pass's words: the second may meet the cut a member earlier, skipping bytes
+        for samples in samples_of.values():  # members the file ends before (its cut) never came
+            for pending in samples:
+                pending.sample.error = pending.sample.error or f"sample cut off: the file ends early ({error})"
+                yield pending.sample
+
+    def _first_pass(self) -> tuple[dict[str, list[_Pending]], dict[int, _Pending], list[tuple]]:
+        """Each key's samples (a member that all of them hold, or a second image, starts another: a duplicate)
+        with the small members read; the sample each member left to the second pass goes to, by header index; and
+        the headers met."""
+        samples_of: dict[str, list[_Pending]] = {}
+        read_into: dict[int, _Pending] = {}
+        listed: list[tuple] = []
+        for member, data in self._members(self.stream, _read_in_first_pass, listed):
+            samples = samples_of.setdefault(member.key, [_Pending(RawSample(member.key))])
+            if member.error:  # a link, a member over the cap, the cut: the key's first sample fails
+                samples[0].sample.error = samples[0].sample.error or member.error
+                continue
+            into = next((p for p in samples if _takes(p.exts, member.ext)), None)
+            if into is None:
+                samples.append(into := _Pending(RawSample(member.key)))
+            into.exts.add(member.ext)
+            if data is None:
+                read_into[member.index] = into
+                into.to_read += 1
+            else:
+                into.sample.members[member.ext] = data
+        return samples_of, read_into, listed
+
+    def _members(self, stream: _CountedStream, wanted: Callable[[_Member], bool],
+                 met: list[tuple] | None = None) -> Iterator[tuple[_Member, bytes | None]]:
+        """The tar's file members in order, each with its bytes where `wanted` (else None: the stream skips them
+        unread); each header goes to `met` when met, before its bytes, so that a member the cut falls in is listed
+        too. Where the file ends early, `error` and `truncated` are set and a last member, `cut`, carries the error
+        to the sample of the last header met."""
+        last: _Member | None = None
+        cut = False
         try:
-            with tarfile.open(fileobj=self.stream, mode="r|*") as tar:
-                for info in tar:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for index, info in enumerate(tar):
                     if not (info.isfile() or info.islnk() or info.issym()):
                         continue  # folders, devices
                     name = member_name(info.name)
                     if _hidden(name, ""):
                         continue  # a Mac's tar adds macOS metadata as ._<name> beside each file, and .DS_Store
-                    key, ext = split_tar_member(name)
-                    if current is not None and key != current.key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = RawSample(key)
-                    if not info.isfile():
-                        kind = "hard link" if info.islnk() else "symbolic link"
-                        current.error = current.error or f"member {name} is a {kind} to {info.linkname}, not a file"
-                        continue
-                    if self.max_member_bytes is not None and info.size > self.max_member_bytes:
-                        current.error = current.error or (
-                            f"member {name} is {info.size} bytes, over the cap of {self.max_member_bytes}")
-                        continue  # never read: the stream skips its data block by block
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"unexpected end of data in {name}")
-                    if ext in current.members or _second_image(current, ext):
-                        # the same member twice in a row (a duplicated sample), or a second image under the key
-                        # (x.jpg and x.png, two photos of a folder packed by hand): keep it apart
-                        yield current
-                        current = RawSample(key)
-                    current.members[ext] = data
-                self._check_archive_end(tar)
+                    if met is not None:
+                        met.append((index, info.name, info.size, info.mtime))
+                    last = _Member(index, *split_tar_member(name), name, info.size, self._unread_because(info, name))
+                    data = None
+                    if not last.error and wanted(last):
+                        data = tar.extractfile(info).read()
+                        if len(data) != info.size:
+                            raise tarfile.ReadError(f"unexpected end of data in {name}")
+                    yield last, data  # one not read is skipped block by block at the next header
+                self._check_archive_end(tar, stream)
         except (tarfile.TarError, EOFError, OSError) as e:
-            ended = self.stream.storage_error is None and self.stream.at_end()
-            if self.stream.storage_error is not None:
-                raise InputReadError(f"{type(self.stream.storage_error).__name__}: {self.stream.storage_error} "
-                                     f"(after {self.stream.count} bytes)") from e
+            ended = stream.storage_error is None and stream.at_end()
+            if stream.storage_error is not None:
+                raise InputReadError(f"{type(stream.storage_error).__name__}: {stream.storage_error} "
+                                     f"(after {stream.count} bytes)") from e
             if not ended:
-                raise CorruptTar(f"{type(e).__name__}: {e} (after {self.stream.count} bytes; more follow)") from e
+                raise CorruptTar(f"{type(e).__name__}: {e} (after {stream.count} bytes; more follow)") from e
             self.error, self.truncated = f"{type(e).__name__}: {e}", True
-            if current is not None:
-                current.error = f"sample cut off: the file ends early ({self.error})"
-                yield current
-            return
+            cut = True
         except Exception as e:  # a response cut part-way (aiohttp's ClientPayloadError) is no OSError
-            if self.stream.storage_error is None:
+            if stream.storage_error is None:
                 raise
-            raise InputReadError(f"{type(e).__name__}: {e} (after {self.stream.count} bytes)") from e
-        if current is not None:
-            yield current
+            raise InputReadError(f"{type(e).__name__}: {e} (after {stream.count} bytes)") from e
+        if cut and last is not None:
+            yield replace(last, error=f"sample cut off: the file ends early ({self.error})", cut=True), None
 
-    def _check_archive_end(self, tar: tarfile.TarFile) -> None:
+    def _unread_because(self, info: tarfile.TarInfo, name: str) -> str:
+        """Why a member is not read, or "": a link, or over the cap."""
+        if not info.isfile():
+            kind = "hard link" if info.islnk() else "symbolic link"
+            return f"member {name} is a {kind} to {info.linkname}, not a file"
+        if self.max_member_bytes is not None and info.size > self.max_member_bytes:
+            return f"member {name} is {info.size} bytes, over the cap of {self.max_member_bytes}"
+        return ""
+
+    def _check_archive_end(self, tar: tarfile.TarFile, stream: _CountedStream) -> None:
         """tarfile stops quietly at a header it cannot read once past the first: a cut at a member boundary (no
         end-of-archive marker) is a truncated file; data after the stop is a corrupt one."""
         end = tar.offset  # where tarfile met the zero block, or the header it could not read
         if getattr(tar.fileobj, "comptype", "tar") != "tar":
             _check_decompressed_end(tar.fileobj, end)  # offsets are positions in the decompressed data
             return
-        if not self.stream.at_end():
-            if self.stream.storage_error is not None:
-                raise self.stream.storage_error  # reported as a storage error above
+        if not stream.at_end():
+            if stream.storage_error is not None:
+                raise stream.storage_error  # reported as a storage error above
             raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end}; over 1 MiB follows")
-        if self.stream.last_nonzero >= end:
-            raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end} of {self.stream.count}")
-        if self.stream.count < end + 2 * tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"the file ends at byte {self.stream.count}, before the end-of-archive marker")
+        if stream.last_nonzero >= end:
+            raise CorruptTar(f"tar reading stopped at an unreadable header at byte {end} of {stream.count}")
+        if stream.count < end + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"the file ends at byte {stream.count}, before the end-of-archive marker")
+
+
+def _read_in_first_pass(member: _Member) -> bool:
+    """Whether a regroup's first pass reads a member: a small one that is no image (a caption, a json)."""
+    return member.ext not in IMAGE_EXTS and member.size <= SMALL_MEMBER_BYTES
+
+
+def _completed(samples: list[_Pending]) -> Iterator[RawSample]:
+    """A key's samples that hold all their members, taken from its first on: a duplicate waits for the sample it
+    repeats, which the worker keeps (the first occurrence)."""
+    while samples and samples[0].to_read == 0:
+        yield samples.pop(0).sample
 
 
 def _check_decompressed_end(stream, end: int, limit: int = 1 << 20) -> None:
@@ -422,10 +544,11 @@ def _check_decompressed_end(stream, end: int, limit: int = 1 << 20) -> None:
         raise tarfile.ReadError(f"the decompressed data ends at byte {stream.pos}, before the end-of-archive marker")
 
 
-def _second_image(sample: RawSample, ext: str) -> bool:
-    """Whether a member `ext` would be a second image of `sample`: one sample holds one image, and x.png beside
-    x.jpg is a photo of its own, which the worker fails as a duplicate key (as in a folder) rather than drop."""
-    return ext in IMAGE_EXTS and any(e in IMAGE_EXTS for e in sample.members)
+def _takes(exts: Iterable[str], ext: str) -> bool:
+    """Whether a sample holding the members `exts` takes a member `ext`: not one it holds, nor a second image (one
+    sample holds one image, and x.png beside x.jpg is a photo of its own, which the worker fails as a duplicate key,
+    as in a folder, rather than drop)."""
+    return ext not in exts and not (ext in IMAGE_EXTS and any(e in IMAGE_EXTS for e in exts))
 
 
 def refusing_split_samples(groups: Iterator[RawSample]) -> Iterator[RawSample]:
@@ -441,22 +564,6 @@ def refusing_split_samples(groups: Iterator[RawSample]) -> Iterator[RawSample]:
             raise SplitSample(f"the members of sample {sample.key!r} are apart in the tar")
         earlier.update(sample.members)
         yield sample
-
-
-def merged_by_key(groups: Iterator[RawSample]) -> Iterator[RawSample]:
-    """The groups' members merged by key, keys in the order they first appear; a member a key already has (or a
-    second image) goes to a copy of the sample, which follows after all keys (a duplicate, which the worker fails)."""
-    copies: dict[str, list[RawSample]] = {}
-    for group in groups:
-        samples = copies.setdefault(group.key, [RawSample(group.key)])
-        for ext, data in group.members.items():
-            into = next((s for s in samples if ext not in s.members and not _second_image(s, ext)), None)
-            if into is None:
-                samples.append(into := RawSample(group.key))
-            into.members[ext] = data
-        samples[0].error = samples[0].error or group.error
-    yield from (samples[0] for samples in copies.values())
-    yield from (copy for samples in copies.values() for copy in samples[1:])
 
 
 def output_key(source_key: str) -> str:

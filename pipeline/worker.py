@@ -30,6 +30,7 @@ from pipeline.preprocess import (
 )
 from pipeline.reader import (
     IMAGE_EXTS,
+    InputChanged,
     InputShard,
     RawSample,
     SplitSample,
@@ -259,17 +260,36 @@ def input_identity(shard: InputShard) -> dict[str, Any]:
     return {"url": shard.url, "size": info.get("size"), "etag": info.get("ETag"), "mtime": info.get("mtime")}
 
 
+def identity_changed(then: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a tar's size, ETag or mtime (what both record) differ."""
+    return any(then.get(k) != now.get(k) for k in ("size", "etag", "mtime") if then.get(k) is not None)
+
+
 @contextmanager
-def open_samples(shard: InputShard, max_member_bytes: int | None,
-                 regroup: bool = False) -> Iterator[tuple[Iterable[RawSample], TarSamples | None]]:
+def open_samples(shard: InputShard, max_member_bytes: int | None, regroup: bool = False,
+                 identity: dict[str, Any] | None = None) -> Iterator[tuple[Iterable[RawSample], TarSamples | None]]:
     """The shard's samples, and the tar reader (to ask afterwards whether the file was truncated) for a tar;
-    `regroup`: a tar whose samples' members are apart, read whole (TarSamples)."""
+    `regroup`: a tar whose samples' members are apart, read twice (TarSamples), the second time only if it is still
+    the file of `identity` (input_identity's, taken before the first read; by default here)."""
     if shard.files:
         yield read_file_samples(shard.files, shard.url, max_member_bytes), None
         return
+    identity = identity or (input_identity(shard) if regroup else None)
     with fsspec.open(shard.url, "rb") as stream:
-        reader = TarSamples(stream, max_member_bytes, regroup=regroup)
+        reader = TarSamples(stream, max_member_bytes, reopen=partial(reopen_unchanged, shard, identity) if regroup
+                            else None)
         yield reader, reader
+
+
+def reopen_unchanged(shard: InputShard, identity: dict[str, Any]) -> fsspec.core.OpenFile:
+    """The tar opened again for a regroup's second read, unless its size, ETag or mtime are no longer those of
+    `identity`: the two reads must read the same bytes, or samples would mix two files (InputChanged)."""
+    now = input_identity(shard)
+    if identity_changed(identity, now):
+        changed = ", ".join(f"{k} {identity[k]} -> {now.get(k)}" for k in ("size", "etag", "mtime")
+                            if identity.get(k) is not None and identity[k] != now.get(k))
+        raise InputChanged(f"{shard.url} changed between the two reads of its regroup ({changed})")
+    return fsspec.open(shard.url, "rb")
 
 
 def add_latents(encoder, kept: list[dict[str, bytes]]) -> None:
@@ -293,7 +313,7 @@ def process_shard(
     stores latents (--latents). `weights`: the sha256s of the models' weights, kept in the stats (a resume onto
     shards made with other weights is refused, as one with other settings is); `models`: what the actor loaded
     (its describe()), kept in the stats too, for a manifest made from them alone. A tar whose samples' members are
-    apart is read a second time, whole, and its members grouped by key (its stats say `regrouped`)."""
+    apart is read again, twice, and its members grouped by key (TarSamples; its stats say `regrouped`)."""
     if not isinstance(annotators, Mapping):
         annotators = {cfg.tasks[0]: annotators}
     try:
@@ -324,7 +344,7 @@ def _write_shard(shard: InputShard, cfg: BuildConfig, annotators: Mapping[str, A
             writer.write(p.row["key"], members)
 
     try:
-        with open_samples(shard, cfg.max_member_mb << 20, regroup) as (samples, reader):
+        with open_samples(shard, cfg.max_member_mb << 20, regroup, identity) as (samples, reader):
             pending: list[tuple[Prepared, Any]] = []
             keyed = _dedupe(samples, shard.name, shard.keys_taken)
             for batch in _prefetch(_batches(keyed, cfg.batch_size), prepare_one, pool):
@@ -360,7 +380,7 @@ def _write_shard(shard: InputShard, cfg: BuildConfig, annotators: Mapping[str, A
             **({"task_counts": count_by_task(rows, cfg.tasks)} if len(cfg.tasks) > 1 else {}),
             "read_error": read_error,
             "truncated": bool(reader is not None and reader.truncated),  # the input file's bytes end early
-            **({"regrouped": True} if regroup else {}),  # its samples' members were apart: read whole
+            **({"regrouped": True} if regroup else {}),  # its samples' members were apart: read twice more
             "seconds": round(time.perf_counter() - start, 3),
             "host": socket.gethostname(),
             "node_id": _ray_node_id(),

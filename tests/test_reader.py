@@ -4,19 +4,24 @@ import io
 import lzma
 import shutil
 import tarfile
+from functools import partial
 
 import fsspec
 import pytest
 
 from pipeline.reader import (
+    SMALL_MEMBER_BYTES,
     CorruptTar,
+    InputChanged,
     InputReadError,
+    InputShard,
     SplitSample,
     TarSamples,
     list_input_shards,
     read_file_samples,
     split_member_name,
 )
+from pipeline.worker import input_identity, open_samples
 from tests.corpus import good_jpeg, write_bad_inputs, write_tar
 
 
@@ -362,10 +367,11 @@ def test_a_sample_whose_members_are_apart_is_refused_streaming_and_merged_when_r
             tar.addfile(info, io.BytesIO(name.encode()))
     with pytest.raises(SplitSample, match="'a' are apart"):
         list(TarSamples(io.BytesIO(buffer.getvalue())))
-    regrouped = list(TarSamples(io.BytesIO(buffer.getvalue()), regroup=True))
-    assert [(s.key, sorted(s.members)) for s in regrouped] == [("a", ["jpg", "txt"]), ("b", ["jpg", "txt"]),
-                                                               ("b", ["jpg"])]  # the repeat stays a duplicate
-    assert regrouped[1].members["jpg"] == b"./b.jpg"
+    regrouped = list(TarSamples(io.BytesIO(buffer.getvalue()), reopen=lambda: io.BytesIO(buffer.getvalue())))
+    # each sample as its image is read the second time (b's first), the repeat a duplicate after the sample it repeats
+    assert [(s.key, sorted(s.members)) for s in regrouped] == [("b", ["jpg", "txt"]), ("a", ["jpg", "txt"]),
+                                                               ("b", ["jpg"])]
+    assert regrouped[0].members == {"txt": b"./b.txt", "jpg": b"./b.jpg"}
 
 
 
@@ -388,7 +394,105 @@ def test_a_second_image_under_one_key_is_a_sample_of_its_own_not_dropped():
     with_caption = tar_of(["x.jpg", "x.png", "x.txt", "y.jpg"])  # sorted: the caption comes after the png
     with pytest.raises(SplitSample):
         samples(with_caption)
-    assert samples(with_caption, regroup=True) == [("x", ["jpg", "txt"]), ("y", ["jpg"]), ("x", ["png"])]
+    regrouped = samples(with_caption, reopen=lambda: io.BytesIO(with_caption))
+    assert regrouped == [("x", ["jpg", "txt"]), ("x", ["png"]), ("y", ["jpg"])]  # as each image is read
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def regrouped(data: bytes, **kwargs) -> tuple[list[tuple[str, bool]], TarSamples]:
+    return read(data, reopen=lambda: io.BytesIO(data), **kwargs)
+
+
+def test_a_regroup_holds_an_image_or_two_at_a_time_not_the_whole_tar(tmp_path):
+    """GNU tar over a folder may write every image first and every caption last: the regroup held the whole tar in
+    memory before its first sample (here 15 MB; a shard at scale 1-10 GB, in each actor of a node). Now its first
+    read keeps the captions alone and its second hands out each image as it reads it."""
+    import tracemalloc
+
+    images, image_bytes = 60, 256 << 10
+    path = tmp_path / "apart.tar"
+    path.write_bytes(tar_of([(f"./{i:03d}.jpg", bytes([i]) * image_bytes) for i in range(images)]
+                            + [(f"./{i:03d}.txt", f"caption {i}".encode()) for i in range(images)]))
+    with open(path, "rb") as f, pytest.raises(SplitSample):
+        list(TarSamples(f))
+    read_back = 0
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as f:
+            for sample in TarSamples(f, reopen=partial(open, path, "rb")):
+                i = int(sample.key)
+                assert sample.members == {"txt": f"caption {i}".encode(), "jpg": bytes([i]) * image_bytes}
+                read_back += 1
+                del sample  # the worker drops each sample once encoded
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read_back == images
+    assert peak < 6 * image_bytes, f"{peak / 2**20:.1f} MiB held at once, of {images * image_bytes / 2**20} MiB"
+
+
+def test_a_regroup_holds_an_image_until_its_sample_is_whole_and_a_large_member_is_read_second():
+    """A member over SMALL_MEMBER_BYTES that is no image is left to the second read, as images are: the sample it
+    belongs to waits for it, the others do not."""
+    big = b"\2" * (SMALL_MEMBER_BYTES + 1)
+    data = tar_of([("a.jpg", b"a"), ("b.jpg", b"b"), ("b.txt", b"cap b"), ("a.npy", big), ("a.txt", b"cap a")])
+    reader = TarSamples(io.BytesIO(data), reopen=lambda: io.BytesIO(data))
+    samples = list(reader)
+    assert [s.key for s in samples] == ["b", "a"]  # b whole at its image; a once its npy was read
+    assert samples[1].members == {"jpg": b"a", "npy": big, "txt": b"cap a"} and not reader.error
+
+
+def test_a_regrouped_tar_that_is_cut_corrupt_or_reset_ends_as_a_streamed_one():
+    samples, reader = regrouped(six_samples()[: 2 * SAMPLE_BYTES])
+    assert samples == [("s0", False), ("s1", True)] and reader.truncated and "end-of-archive" in reader.error
+    samples, reader = regrouped(six_samples()[: 2 * SAMPLE_BYTES + 512 + 1000])  # in s2's jpg
+    assert samples == [("s0", False), ("s1", False), ("s2", True)] and reader.truncated
+    whole, reader = regrouped(six_samples())
+    assert whole == [(f"s{i}", False) for i in range(6)] and not reader.truncated and not reader.error
+    corrupt = bytearray(six_samples())
+    corrupt[3 * SAMPLE_BYTES: 3 * SAMPLE_BYTES + 100] = b"x" * 100  # s3's header
+    with pytest.raises(CorruptTar, match="unreadable header"):
+        regrouped(bytes(corrupt))
+    with pytest.raises(InputReadError, match="ConnectionResetError"):  # in the first read, then in the second
+        list(TarSamples(ResetAfter(six_samples(), 2 * SAMPLE_BYTES), reopen=lambda: io.BytesIO(six_samples())))
+    with pytest.raises(InputReadError, match="ConnectionResetError"):
+        list(TarSamples(io.BytesIO(six_samples()), reopen=lambda: ResetAfter(six_samples(), 2 * SAMPLE_BYTES)))
+    capped = tar_of([("a.jpg", b"\1" * 100), ("big.jpg", b"\1" * 5000), ("a.txt", b"a"), ("big.txt", b"big")])
+    samples = {s.key: s for s in TarSamples(io.BytesIO(capped), 1000, reopen=lambda: io.BytesIO(capped))}
+    assert "over the cap" in samples["big"].error and samples["big"].members == {"txt": b"big"}
+    assert samples["a"].members == {"jpg": b"\1" * 100, "txt": b"a"} and not samples["a"].error
+
+
+def test_a_tar_that_changes_between_the_two_reads_of_a_regroup_fails_rather_than_mix_them(tmp_path):
+    """The second read must read the bytes the first read listed: samples put together from two versions of a
+    tar (uploaded again meanwhile) would pair one's captions with the other's images."""
+    first = tar_of([("a.txt", b"cap a"), ("b.jpg", b"b"), ("a.jpg", b"a"), ("b.txt", b"cap b")])
+    for second in (tar_of([("a.txt", b"cap a"), ("c.jpg", b"c"), ("a.jpg", b"a"), ("b.txt", b"cap b")]),
+                   tar_of([("a.txt", b"cap a"), ("b.jpg", b"bb"), ("a.jpg", b"a"), ("b.txt", b"cap b")]),
+                   first[: 4 * 1024] + tar_of([("d.jpg", b"d")]),  # a member more (4 members of 1 KiB each)
+                   first[: 4 * 1024]):  # cut short
+        with pytest.raises(InputChanged, match="changed between the two reads"):
+            list(TarSamples(io.BytesIO(first), reopen=lambda second=second: io.BytesIO(second)))
+    # the worker's second read checks the file's size, ETag and mtime against those it recorded before the first
+    path = tmp_path / "apart.tar"
+    path.write_bytes(first)
+    shard = InputShard("apart", str(path))
+    identity = input_identity(shard)
+    path.write_bytes(first + bytes(10240))  # the same members, more padding: the same headers, another file
+    with (open_samples(shard, None, regroup=True, identity=identity) as (samples, _),
+          pytest.raises(InputChanged, match=r"changed between the two reads of its regroup \(size 10240 -> 20480")):
+        list(samples)
+    with open_samples(shard, None, regroup=True) as (samples, reader):  # read twice as it is now
+        assert sorted((s.key, sorted(s.members)) for s in samples) == [("a", ["jpg", "txt"]), ("b", ["jpg", "txt"])]
 
 
 def test_a_member_named_above_the_tar_is_read_not_taken_for_a_hidden_one():

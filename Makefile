@@ -119,6 +119,7 @@ bench: $(STAMP) ## throughput benchmarks: prints tables, writes bench/results/*.
 	$(PY) -m bench.multitask
 	$(PY) -m bench.subsets_scale
 	$(PY) -m bench.manifest_scale
+	$(PY) -m bench.regroup_memory
 	$(PY) -m bench.trainer_speed $(if $(PEER_SCRIPT),--peer-script $(PEER_SCRIPT))
 
 # what the GPU check imports that a CUDA image with torch and transformers lacks (no Ray, W&B or tyro): pure-Python

@@ -495,6 +495,23 @@ def test_a_tar_that_changes_between_the_two_reads_of_a_regroup_fails_rather_than
         assert sorted((s.key, sorted(s.members)) for s in samples) == [("a", ["jpg", "txt"]), ("b", ["jpg", "txt"])]
 
 
+def test_a_regroup_on_s3_opens_the_tar_again_and_tells_an_upload_between_the_reads_by_its_etag(s3_endpoint):
+    """On object storage the second read is a second GET; an object uploaded again between the two reads, the
+    same size (another caption of as many bytes), is told by its ETag."""
+    first = tar_of([("a.txt", b"cap a"), ("b.jpg", b"b"), ("a.jpg", b"a"), ("b.txt", b"cap b")])
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-regroup")
+    fs.pipe_file("cnd-regroup/apart.tar", first)
+    shard = InputShard("apart", "s3://cnd-regroup/apart.tar")
+    with open_samples(shard, None, regroup=True) as (samples, reader):
+        assert sorted((s.key, s.members["txt"]) for s in samples) == [("a", b"cap a"), ("b", b"cap b")]
+    identity = input_identity(shard)
+    fs.pipe_file("cnd-regroup/apart.tar", first.replace(b"cap b", b"cap B"))
+    with (open_samples(shard, None, regroup=True, identity=identity) as (samples, _),
+          pytest.raises(InputChanged, match="etag")):
+        list(samples)
+
+
 def test_a_member_named_above_the_tar_is_read_not_taken_for_a_hidden_one():
     """'../up.jpg' (a tar written by a script from a relative path) began with a dot, as a Mac's '._x.jpg' does: its
     sample was passed over without a row. tar drops a leading '../' when it extracts; so does the reader."""

@@ -15,10 +15,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from annotate import NEURAL_TASKS
 from pipeline.config import BuildConfig, weight_hashes, weights_mismatch
-from pipeline.format import Outage, StorageOutage, is_transient
+from pipeline.format import Outage, is_transient
 from pipeline.reader import InputReadError, InputShard
 from pipeline.worker import ActorFault, process_shard
 from pipeline.writer import clear_staging
+
+ACTOR_WAIT_NOTE_S = 30.0  # shards left and no actor up to take them for this long: the job says what it waits for
 
 
 class ModelLoadError(RuntimeError):
@@ -182,44 +184,87 @@ def run_pool(
         on_note(f"{len(errors)} of {len(started)} actors could not load their models ({errors[0]}); "
                 f"going on with {len(loaded)}")
     idle = deque(loaded)
+    # replacements for actors that died, each until its models loaded (describe answered): a shard goes only to an
+    # actor that is up. One queued on a replacement that the cluster had no room for (its node lost, the survivors'
+    # actors holding every CPU) waited on it for good while those actors sat idle
+    starting: dict[ray.ObjectRef, Any] = {}
+    unfit = ""  # why the last replacement could not take shards
     result = PoolResult(models=models)
     todo = deque(shards)
     attempts = {s.name: 0 for s in shards}
     running: dict[ray.ObjectRef, tuple[Any, InputShard]] = {}
     outage = Outage("the job's storage")
-    while todo or running:
-        while todo and idle:
-            actor, shard = idle.popleft(), todo.popleft()
-            running[actor.process.remote(shard, job_weights)] = (actor, shard)
-        [ref], _ = ray.wait(list(running), num_returns=1)
-        actor, shard = running.pop(ref)
-        try:
-            stats = ray.get(ref)
-        except (ActorDiedError, ActorUnavailableError, RayActorError, ActorFault) as e:
-            ray.kill(actor, no_restart=True)
-            idle.append(new_actor())  # gone (OOM, node lost, SIGKILL) or unfit (no models): a fresh one
-            _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
-            continue
-        except Exception as e:
-            idle.append(actor)
+    waiting_since, noted = None, False
+    try:
+        while todo or running:
+            while todo and idle:
+                actor, shard = idle.popleft(), todo.popleft()
+                running[actor.process.remote(shard, job_weights)] = (actor, shard)
+            waitable = [*running, *(starting if todo else ())]
+            if not waitable:  # every actor is gone and no replacement could load its models: the rest cannot be done
+                for shard in todo:
+                    on_fail(shard, unfit, attempts[shard.name] + 1)
+                    result.failed[shard.name] = unfit
+                break
+            ready, _ = ray.wait(waitable, num_returns=1, timeout=None if running else 1.0)
+            if not ready:  # shards left, none running, and no replacement placed yet: say so once, then keep waiting
+                waiting_since = waiting_since or time.monotonic()
+                if not noted and time.monotonic() - waiting_since >= ACTOR_WAIT_NOTE_S:
+                    noted = True
+                    on_note(f"waiting for the cluster to place {len(starting)} actor(s) "
+                            f"({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU each) in place of those lost "
+                            f"(a node gone?): {len(todo)} shard(s) left, {len(result.done)} committed; Ctrl-C stops "
+                            "the job, and the same command resumes it")
+                continue
+            waiting_since = None
+            [ref] = ready
+            if ref in starting:
+                actor = starting.pop(ref)
+                unfit = replacement_unfit(ref, job_weights)
+                if unfit:
+                    ray.kill(actor, no_restart=True)
+                else:
+                    idle.append(actor)
+                continue
+            actor, shard = running.pop(ref)
             try:
-                waited = waited_for_storage(outage, e)
-            except StorageOutage:  # the storage is down, not the shards: the job ends, its shards in flight too
-                for stopped in [*idle, *(busy for busy, _ in running.values())]:
-                    ray.kill(stopped)
-                raise
-            if waited:
-                todo.append(shard)
-            else:
+                stats = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError, ActorFault) as e:
+                ray.kill(actor, no_restart=True)
+                replacement = new_actor()  # gone (OOM, node lost, SIGKILL) or unfit (no models): a fresh one
+                starting[replacement.describe.remote()] = replacement
                 _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
-            continue
-        outage.over()
-        idle.append(actor)
-        result.done.append(stats)
-        on_done(stats)
-    for actor in idle:
-        ray.kill(actor)
+                continue
+            except Exception as e:
+                idle.append(actor)
+                # StorageOutage: the storage is down, not the shards: the job ends, its shards in flight too
+                waited = waited_for_storage(outage, e)
+                if waited:
+                    todo.append(shard)
+                else:
+                    _retry_or_fail(shard, e, attempts, cfg.max_retries, todo, result, on_fail)
+                continue
+            outage.over()
+            idle.append(actor)
+            result.done.append(stats)
+            on_done(stats)
+    finally:  # what is left of the pool, however the loop ended (a note's handler that raises included)
+        for actor in [*idle, *starting.values(), *(busy for busy, _ in running.values())]:
+            ray.kill(actor)
     return result
+
+
+def replacement_unfit(described_ref: ray.ObjectRef, job_weights: dict[str, str]) -> str:
+    """Why a replacement actor cannot take shards ('' if it can): its models did not load, it loaded other weights
+    than the job's (a node whose weights folder differs), or it died starting."""
+    try:
+        described = ray.get(described_ref)
+    except RayActorError as e:
+        return f"a replacement actor died starting: {_short_error(e)}"
+    if "error" in described:
+        return f"ActorFault: this actor could not load its models: {described['error']}"
+    mismatch = weights_mismatch(job_weights, weight_hashes(described))
+    return f"ActorFault: this actor loaded other weights than the job's: {'; '.join(mismatch)}" if mismatch else ""
 
 
 def waited_for_storage(outage: Outage, error: BaseException) -> bool:

@@ -983,3 +983,65 @@ def test_neural_shards_made_before_detect_resolution_are_not_resumed_into():
         "detect_resolution (made before ControlNet 1.1 parity) -> 512"]
     assert settings_mismatch({"task": "canny", "resolution": 512},  # Canny has no network: nothing changed
                              {"task": "canny", "resolution": 512, "detect_resolution": 512}) == []
+
+
+class _NoRoomForReplacements:
+    """ShardActor whose first `placed` actors are placed as usual and whose later ones (the replacements of actors
+    that died) ask for a resource no node has: a node lost, and the cluster without room for them."""
+
+    def __init__(self, actor_class, placed: int):
+        self.actor_class, self.placed = actor_class, placed
+
+    def options(self, **options):
+        self.placed -= 1
+        return self.actor_class.options(**options, **({} if self.placed >= 0 else {"resources": {"lost_node": 1}}))
+
+
+def test_a_lost_actor_whose_replacement_cannot_be_placed_leaves_its_shard_to_the_others(tmp_path, monkeypatch,
+                                                                                    ray_session):
+    """A node lost mid-job: its actor's shard is retried, and the replacement actor finds no room (the survivors'
+    actors hold every CPU). The shard went to that replacement and the job waited on it for good, at 99%, its other
+    actors idle; it now goes to a survivor. With no actor left at all the job says what it waits for."""
+    import threading
+
+    import pipeline.distributor as distributor
+    from pipeline.sample_data import write_shards
+
+    write_shards(tmp_path / "in", num_shards=6)
+    cfg = BuildConfig(task="canny", input=[str(tmp_path / "in")], output=str(tmp_path / "out"), resolution=32,
+                      num_workers=2, cpus_per_worker=0.5, max_retries=1)
+    shards = list_input_shards(cfg.input)
+
+    def lose(count):
+        def on_done(stats):
+            for pid in shard_actor_pids()[:count] if not lost else ():
+                os.kill(pid, signal.SIGKILL)
+                lost.append(pid)
+        return on_done
+
+    lost, outcome = [], {}
+    monkeypatch.setattr(distributor, "ShardActor", _NoRoomForReplacements(distributor.ShardActor, 2))
+    pool = threading.Thread(target=lambda: outcome.update(result=distributor.run_pool(shards, cfg, lose(1))),
+                            daemon=True)
+    pool.start()
+    pool.join(timeout=30)
+    assert not pool.is_alive(), "the job waited on a replacement the cluster had no room for"
+    assert lost and not outcome["result"].failed
+    assert sorted(s["shard"] for s in outcome["result"].done) == sorted(done_shards(str(tmp_path / "out"))) == \
+        [s.name for s in shards]
+
+    class Stopped(Exception):
+        pass
+
+    def stop(note):
+        notes.append(note)
+        raise Stopped  # as a Ctrl-C would: the pool's actors, pending ones included, are killed on the way out
+
+    lost, notes = [], []
+    monkeypatch.setattr(distributor, "ACTOR_WAIT_NOTE_S", 0.5)
+    monkeypatch.setattr(distributor, "ShardActor", _NoRoomForReplacements(distributor.ShardActor.actor_class, 2))
+    with pytest.raises(Stopped):
+        distributor.run_pool(shards, dataclasses.replace(cfg, output=str(tmp_path / "out2")), lose(2), on_note=stop)
+    assert notes[0].startswith("waiting for the cluster to place 2 actor(s) (0.5 CPU, 0 GPU each) in place of "
+                               "those lost (a node gone?): "), notes
+    assert "the same command resumes it" in notes[0]

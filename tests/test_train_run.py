@@ -430,6 +430,37 @@ def test_a_stopped_run_resumed_logs_each_step_to_its_wandb_run_once(dataset, sto
 
 
 
+def test_a_stop_ends_a_run_waiting_for_room_for_its_workers(dataset, storage, ray_session, python):
+    """A node lost with its workers, and the cluster left without room for --num-workers: Ray Train's controller
+    starts the worker group again and again (60 s a try, for ever), and answers no abort while it waits. A SIGTERM
+    (`kill PID`, a Ctrl-C taken the same way) waited with it for good; it now ends the run in its line after
+    ABORT_PATIENCE_S (3 s here). Three 1-CPU workers on the suite's 2-CPU cluster stand for the lost node."""
+    name = "no-room"
+    run_py = ("import sys, train.run; train.run.ABORT_PATIENCE_S = 3; sys.argv[0] = 'train/run.py'; "
+              "sys.exit(train.run.main(sys.argv[1:]))")
+    command = [python, "-c", run_py, "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
+               "--run-name", name, "--max-steps", "10", "--validate-every", "0", "--wandb", "off",
+               "--num-workers", "3", "--cpus-per-worker", "1"]
+    run = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": ray_session}, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in run.stderr:  # the controller's, forwarded by Ray
+        lines.append(line)
+        if "Attempting to start training worker group" in line:
+            break
+    time.sleep(1)
+    run.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = run.communicate(timeout=25)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    stderr = "".join(lines) + stderr
+    assert run.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"stopped: {name} has no checkpoint yet; the same command starts it again"
+
+
 def test_a_run_stopped_before_its_first_checkpoint_continues_its_wandb_run_when_run_again(dataset, storage, ray_session,
                                                                                        python, tmp_path):
     """A run stopped before its first checkpoint starts from step 0 again: it got a new W&B id, and the project held

@@ -371,7 +371,7 @@ def ray_trains_abort_handler(handler) -> bool:
     return "_register_sigint_handler" in getattr(handler, "__qualname__", "")
 
 
-ABORT_PATIENCE_S = 30  # how long a SIGTERM waits for Ray Train's abort on a cluster this process started: under
+ABORT_PATIENCE_S = 30  # how long a SIGTERM waits for Ray Train's abort: on a cluster this process started, under
 # the 60 s after which Ray's driver, its GCS gone, ends the process itself (exit 1, without the stopped line)
 
 
@@ -380,12 +380,12 @@ def _exit_with_signal(signum: int, frame) -> None:
     # on workers: stopped as Ctrl-C stops them, the W&B run closed. On a cluster started here too (`kill PID`, a
     # container's stop: skipping the abort there let Ray kill rank 0 with its W&B service, and every step logged
     # since W&B last wrote was lost), while that cluster lives: a SIGTERM sent to the process group (`kill -- -PGID`,
-    # a batch scheduler) reaches its GCS and raylet as well, and the abort waited on them for ever
+    # a batch scheduler) reaches its GCS and raylet as well, and the abort waited on them for ever. On a cluster
+    # joined, for up to ABORT_PATIENCE_S too: a controller starting a worker group the cluster has no room for (a
+    # node lost) answers no abort while it waits (60 s a try, tried again for ever), and the stop waited with it;
+    # leaving ends the controller, and no worker runs then to close a W&B run
     if ray_trains_abort_handler(abort):
-        if _cluster_started_here:
-            while_cluster_lives(abort, signum, frame)
-        else:
-            abort(signum, frame)
+        while_cluster_lives(abort, signum, frame)
     sys.exit(signum)
 
 

@@ -198,7 +198,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
                   "checkpoint", flush=True)
     if local:
         quiet_local_mode_reports()
-    return TorchTrainer(
+    return TorchTrainerStoppedInTime(
         train_loop_per_worker,
         train_loop_config={"train": dataclasses.asdict(cfg), "wandb_mode": mode, "local": local,
                            "secrets": None if local else secrets_ref(),  # local mode: this process's environment
@@ -213,6 +213,25 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             callbacks=None if local else [CloseWandbOnStop()],
         ),
     )
+
+
+class TorchTrainerStoppedInTime(TorchTrainer):
+    """TorchTrainer whose Ctrl-C gives Ray Train's abort ABORT_PATIENCE_S, as a SIGTERM does (_exit_with_signal),
+    then ends the run as Ray's handler does once the abort is done (SystemExit). Ray's handler waits on the
+    controller's abort, which a controller starting a worker group the cluster has no room for (a node lost: 60 s a
+    try, tried again for ever) does not answer: the first Ctrl-C did nothing, in silence, the second nothing either,
+    and the third ended the run."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        super()._register_sigint_handler(controller)
+        abort = signal.getsignal(signal.SIGINT)
+
+        def abort_in_time(signum: int, frame) -> None:
+            while_cluster_lives(abort, signum, frame)
+            sys.exit(0)
+
+        abort_in_time.__wrapped__ = abort  # Ray Train's, for _exit_with_signal
+        signal.signal(signal.SIGINT, abort_in_time)
 
 
 class CloseWandbOnStop(WorkerCallback):
@@ -377,6 +396,7 @@ ABORT_PATIENCE_S = 30  # how long a SIGTERM waits for Ray Train's abort: on a cl
 
 def _exit_with_signal(signum: int, frame) -> None:
     abort = signal.getsignal(signal.SIGINT)
+    abort = getattr(abort, "__wrapped__", abort)  # Ray Train's, under TorchTrainerStoppedInTime's
     # on workers: stopped as Ctrl-C stops them, the W&B run closed. On a cluster started here too (`kill PID`, a
     # container's stop: skipping the abort there let Ray kill rank 0 with its W&B service, and every step logged
     # since W&B last wrote was lost), while that cluster lives: a SIGTERM sent to the process group (`kill -- -PGID`,

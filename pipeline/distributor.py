@@ -20,6 +20,7 @@ from pipeline.reader import InputReadError, InputShard
 from pipeline.worker import ActorFault, process_shard
 from pipeline.writer import clear_staging
 
+DIED_STARTING = "died starting: "
 ACTOR_WAIT_NOTE_S = 30.0  # shards left and no actor up to take them for this long: the job says what it waits for
 
 
@@ -132,8 +133,8 @@ def loaded_actors(actors: list[Any]) -> tuple[list[Any], dict[str, Any], list[st
     for actor, ref in [(a, a.describe.remote()) for a in actors]:
         try:
             described = ray.get(ref)
-        except RayActorError as e:
-            described = {"error": _short_error(e)}
+        except RayActorError as e:  # its node lost (a spot reclaim), or the process killed, before it answered
+            described = {"error": f"{DIED_STARTING}{_short_error(e)}"}
         mismatch = weights_mismatch(weight_hashes(models), weight_hashes(described)) \
             if models and "error" not in described else []
         if mismatch:
@@ -180,14 +181,21 @@ def run_pool(
             ray.kill(actor)
         raise
     job_weights = weight_hashes(models)
-    if errors:
-        on_note(f"{len(errors)} of {len(started)} actors could not load their models ({errors[0]}); "
-                f"going on with {len(loaded)}")
-    idle = deque(loaded)
     # replacements for actors that died, each until its models loaded (describe answered): a shard goes only to an
     # actor that is up. One queued on a replacement that the cluster had no room for (its node lost, the survivors'
     # actors holding every CPU) waited on it for good while those actors sat idle
     starting: dict[ray.ObjectRef, Any] = {}
+    died = [error for error in errors if error.startswith(DIED_STARTING)]
+    for _ in died:  # as one that dies later is: the pool kept none of them, a node lost in the job's first seconds
+        replacement = new_actor()  # shrank it for the whole job
+        starting[replacement.describe.remote()] = replacement
+    if errors:
+        unloaded = len(errors) - len(died)
+        what = " and ".join(part for part in (f"{unloaded} could not load their models" if unloaded else "",
+                                              f"{len(died)} died starting" if died else "") if part)
+        on_note(f"{len(errors)} of {len(started)} actors did not start: {what} ({errors[0]}); going on with "
+                f"{len(loaded)}" + (f", and {len(died)} started again" if died else ""))
+    idle = deque(loaded)
     unfit = ""  # why the last replacement could not take shards
     result = PoolResult(models=models)
     todo = deque(shards)

@@ -1045,3 +1045,39 @@ def test_a_lost_actor_whose_replacement_cannot_be_placed_leaves_its_shard_to_the
     assert notes[0].startswith("waiting for the cluster to place 2 actor(s) (0.5 CPU, 0 GPU each) in place of "
                                "those lost (a node gone?): "), notes
     assert "the same command resumes it" in notes[0]
+
+
+def test_an_actor_lost_before_it_started_is_started_again(tmp_path, monkeypatch, ray_session):
+    """A node lost in the job's first seconds, its actor dead before it answered: the pool went on without it for
+    the whole job, and said that it 'could not load its models'. It is started again, as one lost later is."""
+    import ray
+
+    import pipeline.distributor as distributor
+    from pipeline.sample_data import write_shards
+
+    class LoseTheSecond:
+        def __init__(self, actor_class):
+            self.actor_class, self.made = actor_class, 0
+
+        def options(self, **options):
+            self.made += 1
+            actor = self.actor_class.options(**options)
+            if self.made == 2:  # it never answers: killed as its node would take it
+                actor = actor.remote
+                return type("Lost", (), {"remote": staticmethod(lambda cfg: lose(actor(cfg)))})
+            return actor
+
+    def lose(actor):
+        ray.kill(actor, no_restart=True)
+        return actor
+
+    write_shards(tmp_path / "in", num_shards=4)
+    cfg = BuildConfig(task="canny", input=[str(tmp_path / "in")], output=str(tmp_path / "out"), resolution=32,
+                      num_workers=2, cpus_per_worker=0.5, max_retries=0)
+    monkeypatch.setattr(distributor, "ShardActor", LoseTheSecond(distributor.ShardActor))
+    notes = []
+    result = distributor.run_pool(list_input_shards(cfg.input), cfg, on_note=notes.append)
+    assert len(result.done) == 4 and not result.failed
+    assert notes == [notes[0]] and notes[0].startswith("1 of 2 actors did not start: 1 died starting (died starting: ")
+    assert notes[0].endswith("going on with 1, and 1 started again"), notes
+    assert distributor.ShardActor.made == 3

@@ -342,6 +342,8 @@ def summary_table(run_stats: list[dict], manifest: dict, seconds: float, failed:
         f"time {seconds:.1f} s, {samples / max(seconds, 1e-9):.1f} samples/s",
     ]
     lines += [f"FAILED shard {name}: {error}" for name, error in sorted(failed.items())]
+    if failed:  # the committed shards stay; a rerun does only these
+        lines.append(f"the same command tries the {len(failed)} failed shard(s) again, and keeps the committed ones")
     lines += [f"TRUNCATED input of shard {name} (committed with the samples before the cut): {error}"
               for name, error in sorted(truncated_inputs(run_stats).items())]
     return "\n".join(lines)

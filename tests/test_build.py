@@ -93,6 +93,7 @@ def test_bad_inputs_each_land_in_exactly_one_row(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 1  # two shards could not be read at all
     assert "FAILED shard notatar" in printed and "FAILED shard zerobytes" in printed
+    assert "the same command tries the 2 failed shard(s) again, and keeps the committed ones" in printed
     assert printed.count("shard notatar attempt") == 2  # tried once, retried once
 
     done = {p.name.removesuffix(".stats.json") for p in (out / "shards").glob("*.stats.json")}

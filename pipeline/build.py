@@ -33,7 +33,7 @@ from pipeline.config import BuildConfig, parse_config, settings_mismatch, weight
 from pipeline.distributor import ModelLoadError, run_pool
 from pipeline.lease import OutputBusy, output_lease
 from pipeline.reader import InputShard, list_input_shards
-from pipeline.worker import identity_changed, input_identity
+from pipeline.worker import identity_changes, input_identity
 from pipeline.writer import clear_staging, staging_root
 
 
@@ -149,7 +149,7 @@ def regrown_inputs(skipped: list[InputShard], skipped_stats: list[dict[str, Any]
     request for each of these only."""
     truncated = {stats.get("shard"): stats.get("input") or {} for stats in skipped_stats if stats.get("truncated")}
     return [shard for shard in skipped if shard.name in truncated and not shard.files
-            and identity_changed(truncated[shard.name], input_identity(shard))]
+            and identity_changes(truncated[shard.name], input_identity(shard))]
 
 
 def check_resume_weights(cfg: BuildConfig, models: dict[str, Any], kept_stats: list[dict[str, Any]]) -> None:

@@ -74,14 +74,15 @@ def differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
 
 
 def read_leases(output: str) -> dict[str, dict[str, Any]]:
-    """The leases in `output`, by URL; one that does not parse was cut short by a kill, and is passed over."""
+    """The leases in `output`, by path in its filesystem; one that does not parse was cut short by a kill, and is
+    passed over."""
     fs, root = fsspec.core.url_to_fs(output)
     leases = {}
     for path in fs.glob(f"{root.rstrip('/')}/job-*.json"):
         with suppress(FileNotFoundError, ValueError):  # removed since the listing; cut short
             lease = json.loads(fs.cat_file(path))
             if isinstance(lease, dict):
-                leases[fs.unstrip_protocol(path)] = lease
+                leases[path] = lease
     return leases
 
 
@@ -95,11 +96,11 @@ def output_lease(output: str, settings: dict[str, Any], clock: Callable[[], floa
     url = lease_url(output, mine["token"])
     fmt.write_whole(url, json.dumps(mine).encode())  # before reading the others': see the module's docstring
     host, now = socket.gethostname(), clock()
-    others = {u: lease for u, lease in read_leases(output).items() if lease.get("token") != mine["token"]}
-    for other_url, lease in others.items():
+    others = {path: lease for path, lease in read_leases(output).items() if lease.get("token") != mine["token"]}
+    for path, lease in others.items():
         if gone(lease, now, host):
             with suppress(Exception):
-                fs.rm(fsspec.core.url_to_fs(other_url)[1])
+                fs.rm(path)
     busy = rival(mine, list(others.values()), now, host)
     if busy:
         _remove(url)

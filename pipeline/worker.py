@@ -260,9 +260,10 @@ def input_identity(shard: InputShard) -> dict[str, Any]:
     return {"url": shard.url, "size": info.get("size"), "etag": info.get("ETag"), "mtime": info.get("mtime")}
 
 
-def identity_changed(then: dict[str, Any], now: dict[str, Any]) -> bool:
-    """Whether a tar's size, ETag or mtime (what both record) differ."""
-    return any(then.get(k) != now.get(k) for k in ("size", "etag", "mtime") if then.get(k) is not None)
+def identity_changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'size 10240 -> 20480' for each of a tar's size, ETag or mtime (what both record) that differs."""
+    return [f"{k} {then[k]} -> {now.get(k)}" for k in ("size", "etag", "mtime")
+            if then.get(k) is not None and then[k] != now.get(k)]
 
 
 @contextmanager
@@ -284,11 +285,9 @@ def open_samples(shard: InputShard, max_member_bytes: int | None, regroup: bool 
 def reopen_unchanged(shard: InputShard, identity: dict[str, Any]) -> fsspec.core.OpenFile:
     """The tar opened again for a regroup's second read, unless its size, ETag or mtime are no longer those of
     `identity`: the two reads must read the same bytes, or samples would mix two files (InputChanged)."""
-    now = input_identity(shard)
-    if identity_changed(identity, now):
-        changed = ", ".join(f"{k} {identity[k]} -> {now.get(k)}" for k in ("size", "etag", "mtime")
-                            if identity.get(k) is not None and identity[k] != now.get(k))
-        raise InputChanged(f"{shard.url} changed between the two reads of its regroup ({changed})")
+    changes = identity_changes(identity, input_identity(shard))
+    if changes:
+        raise InputChanged(f"{shard.url} changed between the two reads of its regroup ({', '.join(changes)})")
     return fsspec.open(shard.url, "rb")
 
 

@@ -11,6 +11,7 @@ import time
 import traceback
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 if __package__ in (None, ""):  # `python train/run.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -409,14 +410,40 @@ def _exit_with_signal(signum: int, frame) -> None:
     sys.exit(signum)
 
 
+_given_up: list[threading.Thread] = []  # the calls while_cluster_lives stopped waiting for
+
+
 def while_cluster_lives(call, *args) -> None:
     """call(*args), given up on once a process of the cluster started here has died, or after ABORT_PATIENCE_S (it
-    goes on in a daemon thread, which the exit ends)."""
+    goes on in a daemon thread, which the exit ends: exit_leaving_threads)."""
     worker = threading.Thread(target=call, args=args, daemon=True)
     worker.start()
     deadline = time.monotonic() + ABORT_PATIENCE_S
     while worker.is_alive() and time.monotonic() < deadline and own_cluster_alive():
         worker.join(0.2)
+    if worker.is_alive():
+        _given_up.append(worker)
+
+
+def threads_blocked_in_ray() -> bool:
+    """Whether a call while_cluster_lives gave up on still waits in Ray."""
+    return any(worker.is_alive() for worker in _given_up)
+
+
+def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
+    """Print the command's last line and end the process while threads still wait in Ray (an abort given up on, a
+    sweep's sizes in Ray Train's fit()), which nothing ends, so they cannot be joined. Disconnecting from a cluster
+    joined, or the interpreter's own end, with a thread blocked in Ray ended the process in SIGSEGV after the line
+    (seen in CI), or at once with code 1 (3 tries of 8): the process's end ends its job (controllers, workers) on
+    that cluster anyway. A cluster this process started is shut down first, as its agents would outlive it (the
+    shutdown may end the process itself, with code 1)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.is_head():
+        ray.shutdown()
+    print(last_line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def own_cluster_alive() -> bool:
@@ -493,9 +520,12 @@ def ended_stopped(cfg: TrainConfig, stop: BaseException, signals: set[int]) -> i
     """A stopped fit() ended: its W&B run closed (in local mode rank 0's is this process's; on workers
     CloseWandbOnStop closed it), Ray left, the line naming the checkpoint it resumes from; the exit code."""
     close_open_runs()
+    code = stopped_exit_code(stop, signals)
+    if threads_blocked_in_ray():  # its abort given up on (ABORT_PATIENCE_S)
+        exit_leaving_threads(code, stopped_line(cfg))
     leave_ray()
     print(stopped_line(cfg), file=sys.stderr)
-    return stopped_exit_code(stop, signals)
+    return code
 
 
 def checked_and_trained(cfg: TrainConfig) -> int:

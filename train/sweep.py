@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import threading
 from pathlib import Path
-from typing import NoReturn
 
 if __package__ in (None, ""):  # `python train/sweep.py`: import from the repo root, not from inside train/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -141,21 +139,6 @@ def train_all(configs: list[TrainConfig], slots: int, stopped=lambda: False) -> 
         raise
     pool.shutdown()
     return dict(outcome for outcome in outcomes if outcome)
-
-
-def exit_leaving_threads(code: int) -> NoReturn:
-    """End the process while sizes still train in its threads: they wait in Ray Train's fit(), which nothing ends,
-    so they cannot be joined. A Ray cluster this process started is shut down first (its agents would outlive
-    it; the shutdown may end the process itself, with code 1); one it joined is left alone: shutting down the
-    connection with threads blocked in it ended the process at once, with code 1, in 3 tries of 8, and the
-    process's end ends its job (the runs' controllers and workers) anyway."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and node.is_head():
-        ray.shutdown()
-    sys.stdout.flush()
-    os._exit(code)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -293,15 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
             # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
-            from train.run import leave_ray
+            from train.run import exit_leaving_threads, leave_ray, threads_blocked_in_ray
 
-            if slots <= 1:
-                leave_ray()  # now, so that the line below is the last one (a caller's own Ray, a notebook's, stays)
-            print("[sweep] stopped: the same command resumes each unfinished size from its last checkpoint",
-                  file=sys.stderr, flush=True)
+            line = "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"
             code = stopped_exit_code(stop, signals.received())
-            if slots > 1:
-                exit_leaving_threads(code)
+            if slots > 1 or threads_blocked_in_ray():  # sizes in threads, or an abort given up on
+                exit_leaving_threads(code, line)
+            leave_ray()  # now, so that the line below is the last one (a caller's own Ray, a notebook's, stays)
+            print(line, file=sys.stderr, flush=True)
             return code
     if args.report and len(unfinished) < len(subsets):  # a size has results to report
         from train.report import write_report

@@ -79,6 +79,9 @@ def test_sweep_resumes_an_interrupted_size_skips_finished_ones_and_reports(datas
     assert [(r["size"], r["run"], r["steps"]) for r in rows] == [("8", "abl-8", "4"), ("16", "abl-16", "4")]
     assert all(0.0 <= float(r["final_fidelity"]) <= 1.0 and r["mauc"] and r["mauc_max_step"] == "4.0000"
                for r in rows)
+    # what each size cost: abl-8's samples summed over its two segments; CPU, so no GPU-hours
+    assert [r["samples_seen"] for r in rows] == [str(4 * small["config"]["batch_size"])] * 2
+    assert all(float(r["wall_minutes"]) > 0 and r["gpu_hours"] == "" for r in rows)
     markdown = (storage / "abl-report.md").read_text()
     assert "`fidelity/caption/cfg9/edge_f1`" in markdown and "| 8 | abl-8 | 4 |" in markdown
     assert "| 16 | abl-16 | 4 |" in markdown and markdown in out
@@ -224,32 +227,15 @@ def test_the_terminal_curve_spans_the_whole_run(evaluations):
                                      f"{detected['step']}, mAUCC 0.500")
 
 
-def test_sizes_train_concurrently_when_the_cluster_has_room(dataset, tmp_path, capsys):
-    """The test cluster has 2 CPUs; a run on one 1-CPU Ray worker leaves room for a second: both sizes train at
-    once (their training intervals overlap), and the report says what each cost."""
-    storage = tmp_path / "runs"
-    assert sweep(["--dataset", str(dataset), "--sizes", "8,16", "--preset", "debug", "--run-prefix", "par",
-                  "--storage-path", str(storage), "--subsets-out", str(tmp_path / "subsets"), "--", "--max-steps",
-                  "2", "--num-workers", "1", "--cpus-per-worker", "1", "--checkpoint-every", "2",
-                  "--validate-every", "0", "--wandb", "off"]) == 0
-    out = capsys.readouterr().out
-    assert "[sweep] 2 size(s) at once: each run reserves 1 CPU, 0 GPU" in out
-    small, large = results(storage, "par-8"), results(storage, "par-16")
-    assert small["final_step"] == large["final_step"] == 2
-    assert small["timing"]["started"] < large["timing"]["finished"] and \
-        large["timing"]["started"] < small["timing"]["finished"]  # the two runs overlapped in time
-    rows = list(csv.DictReader(io.StringIO((storage / "par-report.csv").read_text())))
-    assert [r["samples_seen"] for r in rows] == [str(2 * small["config"]["batch_size"])] * 2
-    assert all(float(r["wall_minutes"]) > 0 and r["gpu_hours"] == "" for r in rows)  # CPU: no GPU-hours
-
-
 @pytest.mark.parametrize("stop, concurrent", [(signal.SIGINT, 2), (signal.SIGTERM, 1)],
                          ids=["ctrl-c-concurrent", "sigterm-one-at-a-time"])
 def test_a_stop_ends_sizes_training_concurrently_or_in_turn(dataset, tmp_path, ray_session, python, stop, concurrent):
     """Ctrl-C reached the sweep's main thread only: the sizes training in its threads went on to the end (a second
     Ctrl-C left the process joining them at exit). Now it stops them, says so in one line, and exits. One size at
     a time on a Ray worker, SIGTERM (`ray job stop`) ended the sweep with code 1 (Ray's get() makes the driver's
-    SystemExit(15) a SystemExit(1)), then aborted it (134) in the interpreter's last collection."""
+    SystemExit(15) a SystemExit(1)), then aborted it (134) in the interpreter's last collection. With room for two
+    1-CPU runs on the suite's 2-CPU cluster, both sizes train at once: each has a checkpoint of a run that does not
+    end by itself."""
     storage = tmp_path / "runs"
     command = [python, "train/sweep.py", "--dataset", str(dataset), "--sizes", "8,16", "--preset", "debug",
                "--run-prefix", "stop", "--storage-path", str(storage), "--subsets-out", str(tmp_path / "subsets"),
@@ -268,7 +254,7 @@ def test_a_stop_ends_sizes_training_concurrently_or_in_turn(dataset, tmp_path, r
         out, err = sweep_process.communicate(timeout=60)  # it hung here, both runs training on
     finally:
         sweep_process.kill()
-    assert ("[sweep] 2 size(s) at once" in out) == (concurrent > 1)
+    assert ("[sweep] 2 size(s) at once: each run reserves 1 CPU, 0 GPU" in out) == (concurrent > 1)
     assert sweep_process.returncode == 128 + stop and "Traceback" not in own_output(err), err[-3000:]
     assert err.strip().splitlines()[-1] == \
         "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"

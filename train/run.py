@@ -17,8 +17,11 @@ if __package__ in (None, ""):  # `python train/run.py`: import from the repo roo
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 if __name__ == "__main__":  # a Ctrl-C while the imports below load (seconds): one line, not their traceback
     from pipeline.format import quiet_ctrl_c_while_starting
+    from train.config import parse_args
 
     quiet_ctrl_c_while_starting()
+    parse_args(sys.argv[1:])  # --help, or a mistyped flag's one line, before the ~5 s that torch, Ray and diffusers
+    # take to import (main() parses them again, at no cost)
 
 import ray
 import ray.train

@@ -10,6 +10,9 @@ with other settings is refused in one line. A lease whose job is gone (killed, i
 once on the host it ran on (its process is not there), elsewhere once not renewed for STALE_S. Each job writes
 its own lease before it reads the others', so of two jobs that start together at least one sees the other (both
 may back off, never both go on).
+
+A training run holds one in its run folder (train.run), unshared: two drivers of one run would both train it and
+publish checkpoints over each other's.
 """
 from __future__ import annotations
 
@@ -55,9 +58,10 @@ def gone(lease: dict[str, Any], now: float, host: str, alive: Callable[[int], bo
 
 
 def rival(mine: dict[str, Any], others: list[dict[str, Any]], now: float, host: str,
-          alive: Callable[[int], bool] = fmt.process_alive) -> dict[str, Any] | None:
-    """A live job's lease whose settings differ from `mine`'s, or None: jobs of the same settings share an output."""
-    return next((lease for lease in others if lease.get("settings") != mine["settings"]
+          alive: Callable[[int], bool] = fmt.process_alive, shared: bool = True) -> dict[str, Any] | None:
+    """A live job's lease whose settings differ from `mine`'s, or None: jobs of the same settings share an output
+    (`shared`); unshared, any live job's lease."""
+    return next((lease for lease in others if (not shared or lease.get("settings") != mine["settings"])
                  and not gone(lease, now, host, alive)), None)
 
 
@@ -86,28 +90,38 @@ def read_leases(output: str) -> dict[str, dict[str, Any]]:
     return leases
 
 
+def output_lease(output: str, settings: dict[str, Any], clock: Callable[[], float] = time.time):
+    """The dataset job's lease on `output` (OutputBusy where a live job writes it with other settings)."""
+
+    def refusal(busy: dict[str, Any], now: float) -> OutputBusy:
+        return OutputBusy(f"another dataset job is writing {output} with other settings "
+                          f"({differences(busy['settings'], settings)}): {describe(busy, now)}; wait for it to end or "
+                          f"stop it, or give another --output (a job that is gone no longer counts: at once on its "
+                          f"own host, elsewhere once its lease is {STALE_S:.0f} s old)")
+
+    return lease(output, settings, refusal, clock=clock)
+
+
 @contextmanager
-def output_lease(output: str, settings: dict[str, Any], clock: Callable[[], float] = time.time) -> Iterator[None]:
-    """Hold a lease on `output` while the block runs (OutputBusy where a live job writes it with other settings),
-    renewed every RENEW_S by a daemon thread, and removed at the end however the block ends (a kill -9 leaves it:
-    see gone). Gone jobs' leases are removed on the way."""
-    fs, _ = fsspec.core.url_to_fs(output)
+def lease(folder: str, settings: dict[str, Any], refusal: Callable[[dict[str, Any], float], Exception],
+          shared: bool = True, clock: Callable[[], float] = time.time) -> Iterator[None]:
+    """Hold a lease on `folder` while the block runs (refusal(their lease, now) raised where a live job holds one
+    with other settings, or with any when not `shared`), renewed every RENEW_S by a daemon thread, and removed at
+    the end however the block ends (a kill -9 leaves it: see gone). Gone jobs' leases are removed on the way."""
+    fs, _ = fsspec.core.url_to_fs(folder)
     mine = new_lease(settings, clock())
-    url = lease_url(output, mine["token"])
+    url = lease_url(folder, mine["token"])
     fmt.write_whole(url, json.dumps(mine).encode())  # before reading the others': see the module's docstring
     host, now = socket.gethostname(), clock()
-    others = {path: lease for path, lease in read_leases(output).items() if lease.get("token") != mine["token"]}
-    for path, lease in others.items():
-        if gone(lease, now, host):
+    others = {path: theirs for path, theirs in read_leases(folder).items() if theirs.get("token") != mine["token"]}
+    for path, theirs in others.items():
+        if gone(theirs, now, host):
             with suppress(Exception):
                 fs.rm(path)
-    busy = rival(mine, list(others.values()), now, host)
+    busy = rival(mine, list(others.values()), now, host, shared=shared)
     if busy:
         _remove(url)
-        raise OutputBusy(f"another dataset job is writing {output} with other settings "
-                         f"({differences(busy['settings'], settings)}): {describe(busy, now)}; wait for it to end or "
-                         f"stop it, or give another --output (a job that is gone no longer counts: at once on its own "
-                         f"host, elsewhere once its lease is {STALE_S:.0f} s old)")
+        raise refusal(busy, now)
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(url, mine, stop, clock), daemon=True, name="lease-renewer")
     renewer.start()

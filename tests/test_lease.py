@@ -1,5 +1,7 @@
 """jobs that share an output make the same dataset: a job with other settings than a live one writing the output is
-refused; a gone job's lease does not count (two drivers of one job: test_faults)"""
+refused; a gone job's lease does not count (two drivers of one job: test_faults). A training run is leased to one
+driver."""
+import dataclasses
 import json
 import os
 import socket
@@ -81,3 +83,27 @@ def test_a_job_with_other_settings_than_a_live_one_on_its_output_is_refused_and_
     (output / "job-live.json").write_text(json.dumps(lease_of(gone_pid(), settings, token="live")))  # kill -9'd
     assert main(args) == 0
     assert (output / "shards" / "00000.stats.json").exists() and read_leases(str(output)) == {}
+
+
+def test_a_second_driver_of_a_run_in_training_is_refused_and_a_killed_ones_lease_passed_over(canny64, tmp_path,
+                                                                                              capsys):
+    """Two drivers of one run (the command started twice, a job submitted again while the first still ran) both
+    trained it, from the same checkpoint, and published their checkpoints and W&B steps over each other's. The second
+    is refused in one line, before it starts Ray or writes anything of the run; the lease of a driver that was
+    killed does not hold the run."""
+    from train.config import debug
+    from train.run import main as train
+    from train.run import run_lease
+
+    storage, name = tmp_path / "runs", "twice"
+    args = ["--data", str(canny64), "--storage-path", str(storage), "--run-name", name, "--max-steps", "1",
+            "--validate-every", "0", "--wandb", "off", "--num-workers", "0"]
+    with run_lease(dataclasses.replace(debug(), storage_path=str(storage), run_name=name)):  # this process drives it
+        assert train(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: run {name} is being trained by another driver (pid {os.getpid()} on {HOST}, "
+                          "started ") and "\n" not in err, err
+    assert not list((storage / name).iterdir())  # nothing of the run written; both leases removed
+    (storage / name / "job-killed.json").write_text(json.dumps(lease_of(gone_pid(), {"run_name": name})))
+    assert train(args) == 0
+    assert (storage / name / "results.json").exists() and not list((storage / name).glob("job-*.json"))

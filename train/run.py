@@ -167,6 +167,25 @@ _cluster_started_here = False  # join_or_start_ray started a cluster, whose proc
 _joined_here = False  # join_or_start_ray joined or started Ray (not the caller: a test's or a notebook's session)
 
 
+class RunBusy(RuntimeError):
+    """Another driver, alive, trains the run."""
+
+
+def run_lease(cfg: TrainConfig) -> contextlib.AbstractContextManager[None]:
+    """The run's lease in its folder (pipeline.lease), shared with no one: two drivers of one run (the command
+    started twice, a job submitted again while the first still ran) both trained it, from the same checkpoint, and
+    published their checkpoints and W&B steps over each other's. The second is refused in one line, before it
+    starts Ray or touches the run's folder."""
+    from pipeline.lease import STALE_S, describe, lease
+
+    def refusal(busy: dict, now: float) -> RunBusy:
+        return RunBusy(f"run {cfg.run_name} is being trained by another driver ({describe(busy, now)}): stop it, or "
+                       f"wait for it to end, or give another --run-name (a driver that is gone no longer counts: at "
+                       f"once on its own host, elsewhere once its lease is {STALE_S:.0f} s old)")
+
+    return lease(run_url(cfg.storage_path, cfg.run_name), {"run_name": cfg.run_name}, refusal, shared=False)
+
+
 def leave_ray() -> None:
     """Leave the Ray that join_or_start_ray joined or started, now, while the run's last line is still to come
     (its detached actors log until then). A Ray the caller had initialized stays up: main() called in a process
@@ -540,11 +559,19 @@ def checked_and_trained(cfg: TrainConfig) -> int:
     except (FileNotFoundError, ValueError, StorageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        trainer = build_trainer(cfg)  # refuses a mismatched resume before it starts Ray
-    except (ResumeMismatch, ClusterUnreachable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as held:  # the run's lease, from before Ray starts to the run's end
+        try:
+            with refusing_storage_failures("the storage of --storage-path"):
+                held.enter_context(run_lease(cfg))
+            trainer = build_trainer(cfg)  # refuses a mismatched resume before it starts Ray
+        except (RunBusy, StorageFailed, ResumeMismatch, ClusterUnreachable) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return trained(cfg, trainer)
+
+
+def trained(cfg: TrainConfig, trainer: TorchTrainer) -> int:
+    """The run, once built: its stop, refusal or failure said in one line; its exit code."""
     with exit_on_sigterm(), SignalLog() as signals:
         try:
             result = fit(cfg, trainer)

@@ -144,9 +144,10 @@ def train_all(configs: list[TrainConfig], slots: int, stopped=lambda: False) -> 
 def train(cfg: TrainConfig) -> None:
     """One run on Ray Train (in this process with --num-workers 0); a run of this name with checkpoints resumes
     from its last one (refused when started with other settings)."""
-    from train.run import build_trainer, fit
+    from train.run import build_trainer, fit, run_lease
 
-    fit(cfg, build_trainer(cfg))  # resubmitted where Ray Train's controller stopped on its storage
+    with run_lease(cfg):  # RunBusy where another driver trains a run of this name
+        fit(cfg, build_trainer(cfg))  # resubmitted where Ray Train's controller stopped on its storage
 
 
 @dataclasses.dataclass

@@ -29,9 +29,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from train import export, tiny_sd
-from train.checkpoints import file_sizes
+from train.checkpoints import DECODER_FILE, file_sizes
 from train.config import TrainConfig
-from train.loop import DECODER_FILE, Trainer
+from train.loop import Trainer
 from train.model import decoder_parameters, plain_attention_on_cpu
 from train.sampling import sample
 

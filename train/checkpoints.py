@@ -16,6 +16,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.format import retried
 
+CONTROLNET_DIR = "controlnet"  # a checkpoint's ControlNet, a diffusers folder
+DECODER_FILE = "decoder.safetensors"  # the SD decoder a large-scale run trained, beside it
+CONFIG_FILE = "train_config.json"  # the run's settings, beside it
 PROGRESS_FILE = "progress.json"  # written last into a checkpoint: a checkpoint without it is incomplete
 RAY_STORAGE_MARKER = ".validate_storage_marker"  # Ray Train's controller writes it into the run's folder
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it was reported, in the run

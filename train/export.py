@@ -14,20 +14,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
-import torch
 import tyro
-from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
 
-from annotate.weights import diffusers_loading, pickle_only, weights_variant
 from pipeline.format import process_alive
-from train.loop import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
-from train.model import NotAControlNet, local_model_folder
-from train.model import load_controlnet as load_checked_controlnet
+from train.checkpoints import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:  # torch and diffusers are imported where they are used: --help and the argument checks answer
+    # in a fraction of a second, not after the seconds their imports take
+    import torch
+    from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel
+
 PREFIX = "control_model."  # lllyasviel's cldm.ControlLDM keeps the ControlNet under this name; A1111/ComfyUI expect it
 UNET_PREFIX = "model.diffusion_model."  # ... and the SD UNet under this one, as every ldm checkpoint does
 UNET_SUFFIX = "-unet"  # the diffusers export's UNet folder: OUT + this, beside the ControlNet folder OUT
@@ -238,9 +236,15 @@ def decoder_file(controlnet: Path) -> Path | None:
     return decoder if controlnet.name == CONTROLNET_DIR and decoder.is_file() else None
 
 
-def trained_unet(decoder: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+def trained_unet(decoder: Path, dtype: torch.dtype) -> UNet2DConditionModel:
     """The run's base UNet (train_config.json beside the decoder names the base) with the trained decoder loaded
     into it, as Trainer.load does: the whole UNet, so that an export stands alone."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from annotate.weights import diffusers_loading, pickle_only, weights_variant
+    from train.model import local_model_folder
+
     base_model = json.loads((decoder.parent / CONFIG_FILE).read_text())["base_model"]
     source = local_model_folder(base_model)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=weights_variant(source, "unet"),
@@ -261,7 +265,7 @@ def unet_folder(out: Path) -> Path:
 
 # what save_pretrained writes for a model: a previous export, which --out may replace
 EXPORT_FILE = re.compile(r"config\.json|diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
-CONTROLNET_CLASS, UNET_CLASS = ControlNetModel.__name__, UNet2DConditionModel.__name__
+CONTROLNET_CLASS, UNET_CLASS = "ControlNetModel", "UNet2DConditionModel"  # the _class_name of their config.json
 
 
 def is_previous_export(out: Path, fmt: str, model: str = CONTROLNET_CLASS) -> bool:
@@ -391,6 +395,8 @@ def write_diffusers(controlnet: ControlNetModel, unet: UNet2DConditionModel | No
 
 def write_original(controlnet: ControlNetModel, unet: UNet2DConditionModel | None, out: Path) -> list[Path]:
     """One file, control_model.* and, with a trained UNet, model.diffusion_model.*: the ControlLDM layout."""
+    from safetensors.torch import save_file
+
     weights = to_original(controlnet.state_dict(), controlnet.config)
     if unet is not None:
         weights |= to_original(unet.state_dict(), unet.config, UNET_PREFIX)
@@ -403,19 +409,25 @@ def write_original(controlnet: ControlNetModel, unet: UNet2DConditionModel | Non
     return [out]
 
 
-def load_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> ControlNetModel:
+def load_controlnet(folder: Path, dtype: torch.dtype) -> ControlNetModel:
     """train.model.load_controlnet (another model's folder, missing tensors, NaN or unreadable weights refused in one
     line; an fp16-only folder loads as `dtype`): from_pretrained built a ControlNet of random weights from a UNet's
     folder, which the export wrote out as a trained one, exit 0."""
+    from train.model import NotAControlNet
+    from train.model import load_controlnet as load_checked_controlnet
+
     try:
         return load_checked_controlnet(folder, dtype)
     except NotAControlNet as e:
         raise ValueError(f"{e}: export a training checkpoint, a run folder or an exported ControlNet") from None
 
 
-def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype = torch.float32) -> list[Path]:
+def export(checkpoint: Path, fmt: str, out: Path, dtype: torch.dtype | None = None) -> list[Path]:
     """Write the ControlNet of `checkpoint`, and the UNet when the run trained its decoder, to `out` as diffusers
-    folders or one original .safetensors file. Returns the paths written."""
+    folders or one original .safetensors file (float32 unless `dtype`). Returns the paths written."""
+    import torch
+
+    dtype = dtype or torch.float32
     folder = controlnet_folder(Path(checkpoint))
     controlnet = load_controlnet(folder, dtype)
     decoder = decoder_file(folder)
@@ -472,8 +484,10 @@ def main(argv: list[str] | None = None) -> None:
             refuse(str(e))
         exported = folder.parent.name if folder.name == CONTROLNET_DIR else folder.name
         print(f"exporting {exported} of {args.checkpoint} as {args.format} ({args.dtype})", file=sys.stderr)
+        import torch
+
         try:
-            written = export(folder, args.format, out, DTYPES[args.dtype])
+            written = export(folder, args.format, out, getattr(torch, args.dtype))
         except ValueError as e:  # not a ControlNet, or weights that do not load (load_controlnet)
             refuse(str(e))
         for path in written:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.checkpoints import PROGRESS_FILE, file_sizes
+from train.checkpoints import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE, PROGRESS_FILE, file_sizes
 from train.config import TrainConfig
 from train.model import (
     BaseModel,
@@ -29,10 +29,7 @@ from train.model import (
     unlock_decoder,
 )
 
-CONTROLNET_DIR = "controlnet"
 STATE_FILE = "state.pt"
-DECODER_FILE = "decoder.safetensors"
-CONFIG_FILE = "train_config.json"
 
 
 @dataclass

@@ -130,8 +130,8 @@ def checkpoint_to_resume(cfg: TrainConfig, name_flag: str = "--run-name", say: b
 
     import fsspec
 
+    from train.checkpoints import CONFIG_FILE
     from train.config import resume_mismatch, stream_changes
-    from train.loop import CONFIG_FILE
 
     resume = latest_checkpoint(cfg.storage_path, cfg.run_name)
     if resume is not None:

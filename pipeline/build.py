@@ -438,8 +438,8 @@ def run_on_output(cfg: BuildConfig, held: ExitStack) -> int:
                 raise StorageSetupError(f"--output {cfg.output} cannot be written ({refusal})")
             # before anything is removed or written; the weights' path stands for their hashes, which only the
             # actors know
-            held.enter_context(output_lease(cfg.output, {**cfg.output_settings(), "weights": cfg.weights}))
-            clear_staging(cfg.output)
+            sharing = held.enter_context(output_lease(cfg.output, {**cfg.output_settings(), "weights": cfg.weights}))
+            clear_staging(cfg.output, job_alone=not sharing)
         committed = {shard.name: shard for shard in fmt.committed_shards(cfg.output)}
         todo, skipped = plan(shards, committed, cfg.overwrite)
         redone = {shard.name for shard in todo}

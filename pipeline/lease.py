@@ -91,7 +91,8 @@ def read_leases(output: str) -> dict[str, dict[str, Any]]:
 
 
 def output_lease(output: str, settings: dict[str, Any], clock: Callable[[], float] = time.time):
-    """The dataset job's lease on `output` (OutputBusy where a live job writes it with other settings)."""
+    """The dataset job's lease on `output` (OutputBusy where a live job writes it with other settings); it yields
+    the live jobs sharing the output."""
 
     def refusal(busy: dict[str, Any], now: float) -> OutputBusy:
         return OutputBusy(f"another dataset job is writing {output} with other settings "
@@ -104,20 +105,24 @@ def output_lease(output: str, settings: dict[str, Any], clock: Callable[[], floa
 
 @contextmanager
 def lease(folder: str, settings: dict[str, Any], refusal: Callable[[dict[str, Any], float], Exception],
-          shared: bool = True, clock: Callable[[], float] = time.time) -> Iterator[None]:
+          shared: bool = True, clock: Callable[[], float] = time.time) -> Iterator[list[dict[str, Any]]]:
     """Hold a lease on `folder` while the block runs (refusal(their lease, now) raised where a live job holds one
     with other settings, or with any when not `shared`), renewed every RENEW_S by a daemon thread, and removed at
-    the end however the block ends (a kill -9 leaves it: see gone). Gone jobs' leases are removed on the way."""
+    the end however the block ends (a kill -9 leaves it: see gone). Gone jobs' leases are removed on the way. The
+    block gets the leases of the live jobs that share the folder."""
     fs, _ = fsspec.core.url_to_fs(folder)
     mine = new_lease(settings, clock())
     url = lease_url(folder, mine["token"])
     fmt.write_whole(url, json.dumps(mine).encode())  # before reading the others': see the module's docstring
     host, now = socket.gethostname(), clock()
     others = {path: theirs for path, theirs in read_leases(folder).items() if theirs.get("token") != mine["token"]}
+    live = []
     for path, theirs in others.items():
-        if gone(theirs, now, host):
-            with suppress(Exception):
-                fs.rm(path)
+        if not gone(theirs, now, host):
+            live.append(theirs)
+            continue
+        with suppress(Exception):
+            fs.rm(path)
     busy = rival(mine, list(others.values()), now, host, shared=shared)
     if busy:
         _remove(url)
@@ -126,7 +131,7 @@ def lease(folder: str, settings: dict[str, Any], refusal: Callable[[dict[str, An
     renewer = threading.Thread(target=_renew, args=(url, mine, stop, clock), daemon=True, name="lease-renewer")
     renewer.start()
     try:
-        yield
+        yield live
     finally:
         stop.set()
         # in a daemon thread, waited for RELEASE_WAIT_S at most: a stop must not wait on a storage that does not

@@ -74,14 +74,15 @@ def _staging_owner(folder: str) -> tuple[str, int] | None:
     return (parts[1], int(parts[2])) if len(parts) == 4 and parts[2].isdigit() else None
 
 
-def clear_stale_staging(root: Path) -> list[str]:
+def clear_stale_staging(root: Path, other_hosts: bool = False) -> list[str]:
     """Remove what killed processes of this host left in `root` (a live one, say another driver's actor on the
-    same output, keeps its folder); the folders removed."""
+    same output, keeps its folder), and with `other_hosts` what other hosts' processes left (known gone: no live
+    job holds the output); the folders removed."""
     host = socket.gethostname()
     removed = []
     for folder in root.iterdir() if root.is_dir() else []:
         owner = _staging_owner(folder.name)
-        if owner is None or (owner[0] == host and not fmt.process_alive(owner[1])):
+        if owner is None or (not fmt.process_alive(owner[1]) if owner[0] == host else other_hosts):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
     with contextlib.suppress(OSError):
@@ -143,6 +144,10 @@ class ShardWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def clear_staging(out: str) -> list[str]:
-    """Remove staging that killed processes of this host left for `out` (each actor clears its own node's)."""
-    return clear_stale_staging(staging_root(out))
+def clear_staging(out: str, job_alone: bool = False) -> list[str]:
+    """Remove staging that killed processes of this host left for `out` (each actor clears its own node's). A local
+    output stages beside its shards: on a file system that hosts share (NFS, EFS), what a host that never came back
+    left stayed for good; a job that holds the output alone (pipeline.lease: no other live job) clears it too. An
+    object store's staging is in each node's temp folder, which other outputs' jobs share."""
+    fs, _ = fsspec.core.url_to_fs(out)
+    return clear_stale_staging(staging_root(out), other_hosts=job_alone and isinstance(fs, LocalFileSystem))

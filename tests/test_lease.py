@@ -85,6 +85,26 @@ def test_a_job_with_other_settings_than_a_live_one_on_its_output_is_refused_and_
     assert (output / "shards" / "00000.stats.json").exists() and read_leases(str(output)) == {}
 
 
+def test_staging_another_host_left_beside_the_shards_is_cleared_by_a_job_alone_on_the_output(sample_shards, tmp_path,
+                                                                                             ray_session):
+    """A local output stages beside its shards: on a file system hosts share (NFS, EFS), what a host that never
+    came back left stayed there for good (a job cleared only what its own host's killed processes left). A job
+    alone on the output clears it; one sharing the output with a live job (a second driver, maybe on that host)
+    leaves it."""
+    output = tmp_path / "canny"
+    args = ["--task", "canny", "--input", str(sample_shards / "00000.tar"), "--output", str(output),
+            "--resolution", "32"]
+    cfg = parse_config(BuildConfig, args, prog="test")
+    staged = output / "shards" / "_staging" / "00000@another-host@4242@x1"
+    staged.mkdir(parents=True)
+    (staged / "shard.tar").write_bytes(b"\0" * 4096)
+    theirs = lease_of(4242, {**cfg.output_settings(), "weights": cfg.weights}, host="another-host")
+    (output / "job-theirs.json").write_text(json.dumps(theirs))  # the same job, renewed just now on that host
+    assert main(args) == 0 and staged.exists()
+    (output / "job-theirs.json").unlink()  # it ended
+    assert main(args) == 0 and not staged.exists()  # nothing left to do: only the staging cleared
+
+
 def test_a_second_driver_of_a_run_in_training_is_refused_and_a_killed_ones_lease_passed_over(canny64, tmp_path,
                                                                                               capsys):
     """Two drivers of one run (the command started twice, a job submitted again while the first still ran) both

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from pipeline import lease
+from pipeline import format as fmt
 from pipeline.build import main
 from pipeline.config import BuildConfig, parse_config
-from pipeline.lease import STALE_S, OutputBusy, gone, output_lease, read_leases, rival
+from pipeline.format import STALE_S, gone, read_leases, rival
+from pipeline.lease import OutputBusy, output_lease
 
 HOST = socket.gethostname()
 
@@ -42,7 +43,7 @@ def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
 
 
 def test_a_lease_is_renewed_while_held_and_removed_however_the_job_ends(tmp_path, monkeypatch):
-    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    monkeypatch.setattr(fmt, "RENEW_S", 0.05)
     output = str(tmp_path)
     with output_lease(output, {"seed": 1}):
         (held,) = read_leases(output).values()

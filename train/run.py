@@ -172,18 +172,18 @@ class RunBusy(RuntimeError):
 
 
 def run_lease(cfg: TrainConfig) -> contextlib.AbstractContextManager[None]:
-    """The run's lease in its folder (pipeline.lease), shared with no one: two drivers of one run (the command
-    started twice, a job submitted again while the first still ran) both trained it, from the same checkpoint, and
-    published their checkpoints and W&B steps over each other's. The second is refused in one line, before it
-    starts Ray or touches the run's folder."""
-    from pipeline.lease import STALE_S, describe, lease
+    """The run's lease in its folder (pipeline.format.folder_lease), shared with no one: two drivers of one run
+    (the command started twice, a job submitted again while the first still ran) both trained it, from the same
+    checkpoint, and published their checkpoints and W&B steps over each other's. The second is refused in one
+    line, before it starts Ray or touches the run's folder."""
+    from pipeline.format import STALE_S, describe, folder_lease
 
     def refusal(busy: dict, now: float) -> RunBusy:
         return RunBusy(f"run {cfg.run_name} is being trained by another driver ({describe(busy, now)}): stop it, or "
                        f"wait for it to end, or give another --run-name (a driver that is gone no longer counts: at "
                        f"once on its own host, elsewhere once its lease is {STALE_S:.0f} s old)")
 
-    return lease(run_url(cfg.storage_path, cfg.run_name), {"run_name": cfg.run_name}, refusal, shared=False)
+    return folder_lease(run_url(cfg.storage_path, cfg.run_name), {"run_name": cfg.run_name}, refusal, shared=False)
 
 
 def leave_ray() -> None:

@@ -838,7 +838,7 @@ def folder_lease(folder: str, settings: dict[str, Any], refusal: Callable[[dict[
             continue
         with contextlib.suppress(Exception):
             fs.rm(path)
-    busy = rival(mine, list(others.values()), now, host, shared=shared)
+    busy = rival(mine, live, now, host, shared=shared)
     if busy:
         _remove(url)
         raise refusal(busy, now)

@@ -468,6 +468,17 @@ def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
     os._exit(code)
 
 
+def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) -> int:
+    """A stopped command's end: Ray left and its last line printed after Ray's own (`code` returned), or, where
+    threads still wait in Ray (`threads_left`: a sweep's sizes in fit(); or an abort while_cluster_lives gave up
+    on), the process ended at once after the line (exit_leaving_threads)."""
+    if threads_left or threads_blocked_in_ray():
+        exit_leaving_threads(code, last_line)
+    leave_ray()
+    print(last_line, file=sys.stderr, flush=True)
+    return code
+
+
 def own_cluster_alive() -> bool:
     """Whether every process of the cluster this process started (GCS, raylet, ...) still runs (Ray's node record,
     private: there is no public one)."""
@@ -533,21 +544,14 @@ def main(argv: list[str] | None = None) -> int:
             return checked_and_trained(cfg)
         except (KeyboardInterrupt, SystemExit) as stop:  # before fit(): while the data is checked, or Ray starts
             # (a Ctrl-C ended the command in a KeyboardInterrupt traceback there, a SIGTERM with code 15 and no line)
-            leave_ray()
-            print(stopped_line(cfg), file=sys.stderr)
-            return stopped_exit_code(stop, signals.received())
+            return leave_with_last_line(stopped_exit_code(stop, signals.received()), stopped_line(cfg))
 
 
 def ended_stopped(cfg: TrainConfig, stop: BaseException, signals: set[int]) -> int:
     """A stopped fit() ended: its W&B run closed (in local mode rank 0's is this process's; on workers
     CloseWandbOnStop closed it), Ray left, the line naming the checkpoint it resumes from; the exit code."""
     close_open_runs()
-    code = stopped_exit_code(stop, signals)
-    if threads_blocked_in_ray():  # its abort given up on (ABORT_PATIENCE_S)
-        exit_leaving_threads(code, stopped_line(cfg))
-    leave_ray()
-    print(stopped_line(cfg), file=sys.stderr)
-    return code
+    return leave_with_last_line(stopped_exit_code(stop, signals), stopped_line(cfg))
 
 
 def checked_and_trained(cfg: TrainConfig) -> int:

@@ -277,15 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
             # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
-            from train.run import exit_leaving_threads, leave_ray, threads_blocked_in_ray
+            from train.run import leave_with_last_line
 
-            line = "[sweep] stopped: the same command resumes each unfinished size from its last checkpoint"
-            code = stopped_exit_code(stop, signals.received())
-            if slots > 1 or threads_blocked_in_ray():  # sizes in threads, or an abort given up on
-                exit_leaving_threads(code, line)
-            leave_ray()  # now, so that the line below is the last one (a caller's own Ray, a notebook's, stays)
-            print(line, file=sys.stderr, flush=True)
-            return code
+            # (a caller's own Ray, a notebook's, stays up)
+            return leave_with_last_line(stopped_exit_code(stop, signals.received()),
+                                        "[sweep] stopped: the same command resumes each unfinished size from its last "
+                                        "checkpoint", threads_left=slots > 1)  # sizes in threads
     if args.report and len(unfinished) < len(subsets):  # a size has results to report
         from train.report import write_report
 

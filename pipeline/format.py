@@ -638,6 +638,25 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_started_at(pid: int) -> float | None:
+    """When the process `pid` of this host started (seconds since the epoch), or None where it cannot be told."""
+    import psutil  # here: the GPU check imports this module where psutil may not be installed
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
+def process_runs(pid: int, started_at: float | None = None) -> bool:
+    """Whether a process of this host runs under `pid` and, where `started_at` is given, is the one that started
+    then: a restarted container gives its new process the old one's pid (pid 1 under `docker run`, say)."""
+    if not process_alive(pid):
+        return False
+    now_started = process_started_at(pid) if started_at is not None else None
+    return now_started is None or abs(now_started - started_at) < 1.0
+
+
 def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
     """Wait until every thread of `pid` is stopped (or dead), `timeout_s` at most (from /proc: at once without)."""
     deadline = time.monotonic() + timeout_s
@@ -765,8 +784,9 @@ class SignalLog:
 
 # Leases: a job holds `<folder>/job-<token>.json` (its host, process, settings) while it runs, renewed and removed
 # when it ends. A lease whose job is gone (killed, its node lost) does not count: at once on the host it ran on (its
-# process is not there), elsewhere once not renewed for STALE_S. Each job writes its own lease before it reads the
-# others', so of two jobs that start together at least one sees the other (both may back off, never both go on).
+# process is not there, or its pid is another process's now), elsewhere once not renewed for STALE_S. Each job
+# writes its own lease before it reads the others', so of two jobs that start together at least one sees the other
+# (both may back off, never both go on).
 # The dataset job's policy: pipeline.lease; a training run's: train.run.run_lease.
 
 RENEW_S = 10.0  # how often a job rewrites its lease
@@ -779,20 +799,23 @@ def lease_url(output: str, token: str) -> str:
 
 
 def new_lease(settings: dict[str, Any], now: float) -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "started_at": now,
-            "renewed_at": now, "settings": settings}
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_started_at": process_started_at(pid),
+            "token": uuid.uuid4().hex, "started_at": now, "renewed_at": now, "settings": settings}
 
 
-def gone(lease: dict[str, Any], now: float, host: str, alive: Callable[[int], bool] = process_alive) -> bool:
-    """Whether a lease's job is gone: its process is no longer running on this host, or it was not renewed for
-    STALE_S (another host's, whose processes cannot be looked up from here)."""
-    if lease.get("host") == host and not alive(int(lease.get("pid", -1))):
+def gone(lease: dict[str, Any], now: float, host: str,
+         alive: Callable[[int, float | None], bool] = process_runs) -> bool:
+    """Whether a lease's job is gone: its process no longer runs on this host (its pid free, or taken since by
+    another process), or it was not renewed for STALE_S (another host's, whose processes cannot be looked up from
+    here)."""
+    if lease.get("host") == host and not alive(int(lease.get("pid", -1)), lease.get("pid_started_at")):
         return True
     return now - float(lease.get("renewed_at", 0)) > STALE_S
 
 
 def rival(mine: dict[str, Any], others: list[dict[str, Any]], now: float, host: str,
-          alive: Callable[[int], bool] = process_alive, shared: bool = True) -> dict[str, Any] | None:
+          alive: Callable[[int, float | None], bool] = process_runs, shared: bool = True) -> dict[str, Any] | None:
     """A live job's lease whose settings differ from `mine`'s, or None: jobs of the same settings share an output
     (`shared`); unshared, any live job's lease."""
     return next((lease for lease in others if (not shared or lease.get("settings") != mine["settings"])

@@ -35,6 +35,9 @@ def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
     now, mine = time.time(), {"token": "mine", "settings": {"seed": 1}}
     assert gone(lease_of(gone_pid(), {}), now, HOST)  # killed on this host: gone at once
     assert not gone(lease_of(os.getpid(), {}), now, HOST)
+    started = fmt.process_started_at(os.getpid())
+    assert not gone({**lease_of(os.getpid(), {}), "pid_started_at": started}, now, HOST)
+    assert gone({**lease_of(os.getpid(), {}), "pid_started_at": started - 30}, now, HOST)  # the pid taken since
     assert not gone(lease_of(12345, {}, host="other-node", renewed_s_ago=5), now, HOST)  # cannot be looked up
     assert gone(lease_of(12345, {}, host="other-node", renewed_s_ago=STALE_S + 1), now, HOST)
     same, other = lease_of(os.getpid(), {"seed": 1}), lease_of(os.getpid(), {"seed": 2})
@@ -126,5 +129,11 @@ def test_a_second_driver_of_a_run_in_training_is_refused_and_a_killed_ones_lease
                           "started ") and "\n" not in err, err
     assert not list((storage / name).iterdir())  # nothing of the run written; both leases removed
     (storage / name / "job-killed.json").write_text(json.dumps(lease_of(gone_pid(), {"run_name": name})))
-    assert train(args) == 0
+    # a driver whose pid another process has taken since (a restarted container's driver has its old pid): the pid
+    # runs, but not the process that wrote the lease
+    with subprocess.Popen(["sleep", "60"]) as other:
+        reused = {**lease_of(other.pid, {"run_name": name}), "pid_started_at": fmt.process_started_at(other.pid) - 30}
+        (storage / name / "job-reused.json").write_text(json.dumps(reused))
+        assert train(args) == 0
+        other.kill()
     assert (storage / name / "results.json").exists() and not list((storage / name).glob("job-*.json"))

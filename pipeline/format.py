@@ -657,6 +657,18 @@ def process_runs(pid: int, started_at: float | None = None) -> bool:
     return now_started is None or abs(now_started - started_at) < 1.0
 
 
+def left_by_a_gone_process(path: str | os.PathLike, pid: int) -> bool:
+    """Whether the process of this host that wrote `path` (named for its pid) is gone: the pid free, or run by a
+    process started after the path was last changed (a restarted container's processes take the old ones' pids)."""
+    if not process_alive(pid):
+        return True
+    started = process_started_at(pid)
+    try:
+        return started is not None and started > os.stat(path).st_mtime + 1.0
+    except OSError:  # removed in between
+        return False
+
+
 def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
     """Wait until every thread of `pid` is stopped (or dead), `timeout_s` at most (from /proc: at once without)."""
     deadline = time.monotonic() + timeout_s

@@ -82,7 +82,7 @@ def clear_stale_staging(root: Path, other_hosts: bool = False) -> list[str]:
     removed = []
     for folder in root.iterdir() if root.is_dir() else []:
         owner = _staging_owner(folder.name)
-        if owner is None or (not fmt.process_alive(owner[1]) if owner[0] == host else other_hosts):
+        if owner is None or (fmt.left_by_a_gone_process(folder, owner[1]) if owner[0] == host else other_hosts):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
     with contextlib.suppress(OSError):

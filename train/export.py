@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import tyro
 
-from pipeline.format import process_alive
+from pipeline.format import left_by_a_gone_process
 from train.checkpoints import CONFIG_FILE, CONTROLNET_DIR, DECODER_FILE
 
 if TYPE_CHECKING:  # torch and diffusers are imported where they are used: --help and the argument checks answer
@@ -327,7 +327,7 @@ def clear_left_siblings(out: Path) -> list[Path]:
         prefix = temp_sibling(out, kind).name.rsplit("-", 1)[0] + "-"
         for path in out.parent.glob(f"{glob.escape(prefix)}*"):
             pid = path.name.removeprefix(prefix)
-            if not pid.isdigit() or process_alive(int(pid)):
+            if not pid.isdigit() or not left_by_a_gone_process(path, int(pid)):
                 continue
             if kind == "old" and not out.exists():
                 path.rename(out)

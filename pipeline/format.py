@@ -810,18 +810,28 @@ def lease_url(output: str, token: str) -> str:
     return f"{output.rstrip('/')}/job-{token}.json"
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace (Linux): containers on one host's network share its host name, not their pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def new_lease(settings: dict[str, Any], now: float) -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_started_at": process_started_at(pid),
-            "token": uuid.uuid4().hex, "started_at": now, "renewed_at": now, "settings": settings}
+    return {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": pid,
+            "pid_started_at": process_started_at(pid), "token": uuid.uuid4().hex, "started_at": now,
+            "renewed_at": now, "settings": settings}
 
 
 def gone(lease: dict[str, Any], now: float, host: str,
          alive: Callable[[int, float | None], bool] = process_runs) -> bool:
     """Whether a lease's job is gone: its process no longer runs on this host (its pid free, or taken since by
-    another process), or it was not renewed for STALE_S (another host's, whose processes cannot be looked up from
-    here)."""
-    if lease.get("host") == host and not alive(int(lease.get("pid", -1)), lease.get("pid_started_at")):
+    another process), or it was not renewed for STALE_S (another host's, or another container's on this host's
+    network, whose processes cannot be looked up from here)."""
+    theirs_to_look_up = lease.get("host") == host and lease.get("pid_namespace") in (None, pid_namespace())
+    if theirs_to_look_up and not alive(int(lease.get("pid", -1)), lease.get("pid_started_at")):
         return True
     return now - float(lease.get("renewed_at", 0)) > STALE_S
 

@@ -38,6 +38,10 @@ def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
     started = fmt.process_started_at(os.getpid())
     assert not gone({**lease_of(os.getpid(), {}), "pid_started_at": started}, now, HOST)
     assert gone({**lease_of(os.getpid(), {}), "pid_started_at": started - 30}, now, HOST)  # the pid taken since
+    # another container on this host's network: its pids cannot be looked up here, so only its renewals count
+    elsewhere = {**lease_of(gone_pid(), {}, renewed_s_ago=5), "pid_namespace": "pid:[1]"}
+    assert not gone(elsewhere, now, HOST) and gone({**elsewhere, "renewed_at": now - STALE_S - 1}, now, HOST)
+    assert not gone({**lease_of(os.getpid(), {}), "pid_namespace": fmt.pid_namespace()}, now, HOST)
     assert not gone(lease_of(12345, {}, host="other-node", renewed_s_ago=5), now, HOST)  # cannot be looked up
     assert gone(lease_of(12345, {}, host="other-node", renewed_s_ago=STALE_S + 1), now, HOST)
     same, other = lease_of(os.getpid(), {"seed": 1}), lease_of(os.getpid(), {"seed": 2})

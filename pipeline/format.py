@@ -659,12 +659,14 @@ def process_runs(pid: int, started_at: float | None = None) -> bool:
 
 def left_by_a_gone_process(path: str | os.PathLike, pid: int) -> bool:
     """Whether the process of this host that wrote `path` (named for its pid) is gone: the pid free, or run by a
-    process started after the path was last changed (a restarted container's processes take the old ones' pids)."""
+    process started after the path last changed (a restarted container's processes take the old ones' pids). The
+    change time, not the modification time: renaming a folder (an export setting the previous one aside) changes
+    only the former. A second of slack: psutil's start times come from a boot time in whole seconds."""
     if not process_alive(pid):
         return True
     started = process_started_at(pid)
     try:
-        return started is not None and started > os.stat(path).st_mtime + 1.0
+        return started is not None and started > os.stat(path).st_ctime + 1.0
     except OSError:  # removed in between
         return False
 

@@ -49,6 +49,26 @@ def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
     assert rival(mine, [lease_of(gone_pid(), {"seed": 2})], now, HOST) is None
 
 
+def test_what_a_process_named_for_its_pid_left_is_a_gone_ones_once_the_pid_is_another_process_s(tmp_path):
+    """A shard's staging and an export's temp sibling are named for their host and pid, and cleared once that
+    process is gone; a restarted container's processes take the killed ones' pids, which then ran, and what the
+    killed ones left was kept for good. A path is a gone process's when its pid started after the path last
+    changed; a folder a live process set aside (renamed: an export's previous one, written long before) is not."""
+    left = tmp_path / "left"
+    left.mkdir()
+    set_aside = tmp_path / "previous-export"
+    set_aside.mkdir()
+    os.utime(set_aside, (0, 0))  # its files written long ago
+    time.sleep(2.1)  # past the second of slack (psutil's start times)
+    with subprocess.Popen(["sleep", "60"]) as later:
+        assert fmt.left_by_a_gone_process(left, later.pid)  # the pid another process's now
+        assert not fmt.left_by_a_gone_process(left, os.getpid())  # the process that made it runs
+        set_aside = set_aside.rename(tmp_path / "previous-export.old")  # by a process started before the rename
+        assert not fmt.left_by_a_gone_process(set_aside, later.pid)
+        later.kill()
+    assert fmt.left_by_a_gone_process(left, gone_pid())
+
+
 def test_a_lease_is_renewed_while_held_and_removed_however_the_job_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "RENEW_S", 0.05)
     output = str(tmp_path)

@@ -648,25 +648,41 @@ def process_started_at(pid: int) -> float | None:
         return None
 
 
-def process_runs(pid: int, started_at: float | None = None) -> bool:
-    """Whether a process of this host runs under `pid` and, where `started_at` is given, is the one that started
+def process_start_ticks(pid: int) -> int | None:
+    """When the process `pid` of this host started, in clock ticks since boot (/proc/<pid>/stat, Linux): unlike a
+    start in seconds since the epoch, which is worked out from the wall clock now, no step of that clock moves it;
+    None where it cannot be told."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22; the name before ')' may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_runs(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether a process of this host runs under `pid` and, where `start_ticks` is given, is the one that started
     then: a restarted container gives its new process the old one's pid (pid 1 under `docker run`, say)."""
     if not process_alive(pid):
         return False
-    now_started = process_started_at(pid) if started_at is not None else None
-    return now_started is None or abs(now_started - started_at) < 1.0
+    now_ticks = process_start_ticks(pid) if start_ticks is not None else None
+    return now_ticks is None or now_ticks == start_ticks
+
+
+# How much later than a path's last change its pid's process must have started to be another process than the
+# one that wrote it: start times since the epoch come from the wall clock now (psutil), which NTP may have stepped
+PID_REUSE_SLACK_S = 10.0
 
 
 def left_by_a_gone_process(path: str | os.PathLike, pid: int) -> bool:
     """Whether the process of this host that wrote `path` (named for its pid) is gone: the pid free, or run by a
     process started after the path last changed (a restarted container's processes take the old ones' pids). The
     change time, not the modification time: renaming a folder (an export setting the previous one aside) changes
-    only the former. A second of slack: psutil's start times come from a boot time in whole seconds."""
+    only the former."""
     if not process_alive(pid):
         return True
     started = process_started_at(pid)
     try:
-        return started is not None and started > os.stat(path).st_ctime + 1.0
+        return started is not None and started > os.stat(path).st_ctime + PID_REUSE_SLACK_S
     except OSError:  # removed in between
         return False
 
@@ -823,7 +839,7 @@ def pid_namespace() -> str | None:
 def new_lease(settings: dict[str, Any], now: float) -> dict[str, Any]:
     pid = os.getpid()
     return {"host": socket.gethostname(), "pid_namespace": pid_namespace(), "pid": pid,
-            "pid_started_at": process_started_at(pid), "token": uuid.uuid4().hex, "started_at": now,
+            "pid_start_ticks": process_start_ticks(pid), "token": uuid.uuid4().hex, "started_at": now,
             "renewed_at": now, "settings": settings}
 
 
@@ -833,7 +849,7 @@ def gone(lease: dict[str, Any], now: float, host: str,
     another process), or it was not renewed for STALE_S (another host's, or another container's on this host's
     network, whose processes cannot be looked up from here)."""
     theirs_to_look_up = lease.get("host") == host and lease.get("pid_namespace") in (None, pid_namespace())
-    if theirs_to_look_up and not alive(int(lease.get("pid", -1)), lease.get("pid_started_at")):
+    if theirs_to_look_up and not alive(int(lease.get("pid", -1)), lease.get("pid_start_ticks")):
         return True
     return now - float(lease.get("renewed_at", 0)) > STALE_S
 

@@ -35,9 +35,9 @@ def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
     now, mine = time.time(), {"token": "mine", "settings": {"seed": 1}}
     assert gone(lease_of(gone_pid(), {}), now, HOST)  # killed on this host: gone at once
     assert not gone(lease_of(os.getpid(), {}), now, HOST)
-    started = fmt.process_started_at(os.getpid())
-    assert not gone({**lease_of(os.getpid(), {}), "pid_started_at": started}, now, HOST)
-    assert gone({**lease_of(os.getpid(), {}), "pid_started_at": started - 30}, now, HOST)  # the pid taken since
+    started = fmt.process_start_ticks(os.getpid())
+    assert not gone({**lease_of(os.getpid(), {}), "pid_start_ticks": started}, now, HOST)
+    assert gone({**lease_of(os.getpid(), {}), "pid_start_ticks": started - 1}, now, HOST)  # the pid taken since
     # another container on this host's network: its pids cannot be looked up here, so only its renewals count
     elsewhere = {**lease_of(gone_pid(), {}, renewed_s_ago=5), "pid_namespace": "pid:[1]"}
     assert not gone(elsewhere, now, HOST) and gone({**elsewhere, "renewed_at": now - STALE_S - 1}, now, HOST)
@@ -49,7 +49,8 @@ def test_a_lease_counts_while_its_job_lives_and_only_with_other_settings():
     assert rival(mine, [lease_of(gone_pid(), {"seed": 2})], now, HOST) is None
 
 
-def test_what_a_process_named_for_its_pid_left_is_a_gone_ones_once_the_pid_is_another_process_s(tmp_path):
+def test_what_a_process_named_for_its_pid_left_is_a_gone_ones_once_the_pid_is_another_process_s(tmp_path,
+                                                                                                monkeypatch):
     """A shard's staging and an export's temp sibling are named for their host and pid, and cleared once that
     process is gone; a restarted container's processes take the killed ones' pids, which then ran, and what the
     killed ones left was kept for good. A path is a gone process's when its pid started after the path last
@@ -59,7 +60,8 @@ def test_what_a_process_named_for_its_pid_left_is_a_gone_ones_once_the_pid_is_an
     set_aside = tmp_path / "previous-export"
     set_aside.mkdir()
     os.utime(set_aside, (0, 0))  # its files written long ago
-    time.sleep(2.1)  # past the second of slack (psutil's start times)
+    monkeypatch.setattr(fmt, "PID_REUSE_SLACK_S", 1.0)
+    time.sleep(2.1)  # past the slack, and psutil's start times' whole-second boot time
     with subprocess.Popen(["sleep", "60"]) as later:
         assert fmt.left_by_a_gone_process(left, later.pid)  # the pid another process's now
         assert not fmt.left_by_a_gone_process(left, os.getpid())  # the process that made it runs
@@ -156,7 +158,7 @@ def test_a_second_driver_of_a_run_in_training_is_refused_and_a_killed_ones_lease
     # a driver whose pid another process has taken since (a restarted container's driver has its old pid): the pid
     # runs, but not the process that wrote the lease
     with subprocess.Popen(["sleep", "60"]) as other:
-        reused = {**lease_of(other.pid, {"run_name": name}), "pid_started_at": fmt.process_started_at(other.pid) - 30}
+        reused = {**lease_of(other.pid, {"run_name": name}), "pid_start_ticks": fmt.process_start_ticks(other.pid) - 1}
         (storage / name / "job-reused.json").write_text(json.dumps(reused))
         assert train(args) == 0
         other.kill()

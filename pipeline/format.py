@@ -844,7 +844,7 @@ def new_lease(settings: dict[str, Any], now: float) -> dict[str, Any]:
 
 
 def gone(lease: dict[str, Any], now: float, host: str,
-         alive: Callable[[int, float | None], bool] = process_runs) -> bool:
+         alive: Callable[[int, int | None], bool] = process_runs) -> bool:
     """Whether a lease's job is gone: its process no longer runs on this host (its pid free, or taken since by
     another process), or it was not renewed for STALE_S (another host's, or another container's on this host's
     network, whose processes cannot be looked up from here)."""
@@ -855,7 +855,7 @@ def gone(lease: dict[str, Any], now: float, host: str,
 
 
 def rival(mine: dict[str, Any], others: list[dict[str, Any]], now: float, host: str,
-          alive: Callable[[int, float | None], bool] = process_runs, shared: bool = True) -> dict[str, Any] | None:
+          alive: Callable[[int, int | None], bool] = process_runs, shared: bool = True) -> dict[str, Any] | None:
     """A live job's lease whose settings differ from `mine`'s, or None: jobs of the same settings share an output
     (`shared`); unshared, any live job's lease."""
     return next((lease for lease in others if (not shared or lease.get("settings") != mine["settings"])

@@ -279,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
             # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
             from train.run import leave_with_last_line
 
-            # (a caller's own Ray, a notebook's, stays up)
             return leave_with_last_line(stopped_exit_code(stop, signals.received()),
                                         "[sweep] stopped: the same command resumes each unfinished size from its last "
                                         "checkpoint", threads_left=slots > 1)  # sizes in threads

@@ -536,6 +536,28 @@ def test_a_step_logged_in_part_before_a_stop_is_completed_by_the_resumed_run(tmp
         assert sorted(s for segment in segments for s in wandb_logged_steps(segment, key)[0]) == steps, key
 
 
+def test_a_wandb_teardown_that_never_ends_is_given_up_on_after_the_runs_files_are_closed(tmp_path, monkeypatch):
+    """A run stopped by Ctrl-C in local mode hung after its W&B files were whole (seen once in a suite run here):
+    W&B's teardown waited for ever for a task of its client's asyncio thread, its service long gone (wandb 0.31).
+    Such a task, one that never ends, is made here on that thread; close_open_runs gives the teardown
+    TEARDOWN_PATIENCE_S and says it still waits, and the stop path then ends the process after its line."""
+    import asyncio
+
+    from wandb.sdk import wandb_setup
+
+    from train import tracking
+
+    monkeypatch.setattr(tracking, "TEARDOWN_PATIENCE_S", 2.0)
+    logger = tracking.RunLogger(config(tmp_path, tmp_path / "runs", "wedged"), "offline", str(tmp_path / "wandb"),
+                                "wedged-1")
+    logger.log({"step": 1, "loss": 1.0})
+    wandb_setup.singleton().asyncer.run_soon(lambda: asyncio.Event().wait())  # a task the teardown waits for
+    started = time.monotonic()
+    assert tracking.close_open_runs() is False and time.monotonic() - started < 10
+    [segment] = (tmp_path / "wandb").rglob("offline-run-*")
+    assert wandb_logged_steps(segment, "train/loss") == ([1], 1)  # closed whole, with the stopped run's exit code
+
+
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
     """On Ray workers, Ray Train's own SIGINT handler takes Ctrl-C and fit() ends in SystemExit(1), the code of
     any failure: the run exited 1, where local mode exits 130."""

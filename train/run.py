@@ -550,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
 def ended_stopped(cfg: TrainConfig, stop: BaseException, signals: set[int]) -> int:
     """A stopped fit() ended: its W&B run closed (in local mode rank 0's is this process's; on workers
     CloseWandbOnStop closed it), Ray left, the line naming the checkpoint it resumes from; the exit code."""
-    close_open_runs()
-    return leave_with_last_line(stopped_exit_code(stop, signals), stopped_line(cfg))
+    closed = close_open_runs()
+    return leave_with_last_line(stopped_exit_code(stop, signals), stopped_line(cfg), threads_left=not closed)
 
 
 def checked_and_trained(cfg: TrainConfig) -> int:
@@ -594,10 +594,9 @@ def trained(cfg: TrainConfig, trainer: TorchTrainer) -> int:
                 # before this process's handler runs (then exit 1 and 'failed: ...', where the run was stopped)
                 return ended_stopped(cfg, error, signals.received())
             traceback.print_exc()
-            close_open_runs()
-            leave_ray()
-            print(f"failed: {failure_cause(error)}; {resume_hint(cfg)}", file=sys.stderr)
-            return 1
+            closed = close_open_runs()
+            return leave_with_last_line(1, f"failed: {failure_cause(error)}; {resume_hint(cfg)}",
+                                        threads_left=not closed)
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:

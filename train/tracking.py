@@ -244,17 +244,31 @@ def record_logged_through(cfg: TrainConfig, wandb_id: str, step: int, keys: set[
 _OPEN_LOGGERS: list[RunLogger] = []  # this process's W&B runs (rank 0's), for close_open_runs
 
 
-def close_open_runs(exit_code: int = 1) -> None:
+TEARDOWN_PATIENCE_S = 20.0  # W&B's teardown after finish(): its service ends in well under a second
+
+
+def close_open_runs(exit_code: int = 1) -> bool:
     """Close this process's W&B runs that have not finished: Ray Train is stopping the worker (a Ctrl-C, a stop,
-    a restart after another rank failed) and kills it once this returns (train.run.CloseWandbOnStop)."""
+    a restart after another rank failed) and kills it once this returns (train.run.CloseWandbOnStop). False when
+    W&B's teardown still waits after TEARDOWN_PATIENCE_S, in a daemon thread: the process should then end without
+    the interpreter's own end, which may wait on it again (train.run.exit_leaving_threads)."""
     if not _OPEN_LOGGERS:
-        return
+        return True
     while _OPEN_LOGGERS:
         _OPEN_LOGGERS.pop().close(exit_code)
     import wandb
 
-    # finish() returns before W&B's service has written the run's file: a process killed right after lost it all
-    wandb.teardown()
+    # finish() returns before W&B's service has written the run's file: a process killed right after lost it all.
+    # The teardown's last wait can last for ever (wandb 0.31): a Ctrl-C that lands while the client waits on its
+    # asyncio thread cancels a task it has counted before the task starts, and a task cancelled unstarted never
+    # runs the code that uncounts it. Seen: a run stopped by Ctrl-C in local mode hung after its files were whole.
+    teardown = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
+    teardown.start()
+    teardown.join(TEARDOWN_PATIENCE_S)
+    if teardown.is_alive():
+        print(f"W&B's teardown still waits after {TEARDOWN_PATIENCE_S:.0f} s; its run's files are closed, going on",
+              file=sys.stderr, flush=True)
+    return not teardown.is_alive()
 
 
 def results_url(cfg: TrainConfig) -> str:

@@ -128,6 +128,36 @@ def test_a_size_that_fails_after_a_stop_reached_it_ends_the_sweep_as_stopped(dat
     assert err.strip().splitlines()[-1].startswith("[sweep] stopped: the same command resumes")
 
 
+def test_a_size_stopped_in_local_mode_logs_each_step_to_its_wandb_run_once(dataset, tmp_path, monkeypatch, capsys):
+    """With --num-workers 0 a size trains in the sweep's own process: a stop left its W&B run open to W&B's exit
+    hook, with no record of the last step it held, so the resumed size logged again the steps after its checkpoint
+    (two points a step in the curve). Ctrl-C stands here as a KeyboardInterrupt once step 3 is logged."""
+    from tests.conftest import wandb_logged_steps
+    from train.tracking import RunLogger
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    progress = RunLogger.progress
+
+    def ctrl_c_once_step_3_is_logged(logger, step, *args, **kwargs):
+        progress(logger, step, *args, **kwargs)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    args = ["--dataset", str(dataset), "--sizes", "8", "--preset", "debug", "--run-prefix", "once",
+            "--storage-path", str(tmp_path / "runs"), "--no-report", "--", "--max-steps", "4", "--checkpoint-every",
+            "2", "--validate-every", "0", "--log-every", "1", "--num-workers", "0", "--wandb", "offline"]
+    monkeypatch.setattr(RunLogger, "progress", ctrl_c_once_step_3_is_logged)
+    assert sweep(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("[sweep] stopped: the same command resumes")
+    monkeypatch.setattr(RunLogger, "progress", progress)
+    assert sweep(args) == 0 and results(tmp_path / "runs", "once-8")["resumed_from"] == 2
+    segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, resumed
+    logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
+    assert all(code is not None for _, code in logged) and \
+        sorted(step for steps, _ in logged for step in steps) == [1, 2, 3, 4], logged
+
+
 def test_sweep_refuses_bad_requests_in_one_line(dataset, tmp_path, capsys):
     assert run_sweep(dataset, tmp_path, "8,49") == 2
     assert capsys.readouterr().err.strip() == \

@@ -111,6 +111,7 @@ def train_all(configs: list[TrainConfig], slots: int, stopped=lambda: False) -> 
 
     from train.loop import RunRefused
     from train.run import root_error
+    from train.tracking import close_open_runs
 
     stopping = threading.Event()
 
@@ -121,6 +122,7 @@ def train_all(configs: list[TrainConfig], slots: int, stopped=lambda: False) -> 
         except Exception as e:  # one failed size must not cost the others; re-running resumes it
             if stopped():  # not failed (nor the next size started): main takes the stop's line and code
                 raise SystemExit(1) from e
+            close_open_runs()  # a size in local mode: its W&B run ends failed before the next size starts its own
             outcome = "refused" if isinstance(root_error(e), RunRefused) else "failed"
             if not stopping.is_set():
                 said = str(e) if outcome == "refused" else f"{type(e).__name__}: {e}"
@@ -278,10 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
             # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
             from train.run import leave_with_last_line
+            from train.tracking import close_open_runs
 
+            # a size in local mode trains in this process: its W&B run is closed here, as train/run.py's stop closes
+            # it, with the last step it holds recorded for the resumed run (on workers, CloseWandbOnStop closes it)
+            closed = close_open_runs()
             return leave_with_last_line(stopped_exit_code(stop, signals.received()),
                                         "[sweep] stopped: the same command resumes each unfinished size from its last "
-                                        "checkpoint", threads_left=slots > 1)  # sizes in threads
+                                        "checkpoint", threads_left=slots > 1 or not closed)  # sizes in threads
     if args.report and len(unfinished) < len(subsets):  # a size has results to report
         from train.report import write_report
 

@@ -573,24 +573,14 @@ def interrupted_line(output: str) -> str:
     return f"interrupted: {counted} in {output}; the same command resumes with the rest"
 
 
-STOP_COUNT_S = 10.0  # a stop is often the answer to a storage outage, and SIGTERM's sender SIGKILLs ~30 s later
-
-
-def committed_count(output: str, timeout_s: float = STOP_COUNT_S) -> int | None:
+def committed_count(output: str, timeout_s: float = fmt.STOP_READ_S) -> int | None:
     """The output's committed shards, or None when the storage fails or does not answer within `timeout_s`: a stop
-    counted them however long the storage took (7 min on an endpoint that accepts and never answers: s3fs's and
-    botocore's retries of its 15 s read timeout), and one that failed ended in its traceback, not the stop's line.
-    A daemon thread, so that one still waiting does not hold the process at exit."""
-    counted: list[int] = []
-
-    def count() -> None:
-        with suppress(Exception):
-            counted.append(len(fmt.committed_shards(output)))
-
-    counter = threading.Thread(target=count, daemon=True)
-    counter.start()
-    counter.join(timeout_s)
-    return counted[0] if counted else None
+    counted them however long the storage took (7 min on an endpoint that accepts and never answers), and one that
+    failed ended in its traceback, not the stop's line."""
+    try:
+        return len(fmt.answer_within(timeout_s, lambda: fmt.committed_shards(output)))
+    except Exception:
+        return None
 
 
 def stop_quietly_from_here() -> None:

@@ -308,6 +308,34 @@ def refusing_storage_failures(what: str, keep: tuple[type[BaseException], ...] =
         raise StorageFailed(f"{what} failed: {refusal}") from None
 
 
+STOP_READ_S = 10.0  # a stop's last storage call: a stop is often the answer to an outage, and SIGTERM's sender
+# (a pod's eviction, a batch scheduler) SIGKILLs ~30 s later
+
+
+def answer_within(timeout_s: float, call: Callable[[], _T]) -> _T:
+    """call()'s result, or its exception; TimeoutError when it has not returned within `timeout_s`. For the calls a
+    stop makes to a storage that may not answer: an endpoint that accepts and never answers holds one for ~7 min
+    (s3fs's and botocore's retries of their read timeouts). It goes on in a daemon thread, which does not hold the
+    process at exit."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as e:  # handed to the caller, as call() would have raised it
+            outcome.append((False, e))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise TimeoutError(f"no answer within {timeout_s:.0f} s")
+    returned, value = outcome[0]
+    if returned:
+        return value
+    raise value
+
+
 def wait_before_try(tries: int) -> float:
     """Seconds to wait before retry number `tries` (1, 2, ...): doubling from FIRST_WAIT_S, at most LONGEST_WAIT_S."""
     return min(FIRST_WAIT_S * 2 ** (tries - 1), LONGEST_WAIT_S)

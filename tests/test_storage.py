@@ -184,14 +184,28 @@ def test_an_endpoint_that_refuses_is_one_line_in_every_command(command, python, 
                         done.stderr.strip().splitlines()[-1]), done.stderr[-1000:]
 
 
-def test_ctrl_c_while_indexes_are_read_from_an_endpoint_that_never_answers_ends_the_process_at_once(python):
+@pytest.fixture
+def silent_endpoint_env():
+    """The environment of a process whose S3 endpoint accepts connections (the kernel's backlog) and never answers,
+    as an object store in an outage may."""
+    import os
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        yield {**os.environ, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_ctrl_c_while_indexes_are_read_from_an_endpoint_that_never_answers_ends_the_process_at_once(
+        python, silent_endpoint_env):
     """each_index read the indexes in a ThreadPoolExecutor, whose `with` block, and then the interpreter's exit,
     joined its threads: a Ctrl-C while the dataset job's key check read 3,000 indexes from an S3 endpoint that had
     stopped answering (a moto server under SIGSTOP) ended the process after 225 s of its requests' timeouts and
     retries (bench/manifest_scale.py). The threads are left to themselves now: the stop ends the process in well
     under a second, its own way."""
-    import os
-    import socket
     import subprocess
 
     from tests.conftest import REPO
@@ -208,23 +222,47 @@ except KeyboardInterrupt:
     print("stopped", flush=True)
     sys.exit(130)
 """
-    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(128)
-        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint,
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        process = subprocess.Popen([python, "-c", reader], cwd=REPO, env=env,
-                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert process.stdout.readline() == "reading\n"
-            time.sleep(1.5)  # its 16 threads are waiting for answers
-            stopped = time.monotonic()
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=30)
-            took = time.monotonic() - stopped
-        finally:
-            process.kill()
-            process.wait()
+    process = subprocess.Popen([python, "-c", reader], cwd=REPO, env=silent_endpoint_env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == "reading\n"
+        time.sleep(1.5)  # its 16 threads are waiting for answers
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        process.kill()
+        process.wait()
     assert process.returncode == 130 and out == "stopped\n" and "Traceback" not in err, err[-3000:]
     assert took < 5, took
+
+
+def test_a_stopped_runs_storage_calls_give_up_on_an_endpoint_that_never_answers(python, silent_endpoint_env):
+    """A run stopped in an outage (often why a user stops it): its last line looked up the last checkpoint, and rank
+    0 recorded the last step its W&B run holds, each through ~7 min of s3fs's and botocore's retries against an
+    endpoint that accepts and never answers, past the SIGKILL that follows a pod's SIGTERM ~30 s later. Each now
+    gets STOP_READ_S (2 s here)."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    stop = r"""
+import dataclasses, time
+import pipeline.format as fmt
+from train.config import debug
+from train.run import stopped_line
+from train.tracking import record_logged_through
+fmt.STOP_READ_S = 2.0
+cfg = dataclasses.replace(debug(), storage_path="s3://silent/runs", run_name="silent")
+started = time.monotonic()
+line = stopped_line(cfg)
+record_logged_through(cfg, "silent-1", 7, {"train/loss"})
+print(f"{time.monotonic() - started:.1f}", line, flush=True)
+"""
+    done = subprocess.run([python, "-c", stop], cwd=REPO, env=silent_endpoint_env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    took, line = done.stdout.strip().split(" ", 1)
+    assert float(took) < 8 and line == ("stopped: the same command resumes silent from its last checkpoint in "
+                                        "s3://silent/runs (unreadable now: TimeoutError)"), done.stdout

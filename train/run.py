@@ -358,9 +358,12 @@ def finished_line(cfg: TrainConfig, metrics: dict | None, checkpoint: str | None
 def resume_hint(cfg: TrainConfig) -> str:
     """What the same command does next: resume from the run's last complete checkpoint (one being published when
     the run ended has no progress.json yet and is passed over), or start again."""
+    from pipeline.format import STOP_READ_S, answer_within
+
     try:
-        checkpoint = latest_checkpoint(cfg.storage_path, cfg.run_name)
-    except Exception as e:  # the storage that ended the run may still be down
+        checkpoint = answer_within(STOP_READ_S, partial(latest_checkpoint, cfg.storage_path, cfg.run_name))
+    except Exception as e:  # the storage that ended the run may still be down, or not answer (a stop's line waited
+        # ~7 min on an endpoint that accepts and never answers)
         return f"the same command resumes {cfg.run_name} from its last checkpoint in {cfg.storage_path} " \
                f"(unreadable now: {type(e).__name__})"
     if checkpoint is None:

@@ -235,10 +235,11 @@ def record_logged_through(cfg: TrainConfig, wandb_id: str, step: int, keys: set[
     on a stop): the resumed run, which trains the steps after its checkpoint again, logs only the steps after this
     one, so that the W&B curve holds each step once, as results.json does. After a kill -9 there is no record, and
     the W&B run holds what W&B had written."""
-    from pipeline.format import write_whole
+    from pipeline.format import STOP_READ_S, answer_within, write_whole
 
-    with contextlib.suppress(Exception):  # the storage that failed: at worst the steps are logged twice
-        write_whole(logged_url(cfg), json.dumps({"id": wandb_id, "step": step, "keys": sorted(keys)}).encode())
+    record = json.dumps({"id": wandb_id, "step": step, "keys": sorted(keys)}).encode()
+    with contextlib.suppress(Exception):  # a storage that fails or does not answer: at worst steps are logged twice
+        answer_within(STOP_READ_S, lambda: write_whole(logged_url(cfg), record))
 
 
 _OPEN_LOGGERS: list[RunLogger] = []  # this process's W&B runs (rank 0's), for close_open_runs

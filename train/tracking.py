@@ -260,9 +260,8 @@ def close_open_runs(exit_code: int = 1) -> bool:
     import wandb
 
     # finish() returns before W&B's service has written the run's file: a process killed right after lost it all.
-    # The teardown's last wait can last for ever (wandb 0.31): a Ctrl-C that lands while the client waits on its
-    # asyncio thread cancels a task it has counted before the task starts, and a task cancelled unstarted never
-    # runs the code that uncounts it. Seen: a run stopped by Ctrl-C in local mode hung after its files were whole.
+    # The teardown's last wait can last for ever (wandb 0.31): seen once, a run stopped by Ctrl-C in local mode hung
+    # in AsyncioManager.join, waiting on a task of W&B's asyncio thread, its service shut down and its files whole.
     teardown = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
     teardown.start()
     teardown.join(TEARDOWN_PATIENCE_S)

@@ -17,6 +17,7 @@ from tests.conftest import (
     own_output,
     sigterm_whose_handler_has_not_run,
     stopped_while_ray_starts,
+    wandb_logged_steps,
     with_ctrl_c,
 )
 from train.plots import nice_ticks, plot_curves
@@ -132,7 +133,6 @@ def test_a_size_stopped_in_local_mode_logs_each_step_to_its_wandb_run_once(datas
     """With --num-workers 0 a size trains in the sweep's own process: a stop left its W&B run open to W&B's exit
     hook, with no record of the last step it held, so the resumed size logged again the steps after its checkpoint
     (two points a step in the curve). Ctrl-C stands here as a KeyboardInterrupt once step 3 is logged."""
-    from tests.conftest import wandb_logged_steps
     from train.tracking import RunLogger
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

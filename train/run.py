@@ -472,10 +472,12 @@ def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
 
 
 def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) -> int:
-    """A stopped command's end: Ray left and its last line printed after Ray's own (`code` returned), or, where
-    threads still wait in Ray (`threads_left`: a sweep's sizes in fit(); or an abort while_cluster_lives gave up
-    on), the process ended at once after the line (exit_leaving_threads)."""
-    if threads_left or threads_blocked_in_ray():
+    """A stopped or failed command's end: this process's W&B runs closed (a run, or a sweep's size, in local mode;
+    on workers CloseWandbOnStop closes rank 0's), Ray left and its last line printed after Ray's own (`code`
+    returned); or, where threads still wait (`threads_left`: a sweep's sizes in fit(); an abort while_cluster_lives
+    gave up on; W&B's teardown given up on), the process ended at once after the line (exit_leaving_threads)."""
+    closed = close_open_runs()
+    if threads_left or not closed or threads_blocked_in_ray():
         exit_leaving_threads(code, last_line)
     leave_ray()
     print(last_line, file=sys.stderr, flush=True)
@@ -553,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
 def ended_stopped(cfg: TrainConfig, stop: BaseException, signals: set[int]) -> int:
     """A stopped fit() ended: its W&B run closed (in local mode rank 0's is this process's; on workers
     CloseWandbOnStop closed it), Ray left, the line naming the checkpoint it resumes from; the exit code."""
-    closed = close_open_runs()
-    return leave_with_last_line(stopped_exit_code(stop, signals), stopped_line(cfg), threads_left=not closed)
+    return leave_with_last_line(stopped_exit_code(stop, signals), stopped_line(cfg))
 
 
 def checked_and_trained(cfg: TrainConfig) -> int:
@@ -597,9 +598,7 @@ def trained(cfg: TrainConfig, trainer: TorchTrainer) -> int:
                 # before this process's handler runs (then exit 1 and 'failed: ...', where the run was stopped)
                 return ended_stopped(cfg, error, signals.received())
             traceback.print_exc()
-            closed = close_open_runs()
-            return leave_with_last_line(1, f"failed: {failure_cause(error)}; {resume_hint(cfg)}",
-                                        threads_left=not closed)
+            return leave_with_last_line(1, f"failed: {failure_cause(error)}; {resume_hint(cfg)}")
     results = read_results(cfg)
     print(finished_line(cfg, result.metrics, result.checkpoint.path if result.checkpoint else None, results))
     if results is not None:

@@ -280,14 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C (sizes one at a time on Ray workers: Ray Train's
             # handler ends fit() in SystemExit), or SIGTERM; also while the sweep starts its Ray cluster
             from train.run import leave_with_last_line
-            from train.tracking import close_open_runs
 
-            # a size in local mode trains in this process: its W&B run is closed here, as train/run.py's stop closes
-            # it, with the last step it holds recorded for the resumed run (on workers, CloseWandbOnStop closes it)
-            closed = close_open_runs()
+            # (a size in local mode trains in this process: leave_with_last_line closes its W&B run, as
+            # train/run.py's stop does, with the last step it holds recorded for the resumed run)
             return leave_with_last_line(stopped_exit_code(stop, signals.received()),
                                         "[sweep] stopped: the same command resumes each unfinished size from its last "
-                                        "checkpoint", threads_left=slots > 1 or not closed)  # sizes in threads
+                                        "checkpoint", threads_left=slots > 1)  # sizes in threads
     if args.report and len(unfinished) < len(subsets):  # a size has results to report
         from train.report import write_report
 

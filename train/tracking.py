@@ -259,16 +259,18 @@ def close_open_runs(exit_code: int = 1) -> bool:
         _OPEN_LOGGERS.pop().close(exit_code)
     import wandb
 
+    from pipeline.format import answer_within
+
     # finish() returns before W&B's service has written the run's file: a process killed right after lost it all.
     # The teardown's last wait can last for ever (wandb 0.31): seen once, a run stopped by Ctrl-C in local mode hung
     # in AsyncioManager.join, waiting on a task of W&B's asyncio thread, its service shut down and its files whole.
-    teardown = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
-    teardown.start()
-    teardown.join(TEARDOWN_PATIENCE_S)
-    if teardown.is_alive():
+    try:
+        answer_within(TEARDOWN_PATIENCE_S, wandb.teardown)
+    except TimeoutError:
         print(f"W&B's teardown still waits after {TEARDOWN_PATIENCE_S:.0f} s; its run's files are closed, going on",
               file=sys.stderr, flush=True)
-    return not teardown.is_alive()
+        return False
+    return True
 
 
 def results_url(cfg: TrainConfig) -> str:

@@ -551,9 +551,15 @@ def test_a_wandb_teardown_that_never_ends_is_given_up_on_after_the_runs_files_ar
     logger = tracking.RunLogger(config(tmp_path, tmp_path / "runs", "wedged"), "offline", str(tmp_path / "wandb"),
                                 "wedged-1")
     logger.log({"step": 1, "loss": 1.0})
-    wandb_setup.singleton().asyncer.run_soon(lambda: asyncio.Event().wait())  # a task the teardown waits for
+    # The task waits in a thread, which holds it: a task waiting on an asyncio.Event no one else held was a garbage
+    # cycle (asyncio holds tasks weakly), and once collected W&B counted it done (seen in CI).
+    release = threading.Event()
+    wandb_setup.singleton().asyncer.run_soon(lambda: asyncio.to_thread(release.wait))  # a task the teardown waits for
     started = time.monotonic()
-    assert tracking.close_open_runs() is False and time.monotonic() - started < 10
+    try:
+        assert tracking.close_open_runs() is False and time.monotonic() - started < 10
+    finally:
+        release.set()  # lets W&B's loop and the given-up teardown end
     [segment] = (tmp_path / "wandb").rglob("offline-run-*")
     assert wandb_logged_steps(segment, "train/loss") == ([1], 1)  # closed whole, with the stopped run's exit code
 

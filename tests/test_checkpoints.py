@@ -1,6 +1,7 @@
 """checkpoints on storage without Ray Train's upload (its local mode): published in Ray Train's layout, complete
 only once progress.json is there, pruned to the newest, fetched back; on moto S3 and on a local folder"""
 import json
+import os
 from pathlib import Path
 
 import fsspec
@@ -110,6 +111,47 @@ def test_a_scratch_folder_is_emptied_before_use_and_removed_after_a_failure(tmp_
     assert not folder.exists()
     with scratch_folder("save", "run rank 1") as other:
         assert other != first  # each rank (and run) has its own
+
+
+def test_what_a_killed_process_left_in_its_scratch_folder_is_removed_by_another_runs_use(tmp_path, python,
+                                                                                          monkeypatch):
+    """A process killed in its scratch folder (a stop on Ray workers, which Ray Train ends with a kill; an OOM kill;
+    kill -9) left a checkpoint's worth there until the same run's same rank saved on that node again: the suite's
+    stops had left 98 in this machine's /tmp. Any later use removes what gone processes of this host left; a live
+    process's folder, and one that another host or pid namespace (a container sharing the temp folder) left, stay."""
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+
+    from tests.conftest import REPO
+
+    saving = ("import sys, time\nfrom train.checkpoints import scratch_folder\n"
+              "with scratch_folder('save', sys.argv[1]) as folder:\n"
+              "    (folder / 'state.pt').write_bytes(b'a checkpoint being saved')\n"
+              "    print(folder, flush=True)\n    time.sleep(600)\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed, live = (subprocess.Popen([python, "-c", saving, f"{run} rank 0"], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, text=True) for run in ("killed", "live"))
+    try:
+        left, kept = (Path(process.stdout.readline().strip()) for process in (killed, live))
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        free_pid = killed.pid
+        owner, host, namespace, _ = left.name.split("@")
+        elsewhere = [left.with_name(f"{owner}@another-host@{namespace}@{free_pid}"),
+                     left.with_name(f"{owner}@{host}@4026531999@{free_pid}")]
+        for folder in elsewhere:
+            folder.mkdir()
+        assert (left / "state.pt").exists()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        with scratch_folder("save", "another run rank 0") as mine:
+            assert not left.exists() and (kept / "state.pt").exists() and all(f.is_dir() for f in elsewhere)
+            assert mine.parent == left.parent and mine.name.split("@")[1:] == [socket.gethostname(), namespace,
+                                                                               str(os.getpid())]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_checkpoints_ray_never_recorded_are_deleted_once_they_age_out_and_no_other(tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -14,7 +16,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.format import retried
+from pipeline.format import left_by_a_gone_process, pid_namespace, retried
 
 CONTROLNET_DIR = "controlnet"  # a checkpoint's ControlNet, a diffusers folder
 DECODER_FILE = "decoder.safetensors"  # the SD decoder a large-scale run trained, beside it
@@ -274,16 +276,45 @@ def fetch(url: str, folder: Path) -> Path:
 @contextmanager
 def scratch_folder(purpose: str, owner: str) -> Iterator[Path]:
     """An empty local folder of `owner`'s (a run's rank) for `purpose` (a checkpoint being saved or loaded), under
-    `<temp>/controlnet-<purpose>/`, emptied before and after. A checkpoint is gigabytes at SD scale: a temp folder
-    of a new name each time stayed in /tmp whenever the process died in it (a stop, a preemption, a kill -9),
-    where the owner's next use of the same folder on that node replaces what it left."""
-    folder = Path(tempfile.gettempdir()) / f"controlnet-{purpose}" / hashlib.sha256(owner.encode()).hexdigest()[:16]
-    shutil.rmtree(folder, ignore_errors=True)
+    `<temp>/controlnet-<purpose>/`, named for the owner and this process, and removed after. A checkpoint is
+    gigabytes at SD scale, and a process that dies in it leaves it: a stop on Ray workers (Ray Train ends them with
+    a kill), an OOM kill, kill -9. Each use first removes what gone processes of this host left there, whichever
+    run's: a folder per owner alone was replaced only by the same run's same rank, on the same node."""
+    root = Path(tempfile.gettempdir()) / f"controlnet-{purpose}"
+    owner_hash = hashlib.sha256(owner.encode()).hexdigest()[:16]
+    clear_left_scratch(root, former_layout=owner_hash)
+    folder = root / f"{owner_hash}@{process_mark()}"
+    shutil.rmtree(folder, ignore_errors=True)  # this pid's before a container restart (left_by_a_gone_process)
     folder.mkdir(parents=True)
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_mark() -> str:
+    """This process as a folder name's part, '<host>@<pid namespace>@<pid>': a temp folder may be shared by
+    containers, whose pids the namespace tells apart, or by hosts (TMPDIR on a shared disk)."""
+    namespace = "".join(c for c in pid_namespace() or "" if c.isdigit())
+    return f"{socket.gethostname()}@{namespace}@{os.getpid()}"
+
+
+def left_by_a_gone_one(folder: Path) -> bool:
+    """Whether `folder` ('<owner>@<host>@<pid namespace>@<pid>') was left by a process of this host and pid
+    namespace that is gone; another's processes cannot be looked up from here, and what they left stays."""
+    parts = folder.name.split("@")
+    if len(parts) != 4 or not parts[3].isdigit():
+        return False
+    host, namespace, _ = process_mark().split("@")
+    return parts[1:3] == [host, namespace] and left_by_a_gone_process(folder, int(parts[3]))
+
+
+def clear_left_scratch(root: Path, former_layout: str) -> None:
+    """Remove what gone processes left in `root`, and the folder `former_layout` (an owner's hash alone: what the
+    same run's rank used before folders were named for their process)."""
+    for folder in root.iterdir() if root.is_dir() else []:
+        if folder.name == former_layout or left_by_a_gone_one(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

@@ -305,3 +305,48 @@ def test_a_base_predicting_another_target_is_refused_not_trained_against_the_noi
     with pytest.raises(ValueError, match=r"scheduler/ predicts 'sample'.*epsilon or v_prediction") as err:
         load_base_model(str(base))
     assert str(base) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_remote_base_is_copied_once_and_partial_copies_that_gone_processes_left_are_removed(s3_endpoint, tmp_path,
+                                                                                             monkeypatch):
+    """Each worker copies an s3:// base into a partial copy of its own, renamed into place once whole: one stopped or
+    preempted mid-copy left its partial in the temp folder for good (an SD base is gigabytes). The next copy removes
+    those of gone processes of this host, former names too; a live copy's, and another host's or pid namespace's
+    (a container sharing the temp folder), stay."""
+    import json
+    import signal
+    import subprocess
+    import tempfile
+
+    import fsspec
+
+    from pipeline.format import process_mark
+    from train.model import local_model_folder
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cnd-base-copy")
+    fs.pipe({"cnd-base-copy/base/model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+             "cnd-base-copy/base/unet/config.json": b"{}"})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["sleep", "60"])
+    gone.send_signal(signal.SIGKILL)
+    gone.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = Path(local_model_folder("s3://cnd-base-copy/base"))  # the first copy: leaves nothing beside it
+        assert json.loads((folder / "model_index.json").read_text()) and [p.name for p in folder.parent.iterdir()] \
+            == [folder.name]
+        shutil.rmtree(folder)
+        host, namespace, _ = process_mark().split("@")
+        left = {name: folder.with_name(f"{folder.name}.partial{name}") for name in (
+            f"@{host}@{namespace}@{gone.pid}", str(gone.pid),  # a killed copy's, and one named before marks
+            f"@{host}@{namespace}@{live.pid}", f"@another-host@{namespace}@{gone.pid}",
+            f"@{host}@4026531999@{gone.pid}")}
+        for partial in left.values():
+            (partial / "unet").mkdir(parents=True)
+        assert Path(local_model_folder("s3://cnd-base-copy/base")) == folder and (folder / "unet").is_dir()
+        assert sorted(p.name for p in folder.parent.iterdir()) == sorted(
+            [folder.name] + [left[name].name for name in list(left)[2:]])
+    finally:
+        live.kill()
+        live.wait()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -16,7 +14,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.format import left_by_a_gone_process, pid_namespace, retried
+from pipeline.format import marked_by_a_gone_process, process_mark, retried
 
 CONTROLNET_DIR = "controlnet"  # a checkpoint's ControlNet, a diffusers folder
 DECODER_FILE = "decoder.safetensors"  # the SD decoder a large-scale run trained, beside it
@@ -292,28 +290,11 @@ def scratch_folder(purpose: str, owner: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def process_mark() -> str:
-    """This process as a folder name's part, '<host>@<pid namespace>@<pid>': a temp folder may be shared by
-    containers, whose pids the namespace tells apart, or by hosts (TMPDIR on a shared disk)."""
-    namespace = "".join(c for c in pid_namespace() or "" if c.isdigit())
-    return f"{socket.gethostname()}@{namespace}@{os.getpid()}"
-
-
-def left_by_a_gone_one(folder: Path) -> bool:
-    """Whether `folder` ('<owner>@<host>@<pid namespace>@<pid>') was left by a process of this host and pid
-    namespace that is gone; another's processes cannot be looked up from here, and what they left stays."""
-    parts = folder.name.split("@")
-    if len(parts) != 4 or not parts[3].isdigit():
-        return False
-    host, namespace, _ = process_mark().split("@")
-    return parts[1:3] == [host, namespace] and left_by_a_gone_process(folder, int(parts[3]))
-
-
 def clear_left_scratch(root: Path, former_layout: str) -> None:
     """Remove what gone processes left in `root`, and the folder `former_layout` (an owner's hash alone: what the
     same run's rank used before folders were named for their process)."""
     for folder in root.iterdir() if root.is_dir() else []:
-        if folder.name == former_layout or left_by_a_gone_one(folder):
+        if folder.name == former_layout or marked_by_a_gone_process(folder):
             shutil.rmtree(folder, ignore_errors=True)
 
 

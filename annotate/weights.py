@@ -1,11 +1,13 @@
 """find model weights by their published file names: a local folder, any fsspec URL, or the HF hub cache"""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -236,16 +238,56 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
     version = hashlib.sha256(f"{url}\n{remote_state(fs, path)}".encode()).hexdigest()[:16]
     target = cache_dir / version / Path(path).name
     if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clear_abandoned_copies(target)
         # one partial per process: workers starting together on a node never write into each other's copy
-        partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        fs.get(path, str(partial), recursive=fs.isdir(path))
-        try:
-            partial.rename(target)  # a crash mid-copy never leaves a file that looks complete
-        except OSError:  # another worker renamed its complete copy of a folder there first
-            if not target.exists():
-                raise
-            shutil.rmtree(partial, ignore_errors=True)
+        partial = target.with_name(f"{target.name}.partial@{socket.gethostname()}@{uuid.uuid4().hex[:8]}")
+        with claimed(partial):
+            fs.get(path, str(partial), recursive=fs.isdir(path))
+            try:
+                partial.rename(target)  # a crash mid-copy never leaves a file that looks complete
+            except OSError:  # another worker renamed its complete copy of a folder there first
+                if not target.exists():
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+@contextmanager
+def claimed(partial: Path) -> Iterator[None]:
+    """Hold a lock beside `partial` (`<partial>.lock`) while it is written: the kernel releases it when the process
+    ends, however it ends, which tells a copy that a killed process abandoned from one being written now (another
+    actor's on this node, another container's sharing the cache) without looking up any pid."""
+    lock = partial.with_name(partial.name + ".lock")
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def clear_abandoned_copies(target: Path) -> None:
+    """Remove the partial copies of `target` that processes of this host abandoned (their lock free): a copy has a
+    name of its own, and an actor or worker killed mid-copy (a Ctrl-C as a job starts, a preemption) left one in
+    the cache for good, gigabytes for BLIP or an SD base. Another host's are left to it: a cache on a shared disk
+    may not carry locks between hosts."""
+    for lock in target.parent.glob(f"{target.name}.partial@{socket.gethostname()}@*.lock"):
+        try:
+            held = open(lock)  # noqa: SIM115 (closed below; never created here)
+        except FileNotFoundError:  # its copy finished in between
+            continue
+        with held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # being written now
+                continue
+            partial = lock.with_name(lock.name.removesuffix(".lock"))
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
 
 
 def fetch_folder(url: str) -> Path:

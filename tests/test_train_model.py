@@ -307,46 +307,52 @@ def test_a_base_predicting_another_target_is_refused_not_trained_against_the_noi
     assert str(base) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_remote_base_is_copied_once_and_partial_copies_that_gone_processes_left_are_removed(s3_endpoint, tmp_path,
-                                                                                             monkeypatch):
-    """Each worker copies an s3:// base into a partial copy of its own, renamed into place once whole: one stopped or
-    preempted mid-copy left its partial in the temp folder for good (an SD base is gigabytes). The next copy removes
-    those of gone processes of this host, former names too; a live copy's, and another host's or pid namespace's
-    (a container sharing the temp folder), stay."""
-    import json
+def test_a_remote_base_is_copied_once_per_version_and_copies_that_killed_processes_abandoned_are_removed(
+        s3_endpoint, tmp_path, monkeypatch, python):
+    """Each worker copies an s3:// base into a partial copy of its own, renamed into place once whole: one killed
+    mid-copy (a stop as the run starts, a preemption) left its partial for good, gigabytes at SD scale, as did an
+    actor's copy of a remote --weights. The next copy removes those whose process is gone (its lock free); one being
+    written now, and another host's, stay. The base was also kept by URL alone: replaced there, it went on being
+    used."""
     import signal
+    import socket
     import subprocess
-    import tempfile
 
     import fsspec
 
-    from pipeline.format import process_mark
+    from tests.conftest import REPO
     from train.model import local_model_folder
 
     fs = fsspec.filesystem("s3")
     fs.mkdir("cnd-base-copy")
-    fs.pipe({"cnd-base-copy/base/model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
-             "cnd-base-copy/base/unet/config.json": b"{}"})
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.Popen(["sleep", "60"])
-    gone.send_signal(signal.SIGKILL)
-    gone.wait()
-    live = subprocess.Popen(["sleep", "60"])
+    fs.pipe({"cnd-base-copy/base/model_index.json": b'{"v": 1}', "cnd-base-copy/base/unet/config.json": b"{}"})
+    monkeypatch.setattr("annotate.weights.DEFAULT_CACHE", tmp_path / "cache")
+    folder = Path(local_model_folder("s3://cnd-base-copy/base"))
+    assert (folder / "model_index.json").read_text() == '{"v": 1}' and [p.name for p in folder.parent.iterdir()] \
+        == [folder.name]  # nothing beside the whole copy
+
+    copying = ("import sys, time\nfrom pathlib import Path\nfrom annotate.weights import claimed\n"
+               "with claimed(Path(sys.argv[1])):\n    (Path(sys.argv[1]) / 'unet').mkdir(parents=True)\n"
+               "    print('copying', flush=True)\n    time.sleep(600)\n")
+    here = f"{folder.name}.partial@{socket.gethostname()}@"
+    killed, live, elsewhere = (folder.with_name(name) for name in (f"{here}dead", f"{here}live",
+                                                                   f"{folder.name}.partial@another-host@gone"))
+    processes = [subprocess.Popen([python, "-c", copying, str(partial)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                 for partial in (killed, live)]
     try:
-        folder = Path(local_model_folder("s3://cnd-base-copy/base"))  # the first copy: leaves nothing beside it
-        assert json.loads((folder / "model_index.json").read_text()) and [p.name for p in folder.parent.iterdir()] \
-            == [folder.name]
+        assert [p.stdout.readline() for p in processes] == ["copying\n"] * 2
+        processes[0].send_signal(signal.SIGKILL)
+        processes[0].wait()
+        elsewhere.mkdir()
+        elsewhere.with_name(elsewhere.name + ".lock").touch()  # its holder cannot be seen from this host
         shutil.rmtree(folder)
-        host, namespace, _ = process_mark().split("@")
-        left = {name: folder.with_name(f"{folder.name}.partial{name}") for name in (
-            f"@{host}@{namespace}@{gone.pid}", str(gone.pid),  # a killed copy's, and one named before marks
-            f"@{host}@{namespace}@{live.pid}", f"@another-host@{namespace}@{gone.pid}",
-            f"@{host}@4026531999@{gone.pid}")}
-        for partial in left.values():
-            (partial / "unet").mkdir(parents=True)
-        assert Path(local_model_folder("s3://cnd-base-copy/base")) == folder and (folder / "unet").is_dir()
+        assert Path(local_model_folder("s3://cnd-base-copy/base")) == folder and folder.is_dir()
         assert sorted(p.name for p in folder.parent.iterdir()) == sorted(
-            [folder.name] + [left[name].name for name in list(left)[2:]])
+            [folder.name, live.name, live.name + ".lock", elsewhere.name, elsewhere.name + ".lock"])
     finally:
-        live.kill()
-        live.wait()
+        processes[1].kill()
+        processes[1].wait()
+
+    fs.pipe_file("cnd-base-copy/base/model_index.json", b'{"v": 2}')  # the base replaced at the same URL
+    fs.invalidate_cache()
+    assert (Path(local_model_folder("s3://cnd-base-copy/base")) / "model_index.json").read_text() == '{"v": 2}'

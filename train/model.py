@@ -1,11 +1,8 @@
 """the ControlNet model (paper Sec. 3): a locked base model, its trainable copy, and the Eq. 10 loss"""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -95,12 +92,14 @@ def component_weights(source: str, subfolder: str, dtype_arg: str = "torch_dtype
 
 def local_model_folder(base_model: str) -> str:
     """Hub ids and local folders pass through (offline, a hub id is its cached snapshot: offline_hub_folder); other
-    URLs (s3://...) are copied to a local cache once.
+    URLs (s3://...) are copied to the local cache once per version of the folder (annotate.weights.fetch_folder,
+    as a remote --weights or --controlnet is: a copy kept by URL alone went on being used once the base there was
+    replaced).
 
     The debug preset's tiny SD is rebuilt where it is missing (on another node of a cluster): it is
     deterministic, so every node gets the same weights.
     """
-    from annotate.weights import offline_hub_folder
+    from annotate.weights import fetch_folder, offline_hub_folder
 
     if "://" not in base_model or base_model.startswith("file://"):
         local = base_model.removeprefix("file://")
@@ -112,32 +111,7 @@ def local_model_folder(base_model: str) -> str:
 
             build_tiny_sd(Path(local))
         return offline_hub_folder(local, "--base-model")
-    from pipeline.format import process_mark
-
-    fs, path = fsspec.core.url_to_fs(base_model)
-    target = Path(tempfile.gettempdir()) / "controlnet-base" / hashlib.sha256(base_model.encode()).hexdigest()[:16]
-    if not (target / "model_index.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        clear_partial_copies(target)
-        partial = target.with_name(f"{target.name}.partial@{process_mark()}")
-        fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
-        try:
-            partial.rename(target)
-        except OSError:  # another rank on this node finished the same copy first
-            shutil.rmtree(partial, ignore_errors=True)
-    return str(target)
-
-
-def clear_partial_copies(target: Path) -> None:
-    """Remove the partial copies of `target` that gone processes of this host left: a worker stopped or preempted
-    while it copied a base (gigabytes at SD scale) left its copy in the temp folder for good, as each copy has a
-    name of its own. A live one's, another rank's copying now, stays."""
-    from pipeline.format import left_by_a_gone_process, marked_by_a_gone_process
-
-    for copy in target.parent.glob(f"{target.name}.partial*"):
-        former = copy.name.removeprefix(f"{target.name}.partial")  # '<pid>' alone, before copies were marked
-        if marked_by_a_gone_process(copy) or (former.isdigit() and left_by_a_gone_process(copy, int(former))):
-            shutil.rmtree(copy, ignore_errors=True)
+    return str(fetch_folder(base_model))
 
 
 def check_local_base_model(base_model: str) -> None:

@@ -239,9 +239,9 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
     target = cache_dir / version / Path(path).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        clear_abandoned_copies(target)
+        clear_abandoned(target.parent, f"{target.name}.partial")
         # one partial per process: workers starting together on a node never write into each other's copy
-        partial = target.with_name(f"{target.name}.partial@{socket.gethostname()}@{uuid.uuid4().hex[:8]}")
+        partial = target.with_name(claim_name(f"{target.name}.partial"))
         with claimed(partial):
             fs.get(path, str(partial), recursive=fs.isdir(path))
             try:
@@ -253,12 +253,17 @@ def _fetch_remote(url: str, cache_dir: Path) -> Path:
     return target
 
 
+def claim_name(base: str) -> str:
+    """A name of this process's own for what it writes under a claim: '<base>@<host>@<random>'."""
+    return f"{base}@{socket.gethostname()}@{uuid.uuid4().hex[:8]}"
+
+
 @contextmanager
-def claimed(partial: Path) -> Iterator[None]:
-    """Hold a lock beside `partial` (`<partial>.lock`) while it is written: the kernel releases it when the process
-    ends, however it ends, which tells a copy that a killed process abandoned from one being written now (another
-    actor's on this node, another container's sharing the cache) without looking up any pid."""
-    lock = partial.with_name(partial.name + ".lock")
+def claimed(path: Path) -> Iterator[None]:
+    """Hold a lock beside `path` (`<path>.lock`) while it is written: the kernel releases it when the process ends,
+    however it ends, which tells what a killed process abandoned from what is being written now (by another actor
+    on this node, another container sharing the folder) without looking up any pid."""
+    lock = path.with_name(path.name + ".lock")
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         try:
@@ -267,26 +272,26 @@ def claimed(partial: Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
-def clear_abandoned_copies(target: Path) -> None:
-    """Remove the partial copies of `target` that processes of this host abandoned (their lock free): a copy has a
-    name of its own, and an actor or worker killed mid-copy (a Ctrl-C as a job starts, a preemption) left one in
-    the cache for good, gigabytes for BLIP or an SD base. Another host's are left to it: a cache on a shared disk
-    may not carry locks between hosts."""
-    for lock in target.parent.glob(f"{target.name}.partial@{socket.gethostname()}@*.lock"):
+def clear_abandoned(folder: Path, base: str = "*") -> None:
+    """Remove what processes of this host left in `folder` under a claim (claim_name(base)) and abandoned, their
+    lock free: a partial copy or a checkpoint being saved has a name of its own, and a process killed in it (a
+    Ctrl-C as a job starts, a stop on Ray workers, a preemption) left it for good, gigabytes for BLIP, an SD base or
+    a checkpoint. Another host's are left to it: a folder on a shared disk may not carry locks between hosts."""
+    for lock in folder.glob(f"{base}@{socket.gethostname()}@*.lock"):
         try:
             held = open(lock)  # noqa: SIM115 (closed below; never created here)
-        except FileNotFoundError:  # its copy finished in between
+        except FileNotFoundError:  # its owner finished in between
             continue
         with held:
             try:
                 fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # being written now
                 continue
-            partial = lock.with_name(lock.name.removesuffix(".lock"))
-            if partial.is_dir():
-                shutil.rmtree(partial, ignore_errors=True)
+            path = lock.with_name(lock.name.removesuffix(".lock"))
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
             else:
-                partial.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
 
 

@@ -715,24 +715,6 @@ def left_by_a_gone_process(path: str | os.PathLike, pid: int) -> bool:
         return False
 
 
-def process_mark() -> str:
-    """This process as the end of a path's name, '<host>@<pid namespace>@<pid>', for what it leaves if it dies (a
-    partial copy, a scratch folder): a folder may be shared by containers, whose pids the namespace tells apart,
-    and by hosts (a home or TMPDIR on a shared disk)."""
-    namespace = "".join(c for c in pid_namespace() or "" if c.isdigit())
-    return f"{socket.gethostname()}@{namespace}@{os.getpid()}"
-
-
-def marked_by_a_gone_process(path: str | os.PathLike) -> bool:
-    """Whether `path`, named '<anything>@' + process_mark(), was left by a process of this host and pid namespace
-    that is gone; another host's or namespace's processes cannot be looked up from here, and what they left stays."""
-    parts = os.path.basename(os.fspath(path)).rsplit("@", 3)
-    if len(parts) != 4 or not parts[3].isdigit():
-        return False
-    host, namespace, _ = process_mark().split("@")
-    return parts[1:3] == [host, namespace] and left_by_a_gone_process(path, int(parts[3]))
-
-
 def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
     """Wait until every thread of `pid` is stopped (or dead), `timeout_s` at most (from /proc: at once without)."""
     deadline = time.monotonic() + timeout_s

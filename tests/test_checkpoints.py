@@ -2,6 +2,8 @@
 only once progress.json is there, pruned to the newest, fetched back; on moto S3 and on a local folder"""
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import fsspec
@@ -70,12 +72,36 @@ def test_published_checkpoints_are_found_pruned_and_fetched(tmp_path, where, req
     assert json.loads((back / PROGRESS_FILE).read_text()) == {"step": 30}
 
 
+IN_SCRATCH = ("import sys, time\nfrom train.checkpoints import scratch_folder\n"
+              "with scratch_folder(sys.argv[1], sys.argv[2]) as folder:\n"
+              "    (folder / 'state.pt').write_bytes(b'a checkpoint being saved or loaded')\n"
+              "    print(folder, flush=True)\n    time.sleep(600)\n")
+
+
+def in_scratch(python: str, temp: Path, purpose: str, owner: str) -> tuple[subprocess.Popen, Path]:
+    """A real process inside its scratch folder (writing a checkpoint into it), and that folder."""
+    from tests.conftest import REPO
+
+    process = subprocess.Popen([python, "-c", IN_SCRATCH, purpose, owner], cwd=REPO, env={**os.environ,
+                               "TMPDIR": str(temp)}, stdout=subprocess.PIPE, text=True)
+    return process, Path(process.stdout.readline().strip())
+
+
+def killed_in_scratch(python: str, temp: Path, purpose: str, owner: str) -> Path:
+    """The scratch folder that a process killed in it (kill -9: no finally runs) left."""
+    process, folder = in_scratch(python, temp, purpose, owner)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (folder / "state.pt").exists()
+    return folder
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_checkpoint_loads_in_place_or_from_a_scratch_folder_that_a_killed_load_leaves_to_the_next(
-        tmp_path, where, request, monkeypatch):
+        tmp_path, where, request, monkeypatch, python):
     """A resume downloaded the checkpoint into a temp folder of a new name: a process killed while loading (a stop
     mid-resume, a preemption) left it in /tmp, gigabytes at SD scale, each time. A local one loads in place; a
-    remote one goes to the rank's scratch folder, which its next load empties first and every load removes."""
+    remote one goes to a scratch folder, which the next load removes as it loads, and every load removes after."""
     import tempfile
 
     temp = tmp_path / "temp"
@@ -83,72 +109,51 @@ def test_a_checkpoint_loads_in_place_or_from_a_scratch_folder_that_a_killed_load
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     run = run_folder(where, "cnd-loadable", tmp_path, request)
     url = publish(checkpoint_folder(tmp_path, 10), run, 10)
-    with scratch_folder("fetch", f"{run} rank 0") as scratch:
-        pass
-    scratch.mkdir(parents=True)  # what a load killed part-way leaves (kill -9: no finally runs)
-    (scratch / "state.pt").write_bytes(b"a copy of step 5, cut short")
+    left = killed_in_scratch(python, temp, "fetch", f"{run} rank 0")
     with loadable(url, f"{run} rank 0") as folder:
         assert (folder / "controlnet" / "weights.safetensors").read_bytes() == bytes([10]) * 100
         assert (folder / "state.pt").read_bytes() == b"state"
-        assert folder == (Path(fsspec.core.url_to_fs(url)[1]) if where == "local" else scratch)  # local: no copy
-    files_left = [p for p in temp.rglob("*") if p.is_file()]
-    assert files_left == ([scratch / "state.pt"] if where == "local" else [])  # a remote load empties the scratch
+        assert folder == Path(fsspec.core.url_to_fs(url)[1]) if where == "local" else folder.parent == left.parent
+    files_left = {p for p in temp.rglob("*") if p.is_file()}
+    assert files_left == ({left / "state.pt", left.with_name(left.name + ".lock")} if where == "local" else set())
 
 
-def test_a_scratch_folder_is_emptied_before_use_and_removed_after_a_failure(tmp_path, monkeypatch):
+def test_a_scratch_folder_is_a_new_empty_one_removed_after_its_use_or_a_failure(tmp_path, monkeypatch):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with scratch_folder("save", "run rank 0") as folder:
-        (folder / "state.pt").write_bytes(b"left by a process killed mid-save")
-    first = folder
-    first.mkdir(parents=True)
-    (first / "state.pt").write_bytes(b"what a kill -9 leaves: the finally never ran")
+    with scratch_folder("save", "run rank 0") as first:
+        (first / "state.pt").write_bytes(b"saved")
     with pytest.raises(RuntimeError), scratch_folder("save", "run rank 0") as folder:
-        assert folder == first and list(folder.iterdir()) == []  # the same owner's folder, emptied
+        assert list(folder.iterdir()) == []
         (folder / "state.pt").write_bytes(b"half")
         raise RuntimeError("the save failed")
-    assert not folder.exists()
-    with scratch_folder("save", "run rank 1") as other:
-        assert other != first  # each rank (and run) has its own
+    assert list((tmp_path / "controlnet-save").iterdir()) == []  # nor a lock left
+    with scratch_folder("save", "run rank 0") as one, scratch_folder("save", "run rank 1") as other:
+        assert one != other  # each rank (and run) has its own
 
 
 def test_what_a_killed_process_left_in_its_scratch_folder_is_removed_by_another_runs_use(tmp_path, python,
                                                                                           monkeypatch):
     """A process killed in its scratch folder (a stop on Ray workers, which Ray Train ends with a kill; an OOM kill;
     kill -9) left a checkpoint's worth there until the same run's same rank saved on that node again: the suite's
-    stops had left 98 in this machine's /tmp. Any later use removes what gone processes of this host left; a live
-    process's folder, and one that another host or pid namespace (a container sharing the temp folder) left, stay."""
-    import signal
-    import socket
-    import subprocess
+    stops had left 98 in this machine's /tmp. Any later use removes what killed processes of this host left; a live
+    process's folder, another host's (a temp folder on a shared disk), and the former layout's, of another owner,
+    stay."""
     import tempfile
 
-    from tests.conftest import REPO
-
-    saving = ("import sys, time\nfrom train.checkpoints import scratch_folder\n"
-              "with scratch_folder('save', sys.argv[1]) as folder:\n"
-              "    (folder / 'state.pt').write_bytes(b'a checkpoint being saved')\n"
-              "    print(folder, flush=True)\n    time.sleep(600)\n")
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    killed, live = (subprocess.Popen([python, "-c", saving, f"{run} rank 0"], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, text=True) for run in ("killed", "live"))
+    left = killed_in_scratch(python, tmp_path, "save", "killed rank 0")
+    live, kept = in_scratch(python, tmp_path, "save", "live rank 0")
     try:
-        left, kept = (Path(process.stdout.readline().strip()) for process in (killed, live))
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-        free_pid = killed.pid
-        owner, host, namespace, _ = left.name.split("@")
-        elsewhere = [left.with_name(f"{owner}@another-host@{namespace}@{free_pid}"),
-                     left.with_name(f"{owner}@{host}@4026531999@{free_pid}")]
-        for folder in elsewhere:
+        elsewhere = left.with_name(f"{left.name.split('@')[0]}@another-host@0123abcd")
+        former = left.with_name("0123456789abcdef")  # an owner's hash alone, as folders were named before claims
+        for folder in (elsewhere, former):
             folder.mkdir()
-        assert (left / "state.pt").exists()
+        elsewhere.with_name(elsewhere.name + ".lock").touch()
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
         with scratch_folder("save", "another run rank 0") as mine:
-            assert not left.exists() and (kept / "state.pt").exists() and all(f.is_dir() for f in elsewhere)
-            assert mine.parent == left.parent and mine.name.split("@")[1:] == [socket.gethostname(), namespace,
-                                                                               str(os.getpid())]
+            claimed = [p.name for f in (mine, kept, elsewhere) for p in (f, f.with_name(f.name + ".lock"))]
+            assert sorted(p.name for p in mine.parent.iterdir()) == sorted([*claimed, former.name])
     finally:
         live.kill()
         live.wait()

@@ -14,7 +14,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.format import marked_by_a_gone_process, process_mark, retried
+from pipeline.format import retried
 
 CONTROLNET_DIR = "controlnet"  # a checkpoint's ControlNet, a diffusers folder
 DECODER_FILE = "decoder.safetensors"  # the SD decoder a large-scale run trained, beside it
@@ -274,27 +274,24 @@ def fetch(url: str, folder: Path) -> Path:
 @contextmanager
 def scratch_folder(purpose: str, owner: str) -> Iterator[Path]:
     """An empty local folder of `owner`'s (a run's rank) for `purpose` (a checkpoint being saved or loaded), under
-    `<temp>/controlnet-<purpose>/`, named for the owner and this process, and removed after. A checkpoint is
-    gigabytes at SD scale, and a process that dies in it leaves it: a stop on Ray workers (Ray Train ends them with
-    a kill), an OOM kill, kill -9. Each use first removes what gone processes of this host left there, whichever
-    run's: a folder per owner alone was replaced only by the same run's same rank, on the same node."""
+    `<temp>/controlnet-<purpose>/`, of this process's own and claimed while in use (annotate.weights.claimed), and
+    removed after. A checkpoint is gigabytes at SD scale, and a process that dies in it leaves it: a stop on Ray
+    workers (Ray Train ends them with a kill), an OOM kill, kill -9. Each use first removes what killed processes of
+    this host left there, whichever run's: a folder per owner alone was replaced only by the same run's same rank,
+    on the same node."""
+    from annotate.weights import claim_name, claimed, clear_abandoned
+
     root = Path(tempfile.gettempdir()) / f"controlnet-{purpose}"
+    root.mkdir(parents=True, exist_ok=True)
     owner_hash = hashlib.sha256(owner.encode()).hexdigest()[:16]
-    clear_left_scratch(root, former_layout=owner_hash)
-    folder = root / f"{owner_hash}@{process_mark()}"
-    shutil.rmtree(folder, ignore_errors=True)  # this pid's before a container restart (left_by_a_gone_process)
-    folder.mkdir(parents=True)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def clear_left_scratch(root: Path, former_layout: str) -> None:
-    """Remove what gone processes left in `root`, and the folder `former_layout` (an owner's hash alone: what the
-    same run's rank used before folders were named for their process)."""
-    for folder in root.iterdir() if root.is_dir() else []:
-        if folder.name == former_layout or marked_by_a_gone_process(folder):
+    clear_abandoned(root)
+    shutil.rmtree(root / owner_hash, ignore_errors=True)  # the owner's folder before folders were claimed
+    folder = root / claim_name(owner_hash)
+    with claimed(folder):
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -290,38 +290,10 @@ def with_ctrl_c(command: list[str]) -> list[str]:
             *rest]
 
 
-def wandb_file_records(path: Path) -> list:
-    """The records of a W&B run file (`run-<id>.wandb`, what `wandb sync` uploads), as wandb's own protobuf Records.
-    The file is a LevelDB log: a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte header (crc32c,
-    length, type: 1 whole record, 2 first piece, 3 middle, 4 last); a block's tail under 7 bytes is padding."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    block, data = 32768, path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    records, pieces, position = [], b"", 7
-    while position + 7 <= len(data):
-        if block - position % block < 7:
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
-        if kind in (1, 2):
-            pieces = chunk
-        elif kind in (3, 4):
-            pieces += chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pieces)
-            records.append(record)
-        if kind == 0 and length == 0:  # zeros: the rest of the block is padding
-            position += block - position % block
-    return records
-
-
 def wandb_logged_steps(run_folder: Path, key: str) -> tuple[list[int], int | None]:
     """(the steps at which an offline W&B run logged `key`, its exit code or None if it never recorded an exit)."""
+    from train.tracking import wandb_file_records
+
     [run_file] = run_folder.glob("run-*.wandb")
     steps, exit_code = [], None
     for record in wandb_file_records(run_file):

@@ -564,6 +564,46 @@ def test_a_wandb_teardown_that_never_ends_is_given_up_on_after_the_runs_files_ar
     assert wandb_logged_steps(segment, "train/loss") == ([1], 1)  # closed whole, with the stopped run's exit code
 
 
+def test_a_run_killed_after_wandb_wrote_steps_is_resumed_without_logging_them_twice(tmp_path, python):
+    """kill -9 (an OOM kill, a node's) records nothing of what the W&B run holds: W&B had written its file up to its
+    last whole 32 KiB block, and the resumed run, which trains the steps after its checkpoint again (here none:
+    killed before it), logged them all again. An offline run now reads what its earlier segments hold."""
+    from train import tracking
+
+    logging = f"""
+import dataclasses, time
+from train import tracking
+from train.config import debug
+cfg = dataclasses.replace(debug(), run_name="killed", storage_path={str(tmp_path / "runs")!r})
+logger = tracking.RunLogger(cfg, "offline", {str(tmp_path / "wandb")!r}, "killed-1")
+for step in range(1, 100_000):
+    logger.log({{"step": step, "loss": 1.0 / step, **{{f"metric_{{i}}": float(step * i) for i in range(10)}}}})
+    time.sleep(0.002)
+"""
+    killed = subprocess.Popen([python, "-c", logging], cwd=REPO, env={**os.environ, "WANDB_SILENT": "true"})
+    try:
+        deadline = time.monotonic() + 120
+        while not any(f.stat().st_size > 32768 for f in (tmp_path / "wandb").rglob("run-killed-1.wandb")):
+            assert killed.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        killed.kill()  # SIGKILL
+        killed.wait()
+    [first] = (tmp_path / "wandb").rglob("offline-run-*")
+    written = wandb_logged_steps(first, "train/loss")[0]
+    assert written == list(range(1, len(written) + 1)) and written  # what W&B wrote before the kill: whole blocks
+
+    resumed = tracking.RunLogger(config(tmp_path, tmp_path / "runs", "killed"), "offline", str(tmp_path / "wandb"),
+                                 "killed-1")
+    assert resumed.held[0] == written[-1] and "train/loss" in resumed.held[1]
+    for step in range(1, written[-1] + 6):  # the whole run again from step 0, deterministic: the same values
+        resumed.log({"step": step, "loss": 1.0 / step})
+    assert tracking.close_open_runs()
+    segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    logged = sorted(s for segment in segments for s in wandb_logged_steps(segment, "train/loss")[0])
+    assert len(segments) == 2 and logged == list(range(1, written[-1] + 6))  # each step once
+
+
 def test_a_sigint_another_handler_takes_still_makes_the_exit_code_ctrl_cs():
     """On Ray workers, Ray Train's own SIGINT handler takes Ctrl-C and fit() ends in SystemExit(1), the code of
     any failure: the run exited 1, where local mode exits 130."""

@@ -10,6 +10,8 @@ import re
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from train.config import TrainConfig
@@ -137,6 +139,8 @@ class RunLogger:
                 mode=mode, dir=directory, config=dataclasses.asdict(cfg), group=cfg.wandb_group,
             )
             self.held = logged_through(cfg, self.run.id)
+            if mode == "offline":
+                self.held = later(self.held, held_by_earlier_segments(Path(self.run.dir).parent, self.run.id))
             _OPEN_LOGGERS.append(self)
 
     def _new(self, step: int, keys: list[str]) -> list[str]:
@@ -228,6 +232,63 @@ def logged_through(cfg: TrainConfig, wandb_id: str) -> tuple[int, set[str]]:
     except Exception:  # none, or unreadable: the resumed run logs the steps after its checkpoint, as before
         pass
     return -1, set()
+
+
+def later(one: tuple[int, set[str]], other: tuple[int, set[str]]) -> tuple[int, set[str]]:
+    """The later of two (step, keys held at it); at the same step, the keys of both."""
+    if one[0] != other[0]:
+        return max(one, other, key=lambda held: held[0])
+    return one[0], one[1] | other[1]
+
+
+def held_by_earlier_segments(own_folder: Path, wandb_id: str) -> tuple[int, set[str]]:
+    """The last step, and its keys, that the earlier offline segments of the W&B run `wandb_id` beside this one's
+    folder hold: a segment killed (kill -9, an OOM kill) records nothing (record_logged_through runs on a stop), and
+    W&B had written its file up to its last whole 32 KiB block, so the resumed run logged those of the steps after
+    its checkpoint again. (-1, none) where there is none, or W&B's file cannot be read."""
+    held: tuple[int, set[str]] = (-1, set())
+    for run_file in own_folder.parent.glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"):
+        if run_file.parent == own_folder:
+            continue
+        with contextlib.suppress(Exception):  # another wandb's format: at worst steps are logged twice, as before
+            for record in wandb_file_records(run_file):
+                if record.HasField("history"):
+                    row = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                    held = later(held, (int(json.loads(row["_step"])), {k for k in row if not k.startswith("_")}))
+    return held
+
+
+def wandb_file_records(path: Path) -> Iterator[Any]:
+    """The records of a W&B run file (`run-<id>.wandb`, what `wandb sync` uploads), as wandb's own protobuf Records
+    (wandb 0.31 has no reader of its own in Python), up to one cut short by a kill. The file is a LevelDB log: a
+    7-byte header, then 32 KiB blocks of chunks, each with a 7-byte header (crc32c, length, type: 1 whole record,
+    2 first piece, 3 middle, 4 last); a block's tail under 7 bytes is padding."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, data = 32768, path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pieces, position = b"", 7
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if position + 7 + length > len(data):  # cut short
+            return
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        if kind in (1, 2):
+            pieces = chunk
+        elif kind in (3, 4):
+            pieces += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            yield record
+        if kind == 0 and length == 0:  # zeros: the rest of the block is padding
+            position += block - position % block
 
 
 def record_logged_through(cfg: TrainConfig, wandb_id: str, step: int, keys: set[str]) -> None:

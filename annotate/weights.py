@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -272,12 +273,14 @@ def claimed(path: Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
-def clear_abandoned(folder: Path, base: str = "*") -> None:
-    """Remove what processes of this host left in `folder` under a claim (claim_name(base)) and abandoned, their
-    lock free: a partial copy or a checkpoint being saved has a name of its own, and a process killed in it (a
-    Ctrl-C as a job starts, a stop on Ray workers, a preemption) left it for good, gigabytes for BLIP, an SD base or
-    a checkpoint. Another host's are left to it: a folder on a shared disk may not carry locks between hosts."""
-    for lock in folder.glob(f"{base}@{socket.gethostname()}@*.lock"):
+def clear_abandoned(folder: Path, base: str | None = None) -> None:
+    """Remove what processes of this host left in `folder` under a claim (claim_name(base), any base without one) and
+    abandoned, their lock free: a partial copy or a checkpoint being saved has a name of its own, and a process
+    killed in it (a Ctrl-C as a job starts, a stop on Ray workers, a preemption) left it for good, gigabytes for
+    BLIP, an SD base or a checkpoint. Another host's are left to it: a folder on a shared disk may not carry locks
+    between hosts."""
+    names = glob.escape(base) if base is not None else "*"  # a file's name may hold [ or *
+    for lock in folder.glob(f"{names}@{glob.escape(socket.gethostname())}@*.lock"):
         try:
             held = open(lock)  # noqa: SIM115 (closed below; never created here)
         except FileNotFoundError:  # its owner finished in between

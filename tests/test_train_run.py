@@ -565,9 +565,11 @@ def test_a_wandb_teardown_that_never_ends_is_given_up_on_after_the_runs_files_ar
 
 
 def test_a_run_killed_after_wandb_wrote_steps_is_resumed_without_logging_them_twice(tmp_path, python):
-    """kill -9 (an OOM kill, a node's) records nothing of what the W&B run holds: W&B had written its file up to its
-    last whole 32 KiB block, and the resumed run, which trains the steps after its checkpoint again (here none:
-    killed before it), logged them all again. An offline run now reads what its earlier segments hold."""
+    """kill -9 (an OOM kill, a container's) records nothing of what the W&B run holds: W&B had written its file up
+    to its last whole 32 KiB block, and the resumed run, which trains the steps after its checkpoint again (here
+    none: killed before it), logged them all again. An offline run now reads what its earlier segments hold."""
+    import psutil
+
     from train import tracking
 
     logging = f"""
@@ -581,14 +583,20 @@ for step in range(1, 100_000):
     time.sleep(0.002)
 """
     killed = subprocess.Popen([python, "-c", logging], cwd=REPO, env={**os.environ, "WANDB_SILENT": "true"})
+    service = []
     try:
         deadline = time.monotonic() + 120
         while not any(f.stat().st_size > 32768 for f in (tmp_path / "wandb").rglob("run-killed-1.wandb")):
             assert killed.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+        service = psutil.Process(killed.pid).children(recursive=True)  # W&B's, in a session of its own
     finally:
         killed.kill()  # SIGKILL
         killed.wait()
+    for process in service:  # as a container's kill takes it too (alone, it writes on until it sees the kill)
+        process.kill()
+    _, alive = psutil.wait_procs(service, timeout=30)
+    assert not alive
     [first] = (tmp_path / "wandb").rglob("offline-run-*")
     written = wandb_logged_steps(first, "train/loss")[0]
     assert written == list(range(1, len(written) + 1)) and written  # what W&B wrote before the kill: whole blocks

@@ -464,7 +464,11 @@ def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
     shutdown may end the process itself, with code 1)."""
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None and node.is_head():
-        ray.shutdown()
+        if node.remaining_processes_alive():
+            ray.shutdown()
+        else:  # its GCS or raylet died (a SIGTERM to the process group): shutting down talks to them, and it ended
+            # the process with code 1 before its line (seen in CI, 1 suite run of 4); the rest of it is killed
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
     print(last_line, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -477,7 +481,7 @@ def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) 
     returned); or, where threads still wait (`threads_left`: a sweep's sizes in fit(); an abort while_cluster_lives
     gave up on; W&B's teardown given up on), the process ended at once after the line (exit_leaving_threads)."""
     closed = close_open_runs()
-    if threads_left or not closed or threads_blocked_in_ray():
+    if threads_left or not closed or threads_blocked_in_ray() or not own_cluster_alive():
         exit_leaving_threads(code, last_line)
     leave_ray()
     print(last_line, file=sys.stderr, flush=True)

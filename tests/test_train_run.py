@@ -18,6 +18,7 @@ from tests.conftest import (
     copy_dataset,
     own_output,
     own_ray_processes,
+    processes_with_ray_tmpdir,
     sigterm_whose_handler_has_not_run,
     stopped_while_ray_starts,
     wandb_logged_steps,
@@ -323,20 +324,27 @@ def test_sigterm_to_the_driver_of_a_run_that_started_its_own_cluster_closes_its_
                                                                                          tmp_path):
     """`kill PID` (a container's stop) on `python train/run.py --num-workers N` without RAY_ADDRESS: the driver exited
     without Ray Train's abort, Ray killed rank 0 with its W&B service, and the W&B run held nothing of the steps it
-    had logged (a gap in the curve: the resumed run logs only the steps after its checkpoint)."""
+    had logged (a gap in the curve: the resumed run logs only the steps after its checkpoint). The controller of a
+    cluster the command started polls its workers every 0.5 s (Ray Train's default is 2 s), unless the user says."""
     import tempfile
 
     name = "driver-stop"
     command = [python, "train/run.py", "--preset", "debug", "--data", str(dataset), "--storage-path", str(storage),
                "--run-name", name, "--max-steps", "10000", "--checkpoint-every", "2", "--validate-every", "0",
                "--wandb", "offline", "--log-every", "1", "--num-workers", "1", "--cpus-per-worker", "1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_SERVICE")}
+    # (this suite's session sets Ray Train's poll interval for its own cluster: the command must set it itself)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "WANDB_SERVICE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
         run = subprocess.Popen(command, env={**env, "RAY_TMPDIR": ray_tmp, "WANDB_DIR": str(tmp_path / "wandb")},
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
         try:
             wait_for_checkpoint(storage / name, run)
+            [controller] = [pid for pid, cmdline in processes_with_ray_tmpdir(ray_tmp).items()
+                            if cmdline[0].startswith(b"ray::TrainController")]
+            controller_env = Path(f"/proc/{controller}/environ").read_bytes().split(b"\0")
+            assert b"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5" in controller_env
             run.send_signal(signal.SIGTERM)  # the driver alone: its cluster stays up
             _, stderr = run.communicate(timeout=120)
         finally:

@@ -167,9 +167,9 @@ def join_or_start_ray() -> None:
 
 # Ray Train's controller sees its workers' reports, and their end, only when it polls them: every 2 s by default,
 # which a cluster of many nodes wants. A cluster started here is this node alone, with a few workers, and each poll
-# is one cheap call to each; polled every 0.5 s, a run's first and last steps are seen up to 1.5 s sooner (a run of
-# the debug preset on 1 worker ended ~3 s sooner after its last step). Ray Train passes the driver's value to its
-# controller; one the user set is kept.
+# is one cheap call to each; polled every 0.5 s, a run's reports and its end are seen up to 1.5 s sooner (a run of
+# the debug preset on 1 worker ended ~3 s sooner after its last step; its start did not change). Ray Train passes
+# the driver's value to its controller; one the user set is kept.
 HEALTH_CHECK_INTERVAL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 OWN_CLUSTER_HEALTH_CHECK_INTERVAL_S = "0.5"
 

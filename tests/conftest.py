@@ -290,6 +290,13 @@ def with_ctrl_c(command: list[str]) -> list[str]:
             *rest]
 
 
+def wandb_run_ids(segments: list[Path]) -> set[str]:
+    """The W&B run ids of offline run folders, from their run files (`run-<id>.wandb`): a folder's name ends in -1,
+    -2, ... where another segment of the run began in the same second."""
+    return {run_file.name.removeprefix("run-").removesuffix(".wandb")
+            for segment in segments for run_file in segment.glob("run-*.wandb")}
+
+
 def wandb_logged_steps(run_folder: Path, key: str) -> tuple[list[int], int | None]:
     """(the steps at which an offline W&B run logged `key`, its exit code or None if it never recorded an exit)."""
     from train.tracking import wandb_file_records

@@ -18,6 +18,7 @@ from tests.conftest import (
     sigterm_whose_handler_has_not_run,
     stopped_while_ray_starts,
     wandb_logged_steps,
+    wandb_run_ids,
     with_ctrl_c,
 )
 from train.plots import nice_ticks, plot_curves
@@ -152,7 +153,7 @@ def test_a_size_stopped_in_local_mode_logs_each_step_to_its_wandb_run_once(datas
     monkeypatch.setattr(RunLogger, "progress", progress)
     assert sweep(args) == 0 and results(tmp_path / "runs", "once-8")["resumed_from"] == 2
     segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
-    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, resumed
+    assert len(segments) == 2 and len(wandb_run_ids(segments)) == 1  # one W&B run, resumed
     logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
     assert all(code is not None for _, code in logged) and \
         sorted(step for steps, _ in logged for step in steps) == [1, 2, 3, 4], logged

@@ -22,6 +22,7 @@ from tests.conftest import (
     sigterm_whose_handler_has_not_run,
     stopped_while_ray_starts,
     wandb_logged_steps,
+    wandb_run_ids,
     with_ctrl_c,
 )
 from train.checkpoints import forget_stale_ray_record, latest_checkpoint, step_of
@@ -425,7 +426,7 @@ def test_a_stopped_run_resumed_logs_each_step_to_its_wandb_run_once(dataset, sto
     resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
-    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, resumed
+    assert len(segments) == 2 and len(wandb_run_ids(segments)) == 1  # one W&B run, resumed
     logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
     assert all(code is not None for _, code in logged) and \
         sorted(step for steps, _ in logged for step in steps) == list(range(1, 11)), logged
@@ -491,7 +492,7 @@ def test_a_run_stopped_before_its_first_checkpoint_continues_its_wandb_run_when_
     again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     segments = sorted((tmp_path / "wandb").rglob("offline-run-*"))
-    assert len(segments) == 2 and len({s.name.rsplit("-", 1)[-1] for s in segments}) == 1  # one W&B run, continued
+    assert len(segments) == 2 and len(wandb_run_ids(segments)) == 1  # one W&B run, continued
     logged = [wandb_logged_steps(segment, "train/loss") for segment in segments]
     assert logged[0][0][:3] == [1, 2, 3] and \
         sorted(step for steps, _ in logged for step in steps) == list(range(1, last_logged + 6)), logged
@@ -576,6 +577,8 @@ def test_a_run_killed_after_wandb_wrote_steps_is_resumed_without_logging_them_tw
     """kill -9 (an OOM kill, a container's) records nothing of what the W&B run holds: W&B had written its file up
     to its last whole 32 KiB block, and the resumed run, which trains the steps after its checkpoint again (here
     none: killed before it), logged them all again. An offline run now reads what its earlier segments hold."""
+    import shutil
+
     import psutil
 
     from train import tracking
@@ -608,6 +611,10 @@ for step in range(1, 100_000):
     [first] = (tmp_path / "wandb").rglob("offline-run-*")
     written = wandb_logged_steps(first, "train/loss")[0]
     assert written == list(range(1, len(written) + 1)) and written  # what W&B wrote before the kill: whole blocks
+    # a segment begun in the same second as another of its run: W&B ends its folder's name in -1
+    same_second = tmp_path / "same-second"
+    shutil.copytree(first, same_second / f"{first.name}-1")
+    assert tracking.held_by_earlier_segments(same_second / "offline-run-later-killed-1", "killed-1")[0] == written[-1]
 
     resumed = tracking.RunLogger(config(tmp_path, tmp_path / "runs", "killed"), "offline", str(tmp_path / "wandb"),
                                  "killed-1")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -247,7 +248,8 @@ def held_by_earlier_segments(own_folder: Path, wandb_id: str) -> tuple[int, set[
     W&B had written its file up to its last whole 32 KiB block, so the resumed run logged those of the steps after
     its checkpoint again. (-1, none) where there is none, or W&B's file cannot be read."""
     held: tuple[int, set[str]] = (-1, set())
-    for run_file in own_folder.parent.glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"):
+    # by its file's name: a segment begun in the same second as another gets a folder ending in -1, -2, ...
+    for run_file in own_folder.parent.glob(f"offline-run-*/run-{glob.escape(wandb_id)}.wandb"):
         if run_file.parent == own_folder:
             continue
         with contextlib.suppress(Exception):  # another wandb's format: at worst steps are logged twice, as before

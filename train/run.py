@@ -477,7 +477,7 @@ def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
             ray.shutdown()
         else:  # its GCS or raylet died (a SIGTERM to the process group): shutting down talks to them, and it ended
             # the process with code 1 before its line (seen in CI, 1 suite run of 4); the rest of it is killed
-            ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
+            connected_ray_node().kill_all_processes(check_alive=False, allow_graceful=False)
     print(last_line, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -497,17 +497,21 @@ def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) 
     return code
 
 
+def connected_ray_node():
+    """Ray's record of the node this process connected to (ray._private.node.Node; private: there is no public one):
+    the processes it started, if it started the cluster; None before ray.init and in local mode."""
+    return getattr(ray._private.worker, "_global_node", None)
+
+
 def started_its_own_cluster() -> bool:
-    """Whether this process started the cluster it is connected to (Ray's node record, private: there is no public
-    one), whose processes share its process group."""
-    node = getattr(ray._private.worker, "_global_node", None)
+    """Whether this process started the cluster it is connected to, whose processes share its process group."""
+    node = connected_ray_node()
     return node is not None and node.is_head()
 
 
 def own_cluster_alive() -> bool:
-    """Whether every process of the cluster this process started (GCS, raylet, ...) still runs (Ray's node record,
-    private: there is no public one)."""
-    node = getattr(ray._private.worker, "_global_node", None)
+    """Whether every process of the cluster this process started (GCS, raylet, ...) still runs."""
+    node = connected_ray_node()
     return node is None or node.remaining_processes_alive()
 
 

@@ -22,6 +22,9 @@ PRESET ?= debug
 DATA ?= data/demo/canny
 RUN ?= controlnet-$(PRESET)
 DATASET ?= data/$(TASK_NAME)
+# test processes (pytest-xdist), each with its own Ray session, a test file's tests in one of them: on 2 cores the
+# suite's waits (Ray starting actors, runs stopping, outages ridden out) leave a serial run's CPUs ~30% idle
+TEST_WORKERS ?= 2
 
 CLUSTER ?= infra/aws/cluster.yaml
 DASHBOARD ?= http://127.0.0.1:8265
@@ -114,7 +117,7 @@ test: $(STAMP) ## run the test suite (real Ray, real tars, a moto S3 server on l
 	@# the project's own modules too (the editable install leaves them to the first import, which may not write
 	@# them); a tree it cannot write to only runs slower
 	-$(PY) -m compileall -q annotate pipeline train
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check annotate pipeline train tests bench

@@ -72,10 +72,24 @@ def s3_endpoint(s3_server) -> str:
     return endpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_temp_dir(tmp_path_factory) -> Path:
+    """This test process's temp folder, for it and every process it starts (TMPDIR): `make test` runs two test
+    processes at once (pytest-xdist), and what a job keeps in the machine's temp folder meanwhile (a dataset job's
+    staging for object storage) showed in the other's checks that a job left nothing there."""
+    import tempfile
+
+    temp = tmp_path_factory.mktemp("tmp")
+    os.environ["TMPDIR"] = str(temp)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    return temp
+
+
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory, s3_endpoint):
-    """One local Ray for the whole suite (a ray.init costs seconds and ~0.8 GB). Its session files go in
-    the test tmp dir. Returns the GCS address, for driver subprocesses joining the same cluster."""
+def ray_session(tmp_path_factory, own_temp_dir, s3_endpoint):
+    """One local Ray for the test process's whole run (a ray.init costs seconds and ~0.8 GB; `make test` runs two
+    test processes, each with its own), started after TMPDIR is set, which its workers inherit. Its session files go
+    in the test tmp dir. Returns the GCS address, for driver subprocesses joining the same cluster."""
     import ray
 
     os.environ["RAY_TMPDIR"] = str(tmp_path_factory.mktemp("ray"))

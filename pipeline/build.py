@@ -8,7 +8,6 @@ import posixpath
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Container, Iterator
@@ -353,13 +352,10 @@ def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS if set, else start a local one without the dashboard (the job prints its own
     progress; the dashboard's processes add ~2 s to a local start on 2 cores); a caller's session is reused."""
     if not ray.is_initialized():
+        # (join_ray takes SIGTERM back from the C++ failure handler ray.init installs over Python's: the job ends
+        # with its interrupted line and 143, not SIGABRT 3 s after the signal)
         fmt.join_ray(os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
                      configure_logging=False)
-        if threading.current_thread() is threading.main_thread():
-            # ray.init leaves its core worker's C++ failure handler on SIGTERM, which logs and aborts (exit 134, no
-            # line; a stop of the whole process group met it): Python's handler (ray.init's own, sys.exit) set
-            # again takes the signal back, and the job ends with the interrupted line and 143
-            signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 class StorageSetupError(RuntimeError):
@@ -594,4 +590,4 @@ def stop_quietly_from_here() -> None:
 if __name__ == "__main__":
     code = main()
     stop_quietly_from_here()
-    sys.exit(code)
+    fmt.end_process(code)

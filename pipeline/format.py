@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final, NoReturn, TypeVar
 
 import fsspec
 import numpy as np
@@ -618,8 +618,41 @@ def join_ray(address: str | None, **init_kwargs: Any) -> None:
     except ConnectionError as e:  # 'auto' with no cluster on this node
         raise ClusterUnreachable(f"RAY_ADDRESS={address}: {(str(e).splitlines() or [''])[0]}") from None
     except BaseException:  # a stop (Ctrl-C; SIGTERM, ray.init's SystemExit(15)) while ray.init starts a cluster here
+        global _ray_init_cut_short
+        _ray_init_cut_short = True
+        take_sigterm_back_from_ray()  # before the seconds leaving Ray takes
         leave_half_started_ray(before)
         raise
+    finally:
+        take_sigterm_back_from_ray()
+
+
+_ray_init_cut_short = False  # a stop reached join_ray inside ray.init
+
+
+def end_process(code: int) -> NoReturn:
+    """sys.exit(code), for a driver that has said its last line; os._exit(code), its output flushed, where a stop cut
+    ray.init short: it can leave the C++ core worker built and owned by nothing, which neither ray.shutdown() nor
+    Ray's atexit hook ends, and the interpreter's own teardown of it crashed the process (SIGSEGV ~5 s after the
+    line: 4 of 30 SIGTERMs while a dataset job started its cluster)."""
+    if _ray_init_cut_short:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def take_sigterm_back_from_ray() -> None:
+    """Python's SIGTERM handler (ray.init's sys.exit, or the caller's) put back in front of the C++ failure handler
+    (absl's) that ray.init's core worker installs over it, and the alarm that handler arms cancelled. A SIGTERM it
+    met logged a stack, was passed on to Python, and armed a 3 s alarm that aborted the process: a stop whose line
+    and clean-up took longer (leaving a half-started Ray; closing a W&B run) ended in SIGABRT after its line, or
+    hung (seen in a test suite run on a loaded machine). Crashes (SIGSEGV and the like) keep Ray's stack traces."""
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:  # (None: a handler Python did not set, which it cannot set again)
+            signal.signal(signal.SIGTERM, handler)
+    signal.alarm(0)  # (this process sets no alarm of its own)
 
 
 def leave_half_started_ray(before: set[int]) -> None:

@@ -450,6 +450,60 @@ def test_a_stop_while_the_job_starts_its_cluster_leaves_none_of_it_running(sampl
     assert not left, left
 
 
+def test_a_sigterm_after_ray_starts_is_pythons_to_handle_however_long_the_stop_takes(python, tmp_path):
+    """ray.init's core worker puts Ray's C++ failure handler (absl's) in front of Python's SIGTERM handler: a SIGTERM
+    it met armed a 3 s alarm that aborted the process (SIGABRT) in the middle of a stop's clean-up, after the line or
+    before it. join_ray takes the signal back for Python; a clean-up of 4 s here ends as the script says."""
+    script = """
+import os, sys, time
+from pipeline.format import join_ray
+join_ray(None, include_dashboard=False, num_cpus=1, configure_logging=False)
+try:
+    print("started", flush=True)  # (inside the try: the signal may come before the next line runs)
+    time.sleep(120)
+except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
+    time.sleep(4)  # a stop's clean-up, longer than the alarm's 3 s
+    print("cleaned up", stop.code, flush=True)
+    os._exit(128 + stop.code)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.Popen([python, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            assert run.stdout.readline() == "started\n"
+            run.send_signal(signal.SIGTERM)
+            out, err = run.communicate(timeout=60)
+        finally:
+            try:
+                os.killpg(run.pid, signal.SIGKILL)  # what is left of its cluster
+            except ProcessLookupError:
+                pass
+    assert run.returncode == 143 and out == "cleaned up 15\n" and "SIGTERM received" not in err, (run.returncode,
+                                                                                                 err[-2000:])
+
+
+def test_a_stop_that_cuts_ray_init_short_cancels_the_alarm_rays_failure_handler_armed(monkeypatch):
+    """A SIGTERM inside ray.init, once its core worker exists, meets Ray's C++ failure handler, which arms an alarm
+    (absl's, 3 s) that aborts the process before the stop has left the half-started cluster and said its line.
+    Here ray.init does what that handler does, and is stopped as Ray's Python handler stops it."""
+    import ray
+
+    left = []
+
+    def init_stopped_by_sigterm(**kwargs):
+        signal.alarm(100)
+        raise SystemExit(15)
+
+    monkeypatch.setattr(ray, "init", init_stopped_by_sigterm)
+    monkeypatch.setattr(fmt, "leave_half_started_ray", left.append)  # the suite's own Ray session stays
+    monkeypatch.setattr(fmt, "_ray_init_cut_short", False)
+    with pytest.raises(SystemExit):
+        fmt.join_ray(None)
+    pending = signal.alarm(0)
+    assert pending == 0 and len(left) == 1 and fmt._ray_init_cut_short  # and the driver ends with end_process
+
+
 @pytest.mark.parametrize("command, config", [("-m pipeline.build", "pipeline.config:BuildConfig"),
                                              ("train/run.py", "train.config:TrainConfig"),
                                              ("train/sweep.py", "train.sweep:SweepConfig")])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -283,8 +282,11 @@ def exit_without_collecting(code: int) -> None:
     """Exit once everything is written and closed, with every object moved to the collector's permanent generation
     first: the interpreter's last collections then skip the objects torch, diffusers, transformers and Ray made,
     which take ~2 s of the command's end (0.2 s frozen, measured on 2 cores). After a SIGTERM on Ray workers,
-    those collections also aborted a sweep (exit 134) after its stopped line."""
+    those collections also aborted a sweep (exit 134) after its stopped line. A stop that cut ray.init short ends
+    the process without the interpreter's teardown (end_process)."""
     import gc
 
+    from pipeline.format import end_process
+
     gc.freeze()
-    sys.exit(code)
+    end_process(code)

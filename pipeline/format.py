@@ -646,8 +646,9 @@ def take_sigterm_back_from_ray() -> None:
     """Python's SIGTERM handler (ray.init's sys.exit, or the caller's) put back in front of the C++ failure handler
     (absl's) that ray.init's core worker installs over it, and the alarm that handler arms cancelled. A SIGTERM it
     met logged a stack, was passed on to Python, and armed a 3 s alarm that aborted the process: a stop whose line
-    and clean-up took longer (leaving a half-started Ray; closing a W&B run) ended in SIGABRT after its line, or
-    hung (seen in a test suite run on a loaded machine). Crashes (SIGSEGV and the like) keep Ray's stack traces."""
+    and clean-up took longer (leaving a half-started Ray; closing a W&B run) ended in SIGABRT after its line (and
+    once, in a suite run on a loaded machine, had not ended 60 s later). Crashes (SIGSEGV and the like) keep Ray's
+    stack traces."""
     if threading.current_thread() is threading.main_thread():
         handler = signal.getsignal(signal.SIGTERM)
         if handler is not None:  # (None: a handler Python did not set, which it cannot set again)

@@ -76,7 +76,7 @@ def s3_endpoint(s3_server) -> str:
 def own_temp_dir(tmp_path_factory) -> Path:
     """This test process's temp folder, for it and every process it starts (TMPDIR): `make test` runs two test
     processes at once (pytest-xdist), and what a job keeps in the machine's temp folder meanwhile (a dataset job's
-    staging for object storage) showed in the other's checks that a job left nothing there."""
+    staging for object storage) would show in the other's check that a job left nothing there."""
     import tempfile
 
     temp = tmp_path_factory.mktemp("tmp")

@@ -1,4 +1,5 @@
 """the dataset job end to end: real Ray, real tars read back by webdataset, moto S3 on loopback"""
+import contextlib
 import json
 import os
 import re
@@ -475,10 +476,8 @@ except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
             run.send_signal(signal.SIGTERM)
             out, err = run.communicate(timeout=60)
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)  # what is left of its cluster
-            except ProcessLookupError:
-                pass
     assert run.returncode == 143 and out == "cleaned up 15\n" and "SIGTERM received" not in err, (run.returncode,
                                                                                                  err[-2000:])
 

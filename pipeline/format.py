@@ -623,7 +623,7 @@ def join_ray(address: str | None, **init_kwargs: Any) -> None:
         take_sigterm_back_from_ray()  # before the seconds leaving Ray takes
         leave_half_started_ray(before)
         raise
-    finally:
+    else:
         take_sigterm_back_from_ray()
 
 

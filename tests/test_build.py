@@ -456,7 +456,7 @@ def test_a_sigterm_after_ray_starts_is_pythons_to_handle_however_long_the_stop_t
     it met armed a 3 s alarm that aborted the process (SIGABRT) in the middle of a stop's clean-up, after the line or
     before it. join_ray takes the signal back for Python; a clean-up of 4 s here ends as the script says."""
     script = """
-import os, sys, time
+import os, time
 from pipeline.format import join_ray
 join_ray(None, include_dashboard=False, num_cpus=1, configure_logging=False)
 try:

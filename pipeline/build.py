@@ -352,8 +352,8 @@ def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS if set, else start a local one without the dashboard (the job prints its own
     progress; the dashboard's processes add ~2 s to a local start on 2 cores); a caller's session is reused."""
     if not ray.is_initialized():
-        # (join_ray takes SIGTERM back from the C++ failure handler ray.init installs over Python's: the job ends
-        # with its interrupted line and 143, not SIGABRT 3 s after the signal)
+        # (join_ray keeps SIGTERM Python's, out of the reach of Ray's C++ failure handler: the job ends with its
+        # interrupted line and 143, not SIGABRT 3 s after the signal, nor -15 in its ray.shutdown())
         fmt.join_ray(os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
                      configure_logging=False)
 

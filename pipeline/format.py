@@ -606,12 +606,14 @@ def ray_address_refusal(address: str | None, timeout_s: float = 10.0) -> str | N
 
 
 def join_ray(address: str | None, **init_kwargs: Any) -> None:
-    """ray.init(address, ...), an address no cluster answers at raised as ClusterUnreachable (one line) first."""
+    """ray.init(address, ...), an address no cluster answers at raised as ClusterUnreachable (one line) first. This
+    driver's signals stay Python's (keep_rays_failure_handler_out)."""
     import ray
 
     refusal = ray_address_refusal(address)
     if refusal:
         raise ClusterUnreachable(refusal)
+    keep_rays_failure_handler_out()
     before = set(descendants())
     try:
         ray.init(address=address, **init_kwargs)
@@ -642,13 +644,32 @@ def end_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def keep_rays_failure_handler_out() -> None:
+    """Have the core worker that ray.init builds in this driver leave out Ray's C++ failure handler (absl's), which
+    it installs on SIGTERM among the crash signals, in front of Python's handlers. A SIGTERM it met armed a 3 s alarm
+    that aborted the stop's clean-up (take_sigterm_back_from_ray). And ray.shutdown() resets those signals to their
+    default action behind Python's back (RayLog::UninstallSignalAction): a SIGTERM from there on killed the driver
+    before its last line (exit -15: 1 of 3 tries of a run sent SIGTERM, then its process group 1 s later). The
+    constant is Ray's own switch, read when the core worker is built; set here rather than in the environment, as
+    Ray's processes inherit that and keep their handler. A crash prints the Python threads' stacks instead
+    (faulthandler)."""
+    import faulthandler
+
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(Exception):  # (a stderr without a file descriptor: a caller's capture)
+            faulthandler.enable()
+
+
 def take_sigterm_back_from_ray() -> None:
     """Python's SIGTERM handler (ray.init's sys.exit, or the caller's) put back in front of the C++ failure handler
-    (absl's) that ray.init's core worker installs over it, and the alarm that handler arms cancelled. A SIGTERM it
-    met logged a stack, was passed on to Python, and armed a 3 s alarm that aborted the process: a stop whose line
-    and clean-up took longer (leaving a half-started Ray; closing a W&B run) ended in SIGABRT after its line (and
-    once, in a suite run on a loaded machine, had not ended 60 s later). Crashes (SIGSEGV and the like) keep Ray's
-    stack traces."""
+    (absl's), should ray.init's core worker have installed it over it all the same (keep_rays_failure_handler_out
+    is Ray's switch, not a promise), and the alarm that handler arms cancelled. A SIGTERM it met logged a stack,
+    was passed on to Python, and armed a 3 s alarm that aborted the process: a stop whose line and clean-up took
+    longer (leaving a half-started Ray; closing a W&B run) ended in SIGABRT after its line (and once, in a suite
+    run on a loaded machine, had not ended 60 s later)."""
     if threading.current_thread() is threading.main_thread():
         handler = signal.getsignal(signal.SIGTERM)
         if handler is not None:  # (None: a handler Python did not set, which it cannot set again)
@@ -669,6 +690,14 @@ def leave_half_started_ray(before: set[int]) -> None:
         ray.shutdown()  # Ray's node once Node() returned (a core worker whose raylet was killed under it crashed)
     finally:
         kill_stopped_first(started, before)
+
+
+def kill_process_trees(roots: Iterable[int]) -> None:
+    """SIGKILL the processes `roots` and their descendants, all stopped before any is killed (kill_stopped_first),
+    so that none sees another die and acts on it: a raylet starting another worker, a GCS announcing its raylet's
+    death to the drivers still connected. This process's other children are spared."""
+    trees = [pid for root in roots for pid in (root, *descendants(root))]
+    kill_stopped_first(trees, spare=set(descendants()) - set(trees))
 
 
 def kill_stopped_first(pids: list[int], spare: set[int]) -> None:
@@ -765,9 +794,9 @@ def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
         time.sleep(0.001)
 
 
-def descendants() -> list[int]:
-    """The pids of this process's children, theirs, and so on, each after its parent (from /proc: none where there
-    is none)."""
+def descendants(of: int | None = None) -> list[int]:
+    """The pids of this process's children (or those of the process `of`), theirs, and so on, each after its parent
+    (from /proc: none where there is none)."""
     children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
@@ -778,7 +807,7 @@ def descendants() -> list[int]:
                 except (OSError, IndexError, ValueError):  # gone meanwhile
                     continue
                 children.setdefault(parent, []).append(int(entry.name))
-    found = [os.getpid()]
+    found = [os.getpid() if of is None else of]
     for pid in found:  # grows as it goes: breadth first
         found += children.get(pid, [])
     return found[1:]
@@ -970,15 +999,32 @@ def folder_lease(folder: str, settings: dict[str, Any], refusal: Callable[[dict[
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(url, mine, stop, clock), daemon=True, name="lease-renewer")
     renewer.start()
-    try:
-        yield live
-    finally:
+
+    def release() -> None:
         stop.set()
         # in a daemon thread, waited for RELEASE_WAIT_S at most: a stop must not wait on a storage that does not
         # answer (a lease left behind is a gone job's at once on this host, and elsewhere once stale)
         releasing = threading.Thread(target=_release, args=(url, renewer), daemon=True, name="lease-release")
         releasing.start()
         releasing.join(RELEASE_WAIT_S)
+
+    _held_leases.append(release)
+    try:
+        yield live
+    finally:
+        if release in _held_leases:  # (not released already by release_held_leases)
+            _held_leases.remove(release)
+            release()
+
+
+_held_leases: list[Callable[[], None]] = []  # the releases of the leases this process holds (folder_lease)
+
+
+def release_held_leases() -> None:
+    """Release this process's leases now, for an end that skips the blocks holding them (os._exit: a driver whose
+    threads still wait in Ray). A lease left behind held the run for STALE_S on other hosts."""
+    while _held_leases:
+        _held_leases.pop()()
 
 
 def _renew(url: str, lease: dict[str, Any], stop: threading.Event, clock: Callable[[], float]) -> None:

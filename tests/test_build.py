@@ -482,6 +482,36 @@ except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
                                                                                                  err[-2000:])
 
 
+def test_a_sigterm_after_leaving_ray_is_still_pythons_to_handle(python):
+    """ray.shutdown() reset the signals Ray's C++ failure handler had taken to their default action, behind Python's
+    back (its handler still in place as far as Python knew): a SIGTERM after it (a second stop: `kill PID`, then the
+    process group's) killed the driver before the stop's last line, with -15."""
+    script = """
+import os, time, ray
+from pipeline.format import join_ray
+join_ray(None, include_dashboard=False, num_cpus=1, configure_logging=False)
+try:
+    ray.shutdown()
+    print("left", flush=True)
+    time.sleep(120)
+except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
+    print("stopped", stop.code, flush=True)
+    os._exit(128 + stop.code)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.Popen([python, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            assert run.stdout.readline() == "left\n"
+            run.send_signal(signal.SIGTERM)
+            out, err = run.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 143 and out == "stopped 15\n", (run.returncode, err[-2000:])
+
+
 def test_a_stop_that_cuts_ray_init_short_cancels_the_alarm_rays_failure_handler_armed(monkeypatch):
     """A SIGTERM inside ray.init, once its core worker exists, meets Ray's C++ failure handler, which arms an alarm
     (absl's, 3 s) that aborts the process before the stop has left the half-started cluster and said its line.

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -319,6 +320,75 @@ def test_sigterm_to_the_process_group_of_a_run_that_started_its_own_cluster_stop
     assert stderr.strip().splitlines()[-1].startswith(f"stopped: the same command resumes {name} from")
     # beside the suite's cluster, Ray Train's placement-group cleaner looked for 'the' cluster, and its thread died
     assert "Found multiple active Ray instances" not in stderr, stderr[-3000:]
+
+
+def test_a_driver_that_started_its_cluster_ends_with_its_own_code_and_line_however_the_cluster_goes(python):
+    """A stop or failure of a run whose cluster started here kills that cluster without ray.shutdown() (the same
+    stop may be ending it) and exits with the run's code after its line. Killed raylet first, while the GCS lived,
+    the GCS told this driver's core worker of its node's death, which found its objects on that node lost and ended
+    the process itself: exit 1, no line ('The connection to the plasma store is failed')."""
+    script = """
+import ray
+from train.run import exit_leaving_threads, join_or_start_ray
+join_or_start_ray()
+held = ray.put(b"x" * 1_000_000)  # in the object store of the node this driver is about to kill, as fit()'s are
+exit_leaving_threads(143, "stopped: the line")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
+        run = subprocess.run([python, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, cwd=REPO, text=True,
+                             capture_output=True, timeout=120, start_new_session=True)
+        deadline = time.time() + 30
+        while processes_with_ray_tmpdir(ray_tmp) and time.time() < deadline:
+            time.sleep(0.2)
+        left = processes_with_ray_tmpdir(ray_tmp)
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == "stopped: the line"
+    assert not left, left
+
+
+def test_an_abort_a_second_sigterm_cuts_short_is_still_waited_on_in_ray(monkeypatch):
+    """A second SIGTERM (`kill PID`, then the process group's) inside the first one's wait for Ray Train's abort
+    ended that wait in SystemExit: the abort, still waiting in Ray, was not on record, and the stop left Ray through
+    ray.shutdown() beside it."""
+    import train.run as run
+
+    abort_may_end = threading.Event()
+
+    def second_sigterm() -> bool:
+        raise SystemExit(15)  # what the handler, run again inside the wait, raises
+
+    monkeypatch.setattr(run, "_calls_in_ray", [])
+    monkeypatch.setattr(run, "own_cluster_alive", second_sigterm)
+    with pytest.raises(SystemExit):
+        run.while_cluster_lives(abort_may_end.wait)
+    try:
+        assert run.threads_blocked_in_ray()
+    finally:
+        abort_may_end.set()
+
+
+def test_a_sigterm_while_a_stop_cleans_up_leaves_the_clean_up_whole(monkeypatch, capsys):
+    """A second SIGTERM while the stop closes the W&B run and leaves Ray raised SystemExit in the middle of it."""
+    import train.run as run
+
+    done = []
+
+    def clean_up_meeting_a_sigterm() -> bool:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here
+        done.append("closed")
+        return True
+
+    monkeypatch.setattr(run, "close_open_runs", clean_up_meeting_a_sigterm)
+    monkeypatch.setattr(run, "leave_ray", lambda: done.append("left"))
+    previous = signal.signal(signal.SIGTERM, run._exit_with_signal)
+    try:
+        code = run.leave_with_last_line(143, "stopped: the line")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and done == ["closed", "left"] and not run._leaving
+    assert capsys.readouterr().err.splitlines()[-1] == "stopped: the line"
 
 
 def test_sigterm_to_the_driver_of_a_run_that_started_its_own_cluster_closes_its_wandb_run(dataset, storage, python,

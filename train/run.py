@@ -34,7 +34,9 @@ from pipeline.format import (
     StorageFailed,
     ctrl_c_as_usual,
     join_ray,
+    kill_process_trees,
     refusing_storage_failures,
+    release_held_leases,
 )
 from train.checkpoints import damaged_checkpoints, forget_stale_ray_record, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
@@ -431,6 +433,8 @@ ABORT_PATIENCE_S = 30  # how long a SIGTERM waits for Ray Train's abort: on a cl
 
 
 def _exit_with_signal(signum: int, frame) -> None:
+    if _leaving:  # a second SIGTERM (`kill PID`, then the process group's) while the stop cleans up: that stop is
+        return  # what it asks for; cut short, it left Ray's processes and its W&B run half-closed
     abort = signal.getsignal(signal.SIGINT)
     abort = getattr(abort, "__wrapped__", abort)  # Ray Train's, under TorchTrainerStoppedInTime's
     # on workers: stopped as Ctrl-C stops them, the W&B run closed. On a cluster started here too (`kill PID`, a
@@ -445,39 +449,48 @@ def _exit_with_signal(signum: int, frame) -> None:
     sys.exit(signum)
 
 
-_given_up: list[threading.Thread] = []  # the calls while_cluster_lives stopped waiting for
+_calls_in_ray: list[threading.Thread] = []  # the calls while_cluster_lives made, finished or not
+_leaving = False  # the command's stop or failure is cleaning up (leave_with_last_line)
 
 
 def while_cluster_lives(call, *args) -> None:
     """call(*args), given up on once a process of the cluster started here has died, or after ABORT_PATIENCE_S (it
-    goes on in a daemon thread, which the exit ends: exit_leaving_threads)."""
+    goes on in a daemon thread, which the exit ends: exit_leaving_threads). The thread is on record before the
+    wait: a second SIGTERM inside it ended the wait in SystemExit, and the stop, taking the abort for finished,
+    left Ray through ray.shutdown() while the abort still waited in Ray."""
     worker = threading.Thread(target=call, args=args, daemon=True)
+    _calls_in_ray.append(worker)
     worker.start()
     deadline = time.monotonic() + ABORT_PATIENCE_S
     while worker.is_alive() and time.monotonic() < deadline and own_cluster_alive():
-        worker.join(0.2)
-    if worker.is_alive():
-        _given_up.append(worker)
+        worker.join(0.05)  # (a cluster dying under this process: the sooner it ends, the less it meets of that)
 
 
 def threads_blocked_in_ray() -> bool:
-    """Whether a call while_cluster_lives gave up on still waits in Ray."""
-    return any(worker.is_alive() for worker in _given_up)
+    """Whether a call while_cluster_lives made still waits in Ray."""
+    return any(worker.is_alive() for worker in _calls_in_ray)
 
 
 def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
-    """Print the command's last line and end the process while threads still wait in Ray (an abort given up on, a
-    sweep's sizes in Ray Train's fit()), which nothing ends, so they cannot be joined. Disconnecting from a cluster
+    """Print the command's last line and end the process without Ray's disconnect or the interpreter's teardown:
+    where threads still wait in Ray (an abort given up on, a sweep's sizes in Ray Train's fit()), which nothing
+    ends, so they cannot be joined, or where this process started its cluster. Disconnecting from a cluster
     joined, or the interpreter's own end, with a thread blocked in Ray ended the process in SIGSEGV after the line
     (seen in CI), or at once with code 1 (3 tries of 8): the process's end ends its job (controllers, workers) on
-    that cluster anyway. A cluster this process started is shut down first, as its agents would outlive it (the
-    shutdown may end the process itself, with code 1)."""
-    if started_its_own_cluster():
-        if own_cluster_alive():
-            ray.shutdown()
-        else:  # its GCS or raylet died (a SIGTERM to the process group): shutting down talks to them, and it ended
-            # the process with code 1 before its line (seen in CI, 1 suite run of 4); the rest of it is killed
-            connected_ray_node().kill_all_processes(check_alive=False, allow_graceful=False)
+    that cluster anyway. The processes of a cluster this command started (GCS, raylet, its agents and workers)
+    are killed, all stopped first, without ray.shutdown(): the same stop may be ending them (a SIGTERM to the
+    process group), and its disconnect then waited on them (8.8 s: task events flushed to a dying GCS). None may
+    see another die: a GCS that saw its raylet go, with this process still connected, told it so, and its core
+    worker, finding the objects it had put there lost, ended the process at once ('The connection to the plasma
+    store is failed. Terminate the process'): exit 1 before the line, 3 tries of 3 with Ray's own shutdown order
+    (raylet first) after a SIGTERM to the driver. A SIGTERM to the process group, which ends the cluster by
+    itself, ended the same way (its last message 'Attempting to recover 1 lost objects') in 1 CI suite run of 4:
+    the sooner this process ends, the less likely. The agents, once their raylet is gone, are no longer this
+    process's descendants, and lived on."""
+    if started_its_cluster_here():
+        node = connected_ray_node()
+        kill_process_trees(info.process.pid for infos in node.all_processes.values() for info in infos)
+    release_held_leases()  # the run's, which the blocks this exit skips would have released
     print(last_line, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -488,13 +501,19 @@ def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) 
     """A stopped or failed command's end: this process's W&B runs closed (a run, or a sweep's size, in local mode;
     on workers CloseWandbOnStop closes rank 0's), Ray left and its last line printed after Ray's own (`code`
     returned); or, where threads still wait (`threads_left`: a sweep's sizes in fit(); an abort while_cluster_lives
-    gave up on; W&B's teardown given up on), the process ended at once after the line (exit_leaving_threads)."""
-    closed = close_open_runs()
-    if threads_left or not closed or threads_blocked_in_ray() or not own_cluster_alive():
-        exit_leaving_threads(code, last_line)
-    leave_ray()
-    print(last_line, file=sys.stderr, flush=True)
-    return code
+    gave up on; W&B's teardown given up on), or where it started its cluster, the process ended at once after the
+    line (exit_leaving_threads). A SIGTERM from here on changes none of it (_exit_with_signal)."""
+    global _leaving
+    _leaving = True
+    try:
+        closed = close_open_runs()
+        if threads_left or not closed or threads_blocked_in_ray() or started_its_cluster_here():
+            exit_leaving_threads(code, last_line)
+        leave_ray()
+        print(last_line, file=sys.stderr, flush=True)
+        return code
+    finally:  # (main() called again in the same process: a test, a notebook)
+        _leaving = False
 
 
 def connected_ray_node():
@@ -507,6 +526,12 @@ def started_its_own_cluster() -> bool:
     """Whether this process started the cluster it is connected to, whose processes share its process group."""
     node = connected_ray_node()
     return node is not None and node.is_head()
+
+
+def started_its_cluster_here() -> bool:
+    """Whether this command (join_or_start_ray) started the cluster it is connected to: not a caller's session (a
+    test's, a notebook's), which its end must leave up."""
+    return _joined_here and started_its_own_cluster()
 
 
 def own_cluster_alive() -> bool:

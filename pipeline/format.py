@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import posixpath
+import select
 import signal
 import socket
 import sys
@@ -877,20 +878,44 @@ class SignalLog:
     SystemExit(1), the code of any failure; SIGTERM to the process group of a dataset job that started its own
     cluster stops the raylet too, and ray.wait raised SystemExit(1) before the driver's handler had run. The
     interpreter writes each signal's number to its wakeup fd before a handler runs, so this log holds the signal
-    all the same. It logs nothing outside the main thread, where no handler runs."""
+    all the same. It logs nothing outside the main thread, where no handler runs. With `on_signal`, a thread
+    calls it with each signal's number as the signal comes: the main thread's handler may come a second later, as
+    ray.get lets it run only between its checks, every 1 s."""
+
+    def __init__(self, on_signal: Callable[[int], None] | None = None) -> None:
+        self.on_signal = on_signal
 
     def __enter__(self) -> SignalLog:
         self.seen: set[int] = set()
-        self._pipe, self._previous = None, -1
+        self._pipe, self._previous, self._listener = None, -1, None
         if threading.current_thread() is threading.main_thread():
             self._pipe = os.pipe()
             for end in self._pipe:
                 os.set_blocking(end, False)  # set_wakeup_fd requires it; a full pipe drops a number, not the process
             self._previous = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            if self.on_signal is not None:
+                self._listener = threading.Thread(target=self._listen, daemon=True, name="signal-listener")
+                self._listener.start()
         return self
 
+    def _listen(self) -> None:
+        while True:
+            select.select([self._pipe[0]], [], [])
+            try:
+                numbers = os.read(self._pipe[0], 1024)
+            except BlockingIOError:
+                continue
+            for number in numbers:
+                if number == 0:  # (__exit__'s: no signal has the number 0)
+                    return
+                self.seen.add(number)
+                try:
+                    self.on_signal(number)
+                except Exception:  # one that failed must not deafen the log to the next
+                    logging.getLogger(__name__).exception("handling signal %d", number)
+
     def received(self) -> set[int]:
-        if self._pipe:
+        if self._pipe and self._listener is None:  # (else the listener has read them)
             with contextlib.suppress(BlockingIOError):
                 self.seen.update(os.read(self._pipe[0], 1024))
         return self.seen
@@ -899,6 +924,9 @@ class SignalLog:
         if self._pipe:
             self.received()  # `seen` keeps what came in while open
             signal.set_wakeup_fd(self._previous)
+            if self._listener is not None:
+                os.write(self._pipe[1], b"\0")
+                self._listener.join()
             for end in self._pipe:
                 os.close(end)
 

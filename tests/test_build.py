@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -510,6 +511,26 @@ except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 143 and out == "stopped 15\n", (run.returncode, err[-2000:])
+
+
+def test_a_signal_log_hears_each_signal_as_it_comes_outside_the_main_thread():
+    """The trainer's driver waits in ray.get, which lets the main thread's handler run only between its checks,
+    every 1 s: a stop that must act at once (a cluster started here dying with it) is told by SignalLog's listener."""
+    heard, answered = [], threading.Event()
+
+    def hear(signum: int) -> None:
+        heard.append((signum, threading.current_thread().name))
+        answered.set()
+
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # (a handler: else no wakeup, and death)
+    try:
+        with fmt.SignalLog(on_signal=hear) as log:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert answered.wait(10)
+        assert heard == [(signal.SIGUSR1, "signal-listener")] and log.received() == {signal.SIGUSR1}
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert not any(t.name == "signal-listener" for t in threading.enumerate())  # joined on leaving
 
 
 def test_a_stop_that_cuts_ray_init_short_cancels_the_alarm_rays_failure_handler_armed(monkeypatch):

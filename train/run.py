@@ -488,13 +488,55 @@ def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
     the sooner this process ends, the less likely. The agents, once their raylet is gone, are no longer this
     process's descendants, and lived on."""
     if started_its_cluster_here():
-        node = connected_ray_node()
-        kill_process_trees(info.process.pid for infos in node.all_processes.values() for info in infos)
+        kill_process_trees(own_cluster_processes())
     release_held_leases()  # the run's, which the blocks this exit skips would have released
     print(last_line, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+GROUP_STOP_PROBE_S = 0.5  # how long a SIGTERM holds the GCS of the cluster started here, looking for it dying too
+
+
+def end_own_cluster_with_the_stop(signum: int) -> None:
+    """On a SIGTERM, as it comes (SignalLog's listener: the main thread's handler may run a second later), kill the
+    cluster this command started if it is dying with this process (`kill -- -PGID`, a batch scheduler's stop,
+    reaches its processes too), before its GCS can tell this process that its raylet has gone: the core worker,
+    finding the objects it had put there lost, then ended the process at once, with exit 1 before the stop's line
+    (exit_leaving_threads: 1 CI suite run of 4; here, under a second suite's load, 2 of 8 group stops with the
+    cluster's processes checking for signals every 50 ms, 0 of 8 at Ray's 1 s). The GCS is held
+    (SIGSTOP) while the rest is looked at, GROUP_STOP_PROBE_S at most: the log monitor keeps SIGTERM's default
+    action, so it dies the moment the group's signal does; a SIGTERM to this process alone finds the cluster
+    whole, and Ray Train's abort runs on it as before (_exit_with_signal)."""
+    if signum != signal.SIGTERM or not started_its_cluster_here():
+        return
+    from ray._private.ray_constants import PROCESS_TYPE_GCS_SERVER
+
+    gcs = [info.process.pid for info in connected_ray_node().all_processes.get(PROCESS_TYPE_GCS_SERVER, [])]
+    send_signal(gcs, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + GROUP_STOP_PROBE_S
+        while time.monotonic() < deadline:
+            if not own_cluster_alive():
+                kill_process_trees(own_cluster_processes())
+                return
+            time.sleep(0.005)
+    finally:
+        send_signal(gcs, signal.SIGCONT)
+
+
+def send_signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone
+            os.kill(pid, signum)
+
+
+def own_cluster_processes() -> list[int]:
+    """The processes Ray started for the cluster this process started (GCS, raylet, monitors: the raylet's own
+    children, agents and workers, are theirs)."""
+    node = connected_ray_node()
+    return [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
 
 
 def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) -> int:
@@ -629,7 +671,7 @@ def checked_and_trained(cfg: TrainConfig) -> int:
 
 def trained(cfg: TrainConfig, trainer: TorchTrainer) -> int:
     """The run, once built: its stop, refusal or failure said in one line; its exit code."""
-    with exit_on_sigterm(), SignalLog() as signals:
+    with exit_on_sigterm(), SignalLog(on_signal=end_own_cluster_with_the_stop) as signals:
         try:
             result = fit(cfg, trainer)
         except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C: in local mode the training function raises

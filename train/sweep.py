@@ -266,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         todo.append(cfg)
     from pipeline.format import ClusterUnreachable
-    from train.run import SignalLog, exit_on_sigterm, stop_signals, stopped_exit_code
+    from train.run import SignalLog, end_own_cluster_with_the_stop, exit_on_sigterm, stop_signals, stopped_exit_code
 
     slots = 1
-    with exit_on_sigterm(), SignalLog() as signals:  # as train/run.py: SIGTERM stops the sweep as Ctrl-C does
+    # as train/run.py: SIGTERM stops the sweep as Ctrl-C does, and a cluster started here dying with it goes at once
+    with exit_on_sigterm(), SignalLog(on_signal=end_own_cluster_with_the_stop) as signals:
         try:
             if todo and base.num_workers > 0:
                 slots = sizes_at_once(base, len(todo), args.concurrent)

@@ -468,19 +468,25 @@ except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
     print("cleaned up", stop.code, flush=True)
     os._exit(128 + stop.code)
 """
+    code, out, err = sigterm_once_ready(python, script, ready="started")
+    assert code == 143 and out == "cleaned up 15\n" and "SIGTERM received" not in err, (code, err[-2000:])
+
+
+def sigterm_once_ready(python, script: str, ready: str) -> tuple[int, str, str]:
+    """Run a driver `script` that starts its own Ray, send it SIGTERM once it prints `ready`: its exit code, the
+    rest of its stdout, its stderr."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
         run = subprocess.Popen([python, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            assert run.stdout.readline() == "started\n"
+            assert run.stdout.readline() == f"{ready}\n"
             run.send_signal(signal.SIGTERM)
             out, err = run.communicate(timeout=60)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)  # what is left of its cluster
-    assert run.returncode == 143 and out == "cleaned up 15\n" and "SIGTERM received" not in err, (run.returncode,
-                                                                                                 err[-2000:])
+    return run.returncode, out, err
 
 
 def test_a_sigterm_after_leaving_ray_is_still_pythons_to_handle(python):
@@ -499,18 +505,8 @@ except SystemExit as stop:  # ray.init's handler makes SIGTERM sys.exit(15)
     print("stopped", stop.code, flush=True)
     os._exit(128 + stop.code)
 """
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_tmp:  # Ray's socket paths must stay short
-        run = subprocess.Popen([python, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            assert run.stdout.readline() == "left\n"
-            run.send_signal(signal.SIGTERM)
-            out, err = run.communicate(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 143 and out == "stopped 15\n", (run.returncode, err[-2000:])
+    code, out, err = sigterm_once_ready(python, script, ready="left")
+    assert code == 143 and out == "stopped 15\n", (code, err[-2000:])
 
 
 def test_a_signal_log_hears_each_signal_as_it_comes_outside_the_main_thread():

@@ -697,8 +697,18 @@ def kill_process_trees(roots: Iterable[int]) -> None:
     """SIGKILL the processes `roots` and their descendants, all stopped before any is killed (kill_stopped_first),
     so that none sees another die and acts on it: a raylet starting another worker, a GCS announcing its raylet's
     death to the drivers still connected. This process's other children are spared."""
-    trees = [pid for root in roots for pid in (root, *descendants(root))]
+    roots = list(roots)
+    if not roots:  # (descendants() of none is this process's own)
+        return
+    trees = list(dict.fromkeys([*roots, *descendants(*roots)]))  # (one reading of /proc for all of them)
     kill_stopped_first(trees, spare=set(descendants()) - set(trees))
+
+
+def signal_each(pids: Iterable[int], signum: int) -> None:
+    """os.kill each of `pids` with `signum`, those gone (or not ours to signal) skipped."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
 
 
 def kill_stopped_first(pids: list[int], spare: set[int]) -> None:
@@ -707,16 +717,12 @@ def kill_stopped_first(pids: list[int], spare: set[int]) -> None:
     missed."""
     frozen: list[int] = []
     while pids:
-        for pid in pids:
-            with contextlib.suppress(OSError):  # gone already
-                os.kill(pid, signal.SIGSTOP)
+        signal_each(pids, signal.SIGSTOP)
         for pid in pids:
             wait_stopped(pid)  # a fork under way when the signal came has its child listed by then
         frozen += pids
         pids = [pid for pid in descendants() if pid not in spare and pid not in frozen]
-    for pid in frozen:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    signal_each(frozen, signal.SIGKILL)
 
 
 def process_alive(pid: int) -> bool:
@@ -795,9 +801,9 @@ def wait_stopped(pid: int, timeout_s: float = 1.0) -> None:
         time.sleep(0.001)
 
 
-def descendants(of: int | None = None) -> list[int]:
-    """The pids of this process's children (or those of the process `of`), theirs, and so on, each after its parent
-    (from /proc: none where there is none)."""
+def descendants(*of: int) -> list[int]:
+    """The pids of this process's children (or those of the processes `of`), theirs, and so on, each after its
+    parent (from /proc: none where there is none)."""
     children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
@@ -808,10 +814,11 @@ def descendants(of: int | None = None) -> list[int]:
                 except (OSError, IndexError, ValueError):  # gone meanwhile
                     continue
                 children.setdefault(parent, []).append(int(entry.name))
-    found = [os.getpid() if of is None else of]
+    found = list(of) or [os.getpid()]
+    roots = len(found)
     for pid in found:  # grows as it goes: breadth first
         found += children.get(pid, [])
-    return found[1:]
+    return found[roots:]
 
 
 def help_paragraphs(docstring: str) -> str:

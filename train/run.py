@@ -37,6 +37,7 @@ from pipeline.format import (
     kill_process_trees,
     refusing_storage_failures,
     release_held_leases,
+    signal_each,
 )
 from train.checkpoints import damaged_checkpoints, forget_stale_ray_record, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
@@ -463,7 +464,7 @@ def while_cluster_lives(call, *args) -> None:
     worker.start()
     deadline = time.monotonic() + ABORT_PATIENCE_S
     while worker.is_alive() and time.monotonic() < deadline and own_cluster_alive():
-        worker.join(0.05)  # (a cluster dying under this process: the sooner it ends, the less it meets of that)
+        worker.join(0.2)
 
 
 def threads_blocked_in_ray() -> bool:
@@ -514,7 +515,7 @@ def end_own_cluster_with_the_stop(signum: int) -> None:
     from ray._private.ray_constants import PROCESS_TYPE_GCS_SERVER
 
     gcs = [info.process.pid for info in connected_ray_node().all_processes.get(PROCESS_TYPE_GCS_SERVER, [])]
-    send_signal(gcs, signal.SIGSTOP)
+    signal_each(gcs, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + GROUP_STOP_PROBE_S
         while time.monotonic() < deadline:
@@ -523,13 +524,7 @@ def end_own_cluster_with_the_stop(signum: int) -> None:
                 return
             time.sleep(0.005)
     finally:
-        send_signal(gcs, signal.SIGCONT)
-
-
-def send_signal(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(OSError):  # gone
-            os.kill(pid, signum)
+        signal_each(gcs, signal.SIGCONT)
 
 
 def own_cluster_processes() -> list[int]:

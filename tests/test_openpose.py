@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from annotate import build_annotator
+from annotate.device import inference, precision
 from annotate.openpose import (
     COLORS,
     LIMBS,
@@ -267,6 +268,23 @@ def test_describe_has_the_weight_sha256(annotator, tiny_weights):
     assert info["name"] == "openpose" and info["min_keypoint_fraction"] == 0.3
     assert info["weights"] == {WEIGHT_FILE: hashlib.sha256(tiny_weights.read_bytes()).hexdigest()}
     json.dumps(info)
+
+
+def test_on_cuda_it_runs_exact_fp32_with_tf32_off_only_while_it_runs(annotator):
+    """OpenPose's keypoints are maxima above thresholds: fp16 autocast changed 1.2% of a map on an H200 (make
+    gpu-check's parity rows), and cuDNN's default TF32 rounds fp32 convolutions to fp16's mantissa. So on CUDA it runs
+    without autocast and with TF32 off, and gives the setting back after each call."""
+    cuda = torch.device("cuda")  # a device object: no GPU needed to build the context
+    assert precision(cuda, annotator.fp16) == "fp32"
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with inference(cuda, annotator.fp16):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.is_grad_enabled()
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_missing_weight_names_the_file(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -430,6 +432,10 @@ class OpenPoseAnnotator:
     # exact fp32 on CUDA too, as on the CPU: keypoints are maxima above thresholds, and fp16 rounding changed 1.2% of
     # one photo's map on an H200, while the network was a small part of the time (batch 32 ran 1.13x one at a time)
     fp16: bool = False
+    # images of a batch decoded at once (keypoint decoding, on the CPU, is most of this annotator's time; scipy's
+    # smoothing and OpenCV's resizes release the GIL); 0: one per CPU torch was given (a dataset actor gives it
+    # --cpus-per-worker). Each holds its maps at the detection size: ~130 MB at 512 px
+    decode_threads: int = 0
     boxsize: int = 368
     scales: tuple[float, ...] = (0.5,)
     thre1: float = 0.1  # heatmap peak threshold
@@ -455,15 +461,23 @@ class OpenPoseAnnotator:
         for i, image in enumerate(detected):
             by_size[image.shape[:2]].append(i)
         out: dict[int, Annotation] = {}
-        for size, indices in by_size.items():
-            outputs = [self._forward([detected[i] for i in indices], scale) for scale in self.scales]
-            for n, i in enumerate(indices):
-                keypoints = self._decode(outputs, n, size)[2]
-                annotation = pose_annotation(keypoints, size[0], size[1], self.min_keypoint_fraction)
-                annotation.condition = to_output(annotation.condition, images[i].shape[:2])
-                annotation.params["detect_resolution"] = self.detect_resolution
-                out[i] = annotation
+        with ThreadPoolExecutor(self._decode_threads(len(images))) as pool:
+            for size, indices in by_size.items():
+                outputs = [self._forward([detected[i] for i in indices], scale) for scale in self.scales]
+                annotate = partial(self._annotation, outputs, size, [images[i].shape[:2] for i in indices])
+                out.update(zip(indices, pool.map(annotate, range(len(indices))), strict=True))
         return [out[i] for i in range(len(images))]
+
+    def _annotation(self, outputs, size: tuple[int, int], image_sizes: list[tuple[int, int]], n: int) -> Annotation:
+        """Image n of a batch's network outputs -> its skeleton map at its image's size, and whether it is kept."""
+        keypoints = self._decode(outputs, n, size)[2]
+        annotation = pose_annotation(keypoints, size[0], size[1], self.min_keypoint_fraction)
+        annotation.condition = to_output(annotation.condition, image_sizes[n])
+        annotation.params["detect_resolution"] = self.detect_resolution
+        return annotation
+
+    def _decode_threads(self, images: int) -> int:
+        return max(1, min(images, self.decode_threads or torch.get_num_threads()))
 
     def stages(self, image: np.ndarray) -> PoseStages:
         """Every stage for one image (the parity tests compare each with the reference's): the network's input and

@@ -164,24 +164,16 @@ def build_call(task: str, weights: str | None, device: str, batch: int,
         kwargs[BATCH_KWARG[task]] = batch
     if task in NEURAL_TASKS and detect_resolution is not None:
         kwargs["detect_resolution"] = detect_resolution
-    info: dict[str, Any] = {"precision": _precision(task, device)}
     if task in CAPTIONERS:
         captioner = build_captioner(task, **kwargs)
-        return captioner, {**info, "max_new_tokens": captioner.max_new_tokens}
+        return captioner, {"precision": captioner.describe()["precision"], "max_new_tokens": captioner.max_new_tokens}
     annotator = build_annotator(task, **kwargs)
 
     def call(images: list[np.ndarray]) -> list[Any]:
         return annotator(images, [f"bench{i:04d}" for i in range(len(images))])
 
-    return call, info
-
-
-def _precision(task: str, device: str) -> str:
-    if task == "canny":
-        return "OpenCV"
-    from annotate.device import pick_device, precision
-
-    return precision(pick_device(device))  # the annotators' default: fp16 autocast on CUDA, else fp32
+    # what the annotator itself runs in (OpenPose stays fp32 on CUDA, the others autocast); Canny's is OpenCV
+    return call, {"precision": annotator.describe().get("precision", "OpenCV")}
 
 
 def _synchronize(device: str) -> None:

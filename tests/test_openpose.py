@@ -241,11 +241,14 @@ def test_loader_refuses_nan_or_inf_weights_in_one_line(tiny_weights, tmp_path):
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_annotator_batch_is_deterministic_and_equals_one_at_a_time(annotator):
+def test_annotator_batch_is_deterministic_and_equals_one_at_a_time(annotator, monkeypatch):
+    """Also with the batch's images decoded in threads, over two size groups: each map is its own image's, in order."""
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(64, 64, 3), (80, 96, 3)] * 2]
     keys = ["a", "b", "c", "d"]
+    monkeypatch.setattr(annotator, "decode_threads", 3)
     batched = annotator(images, keys)
+    monkeypatch.setattr(annotator, "decode_threads", 1)
     again = annotator(images, keys)
     singles = [annotator([image], [key])[0] for image, key in zip(images, keys, strict=True)]
     for image, b, a, s in zip(images, batched, again, singles, strict=True):

@@ -9,9 +9,9 @@ Sections, most important first, each guarded by the time budget (one that would 
   sd15          Stable Diffusion 1.5's architecture (random weights, 512 px): ControlNet training samples/s, peak
                 memory and MFU at batch 8 and 32, with and without gradient checkpointing, against the plain
                 UNet fine-tuning step (the paper's overhead)
-  levers        the trainer's GPU levers at SD 1.5 size: the ControlNet step on stored latents without cuDNN's
-                autotuning, with it (the trainer's default), with channels-last weights, and with --compile when
-                time is left (not with --smoke); tuning and compile times apart
+  levers        the trainer's GPU levers at SD 1.5 size: the ControlNet step on stored latents as the trainer runs
+                it, with cuDNN's autotuning, with channels-last weights, and with --compile when time is left (not
+                with --smoke), timed in turn over rounds; tuning and compile times apart
   data          the trainer's stream at 512 px: samples/s from the sd15 preset's 2 loader workers and more, images
                 decoded or stored latents read, against the samples/s the sd15 section trained (does it keep up?)
   annotators    full-size HED, MiDaS DPT-Hybrid, OpenPose and BLIP-large at 512 px: images/s by batch size
@@ -23,6 +23,7 @@ gpu_check.md to --out and prints the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -657,53 +658,90 @@ def sd15(ctx: Context) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Lever:
-    autotune: bool  # torch.backends.cudnn.benchmark
+    autotune: bool = False  # torch.backends.cudnn.benchmark
     channels_last: bool = False  # the UNet's and the ControlNet's convolution weights in NHWC
     compile: bool = False  # --compile (torch.compile, inductor)
 
 
-LEVERS = {  # the trainer's default is the second; the compiled row last (it is skipped when time runs short)
-    "cuDNN autotuning off": Lever(autotune=False),
-    "trainer default (cuDNN autotuning)": Lever(autotune=True),
-    "channels-last weights": Lever(autotune=True, channels_last=True),
-    "--compile": Lever(autotune=True, compile=True),
+LEVERS = {  # the trainer's default first (the others' speed is against it); the compiled row last (skipped when time
+    # runs short)
+    "trainer default": Lever(),
+    "cuDNN autotuning": Lever(autotune=True),
+    "channels-last weights": Lever(channels_last=True),
+    "--compile": Lever(compile=True),
 }
 COMPILE_ROW_S = 120  # what the compiled row needs at SD 1.5 size: inductor compiles the step first
+LEVER_ROUNDS = 3  # rounds of timing, each row in turn in each
+
+
+@contextlib.contextmanager
+def lever_applied(base, lever: Lever) -> Iterator[None]:
+    """The process-wide and shared parts of a lever, for one row's steps: cuDNN's autotuning and the shared UNet's
+    memory format (each row's ControlNet keeps its own)."""
+    torch.backends.cudnn.benchmark = lever.autotune
+    if lever.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
+        base.unet.to(memory_format=torch.contiguous_format)
+
+
+def allocated_bytes(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def levers(ctx: Context) -> dict[str, Any]:
     """The trainer's GPU levers at SD 1.5 size, side by side: the ControlNet step on stored latents at the first SD
-    batch without cuDNN's autotuning, as the trainer runs it (with), with the UNet's and ControlNet's weights
-    channels-last (NVIDIA's SD recipe in NeMo uses it; on the CPU it measured level, so the trainer does not, until
-    this row says it pays), and with --compile; each first step apart: it holds the compile (and cuDNN's tuning where
-    the sd15 section has not tuned that shape already). --smoke leaves the compiled row out (inductor compiles for
-    minutes on a CPU)."""
+    batch as the trainer runs it, with cuDNN's autotuning (the trainer ran with it until two of these checks measured
+    0.99x and 0.82x), with the UNet's and ControlNet's weights channels-last (NVIDIA's SD recipe in NeMo uses it), and
+    with --compile. Every row is built and stepped first (its first step apart: it holds the compile and cuDNN's
+    tuning), then all are timed in turn, LEVER_ROUNDS rounds: on an H200 the same step timed as one row after another
+    drifted from 0.137 to 0.185 s over a run, which a row's place would have turned into its speed. A row's memory is
+    the base's plus its own peak over what was allocated before it was built (the rows built before it stay).
+    --smoke leaves the compiled row out (inductor compiles for minutes on a CPU)."""
     sizes, batch = ctx.sizes, ctx.sizes.sd_batches[0]
     base = sd15_base(ctx.device, sizes.full_size)
-    rows, notes = [], []
+    base_bytes = allocated_bytes(ctx.device)
+    built, notes = [], []
     for name, lever in LEVERS.items():
         if lever.compile and (ctx.smoke or ctx.budget.left() < COMPILE_ROW_S):
             notes.append(f"{name}: not run ({'--smoke' if ctx.smoke else 'out of time budget'})")
             continue
-        make = controlnet_steps(ctx, base, False, sizes.sd_px, stored_latents=True, torch_compile=lever.compile,
-                                channels_last=lever.channels_last)
+        before = allocated_bytes(ctx.device)
         reset_peak(ctx.device)
-        step = make(batch)  # the Trainer turns autotuning on; set here after it
-        torch.backends.cudnn.benchmark = lever.autotune
-        started = time.perf_counter()
-        loss = float(step())
-        first = time.perf_counter() - started  # float() waited for the device
-        seconds = statistics.median(seconds_per_step(step, ctx.device, sizes.sd_timed_steps, sizes.warmup_steps))
-        rows.append({"lever": name, "batch": batch, "first_step_s": first, "first_loss": loss, "s_per_step": seconds,
-                     "samples_per_s": batch / seconds, "peak_memory_gb": peak_gb(ctx.device)})
-        del step, make
-        base.unet.to(memory_format=torch.contiguous_format)  # the next rows share the base
-        gc.collect()
+        try:
+            with lever_applied(base, lever):
+                step = controlnet_steps(ctx, base, False, sizes.sd_px, stored_latents=True, torch_compile=lever.compile,
+                                        channels_last=lever.channels_last)(batch)
+                started = time.perf_counter()
+                loss = float(step())
+                first = time.perf_counter() - started  # float() waited for the device
+        except torch.cuda.OutOfMemoryError:  # the rows built before this one hold their models
+            notes.append(f"{name}: out of memory beside {len(built)} rows built before it")
+            gc.collect()
+            continue
+        peak = peak_gb(ctx.device)
+        memory = None if peak is None else (base_bytes - before) / 2**30 + peak
+        built.append(({"lever": name, "batch": batch, "first_step_s": first, "first_loss": loss,
+                       "peak_memory_gb": memory}, lever, step))
+    rounds: dict[str, list[float]] = {row["lever"]: [] for row, _, _ in built}
+    for _ in range(LEVER_ROUNDS):
+        for row, lever, step in built:
+            with lever_applied(base, lever):  # one warm-up step after the switch: the memory format changed back
+                rounds[row["lever"]].append(statistics.median(seconds_per_step(step, ctx.device, sizes.sd_timed_steps,
+                                                                               1)))
+    rows = [row | {"s_per_step": statistics.median(rounds[row["lever"]]),
+                   "rounds_s": "-".join(f"{t:.3f}" for t in sorted(rounds[row["lever"]]))} for row, _, _ in built]
     for row in rows:
-        row["speed_vs_untuned"] = rows[0]["s_per_step"] / row["s_per_step"]
+        seconds = row["s_per_step"]
+        row |= {"samples_per_s": batch / seconds, "speed_vs_default": rows[0]["s_per_step"] / seconds}
+    del built
+    gc.collect()
     return {"rows": rows, "resolution": sizes.sd_px, "notes": notes,
             "checks": [check(f"{r['lever']}: finite loss", math.isfinite(r["first_loss"]),
-                             f"loss {r['first_loss']:.4f}, {r['speed_vs_untuned']:.2f}x the untuned step")
+                             f"loss {r['first_loss']:.4f}, {r['speed_vs_default']:.2f}x the default step")
                        for r in rows]}
 
 
@@ -889,8 +927,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                           ("parity", ["task", "image", "identical", "p99", "max", "keep_cpu", "keep_device",
                                       "max_relative"]),
                           ("toy", ["phase", "s_per_step", "steps", "minutes_for_preset"]),
-                          ("levers", ["lever", "batch", "first_step_s", "s_per_step", "samples_per_s",
-                                      "speed_vs_untuned", "peak_memory_gb"]),
+                          ("levers", ["lever", "batch", "first_step_s", "s_per_step", "rounds_s", "samples_per_s",
+                                      "speed_vs_default", "peak_memory_gb"]),
                           ("data", ["stream", "loader_workers", "batch", "samples_per_s", "vs_training"]),
                           ("amp", ["precision", "autocast", "losses", "grad_scale"])):
         if sections.get(name, {}).get("rows"):

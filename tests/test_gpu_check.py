@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.gpu_check import LEVER_ROUNDS
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["environment", "parity", "amp", "toy", "sd15", "levers", "data", "annotators"]
 ABSENT = ["ray", "wandb", "s3fs", "moto", "tyro"]  # what `make gpu-wheels` does not carry
@@ -37,9 +39,14 @@ def test_smoke_runs_every_section_without_ray_and_writes_the_tables(tmp_path):
     annotators = report["sections"]["annotators"]["rows"]
     assert {r["task"] for r in annotators if r["batch"] == "summary"} == {"hed", "midas", "blip"}
     levers = report["sections"]["levers"]
-    assert [r["lever"] for r in levers["rows"]] == ["cuDNN autotuning off", "trainer default (cuDNN autotuning)",
+    assert [r["lever"] for r in levers["rows"]] == ["trainer default", "cuDNN autotuning",
                                                    "channels-last weights"]  # not --compile: minutes on a CPU
     assert all(r["s_per_step"] > 0 for r in levers["rows"]) and levers["notes"] == ["--compile: not run (--smoke)"]
+    # timed in turn: each row's per-round medians, one per round
+    assert all(len(r["rounds_s"].split("-")) == LEVER_ROUNDS for r in levers["rows"])
+    assert levers["rows"][0]["speed_vs_default"] == 1.0
+    parity = {r["task"] for r in report["sections"]["parity"]["rows"]}
+    assert {"openpose", "openpose fp16 autocast", "openpose raw"} <= parity
     data = report["sections"]["data"]  # the trainer's real stream, from a loader worker, against sd15's rate
     assert [(r["stream"], r["loader_workers"]) for r in data["rows"]] == [("images decoded", 1), ("stored latents", 1)]
     assert all(r["samples_per_s"] > 0 and r["short_batches"] == 0 and r["vs_training"] > 0 for r in data["rows"])

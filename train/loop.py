@@ -134,15 +134,6 @@ def wrap_ddp(module: nn.Module, device: torch.device, previous: nn.Module | None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
 
 
-def autotune_convolutions(device: torch.device) -> None:
-    """On CUDA, cuDNN times its convolution algorithms for each new input shape and keeps the fastest: training
-    runs one shape (resolution and batch fixed), so the first steps pay for tuning and every later one gains. The
-    algorithms compute the same convolution; only their summation order differs (a resume on a GPU was never bit
-    for bit: PyTorch documents cuDNN's default backward algorithms as nondeterministic)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def compiled(model: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile's wrapper around the training model, or the model itself. Under DDP the wrapper goes outside,
     as PyTorch advises: dynamo then splits the graph at DDP's gradient buckets, so their all-reduces still overlap
@@ -205,7 +196,6 @@ class Trainer:
         the autocast dtype below."""
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.amp_dtype = mixed_precision_dtype(cfg.mixed_precision, device)
-        autotune_convolutions(device)
         self.base = base if base is not None else base_model_or_refusal(cfg.base_model)
         self.vae_made_the_latents = False
         if stored_latents and self.base.vae is not None:

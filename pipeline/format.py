@@ -693,6 +693,33 @@ def leave_half_started_ray(before: set[int]) -> None:
         kill_stopped_first(started, before)
 
 
+def connected_ray_node():
+    """Ray's record of the node this process connected to (ray._private.node.Node; private: there is no public one):
+    the processes it started, if it started the cluster; None before ray.init and in local mode."""
+    import ray
+
+    return getattr(ray._private.worker, "_global_node", None)
+
+
+def started_its_own_cluster() -> bool:
+    """Whether this process started the cluster it is connected to, whose processes share its process group."""
+    node = connected_ray_node()
+    return node is not None and node.is_head()
+
+
+def own_cluster_processes() -> list[int]:
+    """The processes Ray started for the cluster this process started (GCS, raylet, monitors: the raylet's own
+    children, agents and workers, are theirs)."""
+    node = connected_ray_node()
+    return [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
+
+
+def own_cluster_alive() -> bool:
+    """Whether every process of the cluster this process started (GCS, raylet, ...) still runs."""
+    node = connected_ray_node()
+    return node is None or node.remaining_processes_alive()
+
+
 def kill_process_trees(roots: Iterable[int]) -> None:
     """SIGKILL the processes `roots` and their descendants, all stopped before any is killed (kill_stopped_first),
     so that none sees another die and acts on it: a raylet starting another worker, a GCS announcing its raylet's

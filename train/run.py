@@ -32,12 +32,16 @@ from pipeline.format import (
     ClusterUnreachable,
     SignalLog,
     StorageFailed,
+    connected_ray_node,
     ctrl_c_as_usual,
     join_ray,
     kill_process_trees,
+    own_cluster_alive,
+    own_cluster_processes,
     refusing_storage_failures,
     release_held_leases,
     signal_each,
+    started_its_own_cluster,
 )
 from train.checkpoints import damaged_checkpoints, forget_stale_ray_record, latest_checkpoint, run_url, step_of
 from train.config import TINY_SD, TrainConfig, exit_without_collecting, parse_args
@@ -527,13 +531,6 @@ def end_own_cluster_with_the_stop(signum: int) -> None:
         signal_each(gcs, signal.SIGCONT)
 
 
-def own_cluster_processes() -> list[int]:
-    """The processes Ray started for the cluster this process started (GCS, raylet, monitors: the raylet's own
-    children, agents and workers, are theirs)."""
-    node = connected_ray_node()
-    return [info.process.pid for infos in node.all_processes.values() for info in infos] if node else []
-
-
 def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) -> int:
     """A stopped or failed command's end: this process's W&B runs closed (a run, or a sweep's size, in local mode;
     on workers CloseWandbOnStop closes rank 0's), Ray left and its last line printed after Ray's own (`code`
@@ -553,28 +550,10 @@ def leave_with_last_line(code: int, last_line: str, threads_left: bool = False) 
         _leaving = False
 
 
-def connected_ray_node():
-    """Ray's record of the node this process connected to (ray._private.node.Node; private: there is no public one):
-    the processes it started, if it started the cluster; None before ray.init and in local mode."""
-    return getattr(ray._private.worker, "_global_node", None)
-
-
-def started_its_own_cluster() -> bool:
-    """Whether this process started the cluster it is connected to, whose processes share its process group."""
-    node = connected_ray_node()
-    return node is not None and node.is_head()
-
-
 def started_its_cluster_here() -> bool:
     """Whether this command (join_or_start_ray) started the cluster it is connected to: not a caller's session (a
     test's, a notebook's), which its end must leave up."""
     return _joined_here and started_its_own_cluster()
-
-
-def own_cluster_alive() -> bool:
-    """Whether every process of the cluster this process started (GCS, raylet, ...) still runs."""
-    node = connected_ray_node()
-    return node is None or node.remaining_processes_alive()
 
 
 def _is_rays_driver_handler(handler) -> bool:

@@ -187,30 +187,71 @@ def to_image_size(maps: np.ndarray, unpadded: tuple[int, int], size: tuple[int, 
 def decode_peaks(heatmaps: np.ndarray, thre1: float = 0.1, sigma: float = 3.0) -> list[np.ndarray]:
     """(H, W, >=18) heatmaps -> per part, an (n, 4) array of peaks: x, y, score, id (ids run over all parts).
 
-    A peak is a local maximum (>= its 4 neighbours) of the Gaussian-smoothed heatmap above thre1 (scipy's
-    gaussian_filter, as the reference); its score is the unsmoothed value there.
+    A peak is a local maximum (>= its 4 neighbours, zero outside the map) of the Gaussian-smoothed heatmap above
+    thre1 (scipy's gaussian_filter of the map in float64, as the reference); its score is the unsmoothed value there.
     """
-    from scipy.ndimage import gaussian_filter
-
-    raw = np.asarray(heatmaps[:, :, :NUM_KEYPOINTS], dtype=np.float64)
-    # a part whose heatmap never exceeds thre1 has no peak (the smoothing averages): its float64 filtering, the
-    # costliest step here, is skipped
-    present = [part for part in range(NUM_KEYPOINTS) if raw[:, :, part].max() > thre1]
-    smooth = np.zeros_like(raw)
-    if present:  # each part alone, as the reference's 2-D calls
-        smooth[:, :, present] = gaussian_filter(raw[:, :, present], sigma=(sigma, sigma, 0))
-    padded = np.pad(smooth, ((1, 1), (1, 1), (0, 0)))  # zeros outside, as the reference's shifted maps
-    is_peak = (
-        (smooth >= padded[:-2, 1:-1]) & (smooth >= padded[2:, 1:-1])
-        & (smooth >= padded[1:-1, :-2]) & (smooth >= padded[1:-1, 2:]) & (smooth > thre1)
-    )  # fmt: skip
     peaks, next_id = [], 0
     for part in range(NUM_KEYPOINTS):
-        ys, xs = np.nonzero(is_peak[:, :, part])  # row-major, as the reference lists them
+        heatmap = np.ascontiguousarray(heatmaps[:, :, part])
+        ys, xs = local_maxima_above(smoothed_where_peaks_can_be(heatmap, thre1, sigma), thre1)
         ids = np.arange(next_id, next_id + len(xs))
-        peaks.append(np.stack([xs, ys, raw[ys, xs, part], ids], axis=1).astype(np.float64).reshape(-1, 4))
+        peaks.append(np.stack([xs, ys, heatmap[ys, xs].astype(np.float64), ids], axis=1).astype(np.float64))
         next_id += len(xs)
     return peaks
+
+
+def local_maxima_above(smooth: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns, in row-major order, of the values above `threshold` that are >= each of their 4
+    neighbours (0 beyond the edges)."""
+    ys, xs = np.nonzero(smooth > threshold)
+    values = smooth[ys, xs]
+    height, width = smooth.shape
+    is_peak = np.ones(len(ys), bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = ys + dy, xs + dx
+        inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+        neighbour = np.where(inside, smooth[ny.clip(0, height - 1), nx.clip(0, width - 1)], 0.0)
+        is_peak &= values >= neighbour
+    return ys[is_peak], xs[is_peak]
+
+
+PEAK_CELL = 8  # px: the grid on which smoothed_where_peaks_can_be finds the blobs of a map
+
+
+def smoothed_where_peaks_can_be(heatmap: np.ndarray, thre1: float, sigma: float) -> np.ndarray:
+    """gaussian_filter(heatmap as float64, sigma), bit for bit, wherever it or a 4-neighbour can exceed thre1; 0
+    elsewhere.
+
+    A smoothed value is a weighted mean (positive weights) of the values within the kernel's radius, so it exceeds
+    thre1 only within that radius of a value that does. Only windows around those are filtered: each blob of values
+    above thre1 (less a margin for rounding, and found on a PEAK_CELL grid, which only widens it), widened by the
+    radius and one pixel for the neighbours, plus the radius again for what the filter reads there: the numbers are
+    then the whole map's (the same taps in the same order; at the map's edges the same reflection). Filtering all 18
+    maps whole at the image's size was most of OpenPose's time, where a photo's keypoints cover a small part of
+    each."""
+    from scipy.ndimage import gaussian_filter
+
+    height, width = heatmap.shape
+    above = heatmap > thre1 * (1 - 1e-4)
+    if not above.any():
+        return np.zeros((height, width), np.float64)
+    rows, cols = -(-height // PEAK_CELL), -(-width // PEAK_CELL)
+    grid = np.zeros((rows * PEAK_CELL, cols * PEAK_CELL), np.uint8)
+    grid[:height, :width] = above
+    cells = np.ascontiguousarray(grid.reshape(rows, PEAK_CELL, cols, PEAK_CELL).max(axis=(1, 3)))
+    radius = int(4.0 * sigma + 0.5)  # gaussian_filter's (truncate=4)
+    exact, reach = radius + 1, 2 * radius + 1
+    windows = []
+    for x, y, w, h in (cv2.connectedComponentsWithStats(cells, connectivity=8)[2][1:, :4] * PEAK_CELL).tolist():
+        windows.append((max(0, y - reach), min(height, y + h + reach), max(0, x - reach), min(width, x + w + reach),
+                        max(0, y - exact), min(height, y + h + exact), max(0, x - exact), min(width, x + w + exact)))
+    if sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1, *_ in windows) >= height * width // 2:  # one call is cheaper
+        return gaussian_filter(heatmap.astype(np.float64), sigma)
+    smooth = np.zeros((height, width), np.float64)
+    for y0, y1, x0, x1, ey0, ey1, ex0, ex1 in windows:
+        window = gaussian_filter(heatmap[y0:y1, x0:x1].astype(np.float64), sigma)
+        smooth[ey0:ey1, ex0:ex1] = window[ey0 - y0:ey1 - y0, ex0 - x0:ex1 - x0]
+    return smooth
 
 
 def score_limbs(

@@ -17,6 +17,7 @@ from annotate.openpose import (
     PAF_CHANNELS,
     WEIGHT_FILE,
     OpenPoseAnnotator,
+    decode_peaks,
     decode_pose,
     draw_skeleton,
     keypoint_fraction,
@@ -24,6 +25,7 @@ from annotate.openpose import (
     min_keypoints,
     pose_annotation,
     published_key,
+    smoothed_where_peaks_can_be,
 )
 from annotate.weights import MissingWeightsError
 from tests.tiny_weights.openpose import write_tiny_openpose
@@ -94,6 +96,75 @@ def test_decode_two_people_gives_each_back():
 
 def test_decode_empty_maps_gives_nobody():
     assert decode_pose(np.zeros((64, 64, 19), np.float32), np.zeros((64, 64, 38), np.float32)) == []
+
+
+def whole_map_peaks(heatmaps: np.ndarray, thre1: float = 0.1, sigma: float = 3.0) -> list[np.ndarray]:
+    """The reference's peak finding, written plainly: every map smoothed whole (float64, scipy's gaussian_filter),
+    local maxima >= their 4 neighbours (zeros outside) above thre1, listed row-major, ids over all parts."""
+    from scipy.ndimage import gaussian_filter
+
+    peaks, next_id = [], 0
+    for part in range(18):
+        raw = heatmaps[:, :, part].astype(np.float64)
+        smooth = gaussian_filter(raw, sigma)
+        padded = np.pad(smooth, 1)
+        is_peak = ((smooth >= padded[:-2, 1:-1]) & (smooth >= padded[2:, 1:-1]) & (smooth >= padded[1:-1, :-2])
+                   & (smooth >= padded[1:-1, 2:]) & (smooth > thre1))
+        ys, xs = np.nonzero(is_peak)
+        peaks.append(np.stack([xs, ys, raw[ys, xs], np.arange(next_id, next_id + len(xs))], axis=1).astype(float))
+        next_id += len(xs)
+    return peaks
+
+
+def blob_maps(rng: np.random.Generator, height: int, width: int, blobs: int, noise: float) -> np.ndarray:
+    """Keypoint-like maps: Gaussian blobs of random size and height (some on the edges, some at the threshold),
+    on noise that may be negative, as a network's output."""
+    heat = (rng.random((height, width, 19)) - 0.3) * noise
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(blobs):
+        part, size = rng.integers(0, 18), rng.uniform(1.5, 12)
+        cy, cx = rng.choice([rng.uniform(0, height), rng.choice([0, height - 1])]), rng.uniform(-5, width + 5)
+        peak = rng.choice([rng.uniform(0.05, 1.0), 0.1, 0.1000001])
+        heat[:, :, part] += peak * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * size**2))
+    heat[:, :, 12][:5, :5] = 0.1  # a plateau at the threshold, in a corner
+    return heat.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_peaks_found_in_windows_are_those_of_the_whole_maps_bit_for_bit(seed):
+    """decode_peaks smooths only windows around values above thre1 (most of OpenPose's time went to smoothing 18
+    whole maps): its peaks, scores and ids must be the whole maps' exactly, on sparse blobs (windows), on dense
+    noise (one call per map), at sizes off the window grid, with blobs on the edges and at the threshold."""
+    rng = np.random.default_rng(seed)
+    height, width = [(64, 64), (97, 131), (250, 171), (512, 683), (40, 300), (123, 77)][seed]
+    for blobs, noise in ((0, 0.05), (3, 0.02), (25, 0.05), (8, 0.3)):
+        maps = blob_maps(rng, height, width, blobs, noise)
+        found, expected = decode_peaks(maps), whole_map_peaks(maps)
+        assert len(found) == len(expected) == 18
+        for part, (f, e) in enumerate(zip(found, expected, strict=True)):
+            assert f.dtype == e.dtype and np.array_equal(f, e), (part, blobs, noise, f[:5], e[:5])
+    assert sum(len(p) for p in found), "the last maps had peaks, so the comparison is not of empty lists"
+
+
+@pytest.mark.parametrize("spike_x", [40, 43, 47])  # at the start, inside and at the end of a cell of the window grid
+def test_windowed_smoothing_equals_the_whole_maps_wherever_a_peak_can_be(spike_x):
+    """The hardest case for the windows' margins: a plateau just under thre1 (and under the margin that makes a
+    value count as above it), with noise so that no reflection can stand in for a value, lifted above thre1 by a
+    spike up to ~11 px away. Wherever the whole map's smoothing exceeds thre1, and at those pixels' 4 neighbours,
+    the windowed values must be the whole map's, bit for bit."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    rng = np.random.default_rng(spike_x)
+    heatmap = (0.1 * (1 - 1.2e-4) + rng.uniform(-1e-7, 1e-7, (192, 256))).astype(np.float32)
+    heatmap[96, spike_x] = 1.0
+    heatmap[9, 250] = 0.4  # another blob, near an edge
+    heatmap[162:192, 2:32] = 0.100005  # a patch a hair above thre1, at the bottom edge: its own window
+    whole = gaussian_filter(heatmap.astype(np.float64), 3.0)
+    can_be_a_peak = binary_dilation(whole > 0.1)  # (4-connected: the neighbours local_maxima_above compares)
+    assert can_be_a_peak.sum() > 300  # the plateau's lift reaches far from the spikes
+    windowed = smoothed_where_peaks_can_be(heatmap, 0.1, 3.0)
+    assert np.array_equal(windowed[can_be_a_peak], whole[can_be_a_peak])
+    assert windowed.sum() < whole.sum() / 2  # windows, not one call on the whole map
 
 
 # -------------------------------------------------------------------------------------------- 30% rule

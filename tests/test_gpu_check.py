@@ -55,8 +55,8 @@ def test_smoke_runs_every_section_without_ray_and_writes_the_tables(tmp_path):
 
 
 def test_a_section_that_does_not_fit_is_skipped_and_says_so(tmp_path):
-    from bench.gpu_check import Budget, Context, Sizes, run_section
+    from bench.gpu_check import ESTIMATE_S, Budget, Context, Sizes, run_section
 
     ctx = Context(None, Sizes.of(smoke=False), Budget(5), tmp_path, smoke=False)
     result = run_section("sd15", lambda c: {"never": "run"}, ctx)
-    assert result["status"] == "skipped" and "needs ~160 s" in result["reason"]
+    assert result["status"] == "skipped" and f"needs ~{ESTIMATE_S['sd15']} s" in result["reason"]

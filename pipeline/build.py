@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Container, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 if __name__ == "__main__":  # a Ctrl-C while the imports below load (seconds): one line, not their traceback
     from pipeline.format import quiet_ctrl_c_while_starting
@@ -536,24 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         if signum is None:
             raise
         if joined_here and fmt.started_its_own_cluster():
-            end_own_cluster_with_last_line(interrupted_line, cfg.output, 128 + signum)
+            # its cluster killed (all stopped first), not left through ray.shutdown(): the same stop may be ending
+            # it (a SIGTERM to the process group, a Ctrl-C in its terminal), and the disconnect then waited on it,
+            # 8.5-8.8 s from a group SIGTERM to the line (4 of 4); the line counts the shards once none can commit
+            fmt.kill_process_trees(fmt.own_cluster_processes())
+            fmt.exit_with_last_line(128 + signum, interrupted_line(cfg.output))
         leave_ray(joined_here)  # its actors die with it, so their staging is anyone's to clear
         print(interrupted_line(cfg.output), file=sys.stderr)
         return 128 + signum  # the shell's code for a command ended by that signal
-
-
-def end_own_cluster_with_last_line(last_line: Callable[[str], str], output: str, code: int) -> NoReturn:
-    """A stopped job's end where it started its cluster: every process of that cluster killed (all stopped first),
-    the line counting the shards committed (none can be committed after it), and the process ended at once,
-    without ray.shutdown() or Ray's own at exit. The same stop may be ending the cluster (a SIGTERM to the process
-    group, a Ctrl-C in its terminal), and the disconnect then waited on it: 8.5-8.8 s from a SIGTERM to the process
-    group to the line, 4 tries of 4."""
-    fmt.kill_process_trees(fmt.own_cluster_processes())
-    fmt.release_held_leases()  # the output's, which the exit below would leave to its expiry on other hosts
-    print(last_line(output), file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def leave_ray(joined_here: bool) -> None:

@@ -645,6 +645,17 @@ def end_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def exit_with_last_line(code: int, last_line: str) -> NoReturn:
+    """Print a command's last line and end the process at once (os._exit, its output flushed): no Ray disconnect,
+    atexit hook or interpreter teardown. The leases it holds are released first, as the blocks holding them are
+    skipped (a lease left behind held the output or run for STALE_S on other hosts)."""
+    release_held_leases()
+    print(last_line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def keep_rays_failure_handler_out() -> None:
     """Have the core worker that ray.init builds in this driver leave out Ray's C++ failure handler (absl's), which
     it installs on SIGTERM among the crash signals, in front of Python's handlers. A SIGTERM it met armed a 3 s alarm

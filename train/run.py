@@ -34,12 +34,12 @@ from pipeline.format import (
     StorageFailed,
     connected_ray_node,
     ctrl_c_as_usual,
+    exit_with_last_line,
     join_ray,
     kill_process_trees,
     own_cluster_alive,
     own_cluster_processes,
     refusing_storage_failures,
-    release_held_leases,
     signal_each,
     started_its_own_cluster,
 )
@@ -494,11 +494,7 @@ def exit_leaving_threads(code: int, last_line: str) -> NoReturn:
     process's descendants, and lived on."""
     if started_its_cluster_here():
         kill_process_trees(own_cluster_processes())
-    release_held_leases()  # the run's, which the blocks this exit skips would have released
-    print(last_line, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_with_last_line(code, last_line)
 
 
 GROUP_STOP_PROBE_S = 0.5  # how long a SIGTERM holds the GCS of the cluster started here, looking for it dying too
